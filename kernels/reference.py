@@ -1,0 +1,89 @@
+"""Plain-PyTorch references for every kernel in kernels/.
+
+Each function here has exactly the signature and outputs of its Triton counterpart. The tests hold
+the kernels to these; on CPU the model calls these directly. They are written for clarity, not
+speed: scores and logits are materialised in fp32.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def attention(
+    q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, scale: Optional[float] = None
+) -> tuple[Tensor, Tensor]:
+    """Causal softmax attention that also returns the max attention logit.
+
+    q, k, v: (batch, heads, seq, head_dim). Returns ``(out, max_logit)`` with ``out`` shaped like q
+    (in q's dtype) and ``max_logit`` (batch, heads) fp32, detached: the largest scaled pre-softmax
+    score z_ij = <q_i, k_j> * scale over the unmasked (j <= i) positions.
+    """
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    if causal:
+        t_q, t_k = scores.shape[-2], scores.shape[-1]
+        mask = torch.ones(t_q, t_k, dtype=torch.bool, device=q.device).tril(t_k - t_q)
+        scores = scores.masked_fill(~mask, float("-inf"))
+    max_logit = scores.detach().amax(dim=(-2, -1))
+    probs = torch.softmax(scores, dim=-1)
+    out = torch.matmul(probs, v.float()).to(q.dtype)
+    return out, max_logit
+
+
+def _logit_stats(logits: Tensor, lse: Tensor, valid: Tensor) -> dict[str, Tensor]:
+    n_valid = valid.sum().clamp(min=1)
+    with torch.no_grad():
+        row_mean = logits.mean(dim=-1)
+        row_max = logits.amax(dim=-1)
+        neg_inf = torch.tensor(float("-inf"), device=logits.device)
+        return {
+            "logit_mean": (row_mean * valid).sum() / n_valid,
+            "logit_max": torch.where(valid, row_max, neg_inf).max(),
+            "lse_mean": (lse.detach() * valid).sum() / n_valid,
+        }
+
+
+def cross_entropy(
+    logits: Tensor, labels: Tensor, *, z_loss: float = 0.0, ignore_index: int = -100
+) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    """Mean cross-entropy and the z-loss term over the labels that are not ``ignore_index``.
+
+    logits: (N, V) any float dtype (computed in fp32); labels: (N,) int64.
+    Returns ``(ce, z_term, stats)``: ce = mean(lse - logit[label]), z_term = z_loss * mean(lse^2),
+    both scalars with gradients, and stats = {logit_mean, logit_max, lse_mean} (detached fp32
+    scalars over the valid rows). With no valid row both losses are 0, not NaN.
+    """
+    logits = logits.float()
+    valid = labels != ignore_index
+    n_valid = valid.sum().clamp(min=1)
+    lse = torch.logsumexp(logits, dim=-1)
+    safe_labels = torch.where(valid, labels, torch.zeros_like(labels))
+    target_logit = logits.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1)
+    ce = ((lse - target_logit) * valid).sum() / n_valid
+    z_term = z_loss * ((lse * lse) * valid).sum() / n_valid
+    return ce, z_term, _logit_stats(logits, lse, valid)
+
+
+def linear_cross_entropy(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    *,
+    z_loss: float = 0.0,
+    ignore_index: int = -100,
+    chunk_size: Optional[int] = None,
+) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    """Cross-entropy of ``hidden @ weight.T`` without a bias; same outputs as :func:`cross_entropy`.
+
+    hidden: (N, C), weight: (V, C). The reference materialises the logits; the fused kernel never
+    does (``chunk_size`` rows at a time), so this is its ground truth.
+    """
+    del chunk_size  # the reference does it in one piece
+    logits = F.linear(hidden, weight)
+    return cross_entropy(logits, labels, z_loss=z_loss, ignore_index=ignore_index)

@@ -1,0 +1,356 @@
+"""Typed configuration for proxy.
+
+Every knob a run has lives in one of the dataclasses below. They are registered with Hydra's
+ConfigStore as the schema of ``conf/config.yaml``, so a misspelt key or a value of the wrong type
+fails at start-up with the key named. Cross-field checks (d_model divisible by n_heads, a positive
+LR, ...) live in ``validate`` and raise ``ConfigError`` with one line that names the key.
+
+Choices are Enums: OmegaConf rejects an unknown name and lists the allowed ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Optional
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run. The message names the offending key."""
+
+
+# --------------------------------------------------------------------------------------------
+# Choices
+# --------------------------------------------------------------------------------------------
+class QKNorm(str, Enum):
+    off = "off"
+    layernorm = "layernorm"
+    rmsnorm = "rmsnorm"
+
+
+class Norm(str, Enum):
+    layernorm = "layernorm"
+    rmsnorm = "rmsnorm"
+
+
+class NormPosition(str, Enum):
+    pre = "pre"  # x + Attn(Norm(x))  (GPT-2, Wortsman et al.)
+    reordered = "reordered"  # x + Norm(Attn(x))  (OLMo 2)
+
+
+class MLPKind(str, Enum):
+    gelu = "gelu"
+    swiglu = "swiglu"
+
+
+class Init(str, Enum):
+    normal = "normal"  # N(0, 0.02) truncated at 3 sigma (OLMo 2)
+    scaled = "scaled"  # OLMo-0424 "mitchell" init
+    fan_in = "fan_in"  # truncated normal 1/sqrt(fan_in), embeddings 1/sqrt(d) (Wortsman et al.)
+
+
+class Attention(str, Enum):
+    naive = "naive"  # materialises the scores: exact statistics every step
+    sdpa = "sdpa"  # torch scaled_dot_product_attention; statistics on logging steps
+    triton = "triton"  # kernels/attention.py: flash attention that returns the max logit
+
+
+class LossImpl(str, Enum):
+    torch = "torch"  # logits materialised, plain PyTorch (kernels/reference.py)
+    triton = "triton"  # fused cross-entropy kernel over materialised logits
+    fused_linear = "fused_linear"  # LM head x CE in chunks, logits never materialised
+
+
+class WeightDecayMode(str, Enum):
+    coupled = "coupled"  # torch AdamW: theta -= lr * (update + wd * theta)
+    independent = "independent"  # theta -= lr * update + (lr / lr_peak) * wd * theta
+
+
+class Schedule(str, Enum):
+    cosine = "cosine"
+    linear = "linear"
+    constant = "constant"
+    wsd = "wsd"
+
+
+class Cooldown(str, Enum):
+    linear = "linear"
+    sqrt = "sqrt"  # 1 - sqrt(progress)
+
+
+class DataSource(str, Enum):
+    synthetic = "synthetic"
+    memmap = "memmap"
+    text = "text"
+
+
+class WandbMode(str, Enum):
+    disabled = "disabled"
+    offline = "offline"
+    online = "online"
+
+
+# --------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------
+@dataclass
+class ModelConfig:
+    name: str = "tiny"
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
+    d_ff: Optional[int] = None  # None: 4 * d_model (gelu) or the 8/3 * d_model rounding (swiglu)
+    vocab_size: Optional[int] = None  # None: taken from the data source
+    max_seq_len: int = 1024
+    mlp: MLPKind = MLPKind.gelu
+    norm: Norm = Norm.layernorm
+    norm_eps: float = 1e-6
+    norm_position: NormPosition = NormPosition.pre
+    qk_norm: QKNorm = QKNorm.off
+    tie_embeddings: bool = False
+    rope_theta: float = 10000.0
+    init: Init = Init.normal
+    init_std: Optional[float] = None  # overrides the scheme's base std (normal: 0.02)
+    attention: Attention = Attention.naive
+    loss_impl: LossImpl = LossImpl.torch
+    # documentation only: the non-embedding parameter count the preset was sized for
+    approx_params: Optional[str] = None
+
+
+@dataclass
+class LossConfig:
+    z_loss: float = 0.0  # coefficient of mean(logsumexp(logits)^2); Wortsman et al. use 1e-4
+    ignore_index: int = -100
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-3  # peak learning rate
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    weight_decay_mode: WeightDecayMode = WeightDecayMode.coupled
+    decay_embeddings: bool = False  # OLMo 2: no weight decay on embeddings
+    decay_norms: bool = False
+    grad_clip: float = 1.0  # global norm; 0 disables clipping
+    mup: bool = False  # muParam (simple): per-layer LR x base_fan_in / fan_in
+    mup_base_fan_in: int = 64
+
+
+@dataclass
+class ScheduleConfig:
+    name: Schedule = Schedule.cosine
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.1  # final LR = min_lr_ratio * peak (cosine, linear, wsd)
+    decay_fraction: float = 0.2  # wsd: fraction of steps spent in the cooldown
+    cooldown: Cooldown = Cooldown.sqrt  # wsd cooldown shape
+
+
+@dataclass
+class SyntheticConfig:
+    """A seeded stochastic language (see proxy/data.py for the generative process)."""
+
+    seed: int = 1234
+    vocab_size: int = 512
+    n_states: int = 64  # hidden states of the HMM-like source
+    zipf_exponent: float = 1.1
+    emissions_per_state: int = 24  # sparse support of each state's emission distribution
+    transitions_per_state: int = 6  # sparse support of each state's transition distribution
+    copy_prob: float = 0.1  # chance that a document repeats a recent span (in-context structure)
+
+
+@dataclass
+class DataConfig:
+    source: DataSource = DataSource.synthetic
+    path: Optional[str] = None  # memmap: a .bin file (or folder with train.bin/val.bin); text: a .txt/folder
+    dtype: str = "uint16"  # memmap token dtype: uint16 | uint32
+    tokenizer: str = "byte"  # text: byte | path to a tokenizers json
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    val_fraction: float = 0.05  # memmap/text without a val file: tail held out for validation
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 300
+    batch_size: int = 16
+    seq_len: int = 128
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto (fp32 on CPU, bf16 autocast on CUDA) | fp32 | bf16 | fp16
+    compile: str = "auto"  # auto (on for CUDA) | true | false
+    log_every: int = 10
+    eval_every: int = 100
+    eval_batches: int = 8
+    ckpt_every: int = 0  # 0: only the final checkpoint
+    keep_checkpoints: int = 2
+    save_final: bool = True
+    resume: bool = False
+    diverge_loss: float = 0.0  # >0: a train loss above this ends the run as diverged
+    diverge_factor: float = 3.0  # a train loss above factor * loss-at-init also counts
+    progress: bool = True
+    stats_every: int = 0  # 0: attention/output statistics every log step
+
+
+@dataclass
+class WandbConfig:
+    mode: WandbMode = WandbMode.disabled
+    project: str = "proxy"
+    entity: Optional[str] = None
+    group: Optional[str] = None  # None: the Hydra sweep id (all jobs of a multirun share it)
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    run_name: Optional[str] = None  # None: derived from the command-line overrides
+    out_dir: Optional[str] = None  # None: Hydra's run dir (or ./runs/<name> outside Hydra)
+    # free-form tag of an experiment preset, carried into the run record for the report
+    experiment: Optional[str] = None
+
+
+def register_configs() -> None:
+    """Register the schema so conf/config.yaml is checked against it."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="proxy_schema", node=Config)
+    cs.store(group="model", name="proxy_model_schema", node=ModelConfig)
+
+
+# --------------------------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------------------------
+def _positive(value: float, key: str, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(f"{key}={value} must be {bound}")
+
+
+def validate(cfg: Config) -> Config:
+    """Cross-field checks that types alone cannot express. Raises ConfigError naming the key."""
+    m, o, s, t = cfg.model, cfg.optim, cfg.schedule, cfg.train
+    for key in ("d_model", "n_layers", "n_heads", "max_seq_len"):
+        _positive(getattr(m, key), f"model.{key}")
+    if m.d_model % m.n_heads:
+        raise ConfigError(f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}")
+    if (m.d_model // m.n_heads) % 2:
+        raise ConfigError(
+            f"model head dim d_model/n_heads={m.d_model // m.n_heads} must be even for RoPE"
+        )
+    if m.d_ff is not None:
+        _positive(m.d_ff, "model.d_ff")
+    if m.init_std is not None:
+        _positive(m.init_std, "model.init_std")
+    _positive(o.lr, "optim.lr")
+    _positive(o.eps, "optim.eps")
+    _positive(o.weight_decay, "optim.weight_decay", allow_zero=True)
+    _positive(o.grad_clip, "optim.grad_clip", allow_zero=True)
+    for key in ("beta1", "beta2"):
+        if not 0.0 <= getattr(o, key) < 1.0:
+            raise ConfigError(f"optim.{key}={getattr(o, key)} must be in [0, 1)")
+    _positive(cfg.loss.z_loss, "loss.z_loss", allow_zero=True)
+    _positive(s.warmup_steps, "schedule.warmup_steps", allow_zero=True)
+    if not 0.0 <= s.min_lr_ratio <= 1.0:
+        raise ConfigError(f"schedule.min_lr_ratio={s.min_lr_ratio} must be in [0, 1]")
+    if not 0.0 < s.decay_fraction <= 1.0:
+        raise ConfigError(f"schedule.decay_fraction={s.decay_fraction} must be in (0, 1]")
+    for key in ("steps", "batch_size", "seq_len", "log_every", "eval_every", "eval_batches"):
+        _positive(getattr(t, key), f"train.{key}")
+    if t.seq_len > m.max_seq_len:
+        raise ConfigError(f"train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
+    if t.dtype not in ("auto", "fp32", "bf16", "fp16"):
+        raise ConfigError(f"train.dtype={t.dtype!r} must be one of auto, fp32, bf16, fp16")
+    if str(t.compile).lower() not in ("auto", "true", "false"):
+        raise ConfigError(f"train.compile={t.compile!r} must be auto, true or false")
+    if not (t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:")):
+        raise ConfigError(f"train.device={t.device!r} must be auto, cpu, cuda or cuda:N")
+    if cfg.data.dtype not in ("uint16", "uint32"):
+        raise ConfigError(f"data.dtype={cfg.data.dtype!r} must be uint16 or uint32")
+    if cfg.data.source != DataSource.synthetic and not cfg.data.path:
+        raise ConfigError(f"data.path is required for data.source={cfg.data.source.value}")
+    return cfg
+
+
+def to_config(cfg: Any) -> Config:
+    """Turn a DictConfig (from Hydra) or a plain dict into a validated ``Config``."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        if isinstance(cfg, Config):
+            obj = cfg
+        else:
+            merged = OmegaConf.merge(OmegaConf.structured(Config), cfg)
+            obj = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:  # unknown key, wrong type, bad enum value
+        raise ConfigError(_one_line(exc)) from None
+    return validate(obj)
+
+
+def _one_line(exc: Exception) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    head = lines[0] if lines else type(exc).__name__
+    key = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("full_key:")), None)
+    return f"{head} (key: {key})" if key and key not in head else head
+
+
+def as_dict(cfg: Config) -> dict:
+    """Plain nested dict with Enums as their names (JSON/YAML friendly)."""
+
+    def convert(value: Any) -> Any:
+        if isinstance(value, Enum):
+            return value.value
+        if dataclasses.is_dataclass(value):
+            return {f.name: convert(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        if isinstance(value, (list, tuple)):
+            return [convert(v) for v in value]
+        if isinstance(value, dict):
+            return {k: convert(v) for k, v in value.items()}
+        return value
+
+    return convert(cfg)
+
+
+def from_dict(data: dict | DictConfig) -> Config:
+    return to_config(OmegaConf.create(data) if isinstance(data, dict) else data)
+
+
+__all__ = [
+    "Attention",
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "DataSource",
+    "Init",
+    "LossConfig",
+    "LossImpl",
+    "MISSING",
+    "MLPKind",
+    "ModelConfig",
+    "Norm",
+    "NormPosition",
+    "OptimConfig",
+    "QKNorm",
+    "Schedule",
+    "ScheduleConfig",
+    "SyntheticConfig",
+    "TrainConfig",
+    "WandbConfig",
+    "WandbMode",
+    "WeightDecayMode",
+    "as_dict",
+    "from_dict",
+    "register_configs",
+    "to_config",
+    "validate",
+]

@@ -1,0 +1,214 @@
+"""The run directory: the unit of record every other part reads and writes.
+
+Layout of one run directory::
+
+    config.yaml        the resolved config (also .hydra/config.yaml when Hydra made the run)
+    summary.json       always present once the run starts; rewritten atomically
+    metrics.jsonl      one JSON object per logged step (flat keys, '/' separators),
+                       and one object per event (``{"step": s, "event": kind, ...}``)
+    checkpoints/       step_XXXXXXX.pt, loadable with torch.load(weights_only=True)
+
+``summary.json`` status goes ``running`` -> ``completed`` | ``diverged`` | ``failed``. A run whose
+process died leaves ``running`` behind; the report lists it as such (or ``stale`` when asked).
+
+The trainer writes through :class:`RunRecord`; the report reads through :func:`load_run`, so a
+sweep made on a cluster can be copied home and reported without any live process or wandb.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+SUMMARY = "summary.json"
+METRICS = "metrics.jsonl"
+CONFIG = "config.yaml"
+CHECKPOINTS = "checkpoints"
+
+STATUSES = ("running", "completed", "diverged", "failed")
+
+
+def _clean(value: Any) -> Any:
+    """JSON has no NaN/Inf; store them as strings so a diverged value stays visible."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # 'nan', 'inf', '-inf'
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+def _restore(value: Any) -> Any:
+    if isinstance(value, str) and value in ("nan", "inf", "-inf"):
+        return float(value)
+    if isinstance(value, dict):
+        return {k: _restore(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_restore(v) for v in value]
+    return value
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path: Path, data: dict) -> None:
+    atomic_write_text(path, json.dumps(_clean(data), indent=2, sort_keys=True) + "\n")
+
+
+def read_json(path: Path) -> dict:
+    return _restore(json.loads(Path(path).read_text()))
+
+
+class RunRecord:
+    """Writer side of a run directory."""
+
+    def __init__(self, run_dir: str | Path, resume: bool = False):
+        self.dir = Path(run_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.summary: dict[str, Any] = {}
+        if resume and (self.dir / SUMMARY).exists():
+            self.summary = read_json(self.dir / SUMMARY)
+        self._metrics = open(self.dir / METRICS, "a" if resume else "w")
+
+    # -- summary ------------------------------------------------------------------------------
+    def update(self, **fields: Any) -> None:
+        self.summary.update(fields)
+        self.summary["updated_at"] = time.time()
+        write_json(self.dir / SUMMARY, self.summary)
+
+    # -- metrics ------------------------------------------------------------------------------
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        row = {"step": int(step), **{k: _to_py(v) for k, v in metrics.items()}}
+        self._metrics.write(json.dumps(_clean(row)) + "\n")
+        self._metrics.flush()
+
+    def event(self, step: int, kind: str, **fields: Any) -> None:
+        """An action taken by the trainer (skip-step, rollback, spike kit, ...)."""
+        self.log(step, {"event": kind, **fields})
+
+    def truncate_after(self, step: int) -> None:
+        """On resume: drop rows logged after the checkpoint so the record has no duplicates."""
+        self._metrics.close()
+        path = self.dir / METRICS
+        rows = [ln for ln in path.read_text().splitlines() if ln.strip()]
+        kept = [ln for ln in rows if json.loads(ln).get("step", 0) <= step]
+        atomic_write_text(path, "".join(ln + "\n" for ln in kept))
+        self._metrics = open(path, "a")
+
+    def close(self) -> None:
+        if not self._metrics.closed:
+            self._metrics.close()
+
+
+def _to_py(value: Any) -> Any:
+    if hasattr(value, "item"):  # torch / numpy scalars
+        return value.item()
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# Reader side
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Run:
+    """A run directory as the report sees it."""
+
+    path: Path
+    summary: dict[str, Any]
+    config: dict[str, Any]
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+    events: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def status(self) -> str:
+        return self.summary.get("status", "unknown")
+
+    @property
+    def name(self) -> str:
+        return self.summary.get("run_name") or self.path.name
+
+    def series(self, key: str) -> tuple[list[int], list[float]]:
+        """(steps, values) of one metric key over the logged steps that have it."""
+        steps, values = [], []
+        for row in self.metrics:
+            if key in row and isinstance(row[key], (int, float)):
+                steps.append(row["step"])
+                values.append(float(row[key]))
+        return steps, values
+
+    def keys(self) -> list[str]:
+        seen: dict[str, None] = {}
+        for row in self.metrics:
+            for k in row:
+                seen.setdefault(k, None)
+        return list(seen)
+
+
+def is_run_dir(path: Path) -> bool:
+    return (Path(path) / SUMMARY).is_file()
+
+
+def find_runs(paths: Iterable[str | Path]) -> list[Path]:
+    """Every run directory at or below the given paths, sorted, without duplicates."""
+    found: dict[Path, None] = {}
+    for p in paths:
+        p = Path(p)
+        if not p.exists():
+            raise FileNotFoundError(f"no such run directory: {p}")
+        if is_run_dir(p):
+            found.setdefault(p.resolve(), None)
+        for summary in sorted(p.rglob(SUMMARY)):
+            if CHECKPOINTS in summary.parts or "spike_kits" in summary.parts:
+                continue
+            found.setdefault(summary.parent.resolve(), None)
+    return sorted(found)
+
+
+def load_run(path: str | Path) -> Run:
+    path = Path(path)
+    summary = read_json(path / SUMMARY) if (path / SUMMARY).exists() else {"status": "unknown"}
+    config: dict[str, Any] = {}
+    for candidate in (path / CONFIG, path / ".hydra" / "config.yaml"):
+        if candidate.exists():
+            from omegaconf import OmegaConf
+
+            config = OmegaConf.to_container(OmegaConf.load(candidate), resolve=False)  # type: ignore[assignment]
+            break
+    metrics, events = [], []
+    mpath = path / METRICS
+    if mpath.exists():
+        for line in mpath.read_text().splitlines():
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                row = _restore(json.loads(line))
+            except json.JSONDecodeError:  # a run killed mid-write leaves a torn last line
+                continue
+            (events if "event" in row else metrics).append(row)
+    return Run(path=path, summary=summary, config=config, metrics=metrics, events=events)
+
+
+def latest_checkpoint(run_dir: str | Path) -> Optional[Path]:
+    ckpts = sorted((Path(run_dir) / CHECKPOINTS).glob("step_*.pt"))
+    return ckpts[-1] if ckpts else None
