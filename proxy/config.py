@@ -113,7 +113,8 @@ class ModelConfig:
     tie_embeddings: bool = False
     rope_theta: float = 10000.0
     init: Init = Init.normal
-    init_std: Optional[float] = None  # overrides the scheme's base std (normal: 0.02)
+    init_std: Optional[float] = None  # std of the `normal` scheme (None: 0.02)
+    init_gain: float = 1.0  # multiplies every scheme's std (a knob for init-scale studies)
     attention: Attention = Attention.naive
     loss_impl: LossImpl = LossImpl.torch
     # documentation only: the non-embedding parameter count the preset was sized for
@@ -180,7 +181,7 @@ class TrainConfig:
     seq_len: int = 128
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    dtype: str = "auto"  # auto (fp32 on CPU, bf16 autocast on CUDA) | fp32 | bf16 | fp16
+    dtype: str = "auto"  # auto (fp32 on CPU, bf16 autocast on CUDA) | fp32 | bf16
     compile: str = "auto"  # auto (on for CUDA) | true | false
     log_every: int = 10
     eval_every: int = 100
@@ -225,7 +226,6 @@ def register_configs() -> None:
 
     cs = ConfigStore.instance()
     cs.store(name="proxy_schema", node=Config)
-    cs.store(group="model", name="proxy_model_schema", node=ModelConfig)
 
 
 # --------------------------------------------------------------------------------------------
@@ -252,6 +252,7 @@ def validate(cfg: Config) -> Config:
         _positive(m.d_ff, "model.d_ff")
     if m.init_std is not None:
         _positive(m.init_std, "model.init_std")
+    _positive(m.init_gain, "model.init_gain")
     _positive(o.lr, "optim.lr")
     _positive(o.eps, "optim.eps")
     _positive(o.weight_decay, "optim.weight_decay", allow_zero=True)
@@ -269,8 +270,8 @@ def validate(cfg: Config) -> Config:
         _positive(getattr(t, key), f"train.{key}")
     if t.seq_len > m.max_seq_len:
         raise ConfigError(f"train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
-    if t.dtype not in ("auto", "fp32", "bf16", "fp16"):
-        raise ConfigError(f"train.dtype={t.dtype!r} must be one of auto, fp32, bf16, fp16")
+    if t.dtype not in ("auto", "fp32", "bf16"):
+        raise ConfigError(f"train.dtype={t.dtype!r} must be one of auto, fp32, bf16")
     if str(t.compile).lower() not in ("auto", "true", "false"):
         raise ConfigError(f"train.compile={t.compile!r} must be auto, true or false")
     if not (t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:")):

@@ -1,0 +1,51 @@
+"""Sinks for the metrics the loop produces: metrics.jsonl (always) and wandb (optional).
+
+wandb is imported only when its mode is not ``disabled``, and writes under the run directory,
+never $HOME, so offline runs can be synced later with ``wandb sync <run_dir>/wandb``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+from proxy.config import Config, WandbMode, as_dict
+
+
+class WandbSink:
+    def __init__(self, cfg: Config, run_dir: Path, run_name: str, group: Optional[str]):
+        self.run = None
+        if cfg.wandb.mode == WandbMode.disabled:
+            return
+        import wandb
+
+        os.environ.setdefault("WANDB_DIR", str(run_dir))
+        os.environ.setdefault("WANDB_CACHE_DIR", str(run_dir / "wandb" / "cache"))
+        (run_dir / "wandb").mkdir(parents=True, exist_ok=True)
+        self.run = wandb.init(
+            project=cfg.wandb.project,
+            entity=cfg.wandb.entity,
+            group=cfg.wandb.group or group,
+            name=run_name,
+            tags=list(cfg.wandb.tags),
+            mode=cfg.wandb.mode.value,
+            dir=str(run_dir),
+            config=as_dict(cfg),
+            reinit="finish_previous",
+        )
+
+    def log(self, step: int, row: dict[str, Any]) -> None:
+        if self.run is not None:
+            self.run.log({k: v for k, v in row.items() if k != "step"}, step=step)
+
+    def summary(self, fields: dict[str, Any]) -> None:
+        if self.run is not None:
+            for k, v in fields.items():
+                if isinstance(v, (int, float, str)) or v is None:
+                    self.run.summary[k] = v
+
+    def finish(self, failed: bool = False) -> None:
+        if self.run is not None:
+            self.run.finish(exit_code=1 if failed else 0)
+            self.run = None
