@@ -1,0 +1,335 @@
+"""AdamW with coupled or independent weight decay, per-layer LR scales, LR schedules, clipping.
+
+Why our own AdamW and not ``torch.optim.AdamW``: Wortsman et al. (2023) find that *independent*
+weight decay (the decay follows the LR schedule but not the LR size) lowers LR sensitivity, and
+torch only offers the coupled form. In coupled mode this optimizer is the same arithmetic as
+torch's, op for op, so the two agree to the last bit on CPU in fp32.
+
+The LR of every parameter group is ``peak_lr * lr_scale * multiplier``:
+
+- ``peak_lr``    the base peak LR (``optim.lr``), the same for every group;
+- ``lr_scale``   muParam (simple): ``base_fan_in / fan_in`` for each linear weight matrix,
+                 1.0 for everything else (and for everything when muP is off);
+- ``multiplier`` the schedule at this step, in [0, 1] (:func:`schedule_multiplier`).
+
+The trainer calls ``apply_lr(optimizer, schedule_multiplier(step, total, cfg))`` before each step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from typing import Any, Callable, Iterable, Optional
+
+import torch
+from torch import Tensor, nn
+
+from proxy.config import Cooldown, OptimConfig, Schedule, ScheduleConfig, WeightDecayMode
+
+DECAY_MODES = tuple(m.value for m in WeightDecayMode)
+
+
+# --------------------------------------------------------------------------------------------
+# The optimizer
+# --------------------------------------------------------------------------------------------
+class AdamW(torch.optim.Optimizer):
+    """Adam with bias-corrected moments and one of two weight-decay forms.
+
+    With ``a`` the Adam direction ``m_hat / (sqrt(v_hat) + eps)`` and ``lr`` the group's LR::
+
+        coupled      theta <- theta - lr * (a + wd * theta)                 (torch.optim.AdamW)
+        independent  theta <- theta - lr * a - (lr / (peak_lr * lr_scale)) * wd * theta
+
+    ``lr / (peak_lr * lr_scale)`` is the schedule multiplier, so independent decay shrinks the
+    weights by ``wd`` per step at the schedule's peak whatever the LR or the muP scale: this is
+    θ ← θ − s_t(ηΔ + λθ) of Wortsman et al. (2023), with λ ~1e-4 where coupled uses ~0.1.
+
+    State per parameter: ``step`` (a Python int), ``exp_avg``, ``exp_avg_sq``. Each group holds
+    ``lr``, ``betas``, ``eps``, ``weight_decay``, ``weight_decay_mode`` ('coupled' or
+    'independent', a string so checkpoints load with ``weights_only=True``), ``peak_lr`` and
+    ``lr_scale``. Parameters without a gradient are left alone, as in torch.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        weight_decay_mode: str | WeightDecayMode = "coupled",
+    ):
+        defaults = dict(
+            lr=lr,
+            betas=tuple(betas),
+            eps=eps,
+            weight_decay=weight_decay,
+            weight_decay_mode=_mode_name(weight_decay_mode),
+            lr_scale=1.0,
+        )
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        # A group's peak LR defaults to its own starting LR, so AdamW(params, lr=x) alone works.
+        param_group.setdefault("peak_lr", param_group.get("lr", self.defaults["lr"]))
+        if "weight_decay_mode" in param_group:
+            param_group["weight_decay_mode"] = _mode_name(param_group["weight_decay_mode"])
+        super().add_param_group(param_group)
+        _check_group(self.param_groups[-1])
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], Tensor]] = None) -> Optional[Tensor]:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            self._update_group(group)
+        return loss
+
+    def _update_group(self, group: dict[str, Any]) -> None:
+        params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError("proxy.optim.AdamW does not support sparse gradients")
+            state = self.state[p]
+            if not state:
+                state["step"] = 0
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["step"] += 1
+            params.append(p)
+            grads.append(p.grad)
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+            steps.append(state["step"])
+        if not params:
+            return
+
+        lr, (beta1, beta2), eps = group["lr"], group["betas"], group["eps"]
+        wd = group["weight_decay"]
+        if wd != 0:  # decay first: it uses theta before the update, as the formulas above
+            if group["weight_decay_mode"] == "coupled":
+                decay = lr * wd
+            else:
+                decay = lr / (group["peak_lr"] * group["lr_scale"]) * wd
+            torch._foreach_mul_(params, 1 - decay)
+
+        # m <- beta1 m + (1 - beta1) g ;  v <- beta2 v + (1 - beta2) g^2
+        torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+        torch._foreach_mul_(exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
+
+        # theta <- theta - lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps): the same order of
+        # operations as torch.optim.AdamW, which is what makes the two agree bitwise
+        neg_step_sizes = [-(lr / (1 - beta1**s)) for s in steps]
+        bc2_sqrts = [(1 - beta2**s) ** 0.5 for s in steps]
+        denoms = torch._foreach_sqrt(exp_avg_sqs)
+        torch._foreach_div_(denoms, bc2_sqrts)
+        torch._foreach_add_(denoms, eps)
+        torch._foreach_addcdiv_(params, exp_avgs, denoms, neg_step_sizes)
+
+
+def _mode_name(mode: str | WeightDecayMode) -> str:
+    name = mode.value if isinstance(mode, WeightDecayMode) else str(mode)
+    if name not in DECAY_MODES:
+        raise ValueError(f"weight_decay_mode={name!r} must be one of {', '.join(DECAY_MODES)}")
+    return name
+
+
+def _check_group(group: dict[str, Any]) -> None:
+    beta1, beta2 = group["betas"]
+    checks = (
+        (group["lr"] >= 0, "lr", group["lr"], ">= 0"),
+        (group["peak_lr"] > 0, "peak_lr", group["peak_lr"], "> 0"),
+        (group["lr_scale"] > 0, "lr_scale", group["lr_scale"], "> 0"),
+        (group["eps"] > 0, "eps", group["eps"], "> 0"),
+        (group["weight_decay"] >= 0, "weight_decay", group["weight_decay"], ">= 0"),
+        (0.0 <= beta1 < 1.0, "beta1", beta1, "in [0, 1)"),
+        (0.0 <= beta2 < 1.0, "beta2", beta2, "in [0, 1)"),
+    )
+    for ok, key, value, bound in checks:
+        if not ok:
+            raise ValueError(f"AdamW {key}={value} must be {bound}")
+
+
+# --------------------------------------------------------------------------------------------
+# Parameter groups
+# --------------------------------------------------------------------------------------------
+def _param_roles(model: nn.Module) -> dict[int, tuple[str, str, nn.Parameter]]:
+    """Each trainable parameter once: id -> (name, role, parameter).
+
+    Roles: ``embedding`` (owned by an nn.Embedding), ``linear`` (an nn.Linear weight), ``gain``
+    (any 1-D parameter: norm weights, QK-norm weights, biases if a model had them), ``other``
+    (a matrix that is neither; decayed, never LR-scaled). A weight tied between the embedding and
+    the LM head is an embedding: it keeps lr_scale 1 and follows ``decay_embeddings``.
+    """
+    priority = {"embedding": 0, "linear": 1, "gain": 2, "other": 3}
+    roles: dict[int, tuple[str, str, nn.Parameter]] = {}
+    for module_name, module in model.named_modules():
+        for param_name, p in module.named_parameters(recurse=False):
+            if not p.requires_grad:
+                continue
+            if isinstance(module, nn.Embedding):
+                role = "embedding"
+            elif isinstance(module, nn.Linear) and param_name == "weight":
+                role = "linear"
+            elif p.ndim <= 1:
+                role = "gain"
+            else:
+                role = "other"
+            name = f"{module_name}.{param_name}" if module_name else param_name
+            seen = roles.get(id(p))
+            if seen is None or priority[role] < priority[seen[1]]:
+                roles[id(p)] = (name, role, p)
+    return roles
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> AdamW:
+    """AdamW over ``model`` with one group per (decayed?, lr_scale) pair.
+
+    Groups carry ``name`` (e.g. ``decay`` or ``decay/lr_x0.25``), ``param_names``, ``lr_scale``
+    and ``peak_lr = cfg.lr``. Embeddings skip decay unless ``cfg.decay_embeddings``; 1-D gains
+    (norm and QK-norm weights) skip it unless ``cfg.decay_norms``. With ``cfg.mup`` each linear
+    weight's LR is scaled by ``cfg.mup_base_fan_in / fan_in`` (fan_in = weight.shape[1]), the
+    LM head included; embeddings and gains keep 1.0.
+    """
+    if cfg.mup and cfg.mup_base_fan_in <= 0:
+        raise ValueError(f"optim.mup_base_fan_in={cfg.mup_base_fan_in} must be > 0")
+    groups: dict[tuple[bool, float], list[tuple[str, nn.Parameter]]] = defaultdict(list)
+    for name, role, p in _param_roles(model).values():
+        decay = {
+            "embedding": cfg.decay_embeddings,
+            "gain": cfg.decay_norms,
+        }.get(role, True)
+        lr_scale = cfg.mup_base_fan_in / p.shape[1] if cfg.mup and role == "linear" else 1.0
+        groups[(decay, lr_scale)].append((name, p))
+    if not groups:
+        raise ValueError("build_optimizer: the model has no trainable parameters")
+
+    param_groups = []
+    for (decay, lr_scale), named in sorted(groups.items(), key=lambda kv: (not kv[0][0], kv[0][1])):
+        label = "decay" if decay else "no_decay"
+        param_groups.append({
+            "name": label if lr_scale == 1.0 else f"{label}/lr_x{lr_scale:g}",
+            "params": named,  # (name, param) pairs: torch records them as 'param_names'
+            "weight_decay": cfg.weight_decay if decay else 0.0,
+            "lr_scale": lr_scale,
+            "peak_lr": cfg.lr,
+            "lr": cfg.lr * lr_scale,
+        })
+    return AdamW(
+        param_groups,
+        lr=cfg.lr,
+        betas=(cfg.beta1, cfg.beta2),
+        eps=cfg.eps,
+        weight_decay=cfg.weight_decay,
+        weight_decay_mode=cfg.weight_decay_mode,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Schedules
+# --------------------------------------------------------------------------------------------
+def schedule_multiplier(step: int, total_steps: int, cfg: ScheduleConfig) -> float:
+    """The LR multiplier in [0, 1] for the update at 0-based ``step`` of ``total_steps``.
+
+    Warmup is linear and never wastes a step on LR 0: ``(step + 1) / warmup_steps`` reaches 1.0
+    at ``step = warmup_steps - 1`` and stays there at ``step = warmup_steps``. After warmup, with
+    ``p`` the progress from ``warmup_steps`` (0) to ``total_steps`` (1) and ``m = min_lr_ratio``:
+
+    - cosine:   m + (1 - m) * (1 + cos(pi p)) / 2
+    - linear:   m + (1 - m) * (1 - p)
+    - constant: 1
+    - wsd:      1 until the cooldown, which covers the last ``decay_fraction`` of ``total_steps``
+                (never the warmup); with q its progress, linear ``m + (1 - m)(1 - q)`` or sqrt
+                ``m + (1 - m)(1 - sqrt(q))`` (Hägele et al. 2024: 1 - sqrt beats linear).
+
+    Each shape reaches ``m`` at ``step = total_steps`` (the last update, ``total_steps - 1``, is
+    one step short of it); steps past the end stay at the final value.
+    """
+    if total_steps <= 0:
+        raise ValueError(f"schedule: total_steps={total_steps} must be > 0")
+    if step < 0:
+        raise ValueError(f"schedule: step={step} must be >= 0")
+    warmup = cfg.warmup_steps
+    if step < warmup:
+        return (step + 1) / warmup
+    floor = cfg.min_lr_ratio
+    name = Schedule(cfg.name)
+    if name == Schedule.constant:
+        return 1.0
+    if name == Schedule.wsd:
+        cooldown_start = max(warmup, total_steps - round(cfg.decay_fraction * total_steps))
+        if step < cooldown_start:
+            return 1.0
+        q = _progress(step, cooldown_start, total_steps)
+        shape = 1.0 - math.sqrt(q) if Cooldown(cfg.cooldown) == Cooldown.sqrt else 1.0 - q
+        return floor + (1.0 - floor) * shape
+    p = _progress(step, warmup, total_steps)
+    if name == Schedule.cosine:
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * p))
+    return floor + (1.0 - floor) * (1.0 - p)  # linear
+
+
+def _progress(step: int, start: int, end: int) -> float:
+    """Where ``step`` lies between ``start`` (0) and ``end`` (1), clamped; an empty span is done."""
+    if end <= start:
+        return 1.0
+    return min(1.0, (step - start) / (end - start))
+
+
+def apply_lr(optimizer: torch.optim.Optimizer, multiplier: float) -> float:
+    """Set each group's ``lr = peak_lr * lr_scale * multiplier``; return the base LR (``peak_lr *
+    multiplier``, the number to log as ``optim/lr``)."""
+    base = None
+    for group in optimizer.param_groups:
+        if "peak_lr" not in group:
+            raise ValueError("apply_lr: a param group has no 'peak_lr'; use build_optimizer")
+        group["lr"] = group["peak_lr"] * group.get("lr_scale", 1.0) * multiplier
+        if base is None:
+            base = group["peak_lr"] * multiplier
+    return float(base) if base is not None else 0.0
+
+
+# --------------------------------------------------------------------------------------------
+# Gradient clipping
+# --------------------------------------------------------------------------------------------
+def clip_grad_norm(params: Iterable[Tensor], max_norm: float) -> Tensor:
+    """Scale all gradients so their global L2 norm is at most ``max_norm`` (0: measure only).
+
+    Returns the norm *before* clipping as a 0-dim fp32 tensor; nothing here syncs with the device,
+    so the caller decides when to pay for ``.item()``. Same arithmetic as
+    ``torch.nn.utils.clip_grad_norm_`` (scale = min(1, max_norm / (norm + 1e-6))).
+    """
+    if max_norm < 0:
+        raise ValueError(f"clip_grad_norm: max_norm={max_norm} must be >= 0")
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    device = grads[0].device
+    per_tensor = torch._foreach_norm(grads)
+    total = torch.linalg.vector_norm(torch.stack([n.to(device) for n in per_tensor])).float()
+    if max_norm > 0:
+        scale = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        torch._foreach_mul_(grads, scale)
+    return total
+
+
+def scale_grads(params: Iterable[Tensor], factor: float | Tensor) -> None:
+    """Multiply every gradient by ``factor`` in place (used by the ZClip remedy)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if grads:
+        torch._foreach_mul_(grads, factor)
+
+
+__all__ = [
+    "AdamW",
+    "apply_lr",
+    "build_optimizer",
+    "clip_grad_norm",
+    "scale_grads",
+    "schedule_multiplier",
+]

@@ -1,0 +1,413 @@
+"""Spike remedies: what the trainer does when the loss or the gradient norm jumps.
+
+Pure logic, no I/O: each remedy looks at numbers the trainer already has and returns an event
+dict ``{"step", "kind", "trigger", "value", "threshold", ...}`` when it acts; the trainer writes
+it with ``record.event(**event)`` and obeys it. Three remedies, one per run (``remedy.kind``):
+
+- :class:`SkipStep` (OLMo-core's SkipStepOptimizer, llm.c's z-score skip): drop the update when
+  the loss or grad norm is a spike. Event kind ``skip_step``: do not call ``optimizer.step()``.
+- :class:`Rollback` (PaLM §5.1, LLM360 K2): on a spike, go back to an in-memory snapshot at least
+  ``rollback_min_age`` steps old and skip the next ``rollback_skip_batches`` batches. Event kind
+  ``rollback``: call :meth:`Rollback.restore` instead of stepping. When no snapshot is old enough
+  or the rollback budget is spent it falls back to a ``skip_step`` event.
+- :class:`ZClip` (Kumar et al. 2025): clip the gradients of outlier steps to an adaptive bound
+  from an EMA of the grad-norm mean and variance. Event kind ``zclip``: the update goes ahead
+  with the clipped gradients.
+
+All of them take plain floats (or 0-dim tensors, read once with ``float``): one host sync per
+step, which the trainer pays anyway to log and watch the loss.
+
+Order in the loop::
+
+    grad_norm = clip_grad_norm(params, 0.0 if zclip else cfg.optim.grad_clip)
+    zclip:     event = zclip.clip(params, grad_norm, step)         # then optimizer.step()
+    skip_step: event = skip.check(step, loss, grad_norm)          # skip optimizer.step() if event
+    rollback:  rollback.maybe_snapshot(step, model, optimizer, data_position, extra)  # step start
+               event = rollback.check(step, loss, grad_norm)
+               if event and event["kind"] == "rollback": restored = rollback.restore(model, opt)
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Iterable, Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from proxy.config import RemedyConfig, RemedyKind
+from proxy.optim import scale_grads
+
+Number = Union[float, int, Tensor]
+
+
+def make_event(step: int, kind: str, trigger: str, value: float, threshold: float,
+               **extra: Any) -> dict[str, Any]:
+    """The record of one action, in the shape ``RunRecord.event(**event)`` takes."""
+    return {"step": int(step), "kind": kind, "trigger": trigger, "value": float(value),
+            "threshold": float(threshold), **extra}
+
+
+# --------------------------------------------------------------------------------------------
+# Spike detection (shared by skip-step and rollback)
+# --------------------------------------------------------------------------------------------
+@dataclass
+class Spike:
+    trigger: str  # "loss" | "grad_norm"
+    value: float
+    threshold: float  # mean + sigma * std of the window; nan when too little history
+
+
+class SpikeDetector:
+    """One-sided rolling z-score test on the loss and on the grad norm.
+
+    A value is a spike when it exceeds ``mean + sigma * std`` (population std) of the last
+    ``window`` *accepted* values of its series, once ``min_history`` values are in. A non-finite
+    value is always a spike, history or not: it is the largest spike there is. Spikes are not
+    added to the history, so one bad step cannot raise the bar for the next.
+    """
+
+    SERIES = ("loss", "grad_norm")
+
+    def __init__(self, sigma: float = 6.0, window: int = 128, min_history: int = 20):
+        if sigma <= 0 or window < 2 or not 2 <= min_history <= window:
+            raise ValueError(
+                f"SpikeDetector: need sigma > 0 and 2 <= min_history <= window, got sigma={sigma}, "
+                f"window={window}, min_history={min_history}"
+            )
+        self.sigma, self.window, self.min_history = sigma, window, min_history
+        self.history = {name: deque(maxlen=window) for name in self.SERIES}
+
+    def threshold(self, series: str) -> float:
+        values = self.history[series]
+        if len(values) < self.min_history:
+            return math.nan
+        mean = math.fsum(values) / len(values)
+        var = math.fsum((v - mean) ** 2 for v in values) / len(values)
+        return mean + self.sigma * math.sqrt(var)
+
+    def test(self, loss: Optional[Number], grad_norm: Optional[Number]) -> Optional[Spike]:
+        """The first series (loss, then grad norm) that spikes, or None. Changes nothing."""
+        for series, raw in zip(self.SERIES, (loss, grad_norm)):
+            if raw is None:
+                continue
+            value = float(raw)
+            bar = self.threshold(series)
+            if not math.isfinite(value) or value > bar:  # nan bar (no history): only non-finite
+                return Spike(series, value, bar)
+        return None
+
+    def accept(self, loss: Optional[Number], grad_norm: Optional[Number]) -> None:
+        for series, raw in zip(self.SERIES, (loss, grad_norm)):
+            if raw is not None:
+                self.history[series].append(float(raw))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {name: list(values) for name, values in self.history.items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for name in self.SERIES:
+            self.history[name] = deque(state.get(name, []), maxlen=self.window)
+
+
+def _detector(cfg: RemedyConfig) -> SpikeDetector:
+    return SpikeDetector(cfg.spike_sigma, cfg.spike_window, cfg.spike_min_history)
+
+
+# --------------------------------------------------------------------------------------------
+# Skip-step
+# --------------------------------------------------------------------------------------------
+class SkipStep:
+    """Skip the optimizer update on a spike (OLMo-core SkipStepOptimizer: 6 sigma over 128).
+
+    The skipped step still counts: the schedule and the data move on, the weights and the
+    optimizer state (moments, step count) stay as they were.
+    """
+
+    def __init__(self, cfg: RemedyConfig):
+        self.detector = _detector(cfg)
+        self.skipped = 0
+
+    def check(self, step: int, loss: Optional[Number],
+              grad_norm: Optional[Number]) -> Optional[dict]:
+        """A ``skip_step`` event if this step must not be applied; else None (and remember it)."""
+        spike = self.detector.test(loss, grad_norm)
+        if spike is None:
+            self.detector.accept(loss, grad_norm)
+            return None
+        self.skipped += 1
+        return make_event(step, "skip_step", spike.trigger, spike.value, spike.threshold,
+                          skipped=self.skipped)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"detector": self.detector.state_dict(), "skipped": self.skipped}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.detector.load_state_dict(state["detector"])
+        self.skipped = int(state["skipped"])
+
+
+# --------------------------------------------------------------------------------------------
+# Rollback and skip data
+# --------------------------------------------------------------------------------------------
+@dataclass
+class Snapshot:
+    """Everything the loop needs to redo training from the *start* of ``step``."""
+
+    step: int
+    model: dict[str, Tensor]
+    optimizer: dict[str, Any]
+    data_position: int  # index of the next train batch
+    rng: dict[str, Any]
+    extra: Any
+
+
+@dataclass
+class Restored:
+    """What :meth:`Rollback.restore` hands back: continue the loop at ``step`` reading batch
+    ``data_position``; ``extra_state`` is the caller's own state as it was at the snapshot."""
+
+    step: int
+    data_position: int
+    extra_state: Any
+
+
+class Rollback:
+    """PaLM-style rollback: restore an earlier state and skip the batches around the spike.
+
+    Semantics, with e = ``rollback_every``, R = ``rollback_min_age``, S = ``rollback_skip_batches``:
+
+    - ``maybe_snapshot(step, ...)`` at the start of every step (before the batch is drawn) copies
+      the model, optimizer, data position, the global RNGs and ``extra_state`` to CPU when
+      ``step % e == 0``; the last ``rollback_keep`` snapshots are kept.
+    - ``check(step, loss, grad_norm)`` after the backward pass: on a spike it picks the newest
+      snapshot from step <= step - R and returns a ``rollback`` event; the step must not be applied.
+      Without such a snapshot, or after ``rollback_max`` rollbacks, it returns ``skip_step``.
+    - ``restore(model, optimizer)`` copies the snapshot back (bitwise; the same tensors are kept,
+      so references to the parameters stay valid), drops the newer snapshots, and returns the
+      snapshot's step and its data position + S. Rolling back to the same snapshot again skips a
+      further S batches, so the same batches are never replayed.
+    """
+
+    def __init__(self, cfg: RemedyConfig):
+        self.every, self.min_age = cfg.rollback_every, cfg.rollback_min_age
+        self.skip_batches, self.max_rollbacks = cfg.rollback_skip_batches, cfg.rollback_max
+        self.detector = _detector(cfg)
+        self.snapshots: deque[Snapshot] = deque(maxlen=cfg.rollback_keep)
+        self.rollbacks = 0
+        self.skipped = 0
+        self._pending: Optional[Snapshot] = None
+
+    def maybe_snapshot(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+                       data_position: int, extra_state: Any = None) -> bool:
+        """Snapshot the state at the start of ``step`` if it is due; True when one was taken."""
+        if step % self.every or (self.snapshots and self.snapshots[-1].step >= step):
+            return False  # not due, or already held (the loop came back here after a restore)
+        self.snapshots.append(Snapshot(
+            step=step,
+            model=_copy_tensors(model.state_dict(), "cpu"),
+            optimizer=_copy_tensors(optimizer.state_dict(), "cpu"),
+            data_position=int(data_position),
+            rng=_rng_state(),
+            extra=copy.deepcopy(extra_state),
+        ))
+        return True
+
+    def check(self, step: int, loss: Optional[Number],
+              grad_norm: Optional[Number]) -> Optional[dict]:
+        """A ``rollback`` event (then call :meth:`restore`), a ``skip_step`` event, or None."""
+        spike = self.detector.test(loss, grad_norm)
+        if spike is None:
+            self.detector.accept(loss, grad_norm)
+            return None
+        target = next((s for s in reversed(self.snapshots) if s.step <= step - self.min_age), None)
+        if target is None or self.rollbacks >= self.max_rollbacks:
+            self.skipped += 1
+            reason = "no snapshot old enough" if target is None else "rollback budget spent"
+            return make_event(step, "skip_step", spike.trigger, spike.value, spike.threshold,
+                              reason=reason)
+        self._pending = target
+        return make_event(step, "rollback", spike.trigger, spike.value, spike.threshold,
+                          restore_step=target.step,
+                          data_position=target.data_position + self.skip_batches,
+                          rollbacks=self.rollbacks + 1)
+
+    def restore(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> Restored:
+        """Put the snapshot chosen by the last ``rollback`` event back into model and optimizer."""
+        if self._pending is None:
+            raise RuntimeError("Rollback.restore: nothing to restore; check() gave no rollback")
+        snap, self._pending = self._pending, None
+        model.load_state_dict(snap.model)  # copy_ into the live tensors
+        # load_state_dict may alias same-device tensors: hand it copies, keep the snapshot intact
+        optimizer.load_state_dict(_copy_tensors(snap.optimizer, "cpu"))
+        _set_rng_state(snap.rng)
+        while self.snapshots and self.snapshots[-1].step > snap.step:
+            self.snapshots.pop()  # taken on the abandoned trajectory
+        snap.data_position += self.skip_batches
+        self.rollbacks += 1
+        return Restored(step=snap.step, data_position=snap.data_position,
+                        extra_state=copy.deepcopy(snap.extra))
+
+    def state_dict(self) -> dict[str, Any]:
+        """Counters and detector history for a checkpoint; snapshots live in memory only."""
+        return {"detector": self.detector.state_dict(), "rollbacks": self.rollbacks,
+                "skipped": self.skipped}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.detector.load_state_dict(state["detector"])
+        self.rollbacks, self.skipped = int(state["rollbacks"]), int(state["skipped"])
+
+
+def _copy_tensors(obj: Any, device: str) -> Any:
+    """A deep copy of a (nested) state dict with every tensor cloned onto ``device``."""
+    if isinstance(obj, Tensor):
+        return obj.detach().to(device, copy=True)
+    if isinstance(obj, dict):
+        return {k: _copy_tensors(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_copy_tensors(v, device) for v in obj)
+    return copy.deepcopy(obj)
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    try:
+        import numpy as np
+
+        state["numpy"] = np.random.get_state()
+    except ImportError:  # numpy is a dependency, but the RNG it guards is optional
+        pass
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state:
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if "numpy" in state:
+        import numpy as np
+
+        np.random.set_state(state["numpy"])
+
+
+# --------------------------------------------------------------------------------------------
+# ZClip
+# --------------------------------------------------------------------------------------------
+class ZClip:
+    """Z-score adaptive gradient clipping (Kumar et al. 2025, arXiv 2504.02507).
+
+    Keeps an exponential moving average of the grad norm's mean ``mu`` and variance ``var``
+    (weight ``alpha`` on the past), started from the plain mean and variance of the first
+    ``warmup_steps`` norms. With ``z = (g - mu) / (std + eps)``, a step with ``z > z_threshold``
+    is clipped to the paper's reciprocal bound::
+
+        g* = mu + (z_threshold**2 / z) * std        (= mu + z_threshold * std at z = z_threshold)
+
+    so the further out the spike, the harder the clip, and the bound is continuous at the
+    threshold. The statistics are then updated with ``g*``, not ``g``, so a spike does not
+    inflate the bound for the steps after it. ``max_norm`` > 0 is a fixed cap applied on top
+    (``optim.grad_clip``), also during warmup. A non-finite norm is left alone (no statistics
+    update, no event): clipping cannot repair it, and the trainer's divergence check sees it.
+    """
+
+    def __init__(self, alpha: float = 0.97, z_threshold: float = 2.5, warmup_steps: int = 25,
+                 max_norm: float = 0.0, eps: float = 1e-6):
+        if not 0.0 < alpha < 1.0 or z_threshold <= 0 or warmup_steps < 0 or max_norm < 0:
+            raise ValueError(
+                "ZClip: need 0 < alpha < 1, z_threshold > 0, warmup_steps >= 0, max_norm >= 0; "
+                f"got alpha={alpha}, z_threshold={z_threshold}, warmup_steps={warmup_steps}, "
+                f"max_norm={max_norm}"
+            )
+        self.alpha, self.z_threshold, self.warmup_steps = alpha, z_threshold, warmup_steps
+        self.max_norm, self.eps = max_norm, eps
+        self.warmup_norms: list[float] = []
+        self.mean: Optional[float] = None
+        self.var: Optional[float] = None
+
+    @classmethod
+    def from_config(cls, cfg: RemedyConfig, max_norm: float = 0.0) -> "ZClip":
+        return cls(cfg.zclip_alpha, cfg.zclip_z, cfg.zclip_warmup, max_norm)
+
+    def clip(self, params: Iterable[Tensor], grad_norm: Number, step: int) -> Optional[dict]:
+        """Clip the gradients of ``params`` (whose global norm is ``grad_norm``) if needed.
+
+        Returns a ``zclip`` event when the z-score test fired (not for the fixed cap alone).
+        """
+        norm = float(grad_norm)
+        if not math.isfinite(norm):
+            return None
+        event, target = None, norm
+        if self.mean is None:
+            self._warm_up(norm)
+        else:
+            std = math.sqrt(self.var)
+            z = (norm - self.mean) / (std + self.eps)
+            if z > self.z_threshold:
+                target = self.mean + (self.z_threshold ** 2 / z) * std
+                event = make_event(step, "zclip", "grad_norm", norm,
+                                   self.mean + self.z_threshold * std, z=z, clipped_to=target)
+            self._update(target)
+        bound = min(target, self.max_norm) if self.max_norm > 0 else target
+        if bound < norm:
+            scale_grads(params, bound / norm)
+        return event
+
+    def _warm_up(self, norm: float) -> None:
+        self.warmup_norms.append(norm)
+        if len(self.warmup_norms) >= max(1, self.warmup_steps):
+            n = len(self.warmup_norms)
+            self.mean = math.fsum(self.warmup_norms) / n
+            self.var = math.fsum((v - self.mean) ** 2 for v in self.warmup_norms) / n
+            self.warmup_norms = []
+
+    def _update(self, norm: float) -> None:
+        # exponentially weighted mean and variance, updated together (Finch 2009)
+        diff = norm - self.mean
+        self.mean += (1 - self.alpha) * diff
+        self.var = self.alpha * (self.var + (1 - self.alpha) * diff * diff)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"warmup_norms": list(self.warmup_norms), "mean": self.mean, "var": self.var}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.warmup_norms = list(state["warmup_norms"])
+        self.mean, self.var = state["mean"], state["var"]
+
+
+# --------------------------------------------------------------------------------------------
+# Factory
+# --------------------------------------------------------------------------------------------
+Remedy = Union[SkipStep, Rollback, ZClip]
+
+
+def build_remedy(cfg: RemedyConfig, grad_clip: float = 0.0) -> Optional[Remedy]:
+    """The remedy ``cfg.kind`` names, or None. ``grad_clip`` is ZClip's fixed cap."""
+    kind = RemedyKind(cfg.kind)
+    if kind == RemedyKind.skip_step:
+        return SkipStep(cfg)
+    if kind == RemedyKind.rollback:
+        return Rollback(cfg)
+    if kind == RemedyKind.zclip:
+        return ZClip.from_config(cfg, max_norm=grad_clip)
+    return None
+
+
+__all__ = [
+    "Remedy",
+    "Restored",
+    "Rollback",
+    "SkipStep",
+    "Snapshot",
+    "Spike",
+    "SpikeDetector",
+    "ZClip",
+    "build_remedy",
+    "make_event",
+]

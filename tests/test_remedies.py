@@ -1,0 +1,235 @@
+"""proxy/remedies.py: skip-step, rollback-and-skip, ZClip on constructed series."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+from torch import nn
+
+from proxy.config import ConfigError, RemedyConfig, RemedyKind, to_config
+from proxy.optim import AdamW, clip_grad_norm
+from proxy.remedies import Rollback, SkipStep, SpikeDetector, ZClip, build_remedy
+
+# A series with mean 1.05 and population std 0.05: the 6-sigma bar is exactly 1.35.
+STEADY = [1.0, 1.1] * 10
+
+
+def detector_cfg(**kw) -> RemedyConfig:
+    return RemedyConfig(**{"spike_sigma": 6.0, "spike_window": 20, "spike_min_history": 10, **kw})
+
+
+# --------------------------------------------------------------------------------------------
+# Skip-step
+# --------------------------------------------------------------------------------------------
+def test_skip_step_fires_exactly_above_the_bar_and_keeps_spikes_out_of_history():
+    skip = SkipStep(detector_cfg())
+    for step, loss in enumerate(STEADY):
+        assert skip.check(step, loss, 1.0) is None
+    assert skip.detector.threshold("loss") == pytest.approx(1.35)
+
+    event = skip.check(20, 1.36, 1.0)
+    assert event == {"step": 20, "kind": "skip_step", "trigger": "loss", "value": 1.36,
+                     "threshold": pytest.approx(1.35), "skipped": 1}
+    assert list(skip.detector.history["loss"]) == STEADY  # the spike did not enter
+
+    assert skip.check(21, 1.34, 1.0) is None  # just under the bar: applied, remembered
+    assert skip.detector.history["loss"][-1] == 1.34
+
+
+def test_skip_step_watches_the_grad_norm_too():
+    skip = SkipStep(detector_cfg())
+    for step, norm in enumerate(STEADY):
+        assert skip.check(step, 2.0, norm) is None
+    event = skip.check(20, 2.0, 1.5)
+    assert event["trigger"] == "grad_norm" and event["value"] == 1.5
+    assert event["threshold"] == pytest.approx(1.35)
+
+
+def test_skip_step_waits_for_history_but_always_skips_non_finite_values():
+    skip = SkipStep(detector_cfg())
+    for step in range(9):  # one short of min_history: a huge loss passes
+        assert skip.check(step, 100.0 if step == 5 else 1.0, 1.0) is None
+    event = skip.check(9, float("nan"), 1.0)
+    assert event["trigger"] == "loss" and math.isnan(event["value"])
+    assert math.isnan(event["threshold"])  # no bar yet
+    assert skip.check(10, 1.0, float("inf"))["trigger"] == "grad_norm"
+
+
+def test_detector_window_forgets_old_values_and_state_round_trips():
+    det = SpikeDetector(sigma=3.0, window=4, min_history=2)
+    for v in (100.0, 100.0, 1.0, 1.0, 1.0, 1.0):
+        det.accept(v, None)
+    assert list(det.history["loss"]) == [1.0] * 4
+    assert det.test(1.01, None) is not None  # std 0: anything above the mean is a spike
+    clone = SpikeDetector(sigma=3.0, window=4, min_history=2)
+    clone.load_state_dict(det.state_dict())
+    assert clone.threshold("loss") == det.threshold("loss") == 1.0
+
+
+# --------------------------------------------------------------------------------------------
+# Rollback
+# --------------------------------------------------------------------------------------------
+def rollback_cfg(**kw) -> RemedyConfig:
+    return detector_cfg(**{"rollback_every": 5, "rollback_keep": 3, "rollback_min_age": 5,
+                           "rollback_skip_batches": 7, "rollback_max": 2, **kw})
+
+
+def train_step(model: nn.Module, opt: torch.optim.Optimizer, position: int) -> None:
+    """One update on a batch that depends only on the data position, plus RNG use."""
+    gen = torch.Generator().manual_seed(position)
+    x = torch.randn(8, 4, generator=gen)
+    noise = torch.rand(()).item() + random.random()  # both global RNGs move on
+    loss = (model(x) - x.sum(-1, keepdim=True)).pow(2).mean() + 1e-3 * noise
+    loss.backward()
+    clip_grad_norm(model.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad()
+
+
+def state_copy(model: nn.Module, opt: torch.optim.Optimizer) -> dict:
+    return {
+        "params": [p.detach().clone() for p in model.parameters()],
+        "moments": [(opt.state[p]["exp_avg"].clone(), opt.state[p]["exp_avg_sq"].clone(),
+                     opt.state[p]["step"]) for p in model.parameters()],
+        "rng": torch.get_rng_state(),
+        "py_rng": random.getstate(),
+    }
+
+
+def assert_same_state(model: nn.Module, opt: torch.optim.Optimizer, saved: dict) -> None:
+    for p, q in zip(model.parameters(), saved["params"]):
+        assert torch.equal(p, q)
+    for p, (m, v, s) in zip(model.parameters(), saved["moments"]):
+        assert torch.equal(opt.state[p]["exp_avg"], m)
+        assert torch.equal(opt.state[p]["exp_avg_sq"], v)
+        assert opt.state[p]["step"] == s
+    assert torch.equal(torch.get_rng_state(), saved["rng"])
+    assert random.getstate() == saved["py_rng"]
+
+
+def test_rollback_restores_the_exact_earlier_state_and_skips_batches():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.Linear(6, 1))
+    opt = AdamW(model.parameters(), lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
+    rb = Rollback(rollback_cfg())
+    position, at_step_5 = 0, None
+    for step in range(12):
+        took = rb.maybe_snapshot(step, model, opt, position, extra_state={"tokens": 32 * step})
+        assert took == (step % 5 == 0)
+        if step == 5:
+            at_step_5 = state_copy(model, opt)
+        train_step(model, opt, position)
+        position += 1
+        assert rb.check(step, STEADY[step], 1.0) is None
+    assert [s.step for s in rb.snapshots] == [0, 5, 10]
+
+    # step 12 spikes: the newest snapshot from step <= 12 - 5 is the one taken at step 5
+    event = rb.check(12, 50.0, 1.0)
+    assert event["kind"] == "rollback" and event["trigger"] == "loss"
+    assert event["restore_step"] == 5 and event["data_position"] == 5 + 7
+    restored = rb.restore(model, opt)
+    assert (restored.step, restored.data_position) == (5, 12)
+    assert restored.extra_state == {"tokens": 160}
+    assert_same_state(model, opt, at_step_5)  # bitwise: weights, moments, step counts, RNG
+    assert [s.step for s in rb.snapshots] == [0, 5]  # the abandoned trajectory's snapshot is gone
+
+    # the snapshot itself was not changed by the restore or by training on from it
+    train_step(model, opt, restored.data_position)
+    assert torch.equal(rb.snapshots[-1].model["0.weight"], at_step_5["params"][0])
+    assert not rb.maybe_snapshot(5, model, opt, 99)  # already held
+
+    # a second rollback to the same snapshot skips a further S batches: nothing is replayed
+    event = rb.check(11, 50.0, 1.0)
+    assert event["restore_step"] == 5 and event["data_position"] == 19
+    assert rb.restore(model, opt).data_position == 19
+    assert_same_state(model, opt, at_step_5)
+
+    # the budget (rollback_max=2) is spent: a spike now only skips the step
+    event = rb.check(12, 50.0, 1.0)
+    assert event["kind"] == "skip_step" and event["reason"] == "rollback budget spent"
+    with pytest.raises(RuntimeError, match="nothing to restore"):
+        rb.restore(model, opt)
+
+
+def test_rollback_without_an_old_enough_snapshot_skips_the_step():
+    model = nn.Linear(2, 1)
+    opt = AdamW(model.parameters(), lr=1e-3)
+    rb = Rollback(rollback_cfg(spike_min_history=2))
+    for step in range(3):
+        rb.maybe_snapshot(step, model, opt, step)
+        assert rb.check(step, 1.0 + 0.1 * (step % 2), 1.0) is None
+    event = rb.check(3, float("inf"), 1.0)  # only the step-0 snapshot, 3 < min_age steps back
+    assert event["kind"] == "skip_step" and event["reason"] == "no snapshot old enough"
+
+
+# --------------------------------------------------------------------------------------------
+# ZClip
+# --------------------------------------------------------------------------------------------
+def param_with_grad_norm(norm: float) -> nn.Parameter:
+    p = nn.Parameter(torch.zeros(2, dtype=torch.float64))
+    p.grad = torch.tensor([0.6, 0.8], dtype=torch.float64) * norm
+    return p
+
+
+def test_zclip_clips_only_outliers_to_the_reciprocal_bound():
+    zclip = ZClip(alpha=0.9, z_threshold=2.5, warmup_steps=10)
+    for step, norm in enumerate(STEADY[:10]):  # warm-up: statistics only, grads untouched
+        p = param_with_grad_norm(norm)
+        assert zclip.clip([p], norm, step) is None
+        assert p.grad.norm().item() == pytest.approx(norm)
+    assert (zclip.mean, zclip.var) == (pytest.approx(1.05), pytest.approx(0.0025))
+
+    p = param_with_grad_norm(1.1)  # z = 1: an ordinary step
+    assert zclip.clip([p], 1.1, 10) is None
+    assert p.grad.norm().item() == pytest.approx(1.1)
+
+    mean, std = zclip.mean, math.sqrt(zclip.var)
+    p = param_with_grad_norm(3.0)
+    event = zclip.clip([p], 3.0, 11)
+    z = (3.0 - mean) / (std + 1e-6)
+    bound = mean + 2.5**2 / z * std
+    assert event["kind"] == "zclip" and event["trigger"] == "grad_norm" and event["step"] == 11
+    assert event["z"] == pytest.approx(z) and event["threshold"] == pytest.approx(mean + 2.5 * std)
+    assert event["clipped_to"] == pytest.approx(bound)
+    assert mean < bound < mean + 2.5 * std  # past the threshold the reciprocal bound tightens
+    assert p.grad.norm().item() == pytest.approx(bound)
+    assert p.grad.tolist() == pytest.approx([0.6 * bound, 0.8 * bound])  # direction kept
+    # the statistics took in the clipped norm, not the spike
+    assert zclip.mean == pytest.approx(0.9 * mean + 0.1 * bound)
+
+
+def test_zclip_hard_cap_applies_during_warmup_and_non_finite_norms_are_left_alone():
+    zclip = ZClip(warmup_steps=5, max_norm=1.0)
+    p = param_with_grad_norm(4.0)
+    assert zclip.clip([p], 4.0, 0) is None  # capped, but not a z-score event
+    assert p.grad.norm().item() == pytest.approx(1.0)
+    p = param_with_grad_norm(1.0)
+    p.grad[0] = float("nan")
+    assert zclip.clip([p], float("nan"), 1) is None
+    assert zclip.warmup_norms == [4.0]
+
+    clone = ZClip(warmup_steps=5, max_norm=1.0)
+    clone.load_state_dict(zclip.state_dict())
+    assert clone.state_dict() == zclip.state_dict()
+
+
+# --------------------------------------------------------------------------------------------
+# Config and factory
+# --------------------------------------------------------------------------------------------
+def test_build_remedy_and_config_checks():
+    assert build_remedy(RemedyConfig()) is None
+    assert isinstance(build_remedy(RemedyConfig(kind=RemedyKind.skip_step)), SkipStep)
+    assert isinstance(build_remedy(RemedyConfig(kind=RemedyKind.rollback)), Rollback)
+    zclip = build_remedy(RemedyConfig(kind=RemedyKind.zclip, zclip_z=3.0), grad_clip=1.0)
+    assert isinstance(zclip, ZClip) and zclip.max_norm == 1.0 and zclip.z_threshold == 3.0
+
+    assert to_config({"remedy": {"kind": "rollback"}}).remedy.kind == RemedyKind.rollback
+    with pytest.raises(ConfigError, match="remedy.rollback_min_age=60"):
+        to_config({"remedy": {"rollback_every": 20, "rollback_keep": 3, "rollback_min_age": 60}})
+    with pytest.raises(ConfigError, match="remedy.zclip_alpha"):
+        to_config({"remedy": {"zclip_alpha": 1.0}})
+    with pytest.raises(ConfigError, match="remedy.kind"):
+        to_config({"remedy": {"kind": "restart"}})
