@@ -15,6 +15,8 @@ Otherwise it falls back to the reference, so a CPU run never needs Triton at imp
 from __future__ import annotations
 
 import os
+import sys
+import types
 from typing import Optional
 
 from torch import Tensor
@@ -77,3 +79,21 @@ def linear_cross_entropy(
     return reference.linear_cross_entropy(
         hidden, weight, labels, z_loss=z_loss, ignore_index=ignore_index, chunk_size=chunk_size
     )
+
+
+class _Package(types.ModuleType):
+    """Keeps ``kernels.attention`` and ``kernels.cross_entropy`` the dispatch functions above.
+
+    Importing the submodule kernels/attention.py (as the Triton path does) makes Python bind it
+    as the package attribute ``kernels.attention``, shadowing the function of the same name for
+    every later caller ("'module' object is not callable"). The submodules stay importable with
+    ``from kernels.attention import flash_attention``.
+    """
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if isinstance(value, types.ModuleType) and callable(self.__dict__.get(name)):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
