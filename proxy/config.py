@@ -81,10 +81,27 @@ class Cooldown(str, Enum):
     sqrt = "sqrt"  # 1 - sqrt(progress)
 
 
+class RemedyKind(str, Enum):
+    none = "none"
+    skip_step = "skip_step"  # skip the update on a loss / grad-norm spike (OLMo-core, llm.c)
+    rollback = "rollback"  # restore an earlier in-memory snapshot, skip batches (PaLM)
+    zclip = "zclip"  # z-score adaptive gradient clipping (Kumar et al. 2025)
+
+
 class DataSource(str, Enum):
     synthetic = "synthetic"
     memmap = "memmap"
     text = "text"
+
+
+class SpanSource(str, Enum):
+    random = "random"  # distinct random tokens
+    data = "data"  # a span taken from the same row
+
+
+class FilterMode(str, Enum):
+    mask = "mask"  # labels of the repeated stretch set to ignore_index (OLMo 2's loader)
+    drop = "drop"  # the row replaced by a fresh draw (masked whole if that is dirty too)
 
 
 class WandbMode(str, Enum):
@@ -152,16 +169,67 @@ class ScheduleConfig:
 
 
 @dataclass
+class RemedyConfig:
+    """What the trainer does about a spike (proxy/remedies.py). One remedy per run."""
+
+    kind: RemedyKind = RemedyKind.none
+    # spike detector shared by skip_step and rollback: value > mean + sigma * std of the last
+    # `window` accepted steps, once `min_history` steps are in (OLMo-core: 6 sigma, 128 steps)
+    spike_sigma: float = 6.0
+    spike_window: int = 128
+    spike_min_history: int = 20
+    # rollback: an in-memory snapshot every `rollback_every` steps, the last `rollback_keep` kept;
+    # a spike at step t restores the newest snapshot from step <= t - rollback_min_age and skips
+    # `rollback_skip_batches` batches of data; at most `rollback_max` rollbacks per run
+    rollback_every: int = 25
+    rollback_keep: int = 3
+    rollback_min_age: int = 25
+    rollback_skip_batches: int = 50
+    rollback_max: int = 5
+    # zclip: EMA (alpha) of grad-norm mean and variance, clip when z > zclip_z after
+    # zclip_warmup steps; optim.grad_clip stays on as a hard cap
+    zclip_alpha: float = 0.97
+    zclip_z: float = 2.5
+    zclip_warmup: int = 25
+
+
+@dataclass
 class SyntheticConfig:
-    """A seeded stochastic language (see proxy/data.py for the generative process)."""
+    """A seeded Zipfian sparse HMM (proxy/data.py). At these defaults: unigram entropy 5.36,
+    bigram 3.58, Bayes-optimal loss 3.12 nats/token (``python -m proxy.data`` prints them)."""
 
     seed: int = 1234
     vocab_size: int = 512
-    n_states: int = 64  # hidden states of the HMM-like source
-    zipf_exponent: float = 1.1
+    n_states: int = 64  # hidden states
+    zipf_exponent: float = 1.5  # emission and transition weights ~ rank^-zipf_exponent
     emissions_per_state: int = 24  # sparse support of each state's emission distribution
-    transitions_per_state: int = 6  # sparse support of each state's transition distribution
-    copy_prob: float = 0.1  # chance that a document repeats a recent span (in-context structure)
+    transitions_per_state: int = 4  # sparse support of each state's transition distribution
+
+
+@dataclass
+class InjectionConfig:
+    """Plant runs of a repeated n-gram in train batches (OLMo 2: documents with 32+ repeats of a
+    1-13 token n-gram cause grad-norm spikes). Applied at steps [start_step, end_step)."""
+
+    enabled: bool = False
+    min_period: int = 1  # n-gram length range
+    max_period: int = 13
+    repeats: int = 32  # copies per planted run (periods whose run does not fit seq_len+1 are skipped)
+    fraction: float = 0.1  # chance that a train row gets a run
+    start_step: Optional[int] = None  # None: from the start
+    end_step: Optional[int] = None  # None: to the end
+    span: SpanSource = SpanSource.random
+
+
+@dataclass
+class NgramFilterConfig:
+    """Find runs of min_repeats+ copies of a min_period..max_period token span in train batches."""
+
+    enabled: bool = False
+    mode: FilterMode = FilterMode.mask
+    min_period: int = 1
+    max_period: int = 13
+    min_repeats: int = 32
 
 
 @dataclass
@@ -169,9 +237,13 @@ class DataConfig:
     source: DataSource = DataSource.synthetic
     path: Optional[str] = None  # memmap: a .bin file (or folder with train.bin/val.bin); text: a .txt/folder
     dtype: str = "uint16"  # memmap token dtype: uint16 | uint32
-    tokenizer: str = "byte"  # text: byte | path to a tokenizers json
+    tokenizer: str = "byte"  # text: byte | bpe (trained at load) | path to a tokenizers json
+    bpe_vocab_size: int = 4096  # text with tokenizer=bpe
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     val_fraction: float = 0.05  # memmap/text without a val file: tail held out for validation
+    seed: int = 0  # the batch stream: batch i of a split is a pure function of (seed, split, i)
+    inject: InjectionConfig = field(default_factory=InjectionConfig)
+    ngram_filter: NgramFilterConfig = field(default_factory=NgramFilterConfig)
 
 
 @dataclass
@@ -211,6 +283,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    remedy: RemedyConfig = field(default_factory=RemedyConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
@@ -235,6 +308,29 @@ def _positive(value: float, key: str, allow_zero: bool = False) -> None:
     if value < 0 or (value == 0 and not allow_zero):
         bound = ">= 0" if allow_zero else "> 0"
         raise ConfigError(f"{key}={value} must be {bound}")
+
+
+def _validate_remedy(r: RemedyConfig) -> None:
+    _positive(r.spike_sigma, "remedy.spike_sigma")
+    for key in ("spike_window", "spike_min_history", "rollback_every", "rollback_keep"):
+        _positive(getattr(r, key), f"remedy.{key}")
+    for key in ("rollback_min_age", "rollback_skip_batches", "rollback_max", "zclip_warmup"):
+        _positive(getattr(r, key), f"remedy.{key}", allow_zero=True)
+    if not 2 <= r.spike_min_history <= r.spike_window:
+        raise ConfigError(
+            f"remedy.spike_min_history={r.spike_min_history} must be in "
+            f"[2, remedy.spike_window={r.spike_window}]"
+        )
+    # right after a snapshot the oldest kept one is (keep - 1) * every steps back
+    reach = (r.rollback_keep - 1) * r.rollback_every
+    if reach < r.rollback_min_age:
+        raise ConfigError(
+            f"remedy.rollback_min_age={r.rollback_min_age} exceeds (rollback_keep - 1) x "
+            f"rollback_every = {reach}: no kept snapshot would be old enough"
+        )
+    if not 0.0 < r.zclip_alpha < 1.0:
+        raise ConfigError(f"remedy.zclip_alpha={r.zclip_alpha} must be in (0, 1)")
+    _positive(r.zclip_z, "remedy.zclip_z")
 
 
 def validate(cfg: Config) -> Config:
@@ -266,6 +362,7 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"schedule.min_lr_ratio={s.min_lr_ratio} must be in [0, 1]")
     if not 0.0 < s.decay_fraction <= 1.0:
         raise ConfigError(f"schedule.decay_fraction={s.decay_fraction} must be in (0, 1]")
+    _validate_remedy(cfg.remedy)
     for key in ("steps", "batch_size", "seq_len", "log_every", "eval_every", "eval_batches"):
         _positive(getattr(t, key), f"train.{key}")
     if t.seq_len > m.max_seq_len:
@@ -332,6 +429,10 @@ __all__ = [
     "ConfigError",
     "DataConfig",
     "DataSource",
+    "FilterMode",
+    "InjectionConfig",
+    "NgramFilterConfig",
+    "SpanSource",
     "Init",
     "LossConfig",
     "LossImpl",
@@ -342,6 +443,8 @@ __all__ = [
     "NormPosition",
     "OptimConfig",
     "QKNorm",
+    "RemedyConfig",
+    "RemedyKind",
     "Schedule",
     "ScheduleConfig",
     "SyntheticConfig",

@@ -1,0 +1,35 @@
+"""Bad configuration fails before any training, with one line that names the key."""
+
+import pytest
+from omegaconf import OmegaConf
+
+from proxy.config import Config, ConfigError, as_dict, from_dict, to_config
+
+
+def test_defaults_validate_and_round_trip():
+    cfg = to_config(OmegaConf.structured(Config))
+    again = from_dict(as_dict(cfg))
+    assert again == cfg
+    assert as_dict(cfg)["model"]["qk_norm"] == "off"
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ({"model": {"qk_norm": "sometimes"}}, "qk_norm"),
+        ({"model": {"n_layerz": 3}}, "n_layerz"),
+        ({"optim": {"lr": "fast"}}, "optim.lr"),
+        ({"model": {"d_model": 65, "n_heads": 4}}, "model.d_model=65"),
+        ({"optim": {"lr": -1e-3}}, "optim.lr=-0.001"),
+        ({"model": {"init": "xavier"}}, "init"),
+        ({"train": {"seq_len": 4096}}, "train.seq_len=4096"),
+        ({"optim": {"beta2": 1.5}}, "optim.beta2"),
+        ({"data": {"source": "memmap"}}, "data.path"),
+    ],
+)
+def test_bad_values_name_the_key(override, needle):
+    with pytest.raises(ConfigError) as info:
+        to_config(OmegaConf.create(override))
+    message = str(info.value)
+    assert needle in message
+    assert "\n" not in message

@@ -1,0 +1,149 @@
+"""The trainer end to end: learning, divergence as a result, bitwise resume, Hydra runs and sweeps."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from proxy.config import Config, as_dict
+from proxy.records import latest_checkpoint, load_run
+from proxy.train import train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_cfg(**sections) -> dict:
+    cfg = as_dict(Config())
+    cfg["train"].update(steps=20, batch_size=4, seq_len=32, log_every=5, eval_every=10, eval_batches=2,
+                        progress=False)
+    cfg["schedule"]["warmup_steps"] = 5
+    for section, values in sections.items():
+        cfg[section].update(values)
+    return cfg
+
+
+def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "disabled", "HYDRA_FULL_ERROR": ""}
+    return subprocess.run([sys.executable, "-m", "proxy.train", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_run_record_contract(tmp_path):
+    summary = train(tiny_cfg(), tmp_path / "run")
+    assert summary["status"] == "completed"
+    assert summary["steps_completed"] == 20
+    assert summary["tokens"] == 20 * 4 * 32
+    run = load_run(tmp_path / "run")
+    assert run.config["model"]["name"] == "tiny"
+    steps, losses = run.series("train/loss")
+    assert steps == [0, 5, 10, 15, 19]
+    row = run.metrics[1]
+    for key in ("optim/lr", "optim/grad_norm", "train/z_loss", "attn/max_logit/layer_0", "attn/max_logit/layer_1",
+                "output/logit_mean", "output/lse_mean", "perf/tokens_per_s",
+                "grad_rms/blocks.0.mlp.fc_in.weight", "update_rms/blocks.0.mlp.fc_in.weight",
+                "param_norm/embed.weight"):
+        assert key in row, key
+    val_steps, _ = run.series("val/loss")
+    assert val_steps == [0, 10, 20]
+    assert summary["loss_at_init"] == run.series("val/loss")[1][0]
+    ckpt = latest_checkpoint(tmp_path / "run")
+    state = torch.load(ckpt, weights_only=True)
+    assert state["step"] == 20
+
+
+@pytest.mark.slow
+def test_tiny_model_learns_beyond_unigram(tmp_path):
+    """A few hundred steps take the val loss well below the unigram entropy of the synthetic source."""
+    cfg = tiny_cfg(train=dict(steps=300, batch_size=16, seq_len=64, eval_every=300, log_every=50),
+                   optim=dict(lr=1e-2), schedule=dict(warmup_steps=30))
+    summary = train(cfg, tmp_path / "run")
+    info = summary["data"]
+    unigram, optimal = info["unigram_entropy"], info["optimal_loss"]
+    assert summary["status"] == "completed"
+    # closes at least half of the gap between unigram statistics and the Bayes-optimal loss
+    assert summary["final_val_loss"] < unigram - 0.5 * (unigram - optimal), (summary["final_val_loss"], info)
+
+
+def test_huge_lr_diverges_cleanly_with_exit_zero(tmp_path):
+    result = cli("optim.lr=1e4", "optim.grad_clip=0", "schedule.warmup_steps=0", "train.steps=40",
+                 "train.batch_size=4", "train.seq_len=32", "train.eval_every=20", "train.eval_batches=1",
+                 "train.progress=false", f"out_dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "diverged"
+    assert summary["diverged_at_step"] is not None and summary["diverged_at_step"] < 40
+    assert load_run(tmp_path / "run").events[0]["event"] == "diverged"
+
+
+def test_resume_is_bitwise_identical(tmp_path):
+    full = train(tiny_cfg(train=dict(ckpt_every=0)), tmp_path / "full")
+    part = tiny_cfg(train=dict(steps=20, ckpt_every=10, keep_checkpoints=5))
+    # an interrupted run: stop after the step-10 checkpoint by truncating the plan, then resume
+    train(tiny_cfg(train=dict(steps=20, ckpt_every=10, keep_checkpoints=5)), tmp_path / "resumed")
+    for extra in sorted((tmp_path / "resumed" / "checkpoints").glob("step_*.pt"))[1:]:
+        extra.unlink()  # keep only step 10: the state of a run killed between 10 and 20
+    part["train"]["resume"] = True
+    resumed = train(part, tmp_path / "resumed")
+    assert resumed["status"] == "completed"
+    a, b = load_run(tmp_path / "full"), load_run(tmp_path / "resumed")
+    assert a.series("train/loss") == b.series("train/loss")  # bitwise: floats compared exactly
+    assert a.series("val/loss") == b.series("val/loss")
+    assert full["final_val_loss"] == resumed["final_val_loss"]
+    steps = [row["step"] for row in b.metrics]
+    assert len(steps) == len([row["step"] for row in a.metrics]), "no duplicated rows after resume"
+
+
+def test_cli_single_run_with_overrides(tmp_path):
+    result = cli("model=tiny", "optim.lr=3e-3", "model.qk_norm=layernorm", "train.steps=5",
+                 "train.batch_size=2", "train.seq_len=16", "train.eval_every=5", "train.eval_batches=1",
+                 "train.log_every=1", "hydra.run.dir=" + str(tmp_path / "single"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((tmp_path / "single" / "summary.json").read_text())
+    assert summary["status"] == "completed"
+    assert summary["run_name"] == "model=tiny,optim.lr=3e-3,model.qk_norm=layernorm,train.steps=5,train.batch_size=2," \
+                                  "train.seq_len=16,train.eval_every=5,train.eval_batches=1,train.log_every=1"
+    assert (tmp_path / "single" / ".hydra" / "config.yaml").exists()
+    assert "completed" in result.stdout
+
+
+def test_cli_multirun_two_by_two(tmp_path):
+    result = cli("-m", "optim.lr=1e-3,3e-2", "model.qk_norm=off,layernorm", "train.steps=4",
+                 "train.batch_size=2", "train.seq_len=16", "train.eval_every=4", "train.eval_batches=1",
+                 "train.progress=false", "hydra.sweep.dir=" + str(tmp_path / "sweep"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    summaries = [json.loads(p.read_text()) for p in sorted((tmp_path / "sweep").glob("*/summary.json"))]
+    assert len(summaries) == 4
+    assert {s["status"] for s in summaries} == {"completed"}
+    assert {s["sweep_id"] for s in summaries} == {"sweep"}
+    assert {s["lr"] for s in summaries} == {1e-3, 3e-2}
+    assert len({s["run_name"] for s in summaries}) == 4
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("model.qk_norm=sometimes", "qk_norm"),
+        ("model.n_layerz=3", "n_layerz"),
+        ("model.d_model=66", "model.d_model=66"),
+        ("optim.lr=-1", "optim.lr"),
+        ("model=huge", "model"),
+    ],
+)
+def test_cli_bad_config_is_one_clear_line(tmp_path, override, needle):
+    result = cli(override, "train.steps=2", cwd=tmp_path)
+    assert result.returncode == 2
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error:") and needle in lines[0]
+    assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").rglob("metrics.jsonl"))
+
+
+def test_cli_missing_data_file_is_one_clear_line(tmp_path):
+    result = cli("data.source=memmap", f"data.path={tmp_path / 'nope.bin'}", "train.steps=2", cwd=tmp_path)
+    assert result.returncode == 2
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "nope.bin" in lines[0], result.stderr
