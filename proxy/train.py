@@ -40,6 +40,7 @@ from proxy.data import DataError, build_source
 from proxy.model import build_model
 from proxy.optim import apply_lr, build_optimizer, clip_grad_norm, schedule_multiplier
 from proxy.records import CHECKPOINTS, CONFIG, RunRecord, atomic_write_text, latest_checkpoint
+from proxy.remedies import Rollback, SkipStep, ZClip, build_remedy
 from proxy.tracking import WandbSink
 
 log = logging.getLogger("proxy.train")
@@ -92,6 +93,28 @@ class RunInfo:
     overrides: tuple[str, ...] = ()
 
 
+class StepObserver:
+    """Something that watches the loop without changing it (e.g. spike capture, proxy/forensics).
+
+    ``on_batch`` sees each train batch before the forward pass, with the state still as it was at
+    the start of the step; ``on_step_end`` sees the step's numbers and the remedy event, if any.
+    """
+
+    def on_batch(self, trainer: "Trainer", step: int, inputs: torch.Tensor, labels: torch.Tensor) -> None:
+        pass
+
+    def on_step_end(self, trainer: "Trainer", step: int, loss: float, grad_norm: float,
+                    event: Optional[dict]) -> None:
+        pass
+
+    def close(self, trainer: "Trainer") -> None:
+        pass
+
+
+# a remedy that keeps skipping this many steps in a row has not saved the run
+MAX_CONSECUTIVE_SKIPS = 50
+
+
 class Trainer:
     def __init__(self, cfg: Config, info: RunInfo):
         self.cfg, self.info = cfg, info
@@ -114,6 +137,9 @@ class Trainer:
 
         self.record = RunRecord(info.run_dir, resume=cfg.train.resume)
         self.wandb = WandbSink(cfg, info.run_dir, info.run_name, info.sweep_id)
+        self.remedy = build_remedy(cfg.remedy, grad_clip=cfg.optim.grad_clip)
+        self.observers: list[StepObserver] = []
+        self._consecutive_skips = 0
         self.updates = diagnostics.UpdateTracker(self.model, self.optimizer)
         self.throughput = diagnostics.Throughput(self.model.flops_per_token(cfg.train.seq_len), self.device)
         self._recent_train_losses: list[float] = []
@@ -140,9 +166,15 @@ class Trainer:
 
     # -- one step ----------------------------------------------------------------------------
     def train_step(self, step: int, logging_step: bool) -> dict[str, float]:
+        """One optimizer step (or a remedy's skip / rollback). Returns the log row on logging steps."""
         cfg = self.cfg
+        if isinstance(self.remedy, Rollback):
+            self.remedy.maybe_snapshot(step, self.model, self.optimizer, self.data_position,
+                                       extra_state=(self.tokens, self.loss_at_init))
         lr = apply_lr(self.optimizer, schedule_multiplier(step, cfg.train.steps, cfg.schedule))
         x, y = self.batch("train", self.data_position)
+        for observer in self.observers:
+            observer.on_batch(self, step, x, y)
         self.data_position += 1
 
         collect = logging_step and (cfg.train.stats_every == 0 or step % cfg.train.stats_every == 0)
@@ -153,23 +185,41 @@ class Trainer:
         row: dict[str, float] = {}
         if logging_step:
             row.update(diagnostics.grad_stats(self.model))
-        grad_norm = float(clip_grad_norm(self.model.parameters(), cfg.optim.grad_clip))
+        params = list(self.model.parameters())
+        # ZClip measures the raw norm and applies optim.grad_clip itself as the hard cap
+        clip = 0.0 if isinstance(self.remedy, ZClip) else cfg.optim.grad_clip
+        grad_norm = float(clip_grad_norm(params, clip))
         loss = out.ce_loss.item()
 
-        self._check_divergence(step, loss, grad_norm)
+        event = self._remedy_event(step, params, loss, grad_norm)
+        acted = event is not None and event["kind"] in ("skip_step", "rollback")
+        if not acted:
+            self._check_divergence(step, loss, grad_norm)
+        for observer in self.observers:
+            observer.on_step_end(self, step, loss, grad_norm, event)
 
-        if logging_step:
-            self.updates.before()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
         self.tokens += self.tokens_per_step
         self.throughput.add(self.tokens_per_step)
+        if acted:
+            self.optimizer.zero_grad(set_to_none=True)
+            if event["kind"] == "rollback":
+                restored = self.remedy.restore(self.model, self.optimizer)
+                self.step, self.data_position = restored.step, restored.data_position
+                self.tokens, self.loss_at_init = restored.extra_state
+                return {}
+        else:
+            if logging_step:
+                self.updates.before()
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        self.step = step + 1
 
         self._recent_train_losses = (self._recent_train_losses + [loss])[-cfg.train.log_every:]
         if not logging_step:
             return {}
         row.update(self.updates.after())
         row.update(diagnostics.forward_stats(out) if collect else {})
+        row.update(getattr(self.source, "last_batch_info", {}))
         row.update({
             "tokens": self.tokens,
             "train/loss": loss,
@@ -180,6 +230,25 @@ class Trainer:
         })
         row.update(self.throughput.read())
         return row
+
+    def _remedy_event(self, step: int, params: list, loss: float, grad_norm: float) -> Optional[dict]:
+        if self.remedy is None:
+            return None
+        if isinstance(self.remedy, ZClip):
+            event = self.remedy.clip(params, grad_norm, step)
+        else:
+            event = self.remedy.check(step, loss, grad_norm)
+        if event is None:
+            self._consecutive_skips = 0
+            return None
+        fields = {k: v for k, v in event.items() if k not in ("step", "kind")}
+        self.record.event(step, event["kind"], **fields)
+        self.wandb.log(step, {f"remedy/{event['kind']}": 1})
+        if event["kind"] == "skip_step":
+            self._consecutive_skips += 1
+            if self._consecutive_skips >= MAX_CONSECUTIVE_SKIPS:
+                raise Diverged(step, f"{MAX_CONSECUTIVE_SKIPS} steps skipped in a row")
+        return event
 
     def _check_divergence(self, step: int, loss: float, grad_norm: float) -> None:
         t = self.cfg.train
@@ -204,6 +273,7 @@ class Trainer:
             "loss_at_init": self.loss_at_init,
             "rng_cpu": torch.get_rng_state(),
             "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "remedy": self.remedy.state_dict() if self.remedy is not None else {},
         }
         tmp = path.with_suffix(".pt.tmp")
         torch.save(state, tmp)
@@ -218,6 +288,8 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.step, self.data_position = state["step"], state["data_position"]
         self.tokens, self.loss_at_init = state["tokens"], state["loss_at_init"]
+        if self.remedy is not None and state.get("remedy"):
+            self.remedy.load_state_dict(state["remedy"])
         torch.set_rng_state(state["rng_cpu"].cpu())
         if state["rng_cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all([s.cpu() for s in state["rng_cuda"]])
@@ -237,10 +309,10 @@ class Trainer:
         cfg, t = self.cfg, self.cfg.train
         self._start_record()
         started = time.time() - self._wall_before
-        progress = _progress(range(self.step, t.steps), t.progress, self.info.run_name, self.step)
+        progress = _progress(t.steps, t.progress, self.info.run_name, self.step)
         try:
-            for step in progress:
-                self.step = step
+            while self.step < t.steps:
+                step = self.step
                 if step % t.eval_every == 0:
                     val = self.evaluate()
                     if self.loss_at_init is None:
@@ -248,17 +320,25 @@ class Trainer:
                         self.record.update(loss_at_init=val)
                     self.log_row(step, {"val/loss": val})
                 logging_step = step % t.log_every == 0 or step == t.steps - 1
-                row = self.train_step(step, logging_step)
-                self.step = step + 1
+                row = self.train_step(step, logging_step)  # advances self.step (a rollback rewinds it)
                 if row:
                     self.log_row(step, row)
                     _show(progress, row)
-                if t.ckpt_every and self.step % t.ckpt_every == 0 and self.step < t.steps:
+                if progress is not None:
+                    progress.n = self.step
+                    if row:
+                        progress.refresh()
+                if t.ckpt_every and self.step % t.ckpt_every == 0 and 0 < self.step < t.steps:
                     self.save_checkpoint()
         except Diverged as d:
             self.record.event(d.step, "diverged", reason=d.reason)
             log.warning("run diverged at step %d: %s", d.step, d.reason)
             return self._finish("diverged", started, diverged_at=d.step)
+        finally:
+            if progress is not None:
+                progress.close()
+            for observer in self.observers:
+                observer.close(self)
         final_val = self.evaluate()
         self.log_row(t.steps, {"val/loss": final_val, "tokens": self.tokens})
         if t.save_final:
@@ -317,17 +397,16 @@ class Trainer:
         return self.record.summary
 
 
-def _progress(steps, enabled: bool, name: str, initial: int):
+def _progress(total: int, enabled: bool, name: str, initial: int):
     if not enabled:
-        return steps
+        return None
     from tqdm.auto import tqdm
 
-    return tqdm(steps, desc=name[:40], initial=initial, total=initial + len(steps), dynamic_ncols=True,
-                leave=False, disable=None)
+    return tqdm(desc=name[:40], initial=initial, total=total, dynamic_ncols=True, leave=False, disable=None)
 
 
 def _show(progress, row: dict[str, Any]) -> None:
-    if hasattr(progress, "set_postfix"):
+    if progress is not None:
         progress.set_postfix(loss=f"{row['train/loss']:.3f}", lr=f"{row['optim/lr']:.2e}",
                              gnorm=f"{row['optim/grad_norm']:.2f}", refresh=False)
 
