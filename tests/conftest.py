@@ -25,7 +25,11 @@ if str(ROOT) not in sys.path:
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# under pytest-xdist each worker gets one thread: two workers on two cores, no oversubscription
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+_threads = max(1, (os.cpu_count() or 1) // _workers)
+torch.set_num_threads(_threads)
+os.environ.setdefault("OMP_NUM_THREADS", str(_threads))  # inherited by the CLI subprocesses
 
 
 @pytest.fixture

@@ -1,0 +1,172 @@
+"""Spike score and LR sensitivity against values computed by hand on constructed inputs."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from proxy.analysis import (
+    OLMO_CORE_SPIKES,
+    SpikeOptions,
+    clipped_losses,
+    detect_spikes,
+    lr_sensitivity,
+    override_value,
+    per_lr_losses,
+    spike_score,
+    variant_labels,
+    variant_of,
+)
+
+
+# --------------------------------------------------------------------------------------------
+# Spike score
+# --------------------------------------------------------------------------------------------
+def alternating(n: int) -> np.ndarray:
+    """1.0, 1.1, 1.0, 1.1, ...: mean 1.05, sample std ~0.05 over any long window."""
+    return 1.0 + 0.1 * (np.arange(n) % 2)
+
+
+def test_spike_score_counts_excursions_over_scored_points() -> None:
+    up, down = alternating(40), alternating(40)
+    up[25] = 1.05 + 8 * 0.051  # ~8 sigma above the mean of its 25 predecessors
+    down[25] = 1.05 - 8 * 0.051  # ~8 sigma below
+    opts = SpikeOptions(sigma=7, window=1000, min_history=10)
+    for x in (up, down):
+        spikes = detect_spikes(x, opts)
+        assert list(spikes.indices) == [25]
+        assert int(spikes.scored.sum()) == 30  # points 0..9 have < 10 predecessors
+        assert spikes.score == pytest.approx(100 / 30)
+    # one-sided (OLMo-core): only the upward excursion counts
+    one_sided = SpikeOptions(sigma=7, window=1000, one_sided=True, min_history=10)
+    assert spike_score(up, one_sided) == pytest.approx(100 / 30)
+    assert spike_score(down, one_sided) == 0.0
+
+
+def test_spike_threshold_is_at_least_sigma_std_of_previous_values() -> None:
+    history = alternating(20)
+    mean, std = history.mean(), history.std(ddof=1)
+    just_over = np.append(history, mean + 7.01 * std)
+    just_under = np.append(history, mean + 6.99 * std)
+    opts = SpikeOptions(sigma=7, window=1000, min_history=20)
+    assert detect_spikes(just_over, opts).indices.tolist() == [20]
+    assert detect_spikes(just_under, opts).indices.tolist() == []
+    assert spike_score(just_over, opts) == 100.0  # the only scored point
+
+
+def test_spike_window_only_sees_the_last_values() -> None:
+    # a noisy start (std ~5) then a quiet stretch (std ~0.05): a jump of 1.0 is a spike only when
+    # the window has forgotten the noisy start
+    x = np.concatenate([np.tile([0.0, 10.0], 10), alternating(20), [2.1]])
+    wide = SpikeOptions(sigma=7, window=1000, min_history=10)
+    narrow = SpikeOptions(sigma=7, window=16, min_history=10)
+    assert 40 not in detect_spikes(x, wide).indices
+    assert 40 in detect_spikes(x, narrow).indices
+
+
+def test_non_finite_values_are_spikes_and_leave_the_history() -> None:
+    x = alternating(30)
+    x[12] = math.nan
+    x[20] = math.inf
+    spikes = detect_spikes(x, SpikeOptions(min_history=10))
+    assert spikes.indices.tolist() == [12, 20]
+    # 28 finite values, the first 10 unscored -> 18 scored, plus the 2 non-finite ones
+    assert int(spikes.scored.sum()) == 20
+    assert spikes.score == pytest.approx(100 * 2 / 20)
+    # a NaN very early, before any history, still counts
+    assert detect_spikes([math.nan, 1.0, 1.0], SpikeOptions()).score == 100.0
+
+
+def test_constant_history_and_short_series() -> None:
+    flat = [2.0] * 15
+    assert spike_score(flat) == 0.0  # equal to the history: no spike
+    assert detect_spikes(flat + [2.0001]).indices.tolist() == [15]  # any change from a flat history
+    assert spike_score([1.0, 2.0, 3.0]) is None  # nothing has 10 predecessors
+    assert spike_score([]) is None
+
+
+def test_olmo_core_preset_and_bad_options() -> None:
+    assert (OLMO_CORE_SPIKES.sigma, OLMO_CORE_SPIKES.window, OLMO_CORE_SPIKES.one_sided) == (6.0, 128, True)
+    for bad in (dict(sigma=0), dict(window=1), dict(min_history=1)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            SpikeOptions(**bad)
+
+
+def test_spike_detection_is_vectorised_enough_for_long_series() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=20_000)
+    x[15_000] = 12.0
+    spikes = detect_spikes(x)
+    assert 15_000 in spikes.indices
+    assert spikes.score is not None and spikes.score < 0.05  # Gaussian noise: ~no 7-sigma points
+
+
+# --------------------------------------------------------------------------------------------
+# LR sensitivity
+# --------------------------------------------------------------------------------------------
+def test_lr_sensitivity_hand_computed() -> None:
+    lrs = [3e-4, 1e-3, 3e-3, 1e-2]
+    losses = [4.0, 3.5, 3.0, 7.0]  # the last above the loss at init: clipped to it
+    l0 = 6.0
+    # min(l, l0) = 4, 3.5, 3, 6; l* = 3 -> (1 + 0.5 + 0 + 3) / 4
+    assert lr_sensitivity(lrs, losses, l0) == pytest.approx(4.5 / 4)
+
+
+def test_lr_sensitivity_diverged_and_failed_count_as_init() -> None:
+    lrs = [1e-3, 1e-2, 1e-1]
+    # the diverged run has a finite, even good-looking loss: it still counts as l0
+    assert lr_sensitivity(lrs, [3.0, 2.0, 2.5], 6.0, diverged=[False, False, True]) == pytest.approx(
+        (1 + 0 + 4) / 3
+    )
+    # a missing or NaN loss (failed run) counts as l0 too
+    assert lr_sensitivity(lrs, [3.0, 2.0, None], 6.0) == pytest.approx((1 + 0 + 4) / 3)
+    assert lr_sensitivity(lrs, [3.0, 2.0, math.nan], 6.0) == pytest.approx((1 + 0 + 4) / 3)
+    # per-run loss at init
+    assert clipped_losses([3.0, None], [6.0, 5.0]) == [3.0, 5.0]
+
+
+def test_lr_sensitivity_averages_seeds_per_lr_and_restricts_range() -> None:
+    lrs = [1e-3, 1e-3, 1e-2, 1e-1]
+    losses = [3.0, 4.0, 2.0, None]
+    assert per_lr_losses(lrs, losses, 6.0) == {1e-3: 3.5, 1e-2: 2.0, 1e-1: 6.0}
+    assert lr_sensitivity(lrs, losses, 6.0) == pytest.approx((1.5 + 0 + 4) / 3)
+    assert lr_sensitivity(lrs, losses, 6.0, lr_range=(1e-3, 1e-2)) == pytest.approx(1.5 / 2)
+    with pytest.raises(ValueError, match="range"):
+        lr_sensitivity(lrs, losses, 6.0, lr_range=(1.0, 2.0))
+
+
+def test_lr_sensitivity_edge_cases() -> None:
+    assert math.isnan(lr_sensitivity([1e-2, 1e-1], [None, None], 6.0))  # all diverged: undefined
+    assert lr_sensitivity([1e-2], [3.0], 6.0) == 0.0
+    with pytest.raises(ValueError, match="at least one"):
+        lr_sensitivity([], [], 6.0)
+    with pytest.raises(ValueError, match="losses"):
+        lr_sensitivity([1e-2, 1e-1], [3.0], 6.0)
+    with pytest.raises(ValueError, match="loss at init"):
+        lr_sensitivity([1e-2], [3.0], math.nan)
+
+
+# --------------------------------------------------------------------------------------------
+# Variants
+# --------------------------------------------------------------------------------------------
+def test_variant_drops_lr_seed_and_bookkeeping() -> None:
+    a = variant_of(
+        ["optim.lr=0.1", "+experiment=demo", "model.qk_norm=off", "train.seed=3", "wandb.mode=offline"]
+    )
+    b = variant_of(["model.qk_norm=off", "++experiment=demo", "optim.lr=0.01", "train.progress=false"])
+    assert a == b == ("experiment=demo", "model.qk_norm=off")
+    assert override_value(["optim.lr=0.1", "model=1m"], "optim.lr") == "0.1"
+    assert override_value(["model=1m"], "optim.lr") is None
+    assert variant_of(["~loss.z_loss"]) == ("~loss.z_loss",)
+
+
+def test_variant_labels_strip_shared_overrides() -> None:
+    base = ("experiment=x",)
+    zl = ("experiment=x", "loss.z_loss=1e-4")
+    labels, shared = variant_labels([base, zl, zl])
+    assert shared == ("experiment=x",)
+    assert labels == {base: "baseline", zl: "loss.z_loss=1e-4"}
+    assert variant_labels([base]) == ({base: "experiment=x"}, ())  # alone: its own overrides
+    assert variant_labels([()]) == ({(): "defaults"}, ())

@@ -1,0 +1,165 @@
+"""Sweep presets and launchers compose, and a real tiny multirun goes through to the report."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+from proxy.config import register_configs, to_config
+from proxy.demo import demo_command, headline
+from proxy.report import build_report
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+PRESETS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+TINY = [
+    "train.steps=24",
+    "train.batch_size=4",
+    "train.seq_len=32",
+    "train.log_every=2",
+    "train.eval_every=12",
+    "train.eval_batches=1",
+    "schedule.warmup_steps=2",
+]
+
+
+def composed(overrides: list[str], hydra_config: bool = True):
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("config", overrides=overrides, return_hydra_config=hydra_config)
+
+
+def test_required_presets_exist() -> None:
+    assert {"demo", "qk_norm_lr_sweep", "z_loss_lr_sweep"} <= set(PRESETS)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_sweep_point_of_a_preset_is_a_valid_config(preset: str) -> None:
+    cfg = composed([f"+experiment={preset}"])
+    assert cfg.experiment == preset  # the report groups and titles by it
+    params = dict(cfg.hydra.sweeper.params)
+    assert "optim.lr" in params, "every preset is an LR sweep"
+    assert str(cfg.hydra.sweep.dir).startswith(f"runs/{preset}/")
+    # each value of each swept key composes and validates (typos and bad enum values fail here)
+    for key, values in params.items():
+        for value in str(values).split(","):
+            point = to_config(composed([f"+experiment={preset}", f"{key}={value}"], hydra_config=False))
+            assert point.experiment == preset
+    lrs = sorted(float(v) for v in str(params["optim.lr"]).split(","))
+    assert len(lrs) >= 3 and lrs[-1] / lrs[0] >= 10  # spans at least a decade
+
+
+def test_demo_preset_is_qk_norm_off_vs_on_on_the_tiny_model() -> None:
+    cfg = composed(["+experiment=demo"])
+    params = dict(cfg.hydra.sweeper.params)
+    assert set(params) == {"model.qk_norm", "optim.lr"}
+    assert set(str(params["model.qk_norm"]).split(",")) == {"off", "layernorm"}
+    assert cfg.model.name == "tiny"
+    n_runs = len(list(itertools.product(*(str(v).split(",") for v in params.values()))))
+    assert n_runs * cfg.train.steps <= 4000  # the CPU budget the demo was measured against
+
+
+def test_sizes_are_swept_where_promised() -> None:
+    params = dict(composed(["+experiment=qk_norm_lr_sweep"]).hydra.sweeper.params)
+    assert set(str(params["model"]).split(",")) == {"tiny", "1m"}
+    # a size picked on the command line replaces the preset's model
+    assert composed(["+experiment=qk_norm_lr_sweep", "model=5m"]).model.name == "5m"
+
+
+def test_slurm_launcher_settings() -> None:
+    cfg = composed(["hydra/launcher=slurm", "+experiment=qk_norm_lr_sweep", "hydra.launcher.partition=a100"])
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
+    assert launcher.partition == "a100"
+    assert launcher.gpus_per_node == 1 and launcher.tasks_per_node == 1
+    assert launcher.timeout_min == 120 and launcher.array_parallelism == 16
+    assert launcher.submitit_folder == f"{cfg.hydra.sweep.dir}/.submitit/%j"  # logs beside the runs
+    assert launcher.max_num_timeout == 0
+
+
+def test_local_launcher_is_joblib_processes() -> None:
+    launcher = composed(["hydra/launcher=local"]).hydra.launcher
+    assert launcher._target_.endswith("joblib_launcher.JoblibLauncher")
+    assert launcher.n_jobs == 2 and launcher.prefer == "processes"
+
+
+def test_real_tiny_multirun_then_report(tmp_path: Path) -> None:
+    """2 LRs x 2 variants through Hydra on CPU, then the report on the sweep directory."""
+    sweep = tmp_path / "sweep"
+    # one thread per process: on a shared 2-core machine two OpenMP threads contending with
+    # other work slow tiny steps down 10-20x
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "proxy.train",
+            "-m",
+            "+experiment=demo",
+            f"hydra.sweep.dir={sweep}",
+            "model.qk_norm=off,layernorm",
+            "optim.lr=1e-3,1e-1",
+            *TINY,
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+    summaries = [json.loads(p.read_text()) for p in sorted(sweep.glob("*/summary.json"))]
+    assert len(summaries) == 4
+    assert len({s["sweep_id"] for s in summaries}) == 1 and summaries[0]["sweep_id"] == sweep.name
+    for s in summaries:  # the run name shows the overrides that make the run
+        swept = [o for o in s["overrides"] if o.startswith(("optim.lr=", "model.qk_norm="))]
+        assert len(swept) == 2 and all(o in s["run_name"] for o in swept)
+        assert s["experiment"] == "demo"
+
+    result = build_report([sweep], tmp_path / "report")
+    assert len(result.runs) == 4
+    assert [row.status for row in result.runs] == ["completed"] * 4
+    assert {row.variant for row in result.runs} == {"model.qk_norm=off", "model.qk_norm=layernorm"}
+    assert sorted({row.lr for row in result.runs}) == [1e-3, 1e-1]
+    for row in result.sensitivity:
+        assert row.lrs == [1e-3, 1e-1] and row.sensitivity is not None and row.sensitivity >= 0
+    with open(result.csv) as f:
+        assert sum(1 for _ in f) == 5  # header + 4 runs
+    assert result.html.is_file() and {"loss", "attn_max_logit", "grad_norm", "lr_vs_loss"} <= set(
+        result.figures
+    )
+    # the trainer's keys reach the table
+    row = result.runs[0]
+    assert row.loss_at_init is not None and row.max_attn_logit_peak is not None
+    assert row.spike_score_grad_norm is not None and row.output_logit_mean_final is not None
+    assert len(headline(result)) == 2
+
+
+def test_demo_command_is_the_documented_multirun(tmp_path: Path) -> None:
+    cmd = demo_command(tmp_path / "s", ["train.steps=5"])
+    assert cmd[1:] == [
+        "-m",
+        "proxy.train",
+        "-m",
+        "+experiment=demo",
+        f"hydra.sweep.dir={tmp_path / 's'}",
+        "train.steps=5",
+    ]
+
+
+def test_demo_rejects_a_malformed_override(capsys: pytest.CaptureFixture) -> None:
+    from proxy.demo import main
+
+    assert main(["not_an_override"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not_an_override" in err[0]
