@@ -212,3 +212,23 @@ def load_run(path: str | Path) -> Run:
 def latest_checkpoint(run_dir: str | Path) -> Optional[Path]:
     ckpts = sorted((Path(run_dir) / CHECKPOINTS).glob("step_*.pt"))
     return ckpts[-1] if ckpts else None
+
+
+class NullRecord(RunRecord):
+    """What ranks other than 0 write to in a data-parallel run: nothing."""
+
+    def __init__(self, run_dir: str | Path, resume: bool = False):  # noqa: D107 - no files
+        self.dir = Path(run_dir)
+        self.summary = {}
+
+    def update(self, **fields: Any) -> None:
+        self.summary.update(fields)
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        pass
+
+    def truncate_after(self, step: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

@@ -34,12 +34,12 @@ from typing import Any, Optional
 import torch
 from omegaconf import OmegaConf
 
-from proxy import diagnostics
+from proxy import diagnostics, distributed
 from proxy.config import Config, ConfigError, as_dict, to_config
 from proxy.data import DataError, build_source
 from proxy.model import build_model
 from proxy.optim import apply_lr, build_optimizer, clip_grad_norm, schedule_multiplier
-from proxy.records import CHECKPOINTS, CONFIG, RunRecord, atomic_write_text, latest_checkpoint
+from proxy.records import CHECKPOINTS, CONFIG, NullRecord, RunRecord, atomic_write_text, latest_checkpoint
 from proxy.remedies import Rollback, SkipStep, ZClip, build_remedy
 from proxy.tracking import WandbSink
 
@@ -53,9 +53,11 @@ NON_VARIANT_KEYS = ("out_dir", "train.resume", "train.progress", "wandb.", "hydr
 # --------------------------------------------------------------------------------------------
 # Devices and precision
 # --------------------------------------------------------------------------------------------
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and local_rank:
+        name = f"cuda:{local_rank}"
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"train.device={name} but no CUDA device is available")
@@ -118,15 +120,28 @@ MAX_CONSECUTIVE_SKIPS = 50
 class Trainer:
     def __init__(self, cfg: Config, info: RunInfo):
         self.cfg, self.info = cfg, info
-        self.device = resolve_device(cfg.train.device)
+        self.dist = distributed.from_env()
+        self.device = resolve_device(cfg.train.device, self.dist.local_rank)
+        if cfg.train.batch_size % self.dist.world_size:
+            raise ConfigError(f"train.batch_size={cfg.train.batch_size} (the global batch) is not divisible "
+                              f"by the {self.dist.world_size} data-parallel processes")
+        distributed.setup(self.dist, self.device)
+        info.run_dir = Path(distributed.broadcast(str(info.run_dir)))  # rank 0's directory
         torch.manual_seed(cfg.train.seed)
         random.seed(cfg.train.seed)
 
         self.source = build_source(cfg.data)
         self.model = build_model(cfg.model, self.source.vocab_size).to(self.device)
         self.optimizer = build_optimizer(self.model, cfg.optim)
-        self.forward = torch.compile(self.model) if wants_compile(cfg, self.device) else self.model
+        forward = self.model
+        if self.dist.enabled:  # averages gradients over ranks during backward
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            forward = DistributedDataParallel(self.model, device_ids=ids)
+        self.forward = torch.compile(forward) if wants_compile(cfg, self.device) else forward
         self.autocast = autocast_for(cfg, self.device)
+        self.local_batch = cfg.train.batch_size // self.dist.world_size
         self.tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
 
         # the state a checkpoint restores
@@ -135,8 +150,9 @@ class Trainer:
         self.tokens = 0
         self.loss_at_init: Optional[float] = None
 
-        self.record = RunRecord(info.run_dir, resume=cfg.train.resume)
-        self.wandb = WandbSink(cfg, info.run_dir, info.run_name, info.sweep_id)
+        main = self.dist.is_main
+        self.record = (RunRecord if main else NullRecord)(info.run_dir, resume=cfg.train.resume)
+        self.wandb = WandbSink(cfg if main else _without_wandb(cfg), info.run_dir, info.run_name, info.sweep_id)
         self.remedy = build_remedy(cfg.remedy, grad_clip=cfg.optim.grad_clip)
         self.observers: list[StepObserver] = []
         self._consecutive_skips = 0
@@ -147,7 +163,8 @@ class Trainer:
 
     # -- data --------------------------------------------------------------------------------
     def batch(self, split: str, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        x, y = self.source.batch(split, index, self.cfg.train.batch_size, self.cfg.train.seq_len)
+        x, y = self.source.batch(split, index, self.local_batch, self.cfg.train.seq_len,
+                                 rank=self.dist.rank, world_size=self.dist.world_size)
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
     # -- evaluation --------------------------------------------------------------------------
@@ -162,7 +179,7 @@ class Trainer:
                 out = self.forward(x, y, ignore_index=self.cfg.loss.ignore_index)
             total += out.ce_loss.item()
         self.model.train()
-        return total / self.cfg.train.eval_batches
+        return distributed.mean(total / self.cfg.train.eval_batches, self.device)
 
     # -- one step ----------------------------------------------------------------------------
     def train_step(self, step: int, logging_step: bool) -> dict[str, float]:
@@ -188,8 +205,8 @@ class Trainer:
         params = list(self.model.parameters())
         # ZClip measures the raw norm and applies optim.grad_clip itself as the hard cap
         clip = 0.0 if isinstance(self.remedy, ZClip) else cfg.optim.grad_clip
-        grad_norm = float(clip_grad_norm(params, clip))
-        loss = out.ce_loss.item()
+        grad_norm = float(clip_grad_norm(params, clip))  # of the rank-averaged gradients
+        loss = distributed.mean(out.ce_loss.item(), self.device)
 
         event = self._remedy_event(step, params, loss, grad_norm)
         acted = event is not None and event["kind"] in ("skip_step", "rollback")
@@ -218,13 +235,13 @@ class Trainer:
         if not logging_step:
             return {}
         row.update(self.updates.after())
-        row.update(diagnostics.forward_stats(out) if collect else {})
+        row.update(distributed.reduce_stats(diagnostics.forward_stats(out), self.device) if collect else {})
         row.update(getattr(self.source, "last_batch_info", {}))
         row.update({
             "tokens": self.tokens,
             "train/loss": loss,
-            "train/z_loss": out.z_loss.item(),
-            "train/total_loss": out.loss.item(),
+            "train/z_loss": distributed.mean(out.z_loss.item(), self.device),
+            "train/total_loss": distributed.mean(out.loss.item(), self.device),
             "optim/lr": lr,
             "optim/grad_norm": grad_norm,
         })
@@ -260,7 +277,9 @@ class Trainer:
             raise Diverged(step, f"train loss {loss:.3g} > {t.diverge_factor} x loss at init")
 
     # -- checkpoints -------------------------------------------------------------------------
-    def save_checkpoint(self) -> Path:
+    def save_checkpoint(self) -> Optional[Path]:
+        if not self.dist.is_main:
+            return None
         ckpt_dir = self.info.run_dir / CHECKPOINTS
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         path = ckpt_dir / f"step_{self.step:07d}.pt"
@@ -309,7 +328,7 @@ class Trainer:
         cfg, t = self.cfg, self.cfg.train
         self._start_record()
         started = time.time() - self._wall_before
-        progress = _progress(t.steps, t.progress, self.info.run_name, self.step)
+        progress = _progress(t.steps, t.progress and self.dist.is_main, self.info.run_name, self.step)
         try:
             while self.step < t.steps:
                 step = self.step
@@ -397,6 +416,12 @@ class Trainer:
         return self.record.summary
 
 
+def _without_wandb(cfg: Config) -> Config:
+    import dataclasses
+
+    return dataclasses.replace(cfg, wandb=dataclasses.replace(cfg.wandb, mode="disabled"))
+
+
 def _progress(total: int, enabled: bool, name: str, initial: int):
     if not enabled:
         return None
@@ -424,11 +449,14 @@ def train(cfg: Config | dict, run_dir: str | Path, run_name: Optional[str] = Non
     try:
         return trainer.run()
     except Exception as exc:
-        (run_dir / "error.txt").write_text(traceback.format_exc())
+        if trainer.dist.is_main:
+            (info.run_dir / "error.txt").write_text(traceback.format_exc())
         trainer.record.update(status="failed", error=f"{type(exc).__name__}: {exc}", steps_completed=trainer.step)
         trainer.wandb.finish(failed=True)
         trainer.record.close()
         raise
+    finally:
+        distributed.teardown()
 
 
 # --------------------------------------------------------------------------------------------
@@ -501,8 +529,22 @@ def _hydra_task(dcfg) -> Optional[float]:
         if not multirun:
             sys.exit(1)
         return None  # a multirun goes on to its next job
-    print(f"{summary['status']}: {name} -> {run_dir}")
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"{summary['status']}: {name} -> {summary.get('run_dir', run_dir)}")
     return summary.get("final_val_loss")
+
+
+def _quiet_non_zero_ranks() -> None:
+    """Under torchrun, ranks > 0 get a throw-away Hydra dir: rank 0's run dir is the record."""
+    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+    if rank == 0:
+        return
+    import tempfile
+
+    extra = ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
+    if not any(a.startswith("hydra.run.dir=") for a in sys.argv[1:]):
+        extra.append(f"hydra.run.dir={tempfile.mkdtemp(prefix='proxy-rank{rank}-')}")
+    sys.argv += extra
 
 
 def main() -> None:
@@ -513,6 +555,7 @@ def main() -> None:
     from proxy.config import register_configs
 
     register_configs()
+    _quiet_non_zero_ranks()
     entry = hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")(_hydra_task)
     _gate = _StderrGate()
     with _gate:
