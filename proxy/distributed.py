@@ -40,6 +40,9 @@ def _export_slurm_env() -> None:
     """Inside a multi-task SLURM job (and no torchrun), let submitit fill in the torch variables."""
     if "RANK" in os.environ or int(os.environ.get("SLURM_NTASKS", "1")) <= 1:
         return
+    if os.environ.get("SUBMITIT_EXECUTOR") != "slurm":
+        raise RuntimeError("several SLURM tasks but no torchrun and no submitit job: launch with "
+                           "hydra/launcher=slurm_ddp or wrap the command in torchrun")
     from submitit.helpers import TorchDistributedEnvironment
 
     TorchDistributedEnvironment().export(set_cuda_visible_devices=False)

@@ -48,3 +48,34 @@ def test_ddp_divergence_stops_all_ranks(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "div" / "summary.json").read_text())
     assert summary["status"] == "diverged"
+
+
+def test_slurm_tasks_become_torch_ranks(monkeypatch):
+    """Inside a submitit SLURM job with 2 tasks, task 1 is rank 1 of 2 (no torchrun involved)."""
+    from proxy import distributed
+
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.setenv(key, "")  # recorded, so the variables export() sets are undone after the test
+        monkeypatch.delenv(key)
+    env = {"SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": "4242", "SLURM_NTASKS": "2", "SLURM_PROCID": "1",
+           "SLURM_LOCALID": "1", "SLURM_NODEID": "0", "SLURM_JOB_NUM_NODES": "1", "SLURM_JOB_NODELIST": "node7"}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    info = distributed.from_env()
+    assert (info.rank, info.world_size, info.local_rank) == (1, 2, 1)
+    assert os.environ["MASTER_ADDR"] == "node7"
+
+
+def test_slurm_ddp_launcher_preset_composes(repo_root):
+    from hydra import compose, initialize_config_dir
+
+    from proxy.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(str(repo_root / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=["hydra/launcher=slurm_ddp", "hydra.launcher.partition=a100"],
+                      return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher.partition == "a100"
+    assert launcher.tasks_per_node == launcher.gpus_per_node == 4
+    assert "SlurmLauncher" in launcher._target_
