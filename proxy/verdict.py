@@ -1,0 +1,123 @@
+"""Verdicts: does a study reproduce the published finding? One answer with the numbers behind it.
+
+Each folder under experiments/ holds a ``verdict.py`` with one function::
+
+    def judge(report: ReportResult, runs: list[Run]) -> Verdict
+
+that reads the report's numbers (LR sensitivity, statistics per run) and decides. The command
+
+    proxy-verdict experiments/attention_logit_growth runs/sweeps/<id> [more run dirs...]
+
+builds the report for the run dirs (into ``<first path>/report``), calls the finding's judge,
+prints the verdict and writes ``verdict.md`` / ``verdict.json`` beside the report. Thresholds live
+in each judge, stated in its docstring, so a NOT REPRODUCED is as readable as a REPRODUCED.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+from proxy.records import Run, find_runs, load_run
+
+
+@dataclass
+class Check:
+    """One criterion of a finding: what was expected, what was measured, whether it held."""
+
+    claim: str
+    measured: str
+    passed: bool
+
+
+@dataclass
+class Verdict:
+    finding: str
+    source: str  # the paper and section the claim comes from
+    checks: list[Check] = field(default_factory=list)
+    numbers: dict[str, Any] = field(default_factory=dict)
+    notes: str = ""
+
+    @property
+    def reproduced(self) -> bool:
+        return bool(self.checks) and all(c.passed for c in self.checks)
+
+    @property
+    def label(self) -> str:
+        return "REPRODUCED" if self.reproduced else "NOT REPRODUCED"
+
+    def check(self, claim: str, passed: bool, measured: str) -> bool:
+        self.checks.append(Check(claim, measured, bool(passed)))
+        return bool(passed)
+
+    def to_markdown(self) -> str:
+        lines = [f"# {self.finding}: **{self.label}**", "", f"Source: {self.source}", "",
+                 "| claim | measured | holds |", "|---|---|---|"]
+        lines += [f"| {c.claim} | {c.measured} | {'yes' if c.passed else 'no'} |" for c in self.checks]
+        if self.numbers:
+            lines += ["", "Numbers:", ""]
+            lines += [f"- `{k}`: {_fmt(v)}" for k, v in self.numbers.items()]
+        if self.notes:
+            lines += ["", self.notes]
+        return "\n".join(lines) + "\n"
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "reproduced": self.reproduced, "label": self.label}
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def load_judge(finding_dir: str | Path) -> Callable:
+    path = Path(finding_dir) / "verdict.py"
+    if not path.is_file():
+        raise FileNotFoundError(f"no verdict.py in {finding_dir}")
+    spec = importlib.util.spec_from_file_location(f"proxy_verdict_{path.parent.name}", path)
+    module = importlib.util.module_from_spec(spec)
+    assert spec.loader is not None
+    spec.loader.exec_module(module)
+    return module.judge
+
+
+def judge_runs(finding_dir: str | Path, paths: Sequence[str | Path],
+               out_dir: Optional[str | Path] = None, **report_options: Any) -> Verdict:
+    """Report on ``paths``, judge, and write verdict.md/json beside the report."""
+    from proxy.report import build_report, default_out_dir
+
+    out = Path(out_dir) if out_dir else default_out_dir(paths[0])
+    result = build_report(list(paths), out, **report_options)
+    runs = [load_run(p) for p in find_runs(paths)]
+    verdict: Verdict = load_judge(finding_dir)(result, runs)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "verdict.md").write_text(verdict.to_markdown())
+    (out / "verdict.json").write_text(json.dumps(verdict.to_json(), indent=2, default=str) + "\n")
+    return verdict
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="proxy-verdict", description=__doc__.split("\n")[0])
+    parser.add_argument("finding", help="an experiments/<finding> folder (holds verdict.py)")
+    parser.add_argument("paths", nargs="+", help="run directories (single runs or sweep dirs)")
+    parser.add_argument("--out", default=None, help="report directory (default: <first path>/report)")
+    args = parser.parse_args(argv)
+    try:
+        verdict = judge_runs(args.finding, args.paths, args.out)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(verdict.to_markdown())
+    return 0
+
+
+__all__ = ["Check", "Run", "Verdict", "judge_runs", "load_judge", "main"]
+
+if __name__ == "__main__":
+    sys.exit(main())
