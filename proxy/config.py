@@ -88,6 +88,12 @@ class RemedyKind(str, Enum):
     zclip = "zclip"  # z-score adaptive gradient clipping (Kumar et al. 2025)
 
 
+class CaptureTrigger(str, Enum):
+    any = "any"  # a spike in the loss or in the grad norm
+    loss = "loss"
+    grad_norm = "grad_norm"
+
+
 class DataSource(str, Enum):
     synthetic = "synthetic"
     memmap = "memmap"
@@ -194,6 +200,30 @@ class RemedyConfig:
 
 
 @dataclass
+class CaptureConfig:
+    """Spike forensics (proxy/forensics.py): when a spike is detected at step N, save a study kit
+    to ``<run_dir>/spike_kits/step_<N>/`` that ``proxy-inspect`` dissects (proxy/inspect.py).
+
+    A kit holds the model + optimizer state at the start of steps N - steps_before, N and
+    N + steps_after, the train batches in between and the detector's numbers. Keeping it costs a
+    ring of steps_before + 1 state copies in CPU memory (one copy per step, buffers reused) and,
+    on disk, three states per kit, at most max_kits kits per run. Capture only watches: the run
+    goes on (or the configured remedy acts) exactly as without it.
+    """
+
+    enabled: bool = False
+    trigger: CaptureTrigger = CaptureTrigger.any
+    # the detector (proxy.remedies.SpikeDetector): value > mean + sigma * std of the last
+    # `window` non-spike steps, once `min_history` are in (defaults as the remedy's detector)
+    sigma: float = 6.0
+    window: int = 128
+    min_history: int = 20
+    steps_before: int = 4  # K: the kit's earliest state is from the start of step N - K
+    steps_after: int = 2  # the "after" state is from the start of step N + steps_after
+    max_kits: int = 2  # per run; later spikes are counted in the last kit's kit.json
+
+
+@dataclass
 class SyntheticConfig:
     """A seeded Zipfian sparse HMM (proxy/data.py). At these defaults: unigram entropy 5.36,
     bigram 3.58, Bayes-optimal loss 3.12 nats/token (``python -m proxy.data`` prints them)."""
@@ -269,6 +299,20 @@ class TrainConfig:
 
 
 @dataclass
+class SweepConfig:
+    """Train several runs in one process as a vectorized ensemble (proxy/ensemble.py).
+
+    Members are the grid lrs x seeds x weight_decays; an empty list means the single value of
+    optim.lr / train.seed / optim.weight_decay. All members see the same batches. With every
+    list empty (the default) a run is an ordinary single run.
+    """
+
+    lrs: list[float] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=list)
+    weight_decays: list[float] = field(default_factory=list)
+
+
+@dataclass
 class WandbConfig:
     mode: WandbMode = WandbMode.disabled
     project: str = "proxy"
@@ -284,9 +328,11 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     remedy: RemedyConfig = field(default_factory=RemedyConfig)
+    capture: CaptureConfig = field(default_factory=CaptureConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
     run_name: Optional[str] = None  # None: derived from the command-line overrides
     out_dir: Optional[str] = None  # None: Hydra's run dir (or ./runs/<name> outside Hydra)
     # free-form tag of an experiment preset, carried into the run record for the report
@@ -333,6 +379,25 @@ def _validate_remedy(r: RemedyConfig) -> None:
     _positive(r.zclip_z, "remedy.zclip_z")
 
 
+def _validate_capture(c: CaptureConfig) -> None:
+    _positive(c.sigma, "capture.sigma")
+    for key in ("steps_before", "steps_after", "max_kits"):
+        _positive(getattr(c, key), f"capture.{key}")
+    if not 2 <= c.min_history <= c.window:
+        raise ConfigError(f"capture.min_history={c.min_history} must be in [2, capture.window={c.window}]")
+
+
+def _validate_sweep(sw: SweepConfig) -> None:
+    for key in ("lrs", "seeds", "weight_decays"):
+        values = list(getattr(sw, key))
+        if len(set(values)) != len(values):
+            raise ConfigError(f"sweep.{key}={values} has repeated values")
+    for lr in sw.lrs:
+        _positive(lr, "sweep.lrs entry")
+    for wd in sw.weight_decays:
+        _positive(wd, "sweep.weight_decays entry", allow_zero=True)
+
+
 def validate(cfg: Config) -> Config:
     """Cross-field checks that types alone cannot express. Raises ConfigError naming the key."""
     m, o, s, t = cfg.model, cfg.optim, cfg.schedule, cfg.train
@@ -363,6 +428,8 @@ def validate(cfg: Config) -> Config:
     if not 0.0 < s.decay_fraction <= 1.0:
         raise ConfigError(f"schedule.decay_fraction={s.decay_fraction} must be in (0, 1]")
     _validate_remedy(cfg.remedy)
+    _validate_sweep(cfg.sweep)
+    _validate_capture(cfg.capture)
     for key in ("steps", "batch_size", "seq_len", "log_every", "eval_every", "eval_batches"):
         _positive(getattr(t, key), f"train.{key}")
     if t.seq_len > m.max_seq_len:
@@ -425,6 +492,8 @@ def from_dict(data: dict | DictConfig) -> Config:
 
 __all__ = [
     "Attention",
+    "CaptureConfig",
+    "CaptureTrigger",
     "Config",
     "ConfigError",
     "DataConfig",
@@ -447,6 +516,7 @@ __all__ = [
     "RemedyKind",
     "Schedule",
     "ScheduleConfig",
+    "SweepConfig",
     "SyntheticConfig",
     "TrainConfig",
     "WandbConfig",

@@ -155,6 +155,10 @@ class Trainer:
         self.wandb = WandbSink(cfg if main else _without_wandb(cfg), info.run_dir, info.run_name, info.sweep_id)
         self.remedy = build_remedy(cfg.remedy, grad_clip=cfg.optim.grad_clip)
         self.observers: list[StepObserver] = []
+        if cfg.capture.enabled:  # spike kits (proxy/forensics.py imports this module: import here)
+            from proxy.forensics import SpikeCapture
+
+            self.observers.append(SpikeCapture(cfg.capture))
         self._consecutive_skips = 0
         self.updates = diagnostics.UpdateTracker(self.model, self.optimizer)
         self.throughput = diagnostics.Throughput(self.model.flops_per_token(cfg.train.seq_len), self.device)
@@ -210,10 +214,10 @@ class Trainer:
 
         event = self._remedy_event(step, params, loss, grad_norm)
         acted = event is not None and event["kind"] in ("skip_step", "rollback")
+        for observer in self.observers:  # before the divergence check: a diverging step is seen too
+            observer.on_step_end(self, step, loss, grad_norm, event)
         if not acted:
             self._check_divergence(step, loss, grad_norm)
-        for observer in self.observers:
-            observer.on_step_end(self, step, loss, grad_norm, event)
 
         self.tokens += self.tokens_per_step
         self.throughput.add(self.tokens_per_step)
