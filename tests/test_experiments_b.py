@@ -1,0 +1,224 @@
+"""Findings 4, 5 and 6 (experiments/init_growth, repeated_ngrams, adam_epsilon): presets compose,
+verdicts decide on constructed sweeps (one that reproduces, one that does not), the at-init growth
+script and the eps figure script run, and a shrunken repeated-n-gram study runs end to end through
+proxy-train and the judge.
+
+Constructed run directories go through proxy.records (RunRecord / write_json), the contract the
+trainer writes, so a verdict sees what it would see after a real sweep.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_dir
+
+from proxy.config import register_configs
+from proxy.records import RunRecord, write_json
+from proxy.verdict import judge_runs
+
+REPO = Path(__file__).resolve().parents[1]
+EXPERIMENTS = REPO / "experiments"
+FINDINGS = ("init_growth", "repeated_ngrams", "adam_epsilon")
+STEPS = 200
+
+
+@pytest.mark.parametrize("scale", ["lab", "gpu"])
+@pytest.mark.parametrize("finding", FINDINGS)
+def test_presets_compose(finding: str, scale: str) -> None:
+    register_configs()
+    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=[f"+experiment={finding}_{scale}"], return_hydra_config=True)
+    assert cfg.experiment == finding
+    assert str(cfg.hydra.sweep.dir).startswith(f"runs/{finding}")
+    assert cfg.hydra.sweeper.params  # a grid, not a single run
+    assert cfg.train.save_final is False
+
+
+def make_run(root: Path, name: str, config: dict, series: dict[str, list[float]],
+             final_loss: float = 3.5) -> Path:
+    """A completed run whose metrics rows hold ``series`` (one value per step)."""
+    run_dir = root / name
+    write_json(run_dir / "config.yaml", config)
+    record = RunRecord(run_dir)
+    lr = config["optim"]["lr"]
+    record.update(status="running", overrides=[name], lr=lr, loss_at_init=6.2, steps_planned=STEPS)
+    n = len(next(iter(series.values())))
+    for step in range(n):
+        row = {"train/loss": 6.2 - (6.2 - final_loss) * step / n, **{k: v[step] for k, v in series.items()}}
+        record.log(step, row)
+    record.update(status="completed", final_val_loss=final_loss, final_train_loss=final_loss, steps_completed=n)
+    record.close()
+    return run_dir
+
+
+def noisy(seed: int, level: float = 1.0) -> np.ndarray:
+    return level * (1.0 + 0.02 * np.random.default_rng(seed).standard_normal(STEPS))
+
+
+# --------------------------------------------------------------------------------------------
+# repeated_ngrams
+# --------------------------------------------------------------------------------------------
+def ngram_sweep(root: Path, reproduces: bool) -> Path:
+    planted = np.zeros(STEPS)
+    planted[40::25] = 1.0  # batches that carry a planted run
+    for inject in (False, True):
+        for filt in (False, True):
+            grad = noisy(int(inject) * 2 + int(filt))
+            if inject and not filt and reproduces:
+                grad = grad * (1.0 + 2.0 * planted)  # the planted batches spike
+            series = {"optim/grad_norm": list(grad)}
+            if inject:
+                series["data/injected_rows"] = list(planted)
+            if filt:
+                series["data/masked_tokens"] = list(100.0 * planted if inject else np.zeros(STEPS))
+            config = {"optim": {"lr": 1e-2}, "train": {"seed": 0},
+                      "data": {"inject": {"enabled": inject}, "ngram_filter": {"enabled": filt}}}
+            make_run(root, f"inject={inject},filter={filt}", config, series)
+    return root
+
+
+@pytest.mark.parametrize("reproduces", [True, False])
+def test_repeated_ngrams_verdict(tmp_path: Path, reproduces: bool) -> None:
+    root = ngram_sweep(tmp_path / "sweep", reproduces)
+    verdict = judge_runs(EXPERIMENTS / "repeated_ngrams", [root], tmp_path / "report")
+    assert verdict.reproduced is reproduces
+    assert len(verdict.checks) == 3
+    dirty = verdict.numbers["spike_score_grad_norm/inject+nofilter"]
+    assert (dirty > 0) is reproduces
+    assert verdict.numbers["spike_score_grad_norm/inject+filter"] == 0.0
+    assert (tmp_path / "report" / "verdict.md").read_text().startswith("# repeated_ngrams")
+
+
+def test_repeated_ngrams_verdict_names_a_missing_group(tmp_path: Path) -> None:
+    root = tmp_path / "sweep"
+    make_run(root, "clean", {"optim": {"lr": 1e-2}, "data": {"inject": {"enabled": False}}},
+             {"optim/grad_norm": list(noisy(0))})
+    verdict = judge_runs(EXPERIMENTS / "repeated_ngrams", [root], tmp_path / "report")
+    assert not verdict.reproduced
+    assert "inject+nofilter" in verdict.checks[0].measured
+
+
+# --------------------------------------------------------------------------------------------
+# adam_epsilon
+# --------------------------------------------------------------------------------------------
+LAYER = "blocks.0.mlp.fc_in.weight"
+
+
+def eps_sweep(root: Path, reproduces: bool) -> Path:
+    for eps in (1e-15, 1e-8, 1e-6):
+        for lr in (1e-2, 1e-1, 3e-1):
+            grad_rms = 1e-6 / lr if reproduces else 1e-3  # falls with the LR, or not
+            update = 1.0 / (1.0 + eps / grad_rms)  # m / (sqrt(v) + eps) with |m| ~ sqrt(v) ~ grad RMS
+            series = {f"grad_rms/{LAYER}": [grad_rms] * 20, f"update_rms/{LAYER}": [update] * 20}
+            config = {"optim": {"lr": lr, "eps": eps}, "model": {"name": "tiny"}, "train": {"seed": 0}}
+            make_run(root, f"eps={eps},lr={lr}", config, series)
+    return root
+
+
+@pytest.mark.parametrize("reproduces", [True, False])
+def test_adam_epsilon_verdict(tmp_path: Path, reproduces: bool) -> None:
+    root = eps_sweep(tmp_path / "sweep", reproduces)
+    verdict = judge_runs(EXPERIMENTS / "adam_epsilon", [root], tmp_path / "report")
+    assert verdict.reproduced is reproduces
+    assert [c.passed for c in verdict.checks] == [reproduces, reproduces]
+    ratio = verdict.numbers["update_ratio_eps1e-6_vs_1e-15/tiny/lr=0.3"]
+    assert ratio == pytest.approx(1.0 / (1.0 + 1e-6 / (1e-6 / 0.3)) if reproduces else 1.0 / (1.0 + 1e-3), rel=1e-3)
+
+
+def test_adam_epsilon_figure(tmp_path: Path) -> None:
+    spec = importlib.util.spec_from_file_location("adam_epsilon_figure_test", EXPERIMENTS / "adam_epsilon" / "figure.py")
+    figure = importlib.util.module_from_spec(spec)
+    assert spec.loader is not None
+    spec.loader.exec_module(figure)
+    root = eps_sweep(tmp_path / "sweep", reproduces=True)
+    assert figure.main([str(root), "--out", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "figures" / "grad_rms_vs_lr.png").stat().st_size > 0
+    empty = tmp_path / "empty"
+    make_run(empty, "no-metrics", {"optim": {"lr": 1e-2}}, {"train/other": [1.0] * 3})
+    assert figure.main([str(empty), "--out", str(tmp_path / "out")]) == 2  # one error line, no figure
+
+
+# --------------------------------------------------------------------------------------------
+# init_growth
+# --------------------------------------------------------------------------------------------
+def load_measure():
+    """measure.py as the init_growth judge loads it (experiments/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("init_growth_verdict_test", EXPERIMENTS / "init_growth" / "verdict.py")
+    verdict_module = importlib.util.module_from_spec(spec)
+    assert spec.loader is not None
+    spec.loader.exec_module(verdict_module)
+    return verdict_module._measure_module()
+
+
+def growth_sweep(root: Path, out: Path, reproduces: bool) -> Path:
+    measure = load_measure()
+    rows = []
+    for init in ("normal", "scaled"):
+        for width in (64, 128):
+            near_zero = (init == "normal") == reproduces
+            lam = 0.01 if near_zero else 0.2 * width / 64  # drifts with width
+            rows.append(measure.GrowthRow(arch="olmo2", init=init, width=width, n_layers=6, n_heads=2,
+                                          activation=lam, gradient=-lam, activation_std=0.0,
+                                          gradient_std=0.0, seeds=1))
+    measure.write_results(rows, out)
+    spikes = np.zeros(STEPS)
+    spikes[50::50] = 2.0
+    for init in ("normal", "scaled"):
+        grad = noisy(1)
+        if (init == "scaled") == reproduces:
+            grad = grad * (1.0 + spikes)
+        config = {"optim": {"lr": 1e-2}, "model": {"init": init}, "train": {"seed": 0}}
+        make_run(root, f"init={init}", config, {"optim/grad_norm": list(grad)})
+    return root
+
+
+@pytest.mark.parametrize("reproduces", [True, False])
+def test_init_growth_verdict(tmp_path: Path, reproduces: bool) -> None:
+    out = tmp_path / "report"
+    root = growth_sweep(tmp_path / "sweep", out, reproduces)
+    verdict = judge_runs(EXPERIMENTS / "init_growth", [root], out)
+    assert verdict.numbers["growth/csv"] == str(out / "growth_exponents.csv")  # the report's CSV wins
+    assert [c.passed for c in verdict.checks] == [reproduces] * 3
+    assert (out / "figures" / "growth_exponents.png").is_file()
+
+
+def test_measure_script_writes_its_table(tmp_path: Path) -> None:
+    measure = load_measure()
+    code = measure.main(["--widths", "16", "32", "--n-layers", "2", "--head-dim", "8", "--seeds", "1",
+                         "--batches", "1", "--batch-size", "2", "--seq-len", "16", "--device", "cpu",
+                         "--out", str(tmp_path)])
+    assert code == 0
+    rows = measure.read_rows(tmp_path / "growth_exponents.csv")
+    assert {(r.arch, r.init, r.width) for r in rows} == {
+        (a, i, w) for a in ("pre_ln", "olmo2") for i in ("normal", "scaled") for w in (16, 32)}
+    assert all(np.isfinite([r.activation, r.gradient]).all() for r in rows)
+    assert measure.main(["--widths", "20", "--head-dim", "8", "--out", str(tmp_path)]) == 2  # 20 % 8 != 0
+
+
+# --------------------------------------------------------------------------------------------
+# End to end: proxy-train multirun (shrunken) -> judge
+# --------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_repeated_ngrams_study_end_to_end(tmp_path: Path) -> None:
+    sweep_dir = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "proxy.train", "-m", "+experiment=repeated_ngrams_lab",
+           "train.steps=12", "train.eval_every=6", "train.eval_batches=1", "train.batch_size=4",
+           "train.seq_len=40", "model.d_model=16", "model.n_layers=1", "data.inject.fraction=0.5",
+           f"hydra.sweep.dir={sweep_dir}"]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert len(list(sweep_dir.glob("*/summary.json"))) == 4  # inject off/on x filter off/on
+    assert not list(sweep_dir.rglob("*.pt"))  # save_final=false: no checkpoints
+    verdict = judge_runs(EXPERIMENTS / "repeated_ngrams", [sweep_dir], tmp_path / "report")
+    assert len(verdict.checks) == 3  # 12 steps: 2 scored points per run, judged, not crashed
+    assert verdict.numbers["runs/inject+filter"] == 1
+    assert verdict.numbers["masked_tokens/inject+filter"] > 0  # 32 x 1-token repeats fit 41 tokens
+
