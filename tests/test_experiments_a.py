@@ -1,0 +1,182 @@
+"""Findings 1, 2, 3 and 7 (experiments/): presets compose, verdicts decide on constructed sweeps,
+and one shrunken study runs end to end through proxy-train and proxy-verdict.
+
+Constructed run directories go through proxy.records (RunRecord / write_json), the contract the
+trainer writes, so a verdict sees exactly what it would see after a real sweep.
+"""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Optional
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from proxy.config import register_configs
+from proxy.records import RunRecord, write_json
+from proxy.verdict import judge_runs
+
+REPO = Path(__file__).resolve().parents[1]
+EXPERIMENTS = REPO / "experiments"
+FINDINGS = ("attention_logit_growth", "output_logit_divergence", "lr_sensitivity_scaling", "warmup_and_weight_decay")
+L0 = math.log(512)
+STEPS = 40
+
+
+@pytest.mark.parametrize("scale", ["lab", "gpu"])
+@pytest.mark.parametrize("finding", FINDINGS)
+def test_presets_compose(finding: str, scale: str) -> None:
+    register_configs()
+    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=[f"+experiment={finding}_{scale}"], return_hydra_config=True)
+    assert cfg.experiment == finding
+    assert str(cfg.hydra.sweep.dir).startswith(f"runs/{finding}/")
+    assert "optim.lr" in cfg.hydra.sweeper.params
+    if scale == "lab":
+        assert cfg.train.save_final is False
+
+
+@pytest.mark.parametrize("group,option,key,value", [
+    ("stability", "qknorm_zloss", "loss.z_loss", 1e-4),
+    ("stability", "none", "model.qk_norm", "off"),
+    ("wd", "independent", "optim.weight_decay", 1e-4),
+    ("wd", "coupled", "optim.weight_decay", 0.1),
+])
+def test_recipe_groups_set_their_knobs(group: str, option: str, key: str, value) -> None:
+    register_configs()
+    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=[f"+{group}={option}"])
+    section, name = key.split(".")
+    got = cfg[section][name]
+    assert (got.value if hasattr(got, "value") else got) == value
+
+
+# --------------------------------------------------------------------------------------------
+# Constructed sweeps
+# --------------------------------------------------------------------------------------------
+def make_run(root: Path, overrides: dict[str, object], *, lr: float, final_loss: Optional[float],
+             attn_peak: float = 10.0, logit_mean_end: float = -1.0, lse_end: float = 6.0) -> Path:
+    """One run directory: a loss falling to ``final_loss`` (None: diverged), attention and
+    output-logit statistics moving linearly to the given end values."""
+    items = [f"{k}={v}" for k, v in overrides.items()] + [f"optim.lr={lr}"]
+    run_dir = root / ",".join(items)
+    write_json(run_dir / "config.yaml", {"optim": {"lr": lr}, "train": {"seed": 0, "steps": STEPS}})
+    record = RunRecord(run_dir)
+    record.update(status="running", overrides=items, lr=lr, loss_at_init=L0, steps_planned=STEPS)
+    end = STEPS if final_loss is not None else STEPS // 2
+    for step in range(0, end + 1, 10):
+        frac = step / STEPS
+        target = final_loss if final_loss is not None else L0
+        row = {"train/loss": L0 + (target - L0) * frac, "optim/grad_norm": 1.0,
+               "attn/max_logit": 1.0 + (attn_peak - 1.0) * frac,
+               "output/logit_mean": logit_mean_end * frac, "output/lse_mean": L0 + (lse_end - L0) * frac}
+        if step % 20 == 0:
+            row["val/loss"] = row["train/loss"]
+        record.log(step, row)
+    if final_loss is None:
+        record.update(status="diverged", diverged_at_step=end, steps_completed=end)
+    else:
+        record.update(status="completed", final_val_loss=final_loss, final_train_loss=final_loss,
+                      steps_completed=STEPS)
+    record.close()
+    return run_dir
+
+
+def _verdict(finding: str, root: Path, tmp_path: Path):
+    return judge_runs(EXPERIMENTS / finding, [root], tmp_path / f"report_{root.name}")
+
+
+def attention_sweep(root: Path, reproduces: bool) -> Path:
+    exp = {"+experiment": "attention_logit_growth_lab"}
+    for lr, loss, peak in [(1e-2, 3.6, 30.0), (3e-1, 5.0, 7e5)]:
+        make_run(root, {**exp, "model.qk_norm": "off"}, lr=lr, final_loss=loss, attn_peak=peak if reproduces else 40.0)
+    for lr, loss, peak in [(1e-2, 3.6, 20.0), (3e-1, 3.7, 45.0)]:
+        make_run(root, {**exp, "model.qk_norm": "layernorm"}, lr=lr, final_loss=loss, attn_peak=peak)
+    return root
+
+
+def output_sweep(root: Path, reproduces: bool) -> Path:
+    exp = {"+experiment": "output_logit_divergence_lab"}
+    make_run(root, {**exp, "loss.z_loss": 0.0}, lr=3e-1, final_loss=3.8,
+             logit_mean_end=-40.0 if reproduces else -2.0, lse_end=4.0)
+    make_run(root, {**exp, "loss.z_loss": 1e-4}, lr=3e-1, final_loss=3.7, logit_mean_end=-6.0, lse_end=0.3)
+    return root
+
+
+def scaling_sweep(root: Path, reproduces: bool) -> Path:
+    exp = {"+experiment": "lr_sensitivity_scaling_lab"}
+    for i, width in enumerate((32, 128)):
+        top = 3.6 + (0.8 * i if reproduces else -0.3 * i)  # loss at the highest LR grows with width
+        for recipe, worst in (("none", top), ("qknorm_zloss", 3.55)):
+            for lr, loss in ((1e-1, 3.4), (3e-1, worst)):
+                make_run(root, {**exp, "+stability": recipe, "model.d_model": width}, lr=lr, final_loss=loss)
+    return root
+
+
+def warmup_sweep(root: Path, reproduces: bool) -> Path:
+    exp = {"+experiment": "warmup_and_weight_decay_lab"}
+    worst = {("coupled", 5): 5.0, ("coupled", 100): 4.2, ("independent", 5): 4.4, ("independent", 100): 3.8}
+    for (form, warmup), top in worst.items():
+        if not reproduces and warmup == 100:
+            top = worst[(form, 5)] + 0.5  # the longer warmup does worse
+        for lr, loss in ((1e-1, 3.4), (3e-1, top)):
+            make_run(root, {**exp, "+wd": form, "schedule.warmup_steps": warmup}, lr=lr, final_loss=loss)
+    return root
+
+
+SWEEPS = {"attention_logit_growth": attention_sweep, "output_logit_divergence": output_sweep,
+          "lr_sensitivity_scaling": scaling_sweep, "warmup_and_weight_decay": warmup_sweep}
+
+
+@pytest.mark.parametrize("finding", FINDINGS)
+def test_verdict_reproduced_and_not(finding: str, tmp_path: Path) -> None:
+    good = _verdict(finding, SWEEPS[finding](tmp_path / "good", True), tmp_path)
+    bad = _verdict(finding, SWEEPS[finding](tmp_path / "bad", False), tmp_path)
+    assert good.reproduced, good.to_markdown()
+    assert not bad.reproduced, bad.to_markdown()
+    assert any(not c.passed for c in bad.checks) and good.numbers
+    assert (tmp_path / "report_good" / "verdict.json").is_file()
+
+
+def test_attention_verdict_counts_a_diverged_top_lr_as_degraded(tmp_path: Path) -> None:
+    root = tmp_path / "sweep"
+    exp = {"+experiment": "attention_logit_growth_lab"}
+    make_run(root, {**exp, "model.qk_norm": "off"}, lr=1e-2, final_loss=3.6, attn_peak=30.0)
+    make_run(root, {**exp, "model.qk_norm": "off"}, lr=3e-1, final_loss=None, attn_peak=1e5)
+    make_run(root, {**exp, "model.qk_norm": "layernorm"}, lr=1e-2, final_loss=3.6, attn_peak=20.0)
+    make_run(root, {**exp, "model.qk_norm": "layernorm"}, lr=3e-1, final_loss=3.5, attn_peak=40.0)
+    verdict = _verdict("attention_logit_growth", root, tmp_path)
+    degraded = next(c for c in verdict.checks if "diverges or ends" in c.claim)
+    assert degraded.passed and degraded.measured == "diverged"
+
+
+def test_verdict_names_a_missing_variant(tmp_path: Path) -> None:
+    root = tmp_path / "sweep"
+    make_run(root, {"model.qk_norm": "off"}, lr=1e-2, final_loss=3.6)
+    with pytest.raises(ValueError, match="model.qk_norm=layernorm"):
+        _verdict("attention_logit_growth", root, tmp_path)
+
+
+# --------------------------------------------------------------------------------------------
+# End to end: proxy-train multirun (shrunken) -> proxy-verdict
+# --------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_attention_study_end_to_end(tmp_path: Path) -> None:
+    sweep_dir = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "proxy.train", "-m", "+experiment=attention_logit_growth_lab",
+           "train.steps=4", "train.log_every=1", "train.eval_every=2", "train.eval_batches=1",
+           "train.batch_size=2", "train.seq_len=16", "model.d_model=16", "model.n_layers=1",
+           "optim.lr=1e-2,3e-1", f"hydra.sweep.dir={sweep_dir}"]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert len(list(sweep_dir.glob("*/summary.json"))) == 4  # qk_norm off/layernorm x 2 LRs
+    assert not list(sweep_dir.rglob("*.pt"))  # save_final=false: no checkpoints
+    verdict = judge_runs(EXPERIMENTS / "attention_logit_growth", [sweep_dir], tmp_path / "report")
+    assert len(verdict.checks) == 4  # 4 steps cannot grow logits 100x: judged, not crashed
+    assert "lr_sensitivity_off" in verdict.numbers
+    assert (tmp_path / "report" / "verdict.md").read_text().startswith("# Attention logit growth")
