@@ -523,6 +523,13 @@ def _hydra_task(dcfg) -> Optional[float]:
     sweep_id = Path(hc.sweep.dir).name if multirun else None
     name = cfg.run_name or run_name_from(list(hc.overrides.task))
     try:
+        from proxy.ensemble import sweep_requested, train_ensemble
+
+        if sweep_requested(cfg):  # sweep.lrs=[...]: K members vectorized in this one process
+            members = train_ensemble(cfg, run_dir, name, sweep_id, tuple(hc.overrides.task))
+            for member in members:
+                print(f"{member['status']}: {member.get('run_name')}")
+            return None
         summary = train(cfg, run_dir, name, sweep_id, tuple(hc.overrides.task))
     except (ConfigError, DataError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -1,0 +1,685 @@
+"""Train a whole sweep in one process: K members vectorized along a member dimension.
+
+A 1-20M parameter proxy model leaves a GPU mostly idle, so the sweep axis goes inside the batch:
+``proxy-train sweep.lrs=[1e-3,3e-3,1e-2,3e-2]`` trains four runs at once. Each member
+
+- is initialised exactly as a standalone run with its seed (``torch.manual_seed(seed)``, then
+  ``build_model``), and its parameters are stacked along a new dim 0;
+- sees the same batches as every other member (a controlled comparison);
+- has its own LR, weight decay, Adam moments, gradient clipping (its own global norm), schedule
+  and divergence check (proxy/ensemble_optim.py);
+- writes its own run directory ``<run_dir>/lr=0.001/`` with the keys, summary fields and
+  checkpoint format of a standalone run (optim.lr set to its LR in config.yaml and in its
+  overrides), so ``proxy-report <run_dir>`` sees K ordinary runs.
+
+The forward pass is the existing GPT, not a copy: ``torch.func.functional_call`` runs the module
+with member k's parameters and ``torch.func.vmap`` maps that over the member dim, which turns
+every matmul into one batched matmul. One ``backward()`` of the summed member losses gives each
+member exactly its own gradients (member k's loss depends only on member k's parameters).
+
+A member that diverges is recorded as diverged and frozen; the others go on unaffected (its
+gradients are masked out by selection, never by multiplication, so its NaNs stay its own). The
+loop ends when every member has finished or diverged.
+
+Each member logs the standalone keys (train/loss, train/z_loss, train/total_loss, val/loss,
+optim/lr, optim/grad_norm, grad_rms/<param> before clipping, update_rms/<param>, param_norm/<param>,
+attn/max_logit[/layer_i], output/logit_mean|logit_max|lse_mean, tokens, data metrics,
+perf/tokens_per_s: the rate at which this member advanced) plus perf/ensemble_tokens_per_s (all
+members together); perf/mfu, on GPUs, is the utilisation of the whole ensemble.
+
+Not supported with a sweep, each with a one-line error: remedies (each would rewind or skip
+batches per member, breaking the shared data stream), ``train.resume`` of the whole sweep (each
+member's checkpoint resumes on its own), data parallelism, spike capture, and the Triton kernels
+where they would run (CUDA, or TRITON_INTERPRET=1): their autograd.Functions define ``forward``
+with a ``ctx`` and no ``setup_context``/``vmap``, which torch.func cannot map. On a CPU they fall
+back to the references, which map fine. ``attention=sdpa`` works everywhere, but on CPU torch has
+no batching rule for its flash kernel and loops over the members (slower; prefer ``naive``).
+
+Cost: K x (parameters + gradients + two Adam moments) and K x the activations of one run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+import itertools
+import logging
+import math
+import os
+import random
+import time
+import traceback
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+from omegaconf import OmegaConf
+from torch import Tensor
+from torch.func import functional_call, stack_module_state, vmap
+
+from proxy import diagnostics, distributed
+from proxy.config import Config, ConfigError, RemedyKind, SweepConfig, WandbMode, as_dict, to_config
+from proxy.data import build_source
+from proxy.ensemble_optim import StackedAdamW, clip_members_, member_grad_norms, param_rules
+from proxy.model import GPT, build_model
+from proxy.optim import apply_lr, build_optimizer, schedule_multiplier
+from proxy.records import CHECKPOINTS, CONFIG, RunRecord, atomic_write_text
+from proxy.tracking import WandbSink
+from proxy.train import _progress, autocast_for, resolve_device, run_name_from, wants_compile
+
+log = logging.getLogger("proxy.ensemble")
+
+
+# --------------------------------------------------------------------------------------------
+# Members: who they are, what they are called, what config they record
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class MemberSpec:
+    label: str  # its directory under the sweep's run dir, e.g. "lr=0.001" or "lr=0.001,seed=1"
+    lr: float
+    seed: int
+    weight_decay: float
+    overrides: tuple[str, ...]  # what a standalone run of this member would have on its command line
+
+
+def sweep_requested(cfg: Config) -> bool:
+    """Whether ``cfg`` asks for an ensemble (any of sweep.lrs / seeds / weight_decays set)."""
+    return bool(cfg.sweep.lrs or cfg.sweep.seeds or cfg.sweep.weight_decays)
+
+
+def _override_key(item: str) -> str:
+    return item.lstrip("+~").split("=", 1)[0]
+
+
+def member_specs(cfg: Config, overrides: Sequence[str] = ()) -> list[MemberSpec]:
+    """The grid lrs x seeds x weight_decays; an empty axis takes the config's single value.
+
+    Each member's overrides are the sweep's without ``sweep.*`` and without the keys it sweeps,
+    plus its own values of those keys: exactly the command line of the equivalent standalone run,
+    which is what the report groups variants and reads LRs from.
+    """
+    sw = cfg.sweep
+    axes = [  # (swept?, values, directory key, override key)
+        (bool(sw.lrs), list(sw.lrs) or [cfg.optim.lr], "lr", "optim.lr"),
+        (bool(sw.seeds), list(sw.seeds) or [cfg.train.seed], "seed", "train.seed"),
+        (bool(sw.weight_decays), list(sw.weight_decays) or [cfg.optim.weight_decay], "wd", "optim.weight_decay"),
+    ]
+    swept_keys = {key for swept, _, _, key in axes if swept}
+    kept = [o for o in overrides if not _override_key(o).startswith("sweep.") and _override_key(o) not in swept_keys]
+    specs = []
+    for lr, seed, wd in itertools.product(*(values for _, values, _, _ in axes)):
+        values = {"optim.lr": float(lr), "train.seed": int(seed), "optim.weight_decay": float(wd)}
+        own = [(short, key, values[key]) for swept, _, short, key in axes if swept]
+        label = ",".join(f"{short}={value!r}" for short, _, value in own)
+        specs.append(MemberSpec(label, float(lr), int(seed), float(wd),
+                                tuple(kept + [f"{key}={value!r}" for _, key, value in own])))
+    return specs
+
+
+def member_config(cfg: Config, spec: MemberSpec, run_dir: Path) -> Config:
+    """The config a standalone run of this member would have: its LR, seed, decay; no sweep."""
+    member = copy.deepcopy(cfg)
+    member.optim.lr, member.train.seed, member.optim.weight_decay = spec.lr, spec.seed, spec.weight_decay
+    member.sweep = SweepConfig()
+    if cfg.run_name:
+        member.run_name = f"{cfg.run_name},{spec.label}"
+    if cfg.out_dir:
+        member.out_dir = str(run_dir / spec.label)
+    return member
+
+
+def member_run_name(spec: MemberSpec, run_name: Optional[str], overrides: Sequence[str]) -> str:
+    """A name chosen by the user gets the member's label appended; a name derived from the
+    command line is derived again from the member's own command line."""
+    if run_name is None or run_name == run_name_from(list(overrides)):
+        return run_name_from(list(spec.overrides))
+    return f"{run_name},{spec.label}"
+
+
+def check_supported(cfg: Config) -> None:
+    """Refuse, in one line, what an ensemble cannot do (see the module docstring)."""
+    if RemedyKind(cfg.remedy.kind) != RemedyKind.none:
+        raise ConfigError(f"remedy.kind={RemedyKind(cfg.remedy.kind).value} is not supported with sweep.*: "
+                          f"members share one batch stream; run the sweep as a Hydra multirun instead")
+    if cfg.train.resume:
+        raise ConfigError("train.resume=true is not supported with sweep.*: resume a member on its own "
+                          "(proxy-train optim.lr=<lr> out_dir=<run_dir>/<member> train.resume=true)")
+    if distributed.from_env().enabled:
+        raise ConfigError("sweep.* trains its members in one process; do not start it with torchrun or several tasks")
+    if getattr(getattr(cfg, "capture", None), "enabled", False):
+        raise ConfigError("capture.enabled=true is not supported with sweep.*")
+
+
+# --------------------------------------------------------------------------------------------
+# K models as one: stacked parameters, vmapped forward
+# --------------------------------------------------------------------------------------------
+@dataclass
+class StackedOutput:
+    """proxy.model.ModelOutput with a leading member dim on every tensor."""
+
+    loss: Tensor  # (K,) ce + z: what backward() sums
+    ce_loss: Tensor  # (K,)
+    z_loss: Tensor  # (K,)
+    attn_max_logits: list[Tensor] = field(default_factory=list)  # per layer (K, batch, heads)
+    output_stats: dict[str, Tensor] = field(default_factory=dict)  # each (K,)
+
+
+class StackedGPT:
+    """K GPTs of one architecture as one set of modules with member-stacked parameters.
+
+    ``params`` maps parameter names to leaf tensors ``(K, ...)``; ``base`` is one of the GPTs,
+    used as the module ``functional_call`` runs (its own parameters are never read by the
+    forward; its buffers, the rotary tables, are shared by all members).
+    """
+
+    def __init__(self, models: Sequence[GPT], device: torch.device, compile: bool = False):
+        if not models:
+            raise ValueError("StackedGPT needs at least one model")
+        self.base = models[0].to(device)
+        params, _ = stack_module_state(list(models))  # tied weights appear once, as in named_parameters
+        self.params: dict[str, Tensor] = {n: p.detach().to(device).requires_grad_() for n, p in params.items()}
+        self.n_members = len(models)
+        self.device = device
+        self.compile = compile
+        self._mapped: dict[tuple, Any] = {}
+
+    # -- forward -----------------------------------------------------------------------------
+    def _member_forward(self, params: dict[str, Tensor], idx: Tensor, labels: Tensor, *, z_loss: float,
+                        ignore_index: int, collect_stats: bool):
+        out = functional_call(self.base, params, (idx, labels), dict(
+            z_loss=z_loss, ignore_index=ignore_index, collect_stats=collect_stats))
+        maxima = [m for m in out.attn_max_logits if m is not None]  # vmap returns tensors only
+        return out.loss, out.ce_loss, out.z_loss, maxima, dict(out.output_stats)
+
+    def _mapped_forward(self, z_loss: float, ignore_index: int, collect_stats: bool):
+        key = (z_loss, ignore_index, collect_stats, self.compile)
+        if key not in self._mapped:
+            fn = functools.partial(self._member_forward, z_loss=z_loss, ignore_index=ignore_index,
+                                   collect_stats=collect_stats)
+            # parameters are mapped over, the batch is shared; "different" keeps any future dropout
+            # independent per member instead of failing
+            mapped = vmap(fn, in_dims=(0, None, None), randomness="different")
+            self._mapped[key] = torch.compile(mapped) if self.compile else mapped
+        return self._mapped[key]
+
+    def __call__(self, idx: Tensor, labels: Tensor, *, z_loss: float = 0.0, ignore_index: int = -100,
+                 collect_stats: bool = False) -> StackedOutput:
+        with warnings.catch_warnings():
+            # CPU sdpa has no vmap batching rule: torch loops over members (correct, slower) and says so
+            # on every call; once is enough (it is in the docs and in the run log)
+            warnings.filterwarnings("ignore", message=".*_scaled_dot_product_flash_attention_for_cpu.*")
+            loss, ce, z, maxima, stats = self._mapped_forward(z_loss, ignore_index, collect_stats)(
+                self.params, idx, labels)
+        return StackedOutput(loss, ce, z, list(maxima), dict(stats))
+
+    # -- memory layout -----------------------------------------------------------------------
+    def adopt_gradient_layouts(self, idx: Tensor, labels: Tensor, autocast=contextlib.nullcontext) -> None:
+        """Store each parameter in the memory layout its gradient arrives in.
+
+        Under vmap the weight gradient of a linear layer comes out of a batched matmul as
+        ``(K, in, out)`` memory viewed as ``(K, out, in)``. Autograd copies a gradient whose
+        strides differ from its parameter's into the parameter's layout, every step; a parameter
+        stored in the gradient's layout takes it as is. One small forward/backward finds out.
+        """
+        compile, self.compile = self.compile, False  # not worth a compilation for one tiny batch
+        try:
+            with autocast():
+                out = self(idx, labels)
+            out.loss.sum().backward()
+        finally:
+            self.compile = compile
+        for name, p in self.params.items():
+            g, p.grad = p.grad, None
+            if g is not None and g.stride() != p.stride() and _is_dense(g):
+                order = sorted(range(g.ndim), key=lambda d: g.stride()[d], reverse=True)
+                inverse = sorted(range(g.ndim), key=lambda d: order[d])
+                relaid = p.detach().permute(order).contiguous().permute(inverse)
+                self.params[name] = relaid.requires_grad_()
+
+    # -- one member as a standalone model ----------------------------------------------------
+    @torch.no_grad()
+    def load_member(self, k: int, model: GPT) -> GPT:
+        """Copy member k's parameters into ``model`` (an nn.Module of the same architecture)."""
+        own = dict(model.named_parameters())
+        for name, p in self.params.items():
+            own[name].copy_(p[k])
+        return model
+
+    def grads(self) -> list[Tensor]:
+        return [p.grad for p in self.params.values() if p.grad is not None]
+
+    def zero_grad(self) -> None:
+        for p in self.params.values():
+            p.grad = None
+
+
+def _is_dense(t: Tensor) -> bool:
+    """Non-overlapping and dense: some permutation of ``t`` is contiguous."""
+    order = sorted(range(t.ndim), key=lambda d: t.stride()[d], reverse=True)
+    return t.permute(order).is_contiguous()
+
+
+def _per_member(t: Tensor, reduce: str) -> Tensor:
+    """Reduce every dim but the member dim: 'rms', 'norm' or 'max'. Returns fp32 (K,)."""
+    dims = tuple(range(1, t.ndim))
+    if not dims:
+        return t.float()
+    if reduce == "rms":
+        return t.float().pow(2).mean(dim=dims).sqrt()
+    if reduce == "norm":
+        return torch.linalg.vector_norm(t.float(), dim=dims)
+    return t.float().amax(dim=dims)
+
+
+# --------------------------------------------------------------------------------------------
+# Per-member bookkeeping
+# --------------------------------------------------------------------------------------------
+class _MemberWandbSink(WandbSink):
+    """A WandbSink that can be open K times at once (wandb ``reinit="create_new"``).
+
+    proxy.tracking.WandbSink finishes the previous run when a new one starts, which is right
+    for one run per process and wrong for K members logging side by side.
+    """
+
+    def __init__(self, cfg: Config, run_dir: Path, run_name: str, group: Optional[str]):
+        self.run = None
+        if cfg.wandb.mode == WandbMode.disabled:
+            return
+        import wandb
+
+        (run_dir / "wandb").mkdir(parents=True, exist_ok=True)
+        self.run = wandb.init(project=cfg.wandb.project, entity=cfg.wandb.entity, group=cfg.wandb.group or group,
+                              name=run_name, tags=list(cfg.wandb.tags), mode=cfg.wandb.mode.value,
+                              dir=str(run_dir), config=as_dict(cfg), reinit="create_new")
+
+
+@dataclass
+class Member:
+    """One member's record and the running numbers its summary needs."""
+
+    index: int
+    spec: MemberSpec
+    cfg: Config
+    run_dir: Path
+    run_name: str
+    record: RunRecord
+    wandb: WandbSink
+    active: bool = True
+    tokens: int = 0
+    loss_at_init: Optional[float] = None
+    recent_losses: list[float] = field(default_factory=list)
+    stats_seen: dict[str, float] = field(default_factory=dict)
+
+    def log_row(self, step: int, row: dict[str, Any]) -> None:
+        """As proxy.train.Trainer.log_row: write, and remember what the summary reports."""
+        self.record.log(step, row)
+        self.wandb.log(step, row)
+        if "attn/max_logit" in row:
+            peak = max(self.stats_seen.get("attn/max_logit_peak", -math.inf), row["attn/max_logit"])
+            self.stats_seen["attn/max_logit_peak"] = peak
+        for key in ("attn/max_logit", "output/logit_mean"):
+            if key in row:
+                self.stats_seen[key] = row[key]
+
+    def divergence(self, loss: float, grad_norm: float, train_cfg) -> Optional[str]:
+        """The standalone trainer's three divergence rules; the reason, or None."""
+        if not diagnostics.is_finite(loss, grad_norm):
+            return f"non-finite {'loss' if not math.isfinite(loss) else 'grad norm'}"
+        if train_cfg.diverge_loss > 0 and loss > train_cfg.diverge_loss:
+            return f"train loss {loss:.3g} > train.diverge_loss={train_cfg.diverge_loss}"
+        if train_cfg.diverge_factor > 0 and self.loss_at_init and loss > train_cfg.diverge_factor * self.loss_at_init:
+            return f"train loss {loss:.3g} > {train_cfg.diverge_factor} x loss at init"
+        return None
+
+    def finish(self, status: str, step: int, wall_time: float, diverged_at: Optional[int] = None,
+               final_val: Optional[float] = None) -> dict[str, Any]:
+        """As proxy.train.Trainer._finish: the summary fields every run ends with."""
+        losses = [v for v in self.recent_losses if math.isfinite(v)]
+        fields = dict(
+            status=status,
+            steps_completed=step,
+            tokens=self.tokens,
+            wall_time_s=wall_time,
+            final_train_loss=sum(losses) / len(losses) if losses else None,
+            final_val_loss=final_val,
+            diverged_at_step=diverged_at,
+            error=None,
+            max_attn_logit_peak=self.stats_seen.get("attn/max_logit_peak"),
+            max_attn_logit_final=self.stats_seen.get("attn/max_logit"),
+            output_logit_mean_final=self.stats_seen.get("output/logit_mean"),
+        )
+        if final_val is not None:
+            best = self.record.summary.get("best_val_loss")
+            fields["best_val_loss"] = final_val if best is None else min(best, final_val)
+        self.record.update(**fields)
+        self.wandb.summary(fields)
+        self.wandb.finish(failed=status == "failed")
+        self.record.close()
+        self.active = False
+        return self.record.summary
+
+
+# --------------------------------------------------------------------------------------------
+# The trainer
+# --------------------------------------------------------------------------------------------
+class EnsembleTrainer:
+    """proxy.train.Trainer's loop for K members at once (same order of steps, same records)."""
+
+    def __init__(self, cfg: Config, run_dir: Path, run_name: Optional[str] = None,
+                 sweep_id: Optional[str] = None, overrides: Sequence[str] = ()):
+        check_supported(cfg)
+        self.cfg = cfg
+        self.device = resolve_device(cfg.train.device)
+        self.specs = member_specs(cfg, overrides)
+        self.configs = [member_config(cfg, spec, run_dir) for spec in self.specs]
+        self.source = build_source(cfg.data)
+
+        models = []
+        for member_cfg in self.configs:  # each exactly as Trainer.__init__ would build it
+            torch.manual_seed(member_cfg.train.seed)
+            random.seed(member_cfg.train.seed)
+            models.append(build_model(member_cfg.model, self.source.vocab_size))
+        self.model = StackedGPT(models, self.device, compile=wants_compile(cfg, self.device))
+        del models
+        self.autocast = autocast_for(cfg, self.device)
+        self._check_backends_and_layout()
+        self.optimizer = StackedAdamW(self.model.params, param_rules(self.model.base, cfg.optim),
+                                      [s.lr for s in self.specs], [s.weight_decay for s in self.specs], cfg.optim)
+
+        self.tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
+        self.step = 0
+        n_members = len(self.specs)
+        flops = self.model.base.flops_per_token(cfg.train.seq_len) * n_members  # MFU of the whole ensemble
+        self.throughput = diagnostics.Throughput(flops, self.device)
+        self.n_params = self.model.base.n_params(), self.model.base.n_params(non_embedding=True)
+        self.members = []
+        for k, (spec, member_cfg) in enumerate(zip(self.specs, self.configs)):
+            member_dir = run_dir / spec.label
+            name = member_run_name(spec, run_name or cfg.run_name, overrides)
+            self.members.append(Member(k, spec, member_cfg, member_dir, name, RunRecord(member_dir),
+                                       _MemberWandbSink(member_cfg, member_dir, name, sweep_id or run_dir.name)))
+        self.sweep_id = sweep_id
+        self.started = time.time()
+
+    def _check_backends_and_layout(self) -> None:
+        """A tiny forward/backward before any record exists: it fixes the parameter layouts and
+        turns "this kernel cannot be vmapped" into one config error instead of a failed run."""
+        x, y = self.batch("train", 0)
+        x, y = x[:2, :16], y[:2, :16]
+        try:
+            self.model.adopt_gradient_layouts(x, y, self.autocast)
+        except RuntimeError as exc:
+            if "autograd.Function" not in str(exc):
+                raise
+            m = self.cfg.model
+            raise ConfigError(
+                f"model.attention={m.attention.value} / model.loss_impl={m.loss_impl.value}: the Triton kernels have "
+                f"no vmap rule yet, so sweep.* cannot use them on {self.device.type}; use model.attention=naive|sdpa "
+                f"and model.loss_impl=torch") from None
+
+    # -- data and evaluation -----------------------------------------------------------------
+    def batch(self, split: str, index: int) -> tuple[Tensor, Tensor]:
+        x, y = self.source.batch(split, index, self.cfg.train.batch_size, self.cfg.train.seq_len)
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+    @torch.no_grad()
+    def evaluate(self) -> list[float]:
+        """Each member's mean cross-entropy over the fixed held-out batches (Trainer.evaluate)."""
+        self.model.base.eval()
+        per_batch = []
+        for i in range(self.cfg.train.eval_batches):
+            x, y = self.batch("val", i)
+            with self.autocast():
+                per_batch.append(self.model(x, y, ignore_index=self.cfg.loss.ignore_index).ce_loss.float())
+        self.model.base.train()
+        totals = [0.0] * len(self.members)
+        for values in torch.stack(per_batch).tolist():  # one sync; summed in the standalone order
+            totals = [total + v for total, v in zip(totals, values)]
+        return [total / self.cfg.train.eval_batches for total in totals]
+
+    # -- one step ----------------------------------------------------------------------------
+    def train_step(self, step: int, logging_step: bool) -> Optional[dict[int, dict[str, float]]]:
+        """One optimizer step for every active member. Returns {member: row} on logging steps."""
+        cfg = self.cfg
+        multiplier = schedule_multiplier(step, cfg.train.steps, cfg.schedule)
+        x, y = self.batch("train", step)  # no remedies, so the data position is the step
+
+        collect = logging_step and (cfg.train.stats_every == 0 or step % cfg.train.stats_every == 0)
+        with self.autocast():
+            out = self.model(x, y, z_loss=cfg.loss.z_loss, ignore_index=cfg.loss.ignore_index,
+                             collect_stats=collect)
+        out.loss.sum().backward()
+        names = [n for n, p in self.model.params.items() if p.grad is not None]
+        grads = self.model.grads()
+        columns: dict[str, Tensor] = {}
+        if logging_step:  # before clipping, as diagnostics.grad_stats
+            columns.update({f"grad_rms/{n}": _per_member(g, "rms") for n, g in zip(names, grads)})
+        norms = member_grad_norms(grads)
+        clip_members_(grads, norms, cfg.optim.grad_clip)
+
+        losses, grad_norms = torch.stack([out.ce_loss.detach().float(), norms]).tolist()  # one sync
+        wall = time.time() - self.started
+        for member in self.members:
+            if not member.active:
+                continue
+            reason = member.divergence(losses[member.index], grad_norms[member.index], cfg.train)
+            if reason is not None:
+                member.record.event(step, "diverged", reason=reason)
+                log.warning("member %s diverged at step %d: %s", member.spec.label, step, reason)
+                member.finish("diverged", step, wall, diverged_at=step)
+        active = [m.active for m in self.members]
+        if not any(active):
+            self.model.zero_grad()
+            return None
+
+        before = {n: p.detach().clone() for n, p in self.model.params.items()} if logging_step else None
+        self.optimizer.step(multiplier, active)
+        self.model.zero_grad()
+        self.step = step + 1
+        self.throughput.add(self.tokens_per_step)
+        for member in self.members:
+            if member.active:
+                member.tokens += self.tokens_per_step
+                member.recent_losses = (member.recent_losses + [losses[member.index]])[-cfg.train.log_every:]
+        if not logging_step:
+            return None
+
+        lrs = {n: torch.tensor(self.optimizer.lrs(n, multiplier), device=self.device) for n in self.model.params}
+        for n, p in self.model.params.items():
+            rms = _per_member(p.detach() - before[n], "rms")
+            columns[f"update_rms/{n}"] = torch.where(lrs[n] > 0, rms / lrs[n], torch.zeros_like(rms))
+            columns[f"param_norm/{n}"] = _per_member(p.detach(), "norm")
+        if collect:
+            columns.update(_forward_stats(out))
+        columns.update({"train/z_loss": out.z_loss.detach().float(), "train/total_loss": out.loss.detach().float()})
+        keys = list(columns)
+        values = torch.stack([columns[k].to(self.device) for k in keys]).tolist() if keys else []  # one sync
+        shared = dict(getattr(self.source, "last_batch_info", {}))
+        perf = self.throughput.read()
+        if "perf/tokens_per_s" in perf:
+            perf["perf/ensemble_tokens_per_s"] = perf["perf/tokens_per_s"] * len(self.members)
+        rows = {}
+        for member in self.members:
+            if not member.active:
+                continue
+            k = member.index
+            row = {key: values[i][k] for i, key in enumerate(keys)}
+            row.update(shared)
+            row.update({
+                "tokens": member.tokens,
+                "train/loss": losses[k],
+                "optim/lr": member.spec.lr * multiplier,  # the base LR, as proxy.optim.apply_lr returns
+                "optim/grad_norm": grad_norms[k],
+            })
+            row.update(perf)
+            rows[k] = row
+        return rows
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def save_checkpoints(self) -> None:
+        """Each active member's checkpoint, in the standalone format (loadable by Trainer)."""
+        multiplier = schedule_multiplier(max(self.step - 1, 0), self.cfg.train.steps, self.cfg.schedule)
+        for member in self.members:
+            if member.active:
+                self._save_member_checkpoint(member, multiplier)
+
+    def _save_member_checkpoint(self, member: Member, multiplier: float) -> Path:
+        model = self.model.load_member(member.index, self.model.base)
+        optimizer = build_optimizer(model, member.cfg.optim)
+        apply_lr(optimizer, multiplier)
+        own = dict(model.named_parameters())
+        for name in self.model.params:
+            optimizer.state[own[name]] = self.optimizer.member_state(member.index, name)
+        state = {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "step": self.step,
+            "data_position": self.step,
+            "tokens": member.tokens,
+            "loss_at_init": member.loss_at_init,
+            "rng_cpu": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "remedy": {},
+        }
+        ckpt_dir = member.run_dir / CHECKPOINTS
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        path = ckpt_dir / f"step_{self.step:07d}.pt"
+        tmp = path.with_suffix(".pt.tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+        for old in sorted(ckpt_dir.glob("step_*.pt"))[: -max(1, self.cfg.train.keep_checkpoints)]:
+            old.unlink()
+        return path
+
+    # -- the loop ----------------------------------------------------------------------------
+    def _start_records(self) -> None:
+        for member in self.members:
+            atomic_write_text(member.run_dir / CONFIG, OmegaConf.to_yaml(OmegaConf.create(as_dict(member.cfg))))
+            member.record.update(
+                status="running",
+                run_name=member.run_name,
+                sweep_id=self.sweep_id,
+                overrides=list(member.spec.overrides),
+                experiment=member.cfg.experiment,
+                steps_planned=member.cfg.train.steps,
+                lr=member.spec.lr,
+                n_params=self.n_params[0],
+                n_params_non_embedding=self.n_params[1],
+                device=str(self.device),
+                started_at=time.time(),
+                data=self.source.describe(),
+                ensemble={"members": len(self.members), "index": member.index, "label": member.spec.label},
+            )
+
+    def run(self) -> list[dict[str, Any]]:
+        t = self.cfg.train
+        self._start_records()
+        self.started = time.time()
+        progress = _progress(t.steps, t.progress, f"sweep x{len(self.members)}", 0)
+        try:
+            while self.step < t.steps and any(m.active for m in self.members):
+                step = self.step
+                if step % t.eval_every == 0:
+                    self._log_eval(step)
+                logging_step = step % t.log_every == 0 or step == t.steps - 1
+                rows = self.train_step(step, logging_step)
+                for k, row in (rows or {}).items():
+                    self.members[k].log_row(step, row)
+                if progress is not None:
+                    progress.n = self.step
+                    if rows:
+                        active = [r["train/loss"] for r in rows.values()]
+                        progress.set_postfix(active=f"{len(active)}/{len(self.members)}",
+                                             best=f"{min(active):.3f}", refresh=False)
+                        progress.refresh()
+                if t.ckpt_every and self.step % t.ckpt_every == 0 and 0 < self.step < t.steps:
+                    self.save_checkpoints()
+        finally:
+            if progress is not None:
+                progress.close()
+        if any(m.active for m in self.members):
+            final = self.evaluate()
+            for member in self.members:
+                if member.active:
+                    member.log_row(t.steps, {"val/loss": final[member.index], "tokens": member.tokens})
+            if t.save_final:
+                self.save_checkpoints()
+            wall = time.time() - self.started
+            for member in self.members:
+                if member.active:
+                    member.finish("completed", self.step, wall, final_val=final[member.index])
+        return [m.record.summary for m in self.members]
+
+    def _log_eval(self, step: int) -> None:
+        values = self.evaluate()
+        for member in self.members:
+            if not member.active:
+                continue
+            val = values[member.index]
+            if member.loss_at_init is None:
+                member.loss_at_init = val
+                member.record.update(loss_at_init=val)
+            member.log_row(step, {"val/loss": val})
+
+    def fail(self, exc: BaseException) -> None:
+        """Record a crash in every member still running (as proxy.train.train does for one run)."""
+        text = traceback.format_exc()
+        for member in self.members:
+            if member.active:
+                (member.run_dir / "error.txt").write_text(text)
+                member.record.update(status="failed", error=f"{type(exc).__name__}: {exc}",
+                                     steps_completed=self.step)
+                member.wandb.finish(failed=True)
+                member.record.close()
+                member.active = False
+
+
+def _forward_stats(out: StackedOutput) -> dict[str, Tensor]:
+    """diagnostics.forward_stats per member: (K,) columns under the standalone keys."""
+    stats: dict[str, Tensor] = {}
+    per_layer = [_per_member(m, "max") for m in out.attn_max_logits]
+    for i, maxima in enumerate(per_layer):
+        stats[f"attn/max_logit/layer_{i}"] = maxima
+    if per_layer:
+        stats["attn/max_logit"] = torch.stack(per_layer).amax(dim=0)
+    for name, value in out.output_stats.items():
+        stats[f"output/{name}"] = value.detach().float()
+    return stats
+
+
+# --------------------------------------------------------------------------------------------
+# Python API (the Hydra entry routes here when sweep_requested(cfg))
+# --------------------------------------------------------------------------------------------
+def train_ensemble(cfg: Config | dict, run_dir: str | Path, run_name: Optional[str] = None,
+                   sweep_id: Optional[str] = None, overrides: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """Train every member of ``cfg.sweep`` into ``run_dir/<label>`` and return their summaries.
+
+    Mirrors proxy.train.train: never raises on divergence (a diverged member is a result); a
+    crash marks every running member failed, writes error.txt, and raises.
+    """
+    cfg = to_config(cfg) if not isinstance(cfg, Config) else cfg
+    if not sweep_requested(cfg):
+        raise ConfigError("train_ensemble needs sweep.lrs, sweep.seeds or sweep.weight_decays")
+    run_dir = Path(run_dir)
+    trainer = EnsembleTrainer(cfg, run_dir, run_name, sweep_id, tuple(overrides))
+    try:
+        return trainer.run()
+    except Exception as exc:
+        trainer.fail(exc)
+        raise
+
+
+__all__ = [
+    "EnsembleTrainer",
+    "MemberSpec",
+    "StackedGPT",
+    "StackedOutput",
+    "member_config",
+    "member_run_name",
+    "member_specs",
+    "sweep_requested",
+    "train_ensemble",
+]

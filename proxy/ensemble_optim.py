@@ -1,0 +1,196 @@
+"""AdamW and gradient clipping over member-stacked parameters (the optimizer of proxy/ensemble.py).
+
+Every tensor here carries the ensemble's members along dim 0: a parameter of shape ``(out, in)``
+in a standalone run is ``(K, out, in)`` here, and so are its gradient and Adam moments. What
+differs between members (peak LR, weight decay, whether the member is still training) lives in
+``(K,)`` vectors that broadcast as ``(K, 1, ..., 1)``.
+
+The arithmetic is proxy.optim.AdamW's, op for op, with the per-member scalars computed in Python
+doubles exactly as the standalone optimizer computes them. Given the same gradients a member's
+update is the standalone update to the last bit, so an ensemble member follows the standalone run
+with the same LR and seed up to the rounding of batched matmuls.
+
+A frozen (diverged) member must not move and must not poison the others: its gradients are
+replaced by zeros with a masked fill (a NaN times zero is still NaN, so never a multiplication),
+its LR is 0 and its decay factor 1, so ``theta + 0 * m / denom`` leaves it exactly as it was.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+
+from proxy.config import OptimConfig, WeightDecayMode
+from proxy.optim import build_optimizer
+
+
+@dataclass(frozen=True)
+class ParamRule:
+    """How the optimizer treats one parameter: decayed or not, and its muP LR scale."""
+
+    decay: bool
+    lr_scale: float
+
+
+def param_rules(model: nn.Module, cfg: OptimConfig) -> dict[str, ParamRule]:
+    """Each parameter's rule, read off ``build_optimizer``'s groups so the two never disagree.
+
+    Groups are named ``decay``, ``no_decay`` or ``<that>/lr_x<scale>`` (proxy.optim); a sweep over
+    weight decay needs the decay flag even where ``cfg.weight_decay`` is 0.
+    """
+    rules = {}
+    for group in build_optimizer(model, cfg).param_groups:
+        rule = ParamRule(decay=group["name"].split("/")[0] == "decay", lr_scale=group["lr_scale"])
+        for name in group["param_names"]:
+            rules[name] = rule
+    return rules
+
+
+def as_member_column(values: Tensor, ndim: int) -> Tensor:
+    """A ``(K,)`` vector shaped ``(K, 1, ..., 1)`` to broadcast against a ``ndim``-dim stack."""
+    return values.view(-1, *([1] * (ndim - 1)))
+
+
+# --------------------------------------------------------------------------------------------
+# Clipping
+# --------------------------------------------------------------------------------------------
+def member_grad_norms(grads: Sequence[Tensor]) -> Tensor:
+    """Each member's global gradient L2 norm, fp32 ``(K,)``: the norm a standalone run clips by.
+
+    One norm per member slice (a single fused call, as proxy.optim.clip_grad_norm does per
+    tensor) rather than one reduction over the stack: a reduction's summation order depends on
+    the shape it is given, and a member's norm must not depend on how many members there are.
+    """
+    if not grads:
+        raise ValueError("member_grad_norms: no gradients")
+    n_members = grads[0].shape[0]
+    per_slice = torch._foreach_norm([g[k] for g in grads for k in range(n_members)])
+    # (member, tensor), each row contiguous: every member reduces its own norms the same way
+    per_tensor = rearrange(torch.stack(per_slice), "(p k) -> k p", k=n_members).contiguous()
+    return torch.linalg.vector_norm(per_tensor, dim=1).float()
+
+
+def clip_members_(grads: Sequence[Tensor], norms: Tensor, max_norm: float) -> None:
+    """Scale each member's gradients so its global norm is at most ``max_norm`` (0: no clipping).
+
+    Same arithmetic as proxy.optim.clip_grad_norm: scale = min(1, max_norm / (norm + 1e-6)).
+    """
+    if max_norm < 0:
+        raise ValueError(f"clip_members_: max_norm={max_norm} must be >= 0")
+    if max_norm == 0:
+        return
+    scale = torch.clamp(max_norm / (norms + 1e-6), max=1.0)
+    for g in grads:
+        g.mul_(as_member_column(scale, g.ndim))
+
+
+# --------------------------------------------------------------------------------------------
+# AdamW
+# --------------------------------------------------------------------------------------------
+class StackedAdamW:
+    """AdamW for K members at once; member k has its own peak LR and weight decay.
+
+    ``params`` maps names to leaf tensors ``(K, ...)`` whose ``.grad`` the backward pass fills.
+    All members share the step count (a frozen member's moments are never read again), the
+    betas, eps and the decay mode; see proxy.optim.AdamW for the two decay forms.
+    """
+
+    def __init__(
+        self,
+        params: dict[str, Tensor],
+        rules: dict[str, ParamRule],
+        peak_lrs: Sequence[float],
+        weight_decays: Sequence[float],
+        cfg: OptimConfig,
+    ):
+        if len(peak_lrs) != len(weight_decays):
+            raise ValueError(f"StackedAdamW: {len(peak_lrs)} peak LRs but {len(weight_decays)} weight decays")
+        missing = sorted(set(params) - set(rules))
+        if missing:
+            raise ValueError(f"StackedAdamW: no optimizer rule for {', '.join(missing)}")
+        self.params = params
+        self.rules = rules
+        self.peak_lrs = [float(v) for v in peak_lrs]
+        self.weight_decays = [float(v) for v in weight_decays]
+        self.beta1, self.beta2, self.eps = cfg.beta1, cfg.beta2, cfg.eps
+        self.coupled = WeightDecayMode(cfg.weight_decay_mode) == WeightDecayMode.coupled
+        self.step_count = 0
+        # moments keep the parameter's memory layout (proxy/ensemble.py may store weights
+        # transposed), so every elementwise op below runs on matching strides
+        self.exp_avg = {n: torch.zeros_like(p, memory_format=torch.preserve_format) for n, p in params.items()}
+        self.exp_avg_sq = {n: torch.zeros_like(p, memory_format=torch.preserve_format) for n, p in params.items()}
+
+    @property
+    def n_members(self) -> int:
+        return len(self.peak_lrs)
+
+    def lrs(self, name: str, multiplier: float) -> list[float]:
+        """Member LRs of parameter ``name`` at a schedule multiplier (proxy.optim.apply_lr's order)."""
+        scale = self.rules[name].lr_scale
+        return [peak * scale * multiplier for peak in self.peak_lrs]
+
+    @torch.no_grad()
+    def step(self, multiplier: float, active: Sequence[bool]) -> None:
+        """One AdamW step for the active members; frozen members stay exactly where they are."""
+        if len(active) != self.n_members:
+            raise ValueError(f"StackedAdamW.step: {len(active)} flags for {self.n_members} members")
+        self.step_count += 1
+        s = self.step_count
+        bias1 = 1 - self.beta1**s
+        bias2_sqrt = (1 - self.beta2**s) ** 0.5
+        frozen = None
+        if not all(active):
+            device = next(iter(self.params.values())).device
+            frozen = torch.tensor([not a for a in active], device=device)
+
+        by_rule: dict[ParamRule, list[str]] = {}
+        for name, p in self.params.items():
+            if p.grad is not None:
+                by_rule.setdefault(self.rules[name], []).append(name)
+        for rule, names in by_rule.items():
+            lrs = [lr if on else 0.0 for lr, on in zip(self.lrs(names[0], multiplier), active)]
+            decay = self._decay_factors(rule, lrs, multiplier, active)
+            neg_steps = [-(lr / bias1) for lr in lrs]
+            device, dtype = self.params[names[0]].device, self.params[names[0]].dtype
+            neg_steps_t = torch.tensor(neg_steps, device=device, dtype=dtype)
+            decay_t = torch.tensor(decay, device=device, dtype=dtype) if decay is not None else None
+            for name in names:
+                p, g = self.params[name], self.params[name].grad
+                m, v = self.exp_avg[name], self.exp_avg_sq[name]
+                if frozen is not None:  # a selection, not a product: NaN * 0 is NaN
+                    g.masked_fill_(as_member_column(frozen, g.ndim), 0.0)
+                if decay_t is not None:  # decay first: it uses theta before the update
+                    p.mul_(as_member_column(decay_t, p.ndim))
+                m.lerp_(g, 1 - self.beta1)
+                v.mul_(self.beta2).addcmul_(g, g, value=1 - self.beta2)
+                denom = v.sqrt().div_(bias2_sqrt).add_(self.eps)
+                # (step * m) / denom, the order torch's addcdiv uses in proxy.optim.AdamW
+                p.addcdiv_(m * as_member_column(neg_steps_t, m.ndim), denom)
+
+    def _decay_factors(self, rule: ParamRule, lrs: list[float], multiplier: float,
+                       active: Sequence[bool]) -> list[float] | None:
+        """``1 - decay`` per member (1 for members with no decay), or None when nobody decays."""
+        if not rule.decay or not any(wd != 0 and on for wd, on in zip(self.weight_decays, active)):
+            return None
+        factors = []
+        for lr, peak, wd, on in zip(lrs, self.peak_lrs, self.weight_decays, active):
+            if wd == 0 or not on:
+                factors.append(1.0)
+            elif self.coupled:
+                factors.append(1 - lr * wd)
+            else:  # independent: the schedule multiplier times wd, whatever the LR
+                factors.append(1 - lr / (peak * rule.lr_scale) * wd)
+        return factors
+
+    # -- a member as a standalone optimizer state ------------------------------------------------
+    def member_state(self, k: int, name: str) -> dict[str, object]:
+        """Member k's state of ``name`` in proxy.optim.AdamW's format (for its checkpoint)."""
+        return {
+            "step": self.step_count,
+            "exp_avg": self.exp_avg[name][k].detach().clone(memory_format=torch.contiguous_format),
+            "exp_avg_sq": self.exp_avg_sq[name][k].detach().clone(memory_format=torch.contiguous_format),
+        }

@@ -1,0 +1,252 @@
+"""Vectorized sweeps (proxy/ensemble.py): each member is the standalone run with its LR and seed,
+a diverged member is frozen without touching the others, and every member leaves a standard
+run record."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+from proxy.config import Config, ConfigError, OptimConfig, as_dict, register_configs, to_config
+from proxy.ensemble import member_specs, train_ensemble
+from proxy.ensemble_optim import ParamRule, StackedAdamW, clip_members_, member_grad_norms, param_rules
+from proxy.model import build_model
+from proxy.optim import apply_lr, build_optimizer, clip_grad_norm
+from proxy.records import find_runs, load_run
+from proxy.train import train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These models are tiny: a second thread buys nothing and, on a busy shared machine,
+    every parallel region waits for it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_cfg(**sections) -> dict:
+    cfg = as_dict(Config())
+    cfg["model"].update(d_model=32, n_heads=2)
+    cfg["train"].update(steps=20, batch_size=4, seq_len=32, log_every=1, eval_every=10, eval_batches=2,
+                        progress=False)
+    cfg["schedule"]["warmup_steps"] = 5
+    for section, values in sections.items():
+        cfg[section].update(values)
+    return cfg
+
+
+def series(run_dir, key: str) -> list[float]:
+    return load_run(run_dir).series(key)[1]
+
+
+def without_perf(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in row.items() if not k.startswith("perf/")} for row in rows]
+
+
+# --------------------------------------------------------------------------------------------
+# Equivalence with standalone runs
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("variant", [
+    dict(),
+    dict(model=dict(qk_norm="rmsnorm", init="fan_in", mlp="swiglu", tie_embeddings=True),
+         loss=dict(z_loss=1e-4)),
+    dict(model=dict(qk_norm="layernorm", init="scaled", norm_position="reordered", norm="rmsnorm",
+                    attention="sdpa"),
+         optim=dict(mup=True, mup_base_fan_in=16, weight_decay=1e-4, weight_decay_mode="independent")),
+])
+def test_each_member_follows_its_standalone_run(tmp_path, variant):
+    lrs = [1e-3, 4e-3]
+    summaries = train_ensemble(tiny_cfg(sweep=dict(lrs=lrs), **variant), tmp_path / "sweep")
+    assert [s["status"] for s in summaries] == ["completed", "completed"]
+    for lr in lrs:
+        member = tmp_path / "sweep" / f"lr={lr!r}"
+        solo = tmp_path / f"solo-{lr}"
+        standalone = tiny_cfg(**variant)
+        standalone["optim"]["lr"] = lr
+        assert train(standalone, solo)["status"] == "completed"
+        for key in ("train/loss", "val/loss", "optim/lr", "output/lse_mean"):
+            ours, theirs = series(member, key), series(solo, key)
+            assert len(ours) == len(theirs) > 0, key
+            assert ours == pytest.approx(theirs, rel=1e-5, abs=0), key
+        assert series(member, "train/loss")[0] == series(solo, "train/loss")[0]  # same init, bit for bit
+
+
+def test_seed_and_weight_decay_axes_make_a_grid(tmp_path):
+    cfg = tiny_cfg(sweep=dict(lrs=[2e-3], seeds=[0, 7], weight_decays=[0.0, 0.1]), train=dict(steps=8))
+    summaries = train_ensemble(cfg, tmp_path / "sweep")
+    labels = sorted(p.name for p in (tmp_path / "sweep").iterdir())
+    assert labels == ["lr=0.002,seed=0,wd=0.0", "lr=0.002,seed=0,wd=0.1",
+                      "lr=0.002,seed=7,wd=0.0", "lr=0.002,seed=7,wd=0.1"]
+    assert all(s["status"] == "completed" for s in summaries)
+    solo = tiny_cfg(optim=dict(lr=2e-3, weight_decay=0.1), train=dict(steps=8, seed=7))
+    train(solo, tmp_path / "solo")
+    member = tmp_path / "sweep" / "lr=0.002,seed=7,wd=0.1"
+    assert series(member, "train/loss") == pytest.approx(series(tmp_path / "solo", "train/loss"), rel=1e-5, abs=0)
+    config = load_run(member).config
+    assert (config["optim"]["lr"], config["optim"]["weight_decay"], config["train"]["seed"]) == (2e-3, 0.1, 7)
+    assert config["sweep"] == {"lrs": [], "seeds": [], "weight_decays": []}
+    # different seeds start from different weights
+    assert series(member, "train/loss")[0] != series(tmp_path / "sweep" / "lr=0.002,seed=0,wd=0.1", "train/loss")[0]
+
+
+# --------------------------------------------------------------------------------------------
+# Divergence
+# --------------------------------------------------------------------------------------------
+def test_diverged_member_is_frozen_and_the_others_do_not_notice(tmp_path):
+    cfg = dict(schedule=dict(warmup_steps=0), train=dict(steps=12, eval_every=6))
+    # lr=1e30 turns the weights to inf in one step: every later forward of that member is NaN
+    mixed = train_ensemble(tiny_cfg(sweep=dict(lrs=[1e-3, 1e30, 3e-3]), **cfg), tmp_path / "mixed")
+    clean = train_ensemble(tiny_cfg(sweep=dict(lrs=[1e-3, 3e-3]), **cfg), tmp_path / "clean")
+    assert [s["status"] for s in mixed] == ["completed", "diverged", "completed"]
+    bad = load_run(tmp_path / "mixed" / "lr=1e+30")
+    assert bad.summary["diverged_at_step"] == 1 and bad.summary["steps_completed"] == 1
+    assert bad.events == [{"step": 1, "event": "diverged", "reason": "non-finite loss"}]
+    assert max(row["step"] for row in bad.metrics) == 0  # nothing logged after it froze
+    for label in ("lr=0.001", "lr=0.003"):
+        ours, theirs = load_run(tmp_path / "mixed" / label), load_run(tmp_path / "clean" / label)
+        assert without_perf(ours.metrics) == without_perf(theirs.metrics)  # bit for bit
+        assert ours.summary["final_val_loss"] == theirs.summary["final_val_loss"]
+        assert math.isfinite(ours.summary["final_val_loss"])
+    assert clean[0]["status"] == "completed"
+
+
+def test_loss_threshold_divergence_matches_standalone(tmp_path):
+    cfg = dict(optim=dict(grad_clip=0.0), schedule=dict(warmup_steps=0), train=dict(steps=30, eval_every=15))
+    summaries = train_ensemble(tiny_cfg(sweep=dict(lrs=[1e-3, 3.0]), **cfg), tmp_path / "sweep")
+    solo = train(tiny_cfg(optim=dict(lr=3.0, grad_clip=0.0), schedule=dict(warmup_steps=0),
+                          train=dict(steps=30, eval_every=15)), tmp_path / "solo")
+    assert solo["status"] == "diverged"
+    assert summaries[1]["status"] == "diverged"
+    assert summaries[1]["diverged_at_step"] == solo["diverged_at_step"]
+    assert summaries[0]["status"] == "completed"
+
+
+# --------------------------------------------------------------------------------------------
+# Records
+# --------------------------------------------------------------------------------------------
+def test_members_write_standard_run_records(tmp_path):
+    overrides = ("model.qk_norm=rmsnorm", "sweep.lrs=[0.001,0.01]")
+    cfg = tiny_cfg(sweep=dict(lrs=[1e-3, 1e-2]), model=dict(qk_norm="rmsnorm"), train=dict(log_every=5))
+    train_ensemble(cfg, tmp_path / "sweep", sweep_id="s1", overrides=overrides)
+    train(tiny_cfg(optim=dict(lr=1e-3), model=dict(qk_norm="rmsnorm"), train=dict(log_every=5)), tmp_path / "solo")
+
+    runs = find_runs([tmp_path / "sweep"])
+    assert [p.name for p in runs] == ["lr=0.001", "lr=0.01"]
+    solo = load_run(tmp_path / "solo")
+    for path, lr in zip(runs, (1e-3, 1e-2)):
+        run = load_run(path)
+        assert run.config["optim"]["lr"] == lr
+        assert run.summary["lr"] == lr and run.summary["sweep_id"] == "s1"
+        assert run.summary["overrides"] == ["model.qk_norm=rmsnorm", f"optim.lr={lr!r}"]
+        assert run.summary["run_name"] == f"model.qk_norm=rmsnorm,optim.lr={lr!r}"
+        assert set(run.summary) - set(solo.summary) == {"ensemble"}
+        assert set(solo.summary) - set(run.summary) == set()
+        assert [r["step"] for r in run.metrics] == [r["step"] for r in solo.metrics]
+        for ours, theirs in zip(run.metrics, solo.metrics):
+            assert set(ours) - set(theirs) <= {"perf/ensemble_tokens_per_s"}
+            assert set(theirs) - set(ours) == set()
+
+        # the final checkpoint is a standalone checkpoint of this member
+        state = torch.load(path / "checkpoints" / "step_0000020.pt", weights_only=True)
+        model = build_model(to_config(run.config).model, 512)
+        model.load_state_dict(state["model"])
+        optimizer = build_optimizer(model, to_config(run.config).optim)
+        optimizer.load_state_dict(state["optimizer"])
+        assert state["step"] == 20 and state["tokens"] == run.summary["tokens"]
+        assert optimizer.param_groups[0]["peak_lr"] == lr
+    member_state = torch.load(runs[0] / "checkpoints" / "step_0000020.pt", weights_only=True)["model"]
+    solo_state = torch.load(tmp_path / "solo" / "checkpoints" / "step_0000020.pt", weights_only=True)["model"]
+    for name, value in solo_state.items():
+        torch.testing.assert_close(member_state[name], value, rtol=1e-4, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------------------------
+def test_sweep_composes_from_the_command_line():
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = to_config(compose("config", overrides=["sweep.lrs=[1e-3,3e-3,1e-2]", "sweep.seeds=[1,2]"]))
+    assert cfg.sweep.lrs == [1e-3, 3e-3, 1e-2] and cfg.sweep.seeds == [1, 2]
+    specs = member_specs(cfg, ["sweep.lrs=[1e-3,3e-3,1e-2]", "sweep.seeds=[1,2]", "model.init=fan_in"])
+    assert len(specs) == 6
+    assert specs[0].overrides == ("model.init=fan_in", "optim.lr=0.001", "train.seed=1")
+
+
+@pytest.mark.parametrize("sweep, remedy, message", [
+    (dict(lrs=[1e-3, 1e-3]), {}, "sweep.lrs=[0.001, 0.001] has repeated values"),
+    (dict(lrs=[1e-3, -1.0]), {}, "sweep.lrs entry=-1.0 must be > 0"),
+    (dict(weight_decays=[-0.1]), {}, "sweep.weight_decays entry=-0.1 must be >= 0"),
+    (dict(lrs=[1e-3]), dict(kind="skip_step"), "remedy.kind=skip_step is not supported with sweep.*"),
+])
+def test_bad_sweeps_fail_with_one_line(tmp_path, sweep, remedy, message):
+    with pytest.raises(ConfigError) as info:
+        train_ensemble(tiny_cfg(sweep=sweep, remedy=remedy), tmp_path / "sweep")
+    assert message in str(info.value) and "\n" not in str(info.value)
+    assert not (tmp_path / "sweep").exists()
+
+
+def test_triton_kernels_without_vmap_rule_are_refused_before_any_record(tmp_path):
+    # conftest sets TRITON_INTERPRET=1, so the Triton kernels (not the references) would run
+    with pytest.raises(ConfigError, match="no vmap rule"):
+        train_ensemble(tiny_cfg(sweep=dict(lrs=[1e-3]), model=dict(attention="triton")), tmp_path / "sweep")
+    assert not (tmp_path / "sweep").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# The stacked optimizer against proxy.optim, bit for bit
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["coupled", "independent"])
+def test_stacked_adamw_is_the_standalone_adamw_per_member(mode):
+    torch.manual_seed(0)
+    cfg = dict(d_model=16, n_layers=1, n_heads=2)
+    model_cfg = to_config({"model": cfg}).model
+    lrs, wds = [1e-3, 3e-2, 1.0], [0.0, 0.1, 0.3]
+    models = [build_model(model_cfg, 64) for _ in lrs]
+    base_optim = OptimConfig(weight_decay=0.1, weight_decay_mode=mode, mup=True, mup_base_fan_in=8, grad_clip=0.5)
+    optimizers = []
+    for model, lr, wd in zip(models, lrs, wds):
+        optimizers.append(build_optimizer(model, dataclasses.replace(base_optim, lr=lr, weight_decay=wd)))
+    names = [n for n, _ in models[0].named_parameters()]
+    stacked = {n: torch.stack([dict(m.named_parameters())[n].detach() for m in models]).requires_grad_()
+               for n in names}
+    optimizer = StackedAdamW(stacked, param_rules(models[0], base_optim), lrs, wds, base_optim)
+    for step in range(4):
+        multiplier = 0.5 + 0.1 * step
+        grads = {n: torch.randn_like(p) * 10 ** (step - 2) for n, p in stacked.items()}
+        for k, (model, opt) in enumerate(zip(models, optimizers)):
+            for n, p in model.named_parameters():
+                p.grad = grads[n][k].clone()
+            clip_grad_norm(list(model.parameters()), 0.5)
+            apply_lr(opt, multiplier)
+            opt.step()
+        for n, p in stacked.items():
+            p.grad = grads[n].clone()
+        grad_list = [p.grad for p in stacked.values()]
+        clip_members_(grad_list, member_grad_norms(grad_list), 0.5)
+        optimizer.step(multiplier, [True, True, True])
+        for k, model in enumerate(models):
+            for n, p in model.named_parameters():
+                torch.testing.assert_close(stacked[n][k], p, rtol=0, atol=0, msg=f"{n} member {k} step {step}")
+
+
+def test_frozen_member_ignores_nan_gradients():
+    params = {"w": torch.ones(2, 3, requires_grad=True)}
+    rules = {"w": ParamRule(decay=True, lr_scale=1.0)}
+    optimizer = StackedAdamW(params, rules, [0.1, 0.1], [0.1, 0.1], OptimConfig(weight_decay=0.1))
+    params["w"].grad = torch.tensor([[1.0, 2.0, 3.0], [float("nan"), float("inf"), 1.0]])
+    optimizer.step(1.0, [True, False])
+    assert torch.equal(params["w"][1], torch.ones(3))
+    assert torch.isfinite(params["w"]).all() and not torch.equal(params["w"][0], torch.ones(3))
+    assert torch.isfinite(optimizer.exp_avg["w"]).all()
