@@ -61,9 +61,9 @@ from torch import Tensor
 from torch.func import functional_call, stack_module_state, vmap
 
 from proxy import diagnostics, distributed
-from proxy.config import Config, ConfigError, RemedyKind, SweepConfig, WandbMode, as_dict, to_config
+from proxy.config import Attention, Config, ConfigError, LossImpl, RemedyKind, SweepConfig, WandbMode, as_dict, to_config
 from proxy.data import build_source
-from proxy.ensemble_optim import StackedAdamW, clip_members_, member_grad_norms, param_rules
+from proxy.ensemble_optim import StackedAdamW, clip_members_, is_dense, member_grad_norms, param_rules
 from proxy.model import GPT, build_model
 from proxy.optim import apply_lr, build_optimizer, schedule_multiplier
 from proxy.records import CHECKPOINTS, CONFIG, RunRecord, atomic_write_text
@@ -220,10 +220,21 @@ class StackedGPT:
         """Store each parameter in the memory layout its gradient arrives in.
 
         Under vmap the weight gradient of a linear layer comes out of a batched matmul as
-        ``(K, in, out)`` memory viewed as ``(K, out, in)``. Autograd copies a gradient whose
-        strides differ from its parameter's into the parameter's layout, every step; a parameter
-        stored in the gradient's layout takes it as is. One small forward/backward finds out.
+        ``(K, in, out)`` memory viewed as ``(K, out, in)``. Autograd copies an incoming gradient
+        whose strides differ from its parameter's into the parameter's layout, every step (a
+        weight-sized copy per weight); a parameter stored in the gradient's layout takes it as
+        is. One small forward/backward, with hooks that see the gradients before that copy,
+        finds the layouts.
         """
+        arrived: dict[str, tuple[int, ...]] = {}
+
+        def remember(name: str):
+            def hook(grad: Tensor) -> None:
+                if is_dense(grad):
+                    arrived[name] = grad.stride()
+            return hook
+
+        handles = [p.register_hook(remember(name)) for name, p in self.params.items()]
         compile, self.compile = self.compile, False  # not worth a compilation for one tiny batch
         try:
             with autocast():
@@ -231,13 +242,15 @@ class StackedGPT:
             out.loss.sum().backward()
         finally:
             self.compile = compile
-        for name, p in self.params.items():
-            g, p.grad = p.grad, None
-            if g is not None and g.stride() != p.stride() and _is_dense(g):
-                order = sorted(range(g.ndim), key=lambda d: g.stride()[d], reverse=True)
-                inverse = sorted(range(g.ndim), key=lambda d: order[d])
-                relaid = p.detach().permute(order).contiguous().permute(inverse)
-                self.params[name] = relaid.requires_grad_()
+            for handle in handles:
+                handle.remove()
+        for name, p in list(self.params.items()):
+            p.grad = None
+            stride = arrived.get(name)
+            if stride is not None and stride != p.stride():
+                order = sorted(range(p.ndim), key=lambda d: stride[d], reverse=True)
+                inverse = sorted(range(p.ndim), key=lambda d: order[d])
+                self.params[name] = p.detach().permute(order).contiguous().permute(inverse).requires_grad_()
 
     # -- one member as a standalone model ----------------------------------------------------
     @torch.no_grad()
@@ -254,12 +267,6 @@ class StackedGPT:
     def zero_grad(self) -> None:
         for p in self.params.values():
             p.grad = None
-
-
-def _is_dense(t: Tensor) -> bool:
-    """Non-overlapping and dense: some permutation of ``t`` is contiguous."""
-    order = sorted(range(t.ndim), key=lambda d: t.stride()[d], reverse=True)
-    return t.permute(order).is_contiguous()
 
 
 def _per_member(t: Tensor, reduce: str) -> Tensor:
@@ -401,7 +408,7 @@ class EnsembleTrainer:
             name = member_run_name(spec, run_name or cfg.run_name, overrides)
             self.members.append(Member(k, spec, member_cfg, member_dir, name, RunRecord(member_dir),
                                        _MemberWandbSink(member_cfg, member_dir, name, sweep_id or run_dir.name)))
-        self.sweep_id = sweep_id
+        self.run_dir, self.sweep_id = run_dir, sweep_id
         self.started = time.time()
 
     def _check_backends_and_layout(self) -> None:
@@ -415,10 +422,13 @@ class EnsembleTrainer:
             if "autograd.Function" not in str(exc):
                 raise
             m = self.cfg.model
+            chosen = [f"model.attention={m.attention.value}"] if m.attention == Attention.triton else []
+            if m.loss_impl != LossImpl.torch:
+                chosen.append(f"model.loss_impl={m.loss_impl.value}")
             raise ConfigError(
-                f"model.attention={m.attention.value} / model.loss_impl={m.loss_impl.value}: the Triton kernels have "
-                f"no vmap rule yet, so sweep.* cannot use them on {self.device.type}; use model.attention=naive|sdpa "
-                f"and model.loss_impl=torch") from None
+                f"{' and '.join(chosen) or 'a Triton kernel'}: the Triton kernels have no vmap rule yet, so sweep.* "
+                f"cannot use them on {self.device.type}; use model.attention=naive|sdpa and model.loss_impl=torch"
+            ) from None
 
     # -- data and evaluation -----------------------------------------------------------------
     def batch(self, split: str, index: int) -> tuple[Tensor, Tensor]:
@@ -627,6 +637,8 @@ class EnsembleTrainer:
     def fail(self, exc: BaseException) -> None:
         """Record a crash in every member still running (as proxy.train.train does for one run)."""
         text = traceback.format_exc()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "error.txt").write_text(text)  # where the CLI's error line points
         for member in self.members:
             if member.active:
                 (member.run_dir / "error.txt").write_text(text)

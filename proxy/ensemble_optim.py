@@ -18,7 +18,7 @@ its LR is 0 and its decay factor 1, so ``theta + 0 * m / denom`` leaves it exact
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from einops import rearrange
@@ -48,6 +48,12 @@ def param_rules(model: nn.Module, cfg: OptimConfig) -> dict[str, ParamRule]:
         for name in group["param_names"]:
             rules[name] = rule
     return rules
+
+
+def is_dense(t: Tensor) -> bool:
+    """Non-overlapping and dense: some permutation of ``t``'s dims is contiguous."""
+    order = sorted(range(t.ndim), key=lambda d: t.stride()[d], reverse=True)
+    return t.permute(order).is_contiguous()
 
 
 def as_member_column(values: Tensor, ndim: int) -> Tensor:
@@ -112,6 +118,9 @@ class StackedAdamW:
         missing = sorted(set(params) - set(rules))
         if missing:
             raise ValueError(f"StackedAdamW: no optimizer rule for {', '.join(missing)}")
+        gappy = sorted(n for n, p in params.items() if not is_dense(p))
+        if gappy:
+            raise ValueError(f"StackedAdamW: parameters must be dense (a permuted contiguous layout): {gappy}")
         self.params = params
         self.rules = rules
         self.peak_lrs = [float(v) for v in peak_lrs]
@@ -123,6 +132,11 @@ class StackedAdamW:
         # transposed), so every elementwise op below runs on matching strides
         self.exp_avg = {n: torch.zeros_like(p, memory_format=torch.preserve_format) for n, p in params.items()}
         self.exp_avg_sq = {n: torch.zeros_like(p, memory_format=torch.preserve_format) for n, p in params.items()}
+        # two scratch tensors for the step's temporaries (the scaled moment and the denominator),
+        # reused across parameters and steps: allocating K-times-larger temporaries every step
+        # costs more than the arithmetic on a CPU (fresh pages from the OS on every allocation)
+        self._scratch_size = max((p.numel() for p in params.values()), default=0)
+        self._scratch: Optional[Tensor] = None
 
     @property
     def n_members(self) -> int:
@@ -167,9 +181,16 @@ class StackedAdamW:
                     p.mul_(as_member_column(decay_t, p.ndim))
                 m.lerp_(g, 1 - self.beta1)
                 v.mul_(self.beta2).addcmul_(g, g, value=1 - self.beta2)
-                denom = v.sqrt().div_(bias2_sqrt).add_(self.eps)
+                denom = torch.sqrt(v, out=self._scratch_like(v, 0)).div_(bias2_sqrt).add_(self.eps)
                 # (step * m) / denom, the order torch's addcdiv uses in proxy.optim.AdamW
-                p.addcdiv_(m * as_member_column(neg_steps_t, m.ndim), denom)
+                scaled = torch.mul(m, as_member_column(neg_steps_t, m.ndim), out=self._scratch_like(m, 1))
+                p.addcdiv_(scaled, denom)
+
+    def _scratch_like(self, t: Tensor, slot: int) -> Tensor:
+        """A scratch tensor with ``t``'s shape and strides (``t`` is dense, maybe permuted)."""
+        if self._scratch is None or self._scratch.dtype != t.dtype or self._scratch.device != t.device:
+            self._scratch = torch.empty(2 * self._scratch_size, dtype=t.dtype, device=t.device)
+        return self._scratch.as_strided(t.shape, t.stride(), slot * self._scratch_size)
 
     def _decay_factors(self, rule: ParamRule, lrs: list[float], multiplier: float,
                        active: Sequence[bool]) -> list[float] | None:
