@@ -29,6 +29,7 @@ import functools
 import json
 import math
 import sys
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence, TypeVar
@@ -346,7 +347,7 @@ class Batch:
     metrics: dict[str, float] = field(default_factory=dict)  # flat 'data/...' keys for logging
 
 
-class TokenSource:
+class TokenSource(ABC):
     """Base of every source: subclasses supply rows of tokens, this class shapes them into
     batches and applies injection and filtering.
 
@@ -363,13 +364,14 @@ class TokenSource:
         self.last_batch_info: dict[str, float] = {}
 
     # -- what subclasses provide ---------------------------------------------------------------
+    @abstractmethod
     def _rows(self, split: str, index: int, rows: np.ndarray, length: int,
               attempt: int = 0) -> np.ndarray:
         """(len(rows), length) int64 tokens; row r a function of (seed, split, index, r, attempt)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _describe(self) -> dict:
-        raise NotImplementedError
+        """The source's own figures for ``describe()`` (name, sizes, entropies)."""
 
     # -- the contract ----------------------------------------------------------------------------
     def batch(self, split: str, index: int, batch_size: int, seq_len: int, rank: int = 0,

@@ -68,7 +68,8 @@ from proxy.model import GPT, build_model
 from proxy.optim import apply_lr, build_optimizer, schedule_multiplier
 from proxy.records import CHECKPOINTS, CONFIG, RunRecord, atomic_write_text
 from proxy.tracking import WandbSink
-from proxy.train import _progress, autocast_for, resolve_device, run_name_from, wants_compile
+from proxy.train import (_progress, autocast_for, divergence_reason, resolve_device, run_name_from, summary_fields,
+                         wants_compile)
 
 log = logging.getLogger("proxy.ensemble")
 
@@ -332,35 +333,14 @@ class Member:
                 self.stats_seen[key] = row[key]
 
     def divergence(self, loss: float, grad_norm: float, train_cfg) -> Optional[str]:
-        """The standalone trainer's three divergence rules; the reason, or None."""
-        if not diagnostics.is_finite(loss, grad_norm):
-            return f"non-finite {'loss' if not math.isfinite(loss) else 'grad norm'}"
-        if train_cfg.diverge_loss > 0 and loss > train_cfg.diverge_loss:
-            return f"train loss {loss:.3g} > train.diverge_loss={train_cfg.diverge_loss}"
-        if train_cfg.diverge_factor > 0 and self.loss_at_init and loss > train_cfg.diverge_factor * self.loss_at_init:
-            return f"train loss {loss:.3g} > {train_cfg.diverge_factor} x loss at init"
-        return None
+        """The standalone trainer's divergence rules; the reason, or None."""
+        return divergence_reason(loss, grad_norm, self.loss_at_init, train_cfg)
 
     def finish(self, status: str, step: int, wall_time: float, diverged_at: Optional[int] = None,
                final_val: Optional[float] = None) -> dict[str, Any]:
         """As proxy.train.Trainer._finish: the summary fields every run ends with."""
-        losses = [v for v in self.recent_losses if math.isfinite(v)]
-        fields = dict(
-            status=status,
-            steps_completed=step,
-            tokens=self.tokens,
-            wall_time_s=wall_time,
-            final_train_loss=sum(losses) / len(losses) if losses else None,
-            final_val_loss=final_val,
-            diverged_at_step=diverged_at,
-            error=None,
-            max_attn_logit_peak=self.stats_seen.get("attn/max_logit_peak"),
-            max_attn_logit_final=self.stats_seen.get("attn/max_logit"),
-            output_logit_mean_final=self.stats_seen.get("output/logit_mean"),
-        )
-        if final_val is not None:
-            best = self.record.summary.get("best_val_loss")
-            fields["best_val_loss"] = final_val if best is None else min(best, final_val)
+        fields = summary_fields(status, step, self.tokens, wall_time, self.recent_losses, self.stats_seen,
+                                self.record.summary.get("best_val_loss"), diverged_at, final_val)
         self.record.update(**fields)
         self.wandb.summary(fields)
         self.wandb.finish(failed=status == "failed")

@@ -95,6 +95,40 @@ class RunInfo:
     overrides: tuple[str, ...] = ()
 
 
+def divergence_reason(loss: float, grad_norm: float, loss_at_init: Optional[float], t) -> Optional[str]:
+    """Why a step counts as diverged under the ``train.diverge_*`` rules, or None (``t``: TrainConfig)."""
+    if not diagnostics.is_finite(loss, grad_norm):
+        return f"non-finite {'loss' if not math.isfinite(loss) else 'grad norm'}"
+    if t.diverge_loss > 0 and loss > t.diverge_loss:
+        return f"train loss {loss:.3g} > train.diverge_loss={t.diverge_loss}"
+    if t.diverge_factor > 0 and loss_at_init and loss > t.diverge_factor * loss_at_init:
+        return f"train loss {loss:.3g} > {t.diverge_factor} x loss at init"
+    return None
+
+
+def summary_fields(status: str, steps: int, tokens: int, wall_time_s: float, recent_losses: list[float],
+                   stats_seen: dict[str, float], previous_best: Optional[float],
+                   diverged_at: Optional[int] = None, final_val: Optional[float] = None) -> dict[str, Any]:
+    """The summary.json fields every finished run has (standalone or an ensemble member)."""
+    losses = [v for v in recent_losses if math.isfinite(v)]
+    fields = dict(
+        status=status,
+        steps_completed=steps,
+        tokens=tokens,
+        wall_time_s=wall_time_s,
+        final_train_loss=sum(losses) / len(losses) if losses else None,
+        final_val_loss=final_val,
+        diverged_at_step=diverged_at,
+        error=None,
+        max_attn_logit_peak=stats_seen.get("attn/max_logit_peak"),
+        max_attn_logit_final=stats_seen.get("attn/max_logit"),
+        output_logit_mean_final=stats_seen.get("output/logit_mean"),
+    )
+    if final_val is not None:
+        fields["best_val_loss"] = final_val if previous_best is None else min(previous_best, final_val)
+    return fields
+
+
 class StepObserver:
     """Something that watches the loop without changing it (e.g. spike capture, proxy/forensics).
 
@@ -272,13 +306,9 @@ class Trainer:
         return event
 
     def _check_divergence(self, step: int, loss: float, grad_norm: float) -> None:
-        t = self.cfg.train
-        if not diagnostics.is_finite(loss, grad_norm):
-            raise Diverged(step, f"non-finite {'loss' if not math.isfinite(loss) else 'grad norm'}")
-        if t.diverge_loss > 0 and loss > t.diverge_loss:
-            raise Diverged(step, f"train loss {loss:.3g} > train.diverge_loss={t.diverge_loss}")
-        if t.diverge_factor > 0 and self.loss_at_init and loss > t.diverge_factor * self.loss_at_init:
-            raise Diverged(step, f"train loss {loss:.3g} > {t.diverge_factor} x loss at init")
+        reason = divergence_reason(loss, grad_norm, self.loss_at_init, self.cfg.train)
+        if reason is not None:
+            raise Diverged(step, reason)
 
     # -- checkpoints -------------------------------------------------------------------------
     def save_checkpoint(self) -> Optional[Path]:
@@ -396,23 +426,8 @@ class Trainer:
 
     def _finish(self, status: str, started: float, diverged_at: Optional[int] = None,
                 final_val: Optional[float] = None) -> dict[str, Any]:
-        losses = [v for v in self._recent_train_losses if math.isfinite(v)]
-        fields = dict(
-            status=status,
-            steps_completed=self.step,
-            tokens=self.tokens,
-            wall_time_s=time.time() - started,
-            final_train_loss=sum(losses) / len(losses) if losses else None,
-            final_val_loss=final_val,
-            diverged_at_step=diverged_at,
-            error=None,
-            max_attn_logit_peak=self._stats_seen.get("attn/max_logit_peak"),
-            max_attn_logit_final=self._stats_seen.get("attn/max_logit"),
-            output_logit_mean_final=self._stats_seen.get("output/logit_mean"),
-        )
-        if final_val is not None:
-            best = self.record.summary.get("best_val_loss")
-            fields["best_val_loss"] = final_val if best is None else min(best, final_val)
+        fields = summary_fields(status, self.step, self.tokens, time.time() - started, self._recent_train_losses,
+                                self._stats_seen, self.record.summary.get("best_val_loss"), diverged_at, final_val)
         self.record.update(**fields)
         self.wandb.summary(fields)
         self.wandb.finish(failed=status == "failed")
