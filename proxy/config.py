@@ -84,8 +84,13 @@ class Cooldown(str, Enum):
 class RemedyKind(str, Enum):
     none = "none"
     skip_step = "skip_step"  # skip the update on a loss / grad-norm spike (OLMo-core, llm.c)
-    rollback = "rollback"  # restore an earlier in-memory snapshot, skip batches (PaLM)
+    rollback = "rollback"  # restore an earlier snapshot, skip batches (PaLM)
     zclip = "zclip"  # z-score adaptive gradient clipping (Kumar et al. 2025)
+
+
+class SnapshotStorage(str, Enum):
+    memory = "memory"  # CPU copies of model + optimizer: fast, lost on a crash
+    disk = "disk"  # <run_dir>/rollback/step_*.pt: for models whose copies do not fit in RAM
 
 
 class CaptureTrigger(str, Enum):
@@ -184,9 +189,12 @@ class RemedyConfig:
     spike_sigma: float = 6.0
     spike_window: int = 128
     spike_min_history: int = 20
-    # rollback: an in-memory snapshot every `rollback_every` steps, the last `rollback_keep` kept;
-    # a spike at step t restores the newest snapshot from step <= t - rollback_min_age and skips
-    # `rollback_skip_batches` batches of data; at most `rollback_max` rollbacks per run
+    # rollback: a snapshot every `rollback_every` steps, the last `rollback_keep` kept (in memory
+    # or on disk); a spike at step t restores the newest snapshot from step <= t - rollback_min_age
+    # and skips `rollback_skip_batches` batches of data from the snapshot's position (never fewer
+    # than needed to get past the batch that spiked: no batch is read twice); at most
+    # `rollback_max` rollbacks per run
+    rollback_storage: SnapshotStorage = SnapshotStorage.memory
     rollback_every: int = 25
     rollback_keep: int = 3
     rollback_min_age: int = 25
@@ -500,6 +508,7 @@ __all__ = [
     "DataSource",
     "FilterMode",
     "InjectionConfig",
+    "SnapshotStorage",
     "NgramFilterConfig",
     "SpanSource",
     "Init",

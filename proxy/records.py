@@ -5,7 +5,10 @@ Layout of one run directory::
     config.yaml        the resolved config (also .hydra/config.yaml when Hydra made the run)
     summary.json       always present once the run starts; rewritten atomically
     metrics.jsonl      one JSON object per logged step (flat keys, '/' separators),
-                       and one object per event (``{"step": s, "event": kind, ...}``)
+                       and one object per event (``{"step": s, "event": kind, ...}``), in the
+                       order they happened. After a ``rollback`` event (``restore_step`` r) the
+                       loop re-runs steps from r: the rows logged before it with step >= r belong
+                       to the abandoned branch, and the reader sets them apart (:class:`Branch`).
     checkpoints/       step_XXXXXXX.pt, loadable with torch.load(weights_only=True)
 
 ``summary.json`` status goes ``running`` -> ``completed`` | ``diverged`` | ``failed``. A run whose
@@ -89,6 +92,7 @@ class RunRecord:
         if resume and (self.dir / SUMMARY).exists():
             self.summary = read_json(self.dir / SUMMARY)
         self._metrics = open(self.dir / METRICS, "a" if resume else "w")
+        self.lines = _count_lines(self.dir / METRICS) if resume else 0
 
     # -- summary ------------------------------------------------------------------------------
     def update(self, **fields: Any) -> None:
@@ -101,23 +105,45 @@ class RunRecord:
         row = {"step": int(step), **{k: _to_py(v) for k, v in metrics.items()}}
         self._metrics.write(json.dumps(_clean(row)) + "\n")
         self._metrics.flush()
+        self.lines += 1
 
     def event(self, step: int, kind: str, **fields: Any) -> None:
         """An action taken by the trainer (skip-step, rollback, spike kit, ...)."""
         self.log(step, {"event": kind, **fields})
 
-    def truncate_after(self, step: int) -> None:
-        """On resume: drop rows logged after the checkpoint so the record has no duplicates."""
+    def truncate_after(self, step: int, lines: Optional[int] = None) -> None:
+        """On resume: drop what was logged after the checkpoint, so the record has no duplicates.
+
+        ``lines`` (the checkpoint's :attr:`lines`) cuts by position: exact even when a rollback
+        had the run log some steps twice. Without it (older checkpoints) rows are kept by step.
+        """
         self._metrics.close()
         path = self.dir / METRICS
         rows = [ln for ln in path.read_text().splitlines() if ln.strip()]
-        kept = [ln for ln in rows if json.loads(ln).get("step", 0) <= step]
+        if lines is not None:
+            kept = rows[:lines]
+        else:
+            kept = [ln for ln in rows if _step_of(ln) <= step]
         atomic_write_text(path, "".join(ln + "\n" for ln in kept))
+        self.lines = len(kept)
         self._metrics = open(path, "a")
 
     def close(self) -> None:
         if not self._metrics.closed:
             self._metrics.close()
+
+
+def _count_lines(path: Path) -> int:
+    if not path.exists():
+        return 0
+    return sum(1 for ln in path.read_text().splitlines() if ln.strip())
+
+
+def _step_of(line: str) -> float:
+    try:
+        return json.loads(line).get("step", 0)
+    except json.JSONDecodeError:  # a torn last line: after any checkpoint
+        return math.inf
 
 
 def _to_py(value: Any) -> Any:
@@ -130,14 +156,32 @@ def _to_py(value: Any) -> Any:
 # Reader side
 # ---------------------------------------------------------------------------------------------
 @dataclass
+class Branch:
+    """Steps a rollback threw away: the rows logged from ``rollback["restore_step"]`` up to the
+    spike at ``rollback["step"]``, which the run then re-ran from its snapshot."""
+
+    rollback: dict[str, Any]
+    rows: list[dict[str, Any]]
+
+    def series(self, key: str) -> tuple[list[int], list[float]]:
+        return _series(self.rows, key)
+
+
+@dataclass
 class Run:
-    """A run directory as the report sees it."""
+    """A run directory as the report sees it.
+
+    ``metrics`` is the trajectory the run kept: one row per logged step, rolled-back rows moved
+    to ``abandoned``. ``events`` holds every event in order; those that happened on an abandoned
+    branch carry ``rolled_back: True``.
+    """
 
     path: Path
     summary: dict[str, Any]
     config: dict[str, Any]
     metrics: list[dict[str, Any]] = field(default_factory=list)
     events: list[dict[str, Any]] = field(default_factory=list)
+    abandoned: list[Branch] = field(default_factory=list)
 
     @property
     def status(self) -> str:
@@ -148,13 +192,8 @@ class Run:
         return self.summary.get("run_name") or self.path.name
 
     def series(self, key: str) -> tuple[list[int], list[float]]:
-        """(steps, values) of one metric key over the logged steps that have it."""
-        steps, values = [], []
-        for row in self.metrics:
-            if key in row and isinstance(row[key], (int, float)):
-                steps.append(row["step"])
-                values.append(float(row[key]))
-        return steps, values
+        """(steps, values) of one metric key over the kept steps that have it."""
+        return _series(self.metrics, key)
 
     def keys(self) -> list[str]:
         seen: dict[str, None] = {}
@@ -162,6 +201,35 @@ class Run:
             for k in row:
                 seen.setdefault(k, None)
         return list(seen)
+
+
+def _series(rows: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
+    steps, values = [], []
+    for row in rows:
+        if key in row and isinstance(row[key], (int, float)):
+            steps.append(row["step"])
+            values.append(float(row[key]))
+    return steps, values
+
+
+def split_branches(rows: Iterable[dict[str, Any]]) -> tuple[list[dict], list[dict], list[Branch]]:
+    """(kept metric rows, events, abandoned branches) from metrics.jsonl rows in file order."""
+    metrics: list[dict[str, Any]] = []
+    events: list[dict[str, Any]] = []
+    abandoned: list[Branch] = []
+    for row in rows:
+        if "event" not in row:
+            metrics.append(row)
+            continue
+        restore = row.get("restore_step")
+        if row["event"] == "rollback" and isinstance(restore, (int, float)):
+            abandoned.append(Branch(row, [r for r in metrics if r["step"] >= restore]))
+            metrics = [r for r in metrics if r["step"] < restore]
+            for earlier in events:
+                if earlier["step"] >= restore:
+                    earlier["rolled_back"] = True
+        events.append(row)
+    return metrics, events, abandoned
 
 
 def is_run_dir(path: Path) -> bool:
@@ -194,7 +262,7 @@ def load_run(path: str | Path) -> Run:
 
             config = OmegaConf.to_container(OmegaConf.load(candidate), resolve=False)  # type: ignore[assignment]
             break
-    metrics, events = [], []
+    rows = []
     mpath = path / METRICS
     if mpath.exists():
         for line in mpath.read_text().splitlines():
@@ -202,11 +270,12 @@ def load_run(path: str | Path) -> Run:
             if not line:
                 continue
             try:
-                row = _restore(json.loads(line))
+                rows.append(_restore(json.loads(line)))
             except json.JSONDecodeError:  # a run killed mid-write leaves a torn last line
                 continue
-            (events if "event" in row else metrics).append(row)
-    return Run(path=path, summary=summary, config=config, metrics=metrics, events=events)
+    metrics, events, abandoned = split_branches(rows)
+    return Run(path=path, summary=summary, config=config, metrics=metrics, events=events,
+               abandoned=abandoned)
 
 
 def latest_checkpoint(run_dir: str | Path) -> Optional[Path]:
@@ -220,6 +289,7 @@ class NullRecord(RunRecord):
     def __init__(self, run_dir: str | Path, resume: bool = False):  # noqa: D107 - no files
         self.dir = Path(run_dir)
         self.summary = {}
+        self.lines = 0
 
     def update(self, **fields: Any) -> None:
         self.summary.update(fields)
@@ -227,7 +297,7 @@ class NullRecord(RunRecord):
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         pass
 
-    def truncate_after(self, step: int) -> None:
+    def truncate_after(self, step: int, lines: Optional[int] = None) -> None:
         pass
 
     def close(self) -> None:

@@ -6,8 +6,8 @@ it with ``record.event(**event)`` and obeys it. Three remedies, one per run (``r
 
 - :class:`SkipStep` (OLMo-core's SkipStepOptimizer, llm.c's z-score skip): drop the update when
   the loss or grad norm is a spike. Event kind ``skip_step``: do not call ``optimizer.step()``.
-- :class:`Rollback` (PaLM §5.1, LLM360 K2): on a spike, go back to an in-memory snapshot at least
-  ``rollback_min_age`` steps old and skip the next ``rollback_skip_batches`` batches. Event kind
+- :class:`Rollback` (PaLM §5.1, LLM360 K2): on a spike, go back to a snapshot (in memory or on
+  disk) at least ``rollback_min_age`` steps old and skip ``rollback_skip_batches`` batches. Event kind
   ``rollback``: call :meth:`Rollback.restore` instead of stepping. When no snapshot is old enough
   or the rollback budget is spent it falls back to a ``skip_step`` event.
 - :class:`ZClip` (Kumar et al. 2025): clip the gradients of outlier steps to an adaptive bound
@@ -23,7 +23,7 @@ Order in the loop::
     zclip:     event = zclip.clip(params, grad_norm, step)         # then optimizer.step()
     skip_step: event = skip.check(step, loss, grad_norm)          # skip optimizer.step() if event
     rollback:  rollback.maybe_snapshot(step, model, optimizer, data_position, extra)  # step start
-               event = rollback.check(step, loss, grad_norm)
+               event = rollback.check(step, loss, grad_norm, data_position)  # next unread batch
                if event and event["kind"] == "rollback": restored = rollback.restore(model, opt)
 """
 
@@ -31,18 +31,21 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import random
 from collections import deque
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterable, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
-from proxy.config import RemedyConfig, RemedyKind
+from proxy.config import RemedyConfig, RemedyKind, SnapshotStorage
 from proxy.optim import scale_grads
 
 Number = Union[float, int, Tensor]
+ROLLBACK_DIR = "rollback"  # disk snapshots, under the run directory
 
 
 def make_event(step: int, kind: str, trigger: str, value: float, threshold: float,
@@ -156,14 +159,23 @@ class SkipStep:
 # --------------------------------------------------------------------------------------------
 @dataclass
 class Snapshot:
-    """Everything the loop needs to redo training from the *start* of ``step``."""
+    """Everything the loop needs to redo training from the *start* of ``step``.
+
+    ``state`` holds the model, optimizer, RNG and caller's states (CPU copies) in memory; with
+    disk storage it is None and ``path`` names the file that holds them.
+    """
 
     step: int
-    model: dict[str, Tensor]
-    optimizer: dict[str, Any]
-    data_position: int  # index of the next train batch
-    rng: dict[str, Any]
-    extra: Any
+    data_position: int  # index of the next train batch to read after restoring
+    state: Optional[dict[str, Any]] = None
+    path: Optional[Path] = None
+
+    def load(self) -> dict[str, Any]:
+        if self.state is not None:
+            return self.state
+        # our own file, written by maybe_snapshot (it holds Python and NumPy RNG states, which
+        # the weights-only unpickler refuses)
+        return torch.load(self.path, map_location="cpu", weights_only=False)
 
 
 @dataclass
@@ -182,44 +194,73 @@ class Rollback:
     Semantics, with e = ``rollback_every``, R = ``rollback_min_age``, S = ``rollback_skip_batches``:
 
     - ``maybe_snapshot(step, ...)`` at the start of every step (before the batch is drawn) copies
-      the model, optimizer, data position, the global RNGs and ``extra_state`` to CPU when
-      ``step % e == 0``; the last ``rollback_keep`` snapshots are kept.
-    - ``check(step, loss, grad_norm)`` after the backward pass: on a spike it picks the newest
-      snapshot from step <= step - R and returns a ``rollback`` event; the step must not be applied.
-      Without such a snapshot, or after ``rollback_max`` rollbacks, it returns ``skip_step``.
+      the model, optimizer, data position, the global RNGs, the spike detector's history and
+      ``extra_state`` to CPU memory, or
+      to ``<directory>/step_*.pt`` with ``rollback_storage=disk``, when ``step % e == 0``; the
+      last ``rollback_keep`` snapshots are kept (older files are deleted).
+    - ``check(step, loss, grad_norm, data_position)`` after the backward pass, with the position
+      of the next unread batch: on a spike it picks the newest snapshot from step <= step - R and
+      returns a ``rollback`` event; the step must not be applied. Without such a snapshot, or
+      after ``rollback_max`` rollbacks, it returns ``skip_step``.
     - ``restore(model, optimizer)`` copies the snapshot back (bitwise; the same tensors are kept,
       so references to the parameters stay valid), drops the newer snapshots, and returns the
-      snapshot's step and its data position + S. Rolling back to the same snapshot again skips a
-      further S batches, so the same batches are never replayed.
+      snapshot's step and the data position to go on from: the snapshot's position + S, but never
+      a batch before ``data_position`` of the spiking step. The data stream only moves forward:
+      no batch read on an abandoned branch is read again, however far back a later rollback goes.
+
+    Disk snapshots outlive the process: :meth:`state_dict` lists them, so a resumed run can still
+    roll back to a snapshot taken before the checkpoint. :meth:`close` deletes them.
     """
 
-    def __init__(self, cfg: RemedyConfig):
+    def __init__(self, cfg: RemedyConfig, directory: Optional[Union[str, Path]] = None):
         self.every, self.min_age = cfg.rollback_every, cfg.rollback_min_age
         self.skip_batches, self.max_rollbacks = cfg.rollback_skip_batches, cfg.rollback_max
+        self.on_disk = SnapshotStorage(cfg.rollback_storage) == SnapshotStorage.disk
+        if self.on_disk and directory is None:
+            raise ValueError("Rollback: rollback_storage=disk needs a directory for the snapshots")
+        self.directory = Path(directory) if directory is not None else None
+        self.keep = cfg.rollback_keep
         self.detector = _detector(cfg)
-        self.snapshots: deque[Snapshot] = deque(maxlen=cfg.rollback_keep)
+        self.snapshots: deque[Snapshot] = deque()
         self.rollbacks = 0
         self.skipped = 0
-        self._pending: Optional[Snapshot] = None
+        self._pending: Optional[tuple[Snapshot, int]] = None  # (target, data position to go on from)
 
     def maybe_snapshot(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
                        data_position: int, extra_state: Any = None) -> bool:
         """Snapshot the state at the start of ``step`` if it is due; True when one was taken."""
         if step % self.every or (self.snapshots and self.snapshots[-1].step >= step):
             return False  # not due, or already held (the loop came back here after a restore)
-        self.snapshots.append(Snapshot(
-            step=step,
-            model=_copy_tensors(model.state_dict(), "cpu"),
-            optimizer=_copy_tensors(optimizer.state_dict(), "cpu"),
-            data_position=int(data_position),
-            rng=_rng_state(),
-            extra=copy.deepcopy(extra_state),
-        ))
+        state = {
+            "model": _copy_tensors(model.state_dict(), "cpu"),
+            "optimizer": _copy_tensors(optimizer.state_dict(), "cpu"),
+            "rng": _rng_state(),
+            "extra": copy.deepcopy(extra_state),
+            # the spike detector goes back too: replayed steps are judged against the history
+            # before the snapshot, not against the later (lower-loss) steps of the abandoned branch
+            "detector": self.detector.state_dict(),
+        }
+        snap = Snapshot(step=step, data_position=int(data_position))
+        if self.on_disk:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            snap.path = self.directory / f"step_{step:07d}.pt"
+            tmp = snap.path.with_suffix(".pt.tmp")
+            torch.save(state, tmp)
+            os.replace(tmp, snap.path)  # a crash mid-write leaves no torn snapshot behind
+        else:
+            snap.state = state
+        self.snapshots.append(snap)
+        while len(self.snapshots) > self.keep:
+            self._discard(self.snapshots.popleft())
         return True
 
-    def check(self, step: int, loss: Optional[Number],
-              grad_norm: Optional[Number]) -> Optional[dict]:
-        """A ``rollback`` event (then call :meth:`restore`), a ``skip_step`` event, or None."""
+    def check(self, step: int, loss: Optional[Number], grad_norm: Optional[Number],
+              data_position: Optional[int] = None) -> Optional[dict]:
+        """A ``rollback`` event (then call :meth:`restore`), a ``skip_step`` event, or None.
+
+        ``data_position``: the next unread batch (the spiking batch's index + 1), below which a
+        rollback never resumes.
+        """
         spike = self.detector.test(loss, grad_norm)
         if spike is None:
             self.detector.accept(loss, grad_norm)
@@ -230,36 +271,61 @@ class Rollback:
             reason = "no snapshot old enough" if target is None else "rollback budget spent"
             return make_event(step, "skip_step", spike.trigger, spike.value, spike.threshold,
                               reason=reason)
-        self._pending = target
+        resume_at = target.data_position + self.skip_batches
+        if data_position is not None:
+            resume_at = max(resume_at, int(data_position))
+        self._pending = (target, resume_at)
         return make_event(step, "rollback", spike.trigger, spike.value, spike.threshold,
-                          restore_step=target.step,
-                          data_position=target.data_position + self.skip_batches,
+                          restore_step=target.step, data_position=resume_at,
                           rollbacks=self.rollbacks + 1)
 
     def restore(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> Restored:
         """Put the snapshot chosen by the last ``rollback`` event back into model and optimizer."""
         if self._pending is None:
             raise RuntimeError("Rollback.restore: nothing to restore; check() gave no rollback")
-        snap, self._pending = self._pending, None
-        model.load_state_dict(snap.model)  # copy_ into the live tensors
+        (snap, resume_at), self._pending = self._pending, None
+        state = snap.load()
+        model.load_state_dict(state["model"])  # copy_ into the live tensors
         # load_state_dict may alias same-device tensors: hand it copies, keep the snapshot intact
-        optimizer.load_state_dict(_copy_tensors(snap.optimizer, "cpu"))
-        _set_rng_state(snap.rng)
+        optimizer.load_state_dict(_copy_tensors(state["optimizer"], "cpu"))
+        _set_rng_state(state["rng"])
+        self.detector.load_state_dict(state["detector"])
         while self.snapshots and self.snapshots[-1].step > snap.step:
-            self.snapshots.pop()  # taken on the abandoned trajectory
-        snap.data_position += self.skip_batches
+            self._discard(self.snapshots.pop())  # taken on the abandoned trajectory
+        snap.data_position = resume_at  # rolling back here again skips further still
         self.rollbacks += 1
-        return Restored(step=snap.step, data_position=snap.data_position,
-                        extra_state=copy.deepcopy(snap.extra))
+        return Restored(step=snap.step, data_position=resume_at,
+                        extra_state=copy.deepcopy(state["extra"]))
+
+    def _discard(self, snap: Snapshot) -> None:
+        if snap.path is not None:
+            snap.path.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        """Delete the disk snapshots (the run is over); memory snapshots are just dropped."""
+        while self.snapshots:
+            self._discard(self.snapshots.pop())
+        if self.directory is not None and self.directory.is_dir() and not any(self.directory.iterdir()):
+            self.directory.rmdir()
 
     def state_dict(self) -> dict[str, Any]:
-        """Counters and detector history for a checkpoint; snapshots live in memory only."""
+        """Counters, detector history and, on disk, the snapshot files for a checkpoint (memory
+        snapshots are not saved: a resumed run takes new ones)."""
+        listed = [{"step": s.step, "data_position": s.data_position, "file": s.path.name}
+                  for s in self.snapshots if s.path is not None]
         return {"detector": self.detector.state_dict(), "rollbacks": self.rollbacks,
-                "skipped": self.skipped}
+                "skipped": self.skipped, "snapshots": listed}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.detector.load_state_dict(state["detector"])
         self.rollbacks, self.skipped = int(state["rollbacks"]), int(state["skipped"])
+        self.snapshots.clear()
+        if self.on_disk:
+            for item in state.get("snapshots", []):
+                path = self.directory / item["file"]
+                if path.is_file():
+                    self.snapshots.append(Snapshot(int(item["step"]), int(item["data_position"]),
+                                                   path=path))
 
 
 def _copy_tensors(obj: Any, device: str) -> Any:
@@ -387,13 +453,15 @@ class ZClip:
 Remedy = Union[SkipStep, Rollback, ZClip]
 
 
-def build_remedy(cfg: RemedyConfig, grad_clip: float = 0.0) -> Optional[Remedy]:
-    """The remedy ``cfg.kind`` names, or None. ``grad_clip`` is ZClip's fixed cap."""
+def build_remedy(cfg: RemedyConfig, grad_clip: float = 0.0,
+                 snapshot_dir: Optional[Union[str, Path]] = None) -> Optional[Remedy]:
+    """The remedy ``cfg.kind`` names, or None. ``grad_clip`` is ZClip's fixed cap;
+    ``snapshot_dir`` holds a rollback's disk snapshots (the trainer: ``<run_dir>/rollback``)."""
     kind = RemedyKind(cfg.kind)
     if kind == RemedyKind.skip_step:
         return SkipStep(cfg)
     if kind == RemedyKind.rollback:
-        return Rollback(cfg)
+        return Rollback(cfg, snapshot_dir)
     if kind == RemedyKind.zclip:
         return ZClip.from_config(cfg, max_norm=grad_clip)
     return None

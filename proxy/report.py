@@ -42,7 +42,7 @@ from matplotlib.lines import Line2D
 
 from proxy import analysis
 from proxy.analysis import SpikeOptions
-from proxy.records import Run, find_runs, load_run
+from proxy.records import Branch, Run, find_runs, load_run
 
 TRAIN_LOSS = "train/loss"
 VAL_LOSS = "val/loss"
@@ -380,18 +380,44 @@ def _grid(
     return fig, axes
 
 
+TRIGGER_KEYS = {"loss": TRAIN_LOSS, "grad_norm": GRAD_NORM}  # an event's trigger -> its series
+
+
+def _event_branch(run: Run, event: dict[str, Any]) -> Optional[Branch]:
+    """The abandoned branch an event happened on (a rollback ends its own branch), or None."""
+    for branch in run.abandoned:
+        if branch.rollback is event:
+            return branch
+    if event.get("rolled_back"):
+        step = event.get("step")
+        for branch in run.abandoned:
+            steps = [r["step"] for r in branch.rows]
+            if steps and min(steps) <= step <= max(steps):
+                return branch
+    return None
+
+
 def _mark_events(
-    ax: Any, run: Run, steps: Sequence[int], values: Sequence[float], kinds: dict[str, str], color: Any
+    ax: Any, run: Run, key: str, steps: Sequence[int], values: Sequence[float], kinds: dict[str, str],
+    color: Any,
 ) -> None:
-    """Put each event (remedy action) on the run's curve, at the nearest logged step before it."""
-    if not steps:
-        return
+    """Put each event (remedy action) on the run's curve of ``key``: at its trigger value when it
+    fired on this series, else at the nearest logged step before it, on the branch it happened on
+    (a rollback and what preceded it sit on the abandoned branch, not on the replayed steps)."""
     for event in run.events:
         step = event.get("step")
         if not isinstance(step, (int, float)):
             continue
-        i = max(0, int(np.searchsorted(steps, step, side="right")) - 1)
-        y = values[i]
+        value = event.get("value")
+        if TRIGGER_KEYS.get(str(event.get("trigger"))) == key and _finite(value):
+            y = float(value)
+        else:
+            branch = _event_branch(run, event)
+            b_steps, b_values = branch.series(key) if branch is not None else (steps, values)
+            if not b_steps:
+                continue
+            i = max(0, int(np.searchsorted(b_steps, step, side="right")) - 1)
+            y = b_values[i]
         if _finite(y):
             kind = str(event.get("event"))
             ax.plot(
@@ -421,13 +447,18 @@ def _series_panels(
     if not any(run.series(key)[0] for _, members in groups for _, run in members):
         return None
     fig, axes = _grid(len(groups), 3, sharey=True)
-    marked = {"spike": False, "blown": False}  # legend entries only for what is drawn
+    marked = {"spike": False, "blown": False, "abandoned": False}  # legend entries for what is drawn
     for ax, (label, members) in zip(axes.flat, groups):
         for row, run in sorted(members, key=lambda m: m[0].lr or 0):
             steps, values = run.series(key)
             color = palette.color(row.lr)
             plot_values = [v if (_finite(v) and (v > 0 or not log_y)) else np.nan for v in values]
             ax.plot(steps, plot_values, color=color, linewidth=1.2)
+            for branch in run.abandoned:  # steps a rollback threw away, then re-ran
+                b_steps, b_values = branch.series(key)
+                marked["abandoned"] |= bool(b_steps)
+                ax.plot(b_steps, [v if (_finite(v) and (v > 0 or not log_y)) else np.nan for v in b_values],
+                        color=color, linewidth=0.9, linestyle=":", alpha=0.8)
             if overlay:
                 o_steps, o_values = run.series(overlay)
                 ax.plot(o_steps, o_values, color=color, linestyle="--", linewidth=1, marker=".", markersize=4)
@@ -445,7 +476,7 @@ def _series_panels(
                     markersize=9,
                     zorder=6,
                 )
-            _mark_events(ax, run, steps, plot_values, kinds, color)
+            _mark_events(ax, run, key, steps, plot_values, kinds, color)
             if row.status in BLOWN_UP and steps:
                 last = analysis.last_finite(plot_values)
                 if last is not None:
@@ -470,7 +501,7 @@ def _series_panels(
         bottom, top = axes.flat[0].get_ylim()
         if top > ylim_top > bottom:
             axes.flat[0].set_ylim(bottom, ylim_top)
-    _legend(fig, palette, kinds, marked["spike"], marked["blown"], overlay)
+    _legend(fig, palette, kinds, marked["spike"], marked["blown"], overlay, marked["abandoned"])
     return fig
 
 
@@ -481,10 +512,13 @@ def _legend(
     spikes: bool,
     blown: bool,
     overlay: Optional[str] = None,
+    abandoned: bool = False,
 ) -> None:
     handles = palette.handles()
     if overlay:
         handles.append(Line2D([], [], color="gray", linestyle="--", marker=".", label=overlay))
+    if abandoned:
+        handles.append(Line2D([], [], color="gray", linestyle=":", label="rolled back"))
     if spikes:
         handles.append(
             Line2D(

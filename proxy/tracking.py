@@ -2,6 +2,10 @@
 
 wandb is imported only when its mode is not ``disabled``, and writes under the run directory,
 never $HOME, so offline runs can be synced later with ``wandb sync <run_dir>/wandb``.
+
+Every row carries the trainer's step as the metric ``trainer/step``, the x-axis of every chart,
+instead of wandb's own step counter: a rollback re-runs steps, and wandb drops a row logged at a
+``step=`` lower than one it has seen, so the replayed steps would be lost.
 """
 
 from __future__ import annotations
@@ -11,6 +15,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 from proxy.config import Config, WandbMode, as_dict
+
+
+STEP_METRIC = "trainer/step"
 
 
 class WandbSink:
@@ -34,10 +41,12 @@ class WandbSink:
             config=as_dict(cfg),
             reinit="finish_previous",
         )
+        self.run.define_metric(STEP_METRIC)
+        self.run.define_metric("*", step_metric=STEP_METRIC)
 
     def log(self, step: int, row: dict[str, Any]) -> None:
         if self.run is not None:
-            self.run.log({k: v for k, v in row.items() if k != "step"}, step=step)
+            self.run.log({STEP_METRIC: step, **{k: v for k, v in row.items() if k != "step"}})
 
     def summary(self, fields: dict[str, Any]) -> None:
         if self.run is not None:

@@ -40,7 +40,7 @@ from proxy.data import DataError, build_source
 from proxy.model import build_model
 from proxy.optim import apply_lr, build_optimizer, clip_grad_norm, schedule_multiplier
 from proxy.records import CHECKPOINTS, CONFIG, NullRecord, RunRecord, atomic_write_text, latest_checkpoint
-from proxy.remedies import Rollback, SkipStep, ZClip, build_remedy
+from proxy.remedies import ROLLBACK_DIR, Rollback, ZClip, build_remedy
 from proxy.tracking import WandbSink
 
 log = logging.getLogger("proxy.train")
@@ -187,7 +187,10 @@ class Trainer:
         main = self.dist.is_main
         self.record = (RunRecord if main else NullRecord)(info.run_dir, resume=cfg.train.resume)
         self.wandb = WandbSink(cfg if main else _without_wandb(cfg), info.run_dir, info.run_name, info.sweep_id)
-        self.remedy = build_remedy(cfg.remedy, grad_clip=cfg.optim.grad_clip)
+        snapshot_dir = info.run_dir / ROLLBACK_DIR  # disk snapshots; one folder per rank under DDP
+        if self.dist.world_size > 1:
+            snapshot_dir = snapshot_dir / f"rank_{self.dist.rank}"
+        self.remedy = build_remedy(cfg.remedy, grad_clip=cfg.optim.grad_clip, snapshot_dir=snapshot_dir)
         self.observers: list[StepObserver] = []
         if cfg.capture.enabled:  # spike kits (proxy/forensics.py imports this module: import here)
             from proxy.forensics import SpikeCapture
@@ -257,21 +260,32 @@ class Trainer:
         self.throughput.add(self.tokens_per_step)
         if acted:
             self.optimizer.zero_grad(set_to_none=True)
-            if event["kind"] == "rollback":
-                restored = self.remedy.restore(self.model, self.optimizer)
-                self.step, self.data_position = restored.step, restored.data_position
-                self.tokens, self.loss_at_init = restored.extra_state
-                return {}
         else:
             if logging_step:
                 self.updates.before()
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
+        if event is not None and event["kind"] == "rollback":
+            # the spike's own row ends the abandoned branch, then the event marks where the
+            # branch ends: the reader (records.split_branches) relies on that order
+            if logging_step:
+                self.log_row(step, self._log_row_fields(row, out, lr, loss, grad_norm, collect))
+            self._record_event(event)
+            restored = self.remedy.restore(self.model, self.optimizer)
+            self.step, self.data_position = restored.step, restored.data_position
+            self.tokens, self.loss_at_init = restored.extra_state
+            self._drop_checkpoints_after(restored.step)
+            return {}
         self.step = step + 1
 
         self._recent_train_losses = (self._recent_train_losses + [loss])[-cfg.train.log_every:]
         if not logging_step:
             return {}
+        return self._log_row_fields(row, out, lr, loss, grad_norm, collect)
+
+    def _log_row_fields(self, row: dict[str, float], out, lr: float, loss: float, grad_norm: float,
+                        collect: bool) -> dict[str, float]:
+        """The log row of a step: ``row`` (grad stats) plus updates, forward and data statistics."""
         row.update(self.updates.after())
         row.update(distributed.reduce_stats(diagnostics.forward_stats(out), self.device) if collect else {})
         row.update(getattr(self.source, "last_batch_info", {}))
@@ -291,19 +305,25 @@ class Trainer:
             return None
         if isinstance(self.remedy, ZClip):
             event = self.remedy.clip(params, grad_norm, step)
+        elif isinstance(self.remedy, Rollback):
+            event = self.remedy.check(step, loss, grad_norm, self.data_position)
         else:
             event = self.remedy.check(step, loss, grad_norm)
         if event is None:
             self._consecutive_skips = 0
             return None
-        fields = {k: v for k, v in event.items() if k not in ("step", "kind")}
-        self.record.event(step, event["kind"], **fields)
-        self.wandb.log(step, {f"remedy/{event['kind']}": 1})
+        if event["kind"] != "rollback":  # a rollback is recorded after its step's row
+            self._record_event(event)
         if event["kind"] == "skip_step":
             self._consecutive_skips += 1
             if self._consecutive_skips >= MAX_CONSECUTIVE_SKIPS:
                 raise Diverged(step, f"{MAX_CONSECUTIVE_SKIPS} steps skipped in a row")
         return event
+
+    def _record_event(self, event: dict) -> None:
+        fields = {k: v for k, v in event.items() if k not in ("step", "kind")}
+        self.record.event(event["step"], event["kind"], **fields)
+        self.wandb.log(event["step"], {f"remedy/{event['kind']}": 1})
 
     def _check_divergence(self, step: int, loss: float, grad_norm: float) -> None:
         reason = divergence_reason(loss, grad_norm, self.loss_at_init, self.cfg.train)
@@ -327,6 +347,7 @@ class Trainer:
             "rng_cpu": torch.get_rng_state(),
             "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "remedy": self.remedy.state_dict() if self.remedy is not None else {},
+            "record_lines": self.record.lines,  # metrics.jsonl up to here: what a resume keeps
         }
         tmp = path.with_suffix(".pt.tmp")
         torch.save(state, tmp)
@@ -335,7 +356,17 @@ class Trainer:
             old.unlink()
         return path
 
-    def load_checkpoint(self, path: Path) -> None:
+    def _drop_checkpoints_after(self, step: int) -> None:
+        """After a rollback to ``step``: later checkpoints hold the abandoned branch, and a resume
+        must not pick one of them up."""
+        if not self.dist.is_main:
+            return
+        for path in (self.info.run_dir / CHECKPOINTS).glob("step_*.pt"):
+            if int(path.stem.split("_")[1]) > step:
+                path.unlink()
+
+    def load_checkpoint(self, path: Path) -> Optional[int]:
+        """Restore the state saved at ``path``; returns how many metrics.jsonl lines it covers."""
         state = torch.load(path, map_location=self.device, weights_only=True)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -346,6 +377,7 @@ class Trainer:
         torch.set_rng_state(state["rng_cpu"].cpu())
         if state["rng_cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all([s.cpu() for s in state["rng_cuda"]])
+        return state.get("record_lines")
 
     # -- the loop ----------------------------------------------------------------------------
     def log_row(self, step: int, row: dict[str, Any]) -> None:
@@ -404,8 +436,8 @@ class Trainer:
             ckpt = latest_checkpoint(self.info.run_dir)
             if ckpt is None:
                 raise ConfigError(f"train.resume=true but {self.info.run_dir} has no checkpoint")
-            self.load_checkpoint(ckpt)
-            self.record.truncate_after(self.step - 1)
+            lines = self.load_checkpoint(ckpt)
+            self.record.truncate_after(self.step - 1, lines)
             log.info("resumed from %s at step %d", ckpt, self.step)
         self._wall_before = self.record.summary.get("wall_time_s", 0.0) if cfg.train.resume else 0.0
         atomic_write_text(self.info.run_dir / CONFIG, OmegaConf.to_yaml(OmegaConf.create(as_dict(cfg))))
@@ -429,6 +461,8 @@ class Trainer:
         fields = summary_fields(status, self.step, self.tokens, time.time() - started, self._recent_train_losses,
                                 self._stats_seen, self.record.summary.get("best_val_loss"), diverged_at, final_val)
         self.record.update(**fields)
+        if isinstance(self.remedy, Rollback):
+            self.remedy.close()  # its disk snapshots are of no use once the run has ended
         self.wandb.summary(fields)
         self.wandb.finish(failed=status == "failed")
         self.record.close()

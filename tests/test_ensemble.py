@@ -166,8 +166,11 @@ def test_members_write_standard_run_records(tmp_path):
         assert optimizer.param_groups[0]["peak_lr"] == lr
     member_state = torch.load(runs[0] / "checkpoints" / "step_0000020.pt", weights_only=True)["model"]
     solo_state = torch.load(tmp_path / "solo" / "checkpoints" / "step_0000020.pt", weights_only=True)["model"]
+    # Adam turns a gradient near zero into an update of about +-lr whatever its size, so a
+    # reduction-order difference (vmap vs plain matmul, per CPU ISA) can move a rare element by a
+    # fraction of lr=1e-3: seen on an AVX-512 machine, 1 of 16384 embedding entries off by 6e-6
     for name, value in solo_state.items():
-        torch.testing.assert_close(member_state[name], value, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(member_state[name], value, rtol=1e-4, atol=2e-5)
 
 
 # --------------------------------------------------------------------------------------------

@@ -134,24 +134,94 @@ def test_rollback_restores_the_exact_earlier_state_and_skips_batches():
     assert (restored.step, restored.data_position) == (5, 12)
     assert restored.extra_state == {"tokens": 160}
     assert_same_state(model, opt, at_step_5)  # bitwise: weights, moments, step counts, RNG
+    assert list(rb.detector.history["loss"]) == STEADY[:5]  # the detector as it was at step 5
     assert [s.step for s in rb.snapshots] == [0, 5]  # the abandoned trajectory's snapshot is gone
 
     # the snapshot itself was not changed by the restore or by training on from it
     train_step(model, opt, restored.data_position)
-    assert torch.equal(rb.snapshots[-1].model["0.weight"], at_step_5["params"][0])
+    assert torch.equal(rb.snapshots[-1].state["model"]["0.weight"], at_step_5["params"][0])
     assert not rb.maybe_snapshot(5, model, opt, 99)  # already held
 
     # a second rollback to the same snapshot skips a further S batches: nothing is replayed
-    event = rb.check(11, 50.0, 1.0)
+    # (the restored detector holds 5 values, under min_history: only a non-finite value spikes)
+    event = rb.check(11, math.inf, 1.0)
     assert event["restore_step"] == 5 and event["data_position"] == 19
     assert rb.restore(model, opt).data_position == 19
     assert_same_state(model, opt, at_step_5)
 
     # the budget (rollback_max=2) is spent: a spike now only skips the step
-    event = rb.check(12, 50.0, 1.0)
+    event = rb.check(12, math.inf, 1.0)
     assert event["kind"] == "skip_step" and event["reason"] == "rollback budget spent"
     with pytest.raises(RuntimeError, match="nothing to restore"):
         rb.restore(model, opt)
+
+
+def test_rollback_never_rereads_a_batch_seen_on_an_abandoned_branch():
+    """A second spike soon after a rollback goes back to an older snapshot, whose position + S
+    lies before batches the run already read: it resumes past them instead."""
+    model = nn.Linear(4, 1)
+    opt = AdamW(model.parameters(), lr=1e-2)
+    rb = Rollback(rollback_cfg(rollback_every=5, rollback_keep=3, rollback_min_age=5,
+                               rollback_skip_batches=7, rollback_max=5))
+    position = 0
+    for step in range(13):
+        rb.maybe_snapshot(step, model, opt, position)
+        train_step(model, opt, position)
+        position += 1
+        assert rb.check(step, STEADY[step % 20], 1.0, data_position=position) is None
+    # step 13 spikes on batch 13: back to step 5, skip to 5 + 7 = 12... but 13 was read: go on at 14
+    event = rb.check(13, 50.0, 1.0, data_position=14)
+    assert (event["restore_step"], event["data_position"]) == (5, 14)
+    restored = rb.restore(model, opt)
+    assert (restored.step, restored.data_position) == (5, 14)
+    # replay steps 5..10 on batches 14..19; step 11 spikes: the newest old-enough snapshot is
+    # step 5 again, and the branch already read up to batch 19
+    position = restored.data_position
+    for step in range(5, 11):
+        rb.maybe_snapshot(step, model, opt, position)
+        train_step(model, opt, position)
+        position += 1
+    assert [s.step for s in rb.snapshots] == [0, 5, 10]
+    event = rb.check(11, math.inf, 1.0, data_position=position + 1)  # detector back at step 5
+    assert event["restore_step"] == 5 and event["data_position"] == position + 1 == 21
+    assert rb.restore(model, opt).data_position == 21
+
+
+def test_rollback_disk_snapshots_restore_bitwise_evict_files_and_survive_a_resume(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.Linear(6, 1))
+    opt = AdamW(model.parameters(), lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
+    folder = tmp_path / "rollback"
+    rb = Rollback(rollback_cfg(rollback_storage="disk"), folder)
+    at_step_5 = None
+    for step in range(12):
+        rb.maybe_snapshot(step, model, opt, step, extra_state=(32 * step, 6.2))
+        if step == 5:
+            at_step_5 = state_copy(model, opt)
+        train_step(model, opt, step)
+        assert rb.check(step, STEADY[step], 1.0, data_position=step + 1) is None
+    # three kept (rollback_keep=3), nothing in memory, older files deleted
+    assert sorted(p.name for p in folder.iterdir()) == ["step_0000000.pt", "step_0000005.pt", "step_0000010.pt"]
+    assert all(s.state is None for s in rb.snapshots)
+
+    # a checkpoint now, then a "new process" rolls back to a snapshot taken before it
+    saved = rb.state_dict()
+    resumed = Rollback(rollback_cfg(rollback_storage="disk"), folder)
+    resumed.load_state_dict(saved)
+    assert [s.step for s in resumed.snapshots] == [0, 5, 10]
+    event = resumed.check(12, 50.0, 1.0, data_position=13)
+    assert event["kind"] == "rollback" and event["restore_step"] == 5
+    restored = resumed.restore(model, opt)
+    assert restored.extra_state == (160, 6.2) and restored.data_position == 13
+    assert_same_state(model, opt, at_step_5)
+    assert not (folder / "step_0000010.pt").exists()  # on the abandoned branch: deleted
+    resumed.close()
+    assert not folder.exists()
+
+
+def test_rollback_on_disk_needs_a_folder():
+    with pytest.raises(ValueError, match="needs a directory"):
+        Rollback(rollback_cfg(rollback_storage="disk"))
 
 
 def test_rollback_without_an_old_enough_snapshot_skips_the_step():

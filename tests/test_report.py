@@ -251,3 +251,58 @@ def test_lr_range_restricts_sensitivity_not_the_curve(sweep: Path, tmp_path: Pat
     )
     with pytest.raises(ReportError, match="lr_range"):
         build_report([sweep], tmp_path / "rep3", lr_range=(1e-2, 1e-3))
+
+
+def _rolled_back_run(root: Path) -> Path:
+    """Steps 0..9, a spike at 6 rolls back to 4; replayed 4..7, a spike at 7 rolls back to 2;
+    then 2..9 to the end: the kept trajectory is 0, 1, then the last 2..9."""
+    record = RunRecord(root / "rb")
+    write_json(root / "rb" / "summary.json", {"status": "completed", "run_name": "rb"})
+    for step in range(0, 7):
+        record.log(step, {"train/loss": 5.0 - 0.1 * step, "optim/grad_norm": 1.0})
+    record.event(5, "skip_step", trigger="loss", value=9.0, threshold=6.0)  # on the first branch
+    record.event(6, "rollback", trigger="grad_norm", value=7.0, threshold=2.0, restore_step=4,
+                 data_position=7)
+    for step in range(4, 8):
+        record.log(step, {"train/loss": 4.0 - 0.1 * step, "optim/grad_norm": 1.0})
+    record.event(7, "rollback", trigger="grad_norm", value=8.0, threshold=2.0, restore_step=2,
+                 data_position=8)
+    for step in range(2, 10):
+        record.log(step, {"train/loss": 3.0 - 0.1 * step, "optim/grad_norm": 1.0})
+    record.close()
+    return root / "rb"
+
+
+def test_rolled_back_steps_are_set_apart_from_the_kept_trajectory(tmp_path: Path) -> None:
+    from proxy.records import load_run
+
+    run = load_run(_rolled_back_run(tmp_path))
+    steps, losses = run.series("train/loss")
+    assert steps == list(range(10))
+    assert losses[:2] == [5.0, 4.9] and losses[2:] == pytest.approx([3.0 - 0.1 * s for s in range(2, 10)])
+    first, second = run.abandoned
+    assert first.series("train/loss")[0] == [4, 5, 6] and first.rollback["step"] == 6
+    # the second branch holds the replayed 4..7 and the first pass's 2, 3
+    assert second.series("train/loss")[0] == [2, 3, 4, 5, 6, 7]
+    assert [e["event"] for e in run.events] == ["skip_step", "rollback", "rollback"]
+    assert [e.get("rolled_back", False) for e in run.events] == [True, True, False]
+    # the report draws it without error and scores spikes on the kept trajectory only
+    result = build_report([tmp_path / "rb"], tmp_path / "report")
+    assert result.runs[0].events == {"skip_step": 1, "rollback": 2}
+    assert (tmp_path / "report" / "figures" / "loss.png").exists()
+
+
+def test_resume_truncates_by_position_when_steps_repeat(tmp_path: Path) -> None:
+    from proxy.records import load_run
+
+    run_dir = _rolled_back_run(tmp_path)
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    # 9 + 5 lines for the two abandoned branches, then steps 2..5 of the last: a checkpoint at step 6
+    record = RunRecord(run_dir, resume=True)
+    assert record.lines == len(lines)
+    record.truncate_after(5, lines=18)
+    record.log(6, {"train/loss": 0.0})
+    record.close()
+    run = load_run(run_dir)
+    assert run.series("train/loss")[0] == [0, 1, 2, 3, 4, 5, 6]
+    assert run.series("train/loss")[1][-1] == 0.0 and len(run.abandoned) == 2
