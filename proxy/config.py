@@ -189,6 +189,10 @@ class RemedyConfig:
     spike_sigma: float = 6.0
     spike_window: int = 128
     spike_min_history: int = 20
+    # a run whose remedy skips this many steps in a row (skip_step, or rollback without an old
+    # enough snapshot) ends as diverged: the remedy has not saved it; 0 = never. Raise it above
+    # the length of a known bad stretch, or a detector that catches every bad batch trips it.
+    max_consecutive_skips: int = 50
     # rollback: a snapshot every `rollback_every` steps, the last `rollback_keep` kept (in memory
     # or on disk); a spike at step t restores the newest snapshot from step <= t - rollback_min_age
     # and skips `rollback_skip_batches` batches of data from the snapshot's position (never fewer
@@ -347,6 +351,29 @@ class Config:
     experiment: Optional[str] = None
 
 
+# A run directory of a multirun is named after its overrides (conf/config.yaml,
+# hydra.sweep.subdir); file systems cap one path component at 255 bytes, which a long override
+# list passes. Longer names keep their head and end in a hash of the whole, so they stay unique;
+# the full overrides are in the run's summary.json and .hydra/overrides.yaml.
+MAX_DIRNAME_BYTES = 200
+
+
+def short_dirname(name: str) -> str:
+    raw = str(name).encode()
+    if len(raw) <= MAX_DIRNAME_BYTES:
+        return str(name)
+    import hashlib
+
+    digest = hashlib.sha1(raw).hexdigest()[:10]
+    head = raw[: MAX_DIRNAME_BYTES - len(digest) - 1].decode(errors="ignore")
+    return f"{head}~{digest}"
+
+
+# registered at import: Hydra resolves a job's directory in the process that runs the job
+# (a joblib worker, a SLURM task), which imports this module with the task function
+OmegaConf.register_new_resolver("proxy_dirname", short_dirname, replace=True)
+
+
 def register_configs() -> None:
     """Register the schema so conf/config.yaml is checked against it."""
     from hydra.core.config_store import ConfigStore
@@ -368,7 +395,8 @@ def _validate_remedy(r: RemedyConfig) -> None:
     _positive(r.spike_sigma, "remedy.spike_sigma")
     for key in ("spike_window", "spike_min_history", "rollback_every", "rollback_keep"):
         _positive(getattr(r, key), f"remedy.{key}")
-    for key in ("rollback_min_age", "rollback_skip_batches", "rollback_max", "zclip_warmup"):
+    for key in ("rollback_min_age", "rollback_skip_batches", "rollback_max", "zclip_warmup",
+                "max_consecutive_skips"):
         _positive(getattr(r, key), f"remedy.{key}", allow_zero=True)
     if not 2 <= r.spike_min_history <= r.spike_window:
         raise ConfigError(

@@ -191,6 +191,15 @@ class Run:
     def name(self) -> str:
         return self.summary.get("run_name") or self.path.name
 
+    def config_value(self, dotted: str) -> Any:
+        """A value of the run's config by dotted key (``"data.inject.enabled"``); None if absent."""
+        node: Any = self.config
+        for part in dotted.split("."):
+            if not isinstance(node, dict) or part not in node:
+                return None
+            node = node[part]
+        return node
+
     def series(self, key: str) -> tuple[list[int], list[float]]:
         """(steps, values) of one metric key over the kept steps that have it."""
         return _series(self.metrics, key)

@@ -775,40 +775,8 @@ def _run_table(rows: list[RunRow]) -> Block:
     return ("table", [h for h, _ in RUN_COLUMNS], body)
 
 
-def _blocks(
-    result_runs: list[RunRow],
-    sensitivity: list[SensitivityRow],
-    shared: tuple[str, ...],
-    spikes: SpikeOptions,
-    paths: Sequence[Path],
-    figures: dict[str, Path],
-    events: list[tuple[str, dict]],
-    notes: list[str],
-    lr_range: Optional[tuple[float, float]] = None,
-) -> list[Block]:
-    counts = Counter(row.status for row in result_runs)
-    blocks: list[Block] = [
-        (
-            "p",
-            f"{len(result_runs)} runs from {', '.join(str(p) for p in paths)}; "
-            f"generated {time.strftime('%Y-%m-%d %H:%M:%S')}.",
-        ),
-        ("p", "Status: " + ", ".join(f"{n} {status}" for status, n in sorted(counts.items())) + "."),
-    ]
-    if shared:
-        blocks.append(("p", "Overrides shared by every run: " + ", ".join(shared) + "."))
-    attention = [row for row in result_runs if row.status != "completed"]
-    if attention:
-        blocks.append(("h", 1, "Runs that did not complete"))
-        items = []
-        for row in attention:
-            detail = {
-                "diverged": f"diverged at step {_fmt(row.diverged_at_step)}",
-                "failed": f"failed: {row.error or 'no error recorded'}",
-                "running": "still running, or its process died (status never finalised)",
-            }.get(row.status, f"status {row.status}")
-            items.append(f"{row.name} [{row.variant}, lr {_fmt(row.lr)}]: {detail} — {row.path}")
-        blocks.append(("ul", items))
+def _sensitivity_blocks(sensitivity: list[SensitivityRow], lr_range: Optional[tuple[float, float]]) -> list[Block]:
+    blocks: list[Block] = []
     blocks.append(("h", 1, "LR sensitivity"))
     blocks.append(
         (
@@ -854,6 +822,61 @@ def _blocks(
             ],
         )
     )
+    return blocks
+
+
+def _single_lr_blocks(sensitivity: list[SensitivityRow]) -> list[Block]:
+    return [
+        ("h", 1, "Variants"),
+        ("p", "Each variant was trained at a single LR, so there is no LR sensitivity to compute "
+              "(it needs an LR sweep). Final loss = final val loss (train loss when no eval), "
+              "averaged over the variant's runs (seeds)."),
+        ("table", ["variant", "params", "LR", "final loss", "loss@init", "runs", "diverged", "failed", "note"],
+         [[row.variant, row.n_params, row.lrs[0] if row.lrs else None, row.losses[0] if row.losses else None,
+           row.loss_at_init, row.n_runs, row.n_diverged, row.n_failed,
+           "; ".join(n for n in row.note.split("; ") if "single LR" not in n)]
+          for row in sensitivity]),
+    ]
+
+
+def _blocks(
+    result_runs: list[RunRow],
+    sensitivity: list[SensitivityRow],
+    shared: tuple[str, ...],
+    spikes: SpikeOptions,
+    paths: Sequence[Path],
+    figures: dict[str, Path],
+    events: list[tuple[str, dict]],
+    notes: list[str],
+    lr_range: Optional[tuple[float, float]] = None,
+) -> list[Block]:
+    counts = Counter(row.status for row in result_runs)
+    blocks: list[Block] = [
+        (
+            "p",
+            f"{len(result_runs)} runs from {', '.join(str(p) for p in paths)}; "
+            f"generated {time.strftime('%Y-%m-%d %H:%M:%S')}.",
+        ),
+        ("p", "Status: " + ", ".join(f"{n} {status}" for status, n in sorted(counts.items())) + "."),
+    ]
+    if shared:
+        blocks.append(("p", "Overrides shared by every run: " + ", ".join(shared) + "."))
+    attention = [row for row in result_runs if row.status != "completed"]
+    if attention:
+        blocks.append(("h", 1, "Runs that did not complete"))
+        items = []
+        for row in attention:
+            detail = {
+                "diverged": f"diverged at step {_fmt(row.diverged_at_step)}",
+                "failed": f"failed: {row.error or 'no error recorded'}",
+                "running": "still running, or its process died (status never finalised)",
+            }.get(row.status, f"status {row.status}")
+            items.append(f"{row.name} [{row.variant}, lr {_fmt(row.lr)}]: {detail} — {row.path}")
+        blocks.append(("ul", items))
+    if all(len(row.lrs) <= 1 for row in sensitivity):
+        blocks += _single_lr_blocks(sensitivity)  # no LR sweep: no LR sensitivity to show
+    else:
+        blocks += _sensitivity_blocks(sensitivity, lr_range)
     if "lr_vs_loss" in figures:
         blocks.append(
             (
@@ -975,8 +998,9 @@ def build_report(
     variant_colors = {label: f"C{i % 10}" for i, (label, _) in enumerate(groups)}
     inits = [row.loss_at_init for row in rows if _finite(row.loss_at_init)]
     loss_top = 1.15 * max(inits) if inits else None  # a diverged run must not flatten everyone else
+    swept = any(len(row.lrs) > 1 for row in sensitivity)  # an LR curve to draw
     candidates = {
-        "lr_vs_loss": _lr_figure(sensitivity, variant_colors),
+        "lr_vs_loss": _lr_figure(sensitivity, variant_colors) if swept else None,
         "loss": _series_panels(
             TRAIN_LOSS, groups, palette, spikes, kinds, "loss", overlay=VAL_LOSS, ylim_top=loss_top
         ),
@@ -987,7 +1011,8 @@ def build_report(
     figures: dict[str, Path] = {}
     for name, fig in candidates.items():
         if fig is None:
-            notes.append(f"no figure '{name}': no run logged the metrics it needs")
+            if name != "lr_vs_loss" or swept:
+                notes.append(f"no figure '{name}': no run logged the metrics it needs")
             continue
         figures[name] = out / "figures" / f"{name}.png"
         fig.savefig(figures[name], dpi=100)

@@ -147,10 +147,6 @@ class StepObserver:
         pass
 
 
-# a remedy that keeps skipping this many steps in a row has not saved the run
-MAX_CONSECUTIVE_SKIPS = 50
-
-
 class Trainer:
     def __init__(self, cfg: Config, info: RunInfo):
         self.cfg, self.info = cfg, info
@@ -316,8 +312,9 @@ class Trainer:
             self._record_event(event)
         if event["kind"] == "skip_step":
             self._consecutive_skips += 1
-            if self._consecutive_skips >= MAX_CONSECUTIVE_SKIPS:
-                raise Diverged(step, f"{MAX_CONSECUTIVE_SKIPS} steps skipped in a row")
+            limit = self.cfg.remedy.max_consecutive_skips
+            if limit and self._consecutive_skips >= limit:
+                raise Diverged(step, f"{limit} steps skipped in a row (remedy.max_consecutive_skips)")
         return event
 
     def _record_event(self, event: dict) -> None:

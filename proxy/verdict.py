@@ -4,7 +4,10 @@ Each folder under experiments/ holds a ``verdict.py`` with one function::
 
     def judge(report: ReportResult, runs: list[Run]) -> Verdict
 
-that reads the report's numbers (LR sensitivity, statistics per run) and decides. The command
+that reads the report's numbers (LR sensitivity, statistics per run) and decides; it may also set
+``REPORT_SPIKES`` (a :class:`proxy.analysis.SpikeOptions`), the spike detector of the report built
+beside the verdict (default: OLMo 2's 7σ/1000, too long a window for a few-hundred-step study). The
+command
 
     proxy-verdict experiments/attention_logit_growth runs/sweeps/<id> [more run dirs...]
 
@@ -77,6 +80,11 @@ def _fmt(value: Any) -> str:
 
 
 def load_judge(finding_dir: str | Path) -> Callable:
+    return load_module(finding_dir).judge
+
+
+def load_module(finding_dir: str | Path):
+    """A finding's verdict.py as a module (its judge, constants and helpers, e.g. for a figure)."""
     path = Path(finding_dir) / "verdict.py"
     if not path.is_file():
         raise FileNotFoundError(f"no verdict.py in {finding_dir}")
@@ -84,7 +92,7 @@ def load_judge(finding_dir: str | Path) -> Callable:
     module = importlib.util.module_from_spec(spec)
     assert spec.loader is not None
     spec.loader.exec_module(module)
-    return module.judge
+    return module
 
 
 def judge_runs(finding_dir: str | Path, paths: Sequence[str | Path],
@@ -93,13 +101,28 @@ def judge_runs(finding_dir: str | Path, paths: Sequence[str | Path],
     from proxy.report import build_report, default_out_dir
 
     out = Path(out_dir) if out_dir else default_out_dir(paths[0])
+    module = load_module(finding_dir)
+    if getattr(module, "REPORT_SPIKES", None) is not None:
+        report_options.setdefault("spikes", module.REPORT_SPIKES)
     result = build_report(list(paths), out, **report_options)
     runs = [load_run(p) for p in find_runs(paths)]
-    verdict: Verdict = load_judge(finding_dir)(result, runs)
+    verdict: Verdict = module.judge(result, runs)
     out.mkdir(parents=True, exist_ok=True)
     (out / "verdict.md").write_text(verdict.to_markdown())
     (out / "verdict.json").write_text(json.dumps(verdict.to_json(), indent=2, default=str) + "\n")
     return verdict
+
+
+def figure_inputs(doc: str, finding_dir: Path,
+                  argv: Optional[Sequence[str]] = None) -> tuple[argparse.Namespace, Any, list[Run]]:
+    """What a finding's figure script starts from: its command line (run dirs, ``--out``, default
+    ``<finding>/results``), the finding's verdict module and the runs. FileNotFoundError for a
+    path that does not exist."""
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
+    parser.add_argument("paths", nargs="+", help="run directories or sweep directories")
+    parser.add_argument("--out", type=Path, default=Path(finding_dir) / "results")
+    args = parser.parse_args(argv)
+    return args, load_module(finding_dir), [load_run(p) for p in find_runs(args.paths)]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -117,7 +140,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
-__all__ = ["Check", "Run", "Verdict", "judge_runs", "load_judge", "main"]
+__all__ = ["Check", "Run", "Verdict", "figure_inputs", "judge_runs", "load_judge", "load_module", "main"]
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -33,3 +33,15 @@ def test_bad_values_name_the_key(override, needle):
     message = str(info.value)
     assert needle in message
     assert "\n" not in message
+
+
+def test_long_override_lists_give_run_directories_the_file_system_accepts():
+    from proxy.config import MAX_DIRNAME_BYTES, short_dirname
+
+    assert short_dirname("optim.lr=0.1,model.qk_norm=off") == "optim.lr=0.1,model.qk_norm=off"
+    long_a = ",".join(f"train.key_{i}=value" for i in range(40))
+    long_b = long_a.replace("value", "other", 1)
+    a, b = short_dirname(long_a), short_dirname(long_b)
+    assert len(a.encode()) <= MAX_DIRNAME_BYTES and len(b.encode()) <= MAX_DIRNAME_BYTES
+    assert a != b and a.startswith("train.key_0=") and short_dirname(long_a) == a  # unique, stable
+    assert len(short_dirname("é" * 300).encode()) <= MAX_DIRNAME_BYTES  # never splits a character

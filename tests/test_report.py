@@ -290,6 +290,10 @@ def test_rolled_back_steps_are_set_apart_from_the_kept_trajectory(tmp_path: Path
     result = build_report([tmp_path / "rb"], tmp_path / "report")
     assert result.runs[0].events == {"skip_step": 1, "rollback": 2}
     assert (tmp_path / "report" / "figures" / "loss.png").exists()
+    # one run, one LR: no LR-sensitivity section or LR curve, a per-variant table instead
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "## Variants" in md and "## LR sensitivity" not in md
+    assert not (tmp_path / "report" / "figures" / "lr_vs_loss.png").exists()
 
 
 def test_resume_truncates_by_position_when_steps_repeat(tmp_path: Path) -> None:

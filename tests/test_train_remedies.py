@@ -160,3 +160,24 @@ def test_wandb_rows_carry_the_trainer_step_so_replayed_steps_are_kept(tmp_path, 
     steps = [row["trainer/step"] for row, _ in calls["log"] if "train/loss" in row]
     assert any(b < a for a, b in zip(steps, steps[1:])), "a rollback should have replayed steps"
     assert sorted(set(steps)) == list(range(30))
+
+
+@pytest.mark.parametrize("limit", [3, 0])
+def test_a_remedy_that_skips_every_step_ends_the_run_after_the_configured_limit(tmp_path, monkeypatch, limit):
+    from proxy.remedies import SkipStep, make_event
+
+    def always_after_5(self, step, loss, grad_norm):
+        if step < 5:
+            return None
+        return make_event(step, "skip_step", "loss", float(loss), 0.0)
+
+    monkeypatch.setattr(SkipStep, "check", always_after_5)
+    cfg = tiny_cfg(remedy=dict(kind="skip_step", max_consecutive_skips=limit), train=dict(steps=12, log_every=1))
+    summary = train(cfg, tmp_path / "run")
+    events = load_run(tmp_path / "run").events
+    if limit:
+        assert summary["status"] == "diverged" and summary["diverged_at_step"] == 5 + limit - 1
+        assert "max_consecutive_skips" in events[-1]["reason"]
+    else:
+        assert summary["status"] == "completed"
+        assert [e["step"] for e in events if e["event"] == "skip_step"] == list(range(5, 12))

@@ -10,8 +10,6 @@ tail average as ``verdict.py``. Writes ``figures/grad_rms_vs_lr.png`` under ``--
 
 from __future__ import annotations
 
-import argparse
-import importlib.util
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -19,27 +17,14 @@ from typing import Optional, Sequence
 
 from matplotlib.figure import Figure
 
-from proxy.records import find_runs, load_run
+from proxy.verdict import figure_inputs
 
 HERE = Path(__file__).resolve().parent
 
 
-def _verdict_module():
-    spec = importlib.util.spec_from_file_location("adam_epsilon_verdict_for_figure", HERE / "verdict.py")
-    module = importlib.util.module_from_spec(spec)
-    assert spec.loader is not None
-    spec.loader.exec_module(module)
-    return module
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("paths", nargs="+", help="run directories or sweep directories")
-    parser.add_argument("--out", type=Path, default=HERE / "results")
-    args = parser.parse_args(argv)
-    verdict = _verdict_module()
     try:
-        runs = [load_run(p) for p in find_runs(args.paths)]
+        args, verdict, runs = figure_inputs(__doc__, HERE, argv)
     except FileNotFoundError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -35,12 +35,7 @@ SHRINK = 0.9
 
 
 def config_value(run: Run, dotted: str) -> Any:
-    node: Any = run.config
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return None
-        node = node[part]
-    return node
+    return run.config_value(dotted)
 
 
 def tail_mean(run: Run, key: str) -> Optional[float]:
