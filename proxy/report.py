@@ -887,7 +887,8 @@ def _blocks(
             )
         )
     blocks.append(("h", 1, "Runs"))
-    blocks.append(("p", f"Spike score (OLMo 2): % of logged points {spikes.describe()}."))
+    source = {analysis.OLMO2_SPIKES: " (OLMo 2)", analysis.OLMO_CORE_SPIKES: " (OLMo-core's detector)"}
+    blocks.append(("p", f"Spike score{source.get(spikes, '')}: % of logged points {spikes.describe()}."))
     blocks.append(_run_table(result_runs))
     captions = {
         "loss": "Train loss (solid) and val loss (dashed) per variant, one line per LR. Red circles: "
