@@ -158,10 +158,12 @@ def _to_py(value: Any) -> Any:
 @dataclass
 class Branch:
     """Steps a rollback threw away: the rows logged from ``rollback["restore_step"]`` up to the
-    spike at ``rollback["step"]``, which the run then re-ran from its snapshot."""
+    spike at ``rollback["step"]``, which the run then re-ran from its snapshot, and the events
+    that happened on them (``rollback`` itself ends the branch)."""
 
     rollback: dict[str, Any]
     rows: list[dict[str, Any]]
+    events: list[dict[str, Any]] = field(default_factory=list)
 
     def series(self, key: str) -> tuple[list[int], list[float]]:
         return _series(self.rows, key)
@@ -232,11 +234,11 @@ def split_branches(rows: Iterable[dict[str, Any]]) -> tuple[list[dict], list[dic
             continue
         restore = row.get("restore_step")
         if row["event"] == "rollback" and isinstance(restore, (int, float)):
-            abandoned.append(Branch(row, [r for r in metrics if r["step"] >= restore]))
+            thrown = [e for e in events if e["step"] >= restore and not e.get("rolled_back")]
+            for earlier in thrown:
+                earlier["rolled_back"] = True
+            abandoned.append(Branch(row, [r for r in metrics if r["step"] >= restore], thrown))
             metrics = [r for r in metrics if r["step"] < restore]
-            for earlier in events:
-                if earlier["step"] >= restore:
-                    earlier["rolled_back"] = True
         events.append(row)
     return metrics, events, abandoned
 

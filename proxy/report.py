@@ -55,6 +55,7 @@ FINISHED = ("completed", "diverged", "failed")  # runs that are points of an LR 
 BLOWN_UP = ("diverged", "failed")  # count as the loss at init (Wortsman et al.)
 MAX_LAYER_PANELS = 6
 MAX_EVENT_ROWS = 200
+SINGLE_LR_NOTE = "a single LR: sensitivity is 0 by construction"  # left out when no variant has more
 
 
 class ReportError(ValueError):
@@ -338,7 +339,7 @@ def _sensitivity(
                 out.best_lr = min(inside, key=inside.__getitem__)
                 out.best_loss = inside[out.best_lr]
             if len(inside) == 1:
-                notes.append("a single LR: sensitivity is 0 by construction")
+                notes.append(SINGLE_LR_NOTE)
     out.note = "; ".join(notes)
     return out
 
@@ -385,16 +386,7 @@ TRIGGER_KEYS = {"loss": TRAIN_LOSS, "grad_norm": GRAD_NORM}  # an event's trigge
 
 def _event_branch(run: Run, event: dict[str, Any]) -> Optional[Branch]:
     """The abandoned branch an event happened on (a rollback ends its own branch), or None."""
-    for branch in run.abandoned:
-        if branch.rollback is event:
-            return branch
-    if event.get("rolled_back"):
-        step = event.get("step")
-        for branch in run.abandoned:
-            steps = [r["step"] for r in branch.rows]
-            if steps and min(steps) <= step <= max(steps):
-                return branch
-    return None
+    return next((b for b in run.abandoned if b.rollback is event or any(e is event for e in b.events)), None)
 
 
 def _mark_events(
@@ -834,7 +826,7 @@ def _single_lr_blocks(sensitivity: list[SensitivityRow]) -> list[Block]:
         ("table", ["variant", "params", "LR", "final loss", "loss@init", "runs", "diverged", "failed", "note"],
          [[row.variant, row.n_params, row.lrs[0] if row.lrs else None, row.losses[0] if row.losses else None,
            row.loss_at_init, row.n_runs, row.n_diverged, row.n_failed,
-           "; ".join(n for n in row.note.split("; ") if "single LR" not in n)]
+           "; ".join(n for n in row.note.split("; ") if n != SINGLE_LR_NOTE)]
           for row in sensitivity]),
     ]
 

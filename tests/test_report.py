@@ -286,6 +286,8 @@ def test_rolled_back_steps_are_set_apart_from_the_kept_trajectory(tmp_path: Path
     assert second.series("train/loss")[0] == [2, 3, 4, 5, 6, 7]
     assert [e["event"] for e in run.events] == ["skip_step", "rollback", "rollback"]
     assert [e.get("rolled_back", False) for e in run.events] == [True, True, False]
+    # each event belongs to the first branch that threw it away
+    assert first.events == [run.events[0]] and second.events == [run.events[1]]
     # the report draws it without error and scores spikes on the kept trajectory only
     result = build_report([tmp_path / "rb"], tmp_path / "report")
     assert result.runs[0].events == {"skip_step": 1, "rollback": 2}
