@@ -4,8 +4,8 @@
                                         [--batch-size 8] [--seq-len 128] [--reps 2] [--device auto]
 
 For each model preset (conf/model/<size>.yaml) it trains K LR points twice, on the same data and
-for the same steps: one after another with ``proxy.train.train`` (what a Hydra multirun does on
-one device), and at once with ``proxy.ensemble.train_ensemble``. Both are timed end to end
+for the same steps: one after another with ``proxy.train.trainer.train`` (what a Hydra multirun does on
+one device), and at once with ``proxy.train.ensemble.train_ensemble``. Both are timed end to end
 (model build, evaluation at the first and last step, run records; no checkpoints), so the ratio
 is what a user waits for. Each mode runs ``--reps`` times, alternating, and keeps its fastest
 time: on a shared machine the minimum is the least disturbed measurement.
@@ -31,9 +31,10 @@ import torch
 from omegaconf import OmegaConf
 
 from proxy.config import Config, as_dict
-from proxy.ensemble import train_ensemble
-from proxy.records import load_run
-from proxy.train import resolve_device, train
+from proxy.records import ENSEMBLE_TOKENS_PER_S, TOKENS_PER_S, TRAIN_LOSS, load_run
+from proxy.train import train
+from proxy.train.ensemble import train_ensemble
+from proxy.train.runtime import resolve_device
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -88,7 +89,7 @@ def time_sequential(cfg: dict, lrs: list[float], out: Path, device: torch.device
 
 
 def final_losses(out: Path, lrs: list[float]) -> list[float]:
-    return [load_run(out / f"lr={lr!r}").series("train/loss")[1][-1] for lr in lrs]
+    return [load_run(out / f"lr={lr!r}").series(TRAIN_LOSS)[1][-1] for lr in lrs]
 
 
 def loop_tokens_per_s(out: Path, lrs: list[float], ensemble: bool) -> float:
@@ -96,8 +97,8 @@ def loop_tokens_per_s(out: Path, lrs: list[float], ensemble: bool) -> float:
     steps after the first log (no model build, no evaluation). K runs back to back process
     tokens at the harmonic mean of their rates."""
     if ensemble:
-        return load_run(out / f"lr={lrs[0]!r}").series("perf/ensemble_tokens_per_s")[1][-1]
-    rates = [load_run(out / f"lr={lr!r}").series("perf/tokens_per_s")[1][-1] for lr in lrs]
+        return load_run(out / f"lr={lrs[0]!r}").series(ENSEMBLE_TOKENS_PER_S)[1][-1]
+    rates = [load_run(out / f"lr={lr!r}").series(TOKENS_PER_S)[1][-1] for lr in lrs]
     return len(rates) / sum(1.0 / r for r in rates)
 
 

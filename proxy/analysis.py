@@ -1,4 +1,4 @@
-"""The numbers a report is made of: spike scores, LR sensitivity, run variants.
+"""The numbers a report is made of: spike scores, LR sensitivity, run variants and run names.
 
 Pure functions over plain values (lists, numpy arrays, strings): no files, no plotting, so the
 experiments' verdict steps and the tests can call them on anything.
@@ -34,10 +34,15 @@ from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
-# Overrides that never make a different recipe: the swept LR and the seed define the points of an
-# LR-sensitivity curve, and the rest is bookkeeping (logging, paths, progress bars).
+# Overrides that say where or how to run, not what is run (paths, resuming, progress bars,
+# logging): left out of run names, run directory names and variants. Prefixes: "wandb." covers
+# every wandb key. The one list; conf/config.yaml names run directories through run_dirname.
+NON_VARIANT_KEYS = ("out_dir", "run_name", "train.resume", "train.progress", "wandb.", "hydra.")
+# Overrides that make the points of one LR-sensitivity curve rather than a different recipe.
 SWEEP_AXES = ("optim.lr", "train.seed")
-BOOKKEEPING = ("wandb.", "hydra.", "run_name", "out_dir", "train.progress")
+# File systems cap one path component at 255 bytes, which a long override list passes: longer
+# names keep their head and end in a hash of the whole, so they stay unique.
+MAX_DIRNAME_BYTES = 200
 
 
 # --------------------------------------------------------------------------------------------
@@ -251,7 +256,7 @@ def variant_of(overrides: Iterable[str], exclude: Sequence[str] = SWEEP_AXES) ->
     kept = {}
     for item in overrides:
         key, value = parse_override(item)
-        if key in exclude or key.startswith(BOOKKEEPING):
+        if key in exclude or key.startswith(NON_VARIANT_KEYS):
             continue
         kept[key] = value
     return tuple(k if k.startswith("~") else f"{k}={v}" for k, v in sorted(kept.items()))
@@ -272,6 +277,37 @@ def variant_labels(variants: Sequence[tuple[str, ...]]) -> tuple[dict[tuple[str,
         rest = [item for item in variant if item not in shared]
         labels[variant] = ", ".join(rest) if rest else ("baseline" if len(distinct) > 1 else "defaults")
     return labels, tuple(sorted(shared))
+
+
+# --------------------------------------------------------------------------------------------
+# Run names and run directory names
+# --------------------------------------------------------------------------------------------
+def is_variant_override(override: str) -> bool:
+    """Whether a command-line override changes what is run (not a :data:`NON_VARIANT_KEYS` key)."""
+    return not override.strip().lstrip("+~").startswith(NON_VARIANT_KEYS)
+
+
+def run_name_from(overrides: Iterable[str]) -> str:
+    """A run's name: its variant overrides in command-line order, ","-joined ("default": none)."""
+    return ",".join(o for o in overrides if is_variant_override(o)) or "default"
+
+
+def short_dirname(name: str) -> str:
+    """``name`` if it fits :data:`MAX_DIRNAME_BYTES`, else its head and a hash of the whole."""
+    raw = str(name).encode()
+    if len(raw) <= MAX_DIRNAME_BYTES:
+        return str(name)
+    import hashlib
+
+    digest = hashlib.sha1(raw).hexdigest()[:10]
+    head = raw[: MAX_DIRNAME_BYTES - len(digest) - 1].decode(errors="ignore")
+    return f"{head}~{digest}"
+
+
+def run_dirname(overrides: Iterable[str]) -> str:
+    """A multirun job's directory name (after ``<job number>_``): its variant overrides sorted
+    and ","-joined as Hydra's ``override_dirname`` would, cut by :func:`short_dirname`."""
+    return short_dirname(",".join(sorted(str(o) for o in overrides if is_variant_override(str(o)))))
 
 
 # --------------------------------------------------------------------------------------------
@@ -297,6 +333,8 @@ def uniform_loss(vocab_size: Optional[int]) -> Optional[float]:
 __all__ = [
     "OLMO2_SPIKES",
     "OLMO_CORE_SPIKES",
+    "MAX_DIRNAME_BYTES",
+    "NON_VARIANT_KEYS",
     "SWEEP_AXES",
     "SpikeOptions",
     "Spikes",
@@ -306,8 +344,12 @@ __all__ = [
     "lr_sensitivity",
     "override_value",
     "parse_override",
+    "is_variant_override",
     "peak",
     "per_lr_losses",
+    "run_dirname",
+    "run_name_from",
+    "short_dirname",
     "spike_score",
     "uniform_loss",
     "variant_labels",

@@ -17,6 +17,8 @@ from typing import Any, Optional
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from proxy.analysis import run_dirname
+
 
 class ConfigError(ValueError):
     """A configuration that cannot run. The message names the offending key."""
@@ -351,27 +353,10 @@ class Config:
     experiment: Optional[str] = None
 
 
-# A run directory of a multirun is named after its overrides (conf/config.yaml,
-# hydra.sweep.subdir); file systems cap one path component at 255 bytes, which a long override
-# list passes. Longer names keep their head and end in a hash of the whole, so they stay unique;
-# the full overrides are in the run's summary.json and .hydra/overrides.yaml.
-MAX_DIRNAME_BYTES = 200
-
-
-def short_dirname(name: str) -> str:
-    raw = str(name).encode()
-    if len(raw) <= MAX_DIRNAME_BYTES:
-        return str(name)
-    import hashlib
-
-    digest = hashlib.sha1(raw).hexdigest()[:10]
-    head = raw[: MAX_DIRNAME_BYTES - len(digest) - 1].decode(errors="ignore")
-    return f"{head}~{digest}"
-
-
-# registered at import: Hydra resolves a job's directory in the process that runs the job
-# (a joblib worker, a SLURM task), which imports this module with the task function
-OmegaConf.register_new_resolver("proxy_dirname", short_dirname, replace=True)
+# registered at import: Hydra resolves a job's directory (conf/config.yaml, hydra.sweep.subdir)
+# in the process that runs the job (a joblib worker, a SLURM task), which imports this module
+# with the task function
+OmegaConf.register_new_resolver("proxy_dirname", lambda overrides: run_dirname(list(overrides)), replace=True)
 
 
 def register_configs() -> None:

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
-import kernels
+from proxy import kernels
 from proxy.config import Attention, ConfigError, Init, LossImpl, MLPKind, ModelConfig, Norm
 from proxy.config import NormPosition, QKNorm
 

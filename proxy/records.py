@@ -10,12 +10,19 @@ Layout of one run directory::
                        loop re-runs steps from r: the rows logged before it with step >= r belong
                        to the abandoned branch, and the reader sets them apart (:class:`Branch`).
     checkpoints/       step_XXXXXXX.pt, loadable with torch.load(weights_only=True)
+    rollback/          a rollback remedy's disk snapshots (remedy.rollback_storage=disk)
+    spike_kits/        step_XXXXXXX/: what spike capture saved (proxy/train/capture.py)
+    error.txt          the traceback of a run that failed
 
 ``summary.json`` status goes ``running`` -> ``completed`` | ``diverged`` | ``failed``. A run whose
 process died leaves ``running`` behind; the report lists it as such (or ``stale`` when asked).
 
-The trainer writes through :class:`RunRecord`; the report reads through :func:`load_run`, so a
-sweep made on a cluster can be copied home and reported without any live process or wandb.
+This module is the contract: the names above, the metric keys and event kinds below (writers and
+readers use these constants, never the strings), the one atomic-write helper, the writer
+(:class:`RunRecord`) and the reader (:func:`load_run`). The trainer writes through the ledger
+(proxy/train/ledger.py), which writes through :class:`RunRecord`; the report reads through
+:func:`load_run`, so a sweep made on a cluster can be copied home and reported without any live
+process or wandb.
 """
 
 from __future__ import annotations
@@ -27,16 +34,76 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import IO, Any, Callable, Iterable, Optional
 
+# --------------------------------------------------------------------------------------------
+# Names in a run directory
+# --------------------------------------------------------------------------------------------
 SUMMARY = "summary.json"
 METRICS = "metrics.jsonl"
 CONFIG = "config.yaml"
 CHECKPOINTS = "checkpoints"
+ROLLBACK_DIR = "rollback"
+KITS_DIR = "spike_kits"
+ERROR_FILE = "error.txt"
 
 STATUSES = ("running", "completed", "diverged", "failed")
 
+# --------------------------------------------------------------------------------------------
+# Metric keys (metrics.jsonl rows, wandb). A trailing "/" or "_" marks a prefix: the full key
+# appends a parameter name, a layer index or a statistic.
+# --------------------------------------------------------------------------------------------
+STEP = "step"  # every row: the optimizer step it belongs to
+EVENT = "event"  # event rows: their kind (below)
+TOKENS = "tokens"
+TRAIN_LOSS = "train/loss"  # cross-entropy of the step's batch (mean over ranks)
+TRAIN_Z_LOSS = "train/z_loss"
+TRAIN_TOTAL_LOSS = "train/total_loss"  # what backward() saw: ce + z-loss
+VAL_LOSS = "val/loss"
+LR = "optim/lr"  # the base (peak-scaled) LR of the step
+GRAD_NORM = "optim/grad_norm"  # global norm before clipping
+ATTN_MAX_LOGIT = "attn/max_logit"  # max over layers
+ATTN_MAX_LOGIT_LAYER = "attn/max_logit/layer_"  # + layer index
+OUTPUT = "output/"  # + a statistic of the output logits:
+OUTPUT_LOGIT_MEAN = "output/logit_mean"
+OUTPUT_LOGIT_MAX = "output/logit_max"
+OUTPUT_LSE_MEAN = "output/lse_mean"  # mean log Z
+GRAD_RMS = "grad_rms/"  # + parameter name; before clipping
+UPDATE_RMS = "update_rms/"  # + parameter name; RMS of the applied update / its LR
+PARAM_NORM = "param_norm/"  # + parameter name
+TOKENS_PER_S = "perf/tokens_per_s"
+MFU = "perf/mfu"
+ENSEMBLE_TOKENS_PER_S = "perf/ensemble_tokens_per_s"  # an ensemble's members together
+DATA_INJECTED_FRAC = "data/injected_frac"
+DATA_INJECTED_ROWS = "data/injected_rows"
+DATA_MASKED_TOKENS = "data/masked_tokens"
+DATA_DROPPED_ROWS = "data/dropped_rows"
+GROWTH_ACTIVATION = "growth/activation"  # OLMo 2 growth exponents (diagnostics.growth_exponents)
+GROWTH_GRADIENT = "growth/gradient"
+REMEDY = "remedy/"  # wandb only: + event kind, 1 at the step a remedy acted
+WANDB_STEP = "trainer/step"  # wandb only: the x-axis of every chart
 
+# keys only an ensemble member writes (beside every key a standalone run writes)
+ENSEMBLE_ONLY_KEYS = (ENSEMBLE_TOKENS_PER_S,)
+
+
+def attn_layer_key(layer: int) -> str:
+    return f"{ATTN_MAX_LOGIT_LAYER}{layer}"
+
+
+# --------------------------------------------------------------------------------------------
+# Event kinds (event rows of metrics.jsonl)
+# --------------------------------------------------------------------------------------------
+DIVERGED = "diverged"  # the run stopped: a divergence rule fired (field: reason)
+SKIP_STEP = "skip_step"  # a remedy dropped the step's update
+ROLLBACK = "rollback"  # a remedy restored a snapshot (fields: restore_step, data_position)
+ZCLIP = "zclip"  # a remedy clipped the gradients (fields: z, clipped_to)
+SPIKE_KIT = "spike_kit"  # spike capture saved a kit (field: path, relative to the run dir)
+
+
+# --------------------------------------------------------------------------------------------
+# Writing files: atomically, so a crash never leaves a torn file behind
+# --------------------------------------------------------------------------------------------
 def _clean(value: Any) -> Any:
     """JSON has no NaN/Inf; store them as strings so a diverged value stays visible."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -58,13 +125,18 @@ def _restore(value: Any) -> Any:
     return value
 
 
-def atomic_write_text(path: Path, text: str) -> None:
+def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> None:
+    """Write ``path`` through ``write(file)`` into a temporary file beside it, then rename.
+
+    Readers see the old file or the new one, never half of either; if ``write`` fails (a full
+    disk, an interrupt) the temporary file is removed and the old file is left as it was.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -72,6 +144,20 @@ def atomic_write_text(path: Path, text: str) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def save_state(path: str | Path, obj: Any) -> None:
+    """``torch.save`` of a state (checkpoint, snapshot, kit), atomically.
+
+    torch is imported here, not at the top: the report reads run directories without it.
+    """
+    import torch
+
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -102,14 +188,14 @@ class RunRecord:
 
     # -- metrics ------------------------------------------------------------------------------
     def log(self, step: int, metrics: dict[str, Any]) -> None:
-        row = {"step": int(step), **{k: _to_py(v) for k, v in metrics.items()}}
+        row = {STEP: int(step), **{k: _to_py(v) for k, v in metrics.items()}}
         self._metrics.write(json.dumps(_clean(row)) + "\n")
         self._metrics.flush()
         self.lines += 1
 
     def event(self, step: int, kind: str, **fields: Any) -> None:
         """An action taken by the trainer (skip-step, rollback, spike kit, ...)."""
-        self.log(step, {"event": kind, **fields})
+        self.log(step, {EVENT: kind, **fields})
 
     def truncate_after(self, step: int, lines: Optional[int] = None) -> None:
         """On resume: drop what was logged after the checkpoint, so the record has no duplicates.
@@ -141,7 +227,7 @@ def _count_lines(path: Path) -> int:
 
 def _step_of(line: str) -> float:
     try:
-        return json.loads(line).get("step", 0)
+        return json.loads(line).get(STEP, 0)
     except json.JSONDecodeError:  # a torn last line: after any checkpoint
         return math.inf
 
@@ -218,7 +304,7 @@ def _series(rows: list[dict[str, Any]], key: str) -> tuple[list[int], list[float
     steps, values = [], []
     for row in rows:
         if key in row and isinstance(row[key], (int, float)):
-            steps.append(row["step"])
+            steps.append(row[STEP])
             values.append(float(row[key]))
     return steps, values
 
@@ -229,16 +315,16 @@ def split_branches(rows: Iterable[dict[str, Any]]) -> tuple[list[dict], list[dic
     events: list[dict[str, Any]] = []
     abandoned: list[Branch] = []
     for row in rows:
-        if "event" not in row:
+        if EVENT not in row:
             metrics.append(row)
             continue
         restore = row.get("restore_step")
-        if row["event"] == "rollback" and isinstance(restore, (int, float)):
-            thrown = [e for e in events if e["step"] >= restore and not e.get("rolled_back")]
+        if row[EVENT] == ROLLBACK and isinstance(restore, (int, float)):
+            thrown = [e for e in events if e[STEP] >= restore and not e.get("rolled_back")]
             for earlier in thrown:
                 earlier["rolled_back"] = True
-            abandoned.append(Branch(row, [r for r in metrics if r["step"] >= restore], thrown))
-            metrics = [r for r in metrics if r["step"] < restore]
+            abandoned.append(Branch(row, [r for r in metrics if r[STEP] >= restore], thrown))
+            metrics = [r for r in metrics if r[STEP] < restore]
         events.append(row)
     return metrics, events, abandoned
 
@@ -257,7 +343,7 @@ def find_runs(paths: Iterable[str | Path]) -> list[Path]:
         if is_run_dir(p):
             found.setdefault(p.resolve(), None)
         for summary in sorted(p.rglob(SUMMARY)):
-            if CHECKPOINTS in summary.parts or "spike_kits" in summary.parts:
+            if CHECKPOINTS in summary.parts or KITS_DIR in summary.parts:
                 continue
             found.setdefault(summary.parent.resolve(), None)
     return sorted(found)

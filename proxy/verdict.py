@@ -27,6 +27,8 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from proxy.records import Run, find_runs, load_run
+from proxy.report import build_report, default_out_dir
+from proxy.report.document import Block, Items, Paragraph, Table, to_markdown
 
 
 @dataclass
@@ -59,15 +61,14 @@ class Verdict:
         return bool(passed)
 
     def to_markdown(self) -> str:
-        lines = [f"# {self.finding}: **{self.label}**", "", f"Source: {self.source}", "",
-                 "| claim | measured | holds |", "|---|---|---|"]
-        lines += [f"| {c.claim} | {c.measured} | {'yes' if c.passed else 'no'} |" for c in self.checks]
+        blocks: list[Block] = [Paragraph(f"Source: {self.source}"),
+                               Table(["claim", "measured", "holds"],
+                                     [[c.claim, c.measured, "yes" if c.passed else "no"] for c in self.checks])]
         if self.numbers:
-            lines += ["", "Numbers:", ""]
-            lines += [f"- `{k}`: {_fmt(v)}" for k, v in self.numbers.items()]
+            blocks += [Paragraph("Numbers:"), Items([f"`{k}`: {_fmt(v)}" for k, v in self.numbers.items()])]
         if self.notes:
-            lines += ["", self.notes]
-        return "\n".join(lines) + "\n"
+            blocks.append(Paragraph(self.notes))
+        return to_markdown(f"{self.finding}: **{self.label}**", blocks).rstrip("\n") + "\n"
 
     def to_json(self) -> dict[str, Any]:
         return {**asdict(self), "reproduced": self.reproduced, "label": self.label}
@@ -98,8 +99,6 @@ def load_module(finding_dir: str | Path):
 def judge_runs(finding_dir: str | Path, paths: Sequence[str | Path],
                out_dir: Optional[str | Path] = None, **report_options: Any) -> Verdict:
     """Report on ``paths``, judge, and write verdict.md/json beside the report."""
-    from proxy.report import build_report, default_out_dir
-
     out = Path(out_dir) if out_dir else default_out_dir(paths[0])
     module = load_module(finding_dir)
     if getattr(module, "REPORT_SPIKES", None) is not None:

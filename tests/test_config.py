@@ -36,7 +36,7 @@ def test_bad_values_name_the_key(override, needle):
 
 
 def test_long_override_lists_give_run_directories_the_file_system_accepts():
-    from proxy.config import MAX_DIRNAME_BYTES, short_dirname
+    from proxy.analysis import MAX_DIRNAME_BYTES, short_dirname
 
     assert short_dirname("optim.lr=0.1,model.qk_norm=off") == "optim.lr=0.1,model.qk_norm=off"
     long_a = ",".join(f"train.key_{i}=value" for i in range(40))

@@ -52,7 +52,7 @@ def test_ddp_divergence_stops_all_ranks(tmp_path):
 
 def test_slurm_tasks_become_torch_ranks(monkeypatch):
     """Inside a submitit SLURM job with 2 tasks, task 1 is rank 1 of 2 (no torchrun involved)."""
-    from proxy import distributed
+    from proxy.train import distributed
 
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.setenv(key, "")  # recorded, so the variables export() sets are undone after the test

@@ -14,8 +14,8 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
 from proxy.config import Config, ConfigError, OptimConfig, as_dict, register_configs, to_config
-from proxy.ensemble import member_specs, train_ensemble
-from proxy.ensemble_optim import ParamRule, StackedAdamW, clip_members_, member_grad_norms, param_rules
+from proxy.train.ensemble import member_specs, train_ensemble
+from proxy.train.ensemble_optim import ParamRule, StackedAdamW, clip_members_, member_grad_norms, param_rules
 from proxy.model import build_model
 from proxy.optim import apply_lr, build_optimizer, clip_grad_norm
 from proxy.records import find_runs, load_run

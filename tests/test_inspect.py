@@ -5,11 +5,11 @@ import json
 import pytest
 import torch
 
-from proxy import curvature
+from proxy.forensics import curvature
 from proxy.config import to_config
 from proxy.data import build_source
 from proxy.forensics import find_kits, load_kit
-from proxy.inspect import (batch_sequence_stats, bimodality_coefficient, inspect_kit, main,
+from proxy.forensics.dissect import (batch_sequence_stats, bimodality_coefficient, inspect_kit, main,
                            write_report)
 from proxy.model import build_model
 from proxy.optim import AdamW

@@ -13,9 +13,9 @@ import pytest
 import torch
 from einops import rearrange
 
-import kernels
-from kernels import reference
-from kernels.attention import flash_attention
+from proxy import kernels
+from proxy.kernels import reference
+from proxy.kernels.flash_attention import flash_attention
 
 TOLERANCE = {  # (atol, rtol) for outputs and gradients of unit-scale inputs
     torch.float32: (2e-5, 1e-4),
@@ -146,7 +146,7 @@ def test_bad_inputs_raise_one_clear_error():
 
 def test_dispatch_takes_the_triton_path(monkeypatch):
     """kernels.attention(use_triton=True) runs the kernel under the interpreter, not the reference."""
-    module = importlib.import_module("kernels.attention")
+    module = importlib.import_module("proxy.kernels.flash_attention")
     calls = []
 
     def spy(*args, **kwargs):

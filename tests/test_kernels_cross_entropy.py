@@ -12,9 +12,9 @@ import importlib
 import pytest
 import torch
 
-import kernels
-from kernels import reference
-from kernels.cross_entropy import fused_cross_entropy, fused_linear_cross_entropy
+from proxy import kernels
+from proxy.kernels import reference
+from proxy.kernels.fused_cross_entropy import fused_cross_entropy, fused_linear_cross_entropy
 
 N_ROWS, VOCAB, HIDDEN = 24, 300, 32
 Z_LOSS = 1e-2
@@ -167,7 +167,7 @@ def test_bad_inputs_raise_one_clear_error():
 
 def test_dispatch_takes_the_triton_path(monkeypatch):
     """kernels.cross_entropy / linear_cross_entropy(use_triton=True) run the kernels, not the reference."""
-    module = importlib.import_module("kernels.cross_entropy")
+    module = importlib.import_module("proxy.kernels.fused_cross_entropy")
     calls = []
 
     def spy(fn):

@@ -7,7 +7,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-import kernels.reference as ref
+import proxy.kernels.reference as ref
 from proxy.config import ModelConfig
 from proxy.model import build_model, init_std_for
 

@@ -11,7 +11,7 @@ from torch import nn
 
 from proxy.config import ConfigError, RemedyConfig, RemedyKind, to_config
 from proxy.optim import AdamW, clip_grad_norm
-from proxy.remedies import Rollback, SkipStep, SpikeDetector, ZClip, build_remedy
+from proxy.train.remedies import Rollback, SkipStep, SpikeDetector, ZClip, build_remedy
 
 # A series with mean 1.05 and population std 0.05: the 6-sigma bar is exactly 1.35.
 STEADY = [1.0, 1.1] * 10

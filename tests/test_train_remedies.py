@@ -164,7 +164,7 @@ def test_wandb_rows_carry_the_trainer_step_so_replayed_steps_are_kept(tmp_path, 
 
 @pytest.mark.parametrize("limit", [3, 0])
 def test_a_remedy_that_skips_every_step_ends_the_run_after_the_configured_limit(tmp_path, monkeypatch, limit):
-    from proxy.remedies import SkipStep, make_event
+    from proxy.train.remedies import SkipStep, make_event
 
     def always_after_5(self, step, loss, grad_norm):
         if step < 5:

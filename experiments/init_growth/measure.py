@@ -32,8 +32,9 @@ from matplotlib.figure import Figure
 
 from proxy.config import DataConfig, Init, ModelConfig, Norm, NormPosition, QKNorm
 from proxy.data import build_source
-from proxy.diagnostics import growth_exponents
 from proxy.model import build_model
+from proxy.records import GROWTH_ACTIVATION, GROWTH_GRADIENT
+from proxy.train.diagnostics import growth_exponents
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CSV_NAME = "growth_exponents.csv"
@@ -73,8 +74,8 @@ def measure(arch: str, init: Init, width: int, n_layers: int, head_dim: int,
         torch.manual_seed(seed)
         model = build_model(cfg, vocab_size).to(device)
         per_batch = [growth_exponents(model, x.to(device), y.to(device)) for x, y in batches]
-        act.append(statistics.fmean(g["growth/activation"] for g in per_batch))
-        grad.append(statistics.fmean(g["growth/gradient"] for g in per_batch))
+        act.append(statistics.fmean(g[GROWTH_ACTIVATION] for g in per_batch))
+        grad.append(statistics.fmean(g[GROWTH_GRADIENT] for g in per_batch))
 
     def spread(values: list[float]) -> float:
         return statistics.stdev(values) if len(values) > 1 else 0.0

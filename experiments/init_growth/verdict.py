@@ -23,12 +23,13 @@ from pathlib import Path
 from typing import Any, Optional
 
 from proxy.analysis import OLMO2_SPIKES, OLMO_CORE_SPIKES, spike_score
+from proxy import records
 from proxy.records import Run
 from proxy.report import ReportResult
 from proxy.verdict import Verdict
 
 HERE = Path(__file__).resolve().parent
-GRAD_NORM = "optim/grad_norm"
+GRAD_NORM = records.GRAD_NORM
 
 
 def _measure_module():

@@ -16,11 +16,12 @@ from __future__ import annotations
 import math
 from typing import Optional
 
+from proxy import records
 from proxy.records import Run
 from proxy.report import ReportResult
 from proxy.verdict import Verdict
 
-MEAN, LSE = "output/logit_mean", "output/lse_mean"
+MEAN, LSE = records.OUTPUT_LOGIT_MEAN, records.OUTPUT_LSE_MEAN
 STRONGLY_NEGATIVE = -10.0
 
 

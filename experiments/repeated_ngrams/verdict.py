@@ -22,13 +22,12 @@ from typing import Any, Optional
 import numpy as np
 
 from proxy.analysis import OLMO2_SPIKES, OLMO_CORE_SPIKES, spike_score
+from proxy import records
 from proxy.records import Run
 from proxy.report import ReportResult
 from proxy.verdict import Verdict
 
-GRAD_NORM = "optim/grad_norm"
-INJECTED_ROWS = "data/injected_rows"
-MASKED_TOKENS = "data/masked_tokens"
+GRAD_NORM, INJECTED_ROWS, MASKED_TOKENS = records.GRAD_NORM, records.DATA_INJECTED_ROWS, records.DATA_MASKED_TOKENS
 MIN_GRAD_RATIO = 1.1
 
 

@@ -38,15 +38,13 @@ from collections import defaultdict
 from typing import Any, Optional
 
 from proxy.analysis import OLMO_CORE_SPIKES, spike_score
+from proxy import records
 from proxy.records import Run
 from proxy.report import ReportResult
 from proxy.verdict import Verdict
 
-VAL = "val/loss"
-TRAIN = "train/loss"
-GRAD_NORM = "optim/grad_norm"
-MASKED = "data/masked_tokens"
-UPDATE = "update_rms/"
+VAL, TRAIN, GRAD_NORM = records.VAL_LOSS, records.TRAIN_LOSS, records.GRAD_NORM
+MASKED, UPDATE = records.DATA_MASKED_TOKENS, records.UPDATE_RMS
 ARMS = ("clean", "none", "skip_step", "rollback", "zclip", "mask")
 REMEDIES = ("skip_step", "rollback", "zclip", "mask")
 MIN_DAMAGE = 0.05  # nats: below this the study provoked nothing worth protecting against

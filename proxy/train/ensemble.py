@@ -8,9 +8,10 @@ A 1-20M parameter proxy model leaves a GPU mostly idle, so the sweep axis goes i
 - sees the same batches as every other member (a controlled comparison);
 - has its own LR, weight decay, Adam moments, gradient clipping (its own global norm), schedule
   and divergence check (proxy/ensemble_optim.py);
-- writes its own run directory ``<run_dir>/lr=0.001/`` with the keys, summary fields and
-  checkpoint format of a standalone run (optim.lr set to its LR in config.yaml and in its
-  overrides), so ``proxy-report <run_dir>`` sees K ordinary runs.
+- writes its own run directory ``<run_dir>/lr=0.001/`` through its own run ledger
+  (proxy/train/ledger.py), the one a standalone run writes through: the same keys, summary
+  fields, checkpoint format and wandb step axis (optim.lr set to its LR in config.yaml and in
+  its overrides), so ``proxy-report <run_dir>`` sees K ordinary runs.
 
 The forward pass is the existing GPT, not a copy: ``torch.func.functional_call`` runs the module
 with member k's parameters and ``torch.func.vmap`` maps that over the member dim, which turns
@@ -45,10 +46,7 @@ import copy
 import functools
 import itertools
 import logging
-import math
-import os
 import random
-import time
 import traceback
 import warnings
 from dataclasses import dataclass, field
@@ -56,20 +54,20 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
-from omegaconf import OmegaConf
 from torch import Tensor
 from torch.func import functional_call, stack_module_state, vmap
 
-from proxy import diagnostics, distributed
-from proxy.config import Attention, Config, ConfigError, LossImpl, RemedyKind, SweepConfig, WandbMode, as_dict, to_config
+from proxy.analysis import run_name_from
+from proxy.config import Attention, Config, ConfigError, LossImpl, RemedyKind, SweepConfig, to_config
 from proxy.data import build_source
-from proxy.ensemble_optim import StackedAdamW, clip_members_, is_dense, member_grad_norms, param_rules
 from proxy.model import GPT, build_model
 from proxy.optim import apply_lr, build_optimizer, schedule_multiplier
-from proxy.records import CHECKPOINTS, CONFIG, RunRecord, atomic_write_text
-from proxy.tracking import WandbSink
-from proxy.train import (_progress, autocast_for, divergence_reason, resolve_device, run_name_from, summary_fields,
-                         wants_compile)
+from proxy.records import (ATTN_MAX_LOGIT, DIVERGED, ENSEMBLE_TOKENS_PER_S, ERROR_FILE, GRAD_RMS, OUTPUT,
+                           PARAM_NORM, TOKENS, TOKENS_PER_S, TRAIN_LOSS, UPDATE_RMS, VAL_LOSS, attn_layer_key)
+from proxy.train import diagnostics, distributed
+from proxy.train.ensemble_optim import StackedAdamW, clip_members_, is_dense, member_grad_norms, param_rules
+from proxy.train.ledger import RunLedger, step_row
+from proxy.train.runtime import autocast_for, divergence_reason, progress_bar, resolve_device, wants_compile
 
 log = logging.getLogger("proxy.ensemble")
 
@@ -285,68 +283,29 @@ def _per_member(t: Tensor, reduce: str) -> Tensor:
 # --------------------------------------------------------------------------------------------
 # Per-member bookkeeping
 # --------------------------------------------------------------------------------------------
-class _MemberWandbSink(WandbSink):
-    """A WandbSink that can be open K times at once (wandb ``reinit="create_new"``).
-
-    proxy.tracking.WandbSink finishes the previous run when a new one starts, which is right
-    for one run per process and wrong for K members logging side by side.
-    """
-
-    def __init__(self, cfg: Config, run_dir: Path, run_name: str, group: Optional[str]):
-        self.run = None
-        if cfg.wandb.mode == WandbMode.disabled:
-            return
-        import wandb
-
-        (run_dir / "wandb").mkdir(parents=True, exist_ok=True)
-        self.run = wandb.init(project=cfg.wandb.project, entity=cfg.wandb.entity, group=cfg.wandb.group or group,
-                              name=run_name, tags=list(cfg.wandb.tags), mode=cfg.wandb.mode.value,
-                              dir=str(run_dir), config=as_dict(cfg), reinit="create_new")
-
-
 @dataclass
 class Member:
-    """One member's record and the running numbers its summary needs."""
+    """One member: its ledger, and the state a standalone trainer would hold for it."""
 
     index: int
     spec: MemberSpec
     cfg: Config
     run_dir: Path
     run_name: str
-    record: RunRecord
-    wandb: WandbSink
+    ledger: RunLedger
     active: bool = True
     tokens: int = 0
     loss_at_init: Optional[float] = None
-    recent_losses: list[float] = field(default_factory=list)
-    stats_seen: dict[str, float] = field(default_factory=dict)
-
-    def log_row(self, step: int, row: dict[str, Any]) -> None:
-        """As proxy.train.Trainer.log_row: write, and remember what the summary reports."""
-        self.record.log(step, row)
-        self.wandb.log(step, row)
-        if "attn/max_logit" in row:
-            peak = max(self.stats_seen.get("attn/max_logit_peak", -math.inf), row["attn/max_logit"])
-            self.stats_seen["attn/max_logit_peak"] = peak
-        for key in ("attn/max_logit", "output/logit_mean"):
-            if key in row:
-                self.stats_seen[key] = row[key]
 
     def divergence(self, loss: float, grad_norm: float, train_cfg) -> Optional[str]:
         """The standalone trainer's divergence rules; the reason, or None."""
         return divergence_reason(loss, grad_norm, self.loss_at_init, train_cfg)
 
-    def finish(self, status: str, step: int, wall_time: float, diverged_at: Optional[int] = None,
+    def finish(self, status: str, step: int, diverged_at: Optional[int] = None,
                final_val: Optional[float] = None) -> dict[str, Any]:
-        """As proxy.train.Trainer._finish: the summary fields every run ends with."""
-        fields = summary_fields(status, step, self.tokens, wall_time, self.recent_losses, self.stats_seen,
-                                self.record.summary.get("best_val_loss"), diverged_at, final_val)
-        self.record.update(**fields)
-        self.wandb.summary(fields)
-        self.wandb.finish(failed=status == "failed")
-        self.record.close()
         self.active = False
-        return self.record.summary
+        return self.ledger.finish(status, steps=step, tokens=self.tokens, diverged_at=diverged_at,
+                                  final_val=final_val)
 
 
 # --------------------------------------------------------------------------------------------
@@ -386,10 +345,9 @@ class EnsembleTrainer:
         for k, (spec, member_cfg) in enumerate(zip(self.specs, self.configs)):
             member_dir = run_dir / spec.label
             name = member_run_name(spec, run_name or cfg.run_name, overrides)
-            self.members.append(Member(k, spec, member_cfg, member_dir, name, RunRecord(member_dir),
-                                       _MemberWandbSink(member_cfg, member_dir, name, sweep_id or run_dir.name)))
+            ledger = RunLedger(member_cfg, member_dir, name, sweep_id or run_dir.name, concurrent_wandb=True)
+            self.members.append(Member(k, spec, member_cfg, member_dir, name, ledger))
         self.run_dir, self.sweep_id = run_dir, sweep_id
-        self.started = time.time()
 
     def _check_backends_and_layout(self) -> None:
         """A tiny forward/backward before any record exists: it fixes the parameter layouts and
@@ -446,20 +404,19 @@ class EnsembleTrainer:
         grads = self.model.grads()
         columns: dict[str, Tensor] = {}
         if logging_step:  # before clipping, as diagnostics.grad_stats
-            columns.update({f"grad_rms/{n}": _per_member(g, "rms") for n, g in zip(names, grads)})
+            columns.update({GRAD_RMS + n: _per_member(g, "rms") for n, g in zip(names, grads)})
         norms = member_grad_norms(grads)
         clip_members_(grads, norms, cfg.optim.grad_clip)
 
         losses, grad_norms = torch.stack([out.ce_loss.detach().float(), norms]).tolist()  # one sync
-        wall = time.time() - self.started
         for member in self.members:
             if not member.active:
                 continue
             reason = member.divergence(losses[member.index], grad_norms[member.index], cfg.train)
             if reason is not None:
-                member.record.event(step, "diverged", reason=reason)
+                member.ledger.event(step, DIVERGED, reason=reason)
                 log.warning("member %s diverged at step %d: %s", member.spec.label, step, reason)
-                member.finish("diverged", step, wall, diverged_at=step)
+                member.finish(DIVERGED, step, diverged_at=step)
         active = [m.active for m in self.members]
         if not any(active):
             self.model.zero_grad()
@@ -473,37 +430,35 @@ class EnsembleTrainer:
         for member in self.members:
             if member.active:
                 member.tokens += self.tokens_per_step
-                member.recent_losses = (member.recent_losses + [losses[member.index]])[-cfg.train.log_every:]
+                member.ledger.track_loss(losses[member.index])
         if not logging_step:
             return None
 
         lrs = {n: torch.tensor(self.optimizer.lrs(n, multiplier), device=self.device) for n in self.model.params}
         for n, p in self.model.params.items():
             rms = _per_member(p.detach() - before[n], "rms")
-            columns[f"update_rms/{n}"] = torch.where(lrs[n] > 0, rms / lrs[n], torch.zeros_like(rms))
-            columns[f"param_norm/{n}"] = _per_member(p.detach(), "norm")
+            columns[UPDATE_RMS + n] = torch.where(lrs[n] > 0, rms / lrs[n], torch.zeros_like(rms))
+            columns[PARAM_NORM + n] = _per_member(p.detach(), "norm")
         if collect:
             columns.update(_forward_stats(out))
-        columns.update({"train/z_loss": out.z_loss.detach().float(), "train/total_loss": out.loss.detach().float()})
+        columns.update({"z_loss": out.z_loss.detach().float(), "total_loss": out.loss.detach().float()})
         keys = list(columns)
         values = torch.stack([columns[k].to(self.device) for k in keys]).tolist() if keys else []  # one sync
         shared = dict(getattr(self.source, "last_batch_info", {}))
         perf = self.throughput.read()
-        if "perf/tokens_per_s" in perf:
-            perf["perf/ensemble_tokens_per_s"] = perf["perf/tokens_per_s"] * len(self.members)
+        if TOKENS_PER_S in perf:
+            perf[ENSEMBLE_TOKENS_PER_S] = perf[TOKENS_PER_S] * len(self.members)
         rows = {}
         for member in self.members:
             if not member.active:
                 continue
             k = member.index
             row = {key: values[i][k] for i, key in enumerate(keys)}
+            z_loss, total_loss = row.pop("z_loss"), row.pop("total_loss")
             row.update(shared)
-            row.update({
-                "tokens": member.tokens,
-                "train/loss": losses[k],
-                "optim/lr": member.spec.lr * multiplier,  # the base LR, as proxy.optim.apply_lr returns
-                "optim/grad_norm": grad_norms[k],
-            })
+            row.update(step_row(tokens=member.tokens, loss=losses[k], z_loss=z_loss, total_loss=total_loss,
+                                lr=member.spec.lr * multiplier,  # the base LR, as proxy.optim.apply_lr returns
+                                grad_norm=grad_norms[k]))
             row.update(perf)
             rows[k] = row
         return rows
@@ -516,59 +471,32 @@ class EnsembleTrainer:
             if member.active:
                 self._save_member_checkpoint(member, multiplier)
 
-    def _save_member_checkpoint(self, member: Member, multiplier: float) -> Path:
+    def _save_member_checkpoint(self, member: Member, multiplier: float) -> Optional[Path]:
         model = self.model.load_member(member.index, self.model.base)
         optimizer = build_optimizer(model, member.cfg.optim)
         apply_lr(optimizer, multiplier)
         own = dict(model.named_parameters())
         for name in self.model.params:
             optimizer.state[own[name]] = self.optimizer.member_state(member.index, name)
-        state = {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "step": self.step,
-            "data_position": self.step,
-            "tokens": member.tokens,
-            "loss_at_init": member.loss_at_init,
-            "rng_cpu": torch.get_rng_state(),
-            "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "remedy": {},
-        }
-        ckpt_dir = member.run_dir / CHECKPOINTS
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
-        path = ckpt_dir / f"step_{self.step:07d}.pt"
-        tmp = path.with_suffix(".pt.tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-        for old in sorted(ckpt_dir.glob("step_*.pt"))[: -max(1, self.cfg.train.keep_checkpoints)]:
-            old.unlink()
-        return path
+        return member.ledger.save_checkpoint(
+            self.step, model=model.state_dict(), optimizer=optimizer.state_dict(),
+            data_position=self.step,  # no remedies: the data position is the step
+            tokens=member.tokens, loss_at_init=member.loss_at_init, remedy={})
 
     # -- the loop ----------------------------------------------------------------------------
     def _start_records(self) -> None:
         for member in self.members:
-            atomic_write_text(member.run_dir / CONFIG, OmegaConf.to_yaml(OmegaConf.create(as_dict(member.cfg))))
-            member.record.update(
-                status="running",
-                run_name=member.run_name,
-                sweep_id=self.sweep_id,
-                overrides=list(member.spec.overrides),
-                experiment=member.cfg.experiment,
-                steps_planned=member.cfg.train.steps,
+            member.ledger.start(
+                overrides=member.spec.overrides, n_params=self.n_params[0],
+                n_params_non_embedding=self.n_params[1], device=self.device, data=self.source.describe(),
                 lr=member.spec.lr,
-                n_params=self.n_params[0],
-                n_params_non_embedding=self.n_params[1],
-                device=str(self.device),
-                started_at=time.time(),
-                data=self.source.describe(),
                 ensemble={"members": len(self.members), "index": member.index, "label": member.spec.label},
             )
 
     def run(self) -> list[dict[str, Any]]:
         t = self.cfg.train
         self._start_records()
-        self.started = time.time()
-        progress = _progress(t.steps, t.progress, f"sweep x{len(self.members)}", 0)
+        progress = progress_bar(t.steps, t.progress, f"sweep x{len(self.members)}", 0)
         try:
             while self.step < t.steps and any(m.active for m in self.members):
                 step = self.step
@@ -577,11 +505,11 @@ class EnsembleTrainer:
                 logging_step = step % t.log_every == 0 or step == t.steps - 1
                 rows = self.train_step(step, logging_step)
                 for k, row in (rows or {}).items():
-                    self.members[k].log_row(step, row)
+                    self.members[k].ledger.log(step, row)
                 if progress is not None:
                     progress.n = self.step
                     if rows:
-                        active = [r["train/loss"] for r in rows.values()]
+                        active = [r[TRAIN_LOSS] for r in rows.values()]
                         progress.set_postfix(active=f"{len(active)}/{len(self.members)}",
                                              best=f"{min(active):.3f}", refresh=False)
                         progress.refresh()
@@ -594,14 +522,13 @@ class EnsembleTrainer:
             final = self.evaluate()
             for member in self.members:
                 if member.active:
-                    member.log_row(t.steps, {"val/loss": final[member.index], "tokens": member.tokens})
+                    member.ledger.log(t.steps, {VAL_LOSS: final[member.index], TOKENS: member.tokens})
             if t.save_final:
                 self.save_checkpoints()
-            wall = time.time() - self.started
             for member in self.members:
                 if member.active:
-                    member.finish("completed", self.step, wall, final_val=final[member.index])
-        return [m.record.summary for m in self.members]
+                    member.finish("completed", self.step, final_val=final[member.index])
+        return [m.ledger.summary for m in self.members]
 
     def _log_eval(self, step: int) -> None:
         values = self.evaluate()
@@ -611,21 +538,17 @@ class EnsembleTrainer:
             val = values[member.index]
             if member.loss_at_init is None:
                 member.loss_at_init = val
-                member.record.update(loss_at_init=val)
-            member.log_row(step, {"val/loss": val})
+                member.ledger.update(loss_at_init=val)
+            member.ledger.log(step, {VAL_LOSS: val})
 
     def fail(self, exc: BaseException) -> None:
         """Record a crash in every member still running (as proxy.train.train does for one run)."""
         text = traceback.format_exc()
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "error.txt").write_text(text)  # where the CLI's error line points
+        (self.run_dir / ERROR_FILE).write_text(text)  # where the CLI's error line points
         for member in self.members:
             if member.active:
-                (member.run_dir / "error.txt").write_text(text)
-                member.record.update(status="failed", error=f"{type(exc).__name__}: {exc}",
-                                     steps_completed=self.step)
-                member.wandb.finish(failed=True)
-                member.record.close()
+                member.ledger.fail(exc, self.step, text)
                 member.active = False
 
 
@@ -634,11 +557,11 @@ def _forward_stats(out: StackedOutput) -> dict[str, Tensor]:
     stats: dict[str, Tensor] = {}
     per_layer = [_per_member(m, "max") for m in out.attn_max_logits]
     for i, maxima in enumerate(per_layer):
-        stats[f"attn/max_logit/layer_{i}"] = maxima
+        stats[attn_layer_key(i)] = maxima
     if per_layer:
-        stats["attn/max_logit"] = torch.stack(per_layer).amax(dim=0)
+        stats[ATTN_MAX_LOGIT] = torch.stack(per_layer).amax(dim=0)
     for name, value in out.output_stats.items():
-        stats[f"output/{name}"] = value.detach().float()
+        stats[OUTPUT + name] = value.detach().float()
     return stats
 
 
@@ -649,7 +572,7 @@ def train_ensemble(cfg: Config | dict, run_dir: str | Path, run_name: Optional[s
                    sweep_id: Optional[str] = None, overrides: Sequence[str] = ()) -> list[dict[str, Any]]:
     """Train every member of ``cfg.sweep`` into ``run_dir/<label>`` and return their summaries.
 
-    Mirrors proxy.train.train: never raises on divergence (a diverged member is a result); a
+    Mirrors proxy.train.trainer.train: never raises on divergence (a diverged member is a result); a
     crash marks every running member failed, writes error.txt, and raises.
     """
     cfg = to_config(cfg) if not isinstance(cfg, Config) else cfg

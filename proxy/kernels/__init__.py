@@ -1,6 +1,10 @@
 """Kernels that return instability statistics as by-products, and their dispatch.
 
-Three operations, each with a plain-PyTorch reference (kernels/reference.py) and a Triton kernel
+Files: ``reference.py`` (plain PyTorch, the ground truth and the CPU path),
+``flash_attention.py`` and ``fused_cross_entropy.py`` (Triton, each kernel beside its launch
+wrapper), ``bench.py`` (``python -m proxy.kernels.bench``, GPU speed and memory).
+
+Three operations, each with a plain-PyTorch reference (reference.py) and a Triton kernel
 with the same signature and outputs:
 
 - ``attention(q, k, v)``            -> (out, max_logit[b, h])
@@ -15,13 +19,11 @@ Otherwise it falls back to the reference, so a CPU run never needs Triton at imp
 from __future__ import annotations
 
 import os
-import sys
-import types
 from typing import Optional
 
 from torch import Tensor
 
-from kernels import reference
+from proxy.kernels import reference
 
 
 def triton_runs_on(t: Tensor) -> bool:
@@ -39,7 +41,7 @@ def attention(
     use_triton: bool = False,
 ) -> tuple[Tensor, Tensor]:
     if use_triton and triton_runs_on(q):
-        from kernels.attention import flash_attention
+        from proxy.kernels.flash_attention import flash_attention
 
         return flash_attention(q, k, v, causal=causal, scale=scale)
     return reference.attention(q, k, v, causal=causal, scale=scale)
@@ -54,7 +56,7 @@ def cross_entropy(
     use_triton: bool = False,
 ):
     if use_triton and triton_runs_on(logits):
-        from kernels.cross_entropy import fused_cross_entropy
+        from proxy.kernels.fused_cross_entropy import fused_cross_entropy
 
         return fused_cross_entropy(logits, labels, z_loss=z_loss, ignore_index=ignore_index)
     return reference.cross_entropy(logits, labels, z_loss=z_loss, ignore_index=ignore_index)
@@ -71,7 +73,7 @@ def linear_cross_entropy(
     use_triton: bool = False,
 ):
     if use_triton and triton_runs_on(hidden):
-        from kernels.cross_entropy import fused_linear_cross_entropy
+        from proxy.kernels.fused_cross_entropy import fused_linear_cross_entropy
 
         return fused_linear_cross_entropy(
             hidden, weight, labels, z_loss=z_loss, ignore_index=ignore_index, chunk_size=chunk_size
@@ -80,20 +82,3 @@ def linear_cross_entropy(
         hidden, weight, labels, z_loss=z_loss, ignore_index=ignore_index, chunk_size=chunk_size
     )
 
-
-class _Package(types.ModuleType):
-    """Keeps ``kernels.attention`` and ``kernels.cross_entropy`` the dispatch functions above.
-
-    Importing the submodule kernels/attention.py (as the Triton path does) makes Python bind it
-    as the package attribute ``kernels.attention``, shadowing the function of the same name for
-    every later caller ("'module' object is not callable"). The submodules stay importable with
-    ``from kernels.attention import flash_attention``.
-    """
-
-    def __setattr__(self, name: str, value: object) -> None:
-        if isinstance(value, types.ModuleType) and callable(self.__dict__.get(name)):
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package

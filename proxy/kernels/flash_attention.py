@@ -19,7 +19,7 @@ deterministic.
 
 Numerics: all softmax math is fp32; tile products take the input dtype (fp16/bf16 tensor cores,
 fp32 in "ieee" precision so fp32 runs stay exact), with fp32 accumulators. Causal masks are
-bottom-right aligned (query i sees keys j <= i + seq_k - seq_q), as in kernels/reference.py.
+bottom-right aligned (query i sees keys j <= i + seq_k - seq_q), as in proxy/kernels/reference.py.
 Head dims that are not a power of two (48, 96) run in a padded BLOCK_D with masked loads.
 
 Under TRITON_INTERPRET=1 (CPU tests) block sizes are fixed and small, and bf16 tiles are
@@ -451,7 +451,7 @@ class _FlashAttention(torch.autograd.Function):
 def flash_attention(
     q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, scale: Optional[float] = None
 ) -> tuple[Tensor, Tensor]:
-    """Softmax attention; same signature and outputs as :func:`kernels.reference.attention`.
+    """Softmax attention; same signature and outputs as :func:`proxy.kernels.reference.attention`.
 
     q, k, v: (batch, heads, seq, head_dim), fp32 / fp16 / bf16 (under autocast: the autocast
     dtype), head_dim <= 128, any strides.

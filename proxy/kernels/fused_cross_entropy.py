@@ -215,7 +215,7 @@ class _CrossEntropy(torch.autograd.Function):
 def fused_cross_entropy(
     logits: Tensor, labels: Tensor, *, z_loss: float = 0.0, ignore_index: int = -100
 ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-    """Mean cross-entropy, z-loss term and logit statistics; as :func:`kernels.reference.cross_entropy`.
+    """Mean cross-entropy, z-loss term and logit statistics; as :func:`proxy.kernels.reference.cross_entropy`.
 
     logits: (N, V) fp32 / fp16 / bf16 (math in fp32); labels: (N,) int64 or int32.
 
@@ -320,7 +320,7 @@ def fused_linear_cross_entropy(
     ignore_index: int = -100,
     chunk_size: Optional[int] = None,
 ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-    """Cross-entropy of ``hidden @ weight.T``; as :func:`kernels.reference.linear_cross_entropy`.
+    """Cross-entropy of ``hidden @ weight.T``; as :func:`proxy.kernels.reference.linear_cross_entropy`.
 
     hidden: (N, C), weight: (V, C). Only ``chunk_size`` x V logits exist at a time (default:
     about as many bytes as ``hidden``). The gradients are computed during the forward pass, so

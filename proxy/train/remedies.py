@@ -1,8 +1,9 @@
 """Spike remedies: what the trainer does when the loss or the gradient norm jumps.
 
-Pure logic, no I/O: each remedy looks at numbers the trainer already has and returns an event
-dict ``{"step", "kind", "trigger", "value", "threshold", ...}`` when it acts; the trainer writes
-it with ``record.event(**event)`` and obeys it. Three remedies, one per run (``remedy.kind``):
+Each remedy looks at numbers the trainer already has and returns an :class:`Event` when it acts;
+the trainer records it and obeys it (``event.skips_update``, ``event.rewinds``). The trainer
+talks to every remedy through one interface, :class:`Remedy`; it never asks which remedy it has.
+Three remedies, one per run (``remedy.kind``):
 
 - :class:`SkipStep` (OLMo-core's SkipStepOptimizer, llm.c's z-score skip): drop the update when
   the loss or grad norm is a spike. Event kind ``skip_step``: do not call ``optimizer.step()``.
@@ -17,42 +18,129 @@ it with ``record.event(**event)`` and obeys it. Three remedies, one per run (``r
 All of them take plain floats (or 0-dim tensors, read once with ``float``): one host sync per
 step, which the trainer pays anyway to log and watch the loss.
 
-Order in the loop::
+Order in the loop (proxy/train/step.py and trainer.py)::
 
-    grad_norm = clip_grad_norm(params, 0.0 if zclip else cfg.optim.grad_clip)
-    zclip:     event = zclip.clip(params, grad_norm, step)         # then optimizer.step()
-    skip_step: event = skip.check(step, loss, grad_norm)          # skip optimizer.step() if event
-    rollback:  rollback.maybe_snapshot(step, model, optimizer, data_position, extra)  # step start
-               event = rollback.check(step, loss, grad_norm, data_position)  # next unread batch
-               if event and event["kind"] == "rollback": restored = rollback.restore(model, opt)
+    remedy.before_step(step, model, optimizer, data_position, extra)    # rollback: snapshot
+    grad_norm = clip_grad_norm(params, remedy.clip_threshold(cfg.optim.grad_clip))
+    event = remedy.after_backward(step, loss, grad_norm, params, data_position)
+    optimizer.step() unless event.skips_update
+    if event.rewinds: restored = remedy.restore(model, optimizer)       # rollback
 """
 
 from __future__ import annotations
 
 import copy
 import math
-import os
 import random
+from abc import ABC, abstractmethod
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Optional, Union
+from typing import Any, Iterable, Iterator, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
 from proxy.config import RemedyConfig, RemedyKind, SnapshotStorage
 from proxy.optim import scale_grads
+from proxy.records import ROLLBACK, SKIP_STEP, ZCLIP, save_state
 
 Number = Union[float, int, Tensor]
-ROLLBACK_DIR = "rollback"  # disk snapshots, under the run directory
 
 
-def make_event(step: int, kind: str, trigger: str, value: float, threshold: float,
-               **extra: Any) -> dict[str, Any]:
-    """The record of one action, in the shape ``RunRecord.event(**event)`` takes."""
-    return {"step": int(step), "kind": kind, "trigger": trigger, "value": float(value),
-            "threshold": float(threshold), **extra}
+# --------------------------------------------------------------------------------------------
+# Events and the interface
+# --------------------------------------------------------------------------------------------
+class Event(Mapping):
+    """The record of one action: ``step``, ``kind`` (a proxy.records event kind), ``trigger``
+    (the series that spiked), ``value``, ``threshold`` and the remedy's own fields. Reads like the
+    event row it becomes (``event["restore_step"]``); says what the loop must do."""
+
+    __slots__ = ("_fields",)
+
+    def __init__(self, step: int, kind: str, trigger: str, value: float, threshold: float, **extra: Any):
+        self._fields = {"step": int(step), "kind": kind, "trigger": trigger, "value": float(value),
+                        "threshold": float(threshold), **extra}
+
+    def __getitem__(self, key: str) -> Any:
+        return self._fields[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._fields)
+
+    def __len__(self) -> int:
+        return len(self._fields)
+
+    def __repr__(self) -> str:
+        return f"Event({self._fields!r})"
+
+    @property
+    def step(self) -> int:
+        return self._fields["step"]
+
+    @property
+    def kind(self) -> str:
+        return self._fields["kind"]
+
+    @property
+    def skips_update(self) -> bool:
+        """The optimizer must not apply this step's gradients."""
+        return self.kind in (SKIP_STEP, ROLLBACK)
+
+    @property
+    def rewinds(self) -> bool:
+        """The loop must call :meth:`Remedy.restore` and go on from the state it returns."""
+        return self.kind == ROLLBACK
+
+    def record_fields(self) -> dict[str, Any]:
+        """What the event row holds beside its step and kind."""
+        return {k: v for k, v in self._fields.items() if k not in ("step", "kind")}
+
+
+def make_event(step: int, kind: str, trigger: str, value: float, threshold: float, **extra: Any) -> Event:
+    return Event(step, kind, trigger, value, threshold, **extra)
+
+
+@dataclass
+class Restored:
+    """What :meth:`Remedy.restore` hands back: continue the loop at ``step`` reading batch
+    ``data_position``; ``extra_state`` is the caller's own state as it was at the snapshot."""
+
+    step: int
+    data_position: int
+    extra_state: Any
+
+
+class Remedy(ABC):
+    """What the trainer asks of a remedy, in the order of one step (see the module doc)."""
+
+    def before_step(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    data_position: int, extra_state: Any = None) -> None:
+        """At the start of ``step``, before its batch is drawn."""
+
+    def clip_threshold(self, grad_clip: float) -> float:
+        """The fixed clipping applied before :meth:`after_backward` sees the grad norm."""
+        return grad_clip
+
+    @abstractmethod
+    def after_backward(self, step: int, loss: Number, grad_norm: Number, params: list[Tensor],
+                       data_position: Optional[int] = None) -> Optional[Event]:
+        """The step's numbers (grad norm before any clipping by the remedy, ``data_position`` the
+        next unread batch); an event if the remedy acts, else None."""
+
+    def restore(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> Restored:
+        """After an event that rewinds: put the earlier state back."""
+        raise RuntimeError(f"{type(self).__name__} never rewinds")
+
+    def close(self) -> None:
+        """The run has ended: release what the remedy holds (files, memory)."""
+
+    @abstractmethod
+    def state_dict(self) -> dict[str, Any]: ...
+
+    @abstractmethod
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 # --------------------------------------------------------------------------------------------
@@ -124,7 +212,7 @@ def _detector(cfg: RemedyConfig) -> SpikeDetector:
 # --------------------------------------------------------------------------------------------
 # Skip-step
 # --------------------------------------------------------------------------------------------
-class SkipStep:
+class SkipStep(Remedy):
     """Skip the optimizer update on a spike (OLMo-core SkipStepOptimizer: 6 sigma over 128).
 
     The skipped step still counts: the schedule and the data move on, the weights and the
@@ -135,15 +223,19 @@ class SkipStep:
         self.detector = _detector(cfg)
         self.skipped = 0
 
+    def after_backward(self, step: int, loss: Number, grad_norm: Number, params: list[Tensor],
+                       data_position: Optional[int] = None) -> Optional[Event]:
+        return self.check(step, loss, grad_norm)
+
     def check(self, step: int, loss: Optional[Number],
-              grad_norm: Optional[Number]) -> Optional[dict]:
+              grad_norm: Optional[Number]) -> Optional[Event]:
         """A ``skip_step`` event if this step must not be applied; else None (and remember it)."""
         spike = self.detector.test(loss, grad_norm)
         if spike is None:
             self.detector.accept(loss, grad_norm)
             return None
         self.skipped += 1
-        return make_event(step, "skip_step", spike.trigger, spike.value, spike.threshold,
+        return make_event(step, SKIP_STEP, spike.trigger, spike.value, spike.threshold,
                           skipped=self.skipped)
 
     def state_dict(self) -> dict[str, Any]:
@@ -178,17 +270,7 @@ class Snapshot:
         return torch.load(self.path, map_location="cpu", weights_only=False)
 
 
-@dataclass
-class Restored:
-    """What :meth:`Rollback.restore` hands back: continue the loop at ``step`` reading batch
-    ``data_position``; ``extra_state`` is the caller's own state as it was at the snapshot."""
-
-    step: int
-    data_position: int
-    extra_state: Any
-
-
-class Rollback:
+class Rollback(Remedy):
     """PaLM-style rollback: restore an earlier state and skip the batches around the spike.
 
     Semantics, with e = ``rollback_every``, R = ``rollback_min_age``, S = ``rollback_skip_batches``:
@@ -226,6 +308,14 @@ class Rollback:
         self.skipped = 0
         self._pending: Optional[tuple[Snapshot, int]] = None  # (target, data position to go on from)
 
+    def before_step(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    data_position: int, extra_state: Any = None) -> None:
+        self.maybe_snapshot(step, model, optimizer, data_position, extra_state)
+
+    def after_backward(self, step: int, loss: Number, grad_norm: Number, params: list[Tensor],
+                       data_position: Optional[int] = None) -> Optional[Event]:
+        return self.check(step, loss, grad_norm, data_position)
+
     def maybe_snapshot(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
                        data_position: int, extra_state: Any = None) -> bool:
         """Snapshot the state at the start of ``step`` if it is due; True when one was taken."""
@@ -244,9 +334,7 @@ class Rollback:
         if self.on_disk:
             self.directory.mkdir(parents=True, exist_ok=True)
             snap.path = self.directory / f"step_{step:07d}.pt"
-            tmp = snap.path.with_suffix(".pt.tmp")
-            torch.save(state, tmp)
-            os.replace(tmp, snap.path)  # a crash mid-write leaves no torn snapshot behind
+            save_state(snap.path, state)  # atomic: a crash mid-write leaves no torn snapshot behind
         else:
             snap.state = state
         self.snapshots.append(snap)
@@ -255,7 +343,7 @@ class Rollback:
         return True
 
     def check(self, step: int, loss: Optional[Number], grad_norm: Optional[Number],
-              data_position: Optional[int] = None) -> Optional[dict]:
+              data_position: Optional[int] = None) -> Optional[Event]:
         """A ``rollback`` event (then call :meth:`restore`), a ``skip_step`` event, or None.
 
         ``data_position``: the next unread batch (the spiking batch's index + 1), below which a
@@ -269,13 +357,13 @@ class Rollback:
         if target is None or self.rollbacks >= self.max_rollbacks:
             self.skipped += 1
             reason = "no snapshot old enough" if target is None else "rollback budget spent"
-            return make_event(step, "skip_step", spike.trigger, spike.value, spike.threshold,
+            return make_event(step, SKIP_STEP, spike.trigger, spike.value, spike.threshold,
                               reason=reason)
         resume_at = target.data_position + self.skip_batches
         if data_position is not None:
             resume_at = max(resume_at, int(data_position))
         self._pending = (target, resume_at)
-        return make_event(step, "rollback", spike.trigger, spike.value, spike.threshold,
+        return make_event(step, ROLLBACK, spike.trigger, spike.value, spike.threshold,
                           restore_step=target.step, data_position=resume_at,
                           rollbacks=self.rollbacks + 1)
 
@@ -366,7 +454,7 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------------------------
 # ZClip
 # --------------------------------------------------------------------------------------------
-class ZClip:
+class ZClip(Remedy):
     """Z-score adaptive gradient clipping (Kumar et al. 2025, arXiv 2504.02507).
 
     Keeps an exponential moving average of the grad norm's mean ``mu`` and variance ``var``
@@ -401,7 +489,14 @@ class ZClip:
     def from_config(cls, cfg: RemedyConfig, max_norm: float = 0.0) -> "ZClip":
         return cls(cfg.zclip_alpha, cfg.zclip_z, cfg.zclip_warmup, max_norm)
 
-    def clip(self, params: Iterable[Tensor], grad_norm: Number, step: int) -> Optional[dict]:
+    def clip_threshold(self, grad_clip: float) -> float:
+        return 0.0  # ZClip sees the raw norm; optim.grad_clip is its fixed cap (max_norm)
+
+    def after_backward(self, step: int, loss: Number, grad_norm: Number, params: list[Tensor],
+                       data_position: Optional[int] = None) -> Optional[Event]:
+        return self.clip(params, grad_norm, step)
+
+    def clip(self, params: Iterable[Tensor], grad_norm: Number, step: int) -> Optional[Event]:
         """Clip the gradients of ``params`` (whose global norm is ``grad_norm``) if needed.
 
         Returns a ``zclip`` event when the z-score test fired (not for the fixed cap alone).
@@ -417,7 +512,7 @@ class ZClip:
             z = (norm - self.mean) / (std + self.eps)
             if z > self.z_threshold:
                 target = self.mean + (self.z_threshold ** 2 / z) * std
-                event = make_event(step, "zclip", "grad_norm", norm,
+                event = make_event(step, ZCLIP, "grad_norm", norm,
                                    self.mean + self.z_threshold * std, z=z, clipped_to=target)
             self._update(target)
         bound = min(target, self.max_norm) if self.max_norm > 0 else target
@@ -450,9 +545,6 @@ class ZClip:
 # --------------------------------------------------------------------------------------------
 # Factory
 # --------------------------------------------------------------------------------------------
-Remedy = Union[SkipStep, Rollback, ZClip]
-
-
 def build_remedy(cfg: RemedyConfig, grad_clip: float = 0.0,
                  snapshot_dir: Optional[Union[str, Path]] = None) -> Optional[Remedy]:
     """The remedy ``cfg.kind`` names, or None. ``grad_clip`` is ZClip's fixed cap;
@@ -468,6 +560,7 @@ def build_remedy(cfg: RemedyConfig, grad_clip: float = 0.0,
 
 
 __all__ = [
+    "Event",
     "Remedy",
     "Restored",
     "Rollback",

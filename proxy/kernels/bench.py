@@ -1,6 +1,6 @@
 """Speed and memory of the Triton kernels against the PyTorch (and Liger) baselines, on one GPU.
 
-    python -m kernels.bench [--quick] [--out PATH] [--no-compile]
+    python -m proxy.kernels.bench [--quick] [--out PATH] [--no-compile]
 
 Attention: causal fwd and fwd+bwd time and TFLOP/s against SDPA's flash backend, bf16, 16k tokens
 per batch at width 2048 (batch = 16384 / T, heads = 2048 / head_dim).
@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels import reference
+from proxy.kernels import reference
 
 Z_LOSS = 1e-4
 ATTENTION_TOKENS, ATTENTION_WIDTH = 16384, 2048
@@ -111,7 +111,7 @@ def bench_attention(seq: int, head_dim: int) -> dict:
     import triton.testing
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from kernels.attention import flash_attention
+    from proxy.kernels.flash_attention import flash_attention
 
     batch, heads = max(1, ATTENTION_TOKENS // seq), ATTENTION_WIDTH // head_dim
     shape = (batch, heads, seq, head_dim)
@@ -139,7 +139,7 @@ def bench_attention(seq: int, head_dim: int) -> dict:
 
 
 def bench_cross_entropy(tokens: int, vocab: int, use_compile: bool) -> dict:
-    from kernels.cross_entropy import fused_cross_entropy
+    from proxy.kernels.fused_cross_entropy import fused_cross_entropy
 
     logits = torch.randn(tokens, vocab, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     labels = torch.randint(0, vocab, (tokens,), device="cuda")
@@ -171,7 +171,7 @@ def bench_cross_entropy(tokens: int, vocab: int, use_compile: bool) -> dict:
 
 
 def bench_linear_cross_entropy(tokens: int, vocab: int, use_compile: bool) -> dict:
-    from kernels.cross_entropy import fused_linear_cross_entropy
+    from proxy.kernels.fused_cross_entropy import fused_linear_cross_entropy
 
     hidden = torch.randn(tokens, HEAD_HIDDEN_DIM, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     weight = 0.02 * torch.randn(vocab, HEAD_HIDDEN_DIM, device="cuda", dtype=torch.bfloat16)
@@ -231,18 +231,18 @@ def cpu_smoke() -> None:
     ce, z_term, stats = reference.cross_entropy(logits, torch.arange(8), z_loss=Z_LOSS)
     values = (out.sum(), max_logit.max(), ce, z_term, *stats.values())
     finite = all(math.isfinite(v.item()) for v in values)
-    print(f"CPU smoke of kernels/reference.py: {'ok' if finite else 'NON-FINITE OUTPUT'}")
+    print(f"CPU smoke of proxy/kernels/reference.py: {'ok' if finite else 'NON-FINITE OUTPUT'}")
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kernels.bench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m proxy.kernels.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a reduced grid (a few minutes)")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/...)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
     args = parser.parse_args(argv)
 
     if not torch.cuda.is_available():
-        print("kernels.bench needs a CUDA GPU and found none: nothing benchmarked.")
+        print("proxy.kernels.bench needs a CUDA GPU and found none: nothing benchmarked.")
         cpu_smoke()
         return 0
 

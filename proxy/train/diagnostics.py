@@ -1,7 +1,7 @@
 """What is measured during training, in one place the loop calls.
 
 Every function returns a flat ``{key: float}`` dict with the metric keys of the run-record contract
-(DESIGN.md): ``attn/max_logit/layer_<i>``, ``output/logit_mean``, ``grad_rms/<param>``,
+(proxy/records.py): ``attn/max_logit/layer_<i>``, ``output/logit_mean``, ``grad_rms/<param>``,
 ``update_rms/<param>``, ``param_norm/<param>``, ``perf/tokens_per_s`` ... The loop merges them into
 one row per logged step; the sinks (metrics.jsonl, wandb, progress bar) never compute anything.
 
@@ -20,6 +20,8 @@ import torch
 from torch import Tensor, nn
 
 from proxy.model import GPT, ModelOutput
+from proxy.records import (ATTN_MAX_LOGIT, GRAD_RMS, GROWTH_ACTIVATION, GROWTH_GRADIENT, MFU, OUTPUT, PARAM_NORM,
+                           TOKENS_PER_S, UPDATE_RMS, attn_layer_key)
 
 
 # --------------------------------------------------------------------------------------------
@@ -33,10 +35,10 @@ def forward_stats(out: ModelOutput) -> dict[str, float]:
         # one device->host copy for all layers
         maxima = torch.stack([m.float().amax() for m in per_layer]).tolist()
         for i, value in enumerate(maxima):
-            stats[f"attn/max_logit/layer_{i}"] = value
-        stats["attn/max_logit"] = max(maxima)
+            stats[attn_layer_key(i)] = value
+        stats[ATTN_MAX_LOGIT] = max(maxima)
     for name, value in out.output_stats.items():
-        stats[f"output/{name}"] = float(value)
+        stats[OUTPUT + name] = float(value)
     return stats
 
 
@@ -56,7 +58,7 @@ def grad_stats(model: nn.Module) -> dict[str, float]:
             values.append(_rms(p.grad))
     if not values:
         return {}
-    return {f"grad_rms/{n}": v for n, v in zip(names, torch.stack(values).tolist())}
+    return {GRAD_RMS + n: v for n, v in zip(names, torch.stack(values).tolist())}
 
 
 class UpdateTracker:
@@ -90,8 +92,8 @@ class UpdateTracker:
         self._before = None
         update_values = torch.stack(updates).tolist()
         norm_values = torch.stack(norms).tolist()
-        stats = {f"update_rms/{n}": v for n, v in zip(names, update_values)}
-        stats.update({f"param_norm/{n}": v for n, v in zip(names, norm_values)})
+        stats = {UPDATE_RMS + n: v for n, v in zip(names, update_values)}
+        stats.update({PARAM_NORM + n: v for n, v in zip(names, norm_values)})
         return stats
 
 
@@ -131,9 +133,9 @@ class Throughput:
         if elapsed <= 0 or tokens == 0:
             return {}
         rate = tokens / elapsed
-        stats = {"perf/tokens_per_s": rate}
+        stats = {TOKENS_PER_S: rate}
         if self.peak:
-            stats["perf/mfu"] = rate * self.flops_per_token / self.peak
+            stats[MFU] = rate * self.flops_per_token / self.peak
         return stats
 
 
@@ -171,7 +173,7 @@ def growth_exponents(model: GPT, idx: Tensor, labels: Tensor) -> dict[str, float
     act = math.log(mean_norm(last) / mean_norm(first)) / n_layers
     grad = math.log(mean_norm(last.grad) / mean_norm(first.grad)) / n_layers
     model.zero_grad(set_to_none=True)
-    return {"growth/activation": act, "growth/gradient": grad}
+    return {GROWTH_ACTIVATION: act, GROWTH_GRADIENT: grad}
 
 
 def is_finite(*values: float) -> bool:

@@ -17,7 +17,8 @@ What it asks of a kit (proxy/forensics.py), and where the answer comes from:
   and 38/eta edge-of-stability bounds (proxy/curvature.py), and the distribution of the
   per-coordinate Adam update, which turns bimodal before divergence (Molybog et al. 2023).
 
-Output: ``<kit>/inspect/report.md`` with figures and ``inspect.json`` beside it.
+Output: ``<kit>/inspect/report.md`` with figures and ``inspect.json`` beside it (the Markdown
+through proxy/report/document.py, the project's one document writer).
 """
 
 from __future__ import annotations
@@ -34,12 +35,13 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import Tensor
 
-from proxy import curvature
 from proxy.config import Attention, Config, ConfigError, LossImpl
 from proxy.data import DataError, build_source, find_repeated_ngrams
-from proxy.forensics import Kit, KitError, Replay, find_kits, load_kit, replay, restore, states_equal
-from proxy.forensics import trainer_step
+from proxy.forensics import curvature
+from proxy.forensics.replay import (Kit, KitError, Replay, find_kits, load_kit, replay, restore, states_equal,
+                                    trainer_step)
 from proxy.records import write_json
+from proxy.report.document import Block, Figure, Heading, Items, Paragraph, Quote, Table, to_markdown
 
 OUT_DIR = "inspect"
 DIFFERENT_OFFSET = 10_000  # "different batches" are read this many positions further on
@@ -412,12 +414,6 @@ def _yes(flag: Optional[bool]) -> str:
     return "-" if flag is None else ("yes" if flag else "no")
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return lines + [""]
-
-
 def summary_lines(insp: Inspection) -> list[str]:
     """The headline: trigger, where the gradient jumped, the data, the replays, the curvature."""
     kit, pre, spike = insp.kit, insp.pre, insp.spike
@@ -446,24 +442,24 @@ def write_report(insp: Inspection, out_dir: Optional[str | Path] = None) -> Path
     out = Path(out_dir) if out_dir is not None else kit.path / OUT_DIR
     out.mkdir(parents=True, exist_ok=True)
     figures = _figures(insp, out)
-    md = [f"# Spike kit: step {kit.step}", "", f"Kit: `{kit.path}`", ""]
-    md += [f"- {line}" for line in summary_lines(insp)] + [""]
-    md += [f"> {note}" for note in insp.notes] + ([""] if insp.notes else [])
-    md += _param_section(insp) + _logit_section(insp) + _batch_section(insp)
-    md += _replay_section(insp) + _curvature_section(insp)
-    md += ["## Figures", ""] + [f"![{f.stem}]({f.name})" for f in figures] + [""]
-    (out / "report.md").write_text("\n".join(md))
+    blocks: list[Block] = [Paragraph(f"Kit: `{kit.path}`"), Items(summary_lines(insp))]
+    blocks += [Quote(note) for note in insp.notes]
+    blocks += _param_section(insp) + _logit_section(insp) + _batch_section(insp)
+    blocks += _replay_section(insp) + _curvature_section(insp)
+    blocks += [Heading("Figures")] + [Figure(f.name) for f in figures]
+    (out / "report.md").write_text(to_markdown(f"Spike kit: step {kit.step}", blocks))
     write_json(out / "inspect.json", _as_json(insp))
     return out / "report.md"
 
 
-def _param_section(insp: Inspection) -> list[str]:
+def _param_section(insp: Inspection) -> list[Block]:
     pre, spike = insp.pre, insp.spike
-    md = [f"## Per parameter: pre-spike (step {pre.step}) → spike (step {spike.step})", "",
-          "One trainer step at each state with its own batch, no remedy. ‖g‖ before clipping; "
-          "Δ/lr is the update RMS over the LR (≈1 for a healthy Adam step); √v̂<ε is the fraction "
-          "of coordinates where Adam's eps dominates (embedding rows of unseen tokens count too); "
-          "BC is the bimodality coefficient of m̂/(√v̂+ε) (1/3 normal, 5/9 uniform, → 1 bimodal).", ""]
+    md: list[Block] = [
+        Heading(f"Per parameter: pre-spike (step {pre.step}) → spike (step {spike.step})"),
+        Paragraph("One trainer step at each state with its own batch, no remedy. ‖g‖ before clipping; "
+                  "Δ/lr is the update RMS over the LR (≈1 for a healthy Adam step); √v̂<ε is the fraction "
+                  "of coordinates where Adam's eps dominates (embedding rows of unseen tokens count too); "
+                  "BC is the bimodality coefficient of m̂/(√v̂+ε) (1/3 normal, 5/9 uniform, → 1 bimodal).")]
     rows = [[f"`{p.name}`", _pair(p.weight_norm, s.weight_norm), _pair(p.grad_norm, s.grad_norm),
              _g(s.grad_norm / p.grad_norm) if p.grad_norm > 0 else "-",
              _pair(p.update_norm, s.update_norm), _pair(p.update_rms_over_lr, s.update_rms_over_lr),
@@ -471,62 +467,65 @@ def _param_section(insp: Inspection) -> list[str]:
              _pair(p.eps_fraction, s.eps_fraction), _pair(p.bimodality, s.bimodality)]
             for p, s in zip(pre.params, spike.params)]
     header = ["parameter", "‖W‖", "‖g‖", "‖g‖ ×", "‖Δ‖", "Δ/lr", "‖m‖", "‖v‖", "√v̂<ε", "BC"]
-    return md + _table(header, rows)
+    return md + [Table(header, rows)]
 
 
-def _logit_section(insp: Inspection) -> list[str]:
+def _logit_section(insp: Inspection) -> list[Block]:
     pre, spike = insp.pre, insp.spike
-    md = []
+    md: list[Block] = []
     if spike.attn_max_logits:
         heads = len(spike.attn_max_logits[0])
-        md += ["## Max attention logit per head", ""]
-        md += _table(["layer"] + [f"head {h}" for h in range(heads)],
+        md += [Heading("Max attention logit per head"),
+               Table(["layer"] + [f"head {h}" for h in range(heads)],
                      [[i] + [_pair(a, b) for a, b in zip(pa, pb)]
-                      for i, (pa, pb) in enumerate(zip(pre.attn_max_logits, spike.attn_max_logits))])
+                      for i, (pa, pb) in enumerate(zip(pre.attn_max_logits, spike.attn_max_logits))])]
     rows = [[k, _pair(pre.output.get(k, math.nan), v)] for k, v in spike.output.items()]
     rows += [["train loss", _pair(pre.loss, spike.loss)],
              ["grad norm", _pair(pre.grad_norm, spike.grad_norm)]]
-    return md + ["## Output logits", ""] + _table(["statistic", "pre → spike"], rows)
+    return md + [Heading("Output logits"), Table(["statistic", "pre → spike"], rows)]
 
 
-def _batch_section(insp: Inspection) -> list[str]:
-    md = [f"## The spiking batch (step {insp.kit.step})", "",
-          f"Rows ranked by gradient contribution. Repeated n-grams: find_repeated_ngrams with "
-          f"{insp.ngram}. Offending rows (n-gram or robust outlier): {insp.offending_rows}.", ""]
+def _batch_section(insp: Inspection) -> list[Block]:
+    md: list[Block] = [
+        Heading(f"The spiking batch (step {insp.kit.step})"),
+        Paragraph(f"Rows ranked by gradient contribution. Repeated n-grams: find_repeated_ngrams with "
+                  f"{insp.ngram}. Offending rows (n-gram or robust outlier): {insp.offending_rows}.")]
     ranked = sorted(insp.sequences, key=lambda s: -s.grad_contribution)
     rows = [[i + 1, s.row, _g(s.loss), s.tokens, _g(s.grad_contribution), _g(s.cosine),
              f"yes ({s.repeated_tokens} tokens)" if s.repeated_tokens else "no",
              " ".join(map(str, s.preview))] for i, s in enumerate(ranked)]
     header = ["rank", "row", "loss", "tokens", "grad contribution", "cos(batch grad)", "repeated n-gram",
               "tokens shown"]
-    return md + _table(header, rows)
+    return md + [Table(header, rows)]
 
 
-def _replay_section(insp: Inspection) -> list[str]:
+def _replay_section(insp: Inspection) -> list[Block]:
     if not insp.verdicts:
         return []
     kit = insp.kit
-    md = [f"## Replays from the pre-spike state (step {kit.state_step('before')})", "",
-          f"Does the {kit.trigger} spike come back? Threshold {_g(kit.meta['threshold'])}; "
-          "peak = the largest value from the spike step on.", ""]
+    md: list[Block] = [
+        Heading(f"Replays from the pre-spike state (step {kit.state_step('before')})"),
+        Paragraph(f"Does the {kit.trigger} spike come back? Threshold {_g(kit.meta['threshold'])}; "
+                  "peak = the largest value from the spike step on.")]
     rows = [[v.variant, v.description, _g(v.peak), _yes(v.recurs), _yes(v.bitwise), _yes(v.after_state_equal)]
             for v in insp.verdicts]
-    return md + _table(["variant", "batches", "peak", "spike recurs", "bitwise", "after state equal"], rows)
+    return md + [Table(["variant", "batches", "peak", "spike recurs", "bitwise", "after state equal"], rows)]
 
 
-def _curvature_section(insp: Inspection) -> list[str]:
+def _curvature_section(insp: Inspection) -> list[Block]:
     probes = [p for p in (insp.pre, insp.spike) if p.sharpness is not None]
     if not probes:
         return []
-    md = ["## Curvature (edge of stability)", "",
-          "λmax(H) by Lanczos on Hessian-vector products, against 2/η; Adam's preconditioned "
-          "sharpness λmax(P⁻¹H), P = diag(√v̂+ε)/lr_scale, against (2+2β₁)/((1−β₁)η) (38/η at "
-          "β₁=0.9). Ratios near or above 1 mean the step is at or past the stability edge.", ""]
+    md: list[Block] = [
+        Heading("Curvature (edge of stability)"),
+        Paragraph("λmax(H) by Lanczos on Hessian-vector products, against 2/η; Adam's preconditioned "
+                  "sharpness λmax(P⁻¹H), P = diag(√v̂+ε)/lr_scale, against (2+2β₁)/((1−β₁)η) (38/η at "
+                  "β₁=0.9). Ratios near or above 1 mean the step is at or past the stability edge.")]
     rows = [[p.state, _g(p.lr), _g(p.sharpness.sharpness), _g(p.sharpness.gd_threshold),
              _g(p.sharpness.gd_ratio), _g(p.sharpness.preconditioned), _g(p.sharpness.adam_threshold),
              _g(p.sharpness.adam_ratio)] for p in probes]
     header = ["state", "η", "λmax(H)", "2/η", "ratio", "λmax(P⁻¹H)", "(2+2β₁)/((1−β₁)η)", "ratio"]
-    return md + _table(header, rows)
+    return md + [Table(header, rows)]
 
 
 def _as_json(insp: Inspection) -> dict[str, Any]:

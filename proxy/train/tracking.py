@@ -1,7 +1,9 @@
-"""Sinks for the metrics the loop produces: metrics.jsonl (always) and wandb (optional).
+"""The wandb sink: the metrics the loop logs (the same keys as metrics.jsonl), mirrored to wandb.
 
 wandb is imported only when its mode is not ``disabled``, and writes under the run directory,
-never $HOME, so offline runs can be synced later with ``wandb sync <run_dir>/wandb``.
+never $HOME, so offline runs can be synced later with ``wandb sync <run_dir>/wandb``. The run
+ledger (proxy/train/ledger.py) owns one sink per run; an ensemble's members each own one, open at
+the same time (``concurrent=True``).
 
 Every row carries the trainer's step as the metric ``trainer/step``, the x-axis of every chart,
 instead of wandb's own step counter: a rollback re-runs steps, and wandb drops a row logged at a
@@ -15,13 +17,14 @@ from pathlib import Path
 from typing import Any, Optional
 
 from proxy.config import Config, WandbMode, as_dict
+from proxy.records import STEP, WANDB_STEP
 
-
-STEP_METRIC = "trainer/step"
+STEP_METRIC = WANDB_STEP
 
 
 class WandbSink:
-    def __init__(self, cfg: Config, run_dir: Path, run_name: str, group: Optional[str]):
+    def __init__(self, cfg: Config, run_dir: Path, run_name: str, group: Optional[str],
+                 concurrent: bool = False):
         self.run = None
         if cfg.wandb.mode == WandbMode.disabled:
             return
@@ -39,14 +42,15 @@ class WandbSink:
             mode=cfg.wandb.mode.value,
             dir=str(run_dir),
             config=as_dict(cfg),
-            reinit="finish_previous",
+            # one run per process finishes the previous one; K ensemble members log side by side
+            reinit="create_new" if concurrent else "finish_previous",
         )
         self.run.define_metric(STEP_METRIC)
         self.run.define_metric("*", step_metric=STEP_METRIC)
 
     def log(self, step: int, row: dict[str, Any]) -> None:
         if self.run is not None:
-            self.run.log({STEP_METRIC: step, **{k: v for k, v in row.items() if k != "step"}})
+            self.run.log({STEP_METRIC: step, **{k: v for k, v in row.items() if k != STEP}})
 
     def summary(self, fields: dict[str, Any]) -> None:
         if self.run is not None:

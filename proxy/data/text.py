@@ -1,0 +1,164 @@
+"""Plain text as a token source: ``.txt`` files tokenized at load time, byte-level (vocab 256) or
+BPE (the ``tokenizers`` library); and ``proxy-prepare``, which tokenizes text once into the memmap
+layout (``train.bin`` / ``val.bin`` / ``meta.json``) that ``data.source=memmap`` reads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+
+from proxy.config import DataConfig
+from proxy.data.sources import TOKEN_DTYPES, ArraySource, DataError, existing_path, split_tail
+
+EOT = "<|endoftext|>"  # document separator of BPE vocabularies (byte-level uses byte 0)
+
+
+def read_documents(path: Path) -> list[bytes]:
+    """The .txt file at ``path``, or every .txt file under the folder (sorted), as documents."""
+    files = sorted(path.rglob("*.txt")) if path.is_dir() else [path]
+    if not files:
+        raise DataError(f"{path}: no .txt files in folder")
+    docs = [f.read_bytes() for f in files]
+    docs = [d for d in docs if d]
+    if not docs:
+        raise DataError(f"{path}: text is empty")
+    return docs
+
+
+class ByteTokenizer:
+    """Bytes are tokens (vocab 256); byte 0, which text never holds, separates documents."""
+
+    name = "byte"
+    vocab_size = 256
+
+    def encode(self, docs: Sequence[bytes]) -> np.ndarray:
+        return np.frombuffer(b"\x00".join(docs), dtype=np.uint8).astype(np.int64)
+
+
+class BPETokenizer:
+    """A byte-level BPE from the ``tokenizers`` library; ``<|endoftext|>`` separates documents."""
+
+    name = "bpe"
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.vocab_size = tokenizer.get_vocab_size()
+        self.eot = tokenizer.token_to_id(EOT)
+
+    @classmethod
+    def train(cls, docs: Sequence[bytes], vocab_size: int) -> "BPETokenizer":
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT], show_progress=False,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        tok.train_from_iterator(_decode(docs), trainer)
+        return cls(tok)
+
+    @classmethod
+    def load(cls, path: Path) -> "BPETokenizer":
+        from tokenizers import Tokenizer
+
+        try:
+            return cls(Tokenizer.from_file(str(path)))
+        except Exception as exc:  # tokenizers raises a bare Exception on a bad file
+            raise DataError(f"{path}: not a tokenizers JSON file ({_first_line(exc)})") from None
+
+    def encode(self, docs: Sequence[bytes]) -> np.ndarray:
+        ids: list[int] = []
+        for i, enc in enumerate(self.tokenizer.encode_batch(_decode(docs))):
+            if i and self.eot is not None:
+                ids.append(self.eot)
+            ids.extend(enc.ids)
+        return np.asarray(ids, dtype=np.int64)
+
+
+def _decode(docs: Sequence[bytes]) -> list[str]:
+    try:
+        return [d.decode("utf-8") for d in docs]
+    except UnicodeDecodeError as exc:
+        raise DataError(f"text is not UTF-8 ({exc.reason} at byte {exc.start}); use the byte tokenizer") from None
+
+
+def _first_line(exc: Exception) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def make_tokenizer(kind: str, docs: Sequence[bytes], bpe_vocab_size: int):
+    """``kind``: byte | bpe (trained on ``docs`` now) | path to a tokenizers JSON file."""
+    if kind == "byte":
+        return ByteTokenizer()
+    if kind == "bpe":
+        if bpe_vocab_size < 257:
+            raise DataError(f"BPE vocab size {bpe_vocab_size} must be > 256 (the byte alphabet)")
+        return BPETokenizer.train(docs, bpe_vocab_size)
+    path = Path(kind).expanduser()
+    if not path.is_file():
+        raise DataError(f"data.tokenizer={kind!r} must be byte, bpe or a tokenizer .json file")
+    return BPETokenizer.load(path)
+
+
+def load_text(cfg: DataConfig) -> ArraySource:
+    docs = read_documents(existing_path(cfg.path))
+    tokenizer = make_tokenizer(cfg.tokenizer, docs, cfg.bpe_vocab_size)
+    train, val = split_tail(tokenizer.encode(docs), cfg.val_fraction)
+    details = {"tokenizer": tokenizer.name, "documents": len(docs),
+               "val_source": f"tail {cfg.val_fraction:g} of the text"}
+    return ArraySource(cfg, "text", train, val, tokenizer.vocab_size, details)
+
+
+# ============================================================================================
+# proxy-prepare: text -> train.bin / val.bin / meta.json
+# ============================================================================================
+def prepare(input_path: str, out_dir: str, tokenizer: str = "byte", vocab_size: int = 4096,
+            val_fraction: float = 0.05) -> dict:
+    """Tokenize text once into the memmap layout; returns the meta.json contents."""
+    if not 0.0 < val_fraction < 1.0:
+        raise DataError(f"--val-fraction {val_fraction} must be in (0, 1)")
+    if tokenizer not in ("byte", "bpe"):
+        raise DataError(f"--tokenizer {tokenizer!r} must be byte or bpe")
+    docs = read_documents(existing_path(input_path))
+    tok = make_tokenizer(tokenizer, docs, vocab_size)
+    train, val = split_tail(tok.encode(docs), val_fraction)
+    if len(train) < 2:
+        raise DataError(f"{input_path}: too little text to split ({len(train) + len(val)} tokens)")
+    dtype = "uint16" if tok.vocab_size <= 1 << 16 else "uint32"
+    out = Path(out_dir).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    train.astype(TOKEN_DTYPES[dtype]).tofile(out / "train.bin")
+    val.astype(TOKEN_DTYPES[dtype]).tofile(out / "val.bin")
+    if isinstance(tok, BPETokenizer):
+        tok.tokenizer.save(str(out / "tokenizer.json"))
+    meta = {"vocab_size": tok.vocab_size, "dtype": dtype, "tokenizer": tok.name,
+            "train_tokens": int(len(train)), "val_tokens": int(len(val)),
+            "documents": len(docs), "source": str(input_path)}
+    (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return meta
+
+
+def prepare_main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="proxy-prepare",
+        description="Tokenize .txt files into train.bin / val.bin / meta.json for data.source=memmap.")
+    parser.add_argument("--input", required=True, help="a .txt file or a folder of them")
+    parser.add_argument("--out", required=True, help="output folder (then data.path=<out>)")
+    parser.add_argument("--tokenizer", default="byte", choices=["byte", "bpe"])
+    parser.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size")
+    parser.add_argument("--val-fraction", type=float, default=0.05, help="tail held out for val")
+    args = parser.parse_args(argv)
+    try:
+        meta = prepare(args.input, args.out, args.tokenizer, args.vocab_size, args.val_fraction)
+    except (DataError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out}: {meta['train_tokens']} train + {meta['val_tokens']} val tokens, "
+          f"vocab {meta['vocab_size']} ({meta['tokenizer']}, {meta['dtype']})")
+    return 0

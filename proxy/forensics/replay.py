@@ -1,0 +1,215 @@
+"""Spike kits read back and replayed with the trainer's own step.
+
+A kit (written during training by proxy/train/capture.py) holds the state from a little before a
+spike and the batches that followed. :func:`load_kit` reads one (everything with
+``weights_only=True``); :func:`restore` rebuilds the model, optimizer and remedy of one of its
+states; :func:`replay` re-runs the recorded steps with the trainer's step function
+(proxy/train/step.py: schedule -> forward -> backward -> clip -> remedy -> AdamW step), so the
+same batches from ``state_before`` reproduce the recorded losses bit for bit on CPU. The
+dissection (proxy-inspect, proxy/forensics/dissect.py) is built on top.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from proxy.config import Config, to_config
+from proxy.model import build_model
+from proxy.optim import AdamW, build_optimizer
+from proxy.records import read_json
+from proxy.train.capture import BATCHES_FILE, KIT_FORMAT, KIT_JSON, STATE_FILES, find_kits
+from proxy.train.remedies import Remedy, build_remedy
+from proxy.train.runtime import autocast_for
+from proxy.train.step import StepResult, TrainStep
+
+
+class KitError(ValueError):
+    """A path that is not a usable spike kit; the message says what is missing."""
+
+
+# ============================================================================================
+# Reading kits
+# ============================================================================================
+@dataclass
+class Kit:
+    """A spike kit on disk. States are loaded on demand (they can be large)."""
+
+    path: Path
+    meta: dict[str, Any]
+    config: Config
+    batches: dict[str, Tensor]
+
+    @property
+    def step(self) -> int:
+        return int(self.meta["step"])
+
+    @property
+    def trigger(self) -> str:
+        return self.meta["trigger"]
+
+    def has_state(self, name: str) -> bool:
+        return self.meta["states"].get(name) is not None and (self.path / STATE_FILES[name]).exists()
+
+    def state(self, name: str) -> dict[str, Any]:
+        """A fresh copy of state ``name`` (before | at | after), safe to load into an optimizer."""
+        if name not in STATE_FILES:
+            raise KitError(f"state {name!r} must be one of {', '.join(STATE_FILES)}")
+        if not self.has_state(name):
+            reason = self.meta.get("incomplete_reason") or "not written"
+            raise KitError(f"{self.path} has no '{name}' state ({reason})")
+        return _load(self.path / STATE_FILES[name])
+
+    def state_step(self, name: str) -> int:
+        return int(self.meta["states"][name]["step"])
+
+    @property
+    def steps(self) -> list[int]:
+        return self.batches["steps"].tolist()
+
+    def batch(self, step: int) -> tuple[Tensor, Tensor]:
+        i = self.steps.index(step)
+        return self.batches["inputs"][i], self.batches["labels"][i]
+
+    def recorded(self, step: int) -> Optional[dict[str, Any]]:
+        """The trace row (lr, loss, grad_norm, event) the run recorded for ``step``."""
+        return next((row for row in self.meta["trace"] if row["step"] == step), None)
+
+
+def load_kit(path: str | Path) -> Kit:
+    path = Path(path)
+    if not (path / KIT_JSON).is_file():
+        raise KitError(f"{path} is not a spike kit (no {KIT_JSON})")
+    meta = read_json(path / KIT_JSON)
+    if meta.get("format") != KIT_FORMAT:
+        raise KitError(f"{path / KIT_JSON}: kit format {meta.get('format')!r}, this proxy reads {KIT_FORMAT}")
+    if not (path / BATCHES_FILE).is_file():
+        raise KitError(f"{path} has no {BATCHES_FILE}")
+    return Kit(path=path, meta=meta, config=to_config(meta["config"]),
+               batches=_load(path / BATCHES_FILE))
+
+
+def _load(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a torn or foreign file: say which, in one line
+        raise KitError(f"cannot read {path}: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
+
+
+# ============================================================================================
+# Replay: the trainer's step, step for step
+# ============================================================================================
+@dataclass
+class Training:
+    """A model, its optimizer and the run's remedy, restored from a kit state."""
+
+    model: nn.Module
+    optimizer: AdamW
+    remedy: Optional[Remedy]
+    cfg: Config
+    device: torch.device
+    step: int  # the next step to take
+
+    @property
+    def autocast(self):
+        return autocast_for(self.cfg, self.device)
+
+
+def restore(kit: Kit, name: str = "before", device: str | torch.device = "cpu",
+            cfg: Optional[Config] = None) -> Training:
+    """Model, optimizer and remedy as they were at the start of state ``name``'s step.
+
+    ``cfg`` overrides the kit's config for the model's construction (e.g. a reference attention
+    path for double backward); the weights are the same either way.
+    """
+    cfg = cfg or kit.config
+    device = torch.device(device)
+    state = kit.state(name)
+    with torch.random.fork_rng(devices=[]):  # building draws an init we overwrite at once
+        model = build_model(cfg.model, int(kit.meta["vocab_size"])).to(device)
+    model.load_state_dict(state["model"])
+    optimizer = build_optimizer(model, cfg.optim)
+    optimizer.load_state_dict(state["optimizer"])
+    remedy = build_remedy(cfg.remedy, grad_clip=cfg.optim.grad_clip)
+    if remedy is not None and state.get("remedy"):
+        remedy.load_state_dict(state["remedy"])
+    return Training(model, optimizer, remedy, cfg, device, kit.state_step(name))
+
+
+def trainer_step(t: Training, x: Tensor, y: Tensor, use_remedy: bool = True,
+                 collect_stats: bool = False, apply: bool = True) -> StepResult:
+    """One step exactly as the trainer takes it: the trainer's own step function
+    (proxy/train/step.py), with the restored model, optimizer and remedy.
+
+    ``use_remedy=False`` steps as if the run had no remedy. A ``rollback`` event cannot be
+    replayed in a short window, so it skips the update like a ``skip_step``. ``apply=False``
+    stops before the optimizer step, leaving the clipped gradients in place for the caller.
+    """
+    step = TrainStep(t.cfg, t.model, t.optimizer, t.remedy, autocast=t.autocast, device=t.device)
+    lr = step.schedule(t.step)
+    result = step.compute(t.step, lr, x.to(t.device), y.to(t.device), collect_stats=collect_stats,
+                          use_remedy=use_remedy)
+    if apply:
+        step.apply(result)
+        t.step += 1
+    return result
+
+
+@dataclass
+class Replay:
+    """What a replay did, step by step; ``training`` holds the final state."""
+
+    variant: str
+    steps: list[int] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+    grad_norms: list[float] = field(default_factory=list)
+    events: list[Optional[str]] = field(default_factory=list)
+    training: Optional[Training] = None
+
+
+def replay(kit: Kit, batches: Optional[Sequence[tuple[Tensor, Tensor]]] = None,
+           variant: str = "same", start: str = "before", device: str | torch.device = "cpu",
+           use_remedy: bool = True, until: Optional[int] = None) -> Replay:
+    """Re-run the kit's steps from state ``start`` with ``batches`` (default: the recorded ones),
+    through step ``until`` (default: the last recorded batch)."""
+    t = restore(kit, start, device)
+    steps = [s for s in kit.steps if s >= t.step and (until is None or s <= until)]
+    if batches is None:
+        batches = [kit.batch(s) for s in steps]
+    if len(batches) < len(steps):
+        raise KitError(f"replay '{variant}': {len(batches)} batches for {len(steps)} steps")
+    result = Replay(variant)
+    for step, (x, y) in zip(steps, batches):
+        r = trainer_step(t, x, y, use_remedy=use_remedy)
+        result.steps.append(step)
+        result.losses.append(r.loss)
+        result.grad_norms.append(r.grad_norm)
+        result.events.append(r.event.kind if r.event is not None else None)
+    result.training = t
+    return result
+
+
+def states_equal(a: dict[str, Tensor], b: dict[str, Tensor]) -> bool:
+    """Bitwise equality of two model state dicts."""
+    return a.keys() == b.keys() and all(torch.equal(a[k].cpu(), b[k].cpu()) for k in a)
+
+
+__all__ = [
+    "BATCHES_FILE",
+    "KIT_JSON",
+    "Kit",
+    "KitError",
+    "Replay",
+    "STATE_FILES",
+    "Training",
+    "find_kits",
+    "load_kit",
+    "replay",
+    "restore",
+    "states_equal",
+    "trainer_step",
+]

@@ -1,0 +1,7 @@
+"""``python -m proxy.report`` is ``proxy-report``."""
+
+import sys
+
+from proxy.report.build import main
+
+sys.exit(main())

@@ -1,0 +1,310 @@
+"""The report's tables as data: one :class:`RunRow` per run directory, one :class:`SensitivityRow`
+per variant (a run's command-line overrides minus the LR and the seed: the runs of one
+LR-sensitivity curve). The verdicts of experiments/ read these, so every number a verdict
+quotes is the number the report prints.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import statistics
+from collections import Counter
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+from proxy import analysis
+from proxy.analysis import SpikeOptions
+from proxy.records import (ATTN_MAX_LOGIT, ATTN_MAX_LOGIT_LAYER, EVENT, GRAD_NORM, OUTPUT_LOGIT_MEAN, STEP,
+                           TRAIN_LOSS, VAL_LOSS, Run)
+
+FINISHED = ("completed", "diverged", "failed")  # runs that are points of an LR curve
+BLOWN_UP = ("diverged", "failed")  # count as the loss at init (Wortsman et al.)
+SINGLE_LR_NOTE = "a single LR: sensitivity is 0 by construction"  # left out when no variant has more
+
+
+# --------------------------------------------------------------------------------------------
+# Tables as data
+# --------------------------------------------------------------------------------------------
+@dataclass
+class RunRow:
+    """One run directory, reduced to the numbers the report tabulates."""
+
+    name: str
+    path: str
+    variant: str  # short label (what tells this variant apart from the others)
+    overrides: str  # the variant's full overrides, ", "-joined
+    lr: Optional[float]
+    seed: Optional[int]
+    status: str
+    steps_completed: Optional[int]
+    steps_planned: Optional[int]
+    loss_at_init: Optional[float]
+    final_train_loss: Optional[float]
+    final_val_loss: Optional[float]
+    best_val_loss: Optional[float]
+    max_attn_logit_peak: Optional[float]
+    max_attn_logit_final: Optional[float]
+    output_logit_mean_final: Optional[float]
+    spike_score_loss: Optional[float]
+    spike_score_grad_norm: Optional[float]
+    diverged_at_step: Optional[int]
+    events: dict[str, int] = field(default_factory=dict)
+    n_params: Optional[int] = None
+    n_params_non_embedding: Optional[int] = None
+    tokens: Optional[int] = None
+    wall_time_s: Optional[float] = None
+    sweep_id: Optional[str] = None
+    experiment: Optional[str] = None
+    error: Optional[str] = None
+
+    @property
+    def final_loss(self) -> Optional[float]:
+        """The loss an LR curve uses: final val loss, else final train loss."""
+        for value in (self.final_val_loss, self.final_train_loss):
+            if finite(value):
+                return value
+        return None
+
+
+@dataclass
+class SensitivityRow:
+    """One variant's LR curve and its LR sensitivity."""
+
+    variant: str
+    overrides: str
+    n_params: Optional[int]
+    lrs: list[float]
+    losses: list[float]  # per LR: min(final loss, loss at init), repeats averaged
+    blown_up_lrs: list[float]  # LRs where at least one run diverged or failed
+    loss_at_init: Optional[float]
+    best_lr: Optional[float]
+    best_loss: Optional[float]
+    sensitivity: Optional[float]  # None: not computable (see note)
+    n_runs: int
+    n_diverged: int
+    n_failed: int
+    n_excluded: int  # running / unknown: listed in the runs table, not on the curve
+    note: str = ""
+
+
+# --------------------------------------------------------------------------------------------
+# Reading runs
+# --------------------------------------------------------------------------------------------
+def finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _number(value: Any) -> Optional[float]:
+    """A summary/config value as a float; strings like '1e-3' too, interpolations not."""
+    if isinstance(value, bool) or value is None:
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _integer(value: Any) -> Optional[int]:
+    number = _number(value)
+    return int(number) if number is not None and math.isfinite(number) else None
+
+
+def _first(*values: Any) -> Any:
+    return next((v for v in values if v is not None), None)
+
+
+def layer_index(key: str) -> int:
+    suffix = key[len(ATTN_MAX_LOGIT_LAYER) :]
+    return int(suffix) if suffix.isdigit() else -1
+
+
+def layer_keys(run: Run) -> list[str]:
+    return sorted((k for k in run.keys() if k.startswith(ATTN_MAX_LOGIT_LAYER)), key=layer_index)
+
+
+def _loss_at_init(run: Run) -> Optional[float]:
+    """Summary value, else the val (or train) loss logged at step 0."""
+    value = _number(run.summary.get("loss_at_init"))
+    if value is not None:
+        return value
+    for key in (VAL_LOSS, TRAIN_LOSS):
+        steps, values = run.series(key)
+        if steps and steps[0] == 0 and finite(values[0]):
+            return values[0]
+    return None
+
+
+def run_row(run: Run, spikes: SpikeOptions) -> tuple[RunRow, tuple[str, ...]]:
+    s = run.summary
+    overrides = [str(o) for o in (s.get("overrides") or [])]
+    variant = analysis.variant_of(overrides)
+    lr = _first(
+        _number(s.get("lr")),
+        _number(run.config_value("optim.lr")),
+        _number(analysis.override_value(overrides, "optim.lr")),
+    )
+    _, attn = run.series(ATTN_MAX_LOGIT)
+    if not attn:  # older runs: only per-layer keys
+        per_layer = [run.series(k)[1] for k in layer_keys(run)]
+        attn = [max(vals) for vals in zip(*per_layer)] if per_layer else []
+    _, train = run.series(TRAIN_LOSS)
+    _, val = run.series(VAL_LOSS)
+    _, grad_norm = run.series(GRAD_NORM)
+    _, out_mean = run.series(OUTPUT_LOGIT_MEAN)
+    last_step = max((row[STEP] for row in run.metrics), default=None)
+    row = RunRow(
+        name=run.name,
+        path=str(run.path),
+        variant="",  # labelled once every variant is known
+        overrides=", ".join(variant),
+        lr=lr,
+        seed=_integer(run.config_value("train.seed")),
+        status=str(run.status),
+        steps_completed=_first(_integer(s.get("steps_completed")), last_step),
+        steps_planned=_first(_integer(s.get("steps_planned")), _integer(run.config_value("train.steps"))),
+        loss_at_init=_loss_at_init(run),
+        final_train_loss=_first(_number(s.get("final_train_loss")), train[-1] if train else None),
+        final_val_loss=_first(_number(s.get("final_val_loss")), val[-1] if val else None),
+        best_val_loss=_first(
+            _number(s.get("best_val_loss")), min((v for v in val if finite(v)), default=None)
+        ),
+        max_attn_logit_peak=_first(_number(s.get("max_attn_logit_peak")), analysis.peak(attn)),
+        max_attn_logit_final=_first(_number(s.get("max_attn_logit_final")), analysis.last_finite(attn)),
+        output_logit_mean_final=_first(
+            _number(s.get("output_logit_mean_final")), analysis.last_finite(out_mean)
+        ),
+        spike_score_loss=analysis.spike_score(train, spikes) if train else None,
+        spike_score_grad_norm=analysis.spike_score(grad_norm, spikes) if grad_norm else None,
+        diverged_at_step=_integer(s.get("diverged_at_step")),
+        events=dict(Counter(str(e.get(EVENT)) for e in run.events)),
+        n_params=_integer(s.get("n_params")),
+        n_params_non_embedding=_integer(s.get("n_params_non_embedding")),
+        tokens=_integer(s.get("tokens")),
+        wall_time_s=_number(s.get("wall_time_s")),
+        sweep_id=s.get("sweep_id"),
+        experiment=_first(s.get("experiment"), run.config_value("experiment")),
+        error=s.get("error"),
+    )
+    return row, variant
+
+
+def _vocab_size(run: Run) -> Optional[int]:
+    return _first(
+        _integer(run.config_value("model.vocab_size")),
+        (
+            _integer(run.config_value("data.synthetic.vocab_size"))
+            if run.config_value("data.source") in (None, "synthetic")
+            else None
+        ),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# LR sensitivity per variant
+# --------------------------------------------------------------------------------------------
+def sensitivity_row(
+    variant: tuple[str, ...],
+    label: str,
+    members: list[tuple[RunRow, Run]],
+    lr_range: Optional[tuple[float, float]] = None,
+) -> SensitivityRow:
+    on_curve = [(row, run) for row, run in members if row.status in FINISHED and row.lr is not None]
+    notes = []
+    n_excluded = len(members) - len(on_curve)
+    if n_excluded:
+        notes.append(f"{n_excluded} run(s) not finished or without an LR left off the curve")
+    known_inits = [row.loss_at_init for row, _ in on_curve if finite(row.loss_at_init)]
+    fallback = statistics.median(known_inits) if known_inits else None
+    lrs, losses, inits, blown = [], [], [], []
+    for row, run in on_curve:
+        init = row.loss_at_init if finite(row.loss_at_init) else fallback
+        if init is None:
+            init = analysis.uniform_loss(_vocab_size(run))
+            if init is not None:
+                notes.append(f"{row.name}: loss at init unknown, ln(vocab) used")
+        if init is None:
+            notes.append(f"{row.name}: loss at init unknown, left off the curve")
+            continue
+        lrs.append(row.lr)
+        losses.append(row.final_loss)
+        inits.append(init)
+        blown.append(row.status in BLOWN_UP)
+    sizes = Counter(row.n_params for row, _ in members if row.n_params)
+    if len(sizes) > 1:
+        notes.append(
+            f"runs of different sizes share these overrides: {', '.join(map(str, sorted(sizes)))} params"
+        )
+    n_params = sizes.most_common(1)
+    out = SensitivityRow(
+        variant=label,
+        overrides=", ".join(variant),
+        n_params=n_params[0][0] if n_params else None,
+        lrs=[],
+        losses=[],
+        blown_up_lrs=sorted({lr for lr, b in zip(lrs, blown) if b}),
+        loss_at_init=statistics.median(inits) if inits else None,
+        best_lr=None,
+        best_loss=None,
+        sensitivity=None,
+        n_runs=len(members),
+        n_diverged=sum(row.status == "diverged" for row, _ in members),
+        n_failed=sum(row.status == "failed" for row, _ in members),
+        n_excluded=n_excluded,
+    )
+    if lrs:
+        curve = analysis.per_lr_losses(lrs, losses, inits, blown)
+        out.lrs, out.losses = list(curve), list(curve.values())
+        low, high = lr_range or (0.0, math.inf)
+        inside = {lr: loss for lr, loss in curve.items() if low <= lr <= high}
+        if not inside:
+            notes.append(f"no swept LR inside the range [{low:g}, {high:g}]")
+        else:
+            value = analysis.lr_sensitivity(lrs, losses, inits, blown, lr_range=lr_range)
+            if math.isnan(value):
+                notes.append("no LR trained below its loss at init")
+            else:
+                out.sensitivity = value
+                out.best_lr = min(inside, key=inside.__getitem__)
+                out.best_loss = inside[out.best_lr]
+            if len(inside) == 1:
+                notes.append(SINGLE_LR_NOTE)
+    out.note = "; ".join(notes)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# All runs at once: rows labelled and grouped by variant
+# --------------------------------------------------------------------------------------------
+@dataclass
+class Tables:
+    runs: list[RunRow]  # grouped by variant (first appearance), then LR, seed, name
+    sensitivity: list[SensitivityRow]  # one per variant, in the same order
+    groups: list[tuple[str, list[tuple[RunRow, Run]]]]  # (variant label, its rows and runs)
+    shared_overrides: tuple[str, ...]  # overrides every run has, left out of the labels
+
+
+def tabulate(runs: Sequence[Run], spikes: SpikeOptions,
+             lr_range: Optional[tuple[float, float]] = None) -> Tables:
+    """Reduce loaded runs to the report's tables."""
+    pairs = [(*run_row(run, spikes), run) for run in runs]
+    labels, shared = analysis.variant_labels([variant for _, variant, _ in pairs])
+    for row, variant, _ in pairs:
+        row.variant = labels[variant]
+    order = list(dict.fromkeys(variant for _, variant, _ in pairs))  # first appearance
+    pairs.sort(key=lambda p: (order.index(p[1]), p[0].lr or 0.0, p[0].seed or 0, p[0].name))
+    groups = [(labels[v], [(row, run) for row, variant, run in pairs if variant == v]) for v in order]
+    sensitivity = [sensitivity_row(v, labels[v], members, lr_range) for v, (_, members) in zip(order, groups)]
+    return Tables([row for row, _, _ in pairs], sensitivity, groups, shared)
+
+
+def write_csv(path: Path, rows: list[RunRow]) -> None:
+    names = [f.name for f in fields(RunRow)]
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(names)
+        for row in rows:
+            record = asdict(row)
+            record["events"] = ";".join(f"{k}:{v}" for k, v in row.events.items())
+            writer.writerow(["" if record[n] is None else record[n] for n in names])

@@ -1,0 +1,131 @@
+"""``proxy-train``: the Hydra entry point (``proxy-train --help``; ``python -m proxy.train``).
+
+It composes conf/config.yaml against the typed schema, names the run after its overrides
+(proxy.analysis.run_name_from) and routes it: ``sweep.lrs=[...]`` (or seeds / weight decays)
+to a vectorized ensemble in this one process (proxy/train/ensemble.py), anything else to one
+run (proxy/train/trainer.py). Exit codes: 0 for a finished run, diverged ones included (a
+result, not a crash, so a multirun goes on); 2 for a config or data error, printed as one line
+naming the key; 1 for a crash of a single run (the traceback is in ``<run_dir>/error.txt``).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+
+from proxy.analysis import run_name_from
+from proxy.config import ConfigError, register_configs, to_config
+from proxy.data import DataError
+from proxy.records import ERROR_FILE
+from proxy.train.ensemble import sweep_requested, train_ensemble
+from proxy.train.trainer import train
+
+CONF_DIR = os.environ.get("PROXY_CONF_DIR", str(Path(__file__).resolve().parents[2] / "conf"))
+
+
+class _StderrGate:
+    """Holds back stderr until the job starts, so a config error prints as one line.
+
+    Hydra reports a bad override as a few lines plus a hint about HYDRA_FULL_ERROR; we keep the
+    text and print its substance on one line. Once a job starts, stderr flows as usual.
+    """
+
+    def __init__(self):
+        self.real = sys.stderr
+        self.buffer = io.StringIO()
+        self.open = False
+
+    def __enter__(self):
+        sys.stderr = self.buffer
+        return self
+
+    def release(self) -> None:
+        if not self.open:
+            self.open = True
+            sys.stderr = self.real
+            self.real.write(self.buffer.getvalue())
+
+    def one_line(self) -> str:
+        lines = [ln.strip() for ln in self.buffer.getvalue().splitlines() if ln.strip()]
+        lines = [ln for ln in lines if "HYDRA_FULL_ERROR" not in ln and not ln.startswith("object_type")]
+        return " ".join(lines)
+
+    def __exit__(self, *exc):
+        sys.stderr = self.real
+        return False
+
+
+_gate: Optional[_StderrGate] = None
+
+
+def _hydra_task(dcfg) -> Optional[float]:
+    if _gate is not None:
+        _gate.release()
+    hc = HydraConfig.get()
+    multirun = hc.mode == RunMode.MULTIRUN
+    try:
+        cfg = to_config(dcfg)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    run_dir = Path(cfg.out_dir or hc.runtime.output_dir)
+    sweep_id = Path(hc.sweep.dir).name if multirun else None
+    overrides = tuple(hc.overrides.task)
+    name = cfg.run_name or run_name_from(overrides)
+    try:
+        if sweep_requested(cfg):  # sweep.lrs=[...]: K members vectorized in this one process
+            members = train_ensemble(cfg, run_dir, name, sweep_id, overrides)
+            for member in members:
+                print(f"{member['status']}: {member.get('run_name')}")
+            return None
+        summary = train(cfg, run_dir, name, sweep_id, overrides)
+    except (ConfigError, DataError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except Exception as exc:  # recorded as failed in summary.json, traceback in error.txt
+        print(f"error: run failed: {type(exc).__name__}: {exc} (traceback in {run_dir}/{ERROR_FILE})",
+              file=sys.stderr)
+        if not multirun:
+            sys.exit(1)
+        return None  # a multirun goes on to its next job
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"{summary['status']}: {name} -> {summary.get('run_dir', run_dir)}")
+    return summary.get("final_val_loss")
+
+
+def _quiet_non_zero_ranks() -> None:
+    """Under torchrun, ranks > 0 get a throw-away Hydra dir: rank 0's run dir is the record."""
+    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+    if rank == 0:
+        return
+    extra = ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
+    if not any(a.startswith("hydra.run.dir=") for a in sys.argv[1:]):
+        extra.append(f"hydra.run.dir={tempfile.mkdtemp(prefix=f'proxy-rank{rank}-')}")
+    sys.argv += extra
+
+
+def main() -> None:
+    """``proxy-train``: Hydra over conf/config.yaml; see ``proxy-train --help``."""
+    global _gate
+    register_configs()
+    _quiet_non_zero_ranks()
+    entry = hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")(_hydra_task)
+    _gate = _StderrGate()
+    with _gate:
+        try:
+            entry()
+        except SystemExit as exc:
+            if not _gate.open and exc.code not in (0, None):
+                _gate.real.write(f"error: {_gate.one_line()}\n")
+                raise SystemExit(2) from None
+            _gate.release()
+            raise
+    _gate.release()

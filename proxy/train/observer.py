@@ -1,0 +1,57 @@
+"""Step observers: things that watch the training loop without changing it.
+
+Spike capture (proxy/train/capture.py) is one. The trainer calls, for every step,
+
+    on_batch(run, step, inputs, labels)      the batch is drawn; the state is still as it was
+                                             at the start of the step
+    on_step_end(run, step, loss, grad_norm, event)
+                                             after the backward pass, before the divergence
+                                             check: a diverging step is seen too
+
+and ``close(run)`` once when the loop ends, however it ends. By then ``run.outcome`` says how:
+``"completed"``, ``"diverged"`` (``run.diverged_at`` holds the step) or ``"crashed"``; the run
+record is still open, so an observer may still write events. ``run`` is the trainer, seen
+through :class:`ObservedRun`: what an observer may read.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, ContextManager, Optional, Protocol
+
+import torch
+from torch import Tensor, nn
+
+from proxy.config import Config
+from proxy.train.distributed import DistInfo
+from proxy.train.ledger import RunLedger
+from proxy.train.remedies import Event, Remedy
+
+
+class ObservedRun(Protocol):
+    cfg: Config
+    run_dir: Path
+    dist: DistInfo
+    device: torch.device
+    autocast: Callable[[], ContextManager]
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    remedy: Optional[Remedy]
+    source: Any  # proxy.data.TokenSource
+    ledger: RunLedger
+    data_position: int  # the next train batch to read
+    loss_at_init: Optional[float]
+    outcome: Optional[str]  # None while the loop runs
+    diverged_at: Optional[int]
+
+
+class StepObserver:
+    def on_batch(self, run: ObservedRun, step: int, inputs: Tensor, labels: Tensor) -> None:
+        pass
+
+    def on_step_end(self, run: ObservedRun, step: int, loss: float, grad_norm: float,
+                    event: Optional[Event]) -> None:
+        pass
+
+    def close(self, run: ObservedRun) -> None:
+        pass

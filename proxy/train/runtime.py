@@ -1,0 +1,120 @@
+"""Where and how a run runs, and the rules every run ends by: device, precision, compile, the
+divergence rule, the summary fields, the progress bar. Shared by the standalone trainer and the
+ensemble so the two cannot disagree.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from typing import Any, Callable, ContextManager, Optional
+
+import torch
+
+from proxy.config import Config, ConfigError, TrainConfig, WandbMode
+from proxy.records import ATTN_MAX_LOGIT, GRAD_NORM, LR, OUTPUT_LOGIT_MEAN, TRAIN_LOSS
+
+ATTN_MAX_LOGIT_PEAK = "attn/max_logit_peak"  # not a metric: the summary's running peak
+
+
+# --------------------------------------------------------------------------------------------
+# Devices and precision
+# --------------------------------------------------------------------------------------------
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and local_rank:
+        name = f"cuda:{local_rank}"
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device={name} but no CUDA device is available")
+    return device
+
+
+def autocast_for(cfg: Config, device: torch.device) -> Callable[[], ContextManager]:
+    dtype = cfg.train.dtype
+    if dtype == "auto":
+        dtype = "bf16" if device.type == "cuda" else "fp32"
+    if dtype == "fp32":
+        return contextlib.nullcontext
+    return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def wants_compile(cfg: Config, device: torch.device) -> bool:
+    choice = str(cfg.train.compile).lower()
+    return device.type == "cuda" if choice == "auto" else choice == "true"
+
+
+def without_wandb(cfg: Config) -> Config:
+    """``cfg`` with wandb off (what ranks other than 0 of a data-parallel run log with)."""
+    return dataclasses.replace(cfg, wandb=dataclasses.replace(cfg.wandb, mode=WandbMode.disabled))
+
+
+# --------------------------------------------------------------------------------------------
+# How a run ends
+# --------------------------------------------------------------------------------------------
+class Diverged(Exception):
+    def __init__(self, step: int, reason: str):
+        super().__init__(reason)
+        self.step, self.reason = step, reason
+
+
+def divergence_reason(loss: float, grad_norm: float, loss_at_init: Optional[float],
+                      t: TrainConfig) -> Optional[str]:
+    """Why a step counts as diverged under the ``train.diverge_*`` rules, or None."""
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        return f"non-finite {'loss' if not math.isfinite(loss) else 'grad norm'}"
+    if t.diverge_loss > 0 and loss > t.diverge_loss:
+        return f"train loss {loss:.3g} > train.diverge_loss={t.diverge_loss}"
+    if t.diverge_factor > 0 and loss_at_init and loss > t.diverge_factor * loss_at_init:
+        return f"train loss {loss:.3g} > {t.diverge_factor} x loss at init"
+    return None
+
+
+def divergence_bound(t: TrainConfig, loss_at_init: Optional[float]) -> float:
+    """The train loss above which :func:`divergence_reason` fires (nan: only non-finite)."""
+    bounds = [t.diverge_loss] if t.diverge_loss > 0 else []
+    bounds += [t.diverge_factor * loss_at_init] if t.diverge_factor > 0 and loss_at_init else []
+    return min(bounds, default=math.nan)
+
+
+def summary_fields(status: str, steps: int, tokens: int, wall_time_s: float, recent_losses: list[float],
+                   stats_seen: dict[str, float], previous_best: Optional[float],
+                   diverged_at: Optional[int] = None, final_val: Optional[float] = None) -> dict[str, Any]:
+    """The summary.json fields every finished run has (standalone or an ensemble member)."""
+    losses = [v for v in recent_losses if math.isfinite(v)]
+    fields = dict(
+        status=status,
+        steps_completed=steps,
+        tokens=tokens,
+        wall_time_s=wall_time_s,
+        final_train_loss=sum(losses) / len(losses) if losses else None,
+        final_val_loss=final_val,
+        diverged_at_step=diverged_at,
+        error=None,
+        max_attn_logit_peak=stats_seen.get(ATTN_MAX_LOGIT_PEAK),
+        max_attn_logit_final=stats_seen.get(ATTN_MAX_LOGIT),
+        output_logit_mean_final=stats_seen.get(OUTPUT_LOGIT_MEAN),
+    )
+    if final_val is not None:
+        fields["best_val_loss"] = final_val if previous_best is None else min(previous_best, final_val)
+    return fields
+
+
+# --------------------------------------------------------------------------------------------
+# Progress bar
+# --------------------------------------------------------------------------------------------
+def progress_bar(total: int, enabled: bool, name: str, initial: int):
+    """A tqdm bar (None when off); ``disable=None`` turns it off where stderr is not a TTY."""
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(desc=name[:40], initial=initial, total=total, dynamic_ncols=True, leave=False, disable=None)
+
+
+def show_row(progress, row: dict[str, Any]) -> None:
+    if progress is not None:
+        progress.set_postfix(loss=f"{row[TRAIN_LOSS]:.3f}", lr=f"{row[LR]:.2e}",
+                             gnorm=f"{row[GRAD_NORM]:.2f}", refresh=False)

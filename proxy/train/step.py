@@ -1,0 +1,101 @@
+"""One optimizer step: the arithmetic the trainer and the spike-kit replay share.
+
+    schedule(step)   lr <- the schedule at this step, set on every parameter group
+    compute(...)     forward (+ attention / output statistics) -> backward
+                     -> gradient RMS per parameter (logging steps, before any clipping)
+                     -> grad norm, clipped at the remedy's threshold
+                     -> loss, averaged over data-parallel ranks
+                     -> the remedy's verdict on the step (an Event, or None)
+    ---- the caller decides here: observers look, the divergence rule is checked ----
+    apply(result)    optimizer.step() unless the event skips the update; gradients zeroed
+
+The trainer (proxy/train/trainer.py) draws the batch between ``schedule`` and ``compute``;
+the replay (proxy/forensics/replay.py) calls the same three with a kit's batches, so a replay from
+a kit's state repeats the recorded steps bit for bit. The ensemble's step (ensemble.py) maps one
+model over stacked members with its own optimizer; it shares the ledger and the rules instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, ContextManager, Optional
+
+import torch
+from torch import Tensor, nn
+
+from proxy.config import Config
+from proxy.optim import apply_lr, clip_grad_norm, schedule_multiplier
+from proxy.train import diagnostics, distributed
+from proxy.train.remedies import Event, Remedy
+
+
+@dataclass
+class StepResult:
+    step: int
+    lr: float
+    loss: float  # cross-entropy of the batch (mean over ranks)
+    grad_norm: float  # global norm before clipping
+    out: Any  # the forward pass's proxy.model.ModelOutput
+    event: Optional[Event] = None  # what the remedy did, if anything
+    collect: bool = False  # whether the forward pass collected statistics
+    grad_stats: dict[str, float] = field(default_factory=dict)  # grad_rms/<param>, if measured
+
+    @property
+    def skips_update(self) -> bool:
+        return self.event is not None and self.event.skips_update
+
+
+class TrainStep:
+    """The step of one model: ``model`` owns the parameters, ``forward`` runs it (the model
+    itself, or its DDP / compiled wrapper), ``remedy`` judges each step (None: no remedy)."""
+
+    def __init__(self, cfg: Config, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 remedy: Optional[Remedy] = None, forward: Optional[Callable] = None,
+                 autocast: Callable[[], ContextManager] = contextlib.nullcontext,
+                 device: Optional[torch.device] = None):
+        self.cfg, self.model, self.optimizer, self.remedy = cfg, model, optimizer, remedy
+        self.forward = forward if forward is not None else model
+        self.autocast = autocast
+        self.device = device if device is not None else next(model.parameters()).device
+
+    def schedule(self, step: int) -> float:
+        """Set the LR of ``step`` on the optimizer; returns the base (peak-scaled) LR."""
+        cfg = self.cfg
+        return apply_lr(self.optimizer, schedule_multiplier(step, cfg.train.steps, cfg.schedule))
+
+    def compute(self, step: int, lr: float, x: Tensor, y: Tensor, *, collect_stats: bool = False,
+                measure_grads: bool = False, data_position: Optional[int] = None,
+                use_remedy: bool = True) -> StepResult:
+        """Forward, backward, clip and the remedy's verdict; the update is not applied yet.
+
+        ``data_position``: the next unread batch (a rollback never resumes before it).
+        ``use_remedy=False`` judges nothing and clips at ``optim.grad_clip``.
+        """
+        cfg = self.cfg
+        with self.autocast():
+            out = self.forward(x, y, z_loss=cfg.loss.z_loss, ignore_index=cfg.loss.ignore_index,
+                               collect_stats=collect_stats)
+        out.loss.backward()
+        grad_stats = diagnostics.grad_stats(self.model) if measure_grads else {}
+        params = list(self.model.parameters())
+        remedy = self.remedy if use_remedy else None
+        clip = remedy.clip_threshold(cfg.optim.grad_clip) if remedy is not None else cfg.optim.grad_clip
+        grad_norm = float(clip_grad_norm(params, clip))  # of the rank-averaged gradients
+        loss = distributed.mean(out.ce_loss.item(), self.device)
+        event = remedy.after_backward(step, loss, grad_norm, params, data_position) if remedy is not None else None
+        return StepResult(step, lr, loss, grad_norm, out, event, collect_stats, grad_stats)
+
+    def apply(self, result: StepResult, updates: Optional[diagnostics.UpdateTracker] = None) -> bool:
+        """Take the optimizer step unless the remedy said skip; ``updates`` measures it.
+        Returns whether the update was applied."""
+        applied = not result.skips_update
+        if applied:
+            if updates is not None:
+                updates.before()
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return applied
+
+
+__all__ = ["StepResult", "TrainStep"]
