@@ -57,11 +57,11 @@ class Init(str, Enum):
 class Attention(str, Enum):
     naive = "naive"  # materialises the scores: exact statistics every step
     sdpa = "sdpa"  # torch scaled_dot_product_attention; statistics on logging steps
-    triton = "triton"  # kernels/attention.py: flash attention that returns the max logit
+    triton = "triton"  # proxy/kernels/flash_attention.py: flash attention that returns the max logit
 
 
 class LossImpl(str, Enum):
-    torch = "torch"  # logits materialised, plain PyTorch (kernels/reference.py)
+    torch = "torch"  # logits materialised, plain PyTorch (proxy/kernels/reference.py)
     triton = "triton"  # fused cross-entropy kernel over materialised logits
     fused_linear = "fused_linear"  # LM head x CE in chunks, logits never materialised
 
@@ -183,7 +183,7 @@ class ScheduleConfig:
 
 @dataclass
 class RemedyConfig:
-    """What the trainer does about a spike (proxy/remedies.py). One remedy per run."""
+    """What the trainer does about a spike (proxy/train/remedies.py). One remedy per run."""
 
     kind: RemedyKind = RemedyKind.none
     # spike detector shared by skip_step and rollback: value > mean + sigma * std of the last
@@ -215,8 +215,8 @@ class RemedyConfig:
 
 @dataclass
 class CaptureConfig:
-    """Spike forensics (proxy/forensics.py): when a spike is detected at step N, save a study kit
-    to ``<run_dir>/spike_kits/step_<N>/`` that ``proxy-inspect`` dissects (proxy/inspect.py).
+    """Spike capture (proxy/train/capture.py): when a spike is detected at step N, save a study kit
+    to ``<run_dir>/spike_kits/step_<N>/`` that ``proxy-inspect`` dissects (proxy/forensics/dissect.py).
 
     A kit holds the model + optimizer state at the start of steps N - steps_before, N and
     N + steps_after, the train batches in between and the detector's numbers. Keeping it costs a
@@ -227,7 +227,7 @@ class CaptureConfig:
 
     enabled: bool = False
     trigger: CaptureTrigger = CaptureTrigger.any
-    # the detector (proxy.remedies.SpikeDetector): value > mean + sigma * std of the last
+    # the detector (proxy.train.remedies.SpikeDetector): value > mean + sigma * std of the last
     # `window` non-spike steps, once `min_history` are in (defaults as the remedy's detector)
     sigma: float = 6.0
     window: int = 128
@@ -239,7 +239,7 @@ class CaptureConfig:
 
 @dataclass
 class SyntheticConfig:
-    """A seeded Zipfian sparse HMM (proxy/data.py). At these defaults: unigram entropy 5.36,
+    """A seeded Zipfian sparse HMM (proxy/data/synthetic.py). At these defaults: unigram entropy 5.36,
     bigram 3.58, Bayes-optimal loss 3.12 nats/token (``python -m proxy.data`` prints them)."""
 
     seed: int = 1234
@@ -314,7 +314,7 @@ class TrainConfig:
 
 @dataclass
 class SweepConfig:
-    """Train several runs in one process as a vectorized ensemble (proxy/ensemble.py).
+    """Train several runs in one process as a vectorized ensemble (proxy/train/ensemble.py).
 
     Members are the grid lrs x seeds x weight_decays; an empty list means the single value of
     optim.lr / train.seed / optim.weight_decay. All members see the same batches. With every

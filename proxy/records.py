@@ -83,8 +83,10 @@ GROWTH_GRADIENT = "growth/gradient"
 REMEDY = "remedy/"  # wandb only: + event kind, 1 at the step a remedy acted
 WANDB_STEP = "trainer/step"  # wandb only: the x-axis of every chart
 
-# keys only an ensemble member writes (beside every key a standalone run writes)
+# what only an ensemble member writes, beside everything a standalone run writes: metric keys,
+# and summary fields (its place in the ensemble)
 ENSEMBLE_ONLY_KEYS = (ENSEMBLE_TOKENS_PER_S,)
+ENSEMBLE_ONLY_FIELDS = ("ensemble",)
 
 
 def attn_layer_key(layer: int) -> str:

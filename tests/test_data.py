@@ -1,4 +1,4 @@
-"""Token sources (proxy/data.py): determinism, sharding, the synthetic language's entropy, memmap
+"""Token sources (proxy/data/): determinism, sharding, the synthetic language's entropy, memmap
 and text loading, proxy-prepare, and one-line errors on bad files."""
 
 import itertools

@@ -1,4 +1,4 @@
-"""Vectorized sweeps (proxy/ensemble.py): each member is the standalone run with its LR and seed,
+"""Vectorized sweeps (proxy/train/ensemble.py): each member is the standalone run with its LR and seed,
 a diverged member is frozen without touching the others, and every member leaves a standard
 run record."""
 

@@ -1,4 +1,4 @@
-"""The Triton flash-attention kernel against kernels/reference.py, run by the Triton interpreter.
+"""The Triton flash-attention kernel against proxy/kernels/reference.py, run by the Triton interpreter.
 
 Shapes are small (each inner-loop step of the interpreter costs milliseconds) but cross several
 query and key tiles (the interpreter uses 32-row query and 16-key tiles), include tails that do

@@ -1,4 +1,4 @@
-"""The Triton cross-entropy kernels against kernels/reference.py, run by the Triton interpreter.
+"""The Triton cross-entropy kernels against proxy/kernels/reference.py, run by the Triton interpreter.
 
 V = 300 spans three 128-wide interpreter vocab blocks with a masked tail, so the online
 log-sum-exp is exercised across blocks. Losses are weighted (ce + 2 z, 3 (ce + z)) so a gradient

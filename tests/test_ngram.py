@@ -1,4 +1,4 @@
-"""Repeated n-gram detection, injection and filtering (proxy/data.py)."""
+"""Repeated n-gram detection, injection and filtering (proxy/data/ngrams.py)."""
 
 import numpy as np
 import pytest

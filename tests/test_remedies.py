@@ -1,4 +1,4 @@
-"""proxy/remedies.py: skip-step, rollback-and-skip, ZClip on constructed series."""
+"""proxy/train/remedies.py: skip-step, rollback-and-skip, ZClip on constructed series."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Dissect a spike kit: ``proxy-inspect KIT`` (or a run directory: every kit in it).
 
-What it asks of a kit (proxy/forensics.py), and where the answer comes from:
+What it asks of a kit (proxy/train/capture.py writes them), and where the answer comes from:
 
 - Where in the model? One trainer step taken at the pre-spike state (K steps earlier, its own
   batch) and at the spike, per parameter: weight, gradient (before clipping), update and Adam
@@ -14,7 +14,7 @@ What it asks of a kit (proxy/forensics.py), and where the answer comes from:
   rows shuffled across the window's steps, and different batches from the data stream (PaLM
   skipped batches); (c) the spiking batch without its offending rows.
 - Is it an optimizer instability? Sharpness and Adam's preconditioned sharpness against the 2/eta
-  and 38/eta edge-of-stability bounds (proxy/curvature.py), and the distribution of the
+  and 38/eta edge-of-stability bounds (proxy/forensics/curvature.py), and the distribution of the
   per-coordinate Adam update, which turns bimodal before divergence (Molybog et al. 2023).
 
 Output: ``<kit>/inspect/report.md`` with figures and ``inspect.json`` beside it (the Markdown

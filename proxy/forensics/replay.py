@@ -149,10 +149,10 @@ def trainer_step(t: Training, x: Tensor, y: Tensor, use_remedy: bool = True,
     replayed in a short window, so it skips the update like a ``skip_step``. ``apply=False``
     stops before the optimizer step, leaving the clipped gradients in place for the caller.
     """
-    step = TrainStep(t.cfg, t.model, t.optimizer, t.remedy, autocast=t.autocast, device=t.device)
+    step = TrainStep(t.cfg, t.model, t.optimizer, autocast=t.autocast, device=t.device)
     lr = step.schedule(t.step)
-    result = step.compute(t.step, lr, x.to(t.device), y.to(t.device), collect_stats=collect_stats,
-                          use_remedy=use_remedy)
+    result = step.compute(t.step, lr, x.to(t.device), y.to(t.device), t.remedy if use_remedy else None,
+                          collect_stats=collect_stats)
     if apply:
         step.apply(result)
         t.step += 1

@@ -1,4 +1,4 @@
-"""Plain-PyTorch references for every kernel in kernels/.
+"""Plain-PyTorch references for every kernel in proxy/kernels/.
 
 Each function here has exactly the signature and outputs of its Triton counterpart. The tests hold
 the kernels to these; on CPU the model calls these directly. They are written for clarity, not

@@ -7,7 +7,7 @@ A 1-20M parameter proxy model leaves a GPU mostly idle, so the sweep axis goes i
   ``build_model``), and its parameters are stacked along a new dim 0;
 - sees the same batches as every other member (a controlled comparison);
 - has its own LR, weight decay, Adam moments, gradient clipping (its own global norm), schedule
-  and divergence check (proxy/ensemble_optim.py);
+  and divergence check (proxy/train/ensemble_optim.py);
 - writes its own run directory ``<run_dir>/lr=0.001/`` through its own run ledger
   (proxy/train/ledger.py), the one a standalone run writes through: the same keys, summary
   fields, checkpoint format and wandb step axis (optim.lr set to its LR in config.yaml and in

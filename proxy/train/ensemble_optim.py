@@ -1,4 +1,4 @@
-"""AdamW and gradient clipping over member-stacked parameters (the optimizer of proxy/ensemble.py).
+"""AdamW and gradient clipping over member-stacked parameters (the optimizer of proxy/train/ensemble.py).
 
 Every tensor here carries the ensemble's members along dim 0: a parameter of shape ``(out, in)``
 in a standalone run is ``(K, out, in)`` here, and so are its gradient and Adam moments. What
@@ -128,7 +128,7 @@ class StackedAdamW:
         self.beta1, self.beta2, self.eps = cfg.beta1, cfg.beta2, cfg.eps
         self.coupled = WeightDecayMode(cfg.weight_decay_mode) == WeightDecayMode.coupled
         self.step_count = 0
-        # moments keep the parameter's memory layout (proxy/ensemble.py may store weights
+        # moments keep the parameter's memory layout (proxy/train/ensemble.py may store weights
         # transposed), so every elementwise op below runs on matching strides
         self.exp_avg = {n: torch.zeros_like(p, memory_format=torch.preserve_format) for n, p in params.items()}
         self.exp_avg_sq = {n: torch.zeros_like(p, memory_format=torch.preserve_format) for n, p in params.items()}

@@ -48,13 +48,13 @@ class StepResult:
 
 class TrainStep:
     """The step of one model: ``model`` owns the parameters, ``forward`` runs it (the model
-    itself, or its DDP / compiled wrapper), ``remedy`` judges each step (None: no remedy)."""
+    itself, or its DDP / compiled wrapper)."""
 
     def __init__(self, cfg: Config, model: nn.Module, optimizer: torch.optim.Optimizer,
-                 remedy: Optional[Remedy] = None, forward: Optional[Callable] = None,
+                 forward: Optional[Callable] = None,
                  autocast: Callable[[], ContextManager] = contextlib.nullcontext,
                  device: Optional[torch.device] = None):
-        self.cfg, self.model, self.optimizer, self.remedy = cfg, model, optimizer, remedy
+        self.cfg, self.model, self.optimizer = cfg, model, optimizer
         self.forward = forward if forward is not None else model
         self.autocast = autocast
         self.device = device if device is not None else next(model.parameters()).device
@@ -64,13 +64,13 @@ class TrainStep:
         cfg = self.cfg
         return apply_lr(self.optimizer, schedule_multiplier(step, cfg.train.steps, cfg.schedule))
 
-    def compute(self, step: int, lr: float, x: Tensor, y: Tensor, *, collect_stats: bool = False,
-                measure_grads: bool = False, data_position: Optional[int] = None,
-                use_remedy: bool = True) -> StepResult:
-        """Forward, backward, clip and the remedy's verdict; the update is not applied yet.
+    def compute(self, step: int, lr: float, x: Tensor, y: Tensor, remedy: Optional[Remedy] = None, *,
+                collect_stats: bool = False, measure_grads: bool = False,
+                data_position: Optional[int] = None) -> StepResult:
+        """Forward, backward, clip and ``remedy``'s verdict; the update is not applied yet.
 
-        ``data_position``: the next unread batch (a rollback never resumes before it).
-        ``use_remedy=False`` judges nothing and clips at ``optim.grad_clip``.
+        ``data_position``: the next unread batch (a rollback never resumes before it). Without a
+        remedy nothing is judged and the gradients are clipped at ``optim.grad_clip``.
         """
         cfg = self.cfg
         with self.autocast():
@@ -79,7 +79,6 @@ class TrainStep:
         out.loss.backward()
         grad_stats = diagnostics.grad_stats(self.model) if measure_grads else {}
         params = list(self.model.parameters())
-        remedy = self.remedy if use_remedy else None
         clip = remedy.clip_threshold(cfg.optim.grad_clip) if remedy is not None else cfg.optim.grad_clip
         grad_norm = float(clip_grad_norm(params, clip))  # of the rank-averaged gradients
         loss = distributed.mean(out.ce_loss.item(), self.device)

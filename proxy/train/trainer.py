@@ -95,8 +95,7 @@ class Trainer:
         if self.dist.world_size > 1:
             snapshot_dir = snapshot_dir / f"rank_{self.dist.rank}"
         self.remedy = build_remedy(cfg.remedy, grad_clip=cfg.optim.grad_clip, snapshot_dir=snapshot_dir)
-        self.stepper = TrainStep(cfg, self.model, self.optimizer, self.remedy, self.forward, self.autocast,
-                                 self.device)
+        self.stepper = TrainStep(cfg, self.model, self.optimizer, self.forward, self.autocast, self.device)
         self.observers: list[StepObserver] = []
         if cfg.capture.enabled:  # spike kits
             self.observers.append(SpikeCapture(cfg.capture))
@@ -138,7 +137,7 @@ class Trainer:
         self.data_position += 1
 
         collect = logging_step and (cfg.train.stats_every == 0 or step % cfg.train.stats_every == 0)
-        r = self.stepper.compute(step, lr, x, y, collect_stats=collect, measure_grads=logging_step,
+        r = self.stepper.compute(step, lr, x, y, self.remedy, collect_stats=collect, measure_grads=logging_step,
                                  data_position=self.data_position)
         self._judge_event(step, r.event)
         for observer in self.observers:  # before the divergence check: a diverging step is seen too
