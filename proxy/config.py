@@ -11,6 +11,7 @@ Choices are Enums: OmegaConf rejects an unknown name and lists the allowed ones.
 from __future__ import annotations
 
 import dataclasses
+import secrets
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Optional
@@ -357,6 +358,8 @@ class Config:
 # in the process that runs the job (a joblib worker, a SLURM task), which imports this module
 # with the task function
 OmegaConf.register_new_resolver("proxy_dirname", lambda overrides: run_dirname(list(overrides)), replace=True)
+# 4 random hex digits, drawn once per config (cached like Hydra's ${now:...}): unique run dirs
+OmegaConf.register_new_resolver("proxy_uid", lambda: secrets.token_hex(2), use_cache=True, replace=True)
 
 
 def register_configs() -> None:

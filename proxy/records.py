@@ -13,9 +13,17 @@ Layout of one run directory::
     rollback/          a rollback remedy's disk snapshots (remedy.rollback_storage=disk)
     spike_kits/        step_XXXXXXX/: what spike capture saved (proxy/train/capture.py)
     error.txt          the traceback of a run that failed
+    start_error.txt    why a start (a resume, a second run) in an existing run dir was refused;
+                       the run's own files are left as they were
+    .lock              held by the one process writing the directory (flock)
 
-``summary.json`` status goes ``running`` -> ``completed`` | ``diverged`` | ``failed``. A run whose
-process died leaves ``running`` behind; the report lists it as such (or ``stale`` when asked).
+``summary.json`` status goes ``running`` -> ``completed`` | ``diverged`` | ``failed`` |
+``interrupted`` (SIGINT / SIGTERM: a last checkpoint was written, ``train.resume=true`` goes on).
+A run whose process died leaves ``running`` behind; the report lists it as such.
+
+Every file here is untrusted when read back: states load with ``weights_only=True``
+(:func:`load_state`) and every path named inside a file is confined to its folder
+(:func:`confined`).
 
 This module is the contract: the names above, the metric keys and event kinds below (writers and
 readers use these constants, never the strings), the one atomic-write helper, the writer
@@ -30,6 +38,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -46,8 +55,11 @@ CHECKPOINTS = "checkpoints"
 ROLLBACK_DIR = "rollback"
 KITS_DIR = "spike_kits"
 ERROR_FILE = "error.txt"
+START_ERROR_FILE = "start_error.txt"
+LOCK_FILE = ".lock"
+STATE_NAME = re.compile(r"step_(\d{7})\.pt")  # checkpoints/ and rollback/ file names
 
-STATUSES = ("running", "completed", "diverged", "failed")
+STATUSES = ("running", "completed", "diverged", "failed", "interrupted")
 
 # --------------------------------------------------------------------------------------------
 # Metric keys (metrics.jsonl rows, wandb). A trailing "/" or "_" marks a prefix: the full key
@@ -160,6 +172,101 @@ def save_state(path: str | Path, obj: Any) -> None:
     import torch
 
     atomic_write(path, lambda f: torch.save(obj, f))
+
+
+class StateFileError(ValueError):
+    """A state file (checkpoint, snapshot, kit) that cannot be loaded; the message names it.
+    ``torn``: the file is truncated or corrupt (as a crash mid-copy leaves it), as opposed to a
+    file refused because it asks to run code."""
+
+    def __init__(self, message: str, torn: bool):
+        super().__init__(message)
+        self.torn = torn
+
+
+def load_state(path: str | Path, map_location: Any = "cpu") -> Any:
+    """``torch.load(path, weights_only=True)``: tensors and plain containers only, never code.
+    Any failure is a :class:`StateFileError` of one line naming the file."""
+    import pickle
+
+    import torch
+
+    path = Path(path)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:  # weights_only refused a global: never retry unsafely
+        what = next((ln.strip() for ln in str(exc).splitlines() if "GLOBAL" in ln), "a Python object")
+        raise StateFileError(f"{path}: refused, not a plain tensor file ({what.rstrip('.')})", torn=False) from None
+    except (EOFError, RuntimeError, ValueError, OSError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0].split(". ")[0]
+        size = path.stat().st_size if path.exists() else 0
+        raise StateFileError(f"{path}: unreadable ({size} bytes; {type(exc).__name__}: {first[:160]})",
+                             torn=True) from None
+
+
+class UnsafePathError(ValueError):
+    """A path read from a file that points outside the folder it must stay in."""
+
+
+def confined(root: str | Path, name: str) -> Path:
+    """``root / name`` for a plain file name read from an untrusted file: no separators, no
+    '..', and (symlinks resolved) inside ``root``; else :class:`UnsafePathError`."""
+    root = Path(root)
+    if not name or name != Path(name).name or name in (".", "..") or "\x00" in name:
+        raise UnsafePathError(f"{name!r} is not a plain file name inside {root}")
+    path = root / name
+    resolved, base = path.resolve(), root.resolve()
+    if resolved.parent != base:
+        raise UnsafePathError(f"{path} resolves to {resolved}, outside {base}")
+    return path
+
+
+class RunLock:
+    """The one writer of a run directory: an exclusive ``flock`` on ``<run_dir>/.lock``, held
+    while the run writes and released when it ends or its process dies (no stale locks)."""
+
+    def __init__(self, run_dir: str | Path):
+        self.dir = Path(run_dir)
+        self._file: Optional[IO[str]] = None
+
+    def acquire(self) -> None:
+        import fcntl
+
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            f = open(self.dir / LOCK_FILE, "a+")
+        except OSError as exc:  # read-only, a file in the way, no space: nothing can be recorded
+            raise RunDirError(f"cannot write to {self.dir}: {exc.strerror or exc}") from None
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            f.close()
+            raise RunDirBusy(f"{self.dir} is being written by another process (pid {holder}); "
+                             "wait for it, or give this run its own out_dir") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        self._file = f
+
+    def release(self) -> None:
+        if self._file is not None:
+            self._file.close()  # closing the file releases the flock
+            self._file = None
+
+    @property
+    def held(self) -> bool:
+        return self._file is not None
+
+
+class RunDirError(RuntimeError):
+    """A run directory this process cannot write to."""
+
+
+class RunDirBusy(RunDirError):
+    """Another process holds the run directory's lock."""
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -281,6 +388,22 @@ class Run:
     def name(self) -> str:
         return self.summary.get("run_name") or self.path.name
 
+    @property
+    def overrides(self) -> list[str]:
+        """The run's command-line overrides: from its summary, else (a run whose summary was
+        lost) from Hydra's .hydra/overrides.yaml beside it."""
+        if self.summary.get("overrides") is not None:
+            return [str(o) for o in self.summary["overrides"]]
+        hydra = self.path / ".hydra" / "overrides.yaml"
+        if hydra.is_file():
+            from omegaconf import OmegaConf
+
+            try:
+                return [str(o) for o in OmegaConf.load(hydra)]
+            except Exception:  # a torn or foreign file: no overrides rather than no report
+                return []
+        return []
+
     def config_value(self, dotted: str) -> Any:
         """A value of the run's config by dotted key (``"data.inject.enabled"``); None if absent."""
         node: Any = self.config
@@ -332,7 +455,11 @@ def split_branches(rows: Iterable[dict[str, Any]]) -> tuple[list[dict], list[dic
 
 
 def is_run_dir(path: Path) -> bool:
-    return (Path(path) / SUMMARY).is_file()
+    """A run directory has a summary.json, or at least a metrics.jsonl (its summary was lost)."""
+    return (Path(path) / SUMMARY).is_file() or (Path(path) / METRICS).is_file()
+
+
+_NOT_RUNS = (CHECKPOINTS, KITS_DIR, ROLLBACK_DIR, "wandb", ".hydra")  # folders inside a run
 
 
 def find_runs(paths: Iterable[str | Path]) -> list[Path]:
@@ -344,16 +471,23 @@ def find_runs(paths: Iterable[str | Path]) -> list[Path]:
             raise FileNotFoundError(f"no such run directory: {p}")
         if is_run_dir(p):
             found.setdefault(p.resolve(), None)
-        for summary in sorted(p.rglob(SUMMARY)):
-            if CHECKPOINTS in summary.parts or KITS_DIR in summary.parts:
+        for marker in sorted([*p.rglob(SUMMARY), *p.rglob(METRICS)]):
+            if any(part in _NOT_RUNS for part in marker.relative_to(p).parts):
                 continue
-            found.setdefault(summary.parent.resolve(), None)
+            found.setdefault(marker.parent.resolve(), None)
     return sorted(found)
 
 
 def load_run(path: str | Path) -> Run:
+    """A run directory as the report sees it. A missing or unreadable summary.json leaves the
+    run listed with status ``unknown`` (its metrics and config still count)."""
     path = Path(path)
-    summary = read_json(path / SUMMARY) if (path / SUMMARY).exists() else {"status": "unknown"}
+    summary: dict[str, Any] = {"status": "unknown"}
+    if (path / SUMMARY).exists():
+        try:
+            summary = read_json(path / SUMMARY)
+        except ValueError:  # torn by a crash mid-write of an older proxy, or not ours
+            summary = {"status": "unknown", "error": f"{path / SUMMARY} is not valid JSON"}
     config: dict[str, Any] = {}
     for candidate in (path / CONFIG, path / ".hydra" / "config.yaml"):
         if candidate.exists():
@@ -377,8 +511,25 @@ def load_run(path: str | Path) -> Run:
                abandoned=abandoned)
 
 
+def state_files(folder: str | Path) -> list[Path]:
+    """The ``step_XXXXXXX.pt`` files of a folder (checkpoints/, rollback/), oldest step first;
+    other names are ignored."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if STATE_NAME.fullmatch(p.name) and p.is_file())
+
+
+def state_step(path: Path) -> int:
+    return int(STATE_NAME.fullmatch(path.name).group(1))
+
+
+def checkpoints(run_dir: str | Path) -> list[Path]:
+    return state_files(Path(run_dir) / CHECKPOINTS)
+
+
 def latest_checkpoint(run_dir: str | Path) -> Optional[Path]:
-    ckpts = sorted((Path(run_dir) / CHECKPOINTS).glob("step_*.pt"))
+    ckpts = checkpoints(run_dir)
     return ckpts[-1] if ckpts else None
 
 

@@ -17,15 +17,47 @@ from proxy.config import DataConfig
 from proxy.data.sources import TOKEN_DTYPES, ArraySource, DataError, existing_path, split_tail
 
 EOT = "<|endoftext|>"  # document separator of BPE vocabularies (byte-level uses byte 0)
+CONTROL_LIMIT = 0.05  # a file whose first MiB is more than 5 % control bytes is not text
+_TEXT_CONTROLS = frozenset(b"\t\n\r\f\v\x1b")  # control bytes that text does hold
 
 
-def read_documents(path: Path) -> list[bytes]:
-    """The .txt file at ``path``, or every .txt file under the folder (sorted), as documents."""
+class Document(bytes):
+    """A document's bytes, knowing the file they came from (for errors that name it)."""
+
+    path: Path
+
+    def __new__(cls, data: bytes, path: Path) -> "Document":
+        doc = super().__new__(cls, data)
+        doc.path = path
+        return doc
+
+
+def check_text(path: Path, data: bytes) -> None:
+    """DataError naming ``path`` unless ``data`` looks like text: no NUL byte (the byte
+    tokenizer's document separator, and the mark of a binary file), and at most
+    :data:`CONTROL_LIMIT` of its first MiB other control bytes."""
+    nul = data.find(b"\x00")
+    if nul >= 0:
+        raise DataError(f"{path}: not text (a NUL byte at offset {nul}: a binary file, or UTF-16?)")
+    head = data[: 1 << 20]
+    control = sum(1 for b in head if (b < 32 or b == 127) and b not in _TEXT_CONTROLS)
+    if head and control / len(head) > CONTROL_LIMIT:
+        raise DataError(f"{path}: not text ({control / len(head):.0%} of its first {len(head)} bytes are "
+                        "control characters)")
+
+
+def read_documents(path: Path) -> list[Document]:
+    """The .txt file at ``path``, or every .txt file under the folder (sorted), as documents
+    (empty files left out). The tokenizer checks that they are text: UTF-8 for BPE, and
+    :func:`check_text` for both."""
     files = sorted(path.rglob("*.txt")) if path.is_dir() else [path]
     if not files:
         raise DataError(f"{path}: no .txt files in folder")
-    docs = [f.read_bytes() for f in files]
-    docs = [d for d in docs if d]
+    docs = []
+    for f in files:
+        data = f.read_bytes()
+        if data:
+            docs.append(Document(data, f))
     if not docs:
         raise DataError(f"{path}: text is empty")
     return docs
@@ -38,6 +70,8 @@ class ByteTokenizer:
     vocab_size = 256
 
     def encode(self, docs: Sequence[bytes]) -> np.ndarray:
+        for doc in docs:
+            check_text(getattr(doc, "path", "text"), doc)
         return np.frombuffer(b"\x00".join(docs), dtype=np.uint8).astype(np.int64)
 
 
@@ -82,10 +116,16 @@ class BPETokenizer:
 
 
 def _decode(docs: Sequence[bytes]) -> list[str]:
-    try:
-        return [d.decode("utf-8") for d in docs]
-    except UnicodeDecodeError as exc:
-        raise DataError(f"text is not UTF-8 ({exc.reason} at byte {exc.start}); use the byte tokenizer") from None
+    texts = []
+    for doc in docs:
+        try:
+            texts.append(doc.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            where = getattr(doc, "path", "text")
+            raise DataError(f"{where}: not UTF-8 at byte {exc.start} ({exc.reason}); re-encode it, or use "
+                            "data.tokenizer=byte") from None
+        check_text(getattr(doc, "path", "text"), doc)
+    return texts
 
 
 def _first_line(exc: Exception) -> str:

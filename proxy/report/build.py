@@ -157,6 +157,8 @@ def _blocks(
                 "diverged": f"diverged at step {fmt(row.diverged_at_step)}",
                 "failed": f"failed: {row.error or 'no error recorded'}",
                 "running": "still running, or its process died (status never finalised)",
+                "interrupted": f"interrupted at step {fmt(row.steps_completed)} (train.resume=true goes on)",
+                "unknown": "no summary.json: listed from its metrics and config",
             }.get(row.status, f"status {row.status}")
             items.append(f"{row.name} [{row.variant}, lr {fmt(row.lr)}]: {detail} — {row.path}")
         blocks += [Heading("Runs that did not complete"), Items(items)]

@@ -118,7 +118,8 @@ table{border-collapse:collapse;font-size:13px;margin:0.5em 0 1.5em}
 th,td{border:1px solid #ccc;padding:3px 7px;text-align:right}th{background:#f3f3f3}
 td:first-child,th:first-child{text-align:left}
 tr.completed td.status{color:#1a7f37}tr.diverged td.status{color:#cf222e;font-weight:bold}
-tr.failed td.status{color:#8250df;font-weight:bold}tr.running td.status{color:#9a6700}
+tr.failed td.status{color:#8250df;font-weight:bold}tr.running td.status,tr.interrupted td.status{color:#9a6700}
+tr.unknown td.status{color:#6e7781;font-style:italic}
 img{max-width:100%;border:1px solid #eee}figcaption{font-size:13px;color:#555;margin-bottom:1.5em}
 blockquote{color:#555;border-left:3px solid #ddd;margin:0.5em 0;padding-left:1em}
 code{background:#f6f8fa;padding:0 3px}

@@ -138,7 +138,7 @@ def _loss_at_init(run: Run) -> Optional[float]:
 
 def run_row(run: Run, spikes: SpikeOptions) -> tuple[RunRow, tuple[str, ...]]:
     s = run.summary
-    overrides = [str(o) for o in (s.get("overrides") or [])]
+    overrides = run.overrides
     variant = analysis.variant_of(overrides)
     lr = _first(
         _number(s.get("lr")),

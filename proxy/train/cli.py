@@ -3,15 +3,22 @@
 It composes conf/config.yaml against the typed schema, names the run after its overrides
 (proxy.analysis.run_name_from) and routes it: ``sweep.lrs=[...]`` (or seeds / weight decays)
 to a vectorized ensemble in this one process (proxy/train/ensemble.py), anything else to one
-run (proxy/train/trainer.py). Exit codes: 0 for a finished run, diverged ones included (a
-result, not a crash, so a multirun goes on); 2 for a config or data error, printed as one line
-naming the key; 1 for a crash of a single run (the traceback is in ``<run_dir>/error.txt``).
+run (proxy/train/trainer.py). Exit codes:
+
+    0        a finished run, diverged ones included (a result, not a crash: a multirun goes on)
+    2        a config or data error, a refused checkpoint, a run dir that another process writes
+             or that already holds a run: one line naming the key or the file (a multirun goes
+             on past a taken run dir)
+    1        a crash of a single run (the traceback is in ``<run_dir>/error.txt``)
+    130/143  SIGINT / SIGTERM: the run stopped at a step boundary with a checkpoint; the line
+             printed says how to resume it
 """
 
 from __future__ import annotations
 
 import io
 import os
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -24,9 +31,14 @@ from hydra.types import RunMode
 from proxy.analysis import run_name_from
 from proxy.config import ConfigError, register_configs, to_config
 from proxy.data import DataError
-from proxy.records import ERROR_FILE
+from proxy.records import ERROR_FILE, RunDirError, StateFileError, UnsafePathError
 from proxy.train.ensemble import sweep_requested, train_ensemble
+from proxy.train.ledger import RunDirTaken
+from proxy.train.runtime import INTERRUPTED
 from proxy.train.trainer import train
+
+INPUT_ERRORS = (ConfigError, DataError, StateFileError, UnsafePathError)  # one line, exit 2
+TAKEN = (RunDirError, RunDirTaken)  # this job's directory: one line, a multirun goes on
 
 CONF_DIR = os.environ.get("PROXY_CONF_DIR", str(Path(__file__).resolve().parents[2] / "conf"))
 
@@ -54,13 +66,25 @@ class _StderrGate:
             self.real.write(self.buffer.getvalue())
 
     def one_line(self) -> str:
-        lines = [ln.strip() for ln in self.buffer.getvalue().splitlines() if ln.strip()]
-        lines = [ln for ln in lines if "HYDRA_FULL_ERROR" not in ln and not ln.startswith("object_type")]
-        return " ".join(lines)
+        """What went wrong, in one line: Hydra's message, or the last cause of a traceback."""
+        return one_line(self.buffer.getvalue())
 
     def __exit__(self, *exc):
         sys.stderr = self.real
         return False
+
+
+def one_line(text: str) -> str:
+    """Held-back stderr as one line. A traceback gives its last line, the exception that ended it
+    (what a read-only or missing directory raises deep inside Hydra); Hydra's own error report
+    gives its message without the hint about HYDRA_FULL_ERROR."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if any(ln.startswith("Traceback (most recent call last)") for ln in lines):
+        causes = [ln for ln in lines if not ln.startswith(("File ", "Traceback", "^", "~"))
+                  and ":" in ln and ln.split(":", 1)[0].replace(".", "").replace("_", "").isalnum()]
+        return causes[-1] if causes else lines[-1]
+    lines = [ln for ln in lines if "HYDRA_FULL_ERROR" not in ln and not ln.startswith("object_type")]
+    return " ".join(lines)
 
 
 _gate: Optional[_StderrGate] = None
@@ -85,9 +109,16 @@ def _hydra_task(dcfg) -> Optional[float]:
             members = train_ensemble(cfg, run_dir, name, sweep_id, overrides)
             for member in members:
                 print(f"{member['status']}: {member.get('run_name')}")
+            if any(m["status"] == INTERRUPTED for m in members):
+                _stop_interrupted(members[0], run_dir, overrides)
             return None
         summary = train(cfg, run_dir, name, sweep_id, overrides)
-    except (ConfigError, DataError) as exc:
+    except TAKEN as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        if not multirun:
+            sys.exit(2)
+        return None
+    except INPUT_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
     except Exception as exc:  # recorded as failed in summary.json, traceback in error.txt
@@ -96,9 +127,22 @@ def _hydra_task(dcfg) -> Optional[float]:
         if not multirun:
             sys.exit(1)
         return None  # a multirun goes on to its next job
+    if summary["status"] == INTERRUPTED:
+        _stop_interrupted(summary, run_dir, overrides)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"{summary['status']}: {name} -> {summary.get('run_dir', run_dir)}")
     return summary.get("final_val_loss")
+
+
+def _stop_interrupted(summary: dict, run_dir: Path, overrides: tuple[str, ...]) -> None:
+    """One line on how to go on, then the signal's exit code (a multirun stops too)."""
+    signame = str(summary.get("interrupted_by", "SIGINT"))
+    code = 128 + int(getattr(signal, signame, signal.SIGINT))
+    again = " ".join(o for o in overrides if not o.startswith(("out_dir=", "train.resume=")))
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"interrupted by {signame} at step {summary.get('steps_completed')}; continue with: proxy-train "
+              f"{again + ' ' if again else ''}train.resume=true out_dir={run_dir}", file=sys.stderr)
+    sys.exit(code)
 
 
 def _quiet_non_zero_ranks() -> None:

@@ -63,11 +63,13 @@ from proxy.data import build_source
 from proxy.model import GPT, build_model
 from proxy.optim import apply_lr, build_optimizer, schedule_multiplier
 from proxy.records import (ATTN_MAX_LOGIT, DIVERGED, ENSEMBLE_TOKENS_PER_S, ERROR_FILE, GRAD_RMS, OUTPUT,
-                           PARAM_NORM, TOKENS, TOKENS_PER_S, TRAIN_LOSS, UPDATE_RMS, VAL_LOSS, attn_layer_key)
+                           PARAM_NORM, TOKENS, TOKENS_PER_S, TRAIN_LOSS, UPDATE_RMS, VAL_LOSS, RunDirError,
+                           atomic_write_text, attn_layer_key)
 from proxy.train import diagnostics, distributed
 from proxy.train.ensemble_optim import StackedAdamW, clip_members_, is_dense, member_grad_norms, param_rules
-from proxy.train.ledger import RunLedger, step_row
-from proxy.train.runtime import autocast_for, divergence_reason, progress_bar, resolve_device, wants_compile
+from proxy.train.ledger import RunDirTaken, RunLedger, step_row
+from proxy.train.runtime import (INTERRUPTED, Interrupted, StopSignals, autocast_for, divergence_reason, progress_bar,
+                                 resolve_device, wants_compile)
 
 log = logging.getLogger("proxy.ensemble")
 
@@ -302,10 +304,10 @@ class Member:
         return divergence_reason(loss, grad_norm, self.loss_at_init, train_cfg)
 
     def finish(self, status: str, step: int, diverged_at: Optional[int] = None,
-               final_val: Optional[float] = None) -> dict[str, Any]:
+               final_val: Optional[float] = None, **extra: Any) -> dict[str, Any]:
         self.active = False
         return self.ledger.finish(status, steps=step, tokens=self.tokens, diverged_at=diverged_at,
-                                  final_val=final_val)
+                                  final_val=final_val, **extra)
 
 
 # --------------------------------------------------------------------------------------------
@@ -485,6 +487,8 @@ class EnsembleTrainer:
 
     # -- the loop ----------------------------------------------------------------------------
     def _start_records(self) -> None:
+        for member in self.members:  # every directory taken before any is written
+            member.ledger.claim()
         for member in self.members:
             member.ledger.start(
                 overrides=member.spec.overrides, n_params=self.n_params[0],
@@ -497,24 +501,17 @@ class EnsembleTrainer:
         t = self.cfg.train
         self._start_records()
         progress = progress_bar(t.steps, t.progress, f"sweep x{len(self.members)}", 0)
+        stop = StopSignals()
         try:
-            while self.step < t.steps and any(m.active for m in self.members):
-                step = self.step
-                if step % t.eval_every == 0:
-                    self._log_eval(step)
-                logging_step = step % t.log_every == 0 or step == t.steps - 1
-                rows = self.train_step(step, logging_step)
-                for k, row in (rows or {}).items():
-                    self.members[k].ledger.log(step, row)
-                if progress is not None:
-                    progress.n = self.step
-                    if rows:
-                        active = [r[TRAIN_LOSS] for r in rows.values()]
-                        progress.set_postfix(active=f"{len(active)}/{len(self.members)}",
-                                             best=f"{min(active):.3f}", refresh=False)
-                        progress.refresh()
-                if t.ckpt_every and self.step % t.ckpt_every == 0 and 0 < self.step < t.steps:
-                    self.save_checkpoints()
+            with stop:
+                self._loop(progress, stop)
+        except Interrupted as interrupted:  # at a step boundary, as the standalone trainer
+            self.save_checkpoints()
+            log.warning("sweep interrupted by %s at step %d", interrupted, self.step)
+            for member in self.members:
+                if member.active:
+                    member.finish(INTERRUPTED, self.step, interrupted_by=str(interrupted))
+            return [m.ledger.summary for m in self.members]
         finally:
             if progress is not None:
                 progress.close()
@@ -530,6 +527,27 @@ class EnsembleTrainer:
                     member.finish("completed", self.step, final_val=final[member.index])
         return [m.ledger.summary for m in self.members]
 
+    def _loop(self, progress, stop: StopSignals) -> None:
+        t = self.cfg.train
+        while self.step < t.steps and any(m.active for m in self.members):
+            stop.check()
+            step = self.step
+            if step % t.eval_every == 0:
+                self._log_eval(step)
+            logging_step = step % t.log_every == 0 or step == t.steps - 1
+            rows = self.train_step(step, logging_step)
+            for k, row in (rows or {}).items():
+                self.members[k].ledger.log(step, row)
+            if progress is not None:
+                progress.n = self.step
+                if rows:
+                    active = [r[TRAIN_LOSS] for r in rows.values()]
+                    progress.set_postfix(active=f"{len(active)}/{len(self.members)}",
+                                         best=f"{min(active):.3f}", refresh=False)
+                    progress.refresh()
+            if t.ckpt_every and self.step % t.ckpt_every == 0 and 0 < self.step < t.steps:
+                self.save_checkpoints()
+
     def _log_eval(self, step: int) -> None:
         values = self.evaluate()
         for member in self.members:
@@ -542,10 +560,14 @@ class EnsembleTrainer:
             member.ledger.log(step, {VAL_LOSS: val})
 
     def fail(self, exc: BaseException) -> None:
-        """Record a crash in every member still running (as proxy.train.train does for one run)."""
+        """Record a crash in every member still running (as the standalone trainer does for one
+        run), and the traceback in the sweep's own directory, where the CLI's error line points."""
         text = traceback.format_exc()
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / ERROR_FILE).write_text(text)  # where the CLI's error line points
+        if not isinstance(exc, (RunDirTaken, RunDirError)):  # a refused start writes nowhere it was refused
+            try:
+                atomic_write_text(self.run_dir / ERROR_FILE, text)
+            except OSError as err:
+                log.error("could not write %s: %s", self.run_dir / ERROR_FILE, err)
         for member in self.members:
             if member.active:
                 member.ledger.fail(exc, self.step, text)
@@ -585,6 +607,9 @@ def train_ensemble(cfg: Config | dict, run_dir: str | Path, run_name: Optional[s
     except Exception as exc:
         trainer.fail(exc)
         raise
+    finally:
+        for member in trainer.members:
+            member.ledger.release()
 
 
 __all__ = [

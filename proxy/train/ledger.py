@@ -4,10 +4,18 @@ A standalone run owns one :class:`RunLedger`; each member of an ensemble owns on
 records cannot drift apart. The ledger writes the run directory (proxy/records.py) and mirrors
 it to wandb (proxy/train/tracking.py):
 
-    start()            config.yaml and the summary of a running run
+    claim()            take the run directory: its lock (one writer at a time), and refuse a fresh
+                       run over a directory that already holds one (resume it instead)
+    read_checkpoint()  the newest checkpoint that loads (torn ones skipped, refused ones named)
+    open() / start()   wandb, then the record: config.yaml and the summary of a running run
     log() / event()    metrics.jsonl rows and events (and wandb), the running numbers the summary needs
     save_checkpoint()  checkpoints/step_XXXXXXX.pt in the one checkpoint format, the last k kept
     finish() / fail()  the final summary (proxy/train/runtime.py: summary_fields), or the error
+    release()          files closed, lock released (also after a crash)
+
+Nothing already written is lost: until ``open()`` the ledger has written nothing but its lock
+file, so a start that fails (a bad resume, a torn or refused checkpoint, wandb without a login)
+leaves an existing run directory as it was and says why in ``start_error.txt``.
 
 What a row holds is built by :func:`step_row` plus the diagnostics; what a checkpoint holds is
 :func:`checkpoint_state`. Under data parallelism only rank 0's ledger writes (``main=False``
@@ -16,6 +24,7 @@ gives a ledger that keeps the running numbers and writes nothing).
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 import traceback
@@ -25,15 +34,23 @@ from typing import Any, Optional
 import torch
 from omegaconf import OmegaConf
 
-from proxy.config import Config, as_dict
+from proxy.config import Config, ConfigError, as_dict
 from proxy.records import (ATTN_MAX_LOGIT, CHECKPOINTS, CONFIG, ERROR_FILE, GRAD_NORM, LR, OUTPUT_LOGIT_MEAN,
-                           REMEDY, TOKENS, TRAIN_LOSS, TRAIN_TOTAL_LOSS, TRAIN_Z_LOSS, NullRecord, RunRecord,
-                           atomic_write_text, latest_checkpoint, save_state)
+                           REMEDY, START_ERROR_FILE, TOKENS, TRAIN_LOSS, TRAIN_TOTAL_LOSS, TRAIN_Z_LOSS, NullRecord,
+                           SUMMARY, RunLock, RunRecord, StateFileError, atomic_write_text, checkpoints, is_run_dir,
+                           load_state, read_json, save_state, state_step)
 from proxy.train.remedies import Event
 from proxy.train.runtime import ATTN_MAX_LOGIT_PEAK, summary_fields, without_wandb
 from proxy.train.tracking import WandbSink
 
 CHECKPOINT_NAME = "step_{step:07d}.pt"
+CHECKPOINT_KEYS = ("model", "optimizer", "step", "data_position", "tokens", "loss_at_init", "rng_cpu")
+
+log = logging.getLogger("proxy.train")
+
+
+class RunDirTaken(ConfigError):
+    """A fresh run asked to write into a directory that already holds a run."""
 
 
 def step_row(*, tokens: int, loss: float, z_loss: float, total_loss: float, lr: float,
@@ -65,24 +82,75 @@ class RunLedger:
     def __init__(self, cfg: Config, run_dir: str | Path, run_name: str, sweep_id: Optional[str] = None, *,
                  resume: bool = False, main: bool = True, concurrent_wandb: bool = False):
         self.cfg, self.dir, self.run_name, self.sweep_id, self.main = cfg, Path(run_dir), run_name, sweep_id, main
-        self.record = (RunRecord if main else NullRecord)(self.dir, resume=resume)
-        self.wandb = WandbSink(cfg if main else without_wandb(cfg), self.dir, run_name, sweep_id,
-                               concurrent=concurrent_wandb)
+        self.resume, self.concurrent_wandb = resume, concurrent_wandb
+        self.lock = RunLock(self.dir)
+        self.record: Optional[RunRecord] = None  # opened by open(), after the start is validated
+        self.wandb: Optional[WandbSink] = None
+        self.existed = False  # the directory held a run record before this process came
         self.stats_seen: dict[str, float] = {}  # what the summary reports of the logged statistics
         self.recent_losses: list[float] = []  # the last log_every train losses: final_train_loss
         self._clock = time.time()
 
     @property
     def summary(self) -> dict[str, Any]:
-        return self.record.summary
+        return self.record.summary if self.record is not None else {}
 
     # -- start ---------------------------------------------------------------------------------
+    def claim(self) -> None:
+        """Take the directory (its lock; RunDirBusy if another process writes it). A fresh run
+        over an existing run record is refused (RunDirTaken): resume it, or choose another dir."""
+        if not self.main:
+            return
+        self.lock.acquire()
+        self.existed = is_run_dir(self.dir)
+        if self.existed and not self.resume:
+            status = _previous_status(self.dir)
+            raise RunDirTaken(f"{self.dir} already holds a run (status {status}): continue it with "
+                              "train.resume=true, or give this run another out_dir")
+
+    def read_checkpoint(self, map_location: Any) -> tuple[Path, dict[str, Any], list[str]]:
+        """(path, state, skipped) of the newest checkpoint that loads. A torn one (truncated,
+        corrupt) is skipped, and ``skipped`` says which and why; a refused one (it asks to run
+        code) ends the resume naming the file: it was not written by proxy."""
+        found = checkpoints(self.dir)
+        if not found:
+            raise ConfigError(f"train.resume=true but {self.dir} has no checkpoint")
+        skipped = []
+        for path in reversed(found):
+            try:
+                state = load_state(path, map_location)
+            except StateFileError as exc:
+                if not exc.torn:
+                    raise
+                skipped.append(f"{path.name}: {exc}")
+                log.warning("resume: skipped %s", exc)
+                continue
+            missing = [k for k in CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]
+            if missing or state["step"] != state_step(path):
+                why = f"missing {', '.join(missing)}" if missing else f"holds step {state['step']}"
+                raise StateFileError(f"{path}: not a proxy checkpoint ({why})", torn=False)
+            return path, state, skipped
+        raise StateFileError(f"{self.dir}: no checkpoint loads ({'; '.join(skipped)})", torn=True)
+
+    def open(self, resume_step: Optional[int] = None, lines: Optional[int] = None) -> None:
+        """Open wandb, then the record; a resume from the checkpoint of ``resume_step`` cuts
+        metrics.jsonl back to it (its first ``lines`` lines). Up to here nothing but the lock
+        file was written."""
+        cfg = self.cfg
+        self.wandb = WandbSink(cfg if self.main else without_wandb(cfg), self.dir, self.run_name, self.sweep_id,
+                               concurrent=self.concurrent_wandb)
+        self.record = (RunRecord if self.main else NullRecord)(self.dir, resume=self.resume)
+        if resume_step is not None:
+            self.record.truncate_after(resume_step - 1, lines)
+
     def start(self, *, overrides: tuple[str, ...], n_params: int, n_params_non_embedding: int,
               device: torch.device, data: dict, lr: float, **extra: Any) -> None:
         """Write config.yaml and mark the run running; the wall clock starts (or, on resume,
         goes on from the recorded wall time)."""
+        if self.record is None:
+            self.open()
         cfg = self.cfg
-        previous_wall = self.summary.get("wall_time_s", 0.0) if cfg.train.resume else 0.0
+        previous_wall = self.summary.get("wall_time_s", 0.0) if self.resume else 0.0
         if self.main:
             atomic_write_text(self.dir / CONFIG, OmegaConf.to_yaml(OmegaConf.create(as_dict(cfg))))
         self.record.update(
@@ -138,7 +206,7 @@ class RunLedger:
             return None
         path = self.dir / CHECKPOINTS / CHECKPOINT_NAME.format(step=step)
         save_state(path, checkpoint_state(step=step, record_lines=self.record.lines, **state))
-        for old in sorted(path.parent.glob("step_*.pt"))[: -max(1, self.cfg.train.keep_checkpoints)]:
+        for old in checkpoints(self.dir)[: -max(1, self.cfg.train.keep_checkpoints)]:
             old.unlink()
         return path
 
@@ -147,36 +215,66 @@ class RunLedger:
         must not pick one of them up."""
         if not self.main:
             return
-        for path in (self.dir / CHECKPOINTS).glob("step_*.pt"):
-            if int(path.stem.split("_")[1]) > step:
+        for path in checkpoints(self.dir):
+            if state_step(path) > step:
                 path.unlink()
-
-    def latest_checkpoint(self) -> Optional[Path]:
-        return latest_checkpoint(self.dir)
-
-    def truncate_to(self, step: int, lines: Optional[int]) -> None:
-        """On resume from the checkpoint at ``step``: drop what was logged after it."""
-        self.record.truncate_after(step - 1, lines)
 
     # -- the end -------------------------------------------------------------------------------
     def finish(self, status: str, *, steps: int, tokens: int, diverged_at: Optional[int] = None,
-               final_val: Optional[float] = None) -> dict[str, Any]:
-        """The final summary (status completed | diverged), wandb closed, the record closed."""
+               final_val: Optional[float] = None, **extra: Any) -> dict[str, Any]:
+        """The final summary (status completed | diverged | interrupted), wandb closed, the
+        record closed, the lock released."""
         fields = summary_fields(status, steps, tokens, time.time() - self._clock, self.recent_losses,
                                 self.stats_seen, self.summary.get("best_val_loss"), diverged_at, final_val)
-        self.record.update(**fields)
+        self.record.update(**fields, **extra)
         self.wandb.summary(fields)
         self.wandb.finish(failed=status == "failed")
-        self.record.close()
+        self.release()
         return self.summary
 
     def fail(self, exc: BaseException, steps: int, text: Optional[str] = None) -> None:
-        """A crash: the traceback in error.txt, status failed with the error in the summary."""
-        if self.main:
-            (self.dir / ERROR_FILE).write_text(text if text is not None else traceback.format_exc())
-        self.record.update(status="failed", error=f"{type(exc).__name__}: {exc}", steps_completed=steps)
-        self.wandb.finish(failed=True)
-        self.record.close()
+        """A crash. Once the record is open: status failed with the error in the summary, then
+        the traceback in error.txt (the status does not wait on that second write, which a full
+        disk may refuse). A start that failed before the record opened writes only
+        start_error.txt: a run directory it found is left as it was, and a new one holds no run
+        record (so the same command can be run again once the cause is fixed). Another
+        process's directory is not touched at all."""
+        text = text if text is not None else traceback.format_exc()
+        error = f"{type(exc).__name__}: {exc}"
+        try:
+            if not self.main or not self.lock.held:
+                return
+            if self.record is None:
+                _best_effort(lambda: atomic_write_text(self.dir / START_ERROR_FILE, text))
+                return
+            _best_effort(lambda: self.record.update(status="failed", error=error, steps_completed=steps))
+            _best_effort(lambda: atomic_write_text(self.dir / ERROR_FILE, text))
+        finally:
+            if self.wandb is not None:
+                _best_effort(lambda: self.wandb.finish(failed=True))
+            self.release()
+
+    def release(self) -> None:
+        """Close the record and release the lock; nothing is written (safe after anything)."""
+        if self.record is not None:
+            self.record.close()
+        self.lock.release()
+
+
+def _previous_status(run_dir: Path) -> str:
+    try:
+        return str(read_json(run_dir / SUMMARY).get("status", "unknown"))
+    except (OSError, ValueError):
+        return "unknown: no readable summary.json"
+
+
+def _best_effort(write) -> None:
+    """A write at the end of a failed run: its own failure (a full disk) is logged, not raised,
+    so it cannot hide the error that ended the run or stop the writes after it."""
+    try:
+        write()
+    except OSError as exc:
+        log.error("could not record the failure: %s", exc)
 
 
 __all__ = ["CHECKPOINT_NAME", "RunLedger", "checkpoint_state", "step_row"]

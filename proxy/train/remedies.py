@@ -39,12 +39,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional, Union
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from proxy.config import RemedyConfig, RemedyKind, SnapshotStorage
 from proxy.optim import scale_grads
-from proxy.records import ROLLBACK, SKIP_STEP, ZCLIP, save_state
+from proxy.records import ROLLBACK, SKIP_STEP, STATE_NAME, ZCLIP, UnsafePathError, confined, load_state, save_state
 
 Number = Union[float, int, Tensor]
 
@@ -265,9 +266,9 @@ class Snapshot:
     def load(self) -> dict[str, Any]:
         if self.state is not None:
             return self.state
-        # our own file, written by maybe_snapshot (it holds Python and NumPy RNG states, which
-        # the weights-only unpickler refuses)
-        return torch.load(self.path, map_location="cpu", weights_only=False)
+        # a file on disk is untrusted like every other: tensors and plain containers only (the
+        # RNG states are stored as such, see _rng_state)
+        return load_state(self.path)
 
 
 class Rollback(Remedy):
@@ -405,15 +406,23 @@ class Rollback(Remedy):
                 "skipped": self.skipped, "snapshots": listed}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Counters, detector and the disk snapshots a checkpoint lists. The list comes from a
+        file: each entry must be a snapshot file name (``step_XXXXXXX.pt``) inside this run's
+        snapshot folder, or the whole state is refused (UnsafePathError) before anything is
+        touched: a checkpoint must not be able to point the cleanup at another file."""
+        listed = []
+        if self.on_disk:
+            for item in state.get("snapshots", []):
+                name = str(item["file"])
+                if not STATE_NAME.fullmatch(name):
+                    raise UnsafePathError(f"rollback snapshot {name!r} is not a snapshot file name (step_XXXXXXX.pt)")
+                path = confined(self.directory, name)
+                if path.is_file():
+                    listed.append(Snapshot(int(item["step"]), int(item["data_position"]), path=path))
         self.detector.load_state_dict(state["detector"])
         self.rollbacks, self.skipped = int(state["rollbacks"]), int(state["skipped"])
         self.snapshots.clear()
-        if self.on_disk:
-            for item in state.get("snapshots", []):
-                path = self.directory / item["file"]
-                if path.is_file():
-                    self.snapshots.append(Snapshot(int(item["step"]), int(item["data_position"]),
-                                                   path=path))
+        self.snapshots.extend(listed)
 
 
 def _copy_tensors(obj: Any, device: str) -> Any:
@@ -428,15 +437,14 @@ def _copy_tensors(obj: Any, device: str) -> Any:
 
 
 def _rng_state() -> dict[str, Any]:
+    """The global RNGs as tensors and plain containers (so a disk snapshot loads weights-only):
+    Python's state is a tuple of ints, NumPy's key array becomes a tensor."""
     state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
-    try:
-        import numpy as np
-
-        state["numpy"] = np.random.get_state()
-    except ImportError:  # numpy is a dependency, but the RNG it guards is optional
-        pass
+    numpy_state = np.random.get_state(legacy=False)
+    key = torch.from_numpy(numpy_state["state"]["key"].astype(np.int64))
+    state["numpy"] = {**numpy_state, "state": {**numpy_state["state"], "key": key}}
     return state
 
 
@@ -445,10 +453,9 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     if "cuda" in state:
         torch.cuda.set_rng_state_all(state["cuda"])
-    if "numpy" in state:
-        import numpy as np
-
-        np.random.set_state(state["numpy"])
+    numpy_state = state["numpy"]
+    key = np.asarray(numpy_state["state"]["key"].numpy(), dtype=np.uint32)
+    np.random.set_state({**numpy_state, "state": {**numpy_state["state"], "key": key}})
 
 
 # --------------------------------------------------------------------------------------------

@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import math
+import signal
+import threading
 from typing import Any, Callable, ContextManager, Optional
 
 import torch
@@ -16,6 +19,9 @@ from proxy.config import Config, ConfigError, TrainConfig, WandbMode
 from proxy.records import ATTN_MAX_LOGIT, GRAD_NORM, LR, OUTPUT_LOGIT_MEAN, TRAIN_LOSS
 
 ATTN_MAX_LOGIT_PEAK = "attn/max_logit_peak"  # not a metric: the summary's running peak
+INTERRUPTED = "interrupted"
+
+log = logging.getLogger("proxy.train")
 
 
 # --------------------------------------------------------------------------------------------
@@ -58,6 +64,57 @@ class Diverged(Exception):
     def __init__(self, step: int, reason: str):
         super().__init__(reason)
         self.step, self.reason = step, reason
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM arrived; the loop stops at the next step boundary (see StopSignals)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
+
+
+class StopSignals:
+    """While a run trains, SIGINT (Ctrl-C) and SIGTERM (``kill``, a scheduler's preemption) ask
+    the loop to stop at the next step boundary, where the state is whole: the trainer writes a
+    checkpoint, marks the run ``interrupted`` and ``train.resume=true`` continues it. A second
+    signal stops at once (KeyboardInterrupt: status stays ``running``, like a kill -9).
+
+    ``check()`` between steps raises :class:`Interrupted`. Outside the main thread (signal
+    handlers cannot be set there) it does nothing.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum: Optional[int] = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: stopping now")
+        self.signum = signum
+        log.warning("%s: stopping after this step (send it again to stop at once)", signal.Signals(signum).name)
+
+    def check(self) -> None:
+        if self.signum is not None:
+            raise Interrupted(self.signum)
+
+    def __exit__(self, *exc: Any) -> bool:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+        return False
 
 
 def divergence_reason(loss: float, grad_norm: float, loss_at_init: Optional[float],

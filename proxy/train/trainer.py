@@ -14,7 +14,10 @@ deliberately plain::
 
 Everything measured comes from proxy/train/diagnostics.py; everything written goes through the
 ledger. A diverged run ends with status ``diverged`` (and ``proxy-train`` exits 0, so a multirun
-goes on); a crash ends with status ``failed`` and the traceback in error.txt.
+goes on); a crash ends with status ``failed`` and the traceback in error.txt; SIGINT / SIGTERM
+end it at a step boundary with a checkpoint and status ``interrupted``. Before anything is
+written the start is validated (the run dir's lock, the checkpoint a resume loads), so a start
+that fails leaves an existing run directory as it was.
 """
 
 from __future__ import annotations
@@ -31,17 +34,21 @@ from proxy.config import Config, ConfigError, to_config
 from proxy.data import build_source
 from proxy.model import build_model
 from proxy.optim import build_optimizer
-from proxy.records import DIVERGED, ROLLBACK_DIR, VAL_LOSS, TOKENS
+from proxy.records import DIVERGED, ROLLBACK_DIR, TOKENS, VAL_LOSS
 from proxy.train import diagnostics, distributed
 from proxy.train.capture import SpikeCapture
 from proxy.train.ledger import RunLedger, step_row
 from proxy.train.observer import StepObserver
 from proxy.train.remedies import Event, build_remedy
-from proxy.train.runtime import (Diverged, autocast_for, divergence_reason, progress_bar, resolve_device,
-                                 show_row, wants_compile)
+from proxy.train.runtime import (INTERRUPTED, Diverged, Interrupted, StopSignals, autocast_for, divergence_reason,
+                                 progress_bar, resolve_device, show_row, wants_compile)
 from proxy.train.step import StepResult, TrainStep
 
 log = logging.getLogger("proxy.train")
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint that loads but cannot be resumed from (it does not fit this config)."""
 
 
 @dataclass
@@ -85,9 +92,10 @@ class Trainer:
         self.data_position = 0  # the index of the next train batch
         self.tokens = 0
         self.loss_at_init: Optional[float] = None
-        # how the loop ended, for the observers' close: completed | diverged | crashed
+        # how the loop ended, for the observers' close: completed | diverged | interrupted | crashed
         self.outcome: Optional[str] = None
         self.diverged_at: Optional[int] = None
+        self.stop = StopSignals()
 
         self.ledger = RunLedger(cfg, info.run_dir, info.run_name, info.sweep_id, resume=cfg.train.resume,
                                 main=self.dist.is_main)
@@ -201,17 +209,21 @@ class Trainer:
             data_position=self.data_position, tokens=self.tokens, loss_at_init=self.loss_at_init,
             remedy=self.remedy.state_dict() if self.remedy is not None else {})
 
-    def load_checkpoint(self, path: Path) -> Optional[int]:
-        """Restore the state saved at ``path``; returns how many metrics.jsonl lines it covers."""
-        state = torch.load(path, map_location=self.device, weights_only=True)
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+    def restore_checkpoint(self, path: Path, state: dict[str, Any]) -> Optional[int]:
+        """Put a checkpoint's state (``ledger.read_checkpoint``) back; returns how many
+        metrics.jsonl lines it covers. CheckpointError (one line) when it does not fit."""
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            if self.remedy is not None and state.get("remedy"):
+                self.remedy.load_state_dict(state["remedy"])
+        except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise CheckpointError(f"{path}: cannot resume from it with this config: {first}") from None
         self.step, self.data_position = state["step"], state["data_position"]
         self.tokens, self.loss_at_init = state["tokens"], state["loss_at_init"]
-        if self.remedy is not None and state.get("remedy"):
-            self.remedy.load_state_dict(state["remedy"])
         torch.set_rng_state(state["rng_cpu"].cpu())
-        if state["rng_cuda"] and torch.cuda.is_available():
+        if state.get("rng_cuda") and torch.cuda.is_available():
             torch.cuda.set_rng_state_all([s.cpu() for s in state["rng_cuda"]])
         return state.get("record_lines")
 
@@ -221,14 +233,18 @@ class Trainer:
         self._start()
         progress = progress_bar(t.steps, t.progress and self.dist.is_main, self.info.run_name, self.step)
         self.outcome = "crashed"  # until the loop says otherwise
+        interrupted: Optional[Interrupted] = None
         try:
             try:
-                self._loop(progress)
+                with self.stop:
+                    self._loop(progress)
                 self.outcome = "completed"
             except Diverged as d:
                 self.ledger.event(d.step, DIVERGED, reason=d.reason)
                 log.warning("run diverged at step %d: %s", d.step, d.reason)
                 self.outcome, self.diverged_at = DIVERGED, d.step
+            except Interrupted as i:
+                self.outcome, interrupted = INTERRUPTED, i
         finally:
             if progress is not None:
                 progress.close()
@@ -236,6 +252,11 @@ class Trainer:
                 observer.close(self)
         if self.outcome == DIVERGED:
             return self._finish(DIVERGED, diverged_at=self.diverged_at)
+        if interrupted is not None:  # at a step boundary: the state is whole, a resume goes on from here
+            checkpoint = self.save_checkpoint()
+            log.warning("run interrupted by %s at step %d", interrupted, self.step)
+            return self._finish(INTERRUPTED, interrupted_by=str(interrupted),
+                                checkpoint=str(checkpoint) if checkpoint else None)
         final_val = self.evaluate()
         self.ledger.log(t.steps, {VAL_LOSS: final_val, TOKENS: self.tokens})
         if t.save_final:
@@ -245,6 +266,7 @@ class Trainer:
     def _loop(self, progress) -> None:
         t = self.cfg.train
         while self.step < t.steps:
+            self.stop.check()  # SIGINT / SIGTERM: stop here, between two steps
             step = self.step
             if step % t.eval_every == 0:
                 val = self.evaluate()
@@ -265,23 +287,28 @@ class Trainer:
                 self.save_checkpoint()
 
     def _start(self) -> None:
+        """Validate, then write: the lock, the checkpoint a resume starts from (read and put
+        back), and only then wandb and the record."""
+        self.ledger.claim()
+        resumed: dict[str, Any] = {}
         if self.cfg.train.resume:
-            ckpt = self.ledger.latest_checkpoint()
-            if ckpt is None:
-                raise ConfigError(f"train.resume=true but {self.info.run_dir} has no checkpoint")
-            lines = self.load_checkpoint(ckpt)
-            self.ledger.truncate_to(self.step, lines)
-            log.info("resumed from %s at step %d", ckpt, self.step)
+            path, state, skipped = self.ledger.read_checkpoint(self.device)
+            lines = self.restore_checkpoint(path, state)
+            self.ledger.open(resume_step=self.step, lines=lines)
+            log.info("resumed from %s at step %d", path, self.step)
+            resumed = {"resumed_from": str(path)}
+            if skipped:
+                resumed["skipped_checkpoints"] = skipped
         self.ledger.start(overrides=self.info.overrides, n_params=self.model.n_params(),
                           n_params_non_embedding=self.model.n_params(non_embedding=True), device=self.device,
-                          data=self.source.describe(), lr=self.cfg.optim.lr)
+                          data=self.source.describe(), lr=self.cfg.optim.lr, **resumed)
 
     def _finish(self, status: str, diverged_at: Optional[int] = None,
-                final_val: Optional[float] = None) -> dict[str, Any]:
-        if self.remedy is not None:
-            self.remedy.close()  # e.g. disk snapshots are of no use once the run has ended
+                final_val: Optional[float] = None, **extra: Any) -> dict[str, Any]:
+        if self.remedy is not None and status != INTERRUPTED:
+            self.remedy.close()  # e.g. disk snapshots: of no use once the run has ended for good
         return self.ledger.finish(status, steps=self.step, tokens=self.tokens, diverged_at=diverged_at,
-                                  final_val=final_val)
+                                  final_val=final_val, **extra)
 
 
 # --------------------------------------------------------------------------------------------
@@ -300,7 +327,8 @@ def train(cfg: Config | dict, run_dir: str | Path, run_name: Optional[str] = Non
         trainer.ledger.fail(exc, trainer.step)
         raise
     finally:
+        trainer.ledger.release()  # also after a KeyboardInterrupt: the lock must not outlive the run
         distributed.teardown()
 
 
-__all__ = ["RunInfo", "Trainer", "train"]
+__all__ = ["CheckpointError", "RunInfo", "Trainer", "train"]
