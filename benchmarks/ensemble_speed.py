@@ -24,7 +24,7 @@ import platform
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -45,12 +45,16 @@ def preset(size: str) -> dict[str, Any]:
     return {k: v for k, v in model.items() if k != "approx_params"}
 
 
-def base_config(size: str, args: argparse.Namespace) -> dict[str, Any]:
+def base_config(size: str, args: argparse.Namespace, compile_: Optional[bool] = None) -> dict[str, Any]:
+    """``compile_``: None keeps train.compile=auto (on for CUDA); the device check turns it off,
+    since 8 sequential compilations would be most of what it times."""
     cfg = as_dict(Config())
     cfg["model"].update(preset(size))
     cfg["train"].update(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, device=args.device,
                         log_every=args.steps, eval_every=args.steps, eval_batches=1, progress=False,
                         save_final=False)
+    if compile_ is not None:
+        cfg["train"]["compile"] = str(compile_).lower()
     cfg["schedule"]["warmup_steps"] = args.steps // 2
     return cfg
 
@@ -108,8 +112,9 @@ def time_vectorized(cfg: dict, lrs: list[float], out: Path, device: torch.device
     return timer, final_losses(out, lrs)
 
 
-def measure(size: str, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
-    cfg = base_config(size, args)
+def measure(size: str, args: argparse.Namespace, device: torch.device,
+            compile_: Optional[bool] = None) -> dict[str, Any]:
+    cfg = base_config(size, args, compile_)
     lrs = lr_grid(args.members)
     best = {"sequential": float("inf"), "vectorized": float("inf")}
     best_cpu = dict(best)

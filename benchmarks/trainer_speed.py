@@ -50,7 +50,7 @@ def measure(cfg: Config, steps: int, warmup: int) -> float:
         if trainer.device.type == "cuda":
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - start
-        trainer.record.close()
+        trainer.ledger.release()
     return steps * cfg.train.batch_size * cfg.train.seq_len / elapsed
 
 

@@ -11,14 +11,20 @@ Choices are Enums: OmegaConf rejects an unknown name and lists the allowed ones.
 from __future__ import annotations
 
 import dataclasses
+import os
 import secrets
 from dataclasses import dataclass, field
 from enum import Enum
+from pathlib import Path
 from typing import Any, Optional
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from proxy.analysis import run_dirname
+
+
+# the Hydra config tree (conf/ beside the package; PROXY_CONF_DIR points elsewhere)
+CONF_DIR = os.environ.get("PROXY_CONF_DIR", str(Path(__file__).resolve().parents[1] / "conf"))
 
 
 class ConfigError(ValueError):
@@ -56,6 +62,7 @@ class Init(str, Enum):
 
 
 class Attention(str, Enum):
+    auto = "auto"  # triton on CUDA (sdpa where the kernel cannot run), naive elsewhere
     naive = "naive"  # materialises the scores: exact statistics every step
     sdpa = "sdpa"  # torch scaled_dot_product_attention; statistics on logging steps
     triton = "triton"  # proxy/kernels/flash_attention.py: flash attention that returns the max logit
@@ -146,7 +153,7 @@ class ModelConfig:
     init: Init = Init.normal
     init_std: Optional[float] = None  # std of the `normal` scheme (None: 0.02)
     init_gain: float = 1.0  # multiplies every scheme's std (a knob for init-scale studies)
-    attention: Attention = Attention.naive
+    attention: Attention = Attention.auto
     loss_impl: LossImpl = LossImpl.torch
     # documentation only: the non-embedding parameter count the preset was sized for
     approx_params: Optional[str] = None

@@ -9,7 +9,8 @@ switch (proxy/config.py: ModelConfig):
 - ``qk_norm``: off | layernorm | rmsnorm, per head on q and k before RoPE and the scores;
 - ``norm_position``: pre (x + Attn(Norm(x))) | reordered (OLMo 2: x + Norm(Attn(x)));
 - ``init``: normal (0.02, truncated) | scaled (OLMo-0424) | fan_in (Wortsman et al.);
-- ``attention``: naive (exact statistics) | sdpa | triton (flash kernel that returns max logits);
+- ``attention``: auto | naive (exact statistics) | sdpa | triton (flash kernel that returns max
+  logits); ``auto`` is triton on CUDA and naive on a CPU (:func:`attention_backend`);
 - ``loss_impl``: torch | triton | fused_linear.
 
 The forward pass returns the losses and, when asked, the instability statistics that come out
@@ -19,6 +20,7 @@ logit mean / max and mean log-sum-exp), so diagnostics cost no extra pass.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from dataclasses import dataclass, field
 from typing import Optional
@@ -88,6 +90,22 @@ def max_attention_logit(q: Tensor, k: Tensor, scale: float, block: int = 256) ->
     return best
 
 
+MAX_TRITON_HEAD_DIM = 128  # proxy/kernels/flash_attention.py
+
+
+def attention_backend(choice: Attention, device_type: str, head_dim: int) -> Attention:
+    """What ``model.attention`` runs as on a device: ``auto`` is the fast path that still reports
+    the max logit every step where there is one (the Triton kernel on CUDA; SDPA, with the
+    statistic on logging steps, where the kernel cannot run), and the exact reference elsewhere."""
+    choice = Attention(choice)
+    if choice != Attention.auto:
+        return choice
+    if device_type != "cuda":
+        return Attention.naive
+    triton_ok = importlib.util.find_spec("triton") is not None and head_dim <= MAX_TRITON_HEAD_DIM
+    return Attention.triton if triton_ok else Attention.sdpa
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -109,13 +127,14 @@ class CausalSelfAttention(nn.Module):
         q, k = rotary(q), rotary(k)
 
         max_logit = None
-        if self.backend == Attention.sdpa:
+        backend = attention_backend(self.backend, q.device.type, self.head_dim)
+        if backend == Attention.sdpa:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
             if collect_stats:
                 max_logit = max_attention_logit(q, k, self.scale)
         else:  # naive (reference) and triton both return the max logit with the output
             out, max_logit = kernels.attention(
-                q, k, v, causal=True, scale=self.scale, use_triton=self.backend == Attention.triton
+                q, k, v, causal=True, scale=self.scale, use_triton=backend == Attention.triton
             )
         out = rearrange(out, "b h t d -> b t (h d)")
         return self.proj(out), max_logit

@@ -8,6 +8,7 @@ not fill a tile, padded head dims (48) and the model's strided q/k/v layout.
 from __future__ import annotations
 
 import importlib
+import math
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from einops import rearrange
 from proxy import kernels
 from proxy.kernels import reference
 from proxy.kernels.flash_attention import flash_attention
+from tests.kernel_device import DEVICE
 
 TOLERANCE = {  # (atol, rtol) for outputs and gradients of unit-scale inputs
     torch.float32: (2e-5, 1e-4),
@@ -26,7 +28,7 @@ TOLERANCE = {  # (atol, rtol) for outputs and gradients of unit-scale inputs
 def packed_qkv(batch: int, heads: int, seq: int, head_dim: int, dtype: torch.dtype, seed: int = 0):
     """A leaf (batch, seq, 3*heads*head_dim) tensor and strided q, k, v views, as model.py makes them."""
     gen = torch.Generator().manual_seed(seed)
-    qkv = torch.randn(batch, seq, 3 * heads * head_dim, generator=gen).to(dtype).requires_grad_()
+    qkv = torch.randn(batch, seq, 3 * heads * head_dim, generator=gen).to(DEVICE, dtype).requires_grad_()
     q, k, v = rearrange(qkv, "b t (three h d) -> three b h t d", three=3, h=heads)
     return qkv, q, k, v
 
@@ -48,7 +50,7 @@ def test_forward_and_gradients_match_reference(batch, heads, seq, head_dim, dtyp
     atol, rtol = TOLERANCE[dtype]
     qkv, q, k, v = packed_qkv(batch, heads, seq, head_dim, dtype)
     out, max_logit = flash_attention(q, k, v)
-    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE, dtype)
     out.backward(grad_out)
     grad = qkv.grad.clone()
 
@@ -91,10 +93,10 @@ def test_causal_edge_rows():
 def test_huge_logits_stay_finite_and_max_logit_is_exact(dtype):
     """q and k scaled by 100 with head dim 16: logits of ~1e4, the regime where runs diverge."""
     gen = torch.Generator().manual_seed(2)
-    q, k = ((100 * torch.randn(1, 2, 50, 16, generator=gen)).to(dtype).requires_grad_() for _ in range(2))
-    v = torch.randn(1, 2, 50, 16, generator=gen).to(dtype).requires_grad_()
+    q, k = ((100 * torch.randn(1, 2, 50, 16, generator=gen).to(DEVICE)).to(dtype).requires_grad_() for _ in range(2))
+    v = torch.randn(1, 2, 50, 16, generator=gen).to(DEVICE, dtype).requires_grad_()
     out, max_logit = flash_attention(q, k, v)
-    grad_out = torch.randn(out.shape, generator=gen).to(dtype)
+    grad_out = torch.randn(out.shape, generator=gen).to(DEVICE, dtype)
     out.backward(grad_out)
 
     q_ref, k_ref, v_ref = (t.detach().float().requires_grad_() for t in (q, k, v))
@@ -119,8 +121,8 @@ def test_huge_logits_stay_finite_and_max_logit_is_exact(dtype):
 def test_fewer_queries_than_keys(causal):
     """Bottom-right causal alignment (query i sees keys <= i + seq_k - seq_q), as the reference."""
     gen = torch.Generator().manual_seed(3)
-    q = torch.randn(1, 1, 20, 16, generator=gen).requires_grad_()
-    k, v = (torch.randn(1, 1, 45, 16, generator=gen).requires_grad_() for _ in range(2))
+    q = torch.randn(1, 1, 20, 16, generator=gen).to(DEVICE).requires_grad_()
+    k, v = (torch.randn(1, 1, 45, 16, generator=gen).to(DEVICE).requires_grad_() for _ in range(2))
     out, max_logit = flash_attention(q, k, v, causal=causal, scale=0.3)
     out.sum().backward()
     q_ref, k_ref, v_ref = (t.detach().clone().requires_grad_() for t in (q, k, v))
@@ -133,9 +135,10 @@ def test_fewer_queries_than_keys(causal):
 
 
 def test_bad_inputs_raise_one_clear_error():
-    q = torch.randn(1, 1, 8, 16)
+    q = torch.randn(1, 1, 8, 16).to(DEVICE)
     with pytest.raises(ValueError, match="head_dim"):
-        flash_attention(torch.randn(1, 1, 8, 160), torch.randn(1, 1, 8, 160), torch.randn(1, 1, 8, 160))
+        wide = torch.randn(1, 1, 8, 160).to(DEVICE)
+        flash_attention(wide, wide, wide)
     with pytest.raises(TypeError, match="fp32, fp16 or bf16"):
         flash_attention(q, q.half(), q)
     with pytest.raises(ValueError, match="seq_q <= seq_k"):
@@ -166,3 +169,14 @@ def test_dispatch_takes_the_triton_path(monkeypatch):
     out_ref, max_logit_ref = reference.attention(q, k, v)
     torch.testing.assert_close(out, out_ref, atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(max_logit, max_logit_ref)
+
+
+def test_the_lse_handed_out_is_in_natural_log():
+    gen = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(2, 2, 40, 16, generator=gen).to(DEVICE) for _ in range(3))
+    _, max_logit, lse = flash_attention(q, k, v, return_lse=True)
+    _, max_ref, lse_ref = reference.attention(q, k, v, return_lse=True)
+    assert lse.shape == (2, 2, 40) and lse.dtype == torch.float32
+    torch.testing.assert_close(lse, lse_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(max_logit, max_ref, atol=1e-5, rtol=1e-5)
+    assert (lse.amax(-1) <= max_logit + math.log(40) + 1e-5).all()  # lse <= max + ln(keys)

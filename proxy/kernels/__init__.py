@@ -38,13 +38,14 @@ def attention(
     *,
     causal: bool = True,
     scale: Optional[float] = None,
+    return_lse: bool = False,
     use_triton: bool = False,
-) -> tuple[Tensor, Tensor]:
+) -> tuple[Tensor, ...]:
     if use_triton and triton_runs_on(q):
         from proxy.kernels.flash_attention import flash_attention
 
-        return flash_attention(q, k, v, causal=causal, scale=scale)
-    return reference.attention(q, k, v, causal=causal, scale=scale)
+        return flash_attention(q, k, v, causal=causal, scale=scale, return_lse=return_lse)
+    return reference.attention(q, k, v, causal=causal, scale=scale, return_lse=return_lse)
 
 
 def cross_entropy(

@@ -12,7 +12,8 @@ code usually writes it, plus the compiled reference with exactly our outputs.
 
 Results go to a table on stdout and to JSON (default benchmarks/results/kernels-<device>-<date>.json)
 with the device, date and versions. Without CUDA it says so, smoke-tests the references on CPU
-and exits 0.
+and exits 0. The functions take a device, a dtype and sizes, so the device check
+(benchmarks/gpu_check.py) reuses them, and its dry run takes them on a CPU at tiny sizes.
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ import json
 import math
 import platform
 import re
+import statistics
 import sys
+import time
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -53,8 +56,29 @@ QUICK_GRID = {
 # --------------------------------------------------------------------------------------------
 # Measurement
 # --------------------------------------------------------------------------------------------
+def time_ms(fn: Callable[[], object], device: torch.device, repeats: int = 3) -> float:
+    """Median milliseconds of ``fn``: triton.testing.do_bench on a GPU, a plain timer elsewhere."""
+    if device.type == "cuda":
+        import triton.testing
+
+        return triton.testing.do_bench(fn, return_mode="median")
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(1e3 * (time.perf_counter() - start))
+    return statistics.median(times)
+
+
 def measure(step: Callable[[], None], inputs: list[Tensor]) -> dict:
-    """Median ms of ``step`` (triton.testing.do_bench) and its peak memory beyond the inputs."""
+    """Median ms of ``step`` and, on a GPU, its peak memory beyond the inputs."""
+    device = inputs[0].device
+    if device.type != "cuda":
+        step()  # warm-up
+        for t in inputs:
+            t.grad = None
+        ms = time_ms(lambda: (step(), [setattr(t, "grad", None) for t in inputs]), device)
+        return {"ms": round(ms, 4), "peak_mib": None}
     import triton.testing
 
     try:
@@ -107,19 +131,21 @@ def first(output) -> Tensor:
 # --------------------------------------------------------------------------------------------
 # Benchmarks
 # --------------------------------------------------------------------------------------------
-def bench_attention(seq: int, head_dim: int) -> dict:
-    import triton.testing
+def bench_attention(seq: int, head_dim: int, device: str = "cuda", dtype: torch.dtype = torch.bfloat16,
+                    tokens: int = ATTENTION_TOKENS, width: int = ATTENTION_WIDTH) -> dict:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from proxy.kernels.flash_attention import flash_attention
 
-    batch, heads = max(1, ATTENTION_TOKENS // seq), ATTENTION_WIDTH // head_dim
+    device = torch.device(device)
+    batch, heads = max(1, tokens // seq), max(1, width // head_dim)
     shape = (batch, heads, seq, head_dim)
-    q, k, v = (torch.randn(shape, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
-    grad_out = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
+    q, k, v = (torch.randn(shape, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+    grad_out = torch.randn(shape, device=device, dtype=dtype)
 
     def sdpa_flash() -> Tensor:
-        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+        backend = SDPBackend.FLASH_ATTENTION if device.type == "cuda" else SDPBackend.MATH
+        with sdpa_kernel(backend):
             return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
     implementations = {"triton": lambda: flash_attention(q, k, v)[0], "sdpa_flash": sdpa_flash}
@@ -129,7 +155,7 @@ def bench_attention(seq: int, head_dim: int) -> dict:
         result = measure(lambda: forward().backward(grad_out), [q, k, v])
         if result["ms"] is not None:
             with torch.no_grad():
-                result["forward_ms"] = round(triton.testing.do_bench(forward, return_mode="median"), 4)
+                result["forward_ms"] = round(time_ms(forward, device), 4)
             result["forward_tflops"] = round(forward_flops / result["forward_ms"] / 1e9, 1)
             result["tflops"] = round(3.5 * forward_flops / result["ms"] / 1e9, 1)  # bwd ~ 2.5x fwd
         row["results"][name] = result
@@ -138,11 +164,12 @@ def bench_attention(seq: int, head_dim: int) -> dict:
     return row
 
 
-def bench_cross_entropy(tokens: int, vocab: int, use_compile: bool) -> dict:
+def bench_cross_entropy(tokens: int, vocab: int, use_compile: bool, device: str = "cuda",
+                        dtype: torch.dtype = torch.bfloat16) -> dict:
     from proxy.kernels.fused_cross_entropy import fused_cross_entropy
 
-    logits = torch.randn(tokens, vocab, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    labels = torch.randint(0, vocab, (tokens,), device="cuda")
+    logits = torch.randn(tokens, vocab, device=device, dtype=dtype, requires_grad=True)
+    labels = torch.randint(0, vocab, (tokens,), device=device)
 
     def ours() -> Tensor:
         ce, z_term, _ = fused_cross_entropy(logits, labels, z_loss=Z_LOSS)
@@ -170,13 +197,14 @@ def bench_cross_entropy(tokens: int, vocab: int, use_compile: bool) -> dict:
     return row
 
 
-def bench_linear_cross_entropy(tokens: int, vocab: int, use_compile: bool) -> dict:
+def bench_linear_cross_entropy(tokens: int, vocab: int, use_compile: bool, device: str = "cuda",
+                               dtype: torch.dtype = torch.bfloat16, hidden_dim: int = HEAD_HIDDEN_DIM) -> dict:
     from proxy.kernels.fused_cross_entropy import fused_linear_cross_entropy
 
-    hidden = torch.randn(tokens, HEAD_HIDDEN_DIM, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    weight = 0.02 * torch.randn(vocab, HEAD_HIDDEN_DIM, device="cuda", dtype=torch.bfloat16)
+    hidden = torch.randn(tokens, hidden_dim, device=device, dtype=dtype, requires_grad=True)
+    weight = 0.02 * torch.randn(vocab, hidden_dim, device=device, dtype=dtype)
     weight.requires_grad_()
-    labels = torch.randint(0, vocab, (tokens,), device="cuda")
+    labels = torch.randint(0, vocab, (tokens,), device=device)
 
     def ours() -> Tensor:
         ce, z_term, _ = fused_linear_cross_entropy(hidden, weight, labels, z_loss=Z_LOSS)
@@ -193,7 +221,7 @@ def bench_linear_cross_entropy(tokens: int, vocab: int, use_compile: bool) -> di
     if liger_linear is not None:
         liger = liger_linear(lse_square_scale=Z_LOSS)
         implementations["liger"] = lambda: first(liger(weight, hidden, labels))
-    row = {"tokens": tokens, "vocab": vocab, "hidden_dim": HEAD_HIDDEN_DIM, "results": {}}
+    row = {"tokens": tokens, "vocab": vocab, "hidden_dim": hidden_dim, "results": {}}
     for name, loss_fn in implementations.items():
         row["results"][name] = measure(backward_step(loss_fn), [hidden, weight])
     return row

@@ -26,10 +26,10 @@ Under TRITON_INTERPRET=1 (CPU tests) block sizes are fixed and small, and bf16 t
 upcast to fp32 right after loading, because the interpreter's bf16 arithmetic is wrong.
 """
 
-from __future__ import annotations
-
+# no `from __future__ import annotations`: torch.library reads the ops' schemas from real
+# annotations, on every torch this project runs on (2.11 on the GPU image, 2.13 here)
 import math
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import triton
@@ -40,7 +40,8 @@ from torch import Tensor
 INTERPRETED = bool(triton.knobs.runtime.interpret)
 
 LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e))
-LN2 = tl.constexpr(0.6931471805599453)  # a base-2 logit times ln(2) is the natural-units logit
+LN2_FLOAT = 0.6931471805599453
+LN2 = tl.constexpr(LN2_FLOAT)  # a base-2 logit times ln(2) is the natural-units logit
 MAX_HEAD_DIM = 128
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -432,35 +433,96 @@ def _backward(
     return dq, dk, dv
 
 
-class _FlashAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
-        out, lse2, max_logit = _forward(q, k, v, causal, scale)
-        ctx.save_for_backward(q, k, v, out, lse2)
-        ctx.causal, ctx.scale = causal, scale
-        ctx.mark_non_differentiable(max_logit)
-        return out, max_logit
+# --------------------------------------------------------------------------------------------
+# The operator: torch.library custom ops, so torch.compile calls the kernels without a graph
+# break and torch.func.vmap (the ensemble's member dimension) folds into the batch
+# --------------------------------------------------------------------------------------------
+@torch.library.custom_op("proxy::flash_attention_forward", mutates_args=())
+def _forward_op(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(out, lse per row in base 2, max logit per (batch, head)) of contiguous-head-dim inputs."""
+    return _forward(q, k, v, causal, scale)
 
-    @staticmethod
-    def backward(ctx, grad_out: Tensor, _grad_max_logit: Optional[Tensor]):
-        q, k, v, out, lse2 = ctx.saved_tensors
-        dq, dk, dv = _backward(grad_out, q, k, v, out, lse2, ctx.causal, ctx.scale)
-        return dq, dk, dv, None, None
+
+@_forward_op.register_fake
+def _forward_fake(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    batch, heads, seq_q, _ = q.shape
+    return (torch.empty_like(q, memory_format=torch.contiguous_format),
+            q.new_empty(batch, heads, seq_q, dtype=torch.float32), q.new_empty(batch, heads, dtype=torch.float32))
+
+
+@torch.library.custom_op("proxy::flash_attention_backward", mutates_args=())
+def _backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse2: Tensor, causal: bool,
+                 scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    return _backward(grad_out, q, k, v, out, lse2, causal, scale)
+
+
+@_backward_op.register_fake
+def _backward_fake(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse2: Tensor, causal: bool,
+                   scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, causal, scale = inputs
+    out, lse2, max_logit = output
+    ctx.save_for_backward(q, k, v, out, lse2)
+    ctx.causal, ctx.scale = causal, scale
+    ctx.mark_non_differentiable(lse2, max_logit)
+
+
+def _backward_rule(ctx, grad_out: Tensor, _grad_lse2: Optional[Tensor], _grad_max_logit: Optional[Tensor]):
+    q, k, v, out, lse2 = ctx.saved_tensors
+    dq, dk, dv = _backward_op(_head_dim_contiguous(grad_out), q, k, v, out, lse2, ctx.causal, ctx.scale)
+    return dq, dk, dv, None, None
+
+
+_forward_op.register_autograd(_backward_rule, setup_context=_setup_context)
+
+
+def _fold(info, in_dims: Sequence[Optional[int]], tensors: Sequence[Tensor]) -> list[Tensor]:
+    """Under vmap: the mapped dim moved to the front (broadcast where a tensor is not mapped) and
+    merged into the batch dim, (K, B, ...) -> (K * B, ...). Attention is independent per batch
+    row, so the K members are K times as many rows of one launch."""
+    folded = []
+    for t, dim in zip(tensors, in_dims):
+        t = t.movedim(dim, 0) if dim is not None else t.unsqueeze(0).expand(info.batch_size, *t.shape)
+        folded.append(_head_dim_contiguous(t.reshape(-1, *t.shape[2:])))
+    return folded
+
+
+def _unfold(info, tensors: Sequence[Tensor]) -> tuple[Tensor, ...]:
+    return tuple(t.reshape(info.batch_size, -1, *t.shape[1:]) for t in tensors)
+
+
+@_forward_op.register_vmap
+def _forward_vmap(info, in_dims, q, k, v, causal, scale):
+    outputs = _forward_op(*_fold(info, in_dims[:3], (q, k, v)), causal, scale)
+    return _unfold(info, outputs), (0, 0, 0)
+
+
+@_backward_op.register_vmap
+def _backward_vmap(info, in_dims, grad_out, q, k, v, out, lse2, causal, scale):
+    outputs = _backward_op(*_fold(info, in_dims[:6], (grad_out, q, k, v, out, lse2)), causal, scale)
+    return _unfold(info, outputs), (0, 0, 0)
 
 
 def flash_attention(
-    q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, scale: Optional[float] = None
-) -> tuple[Tensor, Tensor]:
+    q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, scale: Optional[float] = None,
+    return_lse: bool = False,
+) -> tuple[Tensor, ...]:
     """Softmax attention; same signature and outputs as :func:`proxy.kernels.reference.attention`.
 
     q, k, v: (batch, heads, seq, head_dim), fp32 / fp16 / bf16 (under autocast: the autocast
     dtype), head_dim <= 128, any strides.
     Returns ``(out, max_logit)``: ``out`` like q (contiguous) and ``max_logit`` (batch, heads)
-    fp32 without gradient, the largest scaled pre-softmax score over unmasked positions.
+    fp32 without gradient, the largest scaled pre-softmax score over unmasked positions. With
+    ``return_lse`` also the log-sum-exp of each query row's scores, (batch, heads, seq_q) fp32 in
+    natural log (the kernel keeps it in base 2 for exp2; this is the one it hands out).
     """
     if torch.is_autocast_enabled(q.device.type):  # like SDPA: run in the autocast dtype
         q, k, v = (t.to(torch.get_autocast_dtype(q.device.type)) for t in (q, k, v))
     _check_inputs(q, k, v, causal)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     q, k, v = (_head_dim_contiguous(t) for t in (q, k, v))
-    return _FlashAttention.apply(q, k, v, causal, scale)
+    out, lse2, max_logit = _forward_op(q, k, v, causal, scale)
+    return (out, max_logit, lse2 * LN2_FLOAT) if return_lse else (out, max_logit)

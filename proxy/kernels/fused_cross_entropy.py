@@ -9,10 +9,12 @@ running max m and a running sum s = sum exp(x - m) (rescaled by exp(m_old - m_ne
 max grows), and the plain sum of the logits. Per row it writes lse = m + log(s), the loss
 lse - x[label], the max and the mean; torch then reduces these N-vectors (tiny) to the outputs.
 
-Backward: one more pass per row writes
-    dL/dx_j = g_ce / n * (p_j - [j == label]) + g_z * 2 z_loss / n * lse * p_j,  p_j = exp(x_j - lse)
+Backward: one more pass per row writes, with a_i = dL/dloss_i and b_i = dL/dlse_i,
+    dL/dx_ij = (a_i + b_i) p_ij - a_i [j == label_i],  p_ij = exp(x_ij - lse_i)
 straight into a buffer of the logits' dtype, never an fp32 copy of the whole gradient. For an
-intermediate logits tensor the buffer is the logits tensor itself (see fused_cross_entropy).
+intermediate logits tensor the buffer is the logits tensor itself (see fused_cross_entropy). The
+loss, the z-loss and the statistics are reductions of the per-row vectors, done in torch, so the
+operator is one row at a time and vmap folds an ensemble's members into more rows.
 
 fused_linear_cross_entropy never materialises all N x V logits: per chunk of rows it computes the
 logits with a matmul, runs both passes (the gradient lands in place in the chunk) and folds the
@@ -20,8 +22,8 @@ chunk into grad_hidden = dlogits @ W and grad_weight += dlogits^T @ hidden, all 
 backward only scales them by the incoming gradient.
 """
 
-from __future__ import annotations
-
+# no `from __future__ import annotations`: torch.library reads the ops' schemas from real
+# annotations, on every torch this project runs on (2.11 on the GPU image, 2.13 here)
 from typing import NamedTuple, Optional
 
 import torch
@@ -77,7 +79,7 @@ def _cross_entropy_forward_kernel(
 
 @triton.jit
 def _cross_entropy_backward_kernel(
-    Logits, stride_row, Grad, stride_grad_row, Labels, RowLSE, Coefs,
+    Logits, stride_row, Grad, stride_grad_row, Labels, RowLSE, LossCoef, LSECoef,
     n_vocab, ignore_index,
     BLOCK_V: tl.constexpr,
 ):
@@ -87,10 +89,10 @@ def _cross_entropy_backward_kernel(
     Grad += row * stride_grad_row
     label = tl.load(Labels + row)
     valid = label != ignore_index
-    ce_coef = tl.load(Coefs)  # g_ce / n_valid
-    z_coef = tl.load(Coefs + 1)  # g_z * 2 * z_loss / n_valid
+    ce_coef = tl.load(LossCoef + row)  # dL / d loss_row
+    lse_coef = tl.load(LSECoef + row)  # dL / d lse_row (the z-loss)
     lse = tl.load(RowLSE + row)
-    softmax_coef = ce_coef + z_coef * lse
+    softmax_coef = ce_coef + lse_coef
     for start in range(0, n_vocab, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         in_vocab = cols < n_vocab
@@ -124,31 +126,40 @@ def _row_statistics_into(logits: Tensor, labels: Tensor, out: RowStatistics, ign
 
 
 def _logit_gradient_into(
-    grad: Tensor, logits: Tensor, labels: Tensor, lse: Tensor, coefs: Tensor, ignore_index: int
+    grad: Tensor, logits: Tensor, labels: Tensor, lse: Tensor, loss_coef: Tensor, lse_coef: Tensor,
+    ignore_index: int,
 ) -> None:
-    """Second pass: writes dLoss/dlogits into ``grad`` (which may be ``logits`` itself)."""
+    """Second pass: writes dLoss/dlogits into ``grad`` (which may be ``logits`` itself), given
+    per-row dL/dloss and dL/dlse (fp32 vectors)."""
     _cross_entropy_backward_kernel[(logits.shape[0],)](
-        logits, logits.stride(0), grad, grad.stride(0), labels, lse, coefs,
+        logits, logits.stride(0), grad, grad.stride(0), labels, lse, loss_coef, lse_coef,
         logits.shape[1], ignore_index, **_launch_options(logits.shape[1]),
     )
 
 
 def _empty_row_statistics(n_rows: int, device: torch.device) -> RowStatistics:
-    return RowStatistics(*torch.empty(4, n_rows, device=device, dtype=torch.float32))
+    # four tensors, not views of one: a custom op's outputs must not alias each other
+    return RowStatistics(*(torch.empty(n_rows, device=device, dtype=torch.float32) for _ in range(4)))
 
 
-def _gradient_coefficients(n_valid: Tensor, z_loss: float, grad_ce: Tensor, grad_z: Tensor) -> Tensor:
-    """[g_ce / n, g_z * 2 z_loss / n] on the device, so no host sync is needed."""
-    return torch.stack([grad_ce / n_valid, grad_z * (2.0 * z_loss) / n_valid]).float()
+def _unit_coefficients(rows: RowStatistics, valid: Tensor, n_valid: Tensor,
+                       z_loss: float) -> tuple[Tensor, Tensor]:
+    """Per-row dL/dloss and dL/dlse of L = ce + z_term (unit incoming gradients), on the device."""
+    loss_coef = torch.where(valid, 1.0 / n_valid, 0.0).float()
+    lse_coef = torch.where(valid, (2.0 * z_loss) * rows.lse / n_valid, 0.0).float()
+    return loss_coef, lse_coef
 
 
 def _summarise(rows: RowStatistics, valid: Tensor, n_valid: Tensor, z_loss: float) -> tuple[Tensor, ...]:
-    """(ce, z_term, logit_mean, logit_max, lse_mean) from the per-row vectors, like the reference."""
+    """(ce, z_term, logit_mean, logit_max, lse_mean) from the per-row vectors, like the reference:
+    means over the rows that count; logit_max is NaN when no row counts (every label ignored)."""
     ce = rows.loss.sum() / n_valid
     z_term = z_loss * torch.where(valid, rows.lse.square(), 0.0).sum() / n_valid
-    logit_mean = torch.where(valid, rows.mean, 0.0).sum() / n_valid
-    logit_max = torch.where(valid, rows.max, float("-inf")).max()
-    lse_mean = torch.where(valid, rows.lse, 0.0).sum() / n_valid
+    with torch.no_grad():
+        logit_mean = torch.where(valid, rows.mean, 0.0).sum() / n_valid
+        logit_max = torch.where(valid, rows.max, float("-inf")).max()
+        logit_max = torch.where(valid.any(), logit_max, float("nan"))
+        lse_mean = torch.where(valid, rows.lse, 0.0).sum() / n_valid
     return ce, z_term, logit_mean, logit_max, lse_mean
 
 
@@ -163,6 +174,8 @@ def _check_labels(labels: Tensor, n_rows: int, n_vocab: int, ignore_index: int, 
         raise TypeError(f"labels must be int64 or int32, got {labels.dtype}")
     if labels.device != device:
         raise ValueError(f"labels are on {labels.device} but the logits on {device}")
+    if torch.compiler.is_compiling():
+        return  # the check below waits on the device: in a compiled graph it would break it
     # One reduction and a host sync: an out-of-range label would otherwise read out of bounds.
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= n_vocab))
     if bool(bad.any()):
@@ -186,30 +199,87 @@ def _vocab_contiguous(t: Tensor) -> Tensor:
 # --------------------------------------------------------------------------------------------
 # Cross-entropy over materialised logits
 # --------------------------------------------------------------------------------------------
-class _CrossEntropy(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits: Tensor, labels: Tensor, z_loss: float, ignore_index: int, overwrite: bool):
-        valid = labels != ignore_index
-        n_valid = valid.sum().clamp(min=1)
-        rows = _empty_row_statistics(logits.shape[0], logits.device)
-        _row_statistics_into(logits, labels, rows, ignore_index)
-        outputs = _summarise(rows, valid, n_valid, z_loss)
-        ctx.save_for_backward(logits, labels, rows.lse, n_valid)
-        ctx.z_loss, ctx.ignore_index, ctx.overwrite = z_loss, ignore_index, overwrite
-        ctx.mark_non_differentiable(*outputs[2:])
-        return outputs
+@torch.library.custom_op("proxy::cross_entropy_rows", mutates_args=())
+def _rows_op(logits: Tensor, labels: Tensor, ignore_index: int, overwrite: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per-row (loss, lse, max, mean), fp32 vectors; ``overwrite``: the backward may write the
+    gradient into the logits' own storage (decided by fused_cross_entropy)."""
+    rows = _empty_row_statistics(logits.shape[0], logits.device)
+    _row_statistics_into(logits, labels, rows, ignore_index)
+    return tuple(rows)
 
-    @staticmethod
-    def backward(ctx, grad_ce: Tensor, grad_z: Tensor, *_stat_grads):
-        logits, labels, lse, n_valid = ctx.saved_tensors
-        grad = logits if ctx.overwrite else torch.empty_like(logits)
-        coefs = _gradient_coefficients(n_valid, ctx.z_loss, grad_ce, grad_z)
-        _logit_gradient_into(grad, logits, labels, lse, coefs, ctx.ignore_index)
-        if ctx.overwrite:
-            # Any other autograd node that saved these logits now fails loudly instead of
-            # silently reading the gradient.
-            increment_version(logits)
-        return grad, None, None, None, None
+
+@_rows_op.register_fake
+def _rows_fake(logits: Tensor, labels: Tensor, ignore_index: int, overwrite: bool):
+    return tuple(logits.new_empty(logits.shape[0], dtype=torch.float32) for _ in range(4))
+
+
+@torch.library.custom_op("proxy::cross_entropy_rows_backward", mutates_args=())
+def _rows_backward_op(logits: Tensor, labels: Tensor, lse: Tensor, loss_coef: Tensor, lse_coef: Tensor,
+                      ignore_index: int) -> Tensor:
+    grad = torch.empty_like(logits)
+    _logit_gradient_into(grad, logits, labels, lse, loss_coef, lse_coef, ignore_index)
+    return grad
+
+
+@_rows_backward_op.register_fake
+def _rows_backward_fake(logits, labels, lse, loss_coef, lse_coef, ignore_index):
+    return torch.empty_like(logits)
+
+
+@torch.library.custom_op("proxy::cross_entropy_rows_backward_", mutates_args=("logits",))
+def _rows_backward_inplace_op(logits: Tensor, labels: Tensor, lse: Tensor, loss_coef: Tensor, lse_coef: Tensor,
+                              ignore_index: int) -> None:
+    """The gradient written over the logits (each element is read before it is overwritten)."""
+    _logit_gradient_into(logits, logits, labels, lse, loss_coef, lse_coef, ignore_index)
+
+
+def _rows_setup_context(ctx, inputs, output) -> None:
+    logits, labels, ignore_index, overwrite = inputs
+    _, lse, row_max, row_mean = output
+    ctx.save_for_backward(logits, labels, lse)
+    ctx.ignore_index, ctx.overwrite = ignore_index, overwrite
+    ctx.mark_non_differentiable(row_max, row_mean)
+
+
+def _rows_backward(ctx, grad_loss: Optional[Tensor], grad_lse: Optional[Tensor], *_stat_grads):
+    logits, labels, lse = ctx.saved_tensors
+    zeros = torch.zeros_like(lse)
+    loss_coef = zeros if grad_loss is None else grad_loss.float().contiguous()
+    lse_coef = zeros if grad_lse is None else grad_lse.float().contiguous()
+    if ctx.overwrite:
+        _rows_backward_inplace_op(logits, labels, lse, loss_coef, lse_coef, ctx.ignore_index)
+        # Any other autograd node that saved these logits now fails loudly instead of
+        # silently reading the gradient.
+        increment_version(logits)
+        return logits, None, None, None
+    return _rows_backward_op(logits, labels, lse, loss_coef, lse_coef, ctx.ignore_index), None, None, None
+
+
+_rows_op.register_autograd(_rows_backward, setup_context=_rows_setup_context)
+
+
+@_rows_op.register_vmap
+def _rows_vmap(info, in_dims, logits, labels, ignore_index, overwrite):
+    """Members fold into rows: (K, N, V) logits and (K, N) or shared (N,) labels -> K * N rows."""
+    logits_dim, labels_dim = in_dims[0], in_dims[1]
+    logits = logits.movedim(logits_dim, 0) if logits_dim is not None else logits.expand(info.batch_size, *logits.shape)
+    labels = labels.movedim(labels_dim, 0) if labels_dim is not None else labels.expand(info.batch_size, *labels.shape)
+    rows = _rows_op(_vocab_contiguous(logits.reshape(-1, logits.shape[-1])), labels.reshape(-1), ignore_index, False)
+    return tuple(r.reshape(info.batch_size, -1) for r in rows), (0, 0, 0, 0)
+
+
+def _may_overwrite(logits: Tensor) -> bool:
+    """Whether the backward may write the gradient into the logits' storage: only when that
+    storage is an intermediate of this graph (the logits, or a view of them, are not a leaf's
+    data) with rows that do not overlap (an expanded row, stride 0, would race), and not while
+    torch.compile traces (it plans the memory itself)."""
+    if torch.compiler.is_compiling() or not (logits.requires_grad and logits.grad_fn is not None):
+        return False
+    base = logits._base if logits._base is not None else logits
+    if base.grad_fn is None:  # a view of a leaf tensor: the caller's data
+        return False
+    n_rows, n_vocab = logits.shape
+    return logits.stride(1) == 1 and (n_rows == 1 or logits.stride(0) >= n_vocab)
 
 
 def fused_cross_entropy(
@@ -222,15 +292,18 @@ def fused_cross_entropy(
     Memory: when ``logits`` is an intermediate of the graph (has a ``grad_fn``, as the LM-head
     output does), backward writes the gradient into the logits' own storage, so N x V is held
     once. Those logits hold the gradient afterwards; read them before ``backward()``. A leaf
-    tensor (the caller's data) is never overwritten.
+    tensor or a view of one (the caller's data) and rows that overlap (expanded) are never
+    overwritten. ``logit_max`` is NaN when every label is ``ignore_index``.
     """
     if logits.dim() != 2 or logits.shape[0] == 0 or logits.shape[1] == 0:
         raise ValueError(f"fused_cross_entropy expects non-empty (N, V) logits, got {tuple(logits.shape)}")
     _check_runs_here(logits, "fused_cross_entropy")
     _check_labels(labels, logits.shape[0], logits.shape[1], ignore_index, logits.device)
     logits = _vocab_contiguous(logits)  # a copy, if needed, is itself an intermediate
-    overwrite = logits.requires_grad and logits.grad_fn is not None
-    return _pack(*_CrossEntropy.apply(logits, labels, float(z_loss), int(ignore_index), overwrite))
+    valid = labels != ignore_index
+    n_valid = valid.sum().clamp(min=1)
+    rows = RowStatistics(*_rows_op(logits, labels, int(ignore_index), _may_overwrite(logits)))
+    return _pack(*_summarise(rows, valid, n_valid, float(z_loss)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -242,62 +315,91 @@ def default_chunk_size(n_rows: int, hidden_dim: int, n_vocab: int) -> int:
     return max(1, min(n_rows, max(_MIN_CHUNK_ROWS, rows)))
 
 
-class _LinearCrossEntropy(torch.autograd.Function):
-    @staticmethod
-    def forward(
-        ctx, hidden: Tensor, weight: Tensor, labels: Tensor, z_loss: float, ignore_index: int,
-        chunk_size: int, grad_hidden_needed: bool, grad_weight_needed: bool,
-    ):
-        n_rows = hidden.shape[0]
-        valid = labels != ignore_index
-        n_valid = valid.sum().clamp(min=1)
-        one = torch.ones((), device=hidden.device)
-        # Gradient of ce + z_term; backward rescales by the incoming gradient.
-        coefs = _gradient_coefficients(n_valid, z_loss, one, one)
-        rows = _empty_row_statistics(n_rows, hidden.device)
-        grad_hidden = None
+@torch.library.custom_op("proxy::linear_cross_entropy", mutates_args=())
+def _linear_op(hidden: Tensor, weight: Tensor, labels: Tensor, z_loss: float, ignore_index: int, chunk_size: int,
+               grad_hidden_needed: bool, grad_weight_needed: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor,
+                                                                          Tensor, Tensor]:
+    """(ce, z_term, logit_mean, logit_max, lse_mean, grad_hidden, grad_weight): the gradients of
+    ce + z_term, computed chunk by chunk in the forward pass (an empty tensor when not needed)."""
+    n_rows = hidden.shape[0]
+    valid = labels != ignore_index
+    n_valid = valid.sum().clamp(min=1)
+    rows = _empty_row_statistics(n_rows, hidden.device)
+    grad_hidden = (torch.empty_like(hidden, memory_format=torch.contiguous_format) if grad_hidden_needed
+                   else hidden.new_empty(0))
+    # Accumulates in the weight's dtype: fp32 is exact; bf16/fp16 round once per chunk.
+    grad_weight = torch.zeros_like(weight) if grad_weight_needed else weight.new_empty(0)
+
+    for start in range(0, n_rows, chunk_size):
+        chunk = slice(start, min(start + chunk_size, n_rows))
+        hidden_chunk, labels_chunk = hidden[chunk], labels[chunk]
+        logits = hidden_chunk @ weight.t()
+        chunk_rows = RowStatistics(*(r[chunk] for r in rows))
+        _row_statistics_into(logits, labels_chunk, chunk_rows, ignore_index)
+        if not (grad_hidden_needed or grad_weight_needed):
+            continue
+        loss_coef, lse_coef = _unit_coefficients(chunk_rows, valid[chunk], n_valid, z_loss)
+        _logit_gradient_into(logits, logits, labels_chunk, chunk_rows.lse, loss_coef, lse_coef, ignore_index)
         if grad_hidden_needed:
-            grad_hidden = torch.empty_like(hidden, memory_format=torch.contiguous_format)
-        # Accumulates in the weight's dtype: fp32 is exact; bf16/fp16 round once per chunk.
-        grad_weight = torch.zeros_like(weight) if grad_weight_needed else None
+            torch.mm(logits, weight, out=grad_hidden[chunk])
+        if grad_weight_needed:
+            grad_weight.addmm_(logits.t(), hidden_chunk)
+    return (*_summarise(rows, valid, n_valid, z_loss), grad_hidden, grad_weight)
 
-        for start in range(0, n_rows, chunk_size):
-            chunk = slice(start, min(start + chunk_size, n_rows))
-            hidden_chunk, labels_chunk = hidden[chunk], labels[chunk]
-            logits = hidden_chunk @ weight.t()
-            chunk_rows = RowStatistics(*(r[chunk] for r in rows))
-            _row_statistics_into(logits, labels_chunk, chunk_rows, ignore_index)
-            if grad_hidden is None and grad_weight is None:
-                continue
-            _logit_gradient_into(logits, logits, labels_chunk, chunk_rows.lse, coefs, ignore_index)
-            if grad_hidden is not None:
-                torch.mm(logits, weight, out=grad_hidden[chunk])
-            if grad_weight is not None:
-                grad_weight.addmm_(logits.t(), hidden_chunk)
 
-        outputs = _summarise(rows, valid, n_valid, z_loss)
-        ctx.save_for_backward(grad_hidden, grad_weight)
-        ctx.z_loss = z_loss
-        ctx.mark_non_differentiable(*outputs[2:])
-        return outputs
+@_linear_op.register_fake
+def _linear_fake(hidden, weight, labels, z_loss, ignore_index, chunk_size, grad_hidden_needed, grad_weight_needed):
+    scalars = [hidden.new_empty((), dtype=torch.float32) for _ in range(5)]
+    grad_hidden = (torch.empty_like(hidden, memory_format=torch.contiguous_format) if grad_hidden_needed
+                   else hidden.new_empty(0))
+    return (*scalars, grad_hidden, torch.empty_like(weight) if grad_weight_needed else weight.new_empty(0))
 
-    @staticmethod
-    def backward(ctx, grad_ce: Tensor, grad_z: Tensor, *_stat_grads):
-        if getattr(ctx, "used", False):  # backward(retain_graph=True) twice
-            raise RuntimeError("fused_linear_cross_entropy supports one backward pass per forward pass")
-        ctx.used = True
-        grad_hidden, grad_weight = ctx.saved_tensors
-        if ctx.z_loss != 0.0 and not torch.equal(grad_ce, grad_z):  # a host sync, only with z-loss
-            raise RuntimeError(
-                "fused_linear_cross_entropy computes the gradient of ce + z_term in its forward pass: "
-                "backpropagate a multiple of their sum, or use z_loss=0"
-            )
-        # Scaled in place: these buffers exist only for this one backward pass.
-        if grad_hidden is not None:
-            grad_hidden.mul_(grad_ce.to(grad_hidden.dtype))
-        if grad_weight is not None:
-            grad_weight.mul_(grad_ce.to(grad_weight.dtype))
-        return grad_hidden, grad_weight, None, None, None, None, None, None
+
+def _linear_setup_context(ctx, inputs, output) -> None:
+    _, _, _, z_loss, _, _, grad_hidden_needed, grad_weight_needed = inputs
+    ctx.save_for_backward(output[5], output[6])
+    ctx.z_loss, ctx.needed = z_loss, (grad_hidden_needed, grad_weight_needed)
+    ctx.used = False
+    ctx.mark_non_differentiable(*output[2:])
+
+
+def _linear_backward(ctx, grad_ce: Tensor, grad_z: Tensor, *_rest):
+    if ctx.used:  # backward(retain_graph=True) twice
+        raise RuntimeError("fused_linear_cross_entropy supports one backward pass per forward pass")
+    ctx.used = True
+    grad_hidden, grad_weight = ctx.saved_tensors
+    # a host sync, only with z-loss, and not while torch.compile traces (it cannot wait on values)
+    if ctx.z_loss != 0.0 and not torch.compiler.is_compiling() and not torch.equal(grad_ce, grad_z):
+        raise RuntimeError(
+            "fused_linear_cross_entropy computes the gradient of ce + z_term in its forward pass: "
+            "backpropagate a multiple of their sum, or use z_loss=0"
+        )
+    # Scaled in place: these buffers exist only for this one backward pass.
+    outputs = [None] * 8
+    if ctx.needed[0]:
+        outputs[0] = grad_hidden.mul_(grad_ce.to(grad_hidden.dtype))
+    if ctx.needed[1]:
+        outputs[1] = grad_weight.mul_(grad_ce.to(grad_weight.dtype))
+    return tuple(outputs)
+
+
+_linear_op.register_autograd(_linear_backward, setup_context=_linear_setup_context)
+
+
+@_linear_op.register_vmap
+def _linear_vmap(info, in_dims, hidden, weight, labels, z_loss, ignore_index, chunk_size, grad_hidden_needed,
+                 grad_weight_needed):
+    """Each member has its own LM head, so members do not fold into rows: one launch each."""
+    def member(t: Tensor, dim: Optional[int], k: int) -> Tensor:
+        return t.select(dim, k) if dim is not None else t
+
+    grad_enabled = torch.is_grad_enabled()  # the flags seen through vmap's wrappers are not the members'
+    per_member = []
+    for k in range(info.batch_size):
+        h, w = member(hidden, in_dims[0], k), member(weight, in_dims[1], k)
+        per_member.append(_linear_op(h, w, member(labels, in_dims[2], k), z_loss, ignore_index, chunk_size,
+                                     grad_enabled and h.requires_grad, grad_enabled and w.requires_grad))
+    return tuple(torch.stack(outputs) for outputs in zip(*per_member)), (0,) * 7
 
 
 def _autocast_like_linear(hidden: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
@@ -348,8 +450,8 @@ def fused_linear_cross_entropy(
         raise ValueError(f"chunk_size must be a positive number of rows, got {chunk_size}")
     hidden, weight = _autocast_like_linear(hidden, weight)
     grad_enabled = torch.is_grad_enabled()
-    outputs = _LinearCrossEntropy.apply(
+    outputs = _linear_op(
         hidden, weight, labels, float(z_loss), int(ignore_index), int(chunk_size),
         grad_enabled and hidden.requires_grad, grad_enabled and weight.requires_grad,
-    )
+    )[:5]
     return _pack(*outputs)

@@ -16,13 +16,15 @@ from torch import Tensor
 
 
 def attention(
-    q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, scale: Optional[float] = None
-) -> tuple[Tensor, Tensor]:
+    q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, scale: Optional[float] = None,
+    return_lse: bool = False,
+) -> tuple[Tensor, ...]:
     """Causal softmax attention that also returns the max attention logit.
 
     q, k, v: (batch, heads, seq, head_dim). Returns ``(out, max_logit)`` with ``out`` shaped like q
     (in q's dtype) and ``max_logit`` (batch, heads) fp32, detached: the largest scaled pre-softmax
-    score z_ij = <q_i, k_j> * scale over the unmasked (j <= i) positions.
+    score z_ij = <q_i, k_j> * scale over the unmasked (j <= i) positions. With ``return_lse`` also
+    the natural-log log-sum-exp of each query row's scores, (batch, heads, seq_q) fp32, detached.
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
@@ -33,18 +35,23 @@ def attention(
     max_logit = scores.detach().amax(dim=(-2, -1))
     probs = torch.softmax(scores, dim=-1)
     out = torch.matmul(probs, v.float()).to(q.dtype)
+    if return_lse:
+        return out, max_logit, torch.logsumexp(scores.detach(), dim=-1)
     return out, max_logit
 
 
 def _logit_stats(logits: Tensor, lse: Tensor, valid: Tensor) -> dict[str, Tensor]:
+    """Means over the rows that count; ``logit_max`` is NaN when none counts (every label
+    ignored): there is no largest logit to report, and -inf would pass for a number."""
     n_valid = valid.sum().clamp(min=1)
     with torch.no_grad():
         row_mean = logits.mean(dim=-1)
         row_max = logits.amax(dim=-1)
         neg_inf = torch.tensor(float("-inf"), device=logits.device)
+        logit_max = torch.where(valid, row_max, neg_inf).max()
         return {
             "logit_mean": (row_mean * valid).sum() / n_valid,
-            "logit_max": torch.where(valid, row_max, neg_inf).max(),
+            "logit_max": torch.where(valid.any(), logit_max, float("nan")),
             "lse_mean": (lse.detach() * valid).sum() / n_valid,
         }
 
@@ -57,7 +64,8 @@ def cross_entropy(
     logits: (N, V) any float dtype (computed in fp32); labels: (N,) int64.
     Returns ``(ce, z_term, stats)``: ce = mean(lse - logit[label]), z_term = z_loss * mean(lse^2),
     both scalars with gradients, and stats = {logit_mean, logit_max, lse_mean} (detached fp32
-    scalars over the valid rows). With no valid row both losses are 0, not NaN.
+    scalars over the valid rows). With no valid row both losses are 0, not NaN, and logit_max
+    is NaN (there is no largest logit to report).
     """
     logits = logits.float()
     valid = labels != ignore_index

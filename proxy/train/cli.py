@@ -29,10 +29,11 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 
 from proxy.analysis import run_name_from
-from proxy.config import ConfigError, register_configs, to_config
+from proxy.config import CONF_DIR, ConfigError, register_configs, to_config
 from proxy.data import DataError
 from proxy.records import ERROR_FILE, RunDirError, StateFileError, UnsafePathError
 from proxy.train.ensemble import sweep_requested, train_ensemble
+from proxy.train.estimate import announce
 from proxy.train.ledger import RunDirTaken
 from proxy.train.runtime import INTERRUPTED
 from proxy.train.trainer import train
@@ -40,7 +41,6 @@ from proxy.train.trainer import train
 INPUT_ERRORS = (ConfigError, DataError, StateFileError, UnsafePathError)  # one line, exit 2
 TAKEN = (RunDirError, RunDirTaken)  # this job's directory: one line, a multirun goes on
 
-CONF_DIR = os.environ.get("PROXY_CONF_DIR", str(Path(__file__).resolve().parents[2] / "conf"))
 
 
 class _StderrGate:
@@ -104,6 +104,9 @@ def _hydra_task(dcfg) -> Optional[float]:
     sweep_id = Path(hc.sweep.dir).name if multirun else None
     overrides = tuple(hc.overrides.task)
     name = cfg.run_name or run_name_from(overrides)
+    line = announce(cfg)
+    if line and int(os.environ.get("RANK", "0")) == 0:
+        print(f"{name}: {line}", flush=True)
     try:
         if sweep_requested(cfg):  # sweep.lrs=[...]: K members vectorized in this one process
             members = train_ensemble(cfg, run_dir, name, sweep_id, overrides)

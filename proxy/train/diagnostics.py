@@ -38,7 +38,9 @@ def forward_stats(out: ModelOutput) -> dict[str, float]:
             stats[attn_layer_key(i)] = value
         stats[ATTN_MAX_LOGIT] = max(maxima)
     for name, value in out.output_stats.items():
-        stats[OUTPUT + name] = float(value)
+        value = float(value)
+        if not math.isnan(value):  # NaN: no label counted in this batch (e.g. all masked), nothing to report
+            stats[OUTPUT + name] = value
     return stats
 
 

@@ -30,11 +30,13 @@ members together); perf/mfu, on GPUs, is the utilisation of the whole ensemble.
 
 Not supported with a sweep, each with a one-line error: remedies (each would rewind or skip
 batches per member, breaking the shared data stream), ``train.resume`` of the whole sweep (each
-member's checkpoint resumes on its own), data parallelism, spike capture, and the Triton kernels
-where they would run (CUDA, or TRITON_INTERPRET=1): their autograd.Functions define ``forward``
-with a ``ctx`` and no ``setup_context``/``vmap``, which torch.func cannot map. On a CPU they fall
-back to the references, which map fine. ``attention=sdpa`` works everywhere, but on CPU torch has
-no batching rule for its flash kernel and loops over the members (slower; prefer ``naive``).
+member's checkpoint resumes on its own), data parallelism and spike capture.
+
+Every attention and loss backend maps: the Triton kernels are torch.library ops with vmap rules
+(proxy/kernels: attention and cross-entropy fold the K members into K times the batch rows, one
+launch; fused linear + cross-entropy, whose LM head differs per member, launches once per member).
+``attention=sdpa`` works everywhere, but on CPU torch has no batching rule for its flash kernel
+and loops over the members (slower; prefer ``naive`` there).
 
 Cost: K x (parameters + gradients + two Adam moments) and K x the activations of one run.
 """
@@ -46,6 +48,7 @@ import copy
 import functools
 import itertools
 import logging
+import math
 import random
 import traceback
 import warnings
@@ -58,7 +61,7 @@ from torch import Tensor
 from torch.func import functional_call, stack_module_state, vmap
 
 from proxy.analysis import run_name_from
-from proxy.config import Attention, Config, ConfigError, LossImpl, RemedyKind, SweepConfig, to_config
+from proxy.config import Config, ConfigError, RemedyKind, SweepConfig, to_config
 from proxy.data import build_source
 from proxy.model import GPT, build_model
 from proxy.optim import apply_lr, build_optimizer, schedule_multiplier
@@ -68,8 +71,8 @@ from proxy.records import (ATTN_MAX_LOGIT, DIVERGED, ENSEMBLE_TOKENS_PER_S, ERRO
 from proxy.train import diagnostics, distributed
 from proxy.train.ensemble_optim import StackedAdamW, clip_members_, is_dense, member_grad_norms, param_rules
 from proxy.train.ledger import RunDirTaken, RunLedger, step_row
-from proxy.train.runtime import (INTERRUPTED, Interrupted, StopSignals, autocast_for, divergence_reason, progress_bar,
-                                 resolve_device, wants_compile)
+from proxy.train.runtime import (INTERRUPTED, Interrupted, StopSignals, autocast_for, backends, divergence_reason,
+                                 progress_bar, resolve_device, wants_compile)
 
 log = logging.getLogger("proxy.ensemble")
 
@@ -352,23 +355,10 @@ class EnsembleTrainer:
         self.run_dir, self.sweep_id = run_dir, sweep_id
 
     def _check_backends_and_layout(self) -> None:
-        """A tiny forward/backward before any record exists: it fixes the parameter layouts and
-        turns "this kernel cannot be vmapped" into one config error instead of a failed run."""
+        """A tiny forward/backward before any record exists: it fixes the parameter layouts (and
+        a backend that cannot run here fails now, not after the records are open)."""
         x, y = self.batch("train", 0)
-        x, y = x[:2, :16], y[:2, :16]
-        try:
-            self.model.adopt_gradient_layouts(x, y, self.autocast)
-        except RuntimeError as exc:
-            if "autograd.Function" not in str(exc):
-                raise
-            m = self.cfg.model
-            chosen = [f"model.attention={m.attention.value}"] if m.attention == Attention.triton else []
-            if m.loss_impl != LossImpl.torch:
-                chosen.append(f"model.loss_impl={m.loss_impl.value}")
-            raise ConfigError(
-                f"{' and '.join(chosen) or 'a Triton kernel'}: the Triton kernels have no vmap rule yet, so sweep.* "
-                f"cannot use them on {self.device.type}; use model.attention=naive|sdpa and model.loss_impl=torch"
-            ) from None
+        self.model.adopt_gradient_layouts(x[:2, :16], y[:2, :16], self.autocast)
 
     # -- data and evaluation -----------------------------------------------------------------
     def batch(self, split: str, index: int) -> tuple[Tensor, Tensor]:
@@ -455,7 +445,9 @@ class EnsembleTrainer:
             if not member.active:
                 continue
             k = member.index
-            row = {key: values[i][k] for i, key in enumerate(keys)}
+            # a NaN output statistic: no label counted in the batch (diagnostics.forward_stats)
+            row = {key: values[i][k] for i, key in enumerate(keys)
+                   if not (key.startswith(OUTPUT) and math.isnan(values[i][k]))}
             z_loss, total_loss = row.pop("z_loss"), row.pop("total_loss")
             row.update(shared)
             row.update(step_row(tokens=member.tokens, loss=losses[k], z_loss=z_loss, total_loss=total_loss,
@@ -493,7 +485,7 @@ class EnsembleTrainer:
             member.ledger.start(
                 overrides=member.spec.overrides, n_params=self.n_params[0],
                 n_params_non_embedding=self.n_params[1], device=self.device, data=self.source.describe(),
-                lr=member.spec.lr,
+                lr=member.spec.lr, backends=backends(member.cfg, self.device),
                 ensemble={"members": len(self.members), "index": member.index, "label": member.spec.label},
             )
 

@@ -15,7 +15,8 @@ from typing import Any, Callable, ContextManager, Optional
 
 import torch
 
-from proxy.config import Config, ConfigError, TrainConfig, WandbMode
+from proxy.config import Config, ConfigError, LossImpl, TrainConfig, WandbMode
+from proxy.model import attention_backend
 from proxy.records import ATTN_MAX_LOGIT, GRAD_NORM, LR, OUTPUT_LOGIT_MEAN, TRAIN_LOSS
 
 ATTN_MAX_LOGIT_PEAK = "attn/max_logit_peak"  # not a metric: the summary's running peak
@@ -50,6 +51,19 @@ def autocast_for(cfg: Config, device: torch.device) -> Callable[[], ContextManag
 def wants_compile(cfg: Config, device: torch.device) -> bool:
     choice = str(cfg.train.compile).lower()
     return device.type == "cuda" if choice == "auto" else choice == "true"
+
+
+def backends(cfg: Config, device: torch.device) -> dict[str, Any]:
+    """What a run on ``device`` actually uses where the config says ``auto`` (the run record
+    keeps it: summary.json ``backends``)."""
+    m = cfg.model
+    dtype = cfg.train.dtype if cfg.train.dtype != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    return {
+        "attention": attention_backend(m.attention, device.type, m.d_model // m.n_heads).value,
+        "loss_impl": LossImpl(m.loss_impl).value,
+        "dtype": dtype,
+        "compile": wants_compile(cfg, device),
+    }
 
 
 def without_wandb(cfg: Config) -> Config:

@@ -40,8 +40,8 @@ from proxy.train.capture import SpikeCapture
 from proxy.train.ledger import RunLedger, step_row
 from proxy.train.observer import StepObserver
 from proxy.train.remedies import Event, build_remedy
-from proxy.train.runtime import (INTERRUPTED, Diverged, Interrupted, StopSignals, autocast_for, divergence_reason,
-                                 progress_bar, resolve_device, show_row, wants_compile)
+from proxy.train.runtime import (INTERRUPTED, Diverged, Interrupted, StopSignals, autocast_for, backends,
+                                 divergence_reason, progress_bar, resolve_device, show_row, wants_compile)
 from proxy.train.step import StepResult, TrainStep
 
 log = logging.getLogger("proxy.train")
@@ -301,7 +301,8 @@ class Trainer:
                 resumed["skipped_checkpoints"] = skipped
         self.ledger.start(overrides=self.info.overrides, n_params=self.model.n_params(),
                           n_params_non_embedding=self.model.n_params(non_embedding=True), device=self.device,
-                          data=self.source.describe(), lr=self.cfg.optim.lr, **resumed)
+                          data=self.source.describe(), lr=self.cfg.optim.lr,
+                          backends=backends(self.cfg, self.device), **resumed)
 
     def _finish(self, status: str, diverged_at: Optional[int] = None,
                 final_val: Optional[float] = None, **extra: Any) -> dict[str, Any]:
