@@ -223,42 +223,75 @@ def confined(root: str | Path, name: str) -> Path:
 
 class RunLock:
     """The one writer of a run directory: an exclusive ``flock`` on ``<run_dir>/.lock``, held
-    while the run writes and released when it ends or its process dies (no stale locks)."""
+    while the run writes and released when it ends or its process dies (no stale locks).
+
+    The lock file is opened without following a symlink (a planted ``.lock`` link must not make
+    the pid write land in another file). On a file system without flock (some NFS and Lustre
+    mounts) the run goes on unlocked, with a warning."""
 
     def __init__(self, run_dir: str | Path):
         self.dir = Path(run_dir)
-        self._file: Optional[IO[str]] = None
+        self._fd: Optional[int] = None
 
     def acquire(self) -> None:
+        import errno
         import fcntl
+        import stat
+        import warnings
 
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
-            f = open(self.dir / LOCK_FILE, "a+")
-        except OSError as exc:  # read-only, a file in the way, no space: nothing can be recorded
+            fd = os.open(self.dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        except OSError as exc:  # read-only, a file in the way, a symlinked .lock, no space
             raise RunDirError(f"cannot write to {self.dir}: {exc.strerror or exc}") from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise RunDirError(f"{self.dir / LOCK_FILE} is not a regular file")
         try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "unknown"
-            f.close()
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
             raise RunDirBusy(f"{self.dir} is being written by another process (pid {holder}); "
                              "wait for it, or give this run its own out_dir") from None
-        f.seek(0)
-        f.truncate()
-        f.write(f"{os.getpid()}\n")
-        f.flush()
-        self._file = f
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
+                os.close(fd)
+                raise
+            warnings.warn(f"{self.dir}: this file system has no flock ({exc.strerror}); running without "
+                          "the one-writer lock", RuntimeWarning, stacklevel=2)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
 
     def release(self) -> None:
-        if self._file is not None:
-            self._file.close()  # closing the file releases the flock
-            self._file = None
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor releases the flock
+            self._fd = None
 
     @property
     def held(self) -> bool:
-        return self._file is not None
+        return self._fd is not None
+
+
+# what a run directory holds that the program writes into or deletes from: none may be a link
+WRITTEN_NAMES = (LOCK_FILE, SUMMARY, METRICS, CONFIG, ERROR_FILE, START_ERROR_FILE, CHECKPOINTS, ROLLBACK_DIR,
+                 KITS_DIR)
+
+
+def check_no_links(run_dir: str | Path) -> None:
+    """UnsafePathError if a file or folder the run writes or deletes in is a symlink (a copied
+    or hostile run dir could point the writes and the checkpoint pruning at other files)."""
+    run_dir = Path(run_dir)
+    links = [name for name in WRITTEN_NAMES if (run_dir / name).is_symlink()]
+    if links:
+        raise UnsafePathError(f"{run_dir}: {', '.join(links)} {'is a link' if len(links) == 1 else 'are links'}; "
+                              "proxy writes only into real files and folders of the run dir")
+
+
+def holds_run(run_dir: str | Path) -> bool:
+    """Whether a directory holds a run a fresh run would overwrite: its record, or checkpoints."""
+    return is_run_dir(run_dir) or bool(checkpoints(run_dir))
 
 
 class RunDirError(RuntimeError):

@@ -20,7 +20,8 @@ import torch
 
 from proxy.config import ConfigError, to_config
 from proxy.data import DataError, build_source
-from proxy.records import (ERROR_FILE, START_ERROR_FILE, RunDirBusy, RunLock, StateFileError, UnsafePathError,
+from proxy.records import (ERROR_FILE, START_ERROR_FILE, RunDirBusy, RunDirError, RunLock, StateFileError,
+                           UnsafePathError,
                            checkpoints, find_runs, load_run)
 from proxy.report import build_report
 from proxy.train import train
@@ -345,3 +346,44 @@ def test_a_utf8_error_in_a_folder_names_the_file_and_offset(tmp_path):
     cfg = to_config({"data": {"source": "text", "path": str(folder), "tokenizer": "bpe", "bpe_vocab_size": 300}})
     with pytest.raises(DataError, match=r"b\.txt: not UTF-8 at byte 12"):
         build_source(cfg.data)
+
+
+def test_planted_links_in_a_run_dir_are_refused_before_anything_is_written(tmp_path):
+    """A copied or hostile run dir: a .lock, checkpoints/ or rollback/ that is a link must not
+    point the lock's pid write, the checkpoint pruning or the snapshot cleanup at other files."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    secret = outside / "secret.txt"
+    secret.write_text("keep me")
+    (outside / "step_0000005.pt").write_text("not ours")
+    for name, target in ((".lock", secret), ("checkpoints", outside), ("rollback", outside),
+                         ("metrics.jsonl", secret)):
+        run_dir = tmp_path / f"run-{name.strip('.')}"
+        run_dir.mkdir()
+        (run_dir / name).symlink_to(target)
+        with pytest.raises((UnsafePathError, RunDirError)) as info:
+            train(tiny_cfg(train=dict(ckpt_every=5)), run_dir)
+        assert name in str(info.value) and "\n" not in str(info.value)
+        assert sorted(p.name for p in run_dir.iterdir()) == [name]  # nothing written beside the link
+        assert secret.read_text() == "keep me" and (outside / "step_0000005.pt").read_text() == "not ours"
+
+
+def test_a_torn_checkpoint_is_set_aside_so_pruning_keeps_the_good_ones(completed_run):
+    newest = checkpoints(completed_run)[-1]
+    newest.write_bytes(b"")
+    train(tiny_cfg(train=dict(steps=25, ckpt_every=5, keep_checkpoints=1, resume=True)), completed_run)
+    names = sorted(p.name for p in (completed_run / "checkpoints").iterdir())
+    assert "step_0000020.pt.torn" in names  # kept for a look, out of the checkpoint namespace
+    assert [p.name for p in checkpoints(completed_run)] == ["step_0000025.pt"]
+    assert torch.load(checkpoints(completed_run)[-1], weights_only=True)["step"] == 25
+
+
+def test_checkpoints_alone_make_a_run_dir_a_fresh_run_must_not_take(tmp_path):
+    run_dir = tmp_path / "only-checkpoints"
+    train(tiny_cfg(train=dict(ckpt_every=10)), run_dir)
+    for name in ("summary.json", "metrics.jsonl", "config.yaml"):
+        (run_dir / name).unlink()
+    kept = sorted(p.name for p in checkpoints(run_dir))
+    with pytest.raises(RunDirTaken):
+        train(tiny_cfg(train=dict(ckpt_every=10, keep_checkpoints=1)), run_dir)
+    assert sorted(p.name for p in checkpoints(run_dir)) == kept

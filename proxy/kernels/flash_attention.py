@@ -29,6 +29,7 @@ upcast to fp32 right after loading, because the interpreter's bf16 arithmetic is
 # no `from __future__ import annotations`: torch.library reads the ops' schemas from real
 # annotations, on every torch this project runs on (2.11 on the GPU image, 2.13 here)
 import math
+import os
 from typing import Optional, Sequence
 
 import torch
@@ -69,6 +70,8 @@ _FORWARD_CONFIGS = _configs(
 _DKDV_CONFIGS = _configs([(32, 128, 8, 3), (64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 3), (16, 64, 4, 2)])
 _DQ_CONFIGS = _configs([(128, 32, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 3), (32, 64, 4, 2)])
 _TUNING_KEY = ["seq_q", "seq_k", "BLOCK_D", "CAUSAL"]
+if os.environ.get("PROXY_TRITON_TUNING") == "quick":  # correctness checks: one config each, no autotuning
+    _FORWARD_CONFIGS, _DKDV_CONFIGS, _DQ_CONFIGS = _FORWARD_CONFIGS[-1:], _DKDV_CONFIGS[-1:], _DQ_CONFIGS[-1:]
 
 
 # --------------------------------------------------------------------------------------------
@@ -85,8 +88,10 @@ def _attention_forward_kernel(
     CAUSAL: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    block_m = tl.program_id(0)
-    batch_head = tl.program_id(1).to(tl.int64)  # 64-bit offsets for large batches
+    # batch x heads on grid axis 0 (up to 2^31 - 1; axis 1 stops at 65535, which an ensemble's
+    # folded members could pass), the row tiles on axis 1
+    batch_head = tl.program_id(0).to(tl.int64)  # 64-bit offsets for large batches
+    block_m = tl.program_id(1)
     batch = batch_head // n_heads
     head = batch_head % n_heads
     Q += batch * stride_qb + head * stride_qh
@@ -157,8 +162,8 @@ def _attention_backward_delta_kernel(
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """delta_i = sum_d dO_id * O_id, the softmax-Jacobian term shared by dQ and dK."""
-    block_m = tl.program_id(0)
-    batch_head = tl.program_id(1).to(tl.int64)
+    batch_head = tl.program_id(0).to(tl.int64)
+    block_m = tl.program_id(1)
     batch = batch_head // n_heads
     head = batch_head % n_heads
     rows = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -185,8 +190,8 @@ def _attention_backward_dkdv_kernel(
     CAUSAL: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    block_n = tl.program_id(0)
-    batch_head = tl.program_id(1).to(tl.int64)
+    batch_head = tl.program_id(0).to(tl.int64)
+    block_n = tl.program_id(1)
     batch = batch_head // n_heads
     head = batch_head % n_heads
     Q += batch * stride_qb + head * stride_qh
@@ -256,8 +261,8 @@ def _attention_backward_dq_kernel(
     CAUSAL: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    block_m = tl.program_id(0)
-    batch_head = tl.program_id(1).to(tl.int64)
+    batch_head = tl.program_id(0).to(tl.int64)
+    block_m = tl.program_id(1)
     batch = batch_head // n_heads
     head = batch_head % n_heads
     Q += batch * stride_qb + head * stride_qh
@@ -379,7 +384,7 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tup
     lse2 = torch.empty(batch, heads, seq_q, device=q.device, dtype=torch.float32)
     row_max = torch.empty_like(lse2)
     block_d = max(16, triton.next_power_of_2(head_dim))  # tl.dot needs every tile dim >= 16
-    grid = lambda meta: (triton.cdiv(seq_q, meta["BLOCK_M"]), batch * heads)  # noqa: E731
+    grid = lambda meta: (batch * heads, triton.cdiv(seq_q, meta["BLOCK_M"]))  # noqa: E731
     args = (
         q, k, v, out, lse2, row_max,
         *_strides(q), *_strides(k), *_strides(v), *_strides(out),
@@ -404,7 +409,7 @@ def _backward(
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
 
     delta = torch.empty_like(lse2)
-    _attention_backward_delta_kernel[(triton.cdiv(seq_q, _DELTA_BLOCK_M), batch * heads)](
+    _attention_backward_delta_kernel[(batch * heads, triton.cdiv(seq_q, _DELTA_BLOCK_M))](
         out, grad_out, delta, *_strides(out), *_strides(grad_out), heads, seq_q, head_dim,
         BLOCK_M=_DELTA_BLOCK_M, BLOCK_D=block_d,
     )
@@ -412,7 +417,7 @@ def _backward(
     constexprs = dict(CAUSAL=causal, BLOCK_D=block_d, **_kernel_options(q.dtype))
     _launch(
         _attention_backward_dkdv_kernel, _attention_backward_dkdv_tuned,
-        lambda meta: (triton.cdiv(seq_k, meta["BLOCK_N"]), batch * heads),
+        lambda meta: (batch * heads, triton.cdiv(seq_k, meta["BLOCK_N"])),
         (
             q, k, v, grad_out, dk, dv, lse2, delta,
             *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dk), *_strides(dv),
@@ -422,7 +427,7 @@ def _backward(
     )
     _launch(
         _attention_backward_dq_kernel, _attention_backward_dq_tuned,
-        lambda meta: (triton.cdiv(seq_q, meta["BLOCK_M"]), batch * heads),
+        lambda meta: (batch * heads, triton.cdiv(seq_q, meta["BLOCK_M"])),
         (
             q, k, v, grad_out, dq, lse2, delta,
             *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dq),

@@ -300,6 +300,7 @@ def fused_cross_entropy(
     _check_runs_here(logits, "fused_cross_entropy")
     _check_labels(labels, logits.shape[0], logits.shape[1], ignore_index, logits.device)
     logits = _vocab_contiguous(logits)  # a copy, if needed, is itself an intermediate
+    labels = labels.contiguous()  # the kernels read label i at offset i
     valid = labels != ignore_index
     n_valid = valid.sum().clamp(min=1)
     rows = RowStatistics(*_rows_op(logits, labels, int(ignore_index), _may_overwrite(logits)))
@@ -327,8 +328,9 @@ def _linear_op(hidden: Tensor, weight: Tensor, labels: Tensor, z_loss: float, ig
     rows = _empty_row_statistics(n_rows, hidden.device)
     grad_hidden = (torch.empty_like(hidden, memory_format=torch.contiguous_format) if grad_hidden_needed
                    else hidden.new_empty(0))
-    # Accumulates in the weight's dtype: fp32 is exact; bf16/fp16 round once per chunk.
-    grad_weight = torch.zeros_like(weight) if grad_weight_needed else weight.new_empty(0)
+    # Summed in fp32 over the chunks and cast once at the end: a bf16 accumulator would round the
+    # running sum once per chunk (64 times for 16k rows in chunks of 256).
+    grad_weight = torch.zeros_like(weight, dtype=torch.float32) if grad_weight_needed else weight.new_empty(0)
 
     for start in range(0, n_rows, chunk_size):
         chunk = slice(start, min(start + chunk_size, n_rows))
@@ -343,7 +345,9 @@ def _linear_op(hidden: Tensor, weight: Tensor, labels: Tensor, z_loss: float, ig
         if grad_hidden_needed:
             torch.mm(logits, weight, out=grad_hidden[chunk])
         if grad_weight_needed:
-            grad_weight.addmm_(logits.t(), hidden_chunk)
+            grad_weight.add_(torch.mm(logits.t(), hidden_chunk))  # the chunk's product, summed in fp32
+    if grad_weight_needed:
+        grad_weight = grad_weight.to(weight.dtype)
     return (*_summarise(rows, valid, n_valid, z_loss), grad_hidden, grad_weight)
 
 
@@ -444,6 +448,7 @@ def fused_linear_cross_entropy(
         raise ValueError(f"hidden is on {hidden.device} but weight on {weight.device}")
     _check_runs_here(hidden, "fused_linear_cross_entropy")
     _check_labels(labels, hidden.shape[0], weight.shape[0], ignore_index, hidden.device)
+    labels = labels.contiguous()  # the kernels read label i at offset i
     if chunk_size is None:
         chunk_size = default_chunk_size(*hidden.shape, weight.shape[0])
     elif int(chunk_size) < 1:

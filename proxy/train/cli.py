@@ -112,8 +112,9 @@ def _hydra_task(dcfg) -> Optional[float]:
             members = train_ensemble(cfg, run_dir, name, sweep_id, overrides)
             for member in members:
                 print(f"{member['status']}: {member.get('run_name')}")
-            if any(m["status"] == INTERRUPTED for m in members):
-                _stop_interrupted(members[0], run_dir, overrides)
+            interrupted = [m for m in members if m["status"] == INTERRUPTED]
+            if interrupted:
+                _stop_interrupted(interrupted[0], run_dir, overrides, members=interrupted)
             return None
         summary = train(cfg, run_dir, name, sweep_id, overrides)
     except TAKEN as exc:
@@ -137,14 +138,22 @@ def _hydra_task(dcfg) -> Optional[float]:
     return summary.get("final_val_loss")
 
 
-def _stop_interrupted(summary: dict, run_dir: Path, overrides: tuple[str, ...]) -> None:
-    """One line on how to go on, then the signal's exit code (a multirun stops too)."""
+def _stop_interrupted(summary: dict, run_dir: Path, overrides: tuple[str, ...],
+                      members: Optional[list[dict]] = None) -> None:
+    """One line on how to go on, then the signal's exit code (a multirun stops too). An
+    ensemble's members resume one by one, each as the standalone run it is."""
     signame = str(summary.get("interrupted_by", "SIGINT"))
     code = 128 + int(getattr(signal, signame, signal.SIGINT))
-    again = " ".join(o for o in overrides if not o.startswith(("out_dir=", "train.resume=")))
     if int(os.environ.get("RANK", "0")) == 0:
-        print(f"interrupted by {signame} at step {summary.get('steps_completed')}; continue with: proxy-train "
-              f"{again + ' ' if again else ''}train.resume=true out_dir={run_dir}", file=sys.stderr)
+        if members is None:
+            again = " ".join(o for o in overrides if not o.startswith(("out_dir=", "train.resume=")))
+            how = f"proxy-train {again + ' ' if again else ''}train.resume=true out_dir={run_dir}"
+        else:  # the members' own overrides name their LR / seed / decay and no sweep.*
+            first = " ".join(o for o in members[0].get("overrides", []))
+            how = (f"each member on its own, e.g. proxy-train {first} train.resume=true "
+                   f"out_dir={run_dir / members[0]['ensemble']['label']} ({len(members)} members interrupted)")
+        print(f"interrupted by {signame} at step {summary.get('steps_completed')}; continue with: {how}",
+              file=sys.stderr)
     sys.exit(code)
 
 

@@ -82,6 +82,16 @@ def mean(value: float, device: torch.device) -> float:
     return t.item() / dist.get_world_size()
 
 
+def max_int(value: int, device: torch.device) -> int:
+    """The largest value of an int over ranks (every rank gets it): e.g. a stop request that
+    reached only some of them."""
+    if not dist.is_initialized():
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
 def reduce_stats(stats: dict[str, float], device: torch.device) -> dict[str, float]:
     """Max over ranks for maxima (``.../max_logit...``, ``logit_max``), mean for the rest."""
     if not dist.is_initialized() or not stats:

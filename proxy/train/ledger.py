@@ -37,8 +37,8 @@ from omegaconf import OmegaConf
 from proxy.config import Config, ConfigError, as_dict
 from proxy.records import (ATTN_MAX_LOGIT, CHECKPOINTS, CONFIG, ERROR_FILE, GRAD_NORM, LR, OUTPUT_LOGIT_MEAN,
                            REMEDY, START_ERROR_FILE, TOKENS, TRAIN_LOSS, TRAIN_TOTAL_LOSS, TRAIN_Z_LOSS, NullRecord,
-                           SUMMARY, RunLock, RunRecord, StateFileError, atomic_write_text, checkpoints, is_run_dir,
-                           load_state, read_json, save_state, state_step)
+                           SUMMARY, RunLock, RunRecord, StateFileError, atomic_write_text, check_no_links, checkpoints,
+                           holds_run, load_state, read_json, save_state, state_step)
 from proxy.train.remedies import Event
 from proxy.train.runtime import ATTN_MAX_LOGIT_PEAK, summary_fields, without_wandb
 from proxy.train.tracking import WandbSink
@@ -101,8 +101,11 @@ class RunLedger:
         over an existing run record is refused (RunDirTaken): resume it, or choose another dir."""
         if not self.main:
             return
+        if self.dir.is_dir():
+            check_no_links(self.dir)  # before the lock file is even created
         self.lock.acquire()
-        self.existed = is_run_dir(self.dir)
+        check_no_links(self.dir)  # and again, now that no other writer of ours can add one
+        self.existed = holds_run(self.dir)
         if self.existed and not self.resume:
             status = _previous_status(self.dir)
             raise RunDirTaken(f"{self.dir} already holds a run (status {status}): continue it with "
@@ -142,6 +145,7 @@ class RunLedger:
         self.record = (RunRecord if self.main else NullRecord)(self.dir, resume=self.resume)
         if resume_step is not None:
             self.record.truncate_after(resume_step - 1, lines)
+            self._set_aside_newer(resume_step)
 
     def start(self, *, overrides: tuple[str, ...], n_params: int, n_params_non_embedding: int,
               device: torch.device, data: dict, lr: float, **extra: Any) -> None:
@@ -209,6 +213,17 @@ class RunLedger:
         for old in checkpoints(self.dir)[: -max(1, self.cfg.train.keep_checkpoints)]:
             old.unlink()
         return path
+
+    def _set_aside_newer(self, step: int) -> None:
+        """After a resume from ``step``: a newer checkpoint was skipped (torn). Renamed aside
+        (``.torn``, kept for a look), it no longer sorts last, so pruning cannot keep it and
+        delete the good ones."""
+        if not self.main:
+            return
+        for path in checkpoints(self.dir):
+            if state_step(path) > step:
+                path.rename(path.with_name(path.name + ".torn"))
+                log.warning("resume: %s set aside as %s.torn", path.name, path.name)
 
     def drop_checkpoints_after(self, step: int) -> None:
         """After a rollback to ``step``: later checkpoints hold the abandoned branch, and a resume

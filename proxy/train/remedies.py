@@ -412,6 +412,8 @@ class Rollback(Remedy):
         touched: a checkpoint must not be able to point the cleanup at another file."""
         listed = []
         if self.on_disk:
+            if self.directory.is_symlink():
+                raise UnsafePathError(f"{self.directory} is a link; snapshots live in a real folder of the run dir")
             for item in state.get("snapshots", []):
                 name = str(item["file"])
                 if not STATE_NAME.fullmatch(name):

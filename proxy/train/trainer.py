@@ -266,7 +266,7 @@ class Trainer:
     def _loop(self, progress) -> None:
         t = self.cfg.train
         while self.step < t.steps:
-            self.stop.check()  # SIGINT / SIGTERM: stop here, between two steps
+            self._check_stop()  # SIGINT / SIGTERM: stop here, between two steps
             step = self.step
             if step % t.eval_every == 0:
                 val = self.evaluate()
@@ -285,6 +285,15 @@ class Trainer:
                     progress.refresh()
             if t.ckpt_every and self.step % t.ckpt_every == 0 and 0 < self.step < t.steps:
                 self.save_checkpoint()
+
+    def _check_stop(self) -> None:
+        """Stop at this step boundary if a signal asked to, on every rank together: a signal
+        that reached one rank (a scheduler's SIGTERM can) stops them all at the same step."""
+        signum = self.stop.signum or 0
+        if self.dist.enabled:
+            signum = distributed.max_int(signum, self.device)
+        if signum:
+            raise Interrupted(signum)
 
     def _start(self) -> None:
         """Validate, then write: the lock, the checkpoint a resume starts from (read and put
