@@ -226,6 +226,60 @@ def lr_sensitivity(
 
 
 # --------------------------------------------------------------------------------------------
+# Effects across seeds, and grids that bracket their optimum (experiments/README.md's rules)
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Spread:
+    """An effect measured once per seed: its mean, sample std and standard error."""
+
+    values: tuple[float, ...]
+
+    @property
+    def n(self) -> int:
+        return len(self.values)
+
+    @property
+    def mean(self) -> float:
+        return float(np.mean(self.values)) if self.values else math.nan
+
+    @property
+    def std(self) -> float:
+        return float(np.std(self.values, ddof=1)) if self.n > 1 else math.nan
+
+    @property
+    def sem(self) -> float:
+        return self.std / math.sqrt(self.n) if self.n > 1 else math.nan
+
+    def clears(self, direction: int = 1, z: float = 2.0) -> bool:
+        """The effect holds: every seed's value has the claimed sign (``direction`` +1 or -1)
+        and the mean is more than ``z`` standard errors from 0. Needs at least 3 seeds."""
+        if self.n < 3 or not all(math.isfinite(v) for v in self.values):
+            return False
+        signed = [direction * v for v in self.values]
+        return all(v > 0 for v in signed) and direction * self.mean > z * self.sem
+
+    def describe(self, fmt: str = ".3g") -> str:
+        if not self.values:
+            return "no seeds"
+        spread = f" ± {self.std:{fmt}} (sd over {self.n} seeds)" if self.n > 1 else " (1 seed)"
+        return f"{self.mean:{fmt}}{spread}"
+
+
+def spread(values: Iterable[float]) -> Spread:
+    return Spread(tuple(float(v) for v in values))
+
+
+def best_is_inside(curve: dict[float, float]) -> bool:
+    """Whether an LR curve's best LR lies strictly inside its grid (not at either end): only then
+    does the grid bracket the optimum, and an LR sensitivity of the curve mean what it says."""
+    if len(curve) < 3:
+        return False
+    lrs = sorted(curve)
+    best = min(lrs, key=lambda lr: curve[lr])
+    return lrs[0] < best < lrs[-1]
+
+
+# --------------------------------------------------------------------------------------------
 # Variants: which runs belong on one LR curve
 # --------------------------------------------------------------------------------------------
 def parse_override(override: str) -> tuple[str, str]:
@@ -337,6 +391,9 @@ __all__ = [
     "NON_VARIANT_KEYS",
     "SWEEP_AXES",
     "SpikeOptions",
+    "Spread",
+    "best_is_inside",
+    "spread",
     "Spikes",
     "clipped_losses",
     "detect_spikes",

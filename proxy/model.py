@@ -15,7 +15,9 @@ switch (proxy/config.py: ModelConfig):
 
 The forward pass returns the losses and, when asked, the instability statistics that come out
 of attention and the loss as by-products (the max attention logit per layer and head; the output
-logit mean / max and mean log-sum-exp), so diagnostics cost no extra pass.
+logit mean / max and the log-sum-exp log Z), so diagnostics cost no extra pass; and the mechanism
+of output-logit divergence (Wortsman et al. 3.1.2): the norm of the LM head's mean row, and the
+mean logit of never / rarely / frequently seen tokens (:meth:`GPT.set_token_classes`).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from __future__ import annotations
 import importlib.util
 import math
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -207,11 +209,15 @@ class ModelOutput:
     output_stats: dict[str, Tensor] = field(default_factory=dict)
 
 
+TOKEN_CLASSES = ("never", "rare", "frequent")  # codes 0, 1, 2 of set_token_classes
+
+
 class GPT(nn.Module):
     def __init__(self, cfg: ModelConfig, vocab_size: int):
         super().__init__()
         self.cfg = cfg
         self.vocab_size = vocab_size
+        self.token_classes: list[str] = []  # the classes set_token_classes gave members
         self.embed = nn.Embedding(vocab_size, cfg.d_model)
         self.rotary = Rotary(cfg.d_model // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
@@ -238,6 +244,7 @@ class GPT(nn.Module):
             x, max_logit = block(x, self.rotary, collect_stats)
             out.attn_max_logits.append(max_logit)
         x = self.final_norm(x)
+        row_stats = self._output_row_stats(x) if collect_stats else {}
 
         if labels is None:
             out.logits = self.lm_head(x)
@@ -255,8 +262,35 @@ class GPT(nn.Module):
                 z_loss=z_loss, ignore_index=ignore_index,
                 use_triton=self.cfg.loss_impl == LossImpl.triton,
             )
-        out.loss, out.ce_loss, out.z_loss, out.output_stats = ce + z, ce, z, stats
+        out.loss, out.ce_loss, out.z_loss, out.output_stats = ce + z, ce, z, {**stats, **row_stats}
         return out
+
+    # -- the LM head's rows: where output-logit divergence lives -------------------------------
+    def set_token_classes(self, codes: Sequence[int]) -> None:
+        """Mark each token id never (0), rare (1) or frequent (2) in the training data; the
+        statistics then report each class's mean logit (output/logit_mean_<class>)."""
+        codes = torch.as_tensor(codes, dtype=torch.long).reshape(-1)
+        if codes.numel() < self.vocab_size:  # ids beyond the data's vocabulary never occur
+            codes = torch.cat([codes, codes.new_zeros(self.vocab_size - codes.numel())])
+        device = self.lm_head.weight.device
+        self.token_classes = []
+        for code, name in enumerate(TOKEN_CLASSES):
+            ids = torch.nonzero(codes[: self.vocab_size] == code).reshape(-1).to(device)
+            if ids.numel():
+                self.register_buffer(f"token_class_{name}", ids, persistent=False)
+                self.token_classes.append(name)
+
+    @torch.no_grad()
+    def _output_row_stats(self, hidden: Tensor) -> dict[str, Tensor]:
+        """||mean row of the LM head|| (a shared row shifts every logit alike), and the mean logit
+        of each token class over the batch: mean_t(h_t) . w_i is token i's mean logit."""
+        weight = self.lm_head.weight.float()
+        stats = {"mean_row_norm": weight.mean(dim=0).norm()}
+        if self.token_classes:
+            mean_logits = hidden.float().mean(dim=(0, 1)) @ weight.t()  # (vocab,)
+            for name in self.token_classes:
+                stats[f"logit_mean_{name}"] = mean_logits[getattr(self, f"token_class_{name}")].mean()
+        return stats
 
     # -- sizes -------------------------------------------------------------------------------
     def n_params(self, non_embedding: bool = False) -> int:

@@ -23,6 +23,7 @@ from proxy.verdict import judge_runs
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = REPO / "experiments"
 FINDINGS = ("attention_logit_growth", "output_logit_divergence", "lr_sensitivity_scaling", "warmup_and_weight_decay")
+VERDICTS = FINDINGS + ("output_logit_divergence/protocol1",)
 L0 = math.log(512)
 STEPS = 40
 
@@ -36,7 +37,7 @@ def test_presets_compose(finding: str, scale: str) -> None:
     assert cfg.experiment == finding
     assert str(cfg.hydra.sweep.dir).startswith(f"runs/{finding}/")
     # the LR grid is swept: as Hydra jobs, or (GPU presets) as one vectorized ensemble per job
-    assert "optim.lr" in cfg.hydra.sweeper.params or len(cfg.sweep.lrs) >= 3
+    assert "optim.lr" in cfg.hydra.sweeper.params or len(cfg.sweep.lrs) >= 2
     if scale == "lab":
         assert cfg.train.save_final is False
 
@@ -100,8 +101,8 @@ def attention_sweep(root: Path, reproduces: bool) -> Path:
     return root
 
 
-def output_sweep(root: Path, reproduces: bool) -> Path:
-    exp = {"+experiment": "output_logit_divergence_lab"}
+def output_sweep_p1(root: Path, reproduces: bool) -> Path:
+    exp = {"+experiment": "output_logit_divergence_lab_p1"}
     make_run(root, {**exp, "loss.z_loss": 0.0}, lr=3e-1, final_loss=3.8,
              logit_mean_end=-40.0 if reproduces else -2.0, lse_end=4.0)
     make_run(root, {**exp, "loss.z_loss": 1e-4}, lr=3e-1, final_loss=3.7, logit_mean_end=-6.0, lse_end=0.3)
@@ -129,11 +130,44 @@ def warmup_sweep(root: Path, reproduces: bool) -> Path:
     return root
 
 
+def output_member(root: Path, arm: str, lr: float, seed: int, lse: tuple[float, float],
+                  class_means: tuple[float, float, float] = (-9.0, -6.0, 1.0)) -> Path:
+    """A member of protocol 2's ensembles: log Z from lse[0] after warmup to lse[1] at the end."""
+    items = ["+experiment=output_logit_divergence_lab", f"+output_arm={arm}", f"optim.lr={lr!r}", f"train.seed={seed}"]
+    run_dir = root / f"arm={arm}" / f"lr={lr!r},seed={seed}"
+    write_json(run_dir / "config.yaml", {"optim": {"lr": lr}, "train": {"seed": seed, "steps": 200},
+                                         "schedule": {"warmup_steps": 20}})
+    record = RunRecord(run_dir)
+    record.update(status="running", overrides=items, lr=lr, loss_at_init=L0, steps_planned=200)
+    for step in range(0, 201, 20):
+        frac = max(0.0, (step - 20) / 180)
+        row = {"train/loss": L0 - 2 * frac, "output/lse_mean": lse[0] + (lse[1] - lse[0]) * frac,
+               "output/mean_row_norm": 0.1 + frac, "output/logit_mean": -3.0 * frac}
+        row.update({f"output/logit_mean_{c}": m * frac for c, m in zip(("never", "rare", "frequent"), class_means)})
+        record.log(step, row)
+    record.update(status="completed", final_val_loss=L0 - 2, final_train_loss=L0 - 2, steps_completed=200)
+    record.close()
+    return run_dir
+
+
+def output_sweep(root: Path, reproduces: bool) -> Path:
+    """Protocol 2: log Z (8.3 after warmup) drifts to -4 without decay or z-loss at the top LR in
+    every seed (or stays put), less at the low LR, is pinned near 0 by z-loss and held by decay."""
+    for seed, jitter in enumerate((0.0, 0.2, -0.3)):
+        end_top = (-4.0 + jitter) if reproduces else 8.3 + jitter
+        ends = {("none", 1e-1): end_top, ("none", 1e-2): 8.0 + jitter, ("z_loss", 1e-1): 0.4 + 0.1 * jitter,
+                ("z_loss", 1e-2): 2.0, ("coupled_wd", 1e-1): 5.0 + jitter, ("coupled_wd", 1e-2): 7.0}
+        for (arm, lr), end in ends.items():
+            output_member(root, arm, lr, seed, (8.3, end))
+    return root
+
+
 SWEEPS = {"attention_logit_growth": attention_sweep, "output_logit_divergence": output_sweep,
+          "output_logit_divergence/protocol1": output_sweep_p1,
           "lr_sensitivity_scaling": scaling_sweep, "warmup_and_weight_decay": warmup_sweep}
 
 
-@pytest.mark.parametrize("finding", FINDINGS)
+@pytest.mark.parametrize("finding", VERDICTS)
 def test_verdict_reproduced_and_not(finding: str, tmp_path: Path) -> None:
     good = _verdict(finding, SWEEPS[finding](tmp_path / "good", True), tmp_path)
     bad = _verdict(finding, SWEEPS[finding](tmp_path / "bad", False), tmp_path)

@@ -37,7 +37,7 @@ def make_logits(dtype: torch.dtype) -> torch.Tensor:
 
 
 def assert_stats_close(stats, stats_ref, atol: float = 1e-5):
-    assert set(stats) == {"logit_mean", "logit_max", "lse_mean"}
+    assert set(stats) == {"logit_mean", "logit_max", "lse_mean", "lse_max"}
     for name in stats:
         assert not stats[name].requires_grad
         torch.testing.assert_close(stats[name], stats_ref[name], atol=atol, rtol=1e-6)
@@ -93,10 +93,13 @@ def test_all_labels_ignored_gives_zero_loss_and_gradient():
     _, _, stats_ref = reference.cross_entropy(source.detach(), labels, z_loss=Z_LOSS)
     assert ce.item() == 0.0 and z_term.item() == 0.0
     assert (source.grad == 0).all()
-    # no row counts: no largest logit to report (NaN, which the metrics leave out), not -inf
-    assert stats["logit_max"].isnan() and stats_ref["logit_max"].isnan()
-    assert_stats_close({k: v for k, v in stats.items() if k != "logit_max"} | {"logit_max": torch.tensor(0.0, device=DEVICE)},
-                       {k: v for k, v in stats_ref.items() if k != "logit_max"} | {"logit_max": torch.tensor(0.0, device=DEVICE)})
+    # no row counts: no largest logit or log Z to report (NaN, which the metrics leave out), not -inf
+    maxima = ("logit_max", "lse_max")
+    for key in maxima:
+        assert stats[key].isnan() and stats_ref[key].isnan()
+    zero = torch.tensor(0.0, device=DEVICE)
+    assert_stats_close({k: (zero if k in maxima else v) for k, v in stats.items()},
+                       {k: (zero if k in maxima else v) for k, v in stats_ref.items()})
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

@@ -94,6 +94,10 @@ class TokenSource(ABC):
     def _describe(self) -> dict:
         """The source's own figures for ``describe()`` (name, sizes, entropies)."""
 
+    def token_probabilities(self) -> Optional[np.ndarray]:
+        """Each token id's share of the training data (exact where the source knows it), or None."""
+        return None
+
     # -- the contract ----------------------------------------------------------------------------
     def batch(self, split: str, index: int, batch_size: int, seq_len: int, rank: int = 0,
               world_size: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -221,6 +225,12 @@ class ArraySource(TokenSource):
             start = row_generator(self.cfg.seed, split, index, int(r), attempt).integers(0, len(data) - length + 1)
             out[i] = data[start : start + length]
         return out
+
+    def token_probabilities(self) -> np.ndarray:
+        """Counted over (the first 4M tokens of) the train split."""
+        sample = np.asarray(self.splits["train"][: 1 << 22], dtype=np.int64)
+        counts = np.bincount(sample, minlength=self.vocab_size).astype(np.float64)
+        return counts / counts.sum()
 
     def _describe(self) -> dict:
         train = self.splits["train"]

@@ -222,6 +222,10 @@ class SyntheticSource(TokenSource):
         ])
         return sample_hmm(self.hmm, uniforms)
 
+    def token_probabilities(self) -> np.ndarray:
+        """Exact: the stationary state distribution through the emission table."""
+        return self.hmm.stationary @ self.hmm.emission
+
     def _describe(self) -> dict:
         s = self.cfg.synthetic
         info = {name: getattr(s, name) for name in _SYNTHETIC_FIELDS if name != "vocab_size"}

@@ -8,7 +8,7 @@ Three operations, each with a plain-PyTorch reference (reference.py) and a Trito
 with the same signature and outputs:
 
 - ``attention(q, k, v)``            -> (out, max_logit[b, h])
-- ``cross_entropy(logits, labels)`` -> (ce, z_term, {logit_mean, logit_max, lse_mean})
+- ``cross_entropy(logits, labels)`` -> (ce, z_term, {logit_mean, logit_max, lse_mean, lse_max})
 - ``linear_cross_entropy(hidden, weight, labels)`` -> the same, logits never materialised
 
 ``use_triton=True`` runs the Triton kernel when the tensors are on CUDA, or anywhere under the

@@ -2,7 +2,7 @@
 
 Why: output-logit divergence (Wortsman et al.) shows up as drifting log-sum-exp and logit moments
 long before the loss moves. The online log-sum-exp already touches every logit once, so the
-statistics {logit_mean, logit_max, lse_mean} come out of the same pass for free.
+statistics {logit_mean, logit_max, lse_mean, lse_max} come out of the same pass for free.
 
 Tiling: one program per row (token). It streams the vocabulary in BLOCK_V columns, keeping a
 running max m and a running sum s = sum exp(x - m) (rescaled by exp(m_old - m_new) whenever the
@@ -151,8 +151,8 @@ def _unit_coefficients(rows: RowStatistics, valid: Tensor, n_valid: Tensor,
 
 
 def _summarise(rows: RowStatistics, valid: Tensor, n_valid: Tensor, z_loss: float) -> tuple[Tensor, ...]:
-    """(ce, z_term, logit_mean, logit_max, lse_mean) from the per-row vectors, like the reference:
-    means over the rows that count; logit_max is NaN when no row counts (every label ignored)."""
+    """(ce, z_term, logit_mean, logit_max, lse_mean, lse_max) from the per-row vectors, like the
+    reference: over the rows that count; the maxima are NaN when no row counts (every label ignored)."""
     ce = rows.loss.sum() / n_valid
     z_term = z_loss * torch.where(valid, rows.lse.square(), 0.0).sum() / n_valid
     with torch.no_grad():
@@ -160,11 +160,12 @@ def _summarise(rows: RowStatistics, valid: Tensor, n_valid: Tensor, z_loss: floa
         logit_max = torch.where(valid, rows.max, float("-inf")).max()
         logit_max = torch.where(valid.any(), logit_max, float("nan"))
         lse_mean = torch.where(valid, rows.lse, 0.0).sum() / n_valid
-    return ce, z_term, logit_mean, logit_max, lse_mean
+        lse_max = torch.where(valid.any(), torch.where(valid, rows.lse, float("-inf")).max(), float("nan"))
+    return ce, z_term, logit_mean, logit_max, lse_mean, lse_max
 
 
-def _pack(ce: Tensor, z_term: Tensor, logit_mean: Tensor, logit_max: Tensor, lse_mean: Tensor):
-    return ce, z_term, {"logit_mean": logit_mean, "logit_max": logit_max, "lse_mean": lse_mean}
+def _pack(ce: Tensor, z_term: Tensor, logit_mean: Tensor, logit_max: Tensor, lse_mean: Tensor, lse_max: Tensor):
+    return ce, z_term, {"logit_mean": logit_mean, "logit_max": logit_max, "lse_mean": lse_mean, "lse_max": lse_max}
 
 
 def _check_labels(labels: Tensor, n_rows: int, n_vocab: int, ignore_index: int, device: torch.device) -> None:
@@ -319,8 +320,8 @@ def default_chunk_size(n_rows: int, hidden_dim: int, n_vocab: int) -> int:
 @torch.library.custom_op("proxy::linear_cross_entropy", mutates_args=())
 def _linear_op(hidden: Tensor, weight: Tensor, labels: Tensor, z_loss: float, ignore_index: int, chunk_size: int,
                grad_hidden_needed: bool, grad_weight_needed: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor,
-                                                                          Tensor, Tensor]:
-    """(ce, z_term, logit_mean, logit_max, lse_mean, grad_hidden, grad_weight): the gradients of
+                                                                          Tensor, Tensor, Tensor]:
+    """(ce, z_term, logit_mean, logit_max, lse_mean, lse_max, grad_hidden, grad_weight): the gradients of
     ce + z_term, computed chunk by chunk in the forward pass (an empty tensor when not needed)."""
     n_rows = hidden.shape[0]
     valid = labels != ignore_index
@@ -353,7 +354,7 @@ def _linear_op(hidden: Tensor, weight: Tensor, labels: Tensor, z_loss: float, ig
 
 @_linear_op.register_fake
 def _linear_fake(hidden, weight, labels, z_loss, ignore_index, chunk_size, grad_hidden_needed, grad_weight_needed):
-    scalars = [hidden.new_empty((), dtype=torch.float32) for _ in range(5)]
+    scalars = [hidden.new_empty((), dtype=torch.float32) for _ in range(6)]
     grad_hidden = (torch.empty_like(hidden, memory_format=torch.contiguous_format) if grad_hidden_needed
                    else hidden.new_empty(0))
     return (*scalars, grad_hidden, torch.empty_like(weight) if grad_weight_needed else weight.new_empty(0))
@@ -361,7 +362,7 @@ def _linear_fake(hidden, weight, labels, z_loss, ignore_index, chunk_size, grad_
 
 def _linear_setup_context(ctx, inputs, output) -> None:
     _, _, _, z_loss, _, _, grad_hidden_needed, grad_weight_needed = inputs
-    ctx.save_for_backward(output[5], output[6])
+    ctx.save_for_backward(output[6], output[7])
     ctx.z_loss, ctx.needed = z_loss, (grad_hidden_needed, grad_weight_needed)
     ctx.used = False
     ctx.mark_non_differentiable(*output[2:])
@@ -403,7 +404,7 @@ def _linear_vmap(info, in_dims, hidden, weight, labels, z_loss, ignore_index, ch
         h, w = member(hidden, in_dims[0], k), member(weight, in_dims[1], k)
         per_member.append(_linear_op(h, w, member(labels, in_dims[2], k), z_loss, ignore_index, chunk_size,
                                      grad_enabled and h.requires_grad, grad_enabled and w.requires_grad))
-    return tuple(torch.stack(outputs) for outputs in zip(*per_member)), (0,) * 7
+    return tuple(torch.stack(outputs) for outputs in zip(*per_member)), (0,) * 8
 
 
 def _autocast_like_linear(hidden: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
@@ -458,5 +459,5 @@ def fused_linear_cross_entropy(
     outputs = _linear_op(
         hidden, weight, labels, float(z_loss), int(ignore_index), int(chunk_size),
         grad_enabled and hidden.requires_grad, grad_enabled and weight.requires_grad,
-    )[:5]
+    )[:6]
     return _pack(*outputs)

@@ -49,10 +49,12 @@ def _logit_stats(logits: Tensor, lse: Tensor, valid: Tensor) -> dict[str, Tensor
         row_max = logits.amax(dim=-1)
         neg_inf = torch.tensor(float("-inf"), device=logits.device)
         logit_max = torch.where(valid, row_max, neg_inf).max()
+        lse_max = torch.where(valid, lse.detach(), neg_inf).max()
         return {
             "logit_mean": (row_mean * valid).sum() / n_valid,
             "logit_max": torch.where(valid.any(), logit_max, float("nan")),
             "lse_mean": (lse.detach() * valid).sum() / n_valid,
+            "lse_max": torch.where(valid.any(), lse_max, float("nan")),
         }
 
 
@@ -63,8 +65,8 @@ def cross_entropy(
 
     logits: (N, V) any float dtype (computed in fp32); labels: (N,) int64.
     Returns ``(ce, z_term, stats)``: ce = mean(lse - logit[label]), z_term = z_loss * mean(lse^2),
-    both scalars with gradients, and stats = {logit_mean, logit_max, lse_mean} (detached fp32
-    scalars over the valid rows). With no valid row both losses are 0, not NaN, and logit_max
+    both scalars with gradients, and stats = {logit_mean, logit_max, lse_mean, lse_max} (detached
+    fp32 scalars over the valid rows; lse is log Z, whose drift from 0 is output-logit divergence). With no valid row both losses are 0, not NaN, and logit_max
     is NaN (there is no largest logit to report).
     """
     logits = logits.float()

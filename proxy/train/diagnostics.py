@@ -16,10 +16,11 @@ import math
 import time
 from typing import Iterable, Optional
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
-from proxy.model import GPT, ModelOutput
+from proxy.model import GPT, TOKEN_CLASSES, ModelOutput
 from proxy.records import (ATTN_MAX_LOGIT, GRAD_RMS, GROWTH_ACTIVATION, GROWTH_GRADIENT, MFU, OUTPUT, PARAM_NORM,
                            TOKENS_PER_S, UPDATE_RMS, attn_layer_key)
 
@@ -97,6 +98,26 @@ class UpdateTracker:
         stats = {UPDATE_RMS + n: v for n, v in zip(names, update_values)}
         stats.update({PARAM_NORM + n: v for n, v in zip(names, norm_values)})
         return stats
+
+
+# --------------------------------------------------------------------------------------------
+# Token classes (output-logit divergence lives in the rows of rarely seen tokens)
+# --------------------------------------------------------------------------------------------
+RARE_BELOW = 10.0  # expected occurrences in a run's training tokens below which a token is rare
+
+
+def token_classes(probabilities: np.ndarray, train_tokens: int, rare_below: float = RARE_BELOW) -> np.ndarray:
+    """0 never (probability 0), 1 rare (fewer than ``rare_below`` expected occurrences in the
+    ``train_tokens`` the run will see), 2 frequent: proxy.model.GPT.set_token_classes's codes."""
+    expected = np.asarray(probabilities, dtype=np.float64) * train_tokens
+    codes = np.full(expected.shape, 2, dtype=np.int64)
+    codes[expected < rare_below] = 1
+    codes[expected == 0] = 0
+    return codes
+
+
+def class_counts(codes: np.ndarray) -> dict[str, int]:
+    return {name: int((codes == i).sum()) for i, name in enumerate(TOKEN_CLASSES)}
 
 
 # --------------------------------------------------------------------------------------------

@@ -97,7 +97,7 @@ def reduce_stats(stats: dict[str, float], device: torch.device) -> dict[str, flo
     if not dist.is_initialized() or not stats:
         return stats
     keys = sorted(stats)
-    is_max = [("max_logit" in k or k.endswith("logit_max")) for k in keys]
+    is_max = [("max_logit" in k or k.endswith("_max")) for k in keys]
     values = torch.tensor([stats[k] for k in keys], dtype=torch.float64, device=device)
     maxima = torch.where(torch.tensor(is_max, device=device), values, torch.full_like(values, -torch.inf))
     sums = torch.where(torch.tensor(is_max, device=device), torch.zeros_like(values), values)

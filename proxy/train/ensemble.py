@@ -72,7 +72,7 @@ from proxy.train import diagnostics, distributed
 from proxy.train.ensemble_optim import StackedAdamW, clip_members_, is_dense, member_grad_norms, param_rules
 from proxy.train.ledger import RunDirTaken, RunLedger, step_row
 from proxy.train.runtime import (INTERRUPTED, Interrupted, StopSignals, autocast_for, backends, divergence_reason,
-                                 progress_bar, resolve_device, wants_compile)
+                                 mark_token_classes, progress_bar, resolve_device, wants_compile)
 
 log = logging.getLogger("proxy.ensemble")
 
@@ -333,6 +333,8 @@ class EnsembleTrainer:
             torch.manual_seed(member_cfg.train.seed)
             random.seed(member_cfg.train.seed)
             models.append(build_model(member_cfg.model, self.source.vocab_size))
+        for model in models:  # every member (stack_module_state stacks the buffers too)
+            self.token_classes = mark_token_classes(model, self.source, cfg)
         self.model = StackedGPT(models, self.device, compile=wants_compile(cfg, self.device))
         del models
         self.autocast = autocast_for(cfg, self.device)
@@ -485,7 +487,7 @@ class EnsembleTrainer:
             member.ledger.start(
                 overrides=member.spec.overrides, n_params=self.n_params[0],
                 n_params_non_embedding=self.n_params[1], device=self.device, data=self.source.describe(),
-                lr=member.spec.lr, backends=backends(member.cfg, self.device),
+                lr=member.spec.lr, backends=backends(member.cfg, self.device), token_classes=self.token_classes,
                 ensemble={"members": len(self.members), "index": member.index, "label": member.spec.label},
             )
 

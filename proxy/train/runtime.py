@@ -17,6 +17,7 @@ import torch
 
 from proxy.config import Config, ConfigError, LossImpl, TrainConfig, WandbMode
 from proxy.model import attention_backend
+from proxy.train.diagnostics import RARE_BELOW, class_counts, token_classes
 from proxy.records import ATTN_MAX_LOGIT, GRAD_NORM, LR, OUTPUT_LOGIT_MEAN, TRAIN_LOSS
 
 ATTN_MAX_LOGIT_PEAK = "attn/max_logit_peak"  # not a metric: the summary's running peak
@@ -64,6 +65,17 @@ def backends(cfg: Config, device: torch.device) -> dict[str, Any]:
         "dtype": dtype,
         "compile": wants_compile(cfg, device),
     }
+
+
+def mark_token_classes(model, source, cfg: Config) -> Optional[dict[str, Any]]:
+    """Tell the model which token ids the run will never, rarely or often see (from the source's
+    token probabilities and the run's training tokens); returns the counts for the run record."""
+    probabilities = source.token_probabilities()
+    if probabilities is None:
+        return None
+    codes = token_classes(probabilities, cfg.train.steps * cfg.train.batch_size * cfg.train.seq_len)
+    model.set_token_classes(codes)
+    return {**class_counts(codes), "rare_means": f"< {RARE_BELOW:g} expected occurrences in the run"}
 
 
 def without_wandb(cfg: Config) -> Config:

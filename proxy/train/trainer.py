@@ -41,7 +41,8 @@ from proxy.train.ledger import RunLedger, step_row
 from proxy.train.observer import StepObserver
 from proxy.train.remedies import Event, build_remedy
 from proxy.train.runtime import (INTERRUPTED, Diverged, Interrupted, StopSignals, autocast_for, backends,
-                                 divergence_reason, progress_bar, resolve_device, show_row, wants_compile)
+                                 divergence_reason, mark_token_classes, progress_bar, resolve_device, show_row,
+                                 wants_compile)
 from proxy.train.step import StepResult, TrainStep
 
 log = logging.getLogger("proxy.train")
@@ -75,6 +76,7 @@ class Trainer:
 
         self.source = build_source(cfg.data)
         self.model = build_model(cfg.model, self.source.vocab_size).to(self.device)
+        self.token_classes = mark_token_classes(self.model, self.source, cfg)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         forward = self.model
         if self.dist.enabled:  # averages gradients over ranks during backward
@@ -311,7 +313,7 @@ class Trainer:
         self.ledger.start(overrides=self.info.overrides, n_params=self.model.n_params(),
                           n_params_non_embedding=self.model.n_params(non_embedding=True), device=self.device,
                           data=self.source.describe(), lr=self.cfg.optim.lr,
-                          backends=backends(self.cfg, self.device), **resumed)
+                          backends=backends(self.cfg, self.device), token_classes=self.token_classes, **resumed)
 
     def _finish(self, status: str, diverged_at: Optional[int] = None,
                 final_val: Optional[float] = None, **extra: Any) -> dict[str, Any]:
