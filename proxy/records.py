@@ -93,8 +93,10 @@ DATA_INJECTED_FRAC = "data/injected_frac"
 DATA_INJECTED_ROWS = "data/injected_rows"
 DATA_MASKED_TOKENS = "data/masked_tokens"
 DATA_DROPPED_ROWS = "data/dropped_rows"
-GROWTH_ACTIVATION = "growth/activation"  # OLMo 2 growth exponents (diagnostics.growth_exponents)
-GROWTH_GRADIENT = "growth/gradient"
+GROWTH_ACTIVATION = "growth/activation"  # OLMo 2 growth exponents (diagnostics.growth_exponents),
+GROWTH_GRADIENT = "growth/gradient"  # from the first block's output to the last block's
+GROWTH_ACTIVATION_FROM_EMBEDDING = "growth/activation_from_embedding"  # ... from the embedding output
+GROWTH_GRADIENT_FROM_EMBEDDING = "growth/gradient_from_embedding"
 REMEDY = "remedy/"  # wandb only: + event kind, 1 at the step a remedy acted
 WANDB_STEP = "trainer/step"  # wandb only: the x-axis of every chart
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import re
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -89,10 +90,18 @@ def load_module(finding_dir: str | Path):
     path = Path(finding_dir) / "verdict.py"
     if not path.is_file():
         raise FileNotFoundError(f"no verdict.py in {finding_dir}")
-    spec = importlib.util.spec_from_file_location(f"proxy_verdict_{path.parent.name}", path)
+    # named after its folder and the one above (protocol1/ sits in several findings), and
+    # registered before it runs: a dataclass in it looks its module up in sys.modules
+    name = "proxy_verdict_" + re.sub(r"\W", "_", "_".join(path.resolve().parent.parts[-2:]))
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     assert spec.loader is not None
-    spec.loader.exec_module(module)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(name, None)
+        raise
     return module
 
 

@@ -10,6 +10,7 @@ trainer writes, so a verdict sees what it would see after a real sweep.
 from __future__ import annotations
 
 import importlib.util
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -58,8 +59,8 @@ def make_run(root: Path, name: str, config: dict, series: dict[str, list[float]]
     return run_dir
 
 
-def noisy(seed: int, level: float = 1.0) -> np.ndarray:
-    return level * (1.0 + 0.02 * np.random.default_rng(seed).standard_normal(STEPS))
+def noisy(seed: int, level: float = 1.0, n: int = STEPS) -> np.ndarray:
+    return level * (1.0 + 0.02 * np.random.default_rng(seed).standard_normal(n))
 
 
 # --------------------------------------------------------------------------------------------
@@ -157,21 +158,31 @@ def load_measure():
     return verdict_module._measure_module()
 
 
-def growth_sweep(root: Path, out: Path, reproduces: bool) -> Path:
+def growth_samples(reproduces: bool, seeds: int = 3, widths=(64, 128, 256)) -> list:
+    """lambda per (init, width, seed): the flat init gets a slope of 0 (plus seed noise), the
+    drifting one 0.1 per e-fold of width; with ``reproduces`` the flat one is init=normal."""
     measure = load_measure()
-    rows = []
+    rng = np.random.default_rng(0)
+    samples = []
     for init in ("normal", "scaled"):
-        for width in (64, 128):
-            near_zero = (init == "normal") == reproduces
-            lam = 0.01 if near_zero else 0.2 * width / 64  # drifts with width
-            rows.append(measure.GrowthRow(arch="olmo2", init=init, width=width, n_layers=6, n_heads=2,
-                                          activation=lam, gradient=-lam, activation_std=0.0,
-                                          gradient_std=0.0, seeds=1))
-    measure.write_results(rows, out)
-    spikes = np.zeros(STEPS)
-    spikes[50::50] = 2.0
+        drifts = (init == "scaled") == reproduces
+        for seed in range(seeds):
+            for width in widths:
+                for definition in ("embedding", "block1"):
+                    lam = 0.8 + (0.1 * np.log(width / 64) if drifts else 0.0) + rng.normal(0, 0.002)
+                    samples.append(measure.GrowthSample(arch="olmo2", init=init, width=width, n_layers=6,
+                                                        n_heads=width // 32, seed=seed, definition=definition,
+                                                        activation=float(lam), gradient=float(-lam)))
+    return samples
+
+
+def growth_sweep(root: Path, out: Path, reproduces: bool, steps: int = STEPS) -> Path:
+    measure = load_measure()
+    measure.write_results(growth_samples(reproduces), out)
+    spikes = np.zeros(steps)
+    spikes[1100::150] = 50.0
     for init in ("normal", "scaled"):
-        grad = noisy(1)
+        grad = noisy(1, n=steps)
         if (init == "scaled") == reproduces:
             grad = grad * (1.0 + spikes)
         config = {"optim": {"lr": 1e-2}, "model": {"init": init}, "train": {"seed": 0}}
@@ -180,26 +191,83 @@ def growth_sweep(root: Path, out: Path, reproduces: bool) -> Path:
 
 
 @pytest.mark.parametrize("reproduces", [True, False])
+def test_init_growth_verdict_at_init(reproduces: bool) -> None:
+    verdict_module = load_measure()._verdict_module()
+    verdict = verdict_module.judge_at_init(growth_samples(reproduces))
+    assert [c.passed for c in verdict.checks] == [reproduces] * 2
+    # two seeds cannot clear a spread, and a slope needs three widths to be judged
+    assert [c.passed for c in verdict_module.judge_at_init(growth_samples(True, seeds=2)).checks] == [False] * 2
+    assert not any(c.passed for c in verdict_module.judge_at_init(growth_samples(True, widths=(64, 128))).checks)
+    assert verdict_module.width_slope([64, 128, 256], [1.0, 1.0 + np.log(2), 1.0 + np.log(4)]) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("reproduces", [True, False])
 def test_init_growth_verdict(tmp_path: Path, reproduces: bool) -> None:
     out = tmp_path / "report"
     root = growth_sweep(tmp_path / "sweep", out, reproduces)
     verdict = judge_runs(EXPERIMENTS / "init_growth", [root], out)
-    assert verdict.numbers["growth/csv"] == str(out / "growth_exponents.csv")  # the report's CSV wins
+    assert verdict.numbers["growth/csv"] == str(out / "growth_exponents_p2.csv")  # the report's CSV wins
+    assert "training" in verdict.numbers  # 200 steps: a 1000-step window cannot fill, not judged
+    assert [c.passed for c in verdict.checks] == [reproduces] * 2
+    assert (out / "figures" / "growth_exponents_p2.png").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("reproduces", [True, False])
+def test_init_growth_verdict_judges_long_training(tmp_path: Path, reproduces: bool) -> None:
+    out = tmp_path / "report"
+    root = growth_sweep(tmp_path / "sweep", out, reproduces, steps=2200)
+    verdict = judge_runs(EXPERIMENTS / "init_growth", [root], out)
+    assert verdict.numbers["training/shortest_run_points"] == 2200
+    assert len(verdict.checks) == 3 and verdict.checks[2].passed == reproduces
+
+
+@pytest.mark.parametrize("reproduces", [True, False])
+def test_init_growth_protocol1_verdict(tmp_path: Path, reproduces: bool) -> None:
+    """Protocol 1 (max |lambda| over widths, block-1 definition) stays runnable on its CSV."""
+    out = tmp_path / "report"
+    out.mkdir()
+    lines = ["arch,init,width,n_layers,n_heads,activation,gradient,activation_std,gradient_std,seeds"]
+    for init in ("normal", "scaled"):
+        for width in (64, 128):
+            lam = 0.01 if (init == "normal") == reproduces else 0.2 * width / 64
+            lines.append(f"olmo2,{init},{width},6,2,{lam},{-lam},0,0,1")
+    (out / "growth_exponents.csv").write_text("\n".join(lines) + "\n")
+    root = tmp_path / "sweep"
+    spikes = np.zeros(STEPS)
+    spikes[50::50] = 2.0
+    for init in ("normal", "scaled"):
+        grad = noisy(1)
+        if (init == "scaled") == reproduces:
+            grad = grad * (1.0 + spikes)
+        make_run(root, f"init={init}", {"optim": {"lr": 1e-2}, "model": {"init": init}, "train": {"seed": 0}},
+                 {"optim/grad_norm": list(grad)})
+    verdict = judge_runs(EXPERIMENTS / "init_growth" / "protocol1", [root], out)
     assert [c.passed for c in verdict.checks] == [reproduces] * 3
-    assert (out / "figures" / "growth_exponents.png").is_file()
 
 
 def test_measure_script_writes_its_table(tmp_path: Path) -> None:
     measure = load_measure()
-    code = measure.main(["--widths", "16", "32", "--n-layers", "2", "--head-dim", "8", "--seeds", "1",
+    code = measure.main(["--widths", "16", "32", "64", "--n-layers", "2", "--head-dim", "8", "--seeds", "3",
                          "--batches", "1", "--batch-size", "2", "--seq-len", "16", "--device", "cpu",
                          "--out", str(tmp_path)])
     assert code == 0
-    rows = measure.read_rows(tmp_path / "growth_exponents.csv")
-    assert {(r.arch, r.init, r.width) for r in rows} == {
-        (a, i, w) for a in ("pre_ln", "olmo2") for i in ("normal", "scaled") for w in (16, 32)}
-    assert all(np.isfinite([r.activation, r.gradient]).all() for r in rows)
+    samples = measure.read_samples(tmp_path / "growth_exponents_p2.csv")
+    assert {(s.arch, s.init, s.width, s.seed, s.definition) for s in samples} == {
+        (a, i, w, seed, d) for a in ("pre_ln", "olmo2") for i in ("normal", "scaled") for w in (16, 32, 64)
+        for seed in range(3) for d in ("embedding", "block1")}
+    assert all(np.isfinite([s.activation, s.gradient]).all() for s in samples)
+    # the two definitions are different numbers, and seeds are different models
+    by_def = {d: [s.activation for s in samples if s.definition == d] for d in ("embedding", "block1")}
+    assert by_def["embedding"] != by_def["block1"]
+    assert len({s.activation for s in samples if s.definition == "embedding"}) > len(samples) // 4
+    verdict = json.loads((tmp_path / "verdict_at_init.json").read_text())
+    assert len(verdict["checks"]) == 2 and verdict["numbers"]["wall_time_s"] > 0
+    assert (tmp_path / "figures" / "growth_exponents_p2.png").stat().st_size > 0
     assert measure.main(["--widths", "20", "--head-dim", "8", "--out", str(tmp_path)]) == 2  # 20 % 8 != 0
+    (tmp_path / "bad.csv").write_text("arch,init\nolmo2,normal\n")
+    with pytest.raises(ValueError, match="bad.csv: missing columns"):
+        measure.read_samples(tmp_path / "bad.csv")
 
 
 # --------------------------------------------------------------------------------------------

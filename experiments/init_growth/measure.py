@@ -5,25 +5,35 @@ from the first to the last layer of a freshly initialized model,
 
     lambda = (1 / n_layers) * log(||v_last|| / ||v_first||),
 
-and asks that lambda stay near 0 at every width: a model whose residual stream (or gradient)
-grows or shrinks layer by layer at init tends to train less stably, and a lambda that drifts with
-width means the recipe will not carry over to the big model. No training is needed, so this is a
-script rather than a sweep:
+across widths: its claim is about how lambda *scales with width* (the N(0, 0.02) init keeps it
+steady as the model grows, the scaled init does not), not that lambda is 0. The number depends on
+which vector v_first is, so both definitions are measured and reported side by side:
 
-    python experiments/init_growth/measure.py                      # lab: widths 64..512, seconds
-    python experiments/init_growth/measure.py --widths 256 512 1024 2048 4096 --n-layers 12  # gpu
+- ``embedding``: v_first is the embedding output, the stream entering the first block;
+- ``block1``: v_first is the residual stream after the first block (protocol 1's only choice).
 
-It writes ``growth_exponents.csv``, ``growth_exponents.md`` and ``figures/growth_exponents.png``
-into ``--out`` (default: experiments/init_growth/results). ``verdict.py`` reads the CSV.
+Each (layout, init, width, seed) is one fresh model, averaged over a few fixed batches of data;
+rows are kept per seed so the verdict can give the width slope's spread. No training is needed,
+so this is a script rather than a sweep, and it judges its own result (``verdict.py``'s at-init
+criteria) when done:
+
+    python experiments/init_growth/measure.py                 # lab: widths 64..1024, 3 seeds, ~3 min
+    python experiments/init_growth/measure.py --widths 256 512 1024 2048 4096 --n-layers 12 --out DIR  # gpu
+
+It writes ``growth_exponents_p2.csv``, ``growth_exponents_p2.md``, ``figures/growth_exponents_p2.png``
+and ``verdict_at_init.{md,json}`` into ``--out`` (default: experiments/init_growth/results/protocol2).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import importlib.util
+import json
 import statistics
 import sys
-from dataclasses import asdict, dataclass
+import time
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -33,12 +43,19 @@ from matplotlib.figure import Figure
 from proxy.config import DataConfig, Init, ModelConfig, Norm, NormPosition, QKNorm
 from proxy.data import build_source
 from proxy.model import build_model
-from proxy.records import GROWTH_ACTIVATION, GROWTH_GRADIENT
+from proxy.records import (GROWTH_ACTIVATION, GROWTH_ACTIVATION_FROM_EMBEDDING, GROWTH_GRADIENT,
+                           GROWTH_GRADIENT_FROM_EMBEDDING)
 from proxy.train.diagnostics import growth_exponents
 
-RESULTS = Path(__file__).resolve().parent / "results"
-CSV_NAME = "growth_exponents.csv"
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results" / "protocol2"
+CSV_NAME = "growth_exponents_p2.csv"
 INITS = (Init.normal, Init.scaled)
+# v_first per definition -> (activation key, gradient key) in diagnostics.growth_exponents' result
+DEFINITIONS = {
+    "embedding": (GROWTH_ACTIVATION_FROM_EMBEDDING, GROWTH_GRADIENT_FROM_EMBEDDING),
+    "block1": (GROWTH_ACTIVATION, GROWTH_GRADIENT),
+}
 # the two block layouts measured: GPT-2 / Wortsman pre-LN (what the lab presets train), and OLMo 2's
 # (RMSNorm on each sublayer's output, QK-norm), the architecture the paper's claim is about
 ARCHS = {
@@ -48,91 +65,124 @@ ARCHS = {
 
 
 @dataclass
-class GrowthRow:
+class GrowthSample:
+    """lambda of one fresh model (one seed) under one definition of v_first."""
+
     arch: str
     init: str
     width: int
     n_layers: int
     n_heads: int
-    activation: float  # mean over seeds of lambda for the residual stream
-    gradient: float  # ... and for the gradient of the loss with respect to it
-    activation_std: float  # spread over seeds (0 with one seed)
-    gradient_std: float
-    seeds: int
+    seed: int
+    definition: str  # a key of DEFINITIONS
+    activation: float  # lambda of the residual stream
+    gradient: float  # lambda of the loss gradient with respect to it
 
 
-def measure(arch: str, init: Init, width: int, n_layers: int, head_dim: int,
-            batches: Sequence[tuple[torch.Tensor, torch.Tensor]], vocab_size: int, seeds: Sequence[int],
-            device: torch.device) -> GrowthRow:
-    """Average lambda over ``seeds`` fresh models and over ``batches`` of data."""
+def measure(arch: str, init: Init, width: int, n_layers: int, head_dim: int, seed: int,
+            batches: Sequence[tuple[torch.Tensor, torch.Tensor]], vocab_size: int,
+            device: torch.device) -> list[GrowthSample]:
+    """lambda of one fresh model, averaged over ``batches``, under every definition."""
     if width % head_dim:
         raise ValueError(f"width {width} is not a multiple of the head dim {head_dim}")
     cfg = ModelConfig(name=f"d{width}", d_model=width, n_layers=n_layers, n_heads=width // head_dim,
                       init=init, max_seq_len=max(x.shape[1] for x, _ in batches), **ARCHS[arch])
-    act, grad = [], []
-    for seed in seeds:
-        torch.manual_seed(seed)
-        model = build_model(cfg, vocab_size).to(device)
-        per_batch = [growth_exponents(model, x.to(device), y.to(device)) for x, y in batches]
-        act.append(statistics.fmean(g[GROWTH_ACTIVATION] for g in per_batch))
-        grad.append(statistics.fmean(g[GROWTH_GRADIENT] for g in per_batch))
-
-    def spread(values: list[float]) -> float:
-        return statistics.stdev(values) if len(values) > 1 else 0.0
-
-    return GrowthRow(arch=arch, init=init.value, width=width, n_layers=n_layers, n_heads=cfg.n_heads,
-                     activation=statistics.fmean(act), gradient=statistics.fmean(grad),
-                     activation_std=spread(act), gradient_std=spread(grad), seeds=len(seeds))
+    torch.manual_seed(seed)
+    model = build_model(cfg, vocab_size).to(device)
+    per_batch = [growth_exponents(model, x.to(device), y.to(device)) for x, y in batches]
+    return [GrowthSample(arch=arch, init=init.value, width=width, n_layers=n_layers, n_heads=cfg.n_heads,
+                         seed=seed, definition=name,
+                         activation=statistics.fmean(g[act] for g in per_batch),
+                         gradient=statistics.fmean(g[grad] for g in per_batch))
+            for name, (act, grad) in DEFINITIONS.items()]
 
 
-def read_rows(path: Path) -> list[GrowthRow]:
-    """The rows of a growth_exponents.csv (what verdict.py judges)."""
-    with path.open() as f:
-        return [GrowthRow(arch=r["arch"], init=r["init"], width=int(r["width"]), n_layers=int(r["n_layers"]),
-                          n_heads=int(r["n_heads"]), activation=float(r["activation"]),
-                          gradient=float(r["gradient"]), activation_std=float(r["activation_std"]),
-                          gradient_std=float(r["gradient_std"]), seeds=int(r["seeds"]))
-                for r in csv.DictReader(f)]
+_CASTS = {f.name: f.type for f in fields(GrowthSample)}
 
 
-def write_results(rows: list[GrowthRow], out: Path) -> None:
+def read_samples(path: Path) -> list[GrowthSample]:
+    """The rows of a growth_exponents_p2.csv (what verdict.py judges). ValueError naming the
+    file for a column that is missing or does not parse."""
+    cast = {"str": str, "int": int, "float": float}
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        missing = set(_CASTS) - set(reader.fieldnames or ())
+        if missing:
+            raise ValueError(f"{path}: missing columns {sorted(missing)}")
+        try:
+            return [GrowthSample(**{k: cast[t](row[k]) for k, t in _CASTS.items()}) for row in reader]
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{path}, line {reader.line_num}: {e}") from None
+
+
+def _mean_sd(values: list[float]) -> str:
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.fmean(values):+.4f} ± {sd:.4f}"
+
+
+def write_results(samples: list[GrowthSample], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     with (out / CSV_NAME).open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(asdict(rows[0])))
+        writer = csv.DictWriter(f, fieldnames=list(_CASTS))
         writer.writeheader()
-        writer.writerows(asdict(r) for r in rows)
+        writer.writerows(asdict(s) for s in samples)
 
-    lines = ["| arch | init | width | layers | lambda activation | lambda gradient |", "|---|---|---|---|---|---|"]
-    lines += [f"| {r.arch} | {r.init} | {r.width} | {r.n_layers} | {r.activation:+.4f} ± {r.activation_std:.4f} "
-              f"| {r.gradient:+.4f} ± {r.gradient_std:.4f} |" for r in rows]
-    (out / "growth_exponents.md").write_text("\n".join(lines) + "\n")
+    groups: dict[tuple, list[GrowthSample]] = {}
+    for s in samples:
+        groups.setdefault((s.definition, s.arch, s.init, s.width, s.n_layers), []).append(s)
+    lines = ["| v_first | arch | init | width | layers | seeds | λ activation (mean ± sd) | λ gradient |",
+             "|---|---|---|---|---|---|---|---|"]
+    for (definition, arch, init, width, n_layers), mine in sorted(groups.items()):
+        lines.append(f"| {definition} | {arch} | {init} | {width} | {n_layers} | {len(mine)} "
+                     f"| {_mean_sd([s.activation for s in mine])} | {_mean_sd([s.gradient for s in mine])} |")
+    (out / "growth_exponents_p2.md").write_text("\n".join(lines) + "\n")
 
-    fig = Figure(figsize=(9, 3.6), layout="constrained")
+    definitions = [d for d in DEFINITIONS if any(s.definition == d for s in samples)]
+    fig = Figure(figsize=(9, 3.4 * len(definitions)), layout="constrained")
+    axes = fig.subplots(len(definitions), 2, squeeze=False)
     styles = {"pre_ln": "--", "olmo2": "-"}
-    for ax, key, title in zip(fig.subplots(1, 2), ("activation", "gradient"), ("activations", "gradients")):
-        for i, init in enumerate(sorted({r.init for r in rows})):
-            for arch in sorted({r.arch for r in rows}):
-                mine = [r for r in rows if r.init == init and r.arch == arch]
-                ax.errorbar([r.width for r in mine], [getattr(r, key) for r in mine],
-                            yerr=[getattr(r, f"{key}_std") for r in mine], marker="o", capsize=3,
-                            color=f"C{i}", ls=styles.get(arch, ":"), label=f"{arch}, init={init}")
-        ax.axhline(0.0, color="grey", lw=0.8, ls="--")
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("width (d_model)")
-        ax.set_ylabel("growth exponent λ")
-        ax.set_title(f"{title} at initialization")
-        ax.legend(fontsize=7)
+    for row, definition in zip(axes, definitions):
+        for ax, key, title in zip(row, ("activation", "gradient"), ("activations", "gradients")):
+            for i, init in enumerate(sorted({s.init for s in samples})):
+                for arch in sorted({s.arch for s in samples}):
+                    mine = {k: v for k, v in groups.items() if k[:3] == (definition, arch, init)}
+                    if not mine:
+                        continue
+                    widths = sorted(k[3] for k in mine)
+                    values = [[getattr(s, key) for s in mine[k]] for k in sorted(mine, key=lambda k: k[3])]
+                    ax.errorbar(widths, [statistics.fmean(v) for v in values],
+                                yerr=[statistics.stdev(v) if len(v) > 1 else 0.0 for v in values],
+                                marker="o", capsize=3, color=f"C{i}", ls=styles.get(arch, ":"),
+                                label=f"{arch}, init={init}")
+            ax.axhline(0.0, color="grey", lw=0.8, ls="--")
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("width (d_model)")
+            ax.set_ylabel("growth exponent λ")
+            ax.set_title(f"{title} at init, v_first = {definition}", fontsize=10)
+            ax.legend(fontsize=7)
     (out / "figures").mkdir(exist_ok=True)
-    fig.savefig(out / "figures" / "growth_exponents.png", dpi=100)
+    fig.savefig(out / "figures" / "growth_exponents_p2.png", dpi=100)
+
+
+def _verdict_module():
+    """verdict.py beside this file (experiments/ is not a package, so load it by path)."""
+    name = "proxy_experiments_init_growth_verdict"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, HERE / "verdict.py")
+        module = importlib.util.module_from_spec(spec)
+        assert spec.loader is not None
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--widths", type=int, nargs="+", default=[64, 128, 256, 512])
+    parser.add_argument("--widths", type=int, nargs="+", default=[64, 128, 256, 512, 1024])
     parser.add_argument("--archs", nargs="+", default=list(ARCHS), choices=list(ARCHS))
     parser.add_argument("--n-layers", type=int, default=6)
     parser.add_argument("--head-dim", type=int, default=32)
-    parser.add_argument("--seeds", type=int, default=2, help="fresh models per (init, width)")
+    parser.add_argument("--seeds", type=int, default=3, help="fresh models per (layout, init, width)")
     parser.add_argument("--batches", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=128)
@@ -147,18 +197,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: widths {uneven} are not multiples of --head-dim {args.head_dim}", file=sys.stderr)
         return 2
 
+    started = time.perf_counter()
     source = build_source(DataConfig())  # the synthetic default: what the lab presets train on
     batches = [source.batch("train", i, args.batch_size, args.seq_len) for i in range(args.batches)]
     device = torch.device(args.device)
-    rows: list[GrowthRow] = []
+    samples: list[GrowthSample] = []
     for arch, init, width in ((a, i, w) for a in args.archs for i in INITS for w in args.widths):
-        row = measure(arch, init, width, args.n_layers, args.head_dim, batches, source.vocab_size,
-                      range(args.seeds), device)
-        print(f"{arch:7s} init={row.init:7s} width={width:5d}  lambda_act={row.activation:+.4f}  "
-              f"lambda_grad={row.gradient:+.4f}", flush=True)
-        rows.append(row)
-    write_results(rows, args.out)
-    print(f"wrote {args.out / CSV_NAME}")
+        for seed in range(args.seeds):
+            mine = measure(arch, init, width, args.n_layers, args.head_dim, seed, batches,
+                           source.vocab_size, device)
+            print(f"{arch:7s} init={init.value:7s} width={width:5d} seed={seed}  "
+                  + "  ".join(f"{s.definition}: act {s.activation:+.4f} grad {s.gradient:+.4f}" for s in mine),
+                  flush=True)
+            samples += mine
+    write_results(samples, args.out)
+    verdict = _verdict_module().judge_at_init(samples, source=str(args.out / CSV_NAME))
+    verdict.numbers["wall_time_s"] = round(time.perf_counter() - started, 1)
+    (args.out / "verdict_at_init.md").write_text(verdict.to_markdown())
+    (args.out / "verdict_at_init.json").write_text(json.dumps(verdict.to_json(), indent=2, default=str) + "\n")
+    print(f"wrote {args.out / CSV_NAME}\n{verdict.label} (at init): {args.out / 'verdict_at_init.md'}")
     return 0
 
 

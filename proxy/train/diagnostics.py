@@ -21,8 +21,9 @@ import torch
 from torch import Tensor, nn
 
 from proxy.model import GPT, TOKEN_CLASSES, ModelOutput
-from proxy.records import (ATTN_MAX_LOGIT, GRAD_RMS, GROWTH_ACTIVATION, GROWTH_GRADIENT, MFU, OUTPUT, PARAM_NORM,
-                           TOKENS_PER_S, UPDATE_RMS, attn_layer_key)
+from proxy.records import (ATTN_MAX_LOGIT, GRAD_RMS, GROWTH_ACTIVATION, GROWTH_ACTIVATION_FROM_EMBEDDING,
+                           GROWTH_GRADIENT, GROWTH_GRADIENT_FROM_EMBEDDING, MFU, OUTPUT, PARAM_NORM, TOKENS_PER_S,
+                           UPDATE_RMS, attn_layer_key)
 
 
 # --------------------------------------------------------------------------------------------
@@ -168,18 +169,21 @@ class Throughput:
 def growth_exponents(model: GPT, idx: Tensor, labels: Tensor) -> dict[str, float]:
     """lambda = (1/n_layers) * log(||v_last|| / ||v_first||) for activations and gradients.
 
-    v is the residual stream after the first and after the last block (norms averaged over
-    documents and positions); for gradients, the gradient of the loss with respect to those
-    same activations. lambda near 0 means neither grows nor shrinks with depth.
+    v_last is the residual stream after the last block; v_first, in two definitions that give
+    different numbers (report both): the residual stream after the first block (``growth/...``)
+    and the embedding output, the stream entering the first block (``growth/..._from_embedding``).
+    Norms are averaged over documents and positions; for gradients, the gradient of the loss with
+    respect to those same activations. lambda near 0: neither grows nor shrinks with depth.
     """
     outputs: list[Tensor] = []
 
     def keep(_module, _inputs, output):
-        hidden = output[0]
+        hidden = output[0] if isinstance(output, tuple) else output
         hidden.retain_grad()
         outputs.append(hidden)
 
-    handles = [block.register_forward_hook(keep) for block in model.blocks]
+    handles = [model.embed.register_forward_hook(keep)]
+    handles += [block.register_forward_hook(keep) for block in model.blocks]
     try:
         model.zero_grad(set_to_none=True)
         out = model(idx, labels)
@@ -187,16 +191,20 @@ def growth_exponents(model: GPT, idx: Tensor, labels: Tensor) -> dict[str, float
     finally:
         for h in handles:
             h.remove()
-    first, last = outputs[0], outputs[-1]
+    embedded, first, last = outputs[0], outputs[1], outputs[-1]
     n_layers = len(model.blocks)
 
     def mean_norm(t: Tensor) -> float:
         return t.float().norm(dim=-1).mean().item()
 
-    act = math.log(mean_norm(last) / mean_norm(first)) / n_layers
-    grad = math.log(mean_norm(last.grad) / mean_norm(first.grad)) / n_layers
+    def exponent(a: Tensor, b: Tensor) -> float:
+        return math.log(mean_norm(b) / mean_norm(a)) / n_layers
+
+    result = {GROWTH_ACTIVATION: exponent(first, last), GROWTH_GRADIENT: exponent(first.grad, last.grad),
+              GROWTH_ACTIVATION_FROM_EMBEDDING: exponent(embedded, last),
+              GROWTH_GRADIENT_FROM_EMBEDDING: exponent(embedded.grad, last.grad)}
     model.zero_grad(set_to_none=True)
-    return {GROWTH_ACTIVATION: act, GROWTH_GRADIENT: grad}
+    return result
 
 
 def is_finite(*values: float) -> bool:
