@@ -112,7 +112,8 @@ def test_repeated_ngrams_verdict_names_a_missing_group(tmp_path: Path) -> None:
 LAYER = "blocks.0.mlp.fc_in.weight"
 
 
-def eps_sweep(root: Path, reproduces: bool) -> Path:
+def eps_sweep_p1(root: Path, reproduces: bool) -> Path:
+    """Protocol 1: eps x LR on one model."""
     for eps in (1e-15, 1e-8, 1e-6):
         for lr in (1e-2, 1e-1, 3e-1):
             grad_rms = 1e-6 / lr if reproduces else 1e-3  # falls with the LR, or not
@@ -123,27 +124,75 @@ def eps_sweep(root: Path, reproduces: bool) -> Path:
     return root
 
 
+def eps_sweep(root: Path, reproduces: bool, seeds: int = 3, widths=(64, 128, 256)) -> Path:
+    """Protocol 2: a width ladder x eps {1e-15, 1e-6} x seeds at one LR. With ``reproduces`` the
+    gradient RMS falls as d^-2 (from 2e-5 at d 64), so a large eps bites harder up the ladder;
+    otherwise it stays at 1e-3, far above eps, at every width."""
+    rng = np.random.default_rng(1)
+    for width in widths:
+        for eps in (1e-15, 1e-6):
+            for seed in range(seeds):
+                jitter = 1.0 + 0.01 * rng.standard_normal()
+                grad_rms = (2e-5 * (64 / width) ** 2 if reproduces else 1e-3) * jitter
+                update = 0.2 / (1.0 + eps / grad_rms)  # m / (sqrt(v) + eps) with |m| ~ sqrt(v) ~ grad RMS
+                loss = 3.5 + 5.0 * (1.0 - update / 0.2) + 0.002 * rng.standard_normal()
+                series = {f"grad_rms/{LAYER}": [grad_rms] * 20, f"update_rms/{LAYER}": [update] * 20}
+                config = {"optim": {"lr": 0.3, "eps": eps}, "model": {"name": "tiny", "d_model": width},
+                          "train": {"seed": seed}}
+                make_run(root, f"d={width},eps={eps},seed={seed}", config, series, final_loss=loss)
+    return root
+
+
 @pytest.mark.parametrize("reproduces", [True, False])
 def test_adam_epsilon_verdict(tmp_path: Path, reproduces: bool) -> None:
     root = eps_sweep(tmp_path / "sweep", reproduces)
     verdict = judge_runs(EXPERIMENTS / "adam_epsilon", [root], tmp_path / "report")
+    assert [c.passed for c in verdict.checks] == [reproduces] * 3
     assert verdict.reproduced is reproduces
+    if reproduces:
+        assert verdict.numbers["grad_rms_power_law_exponent"] == pytest.approx(-2.0, abs=0.05)
+        # 2e-5 * (64 / d)^2 = 1e-8 at d = 64 * sqrt(2000)
+        assert verdict.numbers["width_where_grad_rms_reaches_1e-08"] == pytest.approx(64 * 2000 ** 0.5, rel=0.05)
+    else:
+        assert "never" in str(verdict.numbers["width_where_grad_rms_reaches_1e-08"])
+
+
+def test_adam_epsilon_verdict_needs_seeds_and_widths(tmp_path: Path) -> None:
+    two_seeds = judge_runs(EXPERIMENTS / "adam_epsilon", [eps_sweep(tmp_path / "a", True, seeds=2)], tmp_path / "ra")
+    two_widths = judge_runs(EXPERIMENTS / "adam_epsilon", [eps_sweep(tmp_path / "b", True, widths=(64, 128))],
+                            tmp_path / "rb")
+    assert not any(c.passed for c in two_seeds.checks + two_widths.checks)
+
+
+@pytest.mark.parametrize("reproduces", [True, False])
+def test_adam_epsilon_protocol1_verdict(tmp_path: Path, reproduces: bool) -> None:
+    root = eps_sweep_p1(tmp_path / "sweep", reproduces)
+    verdict = judge_runs(EXPERIMENTS / "adam_epsilon" / "protocol1", [root], tmp_path / "report")
     assert [c.passed for c in verdict.checks] == [reproduces, reproduces]
     ratio = verdict.numbers["update_ratio_eps1e-6_vs_1e-15/tiny/lr=0.3"]
     assert ratio == pytest.approx(1.0 / (1.0 + 1e-6 / (1e-6 / 0.3)) if reproduces else 1.0 / (1.0 + 1e-3), rel=1e-3)
 
 
-def test_adam_epsilon_figure(tmp_path: Path) -> None:
-    spec = importlib.util.spec_from_file_location("adam_epsilon_figure_test", EXPERIMENTS / "adam_epsilon" / "figure.py")
-    figure = importlib.util.module_from_spec(spec)
+def load_script(path: Path):
+    spec = importlib.util.spec_from_file_location(f"test_{path.parent.name}_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
     assert spec.loader is not None
-    spec.loader.exec_module(figure)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_adam_epsilon_figures(tmp_path: Path) -> None:
+    figure = load_script(EXPERIMENTS / "adam_epsilon" / "figure.py")
     root = eps_sweep(tmp_path / "sweep", reproduces=True)
     assert figure.main([str(root), "--out", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "figures" / "grad_rms_vs_width.png").stat().st_size > 0
+    figure_p1 = load_script(EXPERIMENTS / "adam_epsilon" / "protocol1" / "figure.py")
+    assert figure_p1.main([str(eps_sweep_p1(tmp_path / "p1", True)), "--out", str(tmp_path / "out")]) == 0
     assert (tmp_path / "out" / "figures" / "grad_rms_vs_lr.png").stat().st_size > 0
     empty = tmp_path / "empty"
     make_run(empty, "no-metrics", {"optim": {"lr": 1e-2}}, {"train/other": [1.0] * 3})
     assert figure.main([str(empty), "--out", str(tmp_path / "out")]) == 2  # one error line, no figure
+    assert figure_p1.main([str(empty), "--out", str(tmp_path / "out")]) == 2
 
 
 # --------------------------------------------------------------------------------------------
