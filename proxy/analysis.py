@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Iterable, Optional, Sequence
+from typing import Hashable, Iterable, Optional, Sequence
 
 import numpy as np
 
@@ -277,6 +277,48 @@ def best_is_inside(curve: dict[float, float]) -> bool:
     lrs = sorted(curve)
     best = min(lrs, key=lambda lr: curve[lr])
     return lrs[0] < best < lrs[-1]
+
+
+@dataclass(frozen=True)
+class CurvePoint:
+    """One run on an LR curve: which curve (``group``), which seed, its LR and its result."""
+
+    group: Hashable
+    seed: int
+    lr: float
+    loss: Optional[float]  # final loss; None or NaN when the run failed
+    loss_at_init: float
+    diverged: bool = False
+
+
+@dataclass(frozen=True)
+class SeedCurve:
+    """One seed's LR curve of one group: clipped loss per LR and its LR sensitivity."""
+
+    curve: dict[float, float]
+    sensitivity: float
+
+    @property
+    def bracketed(self) -> bool:
+        return best_is_inside(self.curve)
+
+    @property
+    def best_lr(self) -> float:
+        return min(self.curve, key=lambda lr: self.curve[lr])
+
+
+def seed_curves(points: Iterable[CurvePoint]) -> dict[Hashable, dict[int, SeedCurve]]:
+    """group -> seed -> that seed's LR curve and sensitivity: an effect on LR sensitivity is
+    then measured once per seed (paired across groups by seed) and its spread is known."""
+    by_key: dict[tuple[Hashable, int], list[CurvePoint]] = {}
+    for p in points:
+        by_key.setdefault((p.group, p.seed), []).append(p)
+    result: dict[Hashable, dict[int, SeedCurve]] = {}
+    for (group, seed), mine in by_key.items():
+        args = ([p.lr for p in mine], [p.loss for p in mine], [p.loss_at_init for p in mine],
+                [p.diverged for p in mine])
+        result.setdefault(group, {})[seed] = SeedCurve(per_lr_losses(*args), lr_sensitivity(*args))
+    return {g: dict(sorted(seeds.items())) for g, seeds in result.items()}
 
 
 # --------------------------------------------------------------------------------------------

@@ -25,8 +25,9 @@ import re
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Hashable, Optional, Sequence
 
+from proxy.analysis import CurvePoint
 from proxy.records import Run, find_runs, load_run
 from proxy.report import build_report, default_out_dir
 from proxy.report.document import Block, Items, Paragraph, Table, to_markdown
@@ -73,6 +74,25 @@ class Verdict:
 
     def to_json(self) -> dict[str, Any]:
         return {**asdict(self), "reproduced": self.reproduced, "label": self.label}
+
+
+def curve_points(runs: Sequence[Run], group: Callable[[Run], Optional[Hashable]]) -> list[CurvePoint]:
+    """Each run as a point of an LR curve (:func:`proxy.analysis.seed_curves`): its group (None
+    leaves the run out), ``train.seed``, ``optim.lr``, final val loss, loss at init and whether it
+    diverged. Runs that did not finish (failed, interrupted, still running) and runs without an
+    LR or a loss at init are left out: a crash is not a divergence."""
+    points = []
+    for run in runs:
+        key, lr, init = group(run), run.config_value("optim.lr"), run.summary.get("loss_at_init")
+        if run.status not in ("completed", "diverged") or key is None:
+            continue
+        if not isinstance(lr, (int, float)) or not isinstance(init, (int, float)):
+            continue
+        loss = run.summary.get("final_val_loss")
+        points.append(CurvePoint(group=key, seed=int(run.config_value("train.seed") or 0), lr=float(lr),
+                                 loss=float(loss) if isinstance(loss, (int, float)) else None,
+                                 loss_at_init=float(init), diverged=run.status == "diverged"))
+    return points
 
 
 def _fmt(value: Any) -> str:
@@ -148,7 +168,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
-__all__ = ["Check", "Run", "Verdict", "figure_inputs", "judge_runs", "load_judge", "load_module", "main"]
+__all__ = ["Check", "Run", "Verdict", "curve_points", "figure_inputs", "judge_runs", "load_judge", "load_module", "main"]
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -9,13 +9,17 @@ import pytest
 
 from proxy.analysis import (
     OLMO_CORE_SPIKES,
+    CurvePoint,
     SpikeOptions,
+    best_is_inside,
     clipped_losses,
     detect_spikes,
     lr_sensitivity,
     override_value,
     per_lr_losses,
+    seed_curves,
     spike_score,
+    spread,
     variant_labels,
     variant_of,
 )
@@ -170,3 +174,41 @@ def test_variant_labels_strip_shared_overrides() -> None:
     assert labels == {base: "baseline", zl: "loss.z_loss=1e-4"}
     assert variant_labels([base]) == ({base: "experiment=x"}, ())  # alone: its own overrides
     assert variant_labels([()]) == ({(): "defaults"}, ())
+
+
+# --------------------------------------------------------------------------------------------
+# Effects across seeds, bracketed grids, per-seed LR curves
+# --------------------------------------------------------------------------------------------
+def test_spread_clears_only_a_consistent_effect_beyond_two_standard_errors() -> None:
+    assert spread([0.30, 0.32, 0.28]).clears(+1)
+    assert spread([-0.30, -0.32, -0.28]).clears(-1) and not spread([-0.30, -0.32, -0.28]).clears(+1)
+    assert not spread([0.30, 0.32]).clears(+1)  # two seeds: no verdict
+    assert not spread([0.5, 0.01, -0.01]).clears(+1)  # one seed against it
+    assert not spread([1.0, 0.01, 0.02]).clears(+1)  # all positive, but mean 0.34 < 2 x sem 0.66
+    assert not spread([0.3, float("nan"), 0.3]).clears(+1)
+    s = spread([1.0, 2.0, 3.0])
+    assert (s.mean, s.std, s.sem) == pytest.approx((2.0, 1.0, 1.0 / math.sqrt(3)))
+    assert "± 1 (sd over 3 seeds)" in s.describe() and spread([]).describe() == "no seeds"
+
+
+def test_best_is_inside_needs_three_points_and_an_interior_minimum() -> None:
+    assert best_is_inside({1e-3: 4.0, 1e-2: 3.5, 1e-1: 3.9})
+    assert not best_is_inside({1e-3: 3.4, 1e-2: 3.5, 1e-1: 3.9})
+    assert not best_is_inside({1e-3: 4.0, 1e-2: 3.9, 1e-1: 3.5})
+    assert not best_is_inside({1e-3: 4.0, 1e-2: 3.5})
+
+
+def test_seed_curves_give_one_sensitivity_per_seed_and_group() -> None:
+    points = [CurvePoint("a", seed, lr, loss + 0.1 * seed, 6.0)
+              for seed in (0, 1) for lr, loss in ((1e-3, 4.0), (1e-2, 3.0), (1e-1, 5.0))]
+    points.append(CurvePoint("b", 0, 1e-3, 3.0, 6.0))
+    points.append(CurvePoint("b", 0, 1e-2, None, 6.0, diverged=True))  # counts as the loss at init
+    curves = seed_curves(points)
+    assert set(curves) == {"a", "b"} and set(curves["a"]) == {0, 1}
+    a0 = curves["a"][0]
+    assert a0.curve == {1e-3: 4.0, 1e-2: 3.0, 1e-1: 5.0} and a0.best_lr == 1e-2 and a0.bracketed
+    assert a0.sensitivity == pytest.approx((1.0 + 0.0 + 2.0) / 3)
+    assert curves["a"][1].sensitivity == pytest.approx(a0.sensitivity)  # a shift changes nothing
+    b0 = curves["b"][0]
+    assert b0.curve == {1e-3: 3.0, 1e-2: 6.0} and not b0.bracketed
+    assert b0.sensitivity == pytest.approx(1.5)

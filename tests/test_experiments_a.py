@@ -23,7 +23,7 @@ from proxy.verdict import judge_runs
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = REPO / "experiments"
 FINDINGS = ("attention_logit_growth", "output_logit_divergence", "lr_sensitivity_scaling", "warmup_and_weight_decay")
-VERDICTS = FINDINGS + ("output_logit_divergence/protocol1",)
+VERDICTS = FINDINGS + ("output_logit_divergence/protocol1", "warmup_and_weight_decay/protocol1")
 L0 = math.log(512)
 STEPS = 40
 
@@ -119,8 +119,8 @@ def scaling_sweep(root: Path, reproduces: bool) -> Path:
     return root
 
 
-def warmup_sweep(root: Path, reproduces: bool) -> Path:
-    exp = {"+experiment": "warmup_and_weight_decay_lab"}
+def warmup_sweep_p1(root: Path, reproduces: bool) -> Path:
+    exp = {"+experiment": "warmup_and_weight_decay_lab_p1"}
     worst = {("coupled", 5): 5.0, ("coupled", 100): 4.2, ("independent", 5): 4.4, ("independent", 100): 3.8}
     for (form, warmup), top in worst.items():
         if not reproduces and warmup == 100:
@@ -128,6 +128,54 @@ def warmup_sweep(root: Path, reproduces: bool) -> Path:
         for lr, loss in ((1e-1, 3.4), (3e-1, top)):
             make_run(root, {**exp, "+wd": form, "schedule.warmup_steps": warmup}, lr=lr, final_loss=loss)
     return root
+
+
+WARMUP_LRS = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)
+
+
+def curve_member(root: Path, overrides: dict[str, object], config: dict, *, lr: float, seed: int,
+                 final_loss: float) -> Path:
+    """An ensemble member of an LR x seed grid: its own config (seed, LR and ``config``) and a loss
+    falling to ``final_loss`` (above L0: diverged)."""
+    items = [f"{k}={v}" for k, v in overrides.items()] + [f"optim.lr={lr!r}", f"train.seed={seed}"]
+    run_dir = root / ",".join(f"{k}={v}" for k, v in overrides.items()) / f"lr={lr!r},seed={seed}"
+    write_json(run_dir / "config.yaml", {**config, "optim": {"lr": lr}, "train": {"seed": seed, "steps": STEPS}})
+    record = RunRecord(run_dir)
+    record.update(status="running", overrides=items, lr=lr, loss_at_init=L0, steps_planned=STEPS)
+    diverged = final_loss >= L0
+    for step in range(0, STEPS + 1, 20):
+        record.log(step, {"train/loss": L0 + (min(final_loss, L0) - L0) * step / STEPS})
+    if diverged:
+        record.update(status="diverged", diverged_at_step=STEPS, steps_completed=STEPS)
+    else:
+        record.update(status="completed", final_val_loss=final_loss, final_train_loss=final_loss,
+                      steps_completed=STEPS)
+    record.close()
+    return run_dir
+
+
+def warmup_sweep(root: Path, reproduces: bool, best_lr: float = 1e-2) -> Path:
+    """Protocol 2: a 2 x 2 of decay form x warmup, each an LR x 3-seed grid whose loss is a parabola
+    in log LR around ``best_lr``; the curvature (LR sensitivity) is lower with the long warmup and
+    with independent decay (or higher, when it does not reproduce)."""
+    curvature = {("coupled", 5): 0.5, ("coupled", 200): 0.3, ("independent", 5): 0.35, ("independent", 200): 0.2}
+    if not reproduces:
+        curvature[("coupled", 200)], curvature[("independent", 200)] = 0.6, 0.45
+    for (form, warmup), a in curvature.items():
+        for seed, jitter in enumerate((0.0, 0.01, -0.01)):
+            for lr in WARMUP_LRS:
+                loss = 3.4 + (a + jitter) * math.log10(lr / best_lr) ** 2
+                curve_member(root, {"+experiment": "warmup_and_weight_decay_lab", "+wd": form,
+                                    "schedule.warmup_steps": warmup},
+                             {"schedule": {"warmup_steps": warmup}}, lr=lr, seed=seed, final_loss=loss)
+    return root
+
+
+def test_warmup_verdict_wants_the_optimum_inside_the_grid(tmp_path: Path) -> None:
+    verdict = _verdict("warmup_and_weight_decay", warmup_sweep(tmp_path / "edge", True, best_lr=1e-3), tmp_path)
+    bracket = verdict.checks[0]
+    assert "brackets" in bracket.claim and not bracket.passed and "best LR 0.001" in bracket.measured
+    assert not verdict.reproduced
 
 
 def output_member(root: Path, arm: str, lr: float, seed: int, lse: tuple[float, float],
@@ -164,7 +212,8 @@ def output_sweep(root: Path, reproduces: bool) -> Path:
 
 SWEEPS = {"attention_logit_growth": attention_sweep, "output_logit_divergence": output_sweep,
           "output_logit_divergence/protocol1": output_sweep_p1,
-          "lr_sensitivity_scaling": scaling_sweep, "warmup_and_weight_decay": warmup_sweep}
+          "lr_sensitivity_scaling": scaling_sweep, "warmup_and_weight_decay": warmup_sweep,
+          "warmup_and_weight_decay/protocol1": warmup_sweep_p1}
 
 
 @pytest.mark.parametrize("finding", VERDICTS)
@@ -215,3 +264,16 @@ def test_attention_study_end_to_end(tmp_path: Path) -> None:
     assert len(verdict.checks) == 4  # 4 steps cannot grow logits 100x: judged, not crashed
     assert "lr_sensitivity_off" in verdict.numbers
     assert (tmp_path / "report" / "verdict.md").read_text().startswith("# Attention logit growth")
+
+
+def test_curve_points_leave_out_runs_that_did_not_finish(tmp_path: Path) -> None:
+    from proxy.records import load_run
+    from proxy.verdict import curve_points
+
+    root = warmup_sweep(tmp_path / "sweep", True)
+    crashed = curve_member(root, {"+wd": "coupled", "schedule.warmup_steps": 5}, {"schedule": {"warmup_steps": 5}},
+                           lr=1e-2, seed=7, final_loss=3.0)
+    RunRecord(crashed).update(status="failed")  # a crash is not a divergence
+    runs = [load_run(p.parent) for p in root.rglob("summary.json")]
+    points = curve_points(runs, lambda run: run.config_value("schedule.warmup_steps"))
+    assert len(points) == 4 * 3 * len(WARMUP_LRS) and all(p.seed in (0, 1, 2) for p in points)
