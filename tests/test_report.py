@@ -75,6 +75,7 @@ def make_run(
                 "attn/max_logit/layer_1": 3.0 + step,
                 "attn/max_logit": max(5.0 + step * lr * 10, 3.0 + step),
                 "output/logit_mean": -0.01 * step,
+                "output/lse_mean": L0 - 0.02 * step,
             }
             if step % 20 == 0:
                 row["val/loss"] = loss
@@ -113,7 +114,8 @@ def test_report_files_and_run_table(sweep: Path, tmp_path: Path) -> None:
     result = build_report([sweep], out)
     for path in (result.html, result.markdown, result.csv):
         assert path.is_file() and path.stat().st_size > 0
-    assert set(result.figures) == {"lr_vs_loss", "loss", "attn_max_logit", "output_logit_mean", "grad_norm"}
+    assert set(result.figures) == {"lr_vs_loss", "loss", "attn_max_logit", "output_logit_mean", "output_log_z",
+                                   "grad_norm"}
     for png in result.figures.values():
         assert png.read_bytes()[:4] == b"\x89PNG"
 
@@ -139,7 +141,7 @@ def test_report_files_and_run_table(sweep: Path, tmp_path: Path) -> None:
     assert float(by_name["2"]["lr"]) == pytest.approx(0.1)
 
     html = result.html.read_text()
-    assert html.count("data:image/png;base64,") == 5
+    assert html.count("data:image/png;base64,") == 6
     assert "<img" in html and 'src="figures/' not in html  # self-contained
     for text in ("CUDA out of memory", "diverged at step 30", "still running"):
         assert text in html

@@ -18,8 +18,8 @@ from matplotlib.lines import Line2D
 
 from proxy import analysis
 from proxy.analysis import SpikeOptions
-from proxy.records import (ATTN_MAX_LOGIT_LAYER, EVENT, GRAD_NORM, OUTPUT_LOGIT_MEAN, STEP, TRAIN_LOSS,
-                           VAL_LOSS, Branch, Run)
+from proxy.records import (ATTN_MAX_LOGIT_LAYER, EVENT, GRAD_NORM, OUTPUT_LOGIT_MEAN, OUTPUT_LSE_MEAN, STEP,
+                           TRAIN_LOSS, VAL_LOSS, Branch, Run)
 from proxy.report.document import fmt
 from proxy.report.tables import BLOWN_UP, RunRow, SensitivityRow, Tables, finite, layer_index, layer_keys
 
@@ -323,7 +323,9 @@ CAPTIONS = {
     "loss spikes; X: end of a diverged/failed run; other markers: trainer events.",
     "attn_max_logit": "Max attention logit per layer (log scale), one line per LR.",
     "output_logit_mean": "Mean output logit per variant, one line per LR "
-    "(drifts negative without weight decay / z-loss).",
+    "(with log Z = 0 it is the mean log-probability, at most -ln V).",
+    "output_log_z": "log Z (mean log-sum-exp of the output logits, the gap between logits and "
+    "log-probabilities) per variant, one line per LR; z-loss pulls it toward 0.",
     "grad_norm": "Global grad norm (log scale) per variant, one line per LR. "
     "Red circles: detected spikes; other markers: trainer events.",
 }
@@ -350,6 +352,7 @@ def draw_figures(tables: Tables, spikes: SpikeOptions, folder: Path) -> tuple[di
         ),
         "attn_max_logit": _attention_figure(groups, palette),
         "output_logit_mean": _series_panels(OUTPUT_LOGIT_MEAN, groups, palette, None, kinds, "output logit mean"),
+        "output_log_z": _series_panels(OUTPUT_LSE_MEAN, groups, palette, None, kinds, "log Z"),
         "grad_norm": _series_panels(GRAD_NORM, groups, palette, spikes, kinds, "grad norm", log_y=True),
     }
     figures: dict[str, Path] = {}
