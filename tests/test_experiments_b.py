@@ -313,6 +313,10 @@ def test_measure_script_writes_its_table(tmp_path: Path) -> None:
     verdict = json.loads((tmp_path / "verdict_at_init.json").read_text())
     assert len(verdict["checks"]) == 2 and verdict["numbers"]["wall_time_s"] > 0
     assert (tmp_path / "figures" / "growth_exponents_p2.png").stat().st_size > 0
+    (tmp_path / "verdict_at_init.md").unlink()
+    assert measure.main(["--judge-only", "--out", str(tmp_path)]) == 0  # re-judges the CSV, measures nothing
+    assert (tmp_path / "verdict_at_init.md").is_file()
+    assert measure.main(["--judge-only", "--out", str(tmp_path / "nothing")]) == 2
     assert measure.main(["--widths", "20", "--head-dim", "8", "--out", str(tmp_path)]) == 2  # 20 % 8 != 0
     (tmp_path / "bad.csv").write_text("arch,init\nolmo2,normal\n")
     with pytest.raises(ValueError, match="bad.csv: missing columns"):

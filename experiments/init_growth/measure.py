@@ -17,7 +17,7 @@ rows are kept per seed so the verdict can give the width slope's spread. No trai
 so this is a script rather than a sweep, and it judges its own result (``verdict.py``'s at-init
 criteria) when done:
 
-    python experiments/init_growth/measure.py                 # lab: widths 64..1024, 3 seeds, ~3 min
+    python experiments/init_growth/measure.py                 # lab: widths 64..1024, 3 seeds, ~8 min
     python experiments/init_growth/measure.py --widths 256 512 1024 2048 4096 --n-layers 12 --out DIR  # gpu
 
 It writes ``growth_exponents_p2.csv``, ``growth_exponents_p2.md``, ``figures/growth_exponents_p2.png``
@@ -188,7 +188,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--judge-only", action="store_true",
+                        help=f"measure nothing: judge the {CSV_NAME} already in --out")
     args = parser.parse_args(argv)
+    if args.judge_only:
+        try:
+            samples = read_samples(args.out / CSV_NAME)
+        except (OSError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        return _write_verdict(samples, args.out, wall_time_s=None)
     if args.seeds < 1 or args.batches < 1 or args.n_layers < 2:
         print("error: --seeds and --batches must be >= 1 and --n-layers >= 2", file=sys.stderr)
         return 2
@@ -211,11 +220,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                   flush=True)
             samples += mine
     write_results(samples, args.out)
-    verdict = _verdict_module().judge_at_init(samples, source=str(args.out / CSV_NAME))
-    verdict.numbers["wall_time_s"] = round(time.perf_counter() - started, 1)
-    (args.out / "verdict_at_init.md").write_text(verdict.to_markdown())
-    (args.out / "verdict_at_init.json").write_text(json.dumps(verdict.to_json(), indent=2, default=str) + "\n")
-    print(f"wrote {args.out / CSV_NAME}\n{verdict.label} (at init): {args.out / 'verdict_at_init.md'}")
+    print(f"wrote {args.out / CSV_NAME}")
+    return _write_verdict(samples, args.out, wall_time_s=round(time.perf_counter() - started, 1))
+
+
+def _write_verdict(samples: list[GrowthSample], out: Path, wall_time_s: Optional[float]) -> int:
+    verdict = _verdict_module().judge_at_init(samples, source=str(out / CSV_NAME))
+    if wall_time_s is not None:
+        verdict.numbers["wall_time_s"] = wall_time_s
+    (out / "verdict_at_init.md").write_text(verdict.to_markdown())
+    (out / "verdict_at_init.json").write_text(json.dumps(verdict.to_json(), indent=2, default=str) + "\n")
+    print(f"{verdict.label} (at init): {out / 'verdict_at_init.md'}")
     return 0
 
 
