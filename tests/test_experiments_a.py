@@ -23,7 +23,8 @@ from proxy.verdict import judge_runs
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = REPO / "experiments"
 FINDINGS = ("attention_logit_growth", "output_logit_divergence", "lr_sensitivity_scaling", "warmup_and_weight_decay")
-VERDICTS = FINDINGS + ("output_logit_divergence/protocol1", "warmup_and_weight_decay/protocol1")
+VERDICTS = FINDINGS + ("output_logit_divergence/protocol1", "warmup_and_weight_decay/protocol1",
+                       "lr_sensitivity_scaling/protocol1")
 L0 = math.log(512)
 STEPS = 40
 
@@ -109,8 +110,8 @@ def output_sweep_p1(root: Path, reproduces: bool) -> Path:
     return root
 
 
-def scaling_sweep(root: Path, reproduces: bool) -> Path:
-    exp = {"+experiment": "lr_sensitivity_scaling_lab"}
+def scaling_sweep_p1(root: Path, reproduces: bool) -> Path:
+    exp = {"+experiment": "lr_sensitivity_scaling_lab_p1"}
     for i, width in enumerate((32, 128)):
         top = 3.6 + (0.8 * i if reproduces else -0.3 * i)  # loss at the highest LR grows with width
         for recipe, worst in (("none", top), ("qknorm_zloss", 3.55)):
@@ -171,6 +172,35 @@ def warmup_sweep(root: Path, reproduces: bool, best_lr: float = 1e-2) -> Path:
     return root
 
 
+def scaling_sweep(root: Path, reproduces: bool, best_lr: float = 1e-2,
+                  flat_growth: Optional[float] = None) -> Path:
+    """Protocol 2: widths 32/64/128 x recipe, each an LR x 3-seed grid whose loss is a parabola in
+    log LR around ``best_lr``; without interventions the curvature (LR sensitivity) grows with
+    width, with QK-norm + z-loss it stays low and flat (when it does not reproduce, it grows with
+    width as fast as the baseline). ``flat_growth`` sets the QK-norm arm's growth per width step."""
+    step = 0.02 if reproduces else 0.25
+    if flat_growth is not None:
+        step = flat_growth
+    for i, width in enumerate((32, 64, 128)):
+        for recipe, a in (("none", 0.5 + 0.3 * i), ("qknorm_zloss", 0.1 + step * i)):
+            for seed, jitter in enumerate((0.0, 0.01, -0.01)):
+                for lr in WARMUP_LRS:
+                    loss = 3.4 + (a + jitter) * math.log10(lr / best_lr) ** 2
+                    curve_member(root, {"+experiment": "lr_sensitivity_scaling_lab", "+stability": recipe,
+                                        "model.d_model": width},
+                                 {"model": {"d_model": width}}, lr=lr, seed=seed, final_loss=loss)
+    return root
+
+
+def test_scaling_verdict_wants_the_optimum_inside_the_grid_and_a_flat_fixed_arm(tmp_path: Path) -> None:
+    edge = _verdict("lr_sensitivity_scaling", scaling_sweep(tmp_path / "edge", True, best_lr=3e-1), tmp_path)
+    assert not edge.checks[0].passed and "best LR 0.3" in edge.checks[0].measured and not edge.reproduced
+    # QK-norm + z-loss lower and growing less than the baseline, but not flat: "grows less" is not enough
+    slow = _verdict("lr_sensitivity_scaling", scaling_sweep(tmp_path / "slow", True, flat_growth=0.1), tmp_path)
+    failed = [c.claim for c in slow.checks if not c.passed]
+    assert len(failed) == 1 and "flat" in failed[0], slow.to_markdown()
+
+
 def test_warmup_verdict_wants_the_optimum_inside_the_grid(tmp_path: Path) -> None:
     verdict = _verdict("warmup_and_weight_decay", warmup_sweep(tmp_path / "edge", True, best_lr=1e-3), tmp_path)
     bracket = verdict.checks[0]
@@ -212,7 +242,8 @@ def output_sweep(root: Path, reproduces: bool) -> Path:
 
 SWEEPS = {"attention_logit_growth": attention_sweep, "output_logit_divergence": output_sweep,
           "output_logit_divergence/protocol1": output_sweep_p1,
-          "lr_sensitivity_scaling": scaling_sweep, "warmup_and_weight_decay": warmup_sweep,
+          "lr_sensitivity_scaling": scaling_sweep, "lr_sensitivity_scaling/protocol1": scaling_sweep_p1,
+          "warmup_and_weight_decay": warmup_sweep,
           "warmup_and_weight_decay/protocol1": warmup_sweep_p1}
 
 
