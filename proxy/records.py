@@ -59,7 +59,11 @@ START_ERROR_FILE = "start_error.txt"
 LOCK_FILE = ".lock"
 STATE_NAME = re.compile(r"step_(\d{7})\.pt")  # checkpoints/ and rollback/ file names
 
-STATUSES = ("running", "completed", "diverged", "failed", "interrupted")
+# summary.json "status": running -> completed | diverged | failed | interrupted; "unknown" is
+# what a reader says of a run dir whose summary.json is missing or unreadable.
+RUNNING, COMPLETED, STATUS_DIVERGED, FAILED, INTERRUPTED = "running", "completed", "diverged", "failed", "interrupted"
+UNKNOWN = "unknown"
+STATUSES = (RUNNING, COMPLETED, STATUS_DIVERGED, FAILED, INTERRUPTED)
 
 # --------------------------------------------------------------------------------------------
 # Metric keys (metrics.jsonl rows, wandb). A trailing "/" or "_" marks a prefix: the full key
@@ -420,7 +424,7 @@ class Run:
 
     @property
     def status(self) -> str:
-        return self.summary.get("status", "unknown")
+        return self.summary.get("status", UNKNOWN)
 
     @property
     def name(self) -> str:
@@ -520,12 +524,12 @@ def load_run(path: str | Path) -> Run:
     """A run directory as the report sees it. A missing or unreadable summary.json leaves the
     run listed with status ``unknown`` (its metrics and config still count)."""
     path = Path(path)
-    summary: dict[str, Any] = {"status": "unknown"}
+    summary: dict[str, Any] = {"status": UNKNOWN}
     if (path / SUMMARY).exists():
         try:
             summary = read_json(path / SUMMARY)
         except ValueError:  # torn by a crash mid-write of an older proxy, or not ours
-            summary = {"status": "unknown", "error": f"{path / SUMMARY} is not valid JSON"}
+            summary = {"status": UNKNOWN, "error": f"{path / SUMMARY} is not valid JSON"}
     config: dict[str, Any] = {}
     for candidate in (path / CONFIG, path / ".hydra" / "config.yaml"):
         if candidate.exists():

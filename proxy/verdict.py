@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Callable, Hashable, Optional, Sequence
 
 from proxy.analysis import CurvePoint
-from proxy.records import Run, find_runs, load_run
+from proxy.records import COMPLETED, STATUS_DIVERGED, Run, find_runs, load_run
 from proxy.report import build_report, default_out_dir
 from proxy.report.document import Block, Items, Paragraph, Table, to_markdown
 
@@ -84,14 +84,14 @@ def curve_points(runs: Sequence[Run], group: Callable[[Run], Optional[Hashable]]
     points = []
     for run in runs:
         key, lr, init = group(run), run.config_value("optim.lr"), run.summary.get("loss_at_init")
-        if run.status not in ("completed", "diverged") or key is None:
+        if run.status not in (COMPLETED, STATUS_DIVERGED) or key is None:
             continue
         if not isinstance(lr, (int, float)) or not isinstance(init, (int, float)):
             continue
         loss = run.summary.get("final_val_loss")
         points.append(CurvePoint(group=key, seed=int(run.config_value("train.seed") or 0), lr=float(lr),
                                  loss=float(loss) if isinstance(loss, (int, float)) else None,
-                                 loss_at_init=float(init), diverged=run.status == "diverged"))
+                                 loss_at_init=float(init), diverged=run.status == STATUS_DIVERGED))
     return points
 
 
@@ -110,9 +110,18 @@ def load_module(finding_dir: str | Path):
     path = Path(finding_dir) / "verdict.py"
     if not path.is_file():
         raise FileNotFoundError(f"no verdict.py in {finding_dir}")
-    # named after its folder and the one above (protocol1/ sits in several findings), and
-    # registered before it runs: a dataclass in it looks its module up in sys.modules
-    name = "proxy_verdict_" + re.sub(r"\W", "_", "_".join(path.resolve().parent.parts[-2:]))
+    return load_script(path)
+
+
+def load_script(path: str | Path):
+    """A Python file of experiments/ (not a package) as a module, loaded once: named after its
+    folder, the one above and its stem (protocol1/ sits in several findings), and registered
+    before it runs, since a dataclass in it looks its module up in sys.modules."""
+    path = Path(path).resolve()
+    parts = [*path.parent.parts[-2:]] + ([] if path.stem == "verdict" else [path.stem])
+    name = "proxy_verdict_" + re.sub(r"\W", "_", "_".join(parts))
+    if name in sys.modules:
+        return sys.modules[name]
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     assert spec.loader is not None

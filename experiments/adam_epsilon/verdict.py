@@ -34,13 +34,13 @@ from typing import Any, Optional
 import numpy as np
 
 from proxy.analysis import Spread, clipped_losses, spread
-from proxy.records import Run
+from proxy.records import GRAD_RMS, UPDATE_RMS, Run
 from proxy.report import ReportResult
 from proxy.verdict import Verdict
 
 LAYER = "blocks.0.mlp.fc_in.weight"
-GRAD = f"grad_rms/{LAYER}"
-UPDATE = f"update_rms/{LAYER}"
+GRAD = GRAD_RMS + LAYER
+UPDATE = UPDATE_RMS + LAYER
 TAIL_FRACTION = 0.25
 SMALL, LARGE = 1e-15, 1e-6  # the two eps every width is run with
 MIN_SHRINK_GROWTH = 0.05  # criterion 2: widest minus narrowest, seed mean

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import importlib.util
 import json
 import statistics
 import sys
@@ -46,6 +45,8 @@ from proxy.model import build_model
 from proxy.records import (GROWTH_ACTIVATION, GROWTH_ACTIVATION_FROM_EMBEDDING, GROWTH_GRADIENT,
                            GROWTH_GRADIENT_FROM_EMBEDDING)
 from proxy.train.diagnostics import growth_exponents
+from proxy.report.document import markdown_table
+from proxy.verdict import load_script
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "protocol2"
@@ -130,12 +131,11 @@ def write_results(samples: list[GrowthSample], out: Path) -> None:
     groups: dict[tuple, list[GrowthSample]] = {}
     for s in samples:
         groups.setdefault((s.definition, s.arch, s.init, s.width, s.n_layers), []).append(s)
-    lines = ["| v_first | arch | init | width | layers | seeds | λ activation (mean ± sd) | λ gradient |",
-             "|---|---|---|---|---|---|---|---|"]
-    for (definition, arch, init, width, n_layers), mine in sorted(groups.items()):
-        lines.append(f"| {definition} | {arch} | {init} | {width} | {n_layers} | {len(mine)} "
-                     f"| {_mean_sd([s.activation for s in mine])} | {_mean_sd([s.gradient for s in mine])} |")
-    (out / "growth_exponents_p2.md").write_text("\n".join(lines) + "\n")
+    headers = ["v_first", "arch", "init", "width", "layers", "seeds", "λ activation (mean ± sd)", "λ gradient"]
+    rows = [[definition, arch, init, width, n_layers, len(mine), _mean_sd([s.activation for s in mine]),
+             _mean_sd([s.gradient for s in mine])]
+            for (definition, arch, init, width, n_layers), mine in sorted(groups.items())]
+    (out / "growth_exponents_p2.md").write_text("\n".join(markdown_table(headers, rows)) + "\n")
 
     definitions = [d for d in DEFINITIONS if any(s.definition == d for s in samples)]
     fig = Figure(figsize=(9, 3.4 * len(definitions)), layout="constrained")
@@ -166,14 +166,7 @@ def write_results(samples: list[GrowthSample], out: Path) -> None:
 
 def _verdict_module():
     """verdict.py beside this file (experiments/ is not a package, so load it by path)."""
-    name = "proxy_experiments_init_growth_verdict"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, HERE / "verdict.py")
-        module = importlib.util.module_from_spec(spec)
-        assert spec.loader is not None
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+    return load_script(HERE / "verdict.py")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

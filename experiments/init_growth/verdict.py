@@ -30,10 +30,8 @@ spike score) is ``protocol1/verdict.py``; its result stays in ``results/``.
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import statistics
-import sys
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
@@ -43,7 +41,7 @@ from proxy import records
 from proxy.analysis import OLMO2_SPIKES, OLMO_CORE_SPIKES, Spread, spike_score, spread
 from proxy.records import Run
 from proxy.report import ReportResult
-from proxy.verdict import Verdict
+from proxy.verdict import Verdict, load_script
 
 HERE = Path(__file__).resolve().parent
 CSV_NAME = "growth_exponents_p2.csv"
@@ -56,14 +54,7 @@ MIN_TRAINING_POINTS = 2000  # 1000-step window + 1000 scored points
 
 def _measure_module():
     """measure.py beside this file (experiments/ is not a package, so load it by path)."""
-    name = "proxy_experiments_init_growth_measure"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, HERE / "measure.py")
-        module = importlib.util.module_from_spec(spec)
-        assert spec.loader is not None
-        sys.modules[name] = module  # before exec: its dataclasses look their module up there
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+    return load_script(HERE / "measure.py")
 
 
 def width_slope(widths: Iterable[int], values: Iterable[float]) -> float:

@@ -42,16 +42,8 @@ DRIFT_NATS = 2.0
 PINNED_NATS = 1.0
 
 
-def _override(run: Run, key: str) -> Optional[str]:
-    for item in run.overrides:
-        k, _, value = str(item).lstrip("+").partition("=")
-        if k == key:
-            return value
-    return None
-
-
 def _arm(run: Run) -> Optional[str]:
-    return _override(run, "output_arm")
+    return analysis.override_value(run.overrides, "output_arm")
 
 
 def _seed(run: Run) -> int:

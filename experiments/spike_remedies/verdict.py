@@ -41,6 +41,7 @@ from proxy.analysis import OLMO_CORE_SPIKES, spike_score
 from proxy import records
 from proxy.records import Run
 from proxy.report import ReportResult
+from proxy.report.document import markdown_table
 from proxy.verdict import Verdict
 
 VAL, TRAIN, GRAD_NORM = records.VAL_LOSS, records.TRAIN_LOSS, records.GRAD_NORM
@@ -162,25 +163,26 @@ def arm_table(runs: list[Run]) -> tuple[dict[str, dict[str, Any]], Optional[tupl
 
 
 def _markdown(table: dict[str, dict[str, Any]], window: Optional[tuple[int, int]]) -> str:
+    headers = ["arm", "seeds", "damage (nats)", "final val − clean", "final val", "grad-norm spikes %",
+               "loss spikes %", "actions / run", "steps thrown away / run", "rollbacks resuming in the window",
+               "tokens masked / run", "update RMS / LR in the window"]
+    rows = []
+    for arm in [a for a in ARMS if a in table] + sorted(set(table) - set(ARMS)):
+        t = table[arm]
+        rows.append([
+            arm, len(t["seeds"]), _fmt(*_mean_sd(list(t["damage"].values()))),
+            _fmt(*_mean_sd(list(t["final_excess"].values()))), _fmt(*_mean_sd(t["final_val"])),
+            _fmt(*_mean_sd(t["spike_grad_norm"]), digits=2), _fmt(*_mean_sd(t["spike_loss"]), digits=2),
+            _fmt(*_mean_sd(t["actions"]), digits=1), _fmt(*_mean_sd(t["thrown_away"]), digits=0),
+            f"{sum(t['resumed_inside'])} of {sum(t['rollbacks'])}", _fmt(*_mean_sd(t["masked"]), digits=0),
+            _fmt(*_mean_sd(t["update_rms"])),
+        ])
     lines = [
         f"Damage: max excess of val loss over the clean run of the same seed, steps "
         f"{window[0] if window else '?'}-{window[1] if window else '?'}; mean ± sd over seeds.",
         "",
-        "| arm | seeds | damage (nats) | final val − clean | final val | grad-norm spikes % | "
-        "loss spikes % | actions / run | steps thrown away / run | rollbacks resuming in the window | "
-        "tokens masked / run | update RMS / LR in the window |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        *markdown_table(headers, rows),
     ]
-    for arm in [a for a in ARMS if a in table] + sorted(set(table) - set(ARMS)):
-        t = table[arm]
-        lines.append(
-            f"| {arm} | {len(t['seeds'])} | {_fmt(*_mean_sd(list(t['damage'].values())))} | "
-            f"{_fmt(*_mean_sd(list(t['final_excess'].values())))} | {_fmt(*_mean_sd(t['final_val']))} | "
-            f"{_fmt(*_mean_sd(t['spike_grad_norm']), digits=2)} | {_fmt(*_mean_sd(t['spike_loss']), digits=2)} | "
-            f"{_fmt(*_mean_sd(t['actions']), digits=1)} | {_fmt(*_mean_sd(t['thrown_away']), digits=0)} | "
-            f"{sum(t['resumed_inside'])} of {sum(t['rollbacks'])} | {_fmt(*_mean_sd(t['masked']), digits=0)} | "
-            f"{_fmt(*_mean_sd(t['update_rms']))} |"
-        )
     return "\n".join(lines)
 
 

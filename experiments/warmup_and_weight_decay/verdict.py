@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from proxy.analysis import SeedCurve, Spread, seed_curves, spread
+from proxy.analysis import SeedCurve, Spread, override_value, seed_curves, spread
 from proxy.records import Run
 from proxy.report import ReportResult
 from proxy.verdict import Verdict, curve_points
@@ -36,17 +36,9 @@ FORMS = ("coupled", "independent")
 SOURCE = "Wortsman et al. 2023 (arXiv 2309.14322), Sec. 3.2 (Fig. 5, 6): longer warmup and independent decay lower LR sensitivity"
 
 
-def _override(run: Run, key: str) -> Optional[str]:
-    for item in run.overrides:
-        k, _, value = str(item).lstrip("+").partition("=")
-        if k == key:
-            return value
-    return None
-
-
 def _arm(run: Run) -> Optional[tuple[str, int]]:
     """(decay form, warmup steps) of a run, None when it is not part of the 2 x 2."""
-    form, warmup = _override(run, "wd"), run.config_value("schedule.warmup_steps")
+    form, warmup = override_value(run.overrides, "wd"), run.config_value("schedule.warmup_steps")
     return (form, int(warmup)) if form in FORMS and warmup is not None else None
 
 

@@ -20,7 +20,8 @@ from typing import Any, Optional, Sequence
 
 from proxy import analysis
 from proxy.analysis import SpikeOptions
-from proxy.records import EVENT, STEP, find_runs, load_run
+from proxy.records import (COMPLETED, EVENT, FAILED, INTERRUPTED, RUNNING, STATUS_DIVERGED, STEP, UNKNOWN, find_runs,
+                           load_run)
 from proxy.report.document import Block, Figure, Heading, Items, Paragraph, Table, fmt, to_html, to_markdown
 from proxy.report.figures import CAPTIONS, draw_figures
 from proxy.report.tables import SINGLE_LR_NOTE, RunRow, SensitivityRow, tabulate, write_csv
@@ -149,16 +150,16 @@ def _blocks(
     ]
     if shared:
         blocks.append(Paragraph("Overrides shared by every run: " + ", ".join(shared) + "."))
-    attention = [row for row in result_runs if row.status != "completed"]
+    attention = [row for row in result_runs if row.status != COMPLETED]
     if attention:
         items = []
         for row in attention:
             detail = {
-                "diverged": f"diverged at step {fmt(row.diverged_at_step)}",
-                "failed": f"failed: {row.error or 'no error recorded'}",
-                "running": "still running, or its process died (status never finalised)",
-                "interrupted": f"interrupted at step {fmt(row.steps_completed)} (train.resume=true goes on)",
-                "unknown": "no summary.json: listed from its metrics and config",
+                STATUS_DIVERGED: f"diverged at step {fmt(row.diverged_at_step)}",
+                FAILED: f"failed: {row.error or 'no error recorded'}",
+                RUNNING: "still running, or its process died (status never finalised)",
+                INTERRUPTED: f"interrupted at step {fmt(row.steps_completed)} (train.resume=true goes on)",
+                UNKNOWN: "no summary.json: listed from its metrics and config",
             }.get(row.status, f"status {row.status}")
             items.append(f"{row.name} [{row.variant}, lr {fmt(row.lr)}]: {detail} — {row.path}")
         blocks += [Heading("Runs that did not complete"), Items(items)]
@@ -232,7 +233,7 @@ def build_report(
     tables = tabulate([load_run(d) for d in run_dirs], spikes, lr_range)
     figures, notes = draw_figures(tables, spikes, out / FIGURES_DIR)
     for row in tables.runs:
-        if row.final_loss is None and row.status == "completed":
+        if row.final_loss is None and row.status == COMPLETED:
             notes.append(f"{row.name}: completed but no final loss recorded")
     events = [(run.name, e) for _, members in tables.groups for _, run in members for e in run.events]
     blocks = _blocks(tables.runs, tables.sensitivity, tables.shared_overrides, spikes, paths, figures, events,

@@ -16,11 +16,11 @@ from typing import Any, Optional, Sequence
 
 from proxy import analysis
 from proxy.analysis import SpikeOptions
-from proxy.records import (ATTN_MAX_LOGIT, ATTN_MAX_LOGIT_LAYER, EVENT, GRAD_NORM, OUTPUT_LOGIT_MEAN, STEP,
+from proxy.records import (ATTN_MAX_LOGIT, COMPLETED, FAILED, STATUS_DIVERGED, ATTN_MAX_LOGIT_LAYER, EVENT, GRAD_NORM, OUTPUT_LOGIT_MEAN, STEP,
                            TRAIN_LOSS, VAL_LOSS, Run)
 
-FINISHED = ("completed", "diverged", "failed")  # runs that are points of an LR curve
-BLOWN_UP = ("diverged", "failed")  # count as the loss at init (Wortsman et al.)
+FINISHED = (COMPLETED, STATUS_DIVERGED, FAILED)  # runs that are points of an LR curve
+BLOWN_UP = (STATUS_DIVERGED, FAILED)  # count as the loss at init (Wortsman et al.)
 SINGLE_LR_NOTE = "a single LR: sensitivity is 0 by construction"  # left out when no variant has more
 
 
@@ -249,8 +249,8 @@ def sensitivity_row(
         best_loss=None,
         sensitivity=None,
         n_runs=len(members),
-        n_diverged=sum(row.status == "diverged" for row, _ in members),
-        n_failed=sum(row.status == "failed" for row, _ in members),
+        n_diverged=sum(row.status == STATUS_DIVERGED for row, _ in members),
+        n_failed=sum(row.status == FAILED for row, _ in members),
         n_excluded=n_excluded,
     )
     if lrs:

@@ -11,8 +11,10 @@
     tracking.py       the wandb sink
     distributed.py    torchrun / SLURM data parallelism
     ensemble.py       a whole sweep in one process: K members vectorized (ensemble_optim.py)
+    estimate.py       the device time of a run or preset, printed before it starts
 
-Imports go one way: cli -> trainer, ensemble -> step, ledger, capture -> remedies, runtime.
+Imports go one way: cli -> trainer, ensemble -> ledger, runtime; trainer -> step, ledger, capture
+-> remedies, runtime.
 """
 
 from proxy.train.ensemble import train_ensemble

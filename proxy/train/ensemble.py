@@ -65,13 +65,13 @@ from proxy.config import Config, ConfigError, RemedyKind, SweepConfig, to_config
 from proxy.data import build_source
 from proxy.model import GPT, build_model
 from proxy.optim import apply_lr, build_optimizer, schedule_multiplier
-from proxy.records import (ATTN_MAX_LOGIT, DIVERGED, ENSEMBLE_TOKENS_PER_S, ERROR_FILE, GRAD_RMS, OUTPUT,
+from proxy.records import (ATTN_MAX_LOGIT, COMPLETED, DIVERGED, INTERRUPTED, ENSEMBLE_TOKENS_PER_S, ERROR_FILE, GRAD_RMS, OUTPUT,
                            PARAM_NORM, TOKENS, TOKENS_PER_S, TRAIN_LOSS, UPDATE_RMS, VAL_LOSS, RunDirError,
                            atomic_write_text, attn_layer_key)
 from proxy.train import diagnostics, distributed
 from proxy.train.ensemble_optim import StackedAdamW, clip_members_, is_dense, member_grad_norms, param_rules
 from proxy.train.ledger import RunDirTaken, RunLedger, step_row
-from proxy.train.runtime import (INTERRUPTED, Interrupted, StopSignals, autocast_for, backends, divergence_reason,
+from proxy.train.runtime import (Interrupted, StopSignals, autocast_for, backends, divergence_reason,
                                  mark_token_classes, progress_bar, resolve_device, wants_compile)
 
 log = logging.getLogger("proxy.ensemble")
@@ -518,7 +518,7 @@ class EnsembleTrainer:
                 self.save_checkpoints()
             for member in self.members:
                 if member.active:
-                    member.finish("completed", self.step, final_val=final[member.index])
+                    member.finish(COMPLETED, self.step, final_val=final[member.index])
         return [m.ledger.summary for m in self.members]
 
     def _loop(self, progress, stop: StopSignals) -> None:

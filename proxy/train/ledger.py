@@ -35,7 +35,7 @@ import torch
 from omegaconf import OmegaConf
 
 from proxy.config import Config, ConfigError, as_dict
-from proxy.records import (ATTN_MAX_LOGIT, CHECKPOINTS, CONFIG, ERROR_FILE, GRAD_NORM, LR, OUTPUT_LOGIT_MEAN,
+from proxy.records import (ATTN_MAX_LOGIT, CHECKPOINTS, CONFIG, ERROR_FILE, FAILED, GRAD_NORM, RUNNING, UNKNOWN, LR, OUTPUT_LOGIT_MEAN,
                            REMEDY, START_ERROR_FILE, TOKENS, TRAIN_LOSS, TRAIN_TOTAL_LOSS, TRAIN_Z_LOSS, NullRecord,
                            SUMMARY, RunLock, RunRecord, StateFileError, atomic_write_text, check_no_links, checkpoints,
                            holds_run, load_state, read_json, save_state, state_step)
@@ -158,7 +158,7 @@ class RunLedger:
         if self.main:
             atomic_write_text(self.dir / CONFIG, OmegaConf.to_yaml(OmegaConf.create(as_dict(cfg))))
         self.record.update(
-            status="running",
+            status=RUNNING,
             run_name=self.run_name,
             sweep_id=self.sweep_id,
             overrides=list(overrides),
@@ -243,7 +243,7 @@ class RunLedger:
                                 self.stats_seen, self.summary.get("best_val_loss"), diverged_at, final_val)
         self.record.update(**fields, **extra)
         self.wandb.summary(fields)
-        self.wandb.finish(failed=status == "failed")
+        self.wandb.finish(failed=status == FAILED)
         self.release()
         return self.summary
 
@@ -262,7 +262,7 @@ class RunLedger:
             if self.record is None:
                 _best_effort(lambda: atomic_write_text(self.dir / START_ERROR_FILE, text))
                 return
-            _best_effort(lambda: self.record.update(status="failed", error=error, steps_completed=steps))
+            _best_effort(lambda: self.record.update(status=FAILED, error=error, steps_completed=steps))
             _best_effort(lambda: atomic_write_text(self.dir / ERROR_FILE, text))
         finally:
             if self.wandb is not None:
@@ -278,9 +278,9 @@ class RunLedger:
 
 def _previous_status(run_dir: Path) -> str:
     try:
-        return str(read_json(run_dir / SUMMARY).get("status", "unknown"))
+        return str(read_json(run_dir / SUMMARY).get("status", UNKNOWN))
     except (OSError, ValueError):
-        return "unknown: no readable summary.json"
+        return f"{UNKNOWN}: no readable summary.json"
 
 
 def _best_effort(write) -> None:

@@ -18,10 +18,9 @@ import torch
 from proxy.config import Config, ConfigError, LossImpl, TrainConfig, WandbMode
 from proxy.model import attention_backend
 from proxy.train.diagnostics import RARE_BELOW, class_counts, token_classes
-from proxy.records import ATTN_MAX_LOGIT, GRAD_NORM, LR, OUTPUT_LOGIT_MEAN, TRAIN_LOSS
+from proxy.records import ATTN_MAX_LOGIT, GRAD_NORM, INTERRUPTED, LR, OUTPUT_LOGIT_MEAN, TRAIN_LOSS
 
 ATTN_MAX_LOGIT_PEAK = "attn/max_logit_peak"  # not a metric: the summary's running peak
-INTERRUPTED = "interrupted"
 
 log = logging.getLogger("proxy.train")
 

@@ -34,13 +34,13 @@ from proxy.config import Config, ConfigError, to_config
 from proxy.data import build_source
 from proxy.model import build_model
 from proxy.optim import build_optimizer
-from proxy.records import DIVERGED, ROLLBACK_DIR, TOKENS, VAL_LOSS
+from proxy.records import COMPLETED, DIVERGED, INTERRUPTED, ROLLBACK_DIR, TOKENS, VAL_LOSS
 from proxy.train import diagnostics, distributed
 from proxy.train.capture import SpikeCapture
 from proxy.train.ledger import RunLedger, step_row
 from proxy.train.observer import StepObserver
 from proxy.train.remedies import Event, build_remedy
-from proxy.train.runtime import (INTERRUPTED, Diverged, Interrupted, StopSignals, autocast_for, backends,
+from proxy.train.runtime import (Diverged, Interrupted, StopSignals, autocast_for, backends,
                                  divergence_reason, mark_token_classes, progress_bar, resolve_device, show_row,
                                  wants_compile)
 from proxy.train.step import StepResult, TrainStep
@@ -240,7 +240,7 @@ class Trainer:
             try:
                 with self.stop:
                     self._loop(progress)
-                self.outcome = "completed"
+                self.outcome = COMPLETED
             except Diverged as d:
                 self.ledger.event(d.step, DIVERGED, reason=d.reason)
                 log.warning("run diverged at step %d: %s", d.step, d.reason)
@@ -263,7 +263,7 @@ class Trainer:
         self.ledger.log(t.steps, {VAL_LOSS: final_val, TOKENS: self.tokens})
         if t.save_final:
             self.save_checkpoint()
-        return self._finish("completed", final_val=final_val)
+        return self._finish(COMPLETED, final_val=final_val)
 
     def _loop(self, progress) -> None:
         t = self.cfg.train

@@ -25,13 +25,13 @@ import statistics
 from collections import defaultdict
 from typing import Any, Optional
 
-from proxy.records import Run
+from proxy.records import GRAD_RMS, UPDATE_RMS, Run
 from proxy.report import ReportResult
 from proxy.verdict import Verdict
 
 LAYER = "blocks.0.mlp.fc_in.weight"
-GRAD = f"grad_rms/{LAYER}"
-UPDATE = f"update_rms/{LAYER}"
+GRAD = GRAD_RMS + LAYER
+UPDATE = UPDATE_RMS + LAYER
 TAIL_FRACTION = 0.25
 SHRINK = 0.9
 

@@ -17,6 +17,7 @@ import math
 from typing import Optional
 
 from proxy import records
+from proxy.analysis import override_value
 from proxy.records import Run
 from proxy.report import ReportResult
 from proxy.verdict import Verdict
@@ -26,11 +27,7 @@ STRONGLY_NEGATIVE = -10.0
 
 
 def _override(run: Run, key: str) -> Optional[str]:
-    for item in run.summary.get("overrides") or []:
-        k, _, value = str(item).lstrip("+").partition("=")
-        if k == key:
-            return value
-    return None
+    return override_value(run.summary.get("overrides") or [], key)
 
 
 def _last(run: Run, key: str) -> float:
