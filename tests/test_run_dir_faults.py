@@ -143,6 +143,46 @@ def test_a_refused_checkpoint_is_named_in_one_line_without_torchs_hint(completed
     assert snapshot_of(completed_run) == before
 
 
+@pytest.mark.parametrize("planted", ["batches.pt", "state_before.pt"])
+def test_a_planted_pickle_in_a_spike_kit_is_refused_in_one_line(tmp_path, planted):
+    from proxy.forensics.dissect import main as inspect_main
+    from proxy.train.capture import BATCHES_FILE, KIT_FORMAT, KIT_JSON
+
+    kit = tmp_path / "run" / "spike_kits" / "step_0000040"
+    kit.mkdir(parents=True)
+    state = {"step": 39}
+    meta = {"format": KIT_FORMAT, "config": tiny_cfg(), "step": 40, "trigger": "grad_norm", "value": 9.0,
+            "threshold": 3.0, "states": {"before": state, "at": state, "after": None}, "trace": [],
+            "vocab_size": 512}
+    (kit / KIT_JSON).write_text(json.dumps(meta))
+    zeros = torch.zeros(2, 1, 8, dtype=torch.long)
+    torch.save({"steps": torch.tensor([39, 40]), "inputs": zeros, "labels": zeros}, kit / BATCHES_FILE)
+    marker = tmp_path / "payload-ran"
+    plant_payload(kit / planted, marker)
+    before = snapshot_of(tmp_path / "run")
+    result = subprocess.run([sys.executable, "-m", "proxy.forensics.dissect", str(kit), "--no-replay",
+                             "--lanczos-iters=0"], capture_output=True, text=True, timeout=300)
+    lines = error_lines(result)
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert planted in lines[0] and "refused" in lines[0]
+    assert "weights_only" not in lines[0] and "Re-running" not in lines[0]
+    assert not marker.exists()
+    assert snapshot_of(tmp_path / "run") == before
+    assert inspect_main  # the console script's entry point is the module run above
+
+
+def test_a_foreign_kit_json_is_one_line(tmp_path):
+    from proxy.train.capture import KIT_FORMAT, KIT_JSON
+
+    kit = tmp_path / "kit"
+    kit.mkdir()
+    (kit / KIT_JSON).write_text(json.dumps({"format": KIT_FORMAT, "config": tiny_cfg(), "step": 40}))
+    result = subprocess.run([sys.executable, "-m", "proxy.forensics.dissect", str(kit)], capture_output=True,
+                            text=True, timeout=300)
+    lines = error_lines(result)
+    assert result.returncode == 2 and len(lines) == 1 and "lacks" in lines[0] and "states" in lines[0], result.stderr
+
+
 # ============================================================================================
 # Nothing already written is lost
 # ============================================================================================
@@ -325,6 +365,47 @@ def test_an_unusable_run_dir_is_one_line_naming_the_cause(tmp_path):
     result = cli("train.steps=2", f"out_dir={blocker / 'run'}", f"hydra.run.dir={tmp_path / 'h'}", cwd=tmp_path)
     lines = error_lines(result)
     assert result.returncode == 2 and len(lines) == 1 and "cannot write to" in lines[0], result.stderr
+
+
+def test_a_traceback_on_stderr_becomes_its_last_cause():
+    from proxy.train.cli import one_line
+
+    held = ("Traceback (most recent call last):\n"
+            '  File "/x/hydra/_internal/utils.py", line 220, in run_and_report\n'
+            "    return func()\n"
+            "           ^^^^^^\n"
+            '  File "/x/pathlib.py", line 1116, in mkdir\n'
+            "    os.mkdir(self, mode)\n"
+            "PermissionError: [Errno 13] Permission denied: '/ro/run/.hydra'\n")
+    assert one_line(held) == "PermissionError: [Errno 13] Permission denied: '/ro/run/.hydra'"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
+def test_a_read_only_run_dir_is_one_line_naming_the_cause(completed_run, tmp_path):
+    before = snapshot_of(completed_run)
+    modes = {p: p.stat().st_mode for p in [completed_run, *completed_run.rglob("*")]}
+    for p in sorted(modes, key=lambda q: -len(q.parts)):
+        p.chmod(modes[p] & ~0o222)
+    try:
+        result = cli("train.steps=30", "train.batch_size=4", "train.seq_len=32", "train.resume=true",
+                     f"out_dir={completed_run}", "train.progress=false", f"hydra.run.dir={tmp_path / 'h'}",
+                     cwd=tmp_path)
+    finally:
+        for p, mode in modes.items():
+            p.chmod(mode)
+    lines = error_lines(result)
+    assert result.returncode == 2 and len(lines) == 1 and len(lines[0]) < 300, result.stderr
+    assert snapshot_of(completed_run) == before
+
+
+def test_a_failed_run_points_to_a_traceback_only_where_one_was_written(tmp_path):
+    from proxy.train.cli import _traceback_hint
+
+    assert _traceback_hint(tmp_path) == ""
+    (tmp_path / START_ERROR_FILE).write_text("Traceback ...")
+    assert START_ERROR_FILE in _traceback_hint(tmp_path)
+    (tmp_path / ERROR_FILE).write_text("Traceback ...")
+    assert ERROR_FILE in _traceback_hint(tmp_path) and START_ERROR_FILE not in _traceback_hint(tmp_path)
 
 
 def test_binary_garbage_is_not_a_text_corpus(tmp_path):

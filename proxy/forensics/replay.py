@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from proxy.config import Config, to_config
 from proxy.model import build_model
 from proxy.optim import AdamW, build_optimizer
-from proxy.records import read_json
+from proxy.records import StateFileError, load_state, read_json
 from proxy.train.capture import BATCHES_FILE, KIT_FORMAT, KIT_JSON, STATE_FILES, find_kits
 from proxy.train.remedies import Remedy, build_remedy
 from proxy.train.runtime import autocast_for
@@ -87,17 +87,29 @@ def load_kit(path: str | Path) -> Kit:
     meta = read_json(path / KIT_JSON)
     if meta.get("format") != KIT_FORMAT:
         raise KitError(f"{path / KIT_JSON}: kit format {meta.get('format')!r}, this proxy reads {KIT_FORMAT}")
+    missing = [k for k in KIT_KEYS if k not in meta]
+    if missing or not isinstance(meta["states"], dict) or not isinstance(meta["trace"], list):
+        what = f"lacks {', '.join(missing)}" if missing else "has malformed states or trace"
+        raise KitError(f"{path / KIT_JSON} {what}: not a kit this proxy wrote")
     if not (path / BATCHES_FILE).is_file():
         raise KitError(f"{path} has no {BATCHES_FILE}")
-    return Kit(path=path, meta=meta, config=to_config(meta["config"]),
-               batches=_load(path / BATCHES_FILE))
+    batches = _load(path / BATCHES_FILE)
+    if not isinstance(batches, dict) or not all(isinstance(batches.get(k), Tensor) for k in BATCH_KEYS):
+        raise KitError(f"{path / BATCHES_FILE}: expected tensors {', '.join(BATCH_KEYS)}")
+    return Kit(path=path, meta=meta, config=to_config(meta["config"]), batches=batches)
+
+
+KIT_KEYS = ("step", "trigger", "value", "threshold", "states", "trace", "vocab_size", "config")
+BATCH_KEYS = ("steps", "inputs", "labels")
 
 
 def _load(path: Path) -> Any:
+    """A kit file through the one state-file loader (weights only; a refused or torn file is
+    one line naming it, never torch's hint to load it unsafely)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # a torn or foreign file: say which, in one line
-        raise KitError(f"cannot read {path}: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
+        return load_state(path)
+    except StateFileError as exc:
+        raise KitError(str(exc)) from None
 
 
 # ============================================================================================

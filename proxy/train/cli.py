@@ -31,11 +31,10 @@ from hydra.types import RunMode
 from proxy.analysis import run_name_from
 from proxy.config import CONF_DIR, ConfigError, register_configs, to_config
 from proxy.data import DataError
-from proxy.records import ERROR_FILE, RunDirError, StateFileError, UnsafePathError
+from proxy.records import ERROR_FILE, INTERRUPTED, START_ERROR_FILE, RunDirError, StateFileError, UnsafePathError
 from proxy.train.ensemble import sweep_requested, train_ensemble
 from proxy.train.estimate import announce
 from proxy.train.ledger import RunDirTaken
-from proxy.train.runtime import INTERRUPTED
 from proxy.train.trainer import train
 
 INPUT_ERRORS = (ConfigError, DataError, StateFileError, UnsafePathError)  # one line, exit 2
@@ -126,8 +125,7 @@ def _hydra_task(dcfg) -> Optional[float]:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
     except Exception as exc:  # recorded as failed in summary.json, traceback in error.txt
-        print(f"error: run failed: {type(exc).__name__}: {exc} (traceback in {run_dir}/{ERROR_FILE})",
-              file=sys.stderr)
+        print(f"error: run failed: {type(exc).__name__}: {exc}{_traceback_hint(run_dir)}", file=sys.stderr)
         if not multirun:
             sys.exit(1)
         return None  # a multirun goes on to its next job
@@ -136,6 +134,15 @@ def _hydra_task(dcfg) -> Optional[float]:
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"{summary['status']}: {name} -> {summary.get('run_dir', run_dir)}")
     return summary.get("final_val_loss")
+
+
+def _traceback_hint(run_dir: Path) -> str:
+    """Where the traceback was written, if it was (a start that failed writes start_error.txt;
+    a full disk may have written neither)."""
+    for name in (ERROR_FILE, START_ERROR_FILE):
+        if (run_dir / name).is_file():
+            return f" (traceback in {run_dir / name})"
+    return ""
 
 
 def _stop_interrupted(summary: dict, run_dir: Path, overrides: tuple[str, ...],
