@@ -114,12 +114,18 @@ def compiled(fn: Callable) -> Callable:
 
 
 def liger_losses():
-    """Liger-Kernel's CE and fused linear CE classes, or (None, None) when it is not installed."""
+    """Liger-Kernel's CE and fused linear CE classes, or (None, None) when they cannot be imported;
+    then ``liger_losses.reason`` says why. Any exception, not only ImportError: a Liger built for
+    another triton or torch can fail its import in other ways, and a missing baseline must not end
+    the benchmark (or the device check's part 2)."""
     try:
         from liger_kernel.transformers.cross_entropy import LigerCrossEntropyLoss
         from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
-    except ImportError:
+    except Exception as error:
+        first_line = (str(error).splitlines() or [""])[0][:200]
+        liger_losses.reason = f"{type(error).__name__}: {first_line}"
         return None, None
+    liger_losses.reason = None
     return LigerCrossEntropyLoss, LigerFusedLinearCrossEntropyLoss
 
 
