@@ -270,6 +270,8 @@ class InjectionConfig:
     fraction: float = 0.1  # chance that a train row gets a run
     start_step: Optional[int] = None  # None: from the start
     end_step: Optional[int] = None  # None: to the end
+    every: int = 1  # only every n-th step of the window (start_step, start_step + n, ...): >1 gives
+    #                 isolated poison batches rather than a stretch of bad data
     span: SpanSource = SpanSource.random
 
 

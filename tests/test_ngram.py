@@ -154,6 +154,14 @@ def test_injection_respects_the_step_window_and_spares_val():
                            clean.batch("val", index, 4, SEQ_LEN)[0])
 
 
+def test_isolated_poison_batches_land_on_every_nth_step_only():
+    source = build_source(injecting(fraction=1.0, start_step=10, end_step=40, every=10))
+    poisoned = [i for i in range(45) if source.sample("train", i, 2, SEQ_LEN).plants]
+    assert poisoned == [10, 20, 30]
+    with pytest.raises(DataError, match="every=0"):
+        build_source(injecting(every=0))
+
+
 def test_injection_periods_and_data_spans():
     source = build_source(injecting(fraction=1.0, min_period=3, max_period=13, repeats=8,
                                     span=SpanSource.data))

@@ -95,10 +95,12 @@ class Plant:
 
 
 def in_window(index: int, inj: InjectionConfig) -> bool:
-    """Whether step ``index`` lies in [start_step, end_step) (None: unbounded)."""
+    """Whether step ``index`` lies in [start_step, end_step) (None: unbounded) and is one of
+    every ``inj.every``-th steps counted from the window's start."""
     after_start = inj.start_step is None or index >= inj.start_step
     before_end = inj.end_step is None or index < inj.end_step
-    return after_start and before_end
+    on_beat = (index - (inj.start_step or 0)) % max(1, inj.every) == 0
+    return after_start and before_end and on_beat
 
 
 def fitting_periods(inj: InjectionConfig, length: int) -> list[int]:

@@ -186,6 +186,7 @@ def _check_data(cfg: DataConfig) -> None:
         (1 <= inj.min_period <= inj.max_period,
          f"data.inject: need 1 <= min_period <= max_period, got {inj.min_period}, {inj.max_period}"),
         (inj.repeats >= 2, f"data.inject.repeats={inj.repeats} must be >= 2"),
+        (inj.every >= 1, f"data.inject.every={inj.every} must be >= 1"),
         (0.0 <= inj.fraction <= 1.0, f"data.inject.fraction={inj.fraction} must be in [0, 1]"),
         (inj.start_step is None or inj.start_step >= 0, f"data.inject.start_step={inj.start_step} must be >= 0"),
         (inj.start_step is None or inj.end_step is None or inj.start_step < inj.end_step,
