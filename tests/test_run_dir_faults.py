@@ -156,7 +156,8 @@ def test_a_planted_pickle_in_a_spike_kit_is_refused_in_one_line(tmp_path, plante
             "vocab_size": 512}
     (kit / KIT_JSON).write_text(json.dumps(meta))
     zeros = torch.zeros(2, 1, 8, dtype=torch.long)
-    torch.save({"steps": torch.tensor([39, 40]), "inputs": zeros, "labels": zeros}, kit / BATCHES_FILE)
+    torch.save({"steps": torch.tensor([39, 40]), "inputs": zeros, "labels": zeros,
+                "data_positions": torch.tensor([39, 40])}, kit / BATCHES_FILE)
     marker = tmp_path / "payload-ran"
     plant_payload(kit / planted, marker)
     before = snapshot_of(tmp_path / "run")

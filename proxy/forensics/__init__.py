@@ -7,9 +7,9 @@
     curvature.py  sharpness and Adam's preconditioned sharpness by Lanczos (edge of stability)
 """
 
-from proxy.forensics.replay import (Kit, KitError, Replay, Training, load_kit, replay, restore, states_equal,
-                                    trainer_step)
+from proxy.forensics.replay import (Kit, KitError, Replay, Training, fresh_batches, load_kit, replay, restore,
+                                    states_equal, trainer_step)
 from proxy.train.capture import BATCHES_FILE, KIT_JSON, STATE_FILES, SpikeCapture, find_kits
 
 __all__ = ["BATCHES_FILE", "KIT_JSON", "STATE_FILES", "Kit", "KitError", "Replay", "SpikeCapture", "Training",
-           "find_kits", "load_kit", "replay", "restore", "states_equal", "trainer_step"]
+           "find_kits", "fresh_batches", "load_kit", "replay", "restore", "states_equal", "trainer_step"]

@@ -36,9 +36,9 @@ import torch
 from torch import Tensor
 
 from proxy.config import Attention, Config, ConfigError, LossImpl
-from proxy.data import DataError, build_source, find_repeated_ngrams
+from proxy.data import DataError, find_repeated_ngrams
 from proxy.forensics import curvature
-from proxy.forensics.replay import (Kit, KitError, Replay, find_kits, load_kit, replay, restore, states_equal,
+from proxy.forensics.replay import (Kit, KitError, Replay, fresh_batches, find_kits, load_kit, replay, restore, states_equal,
                                     trainer_step)
 from proxy.records import write_json
 from proxy.report.document import Block, Figure, Heading, Items, Paragraph, Quote, Table, to_markdown
@@ -281,7 +281,7 @@ def replays(kit: Kit, offending_rows: Sequence[int], device: str = "cpu", seed: 
         ("same", "the recorded batches", same),
         ("shuffled", "the same rows shuffled across the window's steps", _shuffled(same, seed)),
     ]
-    different = _different_batches(kit, steps, notes)
+    different = fresh_batches(kit, steps, DIFFERENT_OFFSET, notes)
     if different is not None:
         variants.append(("different", f"fresh batches from the data stream, {DIFFERENT_OFFSET} "
                                       "positions on", different))
@@ -351,19 +351,6 @@ def _shuffled(batches: Sequence[tuple[Tensor, Tensor]], seed: int) -> list[tuple
     order = torch.randperm(len(inputs), generator=torch.Generator().manual_seed(seed))
     rows = len(batches[0][0])
     return [(inputs[order[i: i + rows]], labels[order[i: i + rows]]) for i in range(0, len(order), rows)]
-
-
-def _different_batches(kit: Kit, steps: Sequence[int], notes: list[str]):
-    cfg = kit.config
-    try:
-        source = build_source(cfg.data)
-    except (DataError, OSError) as exc:
-        notes.append(f"no 'different' replay: the data source cannot be opened here ({exc})")
-        return None
-    positions = kit.batches["data_positions"].tolist()
-    by_step = dict(zip(kit.steps, positions))
-    rows, seq_len = kit.batches["inputs"].shape[1:]
-    return [source.batch("train", by_step[s] + DIFFERENT_OFFSET, rows, seq_len) for s in steps]
 
 
 # ============================================================================================

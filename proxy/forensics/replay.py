@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from proxy.config import Config, to_config
+from proxy.data import DataError, build_source
 from proxy.model import build_model
 from proxy.optim import AdamW, build_optimizer
 from proxy.records import StateFileError, load_state, read_json
@@ -100,7 +101,7 @@ def load_kit(path: str | Path) -> Kit:
 
 
 KIT_KEYS = ("step", "trigger", "value", "threshold", "states", "trace", "vocab_size", "config")
-BATCH_KEYS = ("steps", "inputs", "labels")
+BATCH_KEYS = ("steps", "inputs", "labels", "data_positions")
 
 
 def _load(path: Path) -> Any:
@@ -205,6 +206,22 @@ def replay(kit: Kit, batches: Optional[Sequence[tuple[Tensor, Tensor]]] = None,
     return result
 
 
+def fresh_batches(kit: Kit, steps: Sequence[int], offset: int,
+                  notes: Optional[list[str]] = None) -> Optional[list[tuple[Tensor, Tensor]]]:
+    """For each of ``steps``, the train batch ``offset`` positions further on in the run's data
+    stream (what a rollback that skips data would feed instead); None, with a note, when the
+    data source cannot be opened here."""
+    try:
+        source = build_source(kit.config.data)
+    except (DataError, OSError) as exc:
+        if notes is not None:
+            notes.append(f"no fresh batches: the data source cannot be opened here ({exc})")
+        return None
+    by_step = dict(zip(kit.steps, kit.batches["data_positions"].tolist()))
+    rows, seq_len = kit.batches["inputs"].shape[1:]
+    return [source.batch("train", by_step[s] + offset, rows, seq_len) for s in steps]
+
+
 def states_equal(a: dict[str, Tensor], b: dict[str, Tensor]) -> bool:
     """Bitwise equality of two model state dicts."""
     return a.keys() == b.keys() and all(torch.equal(a[k].cpu(), b[k].cpu()) for k in a)
@@ -222,6 +239,7 @@ __all__ = [
     "load_kit",
     "replay",
     "restore",
+    "fresh_batches",
     "states_equal",
     "trainer_step",
 ]
