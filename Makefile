@@ -1,13 +1,20 @@
 # Two set-up commands (README): `make demo` runs the default study, `make test` runs the tests.
 # Both create .venv on first use. Where a torch is already importable by python3 (a CUDA box),
-# the venv sees it (--system-site-packages) and keeps it; otherwise the CPU wheel torch==2.13.0
-# is installed first, so pip never pulls a multi-GB CUDA build on a laptop or CI.
-PYTHON ?= python3
-VENV   ?= .venv
-PY     := $(VENV)/bin/python
-STAMP  := $(VENV)/.proxy-installed
+# the venv sees it (--system-site-packages) and keeps it. Otherwise torch==$(TORCH_VERSION) is
+# installed first: on Linux without an NVIDIA GPU the CPU build from $(TORCH_CPU_INDEX) (pip's
+# default index would pull a multi-GB CUDA build), falling back within seconds to the plain
+# package where that index cannot be reached (a mirror, an offline wheel folder, this CI).
+# Override on the command line, e.g. `make install TORCH_CPU_INDEX=` to skip the CPU index.
+PYTHON          ?= python3
+VENV            ?= .venv
+PY              := $(VENV)/bin/python
+STAMP           := $(VENV)/.proxy-installed
+TORCH_VERSION   ?= 2.13.0
+TRITON_VERSION  ?= 3.7.1
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+PIP             := $(PY) -m pip install -q --disable-pip-version-check
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install torch demo test test-fast bench clean
 
 install: $(STAMP)
 
@@ -18,12 +25,24 @@ $(STAMP): pyproject.toml
 	else \
 		$(PYTHON) -m venv $(VENV); \
 	fi
-	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
-	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
+	$(PIP) --upgrade pip
+	@$(PY) -c "import torch" 2>/dev/null || $(MAKE) --no-print-directory torch
 	@if [ "$$(uname -s)" = "Linux" ] && ! $(PY) -c "import triton" 2>/dev/null; then \
-		$(PY) -m pip install -q --disable-pip-version-check triton==3.7.1; fi
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
+		$(PIP) triton==$(TRITON_VERSION); fi
+	$(PIP) -e '.[dev]'
 	@touch $(STAMP)
+
+# torch alone, into an existing venv: the CPU build where Linux has no NVIDIA GPU
+torch:
+	@if [ "$$(uname -s)" = "Linux" ] && [ -n "$(TORCH_CPU_INDEX)" ] \
+	    && ! [ -e /proc/driver/nvidia/version ] && ! nvidia-smi -L >/dev/null 2>&1; then \
+		echo "no NVIDIA GPU: torch $(TORCH_VERSION) CPU build from $(TORCH_CPU_INDEX)"; \
+		$(PIP) --timeout 10 --retries 0 --index-url $(TORCH_CPU_INDEX) "torch==$(TORCH_VERSION)+cpu" 2>/dev/null \
+		|| { echo "$(TORCH_CPU_INDEX) not reachable: torch $(TORCH_VERSION) from the default index"; \
+		     $(PIP) "torch==$(TORCH_VERSION)"; }; \
+	else \
+		$(PIP) "torch==$(TORCH_VERSION)"; \
+	fi
 
 demo: $(STAMP)
 	$(VENV)/bin/proxy-demo
