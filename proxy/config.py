@@ -103,6 +103,11 @@ class SnapshotStorage(str, Enum):
     disk = "disk"  # <run_dir>/rollback/step_*.pt: for models whose copies do not fit in RAM
 
 
+class SpikeBaseline(str, Enum):
+    trend = "trend"  # residuals of a local log-linear trend, robust scale: sees spikes early in a run
+    mean = "mean"  # mean + sigma * std of the window (OLMo-core's SkipStepOptimizer, as published)
+
+
 class CaptureTrigger(str, Enum):
     any = "any"  # a spike in the loss or in the grad norm
     loss = "loss"
@@ -194,8 +199,11 @@ class RemedyConfig:
     """What the trainer does about a spike (proxy/train/remedies.py). One remedy per run."""
 
     kind: RemedyKind = RemedyKind.none
-    # spike detector shared by skip_step and rollback: value > mean + sigma * std of the last
-    # `window` accepted steps, once `min_history` steps are in (OLMo-core: 6 sigma, 128 steps)
+    # spike detector shared by skip_step and rollback, over the last `window` accepted steps once
+    # `min_history` are in. baseline=trend (default): value > the local log-linear trend of the last
+    # 32 steps + sigma robust residual scales (MAD), so the steep early descent does not hide a
+    # spike; baseline=mean: value > mean + sigma * std (OLMo-core: 6 sigma, 128 steps, as published)
+    spike_baseline: SpikeBaseline = SpikeBaseline.trend
     spike_sigma: float = 6.0
     spike_window: int = 128
     spike_min_history: int = 20
@@ -207,12 +215,16 @@ class RemedyConfig:
     # or on disk); a spike at step t restores the newest snapshot from step <= t - rollback_min_age
     # and skips `rollback_skip_batches` batches of data from the snapshot's position (never fewer
     # than needed to get past the batch that spiked: no batch is read twice); at most
-    # `rollback_max` rollbacks per run
+    # `rollback_max` rollbacks per run. Defaults sized for lab runs of a few hundred steps: PaLM
+    # went ~100 steps back and skipped 200-500 batches of a 255k-step run; going 10 back and
+    # skipping 20 costs a lab run little. Further back recomputes more (and early in a run can
+    # undo most of it); a shorter skip can resume inside a longer stretch of bad data (README,
+    # "Spike remedies": raise both for stretches, as experiments/spike_remedies shows)
     rollback_storage: SnapshotStorage = SnapshotStorage.memory
-    rollback_every: int = 25
+    rollback_every: int = 10
     rollback_keep: int = 3
-    rollback_min_age: int = 25
-    rollback_skip_batches: int = 50
+    rollback_min_age: int = 10
+    rollback_skip_batches: int = 20
     rollback_max: int = 5
     # zclip: EMA (alpha) of grad-norm mean and variance, clip when z > zclip_z after
     # zclip_warmup steps; optim.grad_clip stays on as a hard cap
@@ -235,8 +247,9 @@ class CaptureConfig:
 
     enabled: bool = False
     trigger: CaptureTrigger = CaptureTrigger.any
-    # the detector (proxy.train.remedies.SpikeDetector): value > mean + sigma * std of the last
-    # `window` non-spike steps, once `min_history` are in (defaults as the remedy's detector)
+    # the detector (proxy.train.remedies.SpikeDetector) over the last `window` non-spike steps,
+    # once `min_history` are in (defaults as the remedy's detector; see RemedyConfig)
+    baseline: SpikeBaseline = SpikeBaseline.trend
     sigma: float = 6.0
     window: int = 128
     min_history: int = 20

@@ -137,6 +137,11 @@ def test_load_kit_rejects_what_is_not_a_kit(tmp_path):
     with pytest.raises(KitError, match="is not a spike kit"):
         load_kit(tmp_path)
     (tmp_path / KIT_JSON).write_text(json.dumps({"format": 1, "config": {}}))
+    with pytest.raises(KitError, match="lacks step, trigger"):
+        load_kit(tmp_path)
+    meta = {"format": 1, "config": {}, "step": 5, "trigger": "loss", "value": 9.0, "threshold": 3.0,
+            "states": {"before": None, "at": None, "after": None}, "trace": [], "vocab_size": 512}
+    (tmp_path / KIT_JSON).write_text(json.dumps(meta))
     (tmp_path / BATCHES_FILE).write_text("not a tensor file")
-    with pytest.raises(KitError, match="cannot read"):
+    with pytest.raises(KitError, match="batches.pt: (unreadable|refused)"):
         load_kit(tmp_path)

@@ -85,7 +85,7 @@ def test_rollback_from_disk_snapshots_resumes_bitwise_after_a_crash(tmp_path, mo
 
     def cfg(**train_extra):
         remedy = _rollback(rollback_storage="disk", rollback_max=10)
-        remedy.update(spike_sigma=1.5, spike_window=10, spike_min_history=5)
+        remedy.update(spike_baseline="mean", spike_sigma=1.5, spike_window=10, spike_min_history=5)
         return tiny_cfg(remedy=remedy,
                         train=dict(steps=40, log_every=1, ckpt_every=5, keep_checkpoints=10, **train_extra))
 

@@ -24,6 +24,7 @@ This module owns the kit format; proxy/forensics reads kits back, replays and di
 from __future__ import annotations
 
 import copy
+import logging
 import math
 from collections import deque
 from dataclasses import dataclass
@@ -33,12 +34,14 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import Tensor
 
-from proxy.config import CaptureConfig, CaptureTrigger, as_dict
+from proxy.config import CaptureConfig, CaptureTrigger, SpikeBaseline, as_dict
 from proxy.optim import schedule_multiplier
 from proxy.records import DIVERGED, KITS_DIR, SPIKE_KIT, save_state, write_json
 from proxy.train.observer import ObservedRun, StepObserver
 from proxy.train.remedies import Event, SpikeDetector
 from proxy.train.runtime import divergence_bound
+
+log = logging.getLogger("proxy.train")
 
 KIT_JSON = "kit.json"
 BATCHES_FILE = "batches.pt"
@@ -97,7 +100,7 @@ class SpikeCapture(StepObserver):
 
     def __init__(self, cfg: CaptureConfig):
         self.cfg = cfg
-        self.detector = SpikeDetector(cfg.sigma, cfg.window, cfg.min_history)
+        self.detector = SpikeDetector(cfg.sigma, cfg.window, cfg.min_history, cfg.baseline)
         self.states: deque[_Snapshot] = deque()
         self.batches: deque[_Batch] = deque(maxlen=cfg.steps_before + 1)
         self.trace: deque[dict[str, Any]] = deque(maxlen=cfg.steps_before + 1)
@@ -107,6 +110,7 @@ class SpikeCapture(StepObserver):
         self._later_dirty = False  # last_meta has later spikes not yet on disk
         self.kits_written: Optional[int] = None  # counted on first use (a resumed run has some)
         self._last_step: Optional[int] = None
+        self._armed_said: Optional[bool] = None  # None: nothing said yet
 
     # -- the observer hooks --------------------------------------------------------------------
     def on_batch(self, run: ObservedRun, step: int, inputs: Tensor, labels: Tensor) -> None:
@@ -142,6 +146,7 @@ class SpikeCapture(StepObserver):
         spike = self.detector.test(*watched)
         if spike is None:
             self.detector.accept(*watched)
+            self._say_when_armed(step)
             return
         found = {"step": step, "trigger": spike.trigger, "value": spike.value,
                  "threshold": spike.threshold}
@@ -149,6 +154,19 @@ class SpikeCapture(StepObserver):
             self._open_kit(run, found, event)
         else:
             self._note_later_spike(found)
+
+    def _say_when_armed(self, step: int) -> None:
+        """Log that capture is on but blind until the detector has its history, then when it sees."""
+        history = min(len(v) for v in self.detector.history.values())
+        if self._armed_said is None:
+            self._armed_said = False
+            if history < self.cfg.min_history:
+                log.info("spike capture on: the detector needs %d accepted steps of history and cannot "
+                         "fire before then (only a non-finite loss or grad norm is caught)", self.cfg.min_history)
+        if not self._armed_said and history >= self.cfg.min_history:
+            self._armed_said = True
+            log.info("spike capture armed at step %d (%s baseline, %g sigma)", step,
+                     SpikeBaseline(self.cfg.baseline).value, self.cfg.sigma)
 
     def close(self, run: ObservedRun) -> None:
         if not run.dist.is_main:
@@ -216,7 +234,8 @@ class SpikeCapture(StepObserver):
             "format": KIT_FORMAT,
             **found,
             "remedy_event": dict(event) if event is not None else None,
-            "detector": {"sigma": self.cfg.sigma, "window": self.cfg.window,
+            "detector": {"baseline": SpikeBaseline(self.cfg.baseline).value, "sigma": self.cfg.sigma,
+                         "window": self.cfg.window,
                          "min_history": self.cfg.min_history,
                          "watching": CaptureTrigger(self.cfg.trigger).value},
             "states": {"before": _state_meta(before), "at": _state_meta(at), "after": None},

@@ -112,7 +112,8 @@ def replay_kit(path: Path) -> KitReplays:
     steps = [s for s in kit.steps if s >= start]
     same = replay(kit, variant="same")
     surrounding = [kit.batch(s) for s in steps if s >= kit.step - SURROUND]
-    earlier = replay(kit, surrounding, variant="earlier") if len(surrounding) < len(steps) else None
+    earlier = (replay(kit, surrounding, variant="earlier", until=start + len(surrounding) - 1)
+               if len(surrounding) < len(steps) else None)
     fresh = fresh_batches(kit, steps, SKIP_OFFSET)
     skip = replay(kit, fresh, variant="skip") if fresh is not None else None
     s_same, p_same = respikes(kit, same)
