@@ -1,0 +1,89 @@
+"""New studies (issue 18): presets compose, predictions come from the committed ladder, and the
+verdicts decide on constructed runs (one reproducing, one not)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+from proxy.config import register_configs
+from proxy.records import RunRecord, write_json
+from proxy.verdict import judge_runs, load_script
+
+REPO = Path(__file__).resolve().parents[1]
+EXPERIMENTS = REPO / "experiments"
+L0 = math.log(512)
+LRS = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)
+
+
+def composed(overrides: list[str]):
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
+        return compose("config", overrides=overrides, return_hydra_config=True)
+
+
+def member(root: Path, overrides: dict, config: dict, *, lr: float, seed: int, loss: float,
+           max_logit: float) -> Path:
+    items = [f"{k}={v}" for k, v in overrides.items()] + [f"optim.lr={lr!r}", f"train.seed={seed}"]
+    run_dir = root / ",".join(f"{k}={v}" for k, v in overrides.items()) / f"lr={lr!r},seed={seed}"
+    write_json(run_dir / "config.yaml", {**config, "optim": {"lr": lr}, "train": {"seed": seed, "steps": 40}})
+    record = RunRecord(run_dir)
+    record.update(status="running", overrides=items, lr=lr, loss_at_init=L0, steps_planned=40)
+    for step in range(0, 41, 20):
+        record.log(step, {"train/loss": L0 + (loss - L0) * step / 40, "attn/max_logit": max_logit * step / 40})
+    record.update(status="completed", final_val_loss=loss, final_train_loss=loss, steps_completed=40)
+    record.close()
+    return run_dir
+
+
+# --------------------------------------------------------------------------------------------
+# Extrapolation
+# --------------------------------------------------------------------------------------------
+def test_extrapolation_preset_is_the_ladder_protocol_one_width_on() -> None:
+    ladder = composed(["+experiment=lr_sensitivity_scaling_lab"])
+    nxt = composed(["+experiment=extrapolation_lab"])
+    assert nxt.experiment == "extrapolation" and str(nxt.hydra.sweeper.params["model.d_model"]) == "256"
+    for key in ("train", "sweep", "schedule", "optim", "model"):
+        a, b = dict(ladder[key]), dict(nxt[key])
+        assert a == b, key
+    pred = json.loads((EXPERIMENTS / "extrapolation" / "predictions.json").read_text())
+    assert pred["next_d_model"] == 256 and set(pred["sensitivity"]) == {"none", "qknorm_zloss"}
+
+
+def test_predictions_come_from_the_committed_ladder(tmp_path: Path) -> None:
+    predict = load_script(EXPERIMENTS / "extrapolation" / "predict.py")
+    assert predict.main(["--out", str(tmp_path)]) == 0
+    fresh = json.loads((tmp_path / "predictions.json").read_text())
+    committed = json.loads((EXPERIMENTS / "extrapolation" / "predictions.json").read_text())
+    for part in ("logit", "sensitivity", "next_params_non_embedding"):
+        assert fresh[part] == committed[part]
+
+
+def extrapolated_sweep(root: Path, pred: dict, right: bool) -> Path:
+    """d=256 runs whose peaks and sensitivities equal the predictions (or are 10x / 0.3 nats off)."""
+    for recipe in ("none", "qknorm_zloss"):
+        target = pred["sensitivity"][recipe]["predicted"] + (0.0 if right else 0.3)
+        # a parabola in log10 LR around 1e-2 whose mean excess over the 6-LR grid is `target`
+        excess = [math.log10(lr / 1e-2) ** 2 for lr in LRS]
+        a = target / (sum(excess) / len(excess))
+        for seed in range(3):
+            for lr, e in zip(LRS, excess):
+                peak = pred["logit"][f"{recipe}/lr={lr:g}"]["predicted"] * (1 if right else 10)
+                member(root, {"+experiment": "extrapolation_lab", "+stability": recipe, "model.d_model": 256},
+                       {"model": {"d_model": 256}}, lr=lr, seed=seed, loss=3.5 + a * e, max_logit=peak)
+    return root
+
+
+@pytest.mark.parametrize("right", [True, False])
+def test_extrapolation_verdict(tmp_path: Path, right: bool) -> None:
+    pred = json.loads((EXPERIMENTS / "extrapolation" / "predictions.json").read_text())
+    verdict = judge_runs(EXPERIMENTS / "extrapolation", [extrapolated_sweep(tmp_path / "s", pred, right)],
+                         tmp_path / "r")
+    assert verdict.reproduced is right, verdict.to_markdown()
+    assert len(verdict.checks) == 3
