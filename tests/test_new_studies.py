@@ -32,7 +32,8 @@ def member(root: Path, overrides: dict, config: dict, *, lr: float, seed: int, l
            max_logit: float) -> Path:
     items = [f"{k}={v}" for k, v in overrides.items()] + [f"optim.lr={lr!r}", f"train.seed={seed}"]
     run_dir = root / ",".join(f"{k}={v}" for k, v in overrides.items()) / f"lr={lr!r},seed={seed}"
-    write_json(run_dir / "config.yaml", {**config, "optim": {"lr": lr}, "train": {"seed": seed, "steps": 40}})
+    write_json(run_dir / "config.yaml", {**config, "optim": {**config.get("optim", {}), "lr": lr},
+                                         "train": {"seed": seed, "steps": 40}})
     record = RunRecord(run_dir)
     record.update(status="running", overrides=items, lr=lr, loss_at_init=L0, steps_planned=40)
     for step in range(0, 41, 20):
@@ -87,3 +88,42 @@ def test_extrapolation_verdict(tmp_path: Path, right: bool) -> None:
                          tmp_path / "r")
     assert verdict.reproduced is right, verdict.to_markdown()
     assert len(verdict.checks) == 3
+
+
+# --------------------------------------------------------------------------------------------
+# LR transfer across width (muParam)
+# --------------------------------------------------------------------------------------------
+TRANSFER_LRS = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
+
+
+def test_lr_transfer_preset_crosses_widths_with_mup() -> None:
+    cfg = composed(["+experiment=lr_transfer_lab"])
+    params = cfg.hydra.sweeper.params
+    assert str(params["optim.mup"]) == "false,true" and str(params["model.d_model"]) == "32,64,128,256"
+    assert list(cfg.sweep.lrs) == list(TRANSFER_LRS) and list(cfg.sweep.seeds) == [0, 1, 2]
+    assert cfg.optim.mup_base_fan_in == 32 and cfg.model.qk_norm == "layernorm" and cfg.loss.z_loss == 1e-4
+
+
+def transfer_sweep(root: Path, transfers: bool) -> Path:
+    """Loss parabolas in log10 LR: the standard optimum falls 0.3 decades per doubling of width;
+    the muP optimum stays at 10^-1.5 (``transfers``) or moves like the standard one."""
+    for mup in (False, True):
+        for k, width in enumerate((32, 64, 128, 256)):
+            drop = 0.0 if (mup and transfers) else 0.3 * k
+            for seed in range(3):
+                centre = -1.5 - drop + 0.03 * (seed - 1)
+                for lr in TRANSFER_LRS:
+                    loss = 3.5 + 0.4 * (math.log10(lr) - centre) ** 2
+                    member(root, {"+experiment": "lr_transfer_lab", "optim.mup": str(mup).lower(),
+                                  "model.d_model": width},
+                           {"model": {"d_model": width}, "optim": {"mup": mup}}, lr=lr, seed=seed,
+                           loss=min(loss, L0), max_logit=50.0)
+    return root
+
+
+@pytest.mark.parametrize("transfers", [True, False])
+def test_lr_transfer_verdict(tmp_path: Path, transfers: bool) -> None:
+    verdict = judge_runs(EXPERIMENTS / "lr_transfer", [transfer_sweep(tmp_path / "s", transfers)], tmp_path / "r")
+    assert verdict.reproduced is transfers, verdict.to_markdown()
+    assert len(verdict.checks) == 4
+    assert verdict.checks[0].passed  # every optimum (10^-1.5 ... 10^-2.4) lies inside 1e-3 ... 1
