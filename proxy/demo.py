@@ -2,7 +2,8 @@
 
 Runs the ``demo`` multirun (conf/experiment/demo.yaml: the tiny model, an LR sweep with QK-norm
 off vs on) as ``proxy-train -m +experiment=demo`` in a child process, then builds the report on
-its sweep directory and prints where report.html is, with the headline numbers.
+its sweep directory and prints where report.html is, with the report's headline (the same
+block report.html and report.md open with).
 
     proxy-demo                                  # runs/demo/<date_time>/report/report.html
     proxy-demo --out runs/my_demo               # choose the sweep directory
@@ -15,7 +16,6 @@ would type, so the demo exercises the real entry point.
 from __future__ import annotations
 
 import argparse
-import math
 import subprocess
 import sys
 import time
@@ -39,20 +39,9 @@ def demo_command(sweep_dir: Path, overrides: Sequence[str] = ()) -> list[str]:
 
 
 def headline(result: ReportResult) -> list[str]:
-    """One line per variant: LR sensitivity, best LR, and what happened at the top LR."""
-    lines = []
-    for row in result.sensitivity:
-        runs = [r for r in result.runs if r.variant == row.variant and r.lr is not None]
-        top = max(runs, key=lambda r: r.lr, default=None)  # type: ignore[arg-type, return-value]
-        sens = "n/a" if row.sensitivity is None or math.isnan(row.sensitivity) else f"{row.sensitivity:.3f}"
-        best = "n/a" if row.best_lr is None else f"{row.best_lr:g}"
-        line = f"  {row.variant}: LR sensitivity {sens}, best LR {best}"
-        if top is not None:
-            logit = "n/a" if top.max_attn_logit_peak is None else f"{top.max_attn_logit_peak:.3g}"
-            loss = "n/a" if top.final_loss is None else f"{top.final_loss:.3f}"
-            line += f"; at LR {top.lr:g}: {top.status}, final loss {loss}, max attention logit {logit}"
-        lines.append(line)
-    return lines
+    """The report's headline (proxy/report/headline.py) as console lines: the block report.html
+    and report.md open with."""
+    return result.headline.text() if result.headline is not None else []
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

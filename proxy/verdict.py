@@ -6,13 +6,15 @@ Each folder under experiments/ holds a ``verdict.py`` with one function::
 
 that reads the report's numbers (LR sensitivity, statistics per run) and decides; it may also set
 ``REPORT_SPIKES`` (a :class:`proxy.analysis.SpikeOptions`), the spike detector of the report built
-beside the verdict (default: OLMo 2's 7σ/1000, too long a window for a few-hundred-step study). The
+beside the verdict: its spike scores and the spikes its figures circle (default: OLMo 2's
+7σ/1000, too long a window for a few-hundred-step study; marks leave warm-up out either way). The
 command
 
     proxy-verdict experiments/attention_logit_growth runs/sweeps/<id> [more run dirs...]
 
-builds the report for the run dirs (into ``<first path>/report``), calls the finding's judge,
-prints the verdict and writes ``verdict.md`` / ``verdict.json`` beside the report. Thresholds live
+collects the report for the run dirs (into ``<first path>/report``), calls the finding's judge,
+writes the report with the verdict at its top (label, and each claim that fails or holds), prints
+the verdict and writes ``verdict.md`` / ``verdict.json`` beside the report. Thresholds live
 in each judge, stated in its docstring, so a NOT REPRODUCED is as readable as a REPRODUCED.
 """
 
@@ -29,7 +31,7 @@ from typing import Any, Callable, Hashable, Optional, Sequence
 
 from proxy.analysis import CurvePoint
 from proxy.records import COMPLETED, STATUS_DIVERGED, Run, find_runs, load_run
-from proxy.report import build_report, default_out_dir
+from proxy.report import Claim, VerdictSummary, collect_report, default_out_dir, write_report
 from proxy.report.document import Block, Items, Paragraph, Table, to_markdown
 
 
@@ -74,6 +76,10 @@ class Verdict:
 
     def to_json(self) -> dict[str, Any]:
         return {**asdict(self), "reproduced": self.reproduced, "label": self.label}
+
+    def summary(self) -> VerdictSummary:
+        """What the report shows at its top: the label and each claim."""
+        return VerdictSummary(self.finding, self.label, tuple(Claim(c.claim, c.measured, c.passed) for c in self.checks))
 
 
 def curve_points(runs: Sequence[Run], group: Callable[[Run], Optional[Hashable]]) -> list[CurvePoint]:
@@ -136,14 +142,20 @@ def load_script(path: str | Path):
 
 def judge_runs(finding_dir: str | Path, paths: Sequence[str | Path],
                out_dir: Optional[str | Path] = None, **report_options: Any) -> Verdict:
-    """Report on ``paths``, judge, and write verdict.md/json beside the report."""
+    """Collect the report on ``paths``, judge, write the report headed by the verdict, and
+    verdict.md/json beside it."""
     out = Path(out_dir) if out_dir else default_out_dir(paths[0])
     module = load_module(finding_dir)
     if getattr(module, "REPORT_SPIKES", None) is not None:
         report_options.setdefault("spikes", module.REPORT_SPIKES)
-    result = build_report(list(paths), out, **report_options)
+    result = collect_report(list(paths), out, **report_options)
     runs = [load_run(p) for p in find_runs(paths)]
-    verdict: Verdict = module.judge(result, runs)
+    try:
+        verdict: Verdict = module.judge(result, runs)
+    except BaseException:
+        write_report(result)  # the report still lands, without a verdict
+        raise
+    write_report(result, verdict.summary())
     out.mkdir(parents=True, exist_ok=True)
     (out / "verdict.md").write_text(verdict.to_markdown())
     (out / "verdict.json").write_text(json.dumps(verdict.to_json(), indent=2, default=str) + "\n")

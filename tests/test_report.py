@@ -148,7 +148,7 @@ def test_report_files_and_run_table(sweep: Path, tmp_path: Path) -> None:
     md = result.markdown.read_text()
     assert "](figures/lr_vs_loss.png)" in md and "](figures/grad_norm.png)" in md
     assert md.count("| completed |") == 4
-    assert "| 1 | 40 | skip_step | grad_norm | 50 | 10 | action=skipped |" in md
+    assert "| model.qk_norm=off, lr=0.01 | 40 | skip_step | grad_norm | 50 | 10 | action=skipped |" in md
 
 
 def test_report_lr_sensitivity_matches_hand_computation(sweep: Path, tmp_path: Path) -> None:

@@ -51,7 +51,8 @@ def test_every_sweep_point_of_a_preset_is_a_valid_config(preset: str) -> None:
     assert re.sub(r"_p\d+$", "", preset) in (cfg.experiment, f"{cfg.experiment}_lab", f"{cfg.experiment}_gpu")
     params = dict(cfg.hydra.sweeper.params)
     lr_sweep = preset == "demo" or preset.endswith("lr_sweep")
-    assert "optim.lr" in params or not lr_sweep, "an LR-sweep preset sweeps optim.lr"
+    grid = [float(v) for v in str(params["optim.lr"]).split(",")] if "optim.lr" in params else list(cfg.sweep.lrs)
+    assert grid or not lr_sweep, "an LR-sweep preset sweeps optim.lr (jobs) or sweep.lrs (ensembles)"
     assert str(cfg.hydra.sweep.dir).startswith(f"runs/{cfg.experiment}")
     # each value of each swept key composes and validates (typos and bad enum values fail here)
     for key, values in params.items():
@@ -59,17 +60,17 @@ def test_every_sweep_point_of_a_preset_is_a_valid_config(preset: str) -> None:
             point = to_config(composed([f"+experiment={preset}", f"{key}={value}"], hydra_config=False))
             assert point.experiment == cfg.experiment
     if lr_sweep:
-        lrs = sorted(float(v) for v in str(params["optim.lr"]).split(","))
+        lrs = sorted(grid)
         assert len(lrs) >= 3 and lrs[-1] / lrs[0] >= 10  # spans at least a decade
 
 
 def test_demo_preset_is_qk_norm_off_vs_on_on_the_tiny_model() -> None:
     cfg = composed(["+experiment=demo"])
     params = dict(cfg.hydra.sweeper.params)
-    assert set(params) == {"model.qk_norm", "optim.lr"}
+    assert set(params) == {"model.qk_norm"}  # each job trains the LR grid as one ensemble
     assert set(str(params["model.qk_norm"]).split(",")) == {"off", "layernorm"}
-    assert cfg.model.name == "tiny"
-    n_runs = len(list(itertools.product(*(str(v).split(",") for v in params.values()))))
+    assert cfg.model.name == "tiny" and list(cfg.sweep.lrs) == [1e-2, 3e-2, 1e-1, 3e-1]
+    n_runs = len(list(itertools.product(*(str(v).split(",") for v in params.values())))) * len(cfg.sweep.lrs)
     assert n_runs * cfg.train.steps <= 4000  # the CPU budget the demo was measured against
 
 
@@ -112,7 +113,7 @@ def test_real_tiny_multirun_then_report(tmp_path: Path) -> None:
             "+experiment=demo",
             f"hydra.sweep.dir={sweep}",
             "model.qk_norm=off,layernorm",
-            "optim.lr=1e-3,1e-1",
+            "sweep.lrs=[1e-3,1e-1]",
             *TINY,
         ],
         cwd=tmp_path,
@@ -123,8 +124,8 @@ def test_real_tiny_multirun_then_report(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
 
-    summaries = [json.loads(p.read_text()) for p in sorted(sweep.glob("*/summary.json"))]
-    assert len(summaries) == 4
+    summaries = [json.loads(p.read_text()) for p in sorted(sweep.glob("*/lr=*/summary.json"))]
+    assert len(summaries) == 4  # 2 jobs (QK-norm off / on), each an ensemble of the 2 LRs
     assert len({s["sweep_id"] for s in summaries}) == 1 and summaries[0]["sweep_id"] == sweep.name
     for s in summaries:  # the run name shows the overrides that make the run
         swept = [o for o in s["overrides"] if o.startswith(("optim.lr=", "model.qk_norm="))]
@@ -147,7 +148,8 @@ def test_real_tiny_multirun_then_report(tmp_path: Path) -> None:
     row = result.runs[0]
     assert row.loss_at_init is not None and row.max_attn_logit_peak is not None
     assert row.spike_score_grad_norm is not None and row.output_logit_mean_final is not None
-    assert len(headline(result)) == 2
+    lines = headline(result)  # the comparison, then one line per variant
+    assert len(lines) == 3 and "off vs layernorm" in lines[0], lines
 
 
 def test_demo_command_is_the_documented_multirun(tmp_path: Path) -> None:

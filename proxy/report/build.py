@@ -4,8 +4,11 @@
 
 writes ``report.html`` (self-contained: figures embedded as base64 PNG), ``report.md`` (linking
 ``figures/*.png``) and ``runs.csv`` into DIR (default: ``<first path>/report``). What goes in it:
-the tables (proxy/report/tables.py), the figures (proxy/report/figures.py), laid out here as one
-document (proxy/report/document.py).
+the headline (proxy/report/headline.py) first, then the tables (proxy/report/tables.py) and the
+figures (proxy/report/figures.py), laid out here as one document (proxy/report/document.py).
+
+:func:`build_report` is :func:`collect_report` (read, tabulate, draw) then :func:`write_report`
+(the documents); proxy-verdict judges in between, so the verdict heads the report it writes.
 """
 
 from __future__ import annotations
@@ -23,8 +26,9 @@ from proxy.analysis import SpikeOptions
 from proxy.records import (COMPLETED, EVENT, FAILED, INTERRUPTED, RUNNING, STATUS_DIVERGED, STEP, UNKNOWN, find_runs,
                            load_run)
 from proxy.report.document import Block, Figure, Heading, Items, Paragraph, Table, fmt, to_html, to_markdown
-from proxy.report.figures import CAPTIONS, draw_figures
-from proxy.report.tables import SINGLE_LR_NOTE, RunRow, SensitivityRow, tabulate, write_csv
+from proxy.report.figures import CAPTIONS, SpikeMarks, draw_figures
+from proxy.report.headline import Headline, VerdictSummary, headline_of
+from proxy.report.tables import SINGLE_LR_NOTE, RunRow, SensitivityRow, Tables, tabulate, write_csv
 
 MAX_EVENT_ROWS = 200
 FIGURES_DIR = "figures"
@@ -46,6 +50,12 @@ class ReportResult:
     shared_overrides: tuple[str, ...]
     spikes: SpikeOptions
     notes: list[str]
+    headline: Optional[Headline] = None
+    marks: Optional[SpikeMarks] = None
+    tables: Optional[Tables] = None  # what write_report lays out
+    paths: tuple[Path, ...] = ()
+    lr_range: Optional[tuple[float, float]] = None
+    title: str = "proxy instability report"
 
     def sensitivity_of(self, variant: str) -> SensitivityRow:
         """The row of a variant, by its label or by one of its overrides (``model.qk_norm=off``)."""
@@ -59,22 +69,22 @@ class ReportResult:
 # --------------------------------------------------------------------------------------------
 # The document
 # --------------------------------------------------------------------------------------------
+# The runs table: named by what varies (RunRow.label), status and the key metrics first, so they
+# stay in view on a laptop screen; the rest after (the table scrolls sideways in HTML).
 RUN_COLUMNS = (
-    ("run", "name"),
-    ("variant", "variant"),
-    ("lr", "lr"),
-    ("seed", "seed"),
+    ("run", "label"),
     ("status", "status"),
-    ("steps", None),
-    ("loss@init", "loss_at_init"),
-    ("final train", "final_train_loss"),
-    ("final val", "final_val_loss"),
+    ("final loss", "final_loss"),
     ("max attn logit peak", "max_attn_logit_peak"),
-    ("max attn logit final", "max_attn_logit_final"),
-    ("output logit mean", "output_logit_mean_final"),
     ("spike % loss", "spike_score_loss"),
     ("spike % grad norm", "spike_score_grad_norm"),
     ("events", "events"),
+    ("steps", None),
+    ("final train", "final_train_loss"),
+    ("final val", "final_val_loss"),
+    ("loss@init", "loss_at_init"),
+    ("max attn logit final", "max_attn_logit_final"),
+    ("output logit mean", "output_logit_mean_final"),
 )
 EVENT_COLUMNS = ("run", STEP, EVENT, "trigger", "value", "threshold")
 
@@ -93,10 +103,10 @@ def _run_table(rows: list[RunRow]) -> Table:
 
 
 def _sensitivity_blocks(sensitivity: list[SensitivityRow], lr_range: Optional[tuple[float, float]]) -> list[Block]:
-    headers = ["variant", "params", "LR sensitivity", "best LR", "best loss", "loss@init", "runs",
-               "diverged", "failed", "LR: loss", "note"]
-    rows = [[row.variant, row.n_params, row.sensitivity, row.best_lr, row.best_loss, row.loss_at_init,
-             row.n_runs, row.n_diverged, row.n_failed,
+    headers = ["variant", "LR sensitivity", "best LR", "best loss", "runs", "diverged", "failed", "params",
+               "loss@init", "LR: loss", "note"]
+    rows = [[row.variant, row.sensitivity, row.best_lr, row.best_loss, row.n_runs, row.n_diverged, row.n_failed,
+             row.n_params, row.loss_at_init,
              "; ".join(f"{lr:g}: {loss:.4g}" for lr, loss in zip(row.lrs, row.losses)), row.note]
             for row in sensitivity]
     return [
@@ -108,7 +118,7 @@ def _sensitivity_blocks(sensitivity: list[SensitivityRow], lr_range: Optional[tu
             "Lower is better; read it beside the curves."
             + (f" Averaged over LRs in [{lr_range[0]:g}, {lr_range[1]:g}] only." if lr_range else "")
         ),
-        Table(headers, rows),
+        Table(headers, rows, wrap=("LR: loss", "note")),
     ]
 
 
@@ -118,11 +128,11 @@ def _single_lr_blocks(sensitivity: list[SensitivityRow]) -> list[Block]:
         Paragraph("Each variant was trained at a single LR, so there is no LR sensitivity to compute "
                   "(it needs an LR sweep). Final loss = final val loss (train loss when no eval), "
                   "averaged over the variant's runs (seeds)."),
-        Table(["variant", "params", "LR", "final loss", "loss@init", "runs", "diverged", "failed", "note"],
-              [[row.variant, row.n_params, row.lrs[0] if row.lrs else None,
-                row.losses[0] if row.losses else None, row.loss_at_init, row.n_runs, row.n_diverged,
-                row.n_failed, "; ".join(n for n in row.note.split("; ") if n != SINGLE_LR_NOTE)]
-               for row in sensitivity]),
+        Table(["variant", "LR", "final loss", "runs", "diverged", "failed", "params", "loss@init", "note"],
+              [[row.variant, row.lrs[0] if row.lrs else None, row.losses[0] if row.losses else None,
+                row.n_runs, row.n_diverged, row.n_failed, row.n_params, row.loss_at_init,
+                "; ".join(n for n in row.note.split("; ") if n != SINGLE_LR_NOTE)]
+               for row in sensitivity], wrap=("note",)),
     ]
 
 
@@ -131,66 +141,77 @@ def _event_details(event: dict) -> str:
     return ", ".join(f"{k}={fmt(v)}" for k, v in event.items() if k not in EVENT_COLUMNS)
 
 
-def _blocks(
-    result_runs: list[RunRow],
-    sensitivity: list[SensitivityRow],
-    shared: tuple[str, ...],
-    spikes: SpikeOptions,
-    paths: Sequence[Path],
-    figures: dict[str, Path],
-    events: list[tuple[str, dict]],
-    notes: list[str],
-    lr_range: Optional[tuple[float, float]] = None,
-) -> list[Block]:
-    counts = Counter(row.status for row in result_runs)
+def _incomplete_blocks(rows: list[RunRow]) -> list[Block]:
+    """The runs that did not complete, each with why and where."""
+    items = []
+    for row in rows:
+        if row.status == COMPLETED:
+            continue
+        detail = {
+            STATUS_DIVERGED: f"diverged at step {fmt(row.diverged_at_step)}",
+            FAILED: f"failed: {row.error or 'no error recorded'}",
+            RUNNING: "still running, or its process died (status never finalised)",
+            INTERRUPTED: f"interrupted at step {fmt(row.steps_completed)} (train.resume=true goes on)",
+            UNKNOWN: "no summary.json: listed from its metrics and config",
+        }.get(row.status, f"status {row.status}")
+        items.append(f"{row.label}: {detail} — {row.path}")
+    return [Heading("Runs that did not complete"), Items(items)] if items else []
+
+
+def _runs_blocks(tables: Tables, spikes: SpikeOptions) -> list[Block]:
+    source = {analysis.OLMO2_SPIKES: " (OLMo 2)", analysis.OLMO_CORE_SPIKES: " (OLMo-core's detector)"}
+    blocks: list[Block] = [Heading("Runs")]
+    if tables.constant:
+        blocks.append(Paragraph("Every run: " + ", ".join(tables.constant) + ". Runs are named by what varies."))
+    return blocks + [
+        Paragraph(f"Final loss = final val loss (train loss when no eval). "
+                  f"Spike score{source.get(spikes, '')}: % of logged points {spikes.describe()}."),
+        _run_table(tables.runs),
+    ]
+
+
+def _events_blocks(events: list[tuple[str, dict]]) -> list[Block]:
+    if not events:
+        return []
+    blocks: list[Block] = [Heading("Events")]
+    shown = events[:MAX_EVENT_ROWS]
+    if len(events) > len(shown):
+        blocks.append(Paragraph(f"First {len(shown)} of {len(events)} events (all are in each run's "
+                                "metrics.jsonl)."))
+    blocks.append(Table([*EVENT_COLUMNS, "details"],
+                        [[name, *(e.get(k) for k in EVENT_COLUMNS[1:]), _event_details(e)] for name, e in shown],
+                        wrap=("details",)))
+    return blocks
+
+
+def _blocks(result: ReportResult) -> list[Block]:
+    """The document: the headline, then what it was computed from."""
+    tables = result.tables
+    assert tables is not None and result.headline is not None and result.marks is not None
+    counts = Counter(row.status for row in tables.runs)
     blocks: list[Block] = [
-        Paragraph(f"{len(result_runs)} runs from {', '.join(str(p) for p in paths)}; "
+        *result.headline.blocks(),
+        Paragraph(f"{len(tables.runs)} runs from {', '.join(str(p) for p in result.paths)}; "
                   f"generated {time.strftime('%Y-%m-%d %H:%M:%S')}."),
         Paragraph("Status: " + ", ".join(f"{n} {status}" for status, n in sorted(counts.items())) + "."),
+        *_incomplete_blocks(tables.runs),
     ]
-    if shared:
-        blocks.append(Paragraph("Overrides shared by every run: " + ", ".join(shared) + "."))
-    attention = [row for row in result_runs if row.status != COMPLETED]
-    if attention:
-        items = []
-        for row in attention:
-            detail = {
-                STATUS_DIVERGED: f"diverged at step {fmt(row.diverged_at_step)}",
-                FAILED: f"failed: {row.error or 'no error recorded'}",
-                RUNNING: "still running, or its process died (status never finalised)",
-                INTERRUPTED: f"interrupted at step {fmt(row.steps_completed)} (train.resume=true goes on)",
-                UNKNOWN: "no summary.json: listed from its metrics and config",
-            }.get(row.status, f"status {row.status}")
-            items.append(f"{row.name} [{row.variant}, lr {fmt(row.lr)}]: {detail} — {row.path}")
-        blocks += [Heading("Runs that did not complete"), Items(items)]
-    if all(len(row.lrs) <= 1 for row in sensitivity):
-        blocks += _single_lr_blocks(sensitivity)  # no LR sweep: no LR sensitivity to show
+    if all(len(row.lrs) <= 1 for row in tables.sensitivity):
+        blocks += _single_lr_blocks(tables.sensitivity)  # no LR sweep: no LR sensitivity to show
     else:
-        blocks += _sensitivity_blocks(sensitivity, lr_range)
-    figure = lambda name: Figure(f"{FIGURES_DIR}/{figures[name].name}", CAPTIONS[name])  # noqa: E731
-    if "lr_vs_loss" in figures:
+        blocks += _sensitivity_blocks(tables.sensitivity, result.lr_range)
+    figure = lambda name: Figure(f"{FIGURES_DIR}/{result.figures[name].name}", CAPTIONS[name])  # noqa: E731
+    if "lr_vs_loss" in result.figures:
         blocks.append(figure("lr_vs_loss"))
-    source = {analysis.OLMO2_SPIKES: " (OLMo 2)", analysis.OLMO_CORE_SPIKES: " (OLMo-core's detector)"}
-    blocks += [
-        Heading("Runs"),
-        Paragraph(f"Spike score{source.get(spikes, '')}: % of logged points {spikes.describe()}."),
-        _run_table(result_runs),
-    ]
-    curves = [name for name in figures if name != "lr_vs_loss"]
+    blocks += _runs_blocks(tables, result.spikes)
+    curves = [name for name in result.figures if name != "lr_vs_loss"]
     if curves:
-        blocks.append(Heading("Curves over steps"))
+        blocks += [Heading("Curves over steps"), Paragraph(f"Red circles: {result.marks.describe()}.")]
         blocks += [figure(name) for name in curves]
-    if events:
-        blocks.append(Heading("Events"))
-        shown = events[:MAX_EVENT_ROWS]
-        if len(events) > len(shown):
-            blocks.append(Paragraph(f"First {len(shown)} of {len(events)} events (all are in each run's "
-                                    "metrics.jsonl)."))
-        blocks.append(Table([*EVENT_COLUMNS, "details"],
-                            [[name, *(e.get(k) for k in EVENT_COLUMNS[1:]), _event_details(e)]
-                             for name, e in shown]))
-    if notes:
-        blocks += [Heading("Notes"), Items(notes)]
+    blocks += _events_blocks([(row.label, e) for _, members in tables.groups for row, run in members
+                              for e in run.events])
+    if result.notes:
+        blocks += [Heading("Notes"), Items(result.notes)]
     return blocks
 
 
@@ -202,20 +223,17 @@ def default_out_dir(first_path: str | Path) -> Path:
     return (first if first.is_dir() else first.parent) / "report"
 
 
-def build_report(
+def collect_report(
     paths: Sequence[str | Path] | str | Path,
     out_dir: Optional[str | Path] = None,
     *,
     spikes: Optional[SpikeOptions] = None,
+    marks: Optional[SpikeMarks] = None,
     lr_range: Optional[tuple[float, float]] = None,
     title: str = "proxy instability report",
 ) -> ReportResult:
-    """Read every run directory at or below ``paths`` and write the report into ``out_dir``.
-
-    ``spikes`` sets the spike detector (default: OLMo 2's); ``lr_range`` (inclusive) restricts
-    the LRs that LR sensitivity averages over, for when the optimum sits near one end of the
-    sweep (Wortsman et al. shift the range too). The curves always show every LR.
-    """
+    """Read every run directory at or below ``paths``, tabulate, and draw the figures into
+    ``out_dir``/figures; the documents are written by :func:`write_report`."""
     if lr_range is not None and not 0 < lr_range[0] <= lr_range[1]:
         raise ReportError(f"lr_range={lr_range} must be two LRs with 0 < low <= high")
     paths = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
@@ -225,20 +243,18 @@ def build_report(
         if not path.exists():
             raise ReportError(f"no such path: {path}")
     spikes = spikes or analysis.OLMO2_SPIKES
+    marks = marks or SpikeMarks(spikes)
     run_dirs = find_runs(paths)
     if not run_dirs:
         raise ReportError(f"no run directories (with summary.json) under {', '.join(map(str, paths))}")
     out = Path(out_dir) if out_dir is not None else default_out_dir(paths[0])
 
     tables = tabulate([load_run(d) for d in run_dirs], spikes, lr_range)
-    figures, notes = draw_figures(tables, spikes, out / FIGURES_DIR)
+    figures, notes = draw_figures(tables, marks, out / FIGURES_DIR)
     for row in tables.runs:
         if row.final_loss is None and row.status == COMPLETED:
-            notes.append(f"{row.name}: completed but no final loss recorded")
-    events = [(run.name, e) for _, members in tables.groups for _, run in members for e in run.events]
-    blocks = _blocks(tables.runs, tables.sensitivity, tables.shared_overrides, spikes, paths, figures, events,
-                     notes, lr_range)
-    result = ReportResult(
+            notes.append(f"{row.label}: completed but no final loss recorded")
+    return ReportResult(
         out_dir=out,
         html=out / "report.html",
         markdown=out / "report.md",
@@ -249,11 +265,42 @@ def build_report(
         shared_overrides=tables.shared_overrides,
         spikes=spikes,
         notes=notes,
+        headline=headline_of(tables),
+        marks=marks,
+        tables=tables,
+        paths=tuple(paths),
+        lr_range=lr_range,
+        title=title,
     )
-    result.markdown.write_text(to_markdown(title, blocks) + "\n")
-    result.html.write_text(to_html(title, blocks, out) + "\n")
-    write_csv(result.csv, tables.runs)
+
+
+def write_report(result: ReportResult, verdict: Optional[VerdictSummary] = None) -> ReportResult:
+    """Write report.md, report.html and runs.csv of a collected report; a finding's ``verdict``
+    joins the headline at the top."""
+    if result.tables is None or result.headline is None:
+        raise ReportError("write_report needs a report from collect_report")
+    if verdict is not None:
+        result.headline.verdict = verdict
+    blocks = _blocks(result)
+    result.out_dir.mkdir(parents=True, exist_ok=True)
+    result.markdown.write_text(to_markdown(result.title, blocks) + "\n")
+    result.html.write_text(to_html(result.title, blocks, result.out_dir) + "\n")
+    write_csv(result.csv, result.tables.runs)
     return result
+
+
+def build_report(paths: Sequence[str | Path] | str | Path, out_dir: Optional[str | Path] = None,
+                 **options: Any) -> ReportResult:
+    """Read every run directory at or below ``paths`` and write the report into ``out_dir``:
+    :func:`collect_report` with the same keyword options, then :func:`write_report`.
+
+    ``spikes`` sets the spike score of the runs table (default: OLMo 2's, as published);
+    ``marks`` the spikes circled in the figures (default: the same detector, warm-up left out);
+    ``lr_range`` (inclusive) restricts the LRs that LR sensitivity averages over, for when the
+    optimum sits near one end of the sweep (Wortsman et al. shift the range too). The curves
+    always show every LR.
+    """
+    return write_report(collect_report(paths, out_dir, **options))
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -276,6 +323,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--one-sided", action="store_true", help="count only upward excursions (OLMo-core)")
     p.add_argument("--spike-min-history", type=int, default=d.min_history,
                    help=f"points with fewer predecessors are not scored (default {d.min_history})")
+    p.add_argument("--mark-warmup", action="store_true",
+                   help="circle spikes during warm-up too (default: not before schedule.warmup_steps)")
     return p
 
 
@@ -288,7 +337,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     try:
         lr_range = tuple(args.lr_range) if args.lr_range else None
-        result = build_report(args.paths, args.out, spikes=spikes, lr_range=lr_range, title=args.title)
+        marks = SpikeMarks(spikes, skip_warmup=not args.mark_warmup)
+        result = build_report(args.paths, args.out, spikes=spikes, marks=marks, lr_range=lr_range,
+                              title=args.title)
     except ReportError as exc:
         print(f"proxy-report: error: {exc}", file=sys.stderr)
         return 2
@@ -296,4 +347,5 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
-__all__ = ["ReportError", "ReportResult", "build_report", "default_out_dir", "main"]
+__all__ = ["ReportError", "ReportResult", "build_report", "collect_report", "default_out_dir", "main",
+           "write_report"]

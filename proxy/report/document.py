@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import html
 import math
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
@@ -38,11 +39,26 @@ class Items:
 
 
 @dataclass(frozen=True)
+class Callout:
+    """A boxed summary: a bold title, an optional lead sentence, then items (a report's headline,
+    a verdict). ``tone`` ("pass" / "fail") colours the box in HTML."""
+
+    title: str
+    items: Sequence[str] = ()
+    lead: str = ""
+    tone: str = ""
+
+
+@dataclass(frozen=True)
 class Table:
-    """Cells are formatted with :func:`fmt`. A ``status`` column colours its rows in HTML."""
+    """Cells are formatted with :func:`fmt`. A ``status`` column colours its rows in HTML. In
+    HTML a table scrolls sideways inside its own box when wider than the page, its first column
+    stays in view; cells do not wrap, except those of the first column and the ``wrap`` columns
+    (long text: notes, claims)."""
 
     headers: Sequence[str]
     rows: Sequence[Sequence[Any]]
+    wrap: Sequence[str] = ()
 
 
 @dataclass(frozen=True)
@@ -51,7 +67,7 @@ class Figure:
     caption: str = ""
 
 
-Block = Union[Heading, Paragraph, Quote, Items, Table, Figure]
+Block = Union[Heading, Paragraph, Quote, Items, Callout, Table, Figure]
 
 
 def fmt(value: Any) -> str:
@@ -88,6 +104,16 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> lis
     return out + [""]
 
 
+def markdown_callout(callout: Callout) -> list[str]:
+    """A callout as a block quote: the title in bold, the lead, the items as a list."""
+    lines = [f"**{callout.title}**"]
+    if callout.lead:
+        lines += ["", callout.lead]
+    if callout.items:
+        lines += [""] + [f"- {item}" for item in callout.items]
+    return [f"> {line}".rstrip() for line in lines] + [""]
+
+
 def to_markdown(title: str, blocks: Sequence[Block]) -> str:
     out = [f"# {title}", ""]
     for block in blocks:
@@ -99,6 +125,8 @@ def to_markdown(title: str, blocks: Sequence[Block]) -> str:
             out += [f"> {block.text}", ""]
         elif isinstance(block, Items):
             out += [f"- {item}" for item in block.items] + [""]
+        elif isinstance(block, Callout):
+            out += markdown_callout(block)
         elif isinstance(block, Table):
             out += markdown_table(block.headers, block.rows)
         elif isinstance(block, Figure):
@@ -114,31 +142,75 @@ def to_markdown(title: str, blocks: Sequence[Block]) -> str:
 # --------------------------------------------------------------------------------------------
 CSS = """
 body{font-family:system-ui,-apple-system,sans-serif;margin:2em auto;max-width:1300px;padding:0 1em;color:#222}
-table{border-collapse:collapse;font-size:13px;margin:0.5em 0 1.5em}
-th,td{border:1px solid #ccc;padding:3px 7px;text-align:right}th{background:#f3f3f3}
-td:first-child,th:first-child{text-align:left}
+.scroll{overflow-x:auto;max-width:100%;margin:0.5em 0 1.5em}
+table{border-collapse:separate;border-spacing:0;font-size:13px}
+th,td{border-right:1px solid #ccc;border-bottom:1px solid #ccc;padding:3px 7px;text-align:right;white-space:nowrap;
+background:#fff}
+tr:first-child th{border-top:1px solid #ccc}th{background:#f3f3f3}
+td:first-child,th:first-child{text-align:left;position:sticky;left:0;z-index:1;border-left:1px solid #ccc;
+white-space:normal;overflow-wrap:anywhere;min-width:8em;max-width:26em}
+td.wrap,th.wrap{white-space:normal;text-align:left;min-width:16em}
+.callout{border:1px solid #d0d7de;border-left:6px solid #0969da;background:#f6f8fa;padding:0.5em 1em;margin:1em 0}
+.callout.pass{border-left-color:#1a7f37}.callout.fail{border-left-color:#cf222e}
+.callout .title{font-weight:bold;font-size:1.1em;margin:0.3em 0}.callout ul{margin:0.3em 0;padding-left:1.4em}
 tr.completed td.status{color:#1a7f37}tr.diverged td.status{color:#cf222e;font-weight:bold}
 tr.failed td.status{color:#8250df;font-weight:bold}tr.running td.status,tr.interrupted td.status{color:#9a6700}
 tr.unknown td.status{color:#6e7781;font-style:italic}
-img{max-width:100%;border:1px solid #eee}figcaption{font-size:13px;color:#555;margin-bottom:1.5em}
+img{max-width:100%;height:auto;border:1px solid #eee}figcaption{font-size:13px;color:#555;margin-bottom:1.5em}
 blockquote{color:#555;border-left:3px solid #ddd;margin:0.5em 0;padding-left:1em}
 code{background:#f6f8fa;padding:0 3px}
 """
 
 
+def _cell_class(header: str, table: Table) -> str:
+    classes = [c for c, on in (("status", header == "status"), ("wrap", header in table.wrap)) if on]
+    return f' class="{" ".join(classes)}"' if classes else ""
+
+
 def _html_table(table: Table) -> list[str]:
+    """The table in a box that scrolls sideways when the table is wider than the page."""
     esc = html.escape
-    status_col: Optional[int] = list(table.headers).index("status") if "status" in table.headers else None
-    out = ["<table><tr>" + "".join(f"<th>{esc(str(h))}</th>" for h in table.headers) + "</tr>"]
+    headers = [str(h) for h in table.headers]
+    status_col: Optional[int] = headers.index("status") if "status" in headers else None
+    classes = [_cell_class(h, table) for h in headers]
+    out = ['<div class="scroll"><table><tr>'
+           + "".join(f"<th{c}>{esc(h)}</th>" for h, c in zip(headers, classes)) + "</tr>"]
     for row in table.rows:
         css = f' class="{esc(str(row[status_col]))}"' if status_col is not None else ""
-        tds = "".join(
-            f'<td class="status">{esc(fmt(v))}</td>' if i == status_col else f"<td>{esc(fmt(v))}</td>"
-            for i, v in enumerate(row)
-        )
+        tds = "".join(f"<td{c}>{esc(fmt(v))}</td>" for v, c in zip(row, classes))
         out.append(f"<tr{css}>{tds}</tr>")
-    out.append("</table>")
+    out.append("</table></div>")
     return out
+
+
+def _html_callout(callout: Callout) -> str:
+    esc = html.escape
+    tone = f" {esc(callout.tone)}" if callout.tone else ""
+    out = [f'<div class="callout{tone}"><p class="title">{esc(callout.title)}</p>']
+    if callout.lead:
+        out.append(f"<p>{esc(callout.lead)}</p>")
+    if callout.items:
+        out.append("<ul>" + "".join(f"<li>{esc(item)}</li>" for item in callout.items) + "</ul>")
+    return "".join(out) + "</div>"
+
+
+CSS_DPI = 100  # a figure is shown at its size in inches x CSS_DPI CSS pixels, whatever its DPI
+
+
+def png_css_width(data: bytes) -> Optional[int]:
+    """The width a PNG is shown at: its pixel width scaled from the DPI it was saved at (its pHYs
+    chunk) to :data:`CSS_DPI`, so a figure saved at 200 DPI is drawn at the size of the same figure
+    at 100 DPI, with twice the pixels (sharp on HiDPI screens). None: not a PNG."""
+    if data[:8] != b"\x89PNG\r\n\x1a\n" or data[12:16] != b"IHDR":
+        return None
+    width = struct.unpack(">I", data[16:20])[0]
+    at = data.find(b"pHYs", 8, 4096)
+    if at < 0:
+        return width
+    per_metre, _, unit = struct.unpack(">IIB", data[at + 4 : at + 13])
+    if unit != 1 or per_metre == 0:
+        return width
+    return round(width * CSS_DPI / (per_metre * 0.0254))
 
 
 def to_html(title: str, blocks: Sequence[Block], base_dir: str | Path) -> str:
@@ -159,11 +231,16 @@ def to_html(title: str, blocks: Sequence[Block], base_dir: str | Path) -> str:
             out.append(f"<blockquote>{esc(block.text)}</blockquote>")
         elif isinstance(block, Items):
             out.append("<ul>" + "".join(f"<li>{esc(item)}</li>" for item in block.items) + "</ul>")
+        elif isinstance(block, Callout):
+            out.append(_html_callout(block))
         elif isinstance(block, Table):
             out += _html_table(block)
         elif isinstance(block, Figure):
-            data = base64.b64encode((Path(base_dir) / block.path).read_bytes()).decode("ascii")
-            out.append(f'<figure><img alt="{esc(block.caption)}" src="data:image/png;base64,{data}">'
+            raw = (Path(base_dir) / block.path).read_bytes()
+            width = png_css_width(raw)
+            size = f' width="{width}"' if width else ""
+            data = base64.b64encode(raw).decode("ascii")
+            out.append(f'<figure><img alt="{esc(block.caption)}"{size} src="data:image/png;base64,{data}">'
                        f"<figcaption>{esc(block.caption)}</figcaption></figure>")
         else:
             raise TypeError(f"not a document block: {block!r}")
@@ -171,5 +248,5 @@ def to_html(title: str, blocks: Sequence[Block], base_dir: str | Path) -> str:
     return "\n".join(out)
 
 
-__all__ = ["Block", "CSS", "Figure", "Heading", "Items", "Paragraph", "Quote", "Table", "fmt",
-           "markdown_table", "to_html", "to_markdown"]
+__all__ = ["Block", "CSS", "CSS_DPI", "Callout", "Figure", "Heading", "Items", "Paragraph", "Quote", "Table", "fmt",
+           "markdown_callout", "markdown_table", "png_css_width", "to_html", "to_markdown"]

@@ -58,6 +58,7 @@ class RunRow:
     sweep_id: Optional[str] = None
     experiment: Optional[str] = None
     error: Optional[str] = None
+    label: str = ""  # the run's name in the report: what varies across the runs (run_labels)
 
     @property
     def final_loss(self) -> Optional[float]:
@@ -282,7 +283,40 @@ class Tables:
     runs: list[RunRow]  # grouped by variant (first appearance), then LR, seed, name
     sensitivity: list[SensitivityRow]  # one per variant, in the same order
     groups: list[tuple[str, list[tuple[RunRow, Run]]]]  # (variant label, its rows and runs)
-    shared_overrides: tuple[str, ...]  # overrides every run has, left out of the labels
+    shared_overrides: tuple[str, ...]  # overrides every variant has, left out of the variant labels
+    constant: tuple[str, ...] = ()  # what every run has, left out of the run labels (run_labels)
+
+
+def run_labels(rows: Sequence[RunRow], variants: Sequence[tuple[str, ...]],
+               labels: dict[tuple[str, ...], str], shared: tuple[str, ...]) -> tuple[list[str], tuple[str, ...]]:
+    """Name each run by what varies across the runs only: its variant label (when there is more
+    than one variant), ``lr=`` and ``seed=`` (when they vary). Returns the names, in the order of
+    ``rows``, and what every run has in common (stated once above the runs table). Runs that
+    nothing tells apart are named by their directory as well."""
+    several_variants = len(set(variants)) > 1
+    lrs, seeds = [row.lr for row in rows], [row.seed for row in rows]
+    constant = list(shared if several_variants else (variants[0] if variants else ()))
+    if len(set(lrs)) == 1 and lrs[0] is not None:
+        constant.append(f"lr={lrs[0]:g}")
+    if len(set(seeds)) == 1 and seeds[0] is not None:
+        constant.append(f"seed={seeds[0]}")
+    names = []
+    for row, variant in zip(rows, variants):
+        parts = [labels[variant]] if several_variants else []
+        if len(set(lrs)) > 1:
+            parts.append(f"lr={row.lr:g}" if row.lr is not None else "lr=?")
+        if len(set(seeds)) > 1:
+            parts.append(f"seed={row.seed}" if row.seed is not None else "seed=?")
+        names.append(", ".join(parts))
+    counts = Counter(names)
+
+    def unique(name: str, row: RunRow) -> str:
+        if name and counts[name] == 1:
+            return name
+        folder = Path(row.path).name
+        return f"{name} [{folder}]" if name else folder
+
+    return [unique(name, row) for name, row in zip(names, rows)], tuple(constant)
 
 
 def tabulate(runs: Sequence[Run], spikes: SpikeOptions,
@@ -296,7 +330,10 @@ def tabulate(runs: Sequence[Run], spikes: SpikeOptions,
     pairs.sort(key=lambda p: (order.index(p[1]), p[0].lr or 0.0, p[0].seed or 0, p[0].name))
     groups = [(labels[v], [(row, run) for row, variant, run in pairs if variant == v]) for v in order]
     sensitivity = [sensitivity_row(v, labels[v], members, lr_range) for v, (_, members) in zip(order, groups)]
-    return Tables([row for row, _, _ in pairs], sensitivity, groups, shared)
+    names, constant = run_labels([row for row, _, _ in pairs], [v for _, v, _ in pairs], labels, shared)
+    for (row, _, _), name in zip(pairs, names):
+        row.label = name
+    return Tables([row for row, _, _ in pairs], sensitivity, groups, shared, constant)
 
 
 def write_csv(path: Path, rows: list[RunRow]) -> None:
