@@ -14,6 +14,7 @@ each wing imports only wings below it (tests/test_layout.py holds it to that)::
                  optim.py      AdamW (coupled / independent decay, muP), schedules, clipping
                  data/         synthetic language, memmap and text corpora, repeated n-grams
                  report/       run directories -> tables, figures, report.md / .html (proxy-report)
+                 frames.py     run directories -> pandas DataFrames, for notebooks (load_frames)
     training     train/        proxy-train: the loop, one step function, the run ledger, remedies,
                                diagnostics, spike capture, data parallelism, vectorized ensembles
     on top       forensics/    spike kits replayed and dissected (proxy-inspect)

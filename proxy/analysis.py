@@ -37,7 +37,7 @@ import numpy as np
 # Overrides that say where or how to run, not what is run (paths, resuming, progress bars,
 # logging): left out of run names, run directory names and variants. Prefixes: "wandb." covers
 # every wandb key. The one list; conf/config.yaml names run directories through run_dirname.
-NON_VARIANT_KEYS = ("out_dir", "run_name", "train.resume", "train.progress", "wandb.", "hydra.")
+NON_VARIANT_KEYS = ("out_dir", "run_name", "train.resume", "train.progress", "wandb.", "tensorboard.", "hydra.")
 # Overrides that make the points of one LR-sensitivity curve rather than a different recipe.
 SWEEP_AXES = ("optim.lr", "train.seed")
 # File systems cap one path component at 255 bytes, which a long override list passes: longer
@@ -388,22 +388,33 @@ def run_name_from(overrides: Iterable[str]) -> str:
     return ",".join(o for o in overrides if is_variant_override(o)) or "default"
 
 
-def short_dirname(name: str) -> str:
-    """``name`` if it fits :data:`MAX_DIRNAME_BYTES`, else its head and a hash of the whole."""
+def short_dirname(name: str, parts: Sequence[str] = ()) -> str:
+    """``name`` if it fits :data:`MAX_DIRNAME_BYTES`, else its head and a hash of the whole.
+
+    ``parts``, the overrides ``name`` joins with ",": the head then holds whole overrides only,
+    as many as fit, since a cut one reads as a wrong value (``optim.lr=0.0001`` cut to
+    ``optim.lr=0.00``). The run's summary keeps every override (``overrides``)."""
     raw = str(name).encode()
     if len(raw) <= MAX_DIRNAME_BYTES:
         return str(name)
     import hashlib
 
     digest = hashlib.sha1(raw).hexdigest()[:10]
-    head = raw[: MAX_DIRNAME_BYTES - len(digest) - 1].decode(errors="ignore")
-    return f"{head}~{digest}"
+    budget = MAX_DIRNAME_BYTES - len(digest) - 1
+    whole = ""
+    for part in parts:
+        longer = f"{whole},{part}" if whole else str(part)
+        if len(longer.encode()) > budget:
+            break
+        whole = longer
+    return f"{whole or raw[:budget].decode(errors='ignore')}~{digest}"
 
 
 def run_dirname(overrides: Iterable[str]) -> str:
     """A multirun job's directory name (after ``<job number>_``): its variant overrides sorted
     and ","-joined as Hydra's ``override_dirname`` would, cut by :func:`short_dirname`."""
-    return short_dirname(",".join(sorted(str(o) for o in overrides if is_variant_override(str(o)))))
+    kept = sorted(str(o) for o in overrides if is_variant_override(str(o)))
+    return short_dirname(",".join(kept), kept)
 
 
 # --------------------------------------------------------------------------------------------

@@ -303,7 +303,7 @@ class NgramFilterConfig:
 class DataConfig:
     source: DataSource = DataSource.synthetic
     path: Optional[str] = None  # memmap: a .bin file (or folder with train.bin/val.bin); text: a .txt/folder
-    dtype: str = "uint16"  # memmap token dtype: uint16 | uint32
+    dtype: str = "auto"  # memmap token dtype: auto (meta.json's, else uint16) | uint16 | uint32
     tokenizer: str = "byte"  # text: byte | bpe (trained at load) | path to a tokenizers json
     bpe_vocab_size: int = 4096  # text with tokenizer=bpe
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
@@ -328,10 +328,15 @@ class TrainConfig:
     ckpt_every: int = 0  # 0: only the final checkpoint
     keep_checkpoints: int = 2
     save_final: bool = True
-    resume: bool = False
+    resume: bool = False  # continue the run in out_dir (its stored config; proxy/train/resume.py)
+    # a resume may change only where / how the run executes (resume.RESUME_MAY_CHANGE); true lets
+    # it change anything else too, and the summary records what it changed (resume_override)
+    resume_override: bool = False
     diverge_loss: float = 0.0  # >0: a train loss above this ends the run as diverged
     diverge_factor: float = 3.0  # a train loss above factor * loss-at-init also counts
-    progress: bool = True
+    # a progress bar (tokens/s, latest val loss) on stderr: auto = where stderr is a terminal
+    # (and not in a worker process of a parallel launcher) | true | false
+    progress: str = "auto"
     stats_every: int = 0  # 0: attention/output statistics every log step
 
 
@@ -359,6 +364,15 @@ class WandbConfig:
 
 
 @dataclass
+class TensorBoardConfig:
+    """TensorBoard event files in ``<run_dir>/tensorboard`` (proxy/train/tracking.py): the keys and
+    step axis of metrics.jsonl. Needs the ``tensorboard`` package (``pip install 'proxy[tensorboard]'``);
+    view with ``tensorboard --logdir runs``."""
+
+    enabled: bool = False
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -369,6 +383,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    tensorboard: TensorBoardConfig = field(default_factory=TensorBoardConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
     run_name: Optional[str] = None  # None: derived from the command-line overrides
     out_dir: Optional[str] = None  # None: Hydra's run dir (or ./runs/<name> outside Hydra)
@@ -486,8 +501,12 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"train.compile={t.compile!r} must be auto, true or false")
     if not (t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:")):
         raise ConfigError(f"train.device={t.device!r} must be auto, cpu, cuda or cuda:N")
-    if cfg.data.dtype not in ("uint16", "uint32"):
-        raise ConfigError(f"data.dtype={cfg.data.dtype!r} must be uint16 or uint32")
+    if t.resume_override and not t.resume:
+        raise ConfigError("train.resume_override=true needs train.resume=true: it lets a resume change the config")
+    if str(t.progress).lower() not in ("auto", "true", "false"):
+        raise ConfigError(f"train.progress={t.progress!r} must be auto, true or false")
+    if cfg.data.dtype not in ("auto", "uint16", "uint32"):
+        raise ConfigError(f"data.dtype={cfg.data.dtype!r} must be auto, uint16 or uint32")
     if cfg.data.source != DataSource.synthetic and not cfg.data.path:
         raise ConfigError(f"data.path is required for data.source={cfg.data.source.value}")
     return cfg
@@ -565,6 +584,7 @@ __all__ = [
     "ScheduleConfig",
     "SweepConfig",
     "SyntheticConfig",
+    "TensorBoardConfig",
     "TrainConfig",
     "WandbConfig",
     "WandbMode",

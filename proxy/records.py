@@ -12,6 +12,9 @@ Layout of one run directory::
     checkpoints/       step_XXXXXXX.pt, loadable with torch.load(weights_only=True)
     rollback/          a rollback remedy's disk snapshots (remedy.rollback_storage=disk)
     spike_kits/        step_XXXXXXX/: what spike capture saved (proxy/train/capture.py)
+    tokenizer.json     the BPE tokenizer of a data.source=text run (decodes its checkpoints)
+    tensorboard/       TensorBoard event files (tensorboard.enabled=true)
+    train.log          Hydra's job log: the run's start, evals and end (proxy-train only)
     error.txt          the traceback of a run that failed
     start_error.txt    why a start (a resume, a second run) in an existing run dir was refused;
                        the run's own files are left as they were
@@ -54,6 +57,8 @@ CONFIG = "config.yaml"
 CHECKPOINTS = "checkpoints"
 ROLLBACK_DIR = "rollback"
 KITS_DIR = "spike_kits"
+TOKENIZER_FILE = "tokenizer.json"
+TENSORBOARD_DIR = "tensorboard"
 ERROR_FILE = "error.txt"
 START_ERROR_FILE = "start_error.txt"
 LOCK_FILE = ".lock"
@@ -285,7 +290,7 @@ class RunLock:
 
 # what a run directory holds that the program writes into or deletes from: none may be a link
 WRITTEN_NAMES = (LOCK_FILE, SUMMARY, METRICS, CONFIG, ERROR_FILE, START_ERROR_FILE, CHECKPOINTS, ROLLBACK_DIR,
-                 KITS_DIR)
+                 KITS_DIR, TOKENIZER_FILE, TENSORBOARD_DIR)
 
 
 def check_no_links(run_dir: str | Path) -> None:
@@ -501,7 +506,7 @@ def is_run_dir(path: Path) -> bool:
     return (Path(path) / SUMMARY).is_file() or (Path(path) / METRICS).is_file()
 
 
-_NOT_RUNS = (CHECKPOINTS, KITS_DIR, ROLLBACK_DIR, "wandb", ".hydra")  # folders inside a run
+_NOT_RUNS = (CHECKPOINTS, KITS_DIR, ROLLBACK_DIR, TENSORBOARD_DIR, "wandb", ".hydra")  # folders inside a run
 
 
 def find_runs(paths: Iterable[str | Path]) -> list[Path]:

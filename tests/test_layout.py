@@ -17,7 +17,7 @@ PACKAGE = ROOT / "proxy"
 # README 'The pieces')
 LAYERS = {
     "config": 0, "records": 0, "analysis": 0, "kernels": 0,  # the contract
-    "model": 1, "optim": 1, "data": 1, "report": 1,
+    "model": 1, "optim": 1, "data": 1, "report": 1, "frames": 1,
     "train": 2,
     "forensics": 3, "verdict": 3, "demo": 3,
 }

@@ -191,9 +191,11 @@ def test_a_resume_that_cannot_start_leaves_the_run_as_it_was(completed_run, monk
     import wandb
 
     before = snapshot_of(completed_run)
-    # an incompatible config
+    # an incompatible config, forced past the config check (tests/test_resume_checks.py) to the checkpoint's
+    incompatible = resume_cfg(model=dict(n_layers=3))
+    incompatible["train"]["resume_override"] = True
     with pytest.raises(ConfigError, match="cannot resume from it") as info:
-        train(resume_cfg(model=dict(n_layers=3)), completed_run)
+        train(incompatible, completed_run)
     assert "\n" not in str(info.value) and "step_0000020.pt" in str(info.value)
     assert snapshot_of(completed_run) == before
     assert "cannot resume" in (completed_run / START_ERROR_FILE).read_text()

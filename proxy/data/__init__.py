@@ -14,6 +14,9 @@ stream is never touched, so val losses of filtered and unfiltered runs compare d
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Optional
+
 from proxy.config import DataConfig, DataSource
 from proxy.data.ngrams import Plant, find_repeated_ngrams
 from proxy.data.sources import IGNORE_INDEX, SPLITS, ArraySource, Batch, DataError, TokenSource, load_memmap, row_generator
@@ -22,15 +25,18 @@ from proxy.data.synthetic import (HMM, LanguageEntropy, SyntheticSource, build_h
 from proxy.data.text import load_text, prepare, prepare_main
 
 
-def build_source(cfg: DataConfig) -> TokenSource:
-    """The token source ``cfg`` describes. Raises DataError (one line) on bad files or settings."""
+def build_source(cfg: DataConfig, run_dir: Optional[Path] = None) -> TokenSource:
+    """The token source ``cfg`` describes. Raises DataError (one line) on bad files or settings.
+
+    ``run_dir``: an existing run whose files the source reuses (its tokenizer.json: a resume or a
+    replay must see the ids the run saw). ``source.save(run_dir)`` writes them for a new run."""
     source = DataSource(cfg.source)
     if source == DataSource.synthetic:
         built: TokenSource = SyntheticSource(cfg)
     elif source == DataSource.memmap:
         built = load_memmap(cfg)
     else:
-        built = load_text(cfg)
+        built = load_text(cfg, run_dir)
     if cfg.inject.enabled and built.vocab_size < cfg.inject.max_period + 2:
         raise DataError(f"data.inject.max_period={cfg.inject.max_period} needs a vocabulary of at "
                         f"least {cfg.inject.max_period + 2} tokens, the data has {built.vocab_size}")

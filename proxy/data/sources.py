@@ -27,7 +27,8 @@ import torch
 
 from proxy.config import DataConfig, FilterMode
 from proxy.data import ngrams
-from proxy.records import DATA_DROPPED_ROWS, DATA_INJECTED_FRAC, DATA_INJECTED_ROWS, DATA_MASKED_TOKENS
+from proxy.records import (DATA_DROPPED_ROWS, DATA_INJECTED_FRAC, DATA_INJECTED_ROWS, DATA_MASKED_TOKENS,
+                           TOKENIZER_FILE, atomic_write_text)
 
 IGNORE_INDEX = -100
 SPLITS = ("train", "val")
@@ -97,6 +98,11 @@ class TokenSource(ABC):
     def token_probabilities(self) -> Optional[np.ndarray]:
         """Each token id's share of the training data (exact where the source knows it), or None."""
         return None
+
+    def save(self, run_dir: Path) -> list[str]:
+        """Write what a run needs to read its checkpoints back (a trained tokenizer) into
+        ``run_dir``; returns the file names written. Most sources need nothing."""
+        return []
 
     # -- the contract ----------------------------------------------------------------------------
     def batch(self, split: str, index: int, batch_size: int, seq_len: int, rank: int = 0,
@@ -204,12 +210,14 @@ def _check_data(cfg: DataConfig) -> None:
 # Token arrays: memmapped .bin files (and tokenized text, proxy/data/text.py)
 # ============================================================================================
 class ArraySource(TokenSource):
-    """Random windows of a token array per split: memmapped ``.bin`` files or tokenized text."""
+    """Random windows of a token array per split: memmapped ``.bin`` files or tokenized text.
+    ``tokenizer_json``: the tokenizers JSON that made the ids (text with BPE), saved in the run dir."""
 
     def __init__(self, cfg: DataConfig, name: str, train: np.ndarray, val: np.ndarray,
-                 vocab_size: int, details: dict):
+                 vocab_size: int, details: dict, tokenizer_json: Optional[str] = None):
         super().__init__(cfg)
         self.name, self.vocab_size, self.details = name, vocab_size, details
+        self.tokenizer_json = tokenizer_json
         self.splits = {"train": train, "val": val}
         for split, arr in self.splits.items():
             if len(arr) < 2:
@@ -233,6 +241,15 @@ class ArraySource(TokenSource):
         counts = np.bincount(sample, minlength=self.vocab_size).astype(np.float64)
         return counts / counts.sum()
 
+    def save(self, run_dir: Path) -> list[str]:
+        """The tokenizer as ``<run_dir>/tokenizer.json`` (unchanged if it is already there)."""
+        if self.tokenizer_json is None:
+            return []
+        path = Path(run_dir) / TOKENIZER_FILE
+        if not (path.is_file() and path.read_text() == self.tokenizer_json):
+            atomic_write_text(path, self.tokenizer_json)
+        return [TOKENIZER_FILE]
+
     def _describe(self) -> dict:
         train = self.splits["train"]
         sample = np.asarray(train[: 1 << 22], dtype=np.int64)
@@ -253,20 +270,61 @@ def split_tail(tokens: np.ndarray, val_fraction: float) -> tuple[np.ndarray, np.
 
 
 TOKEN_DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
+AUTO_DTYPE = "auto"  # data.dtype: meta.json's dtype, else uint16
+DEFAULT_DTYPE = "uint16"
+META_FILE = "meta.json"
+
+# what text looks like (shared with proxy/data/text.py): no NUL byte, and at most CONTROL_LIMIT of
+# its bytes control characters other than the ones text holds
+CONTROL_LIMIT = 0.05
+TEXT_CONTROLS = frozenset(b"\t\n\r\f\v\x1b")
+SNIFF_BYTES = 1 << 16  # how much of a .bin is looked at to tell text from token ids
+
+
+def looks_like_text(head: bytes) -> bool:
+    """Whether ``head`` reads as UTF-8 text. Token ids never do: a uint32 id below 2^24 has a
+    NUL byte, and a uint16 file of a real vocabulary holds ids below 256 (punctuation, bytes)
+    and ids whose bytes are not valid UTF-8."""
+    if not head or b"\x00" in head:
+        return False
+    data = np.frombuffer(head, dtype=np.uint8)
+    control = ((data < 32) | (data == 127)) & ~np.isin(data, list(TEXT_CONTROLS))
+    if control.mean() > CONTROL_LIMIT:
+        return False
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as exc:  # a character cut by the end of the sample still counts
+        return exc.reason == "unexpected end of data" and exc.start >= len(head) - 3
+    return True
+
+
+def resolve_dtype(requested: str, meta: dict, meta_path: Path) -> str:
+    """The token dtype: meta.json's where it has one, ``data.dtype`` where it has none. An
+    explicit ``data.dtype`` that disagrees with meta.json is refused, naming both."""
+    stored = meta.get("dtype")
+    if stored is not None and stored not in TOKEN_DTYPES:
+        raise DataError(f"{meta_path}: dtype {stored!r} must be uint16 or uint32")
+    if requested == AUTO_DTYPE:
+        return stored or DEFAULT_DTYPE
+    if requested not in TOKEN_DTYPES:
+        raise DataError(f"data.dtype={requested!r} must be auto, uint16 or uint32")
+    if stored is not None and stored != requested:
+        raise DataError(f"data.dtype={requested} disagrees with {meta_path} (dtype {stored}): drop the "
+                        "override (meta.json decides) or fix meta.json")
+    return requested
 
 
 def load_memmap(cfg: DataConfig) -> ArraySource:
     """``data.path``: a .bin file (val = its tail) or a folder with train.bin [and val.bin]."""
     path = existing_path(cfg.path)
     folder = path if path.is_dir() else path.parent
-    meta = _read_meta(folder / "meta.json")
-    dtype = meta.get("dtype", cfg.dtype)
-    if dtype not in TOKEN_DTYPES:
-        raise DataError(f"{folder / 'meta.json'}: dtype {dtype!r} must be uint16 or uint32")
+    meta = _read_meta(folder / META_FILE)
+    dtype = resolve_dtype(cfg.dtype, meta, folder / META_FILE)
     if path.is_dir():
         train_file = path / "train.bin"
         if not train_file.is_file():
-            raise DataError(f"{path}: folder has no train.bin")
+            hint = "; it holds .txt files: use data.source=text, or proxy-prepare" if any(path.glob("*.txt")) else ""
+            raise DataError(f"{path}: folder has no train.bin{hint}")
         train = _open_bin(train_file, dtype)
         val_file = path / "val.bin"
         if val_file.is_file():
@@ -284,12 +342,14 @@ def load_memmap(cfg: DataConfig) -> ArraySource:
     return ArraySource(cfg, "memmap", train, val, vocab, {"dtype": dtype, "val_source": val_source})
 
 
-def existing_path(path: Optional[str]) -> Path:
+def existing_path(path: Optional[str], key: str = "data.path") -> Path:
+    """``path`` as an existing file or folder; DataError naming ``key`` (the config key or the
+    command-line flag it came from) otherwise."""
     if not path:
-        raise DataError("data.path is not set")
+        raise DataError(f"{key} is not set")
     p = Path(path).expanduser()
     if not p.exists():
-        raise DataError(f"data.path={path}: no such file or folder")
+        raise DataError(f"{key}={path}: no such file or folder")
     return p
 
 
@@ -310,9 +370,22 @@ def _open_bin(path: Path, dtype: str) -> np.memmap:
     itemsize = np.dtype(TOKEN_DTYPES[dtype]).itemsize
     if size == 0:
         raise DataError(f"{path}: file is empty")
+    with open(path, "rb") as f:
+        head = f.read(SNIFF_BYTES)
+    if looks_like_text(head):
+        raise DataError(_text_not_tokens(path, head, dtype))
     if size % itemsize:
         raise DataError(f"{path}: {size} bytes is not a whole number of {dtype} tokens")
     return np.memmap(path, dtype=TOKEN_DTYPES[dtype], mode="r")
+
+
+def _text_not_tokens(path: Path, head: bytes, dtype: str) -> str:
+    """The one line refusing a text file given as token ids, with the ids it would have read."""
+    itemsize = np.dtype(TOKEN_DTYPES[dtype]).itemsize
+    ids = np.frombuffer(head[: len(head) - len(head) % itemsize], dtype=TOKEN_DTYPES[dtype])
+    seen = f" (as {dtype} ids {int(ids.min())}..{int(ids.max())})" if len(ids) else ""
+    return (f"{path}: this is text, not {dtype} token ids{seen}; train on it with data.source=text, "
+            f"or tokenize it once with proxy-prepare --input {path} --out DIR and set data.path=DIR")
 
 
 def _bin_files(path: Path) -> list[Path]:

@@ -14,11 +14,11 @@ from typing import Optional, Sequence
 import numpy as np
 
 from proxy.config import DataConfig
-from proxy.data.sources import TOKEN_DTYPES, ArraySource, DataError, existing_path, split_tail
+from proxy.data.sources import (CONTROL_LIMIT, TEXT_CONTROLS, TOKEN_DTYPES, ArraySource, DataError, existing_path,
+                                split_tail)
+from proxy.records import TOKENIZER_FILE
 
 EOT = "<|endoftext|>"  # document separator of BPE vocabularies (byte-level uses byte 0)
-CONTROL_LIMIT = 0.05  # a file whose first MiB is more than 5 % control bytes is not text
-_TEXT_CONTROLS = frozenset(b"\t\n\r\f\v\x1b")  # control bytes that text does hold
 
 
 class Document(bytes):
@@ -40,7 +40,7 @@ def check_text(path: Path, data: bytes) -> None:
     if nul >= 0:
         raise DataError(f"{path}: not text (a NUL byte at offset {nul}: a binary file, or UTF-16?)")
     head = data[: 1 << 20]
-    control = sum(1 for b in head if (b < 32 or b == 127) and b not in _TEXT_CONTROLS)
+    control = sum(1 for b in head if (b < 32 or b == 127) and b not in TEXT_CONTROLS)
     if head and control / len(head) > CONTROL_LIMIT:
         raise DataError(f"{path}: not text ({control / len(head):.0%} of its first {len(head)} bytes are "
                         "control characters)")
@@ -106,6 +106,10 @@ class BPETokenizer:
         except Exception as exc:  # tokenizers raises a bare Exception on a bad file
             raise DataError(f"{path}: not a tokenizers JSON file ({_first_line(exc)})") from None
 
+    def to_json(self) -> str:
+        """The tokenizer as a tokenizers JSON file's text (``Tokenizer.from_file`` reads it)."""
+        return self.tokenizer.to_str()
+
     def encode(self, docs: Sequence[bytes]) -> np.ndarray:
         ids: list[int] = []
         for i, enc in enumerate(self.tokenizer.encode_batch(_decode(docs))):
@@ -146,13 +150,25 @@ def make_tokenizer(kind: str, docs: Sequence[bytes], bpe_vocab_size: int):
     return BPETokenizer.load(path)
 
 
-def load_text(cfg: DataConfig) -> ArraySource:
+def load_text(cfg: DataConfig, run_dir: Optional[Path] = None) -> ArraySource:
+    """The text at ``data.path``, tokenized. A BPE tokenizer (trained now, or read from
+    ``data.tokenizer``) goes with the source, to be saved as the run's tokenizer.json; with
+    ``run_dir`` (a resume, a spike kit's replay) the run's own tokenizer.json is used instead of
+    training a new one, so the ids are the ones the run was trained on."""
     docs = read_documents(existing_path(cfg.path))
-    tokenizer = make_tokenizer(cfg.tokenizer, docs, cfg.bpe_vocab_size)
+    saved = Path(run_dir) / TOKENIZER_FILE if run_dir is not None else None
+    if cfg.tokenizer != "byte" and saved is not None and saved.is_file():
+        tokenizer = BPETokenizer.load(saved)
+    else:
+        tokenizer = make_tokenizer(cfg.tokenizer, docs, cfg.bpe_vocab_size)
     train, val = split_tail(tokenizer.encode(docs), cfg.val_fraction)
     details = {"tokenizer": tokenizer.name, "documents": len(docs),
                "val_source": f"tail {cfg.val_fraction:g} of the text"}
-    return ArraySource(cfg, "text", train, val, tokenizer.vocab_size, details)
+    tokenizer_json = None
+    if isinstance(tokenizer, BPETokenizer):
+        tokenizer_json = tokenizer.to_json()
+        details["tokenizer_file"] = TOKENIZER_FILE
+    return ArraySource(cfg, "text", train, val, tokenizer.vocab_size, details, tokenizer_json=tokenizer_json)
 
 
 # ============================================================================================
@@ -165,7 +181,7 @@ def prepare(input_path: str, out_dir: str, tokenizer: str = "byte", vocab_size: 
         raise DataError(f"--val-fraction {val_fraction} must be in (0, 1)")
     if tokenizer not in ("byte", "bpe"):
         raise DataError(f"--tokenizer {tokenizer!r} must be byte or bpe")
-    docs = read_documents(existing_path(input_path))
+    docs = read_documents(existing_path(input_path, key="--input"))
     tok = make_tokenizer(tokenizer, docs, vocab_size)
     train, val = split_tail(tok.encode(docs), val_fraction)
     if len(train) < 2:

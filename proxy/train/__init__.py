@@ -8,7 +8,8 @@
     remedies.py       skip-step, rollback, ZClip behind one Remedy interface; the spike detector
     observer.py       what may watch the loop; capture.py: spike kits, the one observer so far
     diagnostics.py    what is measured (attention / output statistics, grad and update RMS, ...)
-    tracking.py       the wandb sink
+    tracking.py       the sinks: wandb, TensorBoard, the log (train.log's key lines)
+    sweep_status.py   a multirun's progress line (runs done of N, ETA)
     distributed.py    torchrun / SLURM data parallelism
     ensemble.py       a whole sweep in one process: K members vectorized (ensemble_optim.py)
     estimate.py       the device time of a run or preset, printed before it starts

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import io
 import os
+import re
+import shlex
 import signal
 import sys
 import tempfile
@@ -29,12 +31,13 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 
 from proxy.analysis import run_name_from
-from proxy.config import CONF_DIR, ConfigError, register_configs, to_config
+from proxy.config import CONF_DIR, Config, ConfigError, register_configs, to_config
 from proxy.data import DataError
 from proxy.records import ERROR_FILE, INTERRUPTED, START_ERROR_FILE, RunDirError, StateFileError, UnsafePathError
 from proxy.train.ensemble import sweep_requested, train_ensemble
 from proxy.train.estimate import announce
 from proxy.train.ledger import RunDirTaken
+from proxy.train.resume import continue_stored
 from proxy.train.trainer import train
 
 INPUT_ERRORS = (ConfigError, DataError, StateFileError, UnsafePathError)  # one line, exit 2
@@ -94,15 +97,18 @@ def _hydra_task(dcfg) -> Optional[float]:
         _gate.release()
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
+    overrides = tuple(hc.overrides.task)
+    stored_name: Optional[str] = None
     try:
         cfg = to_config(dcfg)
+        run_dir = Path(cfg.out_dir or hc.runtime.output_dir)
+        if cfg.train.resume and not sweep_requested(cfg):
+            cfg, overrides, stored_name = _continue_stored(cfg, run_dir, overrides)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
-    run_dir = Path(cfg.out_dir or hc.runtime.output_dir)
     sweep_id = Path(hc.sweep.dir).name if multirun else None
-    overrides = tuple(hc.overrides.task)
-    name = cfg.run_name or run_name_from(overrides)
+    name = cfg.run_name or stored_name or run_name_from(overrides)
     line = announce(cfg)
     if line and int(os.environ.get("RANK", "0")) == 0:
         print(f"{name}: {line}", flush=True)
@@ -113,7 +119,7 @@ def _hydra_task(dcfg) -> Optional[float]:
                 print(f"{member['status']}: {member.get('run_name')}")
             interrupted = [m for m in members if m["status"] == INTERRUPTED]
             if interrupted:
-                _stop_interrupted(interrupted[0], run_dir, overrides, members=interrupted)
+                _stop_interrupted(interrupted[0], run_dir, members=interrupted)
             return None
         summary = train(cfg, run_dir, name, sweep_id, overrides)
     except TAKEN as exc:
@@ -130,10 +136,23 @@ def _hydra_task(dcfg) -> Optional[float]:
             sys.exit(1)
         return None  # a multirun goes on to its next job
     if summary["status"] == INTERRUPTED:
-        _stop_interrupted(summary, run_dir, overrides)
+        _stop_interrupted(summary, run_dir)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"{summary['status']}: {name} -> {summary.get('run_dir', run_dir)}")
     return summary.get("final_val_loss")
+
+
+def _continue_stored(cfg: Config, run_dir: Path, overrides: tuple[str, ...]
+                     ) -> tuple[Config, tuple[str, ...], Optional[str]]:
+    """train.resume=true: the config, overrides and name of the run stored in ``run_dir``, with
+    only what this command's overrides set (proxy/train/resume.py); the run's ledger then checks
+    that nothing changed that a resume may not change."""
+    from hydra import compose  # inside a Hydra job: the same config tree, no override
+
+    continued = continue_stored(cfg, to_config(compose(config_name="config")), run_dir, overrides)
+    if continued is None:  # nothing stored that loads: the ledger says why
+        return cfg, overrides, None
+    return continued.cfg, continued.overrides, continued.run_name
 
 
 def _traceback_hint(run_dir: Path) -> str:
@@ -145,23 +164,29 @@ def _traceback_hint(run_dir: Path) -> str:
     return ""
 
 
-def _stop_interrupted(summary: dict, run_dir: Path, overrides: tuple[str, ...],
-                      members: Optional[list[dict]] = None) -> None:
+def _stop_interrupted(summary: dict, run_dir: Path, members: Optional[list[dict]] = None) -> None:
     """One line on how to go on, then the signal's exit code (a multirun stops too). An
     ensemble's members resume one by one, each as the standalone run it is."""
     signame = str(summary.get("interrupted_by", "SIGINT"))
     code = 128 + int(getattr(signal, signame, signal.SIGINT))
-    if int(os.environ.get("RANK", "0")) == 0:
+    if int(os.environ.get("RANK", "0")) == 0:  # a resume continues the stored config: no override to retype
         if members is None:
-            again = " ".join(o for o in overrides if not o.startswith(("out_dir=", "train.resume=")))
-            how = f"proxy-train {again + ' ' if again else ''}train.resume=true out_dir={run_dir}"
-        else:  # the members' own overrides name their LR / seed / decay and no sweep.*
-            first = " ".join(o for o in members[0].get("overrides", []))
-            how = (f"each member on its own, e.g. proxy-train {first} train.resume=true "
-                   f"out_dir={run_dir / members[0]['ensemble']['label']} ({len(members)} members interrupted)")
+            how = resume_command(run_dir)
+        else:
+            how = (f"each member on its own, e.g. {resume_command(run_dir / members[0]['ensemble']['label'])} "
+                   f"({len(members)} members interrupted)")
         print(f"interrupted by {signame} at step {summary.get('steps_completed')}; continue with: {how}",
               file=sys.stderr)
     sys.exit(code)
+
+
+def resume_command(run_dir: Path) -> str:
+    """The command that continues the run in ``run_dir``, ready for a shell. A path outside
+    Hydra's plain characters is quoted for Hydra, then for the shell: a member's directory
+    (``lr=0.001``) holds an "=" that Hydra's override grammar refuses unquoted."""
+    value = str(run_dir)
+    arg = f"out_dir={value}" if re.fullmatch(r"[\w/.~+-]+", value) else shlex.quote(f'out_dir="{value}"')
+    return f"proxy-train train.resume=true {arg}"
 
 
 def _quiet_non_zero_ranks() -> None:
@@ -191,4 +216,19 @@ def main() -> None:
                 raise SystemExit(2) from None
             _gate.release()
             raise
+        except Exception as exc:  # raised by Hydra before any job started (a mode clash, ...)
+            if _gate.open:
+                raise
+            _gate.real.write(f"error: {_before_job(exc)}\n")
+            raise SystemExit(2) from None
     _gate.release()
+
+
+def _before_job(exc: Exception) -> str:
+    """One line for an error Hydra raised before a job started. ``-m`` with ``--cfg``: Hydra
+    prints the config of one job, never of a sweep."""
+    text = one_line(f"{type(exc).__name__}: {exc}")
+    argv = sys.argv[1:]
+    if any(a in ("-m", "--multirun") for a in argv) and any(a.startswith(("-c", "--cfg")) for a in argv):
+        text += " (--cfg shows one job's config: drop -m and give each swept key one value)"
+    return text

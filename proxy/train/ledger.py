@@ -2,10 +2,11 @@
 
 A standalone run owns one :class:`RunLedger`; each member of an ensemble owns one too, so their
 records cannot drift apart. The ledger writes the run directory (proxy/records.py) and mirrors
-it to wandb (proxy/train/tracking.py):
+it to the sinks: wandb, TensorBoard, the log (proxy/train/tracking.py):
 
     claim()            take the run directory: its lock (one writer at a time), and refuse a fresh
-                       run over a directory that already holds one (resume it instead)
+                       run over a directory that already holds one (resume it instead); a resume
+                       whose config differs from the stored one beyond RESUME_MAY_CHANGE is refused
     read_checkpoint()  the newest checkpoint that loads (torn ones skipped, refused ones named)
     open() / start()   wandb, then the record: config.yaml and the summary of a running run
     log() / event()    metrics.jsonl rows and events (and wandb), the running numbers the summary needs
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 import traceback
 from pathlib import Path
@@ -40,8 +42,9 @@ from proxy.records import (ATTN_MAX_LOGIT, CHECKPOINTS, CONFIG, ERROR_FILE, FAIL
                            SUMMARY, RunLock, RunRecord, StateFileError, atomic_write_text, check_no_links, checkpoints,
                            holds_run, load_state, read_json, save_state, state_step)
 from proxy.train.remedies import Event
-from proxy.train.runtime import ATTN_MAX_LOGIT_PEAK, summary_fields, without_wandb
-from proxy.train.tracking import WandbSink
+from proxy.train.resume import ResumeCheck, accumulate, check_resume, runtime_changes
+from proxy.train.runtime import ATTN_MAX_LOGIT_PEAK, summary_fields
+from proxy.train.tracking import Sinks, open_sinks
 
 CHECKPOINT_NAME = "step_{step:07d}.pt"
 CHECKPOINT_KEYS = ("model", "optimizer", "step", "data_position", "tokens", "loss_at_init", "rng_cpu")
@@ -85,8 +88,9 @@ class RunLedger:
         self.resume, self.concurrent_wandb = resume, concurrent_wandb
         self.lock = RunLock(self.dir)
         self.record: Optional[RunRecord] = None  # opened by open(), after the start is validated
-        self.wandb: Optional[WandbSink] = None
+        self.sinks: Optional[Sinks] = None  # wandb, TensorBoard, the log: opened by open()
         self.existed = False  # the directory held a run record before this process came
+        self.resume_check = ResumeCheck()  # on resume: what differs from the stored config (claim)
         self.stats_seen: dict[str, float] = {}  # what the summary reports of the logged statistics
         self.recent_losses: list[float] = []  # the last log_every train losses: final_train_loss
         self._clock = time.time()
@@ -98,9 +102,17 @@ class RunLedger:
     # -- start ---------------------------------------------------------------------------------
     def claim(self) -> None:
         """Take the directory (its lock; RunDirBusy if another process writes it). A fresh run
-        over an existing run record is refused (RunDirTaken): resume it, or choose another dir."""
-        if not self.main:
-            return
+        over an existing run record is refused (RunDirTaken): resume it, or choose another dir.
+        A resume whose config differs from the stored one beyond what a resume may change is
+        refused (ResumeRefused, proxy/train/resume.py), on every rank alike: it only reads."""
+        if self.main:
+            self._take_dir()
+        if self.resume:
+            self.resume_check = check_resume(self.dir, self.cfg)
+            # a resume goes on in the stored run's sweep (a member's, a multirun job's)
+            self.sweep_id = self.sweep_id or _stored_summary(self.dir).get("sweep_id")
+
+    def _take_dir(self) -> None:
         if self.dir.is_dir():
             check_no_links(self.dir)  # before the lock file is even created
         self.lock.acquire()
@@ -140,8 +152,8 @@ class RunLedger:
         metrics.jsonl back to it (its first ``lines`` lines). Up to here nothing but the lock
         file was written."""
         cfg = self.cfg
-        self.wandb = WandbSink(cfg if self.main else without_wandb(cfg), self.dir, self.run_name, self.sweep_id,
-                               concurrent=self.concurrent_wandb)
+        self.sinks = open_sinks(cfg, self.dir, self.run_name, self.sweep_id, main=self.main,
+                                concurrent=self.concurrent_wandb, resume_step=resume_step)
         self.record = (RunRecord if self.main else NullRecord)(self.dir, resume=self.resume)
         if resume_step is not None:
             self.record.truncate_after(resume_step - 1, lines)
@@ -155,6 +167,8 @@ class RunLedger:
             self.open()
         cfg = self.cfg
         previous_wall = self.summary.get("wall_time_s", 0.0) if self.resume else 0.0
+        threads = thread_settings()
+        resumed = self._resume_fields(device, extra.get("backends"), threads) if self.resume else {}
         if self.main:
             atomic_write_text(self.dir / CONFIG, OmegaConf.to_yaml(OmegaConf.create(as_dict(cfg))))
         self.record.update(
@@ -170,9 +184,24 @@ class RunLedger:
             device=str(device),
             started_at=self.summary.get("started_at", time.time()),
             data=data,
+            threads=threads,  # results are bitwise only at the same thread count (README)
+            **resumed,
             **extra,
         )
         self._clock = time.time() - previous_wall
+        self.sinks.started(self.summary)
+
+    def _resume_fields(self, device: torch.device, backends: Optional[dict], threads: dict) -> dict[str, Any]:
+        """What this resume changed: the config keys it may change, and where the run now
+        executes (device, resolved backends, threads), against the stored summary; and the
+        changes train.resume_override forced, kept over every resume."""
+        now = {"device": str(device), "backends": backends or {}, "threads": threads}
+        previous = {key: self.summary.get(key) for key in now if self.summary.get(key) is not None}
+        fields: dict[str, Any] = {"resumed_with": {**self.resume_check.resumed_with,
+                                                   **runtime_changes(previous, now)}}
+        if self.resume_check.forced or self.summary.get("resume_override"):
+            fields["resume_override"] = accumulate(self.summary.get("resume_override"), self.resume_check.forced)
+        return fields
 
     def update(self, **fields: Any) -> None:
         self.record.update(**fields)
@@ -181,7 +210,7 @@ class RunLedger:
     def log(self, step: int, row: dict[str, Any]) -> None:
         """One metrics row (and wandb); remembers the statistics the summary reports."""
         self.record.log(step, row)
-        self.wandb.log(step, row)
+        self.sinks.log(step, row)
         if ATTN_MAX_LOGIT in row:
             peak = max(self.stats_seen.get(ATTN_MAX_LOGIT_PEAK, -math.inf), row[ATTN_MAX_LOGIT])
             self.stats_seen[ATTN_MAX_LOGIT_PEAK] = peak
@@ -200,7 +229,7 @@ class RunLedger:
     def remedy_event(self, event: Event) -> None:
         """A remedy's action: an event row, and a ``remedy/<kind>`` mark in wandb."""
         self.record.event(event.step, event.kind, **event.record_fields())
-        self.wandb.log(event.step, {REMEDY + event.kind: 1})
+        self.sinks.log(event.step, {REMEDY + event.kind: 1})
 
     # -- checkpoints ---------------------------------------------------------------------------
     def save_checkpoint(self, step: int, **state: Any) -> Optional[Path]:
@@ -242,8 +271,8 @@ class RunLedger:
         fields = summary_fields(status, steps, tokens, time.time() - self._clock, self.recent_losses,
                                 self.stats_seen, self.summary.get("best_val_loss"), diverged_at, final_val)
         self.record.update(**fields, **extra)
-        self.wandb.summary(fields)
-        self.wandb.finish(failed=status == FAILED)
+        self.sinks.summary(fields)
+        self.sinks.finish(failed=status == FAILED)
         self.release()
         return self.summary
 
@@ -265,8 +294,8 @@ class RunLedger:
             _best_effort(lambda: self.record.update(status=FAILED, error=error, steps_completed=steps))
             _best_effort(lambda: atomic_write_text(self.dir / ERROR_FILE, text))
         finally:
-            if self.wandb is not None:
-                _best_effort(lambda: self.wandb.finish(failed=True))
+            if self.sinks is not None:
+                _best_effort(lambda: self.sinks.finish(failed=True))
             self.release()
 
     def release(self) -> None:
@@ -274,6 +303,18 @@ class RunLedger:
         if self.record is not None:
             self.record.close()
         self.lock.release()
+
+
+def thread_settings() -> dict[str, Any]:
+    """The CPU thread count the run computes with: results differ from one count to another."""
+    return {"torch": torch.get_num_threads(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}
+
+
+def _stored_summary(run_dir: Path) -> dict[str, Any]:
+    try:
+        return read_json(run_dir / SUMMARY)
+    except (OSError, ValueError):
+        return {}
 
 
 def _previous_status(run_dir: Path) -> str:

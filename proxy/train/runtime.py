@@ -6,19 +6,21 @@ ensemble so the two cannot disagree.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import math
+import multiprocessing
 import signal
+import sys
 import threading
 from typing import Any, Callable, ContextManager, Optional
 
 import torch
 
-from proxy.config import Config, ConfigError, LossImpl, TrainConfig, WandbMode
+from proxy.config import Config, ConfigError, LossImpl, TrainConfig
 from proxy.model import attention_backend
 from proxy.train.diagnostics import RARE_BELOW, class_counts, token_classes
-from proxy.records import ATTN_MAX_LOGIT, GRAD_NORM, INTERRUPTED, LR, OUTPUT_LOGIT_MEAN, TRAIN_LOSS
+from proxy.records import (ATTN_MAX_LOGIT, GRAD_NORM, INTERRUPTED, LR, OUTPUT_LOGIT_MEAN, TOKENS_PER_S, TRAIN_LOSS,
+                           VAL_LOSS)
 
 ATTN_MAX_LOGIT_PEAK = "attn/max_logit_peak"  # not a metric: the summary's running peak
 
@@ -75,11 +77,6 @@ def mark_token_classes(model, source, cfg: Config) -> Optional[dict[str, Any]]:
     codes = token_classes(probabilities, cfg.train.steps * cfg.train.batch_size * cfg.train.seq_len)
     model.set_token_classes(codes)
     return {**class_counts(codes), "rare_means": f"< {RARE_BELOW:g} expected occurrences in the run"}
-
-
-def without_wandb(cfg: Config) -> Config:
-    """``cfg`` with wandb off (what ranks other than 0 of a data-parallel run log with)."""
-    return dataclasses.replace(cfg, wandb=dataclasses.replace(cfg.wandb, mode=WandbMode.disabled))
 
 
 # --------------------------------------------------------------------------------------------
@@ -187,16 +184,101 @@ def summary_fields(status: str, steps: int, tokens: int, wall_time_s: float, rec
 # --------------------------------------------------------------------------------------------
 # Progress bar
 # --------------------------------------------------------------------------------------------
-def progress_bar(total: int, enabled: bool, name: str, initial: int):
-    """A tqdm bar (None when off); ``disable=None`` turns it off where stderr is not a TTY."""
-    if not enabled:
+def progress_wanted(setting: str | bool) -> bool:
+    """``train.progress``: true | false | auto, a bar where stderr is a terminal and this process
+    is not a worker of a parallel launcher (joblib), whose bars would overwrite each other."""
+    choice = str(setting).lower()
+    if choice == "auto":
+        return _stderr_is_terminal() and multiprocessing.parent_process() is None
+    return choice == "true"
+
+
+def _stderr_is_terminal() -> bool:
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):  # replaced or closed streams
+        return False
+
+
+class ProgressBar:
+    """A tqdm bar on stderr with the run's latest numbers: train loss, val loss, tokens/s, LR,
+    grad norm. While it is open, log lines meant for the console are written above it
+    (``tqdm.write``) rather than through it."""
+
+    FIELDS = ("loss", "val", "tok/s", "lr", "gnorm")  # shown first, in this order
+
+    def __init__(self, total: int, name: str, initial: int):
+        from tqdm.auto import tqdm
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        self._redirect: Optional[ContextManager] = None
+        if any(_is_console_handler(h) for h in logging.getLogger().handlers):
+            self._redirect = logging_redirect_tqdm()
+            self._redirect.__enter__()
+        self.bar = tqdm(desc=name[:40], initial=initial, total=total, dynamic_ncols=True, leave=False,
+                        disable=False)
+        self.fields: dict[str, str] = {}
+
+    @property
+    def n(self) -> int:
+        return self.bar.n
+
+    @n.setter
+    def n(self, value: int) -> None:
+        self.bar.n = value
+
+    def set_postfix(self, refresh: bool = True, **fields: str) -> None:
+        """Set some of the fields shown after the bar (the others keep their values)."""
+        self.fields.update(fields)
+        ordered = {k: self.fields[k] for k in self.FIELDS if k in self.fields}
+        ordered.update((k, v) for k, v in self.fields.items() if k not in ordered)
+        self.bar.set_postfix(ordered, refresh=refresh)
+
+    def show(self, row: dict[str, Any]) -> None:
+        """The numbers of a log row (a train row, or an eval's ``{val/loss: ...}``)."""
+        fields = {}
+        if TRAIN_LOSS in row:
+            fields["loss"] = f"{row[TRAIN_LOSS]:.3f}"
+        if VAL_LOSS in row:
+            fields["val"] = f"{row[VAL_LOSS]:.3f}"
+        if TOKENS_PER_S in row:
+            fields["tok/s"] = _si(row[TOKENS_PER_S])
+        if LR in row:
+            fields["lr"] = f"{row[LR]:.2e}"
+        if GRAD_NORM in row:
+            fields["gnorm"] = f"{row[GRAD_NORM]:.2f}"
+        self.set_postfix(refresh=False, **fields)
+
+    def refresh(self) -> None:
+        self.bar.refresh()
+
+    def close(self) -> None:
+        self.bar.close()
+        if self._redirect is not None:
+            self._redirect.__exit__(None, None, None)
+            self._redirect = None
+
+
+def _is_console_handler(handler: logging.Handler) -> bool:
+    return isinstance(handler, logging.StreamHandler) and getattr(handler, "stream", None) in (sys.stdout, sys.stderr)
+
+
+def _si(value: float) -> str:
+    """12345.6 -> '12.3k' (a rate at a glance)."""
+    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= scale:
+            return f"{value / scale:.1f}{suffix}"
+    return f"{value:.0f}"
+
+
+def progress_bar(total: int, setting: str | bool, name: str, initial: int) -> Optional[ProgressBar]:
+    """The run's bar, or None where ``train.progress`` (``setting``) says none (see
+    :func:`progress_wanted`)."""
+    if not progress_wanted(setting):
         return None
-    from tqdm.auto import tqdm
-
-    return tqdm(desc=name[:40], initial=initial, total=total, dynamic_ncols=True, leave=False, disable=None)
+    return ProgressBar(total, name, initial)
 
 
-def show_row(progress, row: dict[str, Any]) -> None:
+def show_row(progress: Optional[ProgressBar], row: dict[str, Any]) -> None:
     if progress is not None:
-        progress.set_postfix(loss=f"{row[TRAIN_LOSS]:.3f}", lr=f"{row[LR]:.2e}",
-                             gnorm=f"{row[GRAD_NORM]:.2f}", refresh=False)
+        progress.show(row)

@@ -74,7 +74,8 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         random.seed(cfg.train.seed)
 
-        self.source = build_source(cfg.data)
+        # a resume reads the run's own files back (tokenizer.json: the ids the run was trained on)
+        self.source = build_source(cfg.data, run_dir=info.run_dir if cfg.train.resume else None)
         self.model = build_model(cfg.model, self.source.vocab_size).to(self.device)
         self.token_classes = mark_token_classes(self.model, self.source, cfg)
         self.optimizer = build_optimizer(self.model, cfg.optim)
@@ -233,7 +234,7 @@ class Trainer:
     def run(self) -> dict[str, Any]:
         t = self.cfg.train
         self._start()
-        progress = progress_bar(t.steps, t.progress and self.dist.is_main, self.info.run_name, self.step)
+        progress = progress_bar(t.steps, t.progress if self.dist.is_main else False, self.info.run_name, self.step)
         self.outcome = "crashed"  # until the loop says otherwise
         interrupted: Optional[Interrupted] = None
         try:
@@ -276,6 +277,7 @@ class Trainer:
                     self.loss_at_init = val
                     self.ledger.update(loss_at_init=val)
                 self.ledger.log(step, {VAL_LOSS: val})
+                show_row(progress, {VAL_LOSS: val})
             logging_step = step % t.log_every == 0 or step == t.steps - 1
             row = self.train_step(step, logging_step)  # advances self.step (a rollback rewinds it)
             if row:
@@ -314,6 +316,8 @@ class Trainer:
                           n_params_non_embedding=self.model.n_params(non_embedding=True), device=self.device,
                           data=self.source.describe(), lr=self.cfg.optim.lr,
                           backends=backends(self.cfg, self.device), token_classes=self.token_classes, **resumed)
+        if self.dist.is_main:
+            self.source.save(self.run_dir)  # what decodes the run's checkpoints (a BPE tokenizer)
 
     def _finish(self, status: str, diverged_at: Optional[int] = None,
                 final_val: Optional[float] = None, **extra: Any) -> dict[str, Any]:
