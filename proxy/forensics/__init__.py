@@ -5,6 +5,9 @@
     dissect.py    proxy-inspect: where in the model, which data, does it come back, is it an
                   optimizer instability
     curvature.py  sharpness and Adam's preconditioned sharpness by Lanczos (edge of stability)
+    edge.py       the trajectory into a spike: both sharpnesses against 2/eta and 38/eta, the
+                  Adam update's bimodality and its cosine with descent, step by step
+                  (proxy-inspect --edge; experiments/adam_edge_of_stability)
 """
 
 from proxy.forensics.replay import (Kit, KitError, Replay, Training, fresh_batches, load_kit, replay, restore,

@@ -15,7 +15,9 @@ What it asks of a kit (proxy/train/capture.py writes them), and where the answer
   skipped batches); (c) the spiking batch without its offending rows.
 - Is it an optimizer instability? Sharpness and Adam's preconditioned sharpness against the 2/eta
   and 38/eta edge-of-stability bounds (proxy/forensics/curvature.py), and the distribution of the
-  per-coordinate Adam update, which turns bimodal before divergence (Molybog et al. 2023).
+  per-coordinate Adam update, which turns bimodal before divergence (Molybog et al. 2023). With
+  ``--edge``, the same measured at every step from the pre-spike state through the spike
+  (proxy/forensics/edge.py: does the preconditioned sharpness cross 38/eta before the spike?).
 
 Output: ``<kit>/inspect/report.md`` with figures and ``inspect.json`` beside it (the Markdown
 through proxy/report/document.py, the project's one document writer).
@@ -35,9 +37,12 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import Tensor
 
-from proxy.config import Attention, Config, ConfigError, LossImpl
+from proxy.config import Config, ConfigError
 from proxy.data import DataError, find_repeated_ngrams
 from proxy.forensics import curvature
+from proxy.forensics.edge import (FIGURE as EDGE_FIGURE, EdgeTrajectory, adam_direction, batch_sharpness,
+                                  bimodality_coefficient, crossing_line, edge_figure, edge_section, edge_trajectory,
+                                  reference_config)
 from proxy.forensics.replay import (Kit, KitError, Replay, fresh_batches, find_kits, load_kit, replay, restore, states_equal,
                                     trainer_step)
 from proxy.records import write_json
@@ -99,10 +104,7 @@ def probe(kit: Kit, state: str, device: str = "cpu", curvature_iters: int = 20) 
         group, state_p = group_of[id(p)], t.optimizer.state.get(p, {})
         g, delta = grads[name].float(), (p.detach() - before[name]).float()
         m, v = state_p.get("exp_avg", torch.zeros_like(p)), state_p.get("exp_avg_sq", torch.zeros_like(p))
-        s = max(1, int(state_p.get("step", 1)))
-        (beta1, beta2), eps = group["betas"], group["eps"]
-        sqrt_v_hat = (v.double() / (1 - beta2 ** s)).sqrt()
-        u = (m.double() / (1 - beta1 ** s)) / (sqrt_v_hat + eps)
+        u, sqrt_v_hat = adam_direction(t.optimizer, p)
         directions[name] = _sample(u.reshape(-1))
         stats.append(ParamStats(
             name=name,
@@ -113,7 +115,7 @@ def probe(kit: Kit, state: str, device: str = "cpu", curvature_iters: int = 20) 
             update_rms_over_lr=float(delta.pow(2).mean().sqrt() / group["lr"]) if group["lr"] > 0 else 0.0,
             exp_avg_norm=float(m.float().norm()),
             exp_avg_sq_norm=float(v.float().norm()),
-            eps_fraction=float((sqrt_v_hat < eps).double().mean()),
+            eps_fraction=float((sqrt_v_hat < group["eps"]).double().mean()),
             bimodality=bimodality_coefficient(u),
         ))
     result = Probe(
@@ -133,34 +135,14 @@ def _sharpness(kit: Kit, state: str, device: str, x: Tensor, y: Tensor, precond:
                lr: float, iterations: int) -> curvature.Sharpness:
     """At the state's weights, before its update, in fp32 on the reference attention and loss
     (the Triton kernels have no double backward; the weights and the math are the same)."""
-    cfg = kit.config
-    reference = dataclasses.replace(cfg, model=dataclasses.replace(
-        cfg.model, attention=Attention.naive, loss_impl=LossImpl.torch))
-    model = restore(kit, state, device, cfg=reference).model
-    out = model(x.to(device), y.to(device), z_loss=cfg.loss.z_loss, ignore_index=cfg.loss.ignore_index)
-    return curvature.sharpness(out.loss, list(model.parameters()), precond, lr, cfg.optim.beta1, iterations)
+    model = restore(kit, state, device, cfg=reference_config(kit.config)).model
+    return batch_sharpness(model, kit.config, x, y, precond, lr, iterations)
 
 
 def _sample(values: Tensor) -> Tensor:
     """At most HIST_SAMPLE values, evenly strided (deterministic), as fp32 on the CPU."""
     stride = max(1, values.numel() // HIST_SAMPLE)
     return values[::stride].float().cpu()
-
-
-def bimodality_coefficient(values: Tensor) -> float:
-    """Sarle's b = (skewness^2 + 1) / kurtosis: 1/3 for a normal, 5/9 for a uniform, toward 1 for
-    two separated modes (e.g. Adam updates piling up at +-1)."""
-    x = values.reshape(-1).double()
-    x = x[torch.isfinite(x)]
-    if x.numel() < 4:
-        return math.nan
-    centred = x - x.mean()
-    var = centred.pow(2).mean()
-    if var <= 0:
-        return math.nan
-    skew = centred.pow(3).mean() / var.pow(1.5)
-    kurt = centred.pow(4).mean() / var.pow(2)
-    return float((skew ** 2 + 1) / kurt)
 
 
 # ============================================================================================
@@ -366,11 +348,18 @@ class Inspection:
     ngram: dict[str, int]
     verdicts: list[ReplayVerdict] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    edge: Optional[EdgeTrajectory] = None  # with edge=True: every step from the pre-spike state on
 
 
 def inspect_kit(kit: Kit | str | Path, device: str = "cpu", do_replay: bool = True,
-                curvature_iters: int = 20, ngram: Optional[dict[str, int]] = None) -> Inspection:
-    """Every analysis of the module doc on one kit; :func:`write_report` writes it out."""
+                curvature_iters: int = 20, ngram: Optional[dict[str, int]] = None,
+                edge: bool = False) -> Inspection:
+    """Every analysis of the module doc on one kit; :func:`write_report` writes it out.
+
+    ``edge`` adds Adam's edge-of-stability trajectory (proxy/forensics/edge.py) with
+    ``curvature_iters`` products per eigenvalue: two Lanczos runs per step of the window."""
+    if edge and curvature_iters < 1:
+        raise KitError("the edge-of-stability trajectory needs curvature_iters >= 1")
     kit = kit if isinstance(kit, Kit) else load_kit(kit)
     ngram = ngram or ngram_settings(kit)
     pre = probe(kit, "before", device, curvature_iters)
@@ -383,6 +372,8 @@ def inspect_kit(kit: Kit | str | Path, device: str = "cpu", do_replay: bool = Tr
     if do_replay:
         result.verdicts, notes = replays(kit, rows, device, ngram=ngram)
         result.notes += notes
+    if edge:
+        result.edge = edge_trajectory(kit, device, curvature_iters)
     return result
 
 
@@ -420,6 +411,8 @@ def summary_lines(insp: Inspection) -> list[str]:
         sh = spike.sharpness
         lines.append(f"sharpness {_g(sh.sharpness)} = {_g(sh.gd_ratio)} x 2/lr; preconditioned "
                      f"{_g(sh.preconditioned)} = {_g(sh.adam_ratio)} x {_g(sh.adam_threshold * sh.lr)}/lr")
+    if insp.edge is not None:
+        lines.append(crossing_line(insp.edge))
     return lines
 
 
@@ -433,6 +426,7 @@ def write_report(insp: Inspection, out_dir: Optional[str | Path] = None) -> Path
     blocks += [Quote(note) for note in insp.notes]
     blocks += _param_section(insp) + _logit_section(insp) + _batch_section(insp)
     blocks += _replay_section(insp) + _curvature_section(insp)
+    blocks += edge_section(insp.edge) if insp.edge is not None else []
     blocks += [Heading("Figures")] + [Figure(f.name) for f in figures]
     (out / "report.md").write_text(to_markdown(f"Spike kit: step {kit.step}", blocks))
     write_json(out / "inspect.json", _as_json(insp))
@@ -540,6 +534,7 @@ def _as_json(insp: Inspection) -> dict[str, Any]:
                      "bitwise": v.bitwise, "after_state_equal": v.after_state_equal}
                     for v in insp.verdicts],
         "notes": insp.notes,
+        "edge": insp.edge.to_json() if insp.edge is not None else None,
     }
 
 
@@ -553,6 +548,9 @@ def _figures(insp: Inspection, out: Path) -> list[Path]:
     if insp.verdicts:
         figures.insert(0, _replay_figure(insp))
         names.insert(0, "replay.png")
+    if insp.edge is not None:
+        figures.append(edge_figure(insp.edge))
+        names.append(EDGE_FIGURE)
     return [_save_fig(fig, out / name) for fig, name in zip(figures, names)]
 
 
@@ -640,6 +638,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--no-replay", action="store_true", help="skip the replays")
     parser.add_argument("--lanczos-iters", type=int, default=20, help="Hessian-vector products per "
                         "eigenvalue; 0 skips the curvature")
+    parser.add_argument("--edge", action="store_true", help="Adam's edge of stability over every step "
+                        "from the pre-spike state to the spike (two Lanczos runs per step; edge.png)")
     parser.add_argument("--ngram-repeats", type=int, default=None,
                         help="min repeats for a repeated n-gram (default: from the kit's config)")
     args = parser.parse_args(argv)
@@ -649,6 +649,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise KitError(f"--out takes one kit, {len(kits)} found")
         if args.lanczos_iters < 0:
             raise KitError(f"--lanczos-iters={args.lanczos_iters} must be >= 0")
+        if args.edge and args.lanczos_iters == 0:
+            raise KitError("--edge needs the curvature: --lanczos-iters must be >= 1")
         if args.device.startswith("cuda") and not torch.cuda.is_available():
             raise KitError(f"--device {args.device}: no CUDA device is available")
         for path in kits:
@@ -656,7 +658,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             ngram = ngram_settings(kit)
             if args.ngram_repeats is not None:
                 ngram["min_repeats"] = args.ngram_repeats
-            insp = inspect_kit(kit, args.device, not args.no_replay, args.lanczos_iters, ngram)
+            insp = inspect_kit(kit, args.device, not args.no_replay, args.lanczos_iters, ngram, edge=args.edge)
             report = write_report(insp, args.out)
             print(f"{path}: report -> {report}")
             for line in summary_lines(insp):

@@ -22,7 +22,7 @@ from proxy.config import Config, to_config
 from proxy.data import DataError, build_source
 from proxy.model import build_model
 from proxy.optim import AdamW, build_optimizer
-from proxy.records import StateFileError, load_state, read_json
+from proxy.records import KITS_DIR, StateFileError, load_state, read_json
 from proxy.train.capture import BATCHES_FILE, KIT_FORMAT, KIT_JSON, STATE_FILES, find_kits
 from proxy.train.remedies import Remedy, build_remedy
 from proxy.train.runtime import autocast_for
@@ -212,7 +212,7 @@ def fresh_batches(kit: Kit, steps: Sequence[int], offset: int,
     stream (what a rollback that skips data would feed instead); None, with a note, when the
     data source cannot be opened here."""
     try:
-        source = build_source(kit.config.data)
+        source = build_source(kit.config.data, run_dir=kit_run_dir(kit))
     except (DataError, OSError) as exc:
         if notes is not None:
             notes.append(f"no fresh batches: the data source cannot be opened here ({exc})")
@@ -220,6 +220,12 @@ def fresh_batches(kit: Kit, steps: Sequence[int], offset: int,
     by_step = dict(zip(kit.steps, kit.batches["data_positions"].tolist()))
     rows, seq_len = kit.batches["inputs"].shape[1:]
     return [source.batch("train", by_step[s] + offset, rows, seq_len) for s in steps]
+
+
+def kit_run_dir(kit: Kit) -> Path:
+    """The run a kit belongs to (``<run_dir>/spike_kits/step_N``), whose files (its tokenizer.json)
+    rebuild the run's data source; a kit kept elsewhere is its own folder."""
+    return kit.path.parent.parent if kit.path.parent.name == KITS_DIR else kit.path
 
 
 def states_equal(a: dict[str, Tensor], b: dict[str, Tensor]) -> bool:

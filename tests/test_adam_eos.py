@@ -1,0 +1,169 @@
+"""Adam's edge of stability before a spike (proxy/forensics/edge.py, proxy-inspect --edge, and
+experiments/adam_edge_of_stability/study.py) on the provoked-spike kit of the forensics tests.
+
+Lanczos against a dense eigen-decomposition is tested in test_inspect.py (a quadratic with a known
+spectrum, plain and preconditioned); here the iterations are kept low, since only the plumbing and
+the conventions are checked."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from proxy.forensics import curvature, find_kits, load_kit, restore, trainer_step
+from proxy.forensics import dissect
+from proxy.forensics.dissect import main as inspect_main
+from proxy.forensics.edge import (Crossing, EdgeStep, EdgeTrajectory, batch_sharpness, edge_trajectory,
+                                  first_crossing, reference_config)
+from proxy.records import read_json, write_json
+from proxy.verdict import load_script
+from tests.test_forensics import BEFORE, SPIKE_STEP, run_with_capture, single_thread, spike_cfg  # noqa: F401
+
+STUDY = Path(__file__).resolve().parents[1] / "experiments" / "adam_edge_of_stability" / "study.py"
+ITERS = 3  # Hessian-vector products per eigenvalue: enough for the plumbing, cheap on a busy CPU
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("edge") / "spike"
+    run_with_capture(run_dir, spike_cfg())
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def kit(run_dir):
+    return load_kit(find_kits(run_dir)[0])
+
+
+@pytest.fixture(scope="module")
+def traj(kit):
+    return edge_trajectory(kit, iterations=ITERS)
+
+
+def test_trajectory_has_a_row_per_step_from_the_pre_spike_state_through_the_spike(kit, traj):
+    assert kit.step == SPIKE_STEP and traj.spike_step == SPIKE_STEP
+    assert [s.step for s in traj.steps] == list(range(SPIKE_STEP - BEFORE, SPIKE_STEP + 1))
+    assert traj.start_step == kit.state_step("before") and traj.beta1 == 0.9 and traj.iterations == ITERS
+    # the unprotected replay of a remedy-free CPU run is the run itself, bit for bit
+    assert traj.replays_run
+    assert [s.loss for s in traj.steps] == [kit.recorded(s.step)["loss"] for s in traj.steps]
+    assert [s.grad_norm for s in traj.steps] == [kit.recorded(s.step)["grad_norm"] for s in traj.steps]
+    for s in traj.steps:
+        assert s.gd_threshold == pytest.approx(2 / s.lr) and s.adam_threshold == pytest.approx(38 / s.lr)
+        assert s.gd_ratio == pytest.approx(s.sharpness / s.gd_threshold)
+        assert s.adam_ratio == pytest.approx(s.preconditioned / s.adam_threshold)
+        assert s.sharpness > 0 and s.preconditioned > 0
+        assert -1.0 <= s.update_cosine <= 1.0
+        assert 0.0 < s.update_bimodality <= 1.0
+    # the loss spikes at the spike step
+    assert traj.steps[-1].loss > max(s.loss for s in traj.steps[:-1])
+
+
+def test_the_preconditioner_is_the_one_of_the_steps_own_update(kit, traj):
+    """Row t pairs the Hessian at theta_t with P from v_t, which already holds g_t (Adam's own
+    order): recomputed here by hand for the first step it matches exactly, and the preconditioner
+    before the update (v_{t-1}) gives another number."""
+    t = restore(kit, "before")
+    x, y = kit.batch(t.step)
+    reference = restore(kit, "before", cfg=reference_config(kit.config)).model
+    params = list(t.model.parameters())
+    stale = curvature.adam_preconditioner(t.optimizer, params)  # v_{t-1}
+    r = trainer_step(t, x, y, use_remedy=False)  # the update: v_t now holds g_t
+    fresh = curvature.adam_preconditioner(t.optimizer, params)
+    ours = batch_sharpness(reference, kit.config, x, y, fresh, r.lr, ITERS)
+    row = traj.steps[0]
+    assert ours.preconditioned == row.preconditioned and ours.sharpness == row.sharpness
+    other = batch_sharpness(reference, kit.config, x, y, stale, r.lr, ITERS)
+    assert other.preconditioned != row.preconditioned
+
+
+def test_every_measures_fewer_steps_on_the_same_trajectory(kit, traj):
+    sparse = edge_trajectory(kit, iterations=1, every=2)
+    start = SPIKE_STEP - BEFORE
+    assert [s.step for s in sparse.steps] == sorted({*range(start, SPIKE_STEP + 1, 2), SPIKE_STEP})
+    full = {s.step: s.loss for s in traj.steps}
+    assert all(s.loss == full[s.step] for s in sparse.steps)  # unmeasured steps are still taken
+    with pytest.raises(ValueError, match="every >= 1"):
+        edge_trajectory(kit, every=0)
+
+
+def _constructed(spike: int, gd: list[float], adam: list[float]) -> EdgeTrajectory:
+    start = spike - len(gd) + 1
+    steps = [EdgeStep(step=start + i, lr=0.1, loss=3.0, grad_norm=1.0, sharpness=20 * g, gd_threshold=20.0,
+                      gd_ratio=g, preconditioned=380 * a, adam_threshold=380.0, adam_ratio=a,
+                      update_bimodality=0.4, update_cosine=0.2)
+             for i, (g, a) in enumerate(zip(gd, adam))]
+    return EdgeTrajectory(kit="k", spike_step=spike, trigger="loss", start_step=start, beta1=0.9, iterations=20,
+                          every=1, steps=steps)
+
+
+def test_first_crossing_on_constructed_trajectories(tmp_path):
+    # preconditioned reaches 1 three steps before the spike at 10, plain one step before
+    early = first_crossing(_constructed(10, gd=[0.1, 0.2, 0.5, 0.9, 1.3, 2.0],
+                                            adam=[0.3, 0.8, 1.0, 1.5, 0.9, 4.0]))
+    assert early.adam == Crossing(step=7, steps_before=3) and early.gd == Crossing(step=9, steps_before=1)
+    assert early.adam_before_spike and early.adam_first
+    assert early.max_adam_ratio == 4.0 and early.max_gd_ratio == 2.0
+    # never: below 1 throughout, a NaN (a non-finite step) is not a crossing
+    never = first_crossing(_constructed(10, gd=[0.1, 0.2, math.nan], adam=[0.5, 0.99, math.nan]))
+    assert never.adam == Crossing(None, None) and never.gd == Crossing(None, None)
+    assert not never.adam_before_spike and not never.adam_first and never.max_adam_ratio == 0.99
+    # at the spike step itself: not before the spike, but before the plain ratio (which never does)
+    at = first_crossing(_constructed(10, gd=[0.1, 0.2], adam=[0.5, 2.0]))
+    assert at.adam == Crossing(10, 0) and not at.adam_before_spike and at.adam_first
+    # plain first: the preconditioned ratio crossing later is not "first"
+    late = first_crossing(_constructed(10, gd=[1.2, 1.5], adam=[0.5, 2.0]))
+    assert not late.adam_first and not late.adam_before_spike
+
+    traj = _constructed(10, gd=[0.1, math.nan], adam=[0.3, 1.2])
+    write_json(tmp_path / "t.json", traj.to_json())
+    data = read_json(tmp_path / "t.json")
+    assert data["first_crossing"]["adam"] == {"step": 10, "steps_before": 0}
+    back = EdgeTrajectory.from_json(data)
+    assert back.steps[0] == traj.steps[0] and math.isnan(back.steps[1].gd_ratio)
+
+
+def test_wilson_interval():
+    study = load_script(STUDY)
+    assert study.wilson(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+    assert study.wilson(0, 1) == pytest.approx((0.0, 0.7935), abs=1e-4)
+    assert all(math.isnan(v) for v in study.wilson(0, 0))
+
+
+def test_study_end_to_end(run_dir, tmp_path, capsys):
+    study = load_script(STUDY)
+    out = tmp_path / "study"
+    assert study.main([str(run_dir.parent), "--out", str(out), "--iterations", "1"]) == 0  # a "sweep" dir
+    data = json.loads((out / "trajectories.json").read_text())
+    (entry,) = data["kits"]
+    assert entry["seed"] == 0 and entry["lr"] == spike_cfg().optim.lr and entry["remedy"] == "none"
+    assert [s["step"] for s in entry["trajectory"]["steps"]] == list(range(SPIKE_STEP - BEFORE, SPIKE_STEP + 1))
+    summary = data["summary"]
+    assert summary["kits"] == 1 and summary["seeds"] == [0]
+    for key in ("adam_before_spike", "adam_before_plain"):
+        lo, hi = summary[key]["wilson95"]
+        assert summary[key]["n"] == 1 and 0.0 <= lo <= summary[key]["fraction"] <= hi <= 1.0
+    text = (out / "summary.md").read_text()
+    for needle in ("Measured answer", "95% Wilson", "distinct seeds", "Per kit", "ratios_aligned.png"):
+        assert needle in text
+    assert (out / "ratios_aligned.png").stat().st_size > 0
+    assert study.main([str(tmp_path / "empty_dir_that_is_missing"), "--out", str(out)]) == 2
+    assert "no such path" in capsys.readouterr().err
+
+
+def test_inspect_edge_writes_the_section_and_figure(kit, tmp_path, capsys, monkeypatch):
+    # the per-parameter update histograms (test_inspect's) take ~10 s of matplotlib on a busy CPU:
+    # drawn here with the cheap sequence figure instead, since only the edge section matters
+    monkeypatch.setattr(dissect, "_update_figure", dissect._sequence_figure)
+    out = tmp_path / "inspect"
+    assert inspect_main([str(kit.path), "--out", str(out), "--no-replay", "--lanczos-iters", str(ITERS),
+                         "--edge"]) == 0
+    assert "edge of stability:" in capsys.readouterr().out
+    assert (out / "edge.png").stat().st_size > 0
+    report = (out / "report.md").read_text()
+    assert "Adam's edge of stability before the spike" in report and "(edge.png)" in report
+    edge = json.loads((out / "inspect.json").read_text())["edge"]
+    assert [s["step"] for s in edge["steps"]] == list(range(SPIKE_STEP - BEFORE, SPIKE_STEP + 1))
+    assert inspect_main([str(kit.path), "--out", str(out), "--edge", "--lanczos-iters", "0"]) == 2
+    assert "--edge needs the curvature" in capsys.readouterr().err
