@@ -266,3 +266,17 @@ def test_frozen_member_ignores_nan_gradients():
     assert torch.equal(params["w"][1], torch.ones(3))
     assert torch.isfinite(params["w"]).all() and not torch.equal(params["w"][0], torch.ones(3))
     assert torch.isfinite(optimizer.exp_avg["w"]).all()
+
+
+def test_stacking_members_built_on_the_cpu_for_another_device():
+    """Members are built on the CPU; the stack must be made before the base module moves to the
+    run's device (the first H200 run failed with 'tensors on cpu and cuda:0' when the base moved
+    first). The meta device stands in for CUDA here: it refuses mixed devices the same way."""
+    from proxy.train.ensemble import StackedGPT
+
+    cfg = to_config(tiny_cfg())
+    models = [build_model(cfg.model, 64) for _ in range(3)]
+    stacked = StackedGPT(models, torch.device("meta"))
+    assert stacked.n_members == 3
+    assert all(p.device.type == "meta" and p.shape[0] == 3 for p in stacked.params.values())
+    assert all(b.device.type == "meta" for b in stacked.base.buffers())

@@ -182,8 +182,10 @@ class StackedGPT:
     def __init__(self, models: Sequence[GPT], device: torch.device, compile: bool = False):
         if not models:
             raise ValueError("StackedGPT needs at least one model")
-        self.base = models[0].to(device)
+        # stack while every member is still where it was built: moving the base first would leave
+        # one member on the device and the rest on the CPU (torch.stack refuses mixed devices)
         params, _ = stack_module_state(list(models))  # tied weights appear once, as in named_parameters
+        self.base = models[0].to(device)
         self.params: dict[str, Tensor] = {n: p.detach().to(device).requires_grad_() for n, p in params.items()}
         self.n_members = len(models)
         self.device = device
