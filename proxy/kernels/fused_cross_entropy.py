@@ -19,7 +19,9 @@ operator is one row at a time and vmap folds an ensemble's members into more row
 fused_linear_cross_entropy never materialises all N x V logits: per chunk of rows it computes the
 logits with a matmul, runs both passes (the gradient lands in place in the chunk) and folds the
 chunk into grad_hidden = dlogits @ W and grad_weight += dlogits^T @ hidden, all during the forward;
-backward only scales them by the incoming gradient.
+backward only scales them by the incoming gradient. In fp16 the forward forms them at sum scale
+(each row's coefficient 1, not 1/N): p/N underflows fp16 (below 6e-8 once N x V passes ~1e7), and a
+loss scale such as GradScaler's reaches this op only in backward, after the gradients were formed.
 """
 
 # no `from __future__ import annotations`: torch.library reads the ops' schemas from real
@@ -142,12 +144,18 @@ def _empty_row_statistics(n_rows: int, device: torch.device) -> RowStatistics:
     return RowStatistics(*(torch.empty(n_rows, device=device, dtype=torch.float32) for _ in range(4)))
 
 
-def _unit_coefficients(rows: RowStatistics, valid: Tensor, n_valid: Tensor,
-                       z_loss: float) -> tuple[Tensor, Tensor]:
-    """Per-row dL/dloss and dL/dlse of L = ce + z_term (unit incoming gradients), on the device."""
-    loss_coef = torch.where(valid, 1.0 / n_valid, 0.0).float()
-    lse_coef = torch.where(valid, (2.0 * z_loss) * rows.lse / n_valid, 0.0).float()
+def _sum_coefficients(rows: RowStatistics, valid: Tensor, z_loss: float) -> tuple[Tensor, Tensor]:
+    """Per-row dS/dloss and dS/dlse of S = sum over the valid rows of loss + z_loss * lse^2 (the
+    mean ce + z_term times n_valid; the caller divides by n_valid where it chooses), on the device."""
+    loss_coef = torch.where(valid, 1.0, 0.0).float()
+    lse_coef = torch.where(valid, (2.0 * z_loss) * rows.lse, 0.0).float()
     return loss_coef, lse_coef
+
+
+def _gradients_at_sum_scale(dtype: torch.dtype) -> bool:
+    """Whether the linear op keeps its gradients at sum scale until backward (fp16: its range ends
+    at 6e-8, where p / N lands for large vocabularies; bf16 and fp32 share fp32's exponent range)."""
+    return dtype == torch.float16
 
 
 def _summarise(rows: RowStatistics, valid: Tensor, n_valid: Tensor, z_loss: float) -> tuple[Tensor, ...]:
@@ -332,6 +340,7 @@ def _linear_op(hidden: Tensor, weight: Tensor, labels: Tensor, z_loss: float, ig
     # Summed in fp32 over the chunks and cast once at the end: a bf16 accumulator would round the
     # running sum once per chunk (64 times for 16k rows in chunks of 256).
     grad_weight = torch.zeros_like(weight, dtype=torch.float32) if grad_weight_needed else weight.new_empty(0)
+    sum_scale = _gradients_at_sum_scale(hidden.dtype)
 
     for start in range(0, n_rows, chunk_size):
         chunk = slice(start, min(start + chunk_size, n_rows))
@@ -341,13 +350,15 @@ def _linear_op(hidden: Tensor, weight: Tensor, labels: Tensor, z_loss: float, ig
         _row_statistics_into(logits, labels_chunk, chunk_rows, ignore_index)
         if not (grad_hidden_needed or grad_weight_needed):
             continue
-        loss_coef, lse_coef = _unit_coefficients(chunk_rows, valid[chunk], n_valid, z_loss)
+        loss_coef, lse_coef = _sum_coefficients(chunk_rows, valid[chunk], z_loss)
+        if not sum_scale:  # the mean's coefficients: the buffers then hold the gradient itself
+            loss_coef, lse_coef = loss_coef / n_valid, lse_coef / n_valid
         _logit_gradient_into(logits, logits, labels_chunk, chunk_rows.lse, loss_coef, lse_coef, ignore_index)
         if grad_hidden_needed:
             torch.mm(logits, weight, out=grad_hidden[chunk])
         if grad_weight_needed:
             grad_weight.add_(torch.mm(logits.t(), hidden_chunk))  # the chunk's product, summed in fp32
-    if grad_weight_needed:
+    if grad_weight_needed and not sum_scale:  # at sum scale it stays fp32 until backward scales it
         grad_weight = grad_weight.to(weight.dtype)
     return (*_summarise(rows, valid, n_valid, z_loss), grad_hidden, grad_weight)
 
@@ -357,12 +368,16 @@ def _linear_fake(hidden, weight, labels, z_loss, ignore_index, chunk_size, grad_
     scalars = [hidden.new_empty((), dtype=torch.float32) for _ in range(6)]
     grad_hidden = (torch.empty_like(hidden, memory_format=torch.contiguous_format) if grad_hidden_needed
                    else hidden.new_empty(0))
-    return (*scalars, grad_hidden, torch.empty_like(weight) if grad_weight_needed else weight.new_empty(0))
+    weight_grad_dtype = torch.float32 if _gradients_at_sum_scale(hidden.dtype) else weight.dtype
+    return (*scalars, grad_hidden,
+            torch.empty_like(weight, dtype=weight_grad_dtype) if grad_weight_needed else weight.new_empty(0))
 
 
 def _linear_setup_context(ctx, inputs, output) -> None:
-    _, _, _, z_loss, _, _, grad_hidden_needed, grad_weight_needed = inputs
-    ctx.save_for_backward(output[6], output[7])
+    hidden, weight, labels, z_loss, ignore_index, _, grad_hidden_needed, grad_weight_needed = inputs
+    ctx.sum_scale, ctx.hidden_dtype, ctx.weight_dtype = _gradients_at_sum_scale(hidden.dtype), hidden.dtype, weight.dtype
+    n_valid = (labels != ignore_index).sum().clamp(min=1) if ctx.sum_scale else None
+    ctx.save_for_backward(output[6], output[7], n_valid)
     ctx.z_loss, ctx.needed = z_loss, (grad_hidden_needed, grad_weight_needed)
     ctx.used = False
     ctx.mark_non_differentiable(*output[2:])
@@ -372,7 +387,7 @@ def _linear_backward(ctx, grad_ce: Tensor, grad_z: Tensor, *_rest):
     if ctx.used:  # backward(retain_graph=True) twice
         raise RuntimeError("fused_linear_cross_entropy supports one backward pass per forward pass")
     ctx.used = True
-    grad_hidden, grad_weight = ctx.saved_tensors
+    grad_hidden, grad_weight, n_valid = ctx.saved_tensors
     # a host sync, only with z-loss, and not while torch.compile traces (it cannot wait on values)
     if ctx.z_loss != 0.0 and not torch.compiler.is_compiling() and not torch.equal(grad_ce, grad_z):
         raise RuntimeError(
@@ -381,6 +396,13 @@ def _linear_backward(ctx, grad_ce: Tensor, grad_z: Tensor, *_rest):
         )
     # Scaled in place: these buffers exist only for this one backward pass.
     outputs = [None] * 8
+    if ctx.sum_scale:  # from the sum to the mean, times the incoming gradient, in fp32
+        scale = grad_ce.float() / n_valid
+        if ctx.needed[0]:
+            outputs[0] = (grad_hidden.float() * scale).to(ctx.hidden_dtype)
+        if ctx.needed[1]:
+            outputs[1] = grad_weight.mul_(scale).to(ctx.weight_dtype)
+        return tuple(outputs)
     if ctx.needed[0]:
         outputs[0] = grad_hidden.mul_(grad_ce.to(grad_hidden.dtype))
     if ctx.needed[1]:
