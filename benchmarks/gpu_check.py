@@ -634,9 +634,9 @@ def part_finding(s: Setting, rec: Recorder) -> None:
     finding = "attention_logit_growth"
     preset = f"{finding}_lab" if s.dry_run else f"{finding}_gpu"
     shrink = (["train.steps=4", "train.eval_every=2", "train.batch_size=2", "train.seq_len=16",
-               "model.qk_norm=off,layernorm", "optim.lr=1e-2,1e-1"] if s.dry_run else
+               "model.qk_norm=off,layernorm", "sweep.lrs=[1e-2,1e-1]", "sweep.seeds=[0]"] if s.dry_run else
               ["model=1m", "train.steps=60", "train.eval_every=30", "train.compile=false",
-               "model.qk_norm=off,layernorm", "sweep.lrs=[1e-2,3e-1]"])
+               "model.qk_norm=off,layernorm", "sweep.lrs=[1e-2,3e-1]", "sweep.seeds=[0]"])
     rec.set(preset=preset, overrides=shrink)
     env = {**os.environ, "WANDB_MODE": "disabled"}
     with tempfile.TemporaryDirectory(prefix="gpu-check-finding-") as tmp:

@@ -23,8 +23,8 @@ from proxy.verdict import judge_runs
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = REPO / "experiments"
 FINDINGS = ("attention_logit_growth", "output_logit_divergence", "lr_sensitivity_scaling", "warmup_and_weight_decay")
-VERDICTS = FINDINGS + ("output_logit_divergence/protocol1", "warmup_and_weight_decay/protocol1",
-                       "lr_sensitivity_scaling/protocol1")
+VERDICTS = FINDINGS + ("attention_logit_growth/protocol1", "output_logit_divergence/protocol1",
+                       "warmup_and_weight_decay/protocol1", "lr_sensitivity_scaling/protocol1")
 L0 = math.log(512)
 STEPS = 40
 
@@ -93,8 +93,8 @@ def _verdict(finding: str, root: Path, tmp_path: Path):
     return judge_runs(EXPERIMENTS / finding, [root], tmp_path / f"report_{root.name}")
 
 
-def attention_sweep(root: Path, reproduces: bool) -> Path:
-    exp = {"+experiment": "attention_logit_growth_lab"}
+def attention_sweep_p1(root: Path, reproduces: bool) -> Path:
+    exp = {"+experiment": "attention_logit_growth_lab_p1"}
     for lr, loss, peak in [(1e-2, 3.6, 30.0), (3e-1, 5.0, 7e5)]:
         make_run(root, {**exp, "model.qk_norm": "off"}, lr=lr, final_loss=loss, attn_peak=peak if reproduces else 40.0)
     for lr, loss, peak in [(1e-2, 3.6, 20.0), (3e-1, 3.7, 45.0)]:
@@ -135,9 +135,9 @@ WARMUP_LRS = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)
 
 
 def curve_member(root: Path, overrides: dict[str, object], config: dict, *, lr: float, seed: int,
-                 final_loss: float) -> Path:
+                 final_loss: float, series: Optional[dict[str, float]] = None) -> Path:
     """An ensemble member of an LR x seed grid: its own config (seed, LR and ``config``) and a loss
-    falling to ``final_loss`` (above L0: diverged)."""
+    falling to ``final_loss`` (above L0: diverged); ``series``: metrics rising from 1 to these values."""
     items = [f"{k}={v}" for k, v in overrides.items()] + [f"optim.lr={lr!r}", f"train.seed={seed}"]
     run_dir = root / ",".join(f"{k}={v}" for k, v in overrides.items()) / f"lr={lr!r},seed={seed}"
     write_json(run_dir / "config.yaml", {**config, "optim": {"lr": lr}, "train": {"seed": seed, "steps": STEPS}})
@@ -145,7 +145,9 @@ def curve_member(root: Path, overrides: dict[str, object], config: dict, *, lr: 
     record.update(status="running", overrides=items, lr=lr, loss_at_init=L0, steps_planned=STEPS)
     diverged = final_loss >= L0
     for step in range(0, STEPS + 1, 20):
-        record.log(step, {"train/loss": L0 + (min(final_loss, L0) - L0) * step / STEPS})
+        row = {"train/loss": L0 + (min(final_loss, L0) - L0) * step / STEPS}
+        row.update({key: 1.0 + (end - 1.0) * step / STEPS for key, end in (series or {}).items()})
+        record.log(step, row)
     if diverged:
         record.update(status="diverged", diverged_at_step=STEPS, steps_completed=STEPS)
     else:
@@ -240,7 +242,30 @@ def output_sweep(root: Path, reproduces: bool) -> Path:
     return root
 
 
-SWEEPS = {"attention_logit_growth": attention_sweep, "output_logit_divergence": output_sweep,
+ATTENTION_LRS = (3e-3, 1e-2, 3e-2, 1e-1, 3e-1)
+
+
+def attention_sweep(root: Path, reproduces: bool, held_past_mark: bool = False) -> Path:
+    """Protocol 2: QK-norm off/on, each an LR x 3-seed grid around a best LR of 3e-2. Without
+    QK-norm the peak logit rises 20 -> 1e6 with LR (or stays under 100) and the top LR degrades;
+    with it the peak stays in the tens and the curve is flatter. ``held_past_mark``: one run past
+    1e4 without QK-norm still trains well (the paper's mark does not hold)."""
+    for seed, jitter in enumerate((1.0, 1.3, 0.8)):
+        for lr in ATTENTION_LRS:
+            x = math.log10(lr / 3e-2)
+            off_peak = (20 * 10 ** (5 * (x + 1.0) / 2.0) * jitter) if reproduces else 30.0 + 10 * x
+            off_loss = 3.4 + 0.5 * x ** 2 + (1.0 if lr >= 1e-1 else 0.0)  # past 1e4: degraded
+            if held_past_mark and seed == 0 and lr == 1e-1:
+                off_peak, off_loss = 3e4, 3.4 + 0.5 * x ** 2
+            for norm, peak, loss in (("off", off_peak, off_loss), ("layernorm", 15 + 10 * x * jitter, 3.4 + 0.15 * x ** 2)):
+                curve_member(root, {"+experiment": "attention_logit_growth_lab", "model.qk_norm": norm},
+                             {"model": {"qk_norm": norm, "d_model": 64}}, lr=lr, seed=seed, final_loss=loss,
+                             series={"attn/max_logit": peak})
+    return root
+
+
+SWEEPS = {"attention_logit_growth": attention_sweep, "attention_logit_growth/protocol1": attention_sweep_p1,
+          "output_logit_divergence": output_sweep,
           "output_logit_divergence/protocol1": output_sweep_p1,
           "lr_sensitivity_scaling": scaling_sweep, "lr_sensitivity_scaling/protocol1": scaling_sweep_p1,
           "warmup_and_weight_decay": warmup_sweep,
@@ -257,14 +282,21 @@ def test_verdict_reproduced_and_not(finding: str, tmp_path: Path) -> None:
     assert (tmp_path / "report_good" / "verdict.json").is_file()
 
 
-def test_attention_verdict_counts_a_diverged_top_lr_as_degraded(tmp_path: Path) -> None:
+def test_attention_verdict_wants_every_run_past_the_mark_to_fail(tmp_path: Path) -> None:
+    verdict = _verdict("attention_logit_growth", attention_sweep(tmp_path / "held", True, held_past_mark=True),
+                       tmp_path)
+    failed = [c for c in verdict.checks if not c.passed]
+    assert len(failed) == 1 and "the mark" in failed[0].claim and "off seed 0 LR 0.1" in failed[0].measured
+
+
+def test_attention_p1_verdict_counts_a_diverged_top_lr_as_degraded(tmp_path: Path) -> None:
     root = tmp_path / "sweep"
-    exp = {"+experiment": "attention_logit_growth_lab"}
+    exp = {"+experiment": "attention_logit_growth_lab_p1"}
     make_run(root, {**exp, "model.qk_norm": "off"}, lr=1e-2, final_loss=3.6, attn_peak=30.0)
     make_run(root, {**exp, "model.qk_norm": "off"}, lr=3e-1, final_loss=None, attn_peak=1e5)
     make_run(root, {**exp, "model.qk_norm": "layernorm"}, lr=1e-2, final_loss=3.6, attn_peak=20.0)
     make_run(root, {**exp, "model.qk_norm": "layernorm"}, lr=3e-1, final_loss=3.5, attn_peak=40.0)
-    verdict = _verdict("attention_logit_growth", root, tmp_path)
+    verdict = _verdict("attention_logit_growth/protocol1", root, tmp_path)
     degraded = next(c for c in verdict.checks if "diverges or ends" in c.claim)
     assert degraded.passed and degraded.measured == "diverged"
 
@@ -273,7 +305,7 @@ def test_verdict_names_a_missing_variant(tmp_path: Path) -> None:
     root = tmp_path / "sweep"
     make_run(root, {"model.qk_norm": "off"}, lr=1e-2, final_loss=3.6)
     with pytest.raises(ValueError, match="model.qk_norm=layernorm"):
-        _verdict("attention_logit_growth", root, tmp_path)
+        _verdict("attention_logit_growth/protocol1", root, tmp_path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -285,15 +317,15 @@ def test_attention_study_end_to_end(tmp_path: Path) -> None:
     cmd = [sys.executable, "-m", "proxy.train", "-m", "+experiment=attention_logit_growth_lab",
            "train.steps=4", "train.log_every=1", "train.eval_every=2", "train.eval_batches=1",
            "train.batch_size=2", "train.seq_len=16", "model.d_model=16", "model.n_layers=1",
-           "optim.lr=1e-2,3e-1", f"hydra.sweep.dir={sweep_dir}"]
+           "sweep.lrs=[1e-2,3e-1]", "sweep.seeds=[0]", f"hydra.sweep.dir={sweep_dir}"]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
                           env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
     assert done.returncode == 0, done.stderr[-2000:]
-    assert len(list(sweep_dir.glob("*/summary.json"))) == 4  # qk_norm off/layernorm x 2 LRs
+    assert len(list(sweep_dir.rglob("summary.json"))) == 4  # qk_norm off/layernorm x 2 LRs (ensembles)
     assert not list(sweep_dir.rglob("*.pt"))  # save_final=false: no checkpoints
     verdict = judge_runs(EXPERIMENTS / "attention_logit_growth", [sweep_dir], tmp_path / "report")
-    assert len(verdict.checks) == 4  # 4 steps cannot grow logits 100x: judged, not crashed
-    assert "lr_sensitivity_off" in verdict.numbers
+    assert len(verdict.checks) == 5  # 4 steps cannot grow logits 100x: judged, not crashed
+    assert "lr_sensitivity/off/d=16" in verdict.numbers
     assert (tmp_path / "report" / "verdict.md").read_text().startswith("# Attention logit growth")
 
 

@@ -1,78 +1,161 @@
-"""Verdict: attention-logit growth without QK-norm (Wortsman et al. 2023, Sec. 3.1.1).
+"""Verdict, protocol 2: attention logits grow without QK-layernorm at high LR, the runs whose logit
+passes ~1e4 are the ones that fail, and QK-layernorm prevents both (Wortsman et al. 2023, Sec. 3.1.1,
+Fig. 1 and 4).
 
-Criteria (all must hold), on an LR sweep of QK-norm off vs on:
+The sweep is ``model.qk_norm=off,layernorm`` (x model sizes, on a GPU); every job trains an LR grid
+x several seeds as one vectorized ensemble. The paper's quantity is the max attention logit
+(``attn/max_logit``, the largest q.k/sqrt(d_h) of any layer at a logging step); a run's peak is its
+largest finite value. Every effect is measured once per seed (paired across the two arms by seed:
+same init and data) and must clear its spread (:meth:`proxy.analysis.Spread.clears`: every seed
+with the claimed sign, the mean beyond 2 standard errors, >= 3 seeds). Criteria, written before
+the run, each judged at every model size of the sweep:
 
-1. Without QK-norm the peak max attention logit grows by >= 2 orders of magnitude (x100) from
-   the lowest to the highest LR of the sweep.
-2. Without QK-norm the highest LR diverges or degrades: it blew up, or its final loss is at
-   least 0.3 nats above the best loss of the QK-norm-off curve.
-3. With QK-norm the peak max attention logit at the highest LR is at least 100x smaller than
-   without it (the growth is prevented, not merely slowed).
-4. LR sensitivity (Wortsman et al.) is lower with QK-norm than without.
+1. The grid brackets the optimum: every (arm, seed) LR curve has its best LR strictly inside.
+2. Without QK-norm the logit grows by orders of magnitude with LR: log10(largest peak over the grid)
+   - log10(peak at the lowest LR) exceeds 2 (x100), clearing the spread.
+3. The paper's mark: at least one run per seed passes 1e4 without QK-norm, and every run of either
+   arm whose peak passed 1e4 diverged or ended >= 0.3 nats above the best LR of its own curve.
+4. QK-norm prevents the growth: no run with it passes 1e4, and at the top LR the peak without it is
+   > 100x the peak with it (log10 ratio - 2 clears the spread).
+5. QK-norm lowers LR sensitivity (Wortsman et al.: mean over the grid of min(final, init) - best):
+   S(off) - S(on) > 0, clearing the spread.
+
+Reported, not judged: the peak per LR (median and range over seeds), the mean final loss per LR,
+the best LRs, the sensitivities with their spread, and every run that passed 1e4 with its loss.
+Protocol 1 (one seed, 4 LRs, criteria 2-5 on single runs) is in ``protocol1/``.
 """
 
 from __future__ import annotations
 
 import math
+import statistics
 from typing import Optional
 
-from proxy.report import ReportResult, RunRow
+from proxy.analysis import SeedCurve, Spread, peak, seed_curves, spread
 from proxy.records import Run
-from proxy.verdict import Verdict
+from proxy.report import ReportResult
+from proxy.verdict import Verdict, curve_points
 
-OFF, ON = "model.qk_norm=off", "model.qk_norm=layernorm"
-GROWTH_FACTOR = 100.0
+OFF, ON = "off", "layernorm"
+MAX_LOGIT = "attn/max_logit"
+ORDERS = 2.0  # criteria 2 and 4: x100
+MARK = 1e4  # the paper: every run whose max logit passed ~1e4 diverged
 DEGRADE_NATS = 0.3
+SOURCE = ("Wortsman et al. 2023 (arXiv 2309.14322), Sec. 3.1.1, Fig. 1 and 4: without qk-layernorm the "
+          "max attention logit grows at high LR and the runs that pass ~1e4 diverge; qk-layernorm prevents it")
+
+Arm = tuple[str, int]  # (qk_norm, d_model)
 
 
-def _curve(report: ReportResult, override: str) -> list[RunRow]:
-    rows = [r for r in report.runs if override in r.overrides.split(", ") and r.lr is not None]
-    if not rows:
-        raise ValueError(f"no runs with {override} in the sweep")
-    return sorted(rows, key=lambda r: r.lr)
+def _arm(run: Run) -> Optional[Arm]:
+    norm, width = run.config_value("model.qk_norm"), run.config_value("model.d_model")
+    norm = getattr(norm, "value", norm)
+    if norm not in (OFF, ON) or width is None:
+        return None
+    return str(norm), int(width)
 
 
-def _peak(row: RunRow) -> float:
-    return row.max_attn_logit_peak if row.max_attn_logit_peak is not None else math.nan
+def _peaks(runs: list[Run]) -> dict[Arm, dict[int, dict[float, float]]]:
+    """arm -> seed -> LR -> the run's peak max attention logit (runs without one left out)."""
+    out: dict[Arm, dict[int, dict[float, float]]] = {}
+    for run in runs:
+        arm, lr = _arm(run), run.config_value("optim.lr")
+        value = peak(run.series(MAX_LOGIT)[1])
+        if arm is None or lr is None or value is None:
+            continue
+        seed = int(run.config_value("train.seed") or 0)
+        out.setdefault(arm, {}).setdefault(seed, {})[float(lr)] = value
+    return out
 
 
-def _num(value: Optional[float]) -> str:
-    return "n/a" if value is None else f"{value:.3f}"
+def _orders_above(values: list[float]) -> Spread:
+    """log10 ratios minus ORDERS: the effect 'more than 100x' as a spread to clear above 0."""
+    return spread(v - ORDERS for v in values)
 
 
-def _blown_up(row: RunRow) -> bool:
-    return row.status in ("diverged", "failed") or row.final_loss is None
+def _failed(curve: SeedCurve, lr: float, diverged: bool) -> bool:
+    return diverged or curve.curve[lr] >= min(curve.curve.values()) + DEGRADE_NATS
+
+
+def _summary(values: list[float]) -> str:
+    values = sorted(values)
+    return f"{statistics.median(values):.3g} [{values[0]:.3g}, {values[-1]:.3g}]"
 
 
 def judge(report: ReportResult, runs: list[Run]) -> Verdict:
-    v = Verdict(finding="Attention logit growth", source="Wortsman et al. 2023, Sec. 3.1.1 (Fig. 1, 4)")
-    off, on = _curve(report, OFF), _curve(report, ON)
-    low, high, on_high = off[0], off[-1], on[-1]
+    v = Verdict(finding="Attention logit growth", source=SOURCE)
+    points = curve_points(runs, _arm)
+    curves = seed_curves(points)
+    peaks = _peaks(runs)
+    diverged = {(p.group, p.seed, p.lr): p.diverged for p in points}
+    widths = sorted({w for n, w in curves if n == OFF} & {w for n, w in curves if n == ON})
+    if not widths:
+        v.check("the sweep has model.qk_norm=off and layernorm LR curves", False, f"arms found: {sorted(curves)}")
+        return v
 
-    growth = _peak(high) / _peak(low)
-    v.check(f"no QK-norm: peak max attention logit grows >= {GROWTH_FACTOR:g}x from LR {low.lr:g} to {high.lr:g}",
-            growth >= GROWTH_FACTOR, f"{_peak(low):.3g} -> {_peak(high):.3g} (x{growth:.3g})")
+    outside = [f"{n}/d={w}/seed {s} (best LR {c.best_lr:g})" for (n, w), seeds in sorted(curves.items())
+               for s, c in seeds.items() if not c.bracketed]
+    lrs = sorted({lr for seeds in curves.values() for c in seeds.values() for lr in c.curve})
+    v.check(f"the LR grid {lrs[0]:g}-{lrs[-1]:g} brackets every curve's optimum (best LR strictly inside)",
+            not outside, "all inside" if not outside else "outside: " + "; ".join(outside[:6]))
 
-    best_off = report.sensitivity_of(OFF).best_loss
-    gap: Optional[float] = None if _blown_up(high) or best_off is None else high.final_loss - best_off
-    v.check(f"no QK-norm: LR {high.lr:g} diverges or ends >= {DEGRADE_NATS} nats above the best LR",
-            gap is None or gap >= DEGRADE_NATS,
-            f"{high.status}" if gap is None else f"final {high.final_loss:.3f} vs best {best_off:.3f} (+{gap:.3f})")
+    for width in widths:
+        off, on = (OFF, width), (ON, width)
+        seeds = sorted(set(curves[off]) & set(curves[on]) & set(peaks.get(off, {})) & set(peaks.get(on, {})))
+        tag = f" (d={width})" if len(widths) > 1 else ""
 
-    ratio = _peak(high) / _peak(on_high)
-    v.check(f"QK-norm: peak max attention logit at LR {on_high.lr:g} >= {GROWTH_FACTOR:g}x smaller",
-            ratio >= GROWTH_FACTOR, f"{_peak(on_high):.3g} with vs {_peak(high):.3g} without (x{ratio:.3g})")
+        growth = []
+        for s in seeds:
+            by_lr = peaks[off][s]
+            growth.append(math.log10(max(by_lr.values()) / by_lr[min(by_lr)]))
+        g = _orders_above(growth)
+        v.check(f"no QK-norm: the peak logit grows > {10 ** ORDERS:g}x from the lowest LR to its largest{tag}",
+                g.clears(+1), f"log10 growth {spread(growth).describe('.2f')}")
 
-    s_off, s_on = report.sensitivity_of(OFF).sensitivity, report.sensitivity_of(ON).sensitivity
-    v.check("LR sensitivity lower with QK-norm", s_off is not None and s_on is not None and s_on < s_off,
-            f"{_num(s_on)} with vs {_num(s_off)} without")
+        past = []  # (arm, seed, lr, peak, failed)
+        for arm in (off, on):
+            for s in seeds:
+                for lr, value in sorted(peaks[arm][s].items()):
+                    if value > MARK and lr in curves[arm][s].curve:
+                        failed = _failed(curves[arm][s], lr, diverged.get((arm, s, lr), False))
+                        past.append((arm[0], s, lr, value, failed))
+        reached = {s for n, s, *_ in past if n == OFF}
+        ok = bool(seeds) and reached >= set(seeds) and all(failed for *_, failed in past)
+        held = [f"{n} seed {s} LR {lr:g} ({value:.2g})" for n, s, lr, value, failed in past if not failed]
+        v.check(f"the mark: every seed passes {MARK:g} without QK-norm, and every run past it diverged or "
+                f"ended >= {DEGRADE_NATS} nats above its curve's best{tag}", ok,
+                f"{len(past)} runs past {MARK:g} in {len(reached)} of {len(seeds)} seeds; "
+                + ("all failed" if not held else "still training well: " + "; ".join(held[:4])))
 
-    v.numbers.update({
-        "peak_attn_logit_off": {f"{r.lr:g}": _peak(r) for r in off},
-        "peak_attn_logit_on": {f"{r.lr:g}": _peak(r) for r in on},
-        "final_loss_off": {f"{r.lr:g}": r.final_loss for r in off},
-        "final_loss_on": {f"{r.lr:g}": r.final_loss for r in on},
-        "lr_sensitivity_off": s_off,
-        "lr_sensitivity_on": s_on,
-    })
+        top = max(lrs)
+        on_past = [f"seed {s} LR {lr:g}" for n, s, lr, _, _ in past if n == ON]
+        ratios = [math.log10(peaks[off][s][top] / peaks[on][s][top]) for s in seeds
+                  if top in peaks[off][s] and top in peaks[on][s]]
+        r = _orders_above(ratios)
+        v.check(f"QK-norm: no run passes {MARK:g}, and at LR {top:g} the peak is > {10 ** ORDERS:g}x "
+                f"smaller than without{tag}", not on_past and r.clears(+1),
+                f"log10(off / on) {spread(ratios).describe('.2f')}"
+                + (f"; past {MARK:g} with QK-norm: {', '.join(on_past)}" if on_past else ""))
+
+        lower = spread(curves[off][s].sensitivity - curves[on][s].sensitivity for s in seeds)
+        v.check(f"QK-norm lowers LR sensitivity: S(off) - S(on) > 0{tag}", lower.clears(+1), lower.describe(".3f"))
+
+        for arm in (off, on):
+            label = f"{arm[0]}/d={width}"
+            by_lr: dict[float, list[float]] = {}
+            for s in seeds:
+                for lr, value in peaks[arm][s].items():
+                    by_lr.setdefault(lr, []).append(value)
+            v.numbers[f"peak_max_logit/{label}"] = {f"{lr:g}": _summary(vals) for lr, vals in sorted(by_lr.items())}
+            losses: dict[float, list[float]] = {}
+            for s in seeds:
+                for lr, loss in curves[arm][s].curve.items():
+                    losses.setdefault(lr, []).append(loss)
+            v.numbers[f"final_loss/{label}"] = {f"{lr:g}": round(statistics.fmean(x), 4)
+                                                for lr, x in sorted(losses.items())}
+            v.numbers[f"best_lr/{label}"] = sorted({f"{curves[arm][s].best_lr:g}" for s in seeds})
+            v.numbers[f"lr_sensitivity/{label}"] = spread(curves[arm][s].sensitivity for s in seeds).describe(".3f")
+        v.numbers[f"runs_past_{MARK:g}/d={width}"] = [
+            f"{n} seed {s} LR {lr:g}: {value:.3g} ({'failed' if failed else 'trained on'})"
+            for n, s, lr, value, failed in past]
     return v
