@@ -66,7 +66,7 @@ def noisy(seed: int, level: float = 1.0, n: int = STEPS) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 # repeated_ngrams
 # --------------------------------------------------------------------------------------------
-def ngram_sweep(root: Path, reproduces: bool) -> Path:
+def ngram_sweep_p1(root: Path, reproduces: bool) -> Path:
     planted = np.zeros(STEPS)
     planted[40::25] = 1.0  # batches that carry a planted run
     for inject in (False, True):
@@ -85,16 +85,59 @@ def ngram_sweep(root: Path, reproduces: bool) -> Path:
     return root
 
 
+def ngram_sweep(root: Path, reproduces: bool, masks_clean: bool = False, seeds: int = 3) -> Path:
+    """Protocol 2: the 2 x 2 grid x seeds; in each seed the planted batches fall elsewhere and,
+    when it reproduces, spike the unfiltered grad norm 3x. ``masks_clean``: the filter also masks
+    tokens of clean data."""
+    for seed in range(seeds):
+        planted = np.zeros(STEPS)
+        planted[30 + 7 * seed::23] = 1.0
+        for inject in (False, True):
+            for filt in (False, True):
+                grad = noisy(100 * seed + 2 * int(inject) + int(filt))
+                if inject and not filt and reproduces:
+                    grad = grad * (1.0 + 2.0 * planted)
+                series = {"optim/grad_norm": list(grad)}
+                if inject:
+                    series["data/injected_rows"] = list(planted)
+                if filt:
+                    masked = 100.0 * planted if inject else (np.full(STEPS, 50.0) if masks_clean else np.zeros(STEPS))
+                    series["data/masked_tokens"] = list(masked)
+                config = {"optim": {"lr": 1e-2}, "train": {"seed": seed, "batch_size": 16, "seq_len": 128},
+                          "data": {"inject": {"enabled": inject}, "ngram_filter": {"enabled": filt}}}
+                make_run(root, f"inject={inject},filter={filt},seed={seed}", config, series)
+    return root
+
+
 @pytest.mark.parametrize("reproduces", [True, False])
-def test_repeated_ngrams_verdict(tmp_path: Path, reproduces: bool) -> None:
-    root = ngram_sweep(tmp_path / "sweep", reproduces)
-    verdict = judge_runs(EXPERIMENTS / "repeated_ngrams", [root], tmp_path / "report")
+def test_repeated_ngrams_p1_verdict(tmp_path: Path, reproduces: bool) -> None:
+    root = ngram_sweep_p1(tmp_path / "sweep", reproduces)
+    verdict = judge_runs(EXPERIMENTS / "repeated_ngrams" / "protocol1", [root], tmp_path / "report")
     assert verdict.reproduced is reproduces
     assert len(verdict.checks) == 3
     dirty = verdict.numbers["spike_score_grad_norm/inject+nofilter"]
     assert (dirty > 0) is reproduces
     assert verdict.numbers["spike_score_grad_norm/inject+filter"] == 0.0
     assert (tmp_path / "report" / "verdict.md").read_text().startswith("# repeated_ngrams")
+
+
+@pytest.mark.parametrize("reproduces", [True, False])
+def test_repeated_ngrams_verdict(tmp_path: Path, reproduces: bool) -> None:
+    verdict = judge_runs(EXPERIMENTS / "repeated_ngrams", [ngram_sweep(tmp_path / "sweep", reproduces)],
+                         tmp_path / "report")
+    assert verdict.reproduced is reproduces, verdict.to_markdown()
+    assert len(verdict.checks) == 5 and verdict.numbers["seeds"] == [0, 1, 2]
+    if not reproduces:  # the clean-data check and nothing else of the design passes
+        assert [c.passed for c in verdict.checks][:1] == [True]
+
+
+def test_repeated_ngrams_verdict_wants_three_seeds_and_a_filter_that_spares_clean_data(tmp_path: Path) -> None:
+    two = judge_runs(EXPERIMENTS / "repeated_ngrams", [ngram_sweep(tmp_path / "two", True, seeds=2)],
+                     tmp_path / "report_two")
+    assert not two.reproduced  # each effect holds in both seeds, but two seeds cannot clear a spread
+    greedy = judge_runs(EXPERIMENTS / "repeated_ngrams", [ngram_sweep(tmp_path / "greedy", True, masks_clean=True)],
+                        tmp_path / "report_greedy")
+    assert not greedy.checks[0].passed and all(c.passed for c in greedy.checks[1:])
 
 
 def test_repeated_ngrams_verdict_names_a_missing_group(tmp_path: Path) -> None:
@@ -332,14 +375,16 @@ def test_repeated_ngrams_study_end_to_end(tmp_path: Path) -> None:
     cmd = [sys.executable, "-m", "proxy.train", "-m", "+experiment=repeated_ngrams_lab",
            "train.steps=12", "train.eval_every=6", "train.eval_batches=1", "train.batch_size=4",
            "train.seq_len=40", "model.d_model=16", "model.n_layers=1", "data.inject.fraction=0.5",
-           f"hydra.sweep.dir={sweep_dir}"]
+           "train.seed=0", f"hydra.sweep.dir={sweep_dir}"]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
                           env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
     assert done.returncode == 0, done.stderr[-2000:]
     assert len(list(sweep_dir.glob("*/summary.json"))) == 4  # inject off/on x filter off/on
     assert not list(sweep_dir.rglob("*.pt"))  # save_final=false: no checkpoints
     verdict = judge_runs(EXPERIMENTS / "repeated_ngrams", [sweep_dir], tmp_path / "report")
-    assert len(verdict.checks) == 3  # 12 steps: 2 scored points per run, judged, not crashed
-    assert verdict.numbers["runs/inject+filter"] == 1
-    assert verdict.numbers["masked_tokens/inject+filter"] > 0  # 32 x 1-token repeats fit 41 tokens
+    assert len(verdict.checks) == 5  # 12 steps, one seed: judged, not crashed
+    assert verdict.numbers["seeds"] == [0]
+    assert verdict.numbers["masked_tokens/inject+filter"][0] > 0  # 32 x 1-token repeats fit 41 tokens
+    from proxy.records import load_run
+    assert {load_run(p.parent).config_value("data.seed") for p in sweep_dir.rglob("summary.json")} == {0}
 
