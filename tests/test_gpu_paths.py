@@ -96,14 +96,14 @@ def test_device_time_estimates_of_a_preset():
     jobs = sweep_jobs(["+experiment=attention_logit_growth_gpu"])
     assert len(jobs) == 6  # model x qk_norm; the LR grid is each job's ensemble
     one = job_config(jobs[0])
-    assert len(one.sweep.lrs) == 7
+    assert len(one.sweep.lrs) == 7 and len(one.sweep.seeds) == 3
     e = estimate(one, "H200")
-    assert e.members == 7 and e.seconds > 0
+    assert e.members == 21 and e.seconds > 0
     longer = estimate(to_config({**_as_dict(one), "train": {**_as_dict(one)["train"], "steps": 4000}}), "H200")
     assert longer.seconds > e.seconds
     # an ensemble of K small models costs less than K runs of one (the GPU is launch-bound there)
     solo = estimate(one, "H200", members=1)
-    assert e.seconds < 7 * solo.seconds
+    assert e.seconds < 21 * solo.seconds
     narrowed = sweep_jobs(["+experiment=attention_logit_growth_gpu", "model=5m"])
     assert {frozenset(j) for j in narrowed} == {frozenset(j) for j in jobs if "model=5m" in j}  # the command line wins
     if not torch.cuda.is_available():
