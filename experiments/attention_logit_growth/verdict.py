@@ -34,7 +34,7 @@ from typing import Optional
 from proxy.analysis import SeedCurve, Spread, peak, seed_curves, spread
 from proxy.records import Run
 from proxy.report import ReportResult
-from proxy.verdict import Verdict, curve_points
+from proxy.verdict import Verdict, check_grid_brackets, curve_points
 
 OFF, ON = "off", "layernorm"
 MAX_LOGIT = "attn/max_logit"
@@ -93,11 +93,7 @@ def judge(report: ReportResult, runs: list[Run]) -> Verdict:
         v.check("the sweep has model.qk_norm=off and layernorm LR curves", False, f"arms found: {sorted(curves)}")
         return v
 
-    outside = [f"{n}/d={w}/seed {s} (best LR {c.best_lr:g})" for (n, w), seeds in sorted(curves.items())
-               for s, c in seeds.items() if not c.bracketed]
-    lrs = sorted({lr for seeds in curves.values() for c in seeds.values() for lr in c.curve})
-    v.check(f"the LR grid {lrs[0]:g}-{lrs[-1]:g} brackets every curve's optimum (best LR strictly inside)",
-            not outside, "all inside" if not outside else "outside: " + "; ".join(outside[:6]))
+    check_grid_brackets(v, curves, lambda arm: f"{arm[0]}/d={arm[1]}")
 
     for width in widths:
         off, on = (OFF, width), (ON, width)
@@ -127,7 +123,7 @@ def judge(report: ReportResult, runs: list[Run]) -> Verdict:
                 f"{len(past)} runs past {MARK:g} in {len(reached)} of {len(seeds)} seeds; "
                 + ("all failed" if not held else "still training well: " + "; ".join(held[:4])))
 
-        top = max(lrs)
+        top = max(lr for seeds_ in curves.values() for c in seeds_.values() for lr in c.curve)
         on_past = [f"seed {s} LR {lr:g}" for n, s, lr, _, _ in past if n == ON]
         ratios = [math.log10(peaks[off][s][top] / peaks[on][s][top]) for s in seeds
                   if top in peaks[off][s] and top in peaks[on][s]]

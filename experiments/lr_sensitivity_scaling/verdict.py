@@ -33,7 +33,7 @@ from typing import Optional
 from proxy.analysis import SeedCurve, Spread, override_value, peak, seed_curves, spread
 from proxy.records import Run
 from proxy.report import ReportResult
-from proxy.verdict import Verdict, curve_points
+from proxy.verdict import Verdict, check_grid_brackets, curve_points
 
 BASE, FIXED = "none", "qknorm_zloss"
 FLAT_MARGIN = 0.1  # criterion 4b, nats: the growth of S with QK-norm + z-loss along the whole ladder
@@ -96,11 +96,7 @@ def judge(report: ReportResult, runs: list[Run]) -> Verdict:
         v.numbers[f"best_lr/{label}"] = sorted({f"{c.best_lr:g}" for c in seeds.values()})
     v.numbers["peak_max_attention_logit_at_top_lr"] = _peak_logit_at_top_lr(runs)
 
-    outside = [f"{r}/d={w}/seed {s} (best LR {c.best_lr:g})" for (r, w), seeds in sorted(curves.items())
-               for s, c in seeds.items() if not c.bracketed]
-    lrs = sorted({lr for seeds in curves.values() for c in seeds.values() for lr in c.curve})
-    v.check(f"the LR grid {lrs[0]:g}-{lrs[-1]:g} brackets every curve's optimum (best LR strictly inside)",
-            not outside, "all inside" if not outside else "outside: " + "; ".join(outside[:6]))
+    check_grid_brackets(v, curves, lambda arm: f"{arm[0]}/d={arm[1]}")
 
     growth = paired(curves, (BASE, hi), (BASE, lo))
     v.check(f"no interventions: more LR-sensitive at d={hi} than at d={lo} (S d{hi} - S d{lo} > 0)",

@@ -31,7 +31,7 @@ import numpy as np
 from proxy.analysis import SeedCurve, Spread, seed_curves, spread
 from proxy.records import Run
 from proxy.report import ReportResult
-from proxy.verdict import Verdict, curve_points
+from proxy.verdict import Verdict, check_grid_brackets, curve_points
 
 MAX_SHIFT = 0.25  # decades
 FLAT_MARGIN = 0.1  # nats
@@ -78,11 +78,7 @@ def judge(report: ReportResult, runs: list[Run]) -> Verdict:
         v.numbers[f"lr_sensitivity/{label}"] = spread(c.sensitivity for c in seeds.values()).describe(".3f")
         v.numbers[f"best_loss/{label}"] = spread(min(c.curve.values()) for c in seeds.values()).describe(".3f")
 
-    outside = [f"{a}/d={w}/seed {s} (best LR {c.best_lr:g})" for (a, w), seeds in sorted(curves.items())
-               for s, c in seeds.items() if not c.bracketed]
-    lrs = sorted({lr for seeds in curves.values() for c in seeds.values() for lr in c.curve})
-    v.check(f"the LR grid {lrs[0]:g}-{lrs[-1]:g} brackets every curve's optimum (best LR strictly inside)",
-            not outside, "all inside" if not outside else "outside: " + "; ".join(outside[:6]))
+    check_grid_brackets(v, curves, lambda arm: f"{arm[0]}/d={arm[1]}")
 
     mup, std = shift(curves, "mup", lo, hi), shift(curves, "standard", lo, hi)
     moved = spread(abs(x) for x in mup.values)

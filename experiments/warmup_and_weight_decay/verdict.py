@@ -30,7 +30,7 @@ from typing import Optional
 from proxy.analysis import SeedCurve, Spread, override_value, seed_curves, spread
 from proxy.records import Run
 from proxy.report import ReportResult
-from proxy.verdict import Verdict, curve_points
+from proxy.verdict import Verdict, check_grid_brackets, curve_points
 
 FORMS = ("coupled", "independent")
 SOURCE = "Wortsman et al. 2023 (arXiv 2309.14322), Sec. 3.2 (Fig. 5, 6): longer warmup and independent decay lower LR sensitivity"
@@ -68,11 +68,7 @@ def judge(report: ReportResult, runs: list[Run]) -> Verdict:
         v.numbers[f"loss_per_lr/{label}"] = {f"{lr:g}": round(x, 4) for lr, x in _mean_curve(seeds).items()}
         v.numbers[f"best_lr/{label}"] = sorted({f"{c.best_lr:g}" for c in seeds.values()})
 
-    outside = [f"{f}/warmup {w}/seed {s} (best LR {c.best_lr:g})" for (f, w), seeds in sorted(curves.items())
-               for s, c in seeds.items() if not c.bracketed]
-    lrs = sorted({lr for seeds in curves.values() for c in seeds.values() for lr in c.curve})
-    v.check(f"the LR grid {lrs[0]:g}-{lrs[-1]:g} brackets every curve's optimum (best LR strictly inside)",
-            not outside, "all inside" if not outside else "outside: " + "; ".join(outside[:6]))
+    check_grid_brackets(v, curves, lambda arm: f"{arm[0]}/warmup {arm[1]}")
     for form in FORMS:
         effect = paired(curves, (form, short), (form, long))
         v.check(f"{form} decay: warmup {long} less LR-sensitive than warmup {short} (S short - S long > 0)",
@@ -81,7 +77,7 @@ def judge(report: ReportResult, runs: list[Run]) -> Verdict:
         effect = paired(curves, ("coupled", warmup), ("independent", warmup))
         v.check(f"warmup {warmup}: independent decay less LR-sensitive than coupled (S coupled - S independent > 0)",
                 effect.clears(+1), effect.describe(".3f"))
-    lowest = lrs[0]
+    lowest = min(lr for seeds in curves.values() for c in seeds.values() for lr in c.curve)
     for warmup in (short, long):
         gap = [curves[("coupled", warmup)][s].curve.get(lowest, float("nan")) -
                curves[("independent", warmup)][s].curve.get(lowest, float("nan"))
