@@ -46,9 +46,13 @@ def test_clipping_preset_arms() -> None:
         assert c.data.seed == 1 and c.train.log_every == 1
 
 
-def test_isolated_preset_plants_single_batches() -> None:
-    c = point("spike_remedies_isolated_lab", "+arm=none")
-    assert c.data.inject.fraction == 1.0 and c.data.inject.every == 50
+@pytest.mark.parametrize("preset, expected", [
+    ("spike_remedies_isolated_lab_p1", [150, 200, 250, 300, 350]),
+    ("spike_remedies_isolated_lab", [200, 350, 500, 650]),  # protocol 2: events > 128 steps apart
+])
+def test_isolated_preset_plants_single_batches(preset: str, expected: list[int]) -> None:
+    c = point(preset, "+arm=none")
+    assert c.data.inject.fraction == 1.0
     verdict = load_script(FINDING / "isolated" / "verdict.py")
 
     class Fake:
@@ -56,8 +60,10 @@ def test_isolated_preset_plants_single_batches() -> None:
             return {"data.inject.start_step": c.data.inject.start_step, "data.inject.end_step": c.data.inject.end_step,
                     "data.inject.every": c.data.inject.every, "train.steps": c.train.steps}[key]
     events = verdict.poison_steps(Fake())
-    assert events == [150, 200, 250, 300, 350]
+    assert events == expected
     assert all(p + verdict.AFTER < c.train.steps for p in events)  # each event's harm window fits
+    if preset == "spike_remedies_isolated_lab":  # no detector window before an event holds an earlier one
+        assert all(b - a > verdict.WINDOW for a, b in zip(events, events[1:]))
 
 
 # --------------------------------------------------------------------------------------------

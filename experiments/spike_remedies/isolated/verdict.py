@@ -2,9 +2,12 @@
 the update of a step whose grad norm (or loss) is > 6σ above the mean of the last 128 steps
 keeps a rare bad batch from harming the model.
 
-The sweep (conf/experiment/spike_remedies_isolated_lab.yaml) plants a few single poison batches
-(every row carries 32 back-to-back copies of a 1-4 token n-gram: ``data.inject`` with
-``fraction: 1.0`` and ``every: 50``) into otherwise clean training of the tiny model, with three
+The sweep plants a few single poison batches (every row carries 32 back-to-back copies of a 1-4
+token n-gram: ``data.inject`` with ``fraction: 1.0``) into otherwise clean training of the tiny
+model. Protocol 1 (conf/experiment/spike_remedies_isolated_lab_p1.yaml, results/isolated/) put the
+events 50 steps apart; protocol 2 (spike_remedies_isolated_lab.yaml, results/isolated/protocol2/)
+puts them 150 steps apart, beyond the detector's 128-step window, and is judged by these same
+criteria, unchanged. Both designs have three
 arms (conf/arm/): ``clean`` (no poison), ``none`` and ``skip_step`` (default 6σ/128), each with
 several seeds (``train.seed`` also seeds the data). **Harm of an event** = the largest excess of
 the run's val loss (held-out clean data) over the clean run with the same seed, over the evals in
