@@ -10,12 +10,17 @@ block report.html and report.md open with).
     proxy-demo train.steps=100 optim.lr=1e-2,1e-1   # extra Hydra overrides go to proxy-train
 
 The child process keeps Hydra's global state out of this one, and is exactly the command a user
-would type, so the demo exercises the real entry point.
+would type, so the demo exercises the real entry point. The 8 runs go to as many single-threaded
+worker processes as there are cores (at most 8: ``hydra/launcher=local``, ``OMP_NUM_THREADS=1``),
+as the studies in experiments/ run: the tiny model gains little from a second thread, so two
+1-thread runs side by side finish sooner than two 2-thread runs one after another. ``--workers 1``
+runs them one after another with torch's default threads.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import time
@@ -25,8 +30,19 @@ from typing import Optional, Sequence
 from proxy.report import ReportError, ReportResult, build_report
 
 
-def demo_command(sweep_dir: Path, overrides: Sequence[str] = ()) -> list[str]:
-    """The multirun the demo launches (the same as ``proxy-train -m +experiment=demo ...``)."""
+DEMO_RUNS = 8  # conf/experiment/demo.yaml: QK-norm off/on x 4 LRs
+
+
+def default_workers() -> int:
+    """One worker per usable core, at most one per run."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(DEMO_RUNS, cores))
+
+
+def demo_command(sweep_dir: Path, overrides: Sequence[str] = (), workers: int = 1) -> list[str]:
+    """The multirun the demo launches (the same as ``proxy-train -m +experiment=demo ...``, with
+    ``hydra/launcher=local hydra.launcher.n_jobs=N`` for N > 1 workers)."""
+    launcher = ["hydra/launcher=local", f"hydra.launcher.n_jobs={workers}"] if workers > 1 else []
     return [
         sys.executable,
         "-m",
@@ -34,8 +50,18 @@ def demo_command(sweep_dir: Path, overrides: Sequence[str] = ()) -> list[str]:
         "-m",
         "+experiment=demo",
         f"hydra.sweep.dir={sweep_dir}",
+        *launcher,
         *overrides,
     ]
+
+
+def demo_env(workers: int, environ: Optional[dict[str, str]] = None) -> dict[str, str]:
+    """The child's environment: one torch thread per worker when several run side by side (as many
+    threads as workers would contend for the same cores), unless the user set OMP_NUM_THREADS."""
+    env = dict(os.environ if environ is None else environ)
+    if workers > 1:
+        env.setdefault("OMP_NUM_THREADS", "1")
+    return env
 
 
 def headline(result: ReportResult) -> list[str]:
@@ -50,17 +76,29 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         description="Run the demo LR sweep (QK-norm off vs on, tiny model) and build its report.",
     )
     parser.add_argument("--out", metavar="DIR", help="sweep directory (default: runs/demo/<date_time>)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=default_workers(),
+        metavar="N",
+        help="runs trained side by side, one thread each (default: one per core, at most 8; "
+        "1: one after another)",
+    )
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for proxy-train (key=value)")
     args = parser.parse_args(argv)
+    if args.workers < 1:
+        print(f"proxy-demo: error: --workers must be >= 1, got {args.workers}", file=sys.stderr)
+        return 2
     for item in args.overrides:
         if "=" not in item:
             print(f"proxy-demo: error: not a key=value override: {item!r}", file=sys.stderr)
             return 2
 
     sweep_dir = Path(args.out or Path("runs") / "demo" / time.strftime("%Y-%m-%d_%H-%M-%S")).resolve()
-    print(f"proxy-demo: training the sweep into {sweep_dir} ...", flush=True)
+    print(f"proxy-demo: training the sweep into {sweep_dir} ({args.workers} worker"
+          f"{'s' if args.workers > 1 else ''}) ...", flush=True)
     started = time.time()
-    proc = subprocess.run(demo_command(sweep_dir, args.overrides))
+    proc = subprocess.run(demo_command(sweep_dir, args.overrides, args.workers), env=demo_env(args.workers))
     if proc.returncode != 0:
         print(
             f"proxy-demo: error: the sweep exited with code {proc.returncode}; see the output above",

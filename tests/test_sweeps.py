@@ -162,6 +162,18 @@ def test_demo_command_is_the_documented_multirun(tmp_path: Path) -> None:
         f"hydra.sweep.dir={tmp_path / 's'}",
         "train.steps=5",
     ]
+    two = demo_command(tmp_path / "s", ["train.steps=5"], workers=2)
+    assert two[5:] == [f"hydra.sweep.dir={tmp_path / 's'}", "hydra/launcher=local", "hydra.launcher.n_jobs=2",
+                       "train.steps=5"]  # the user's overrides come last, so they win
+
+
+def test_demo_workers_run_one_thread_each_unless_the_user_says() -> None:
+    from proxy.demo import default_workers, demo_env
+
+    assert 1 <= default_workers() <= 8
+    assert demo_env(2, {"PATH": "/bin"}) == {"PATH": "/bin", "OMP_NUM_THREADS": "1"}
+    assert demo_env(2, {"OMP_NUM_THREADS": "3"})["OMP_NUM_THREADS"] == "3"
+    assert "OMP_NUM_THREADS" not in demo_env(1, {})
 
 
 def test_demo_rejects_a_malformed_override(capsys: pytest.CaptureFixture) -> None:
@@ -170,3 +182,18 @@ def test_demo_rejects_a_malformed_override(capsys: pytest.CaptureFixture) -> Non
     assert main(["not_an_override"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "not_an_override" in err[0]
+    assert main(["--workers", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--workers" in err[0]
+
+
+def test_demo_end_to_end_on_two_workers(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """The demo as a user runs it: 8 runs on two single-threaded workers, then the report."""
+    from proxy.demo import main
+
+    out = tmp_path / "demo"
+    assert main(["--out", str(out), "--workers", "2", *TINY, "train.steps=8", "train.eval_every=8"]) == 0
+    printed = capsys.readouterr().out
+    assert "(2 workers)" in printed and "8 runs in" in printed and "off vs layernorm" in printed
+    assert (out / "report" / "report.html").is_file()
+    assert len(list(out.glob("*/summary.json"))) == 8
