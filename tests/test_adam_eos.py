@@ -103,7 +103,7 @@ def test_first_crossing_on_constructed_trajectories(tmp_path):
     early = first_crossing(_constructed(10, gd=[0.1, 0.2, 0.5, 0.9, 1.3, 2.0],
                                             adam=[0.3, 0.8, 1.0, 1.5, 0.9, 4.0]))
     assert early.adam == Crossing(step=7, steps_before=3) and early.gd == Crossing(step=9, steps_before=1)
-    assert early.adam_before_spike and early.adam_first
+    assert early.adam_before_spike and early.adam_first and early.adam_crossed_in_window
     assert early.max_adam_ratio == 4.0 and early.max_gd_ratio == 2.0
     # never: below 1 throughout, a NaN (a non-finite step) is not a crossing
     never = first_crossing(_constructed(10, gd=[0.1, 0.2, math.nan], adam=[0.5, 0.99, math.nan]))
@@ -115,11 +115,16 @@ def test_first_crossing_on_constructed_trajectories(tmp_path):
     # plain first: the preconditioned ratio crossing later is not "first"
     late = first_crossing(_constructed(10, gd=[1.2, 1.5], adam=[0.5, 2.0]))
     assert not late.adam_first and not late.adam_before_spike
+    assert late.gd == Crossing(9, 1, at_start=True) and not late.adam.at_start
+    # above from the first measured step: before the spike, but a crossing the window did not see
+    censored = first_crossing(_constructed(10, gd=[0.5, 0.5, 0.5], adam=[1.5, 0.8, 2.0]))
+    assert censored.adam == Crossing(8, 2, at_start=True) and censored.adam_before_spike
+    assert censored.adam_first and not censored.adam_crossed_in_window
 
     traj = _constructed(10, gd=[0.1, math.nan], adam=[0.3, 1.2])
     write_json(tmp_path / "t.json", traj.to_json())
     data = read_json(tmp_path / "t.json")
-    assert data["first_crossing"]["adam"] == {"step": 10, "steps_before": 0}
+    assert data["first_crossing"]["adam"] == {"step": 10, "steps_before": 0, "at_start": False}
     back = EdgeTrajectory.from_json(data)
     assert back.steps[0] == traj.steps[0] and math.isnan(back.steps[1].gd_ratio)
 
@@ -141,11 +146,19 @@ def test_study_end_to_end(run_dir, tmp_path, capsys):
     assert [s["step"] for s in entry["trajectory"]["steps"]] == list(range(SPIKE_STEP - BEFORE, SPIKE_STEP + 1))
     summary = data["summary"]
     assert summary["kits"] == 1 and summary["seeds"] == [0]
-    for key in ("adam_before_spike", "adam_before_plain"):
+    for key in ("adam_before_spike", "adam_before_plain", "adam_at_start", "plain_at_start", "bimodal_at_spike",
+                "bimodality_rises", "cosine_falls"):
         lo, hi = summary[key]["wilson95"]
         assert summary[key]["n"] == 1 and 0.0 <= lo <= summary[key]["fraction"] <= hi <= 1.0
+    # the in-window question is asked only of kits whose preconditioned ratio started below 1
+    censored = summary["adam_at_start"]["k"]
+    assert summary["adam_crossed_in_window"]["n"] == 1 - censored
+    steps = entry["trajectory"]["steps"]
+    assert summary["update_bimodality"]["at_start"] == [steps[0]["update_bimodality"]]
+    assert summary["update_cosine"]["at_spike"] == [steps[-1]["update_cosine"]]
     text = (out / "summary.md").read_text()
-    for needle in ("Measured answer", "95% Wilson", "distinct seeds", "Per kit", "ratios_aligned.png"):
+    for needle in ("Measured answer", "95% Wilson", "distinct seeds", "Per kit", "ratios_aligned.png",
+                   "left-censored", "bimodality coefficient"):
         assert needle in text
     assert (out / "ratios_aligned.png").stat().st_size > 0
     assert study.main([str(tmp_path / "empty_dir_that_is_missing"), "--out", str(out)]) == 2
@@ -167,3 +180,18 @@ def test_inspect_edge_writes_the_section_and_figure(kit, tmp_path, capsys, monke
     assert [s["step"] for s in edge["steps"]] == list(range(SPIKE_STEP - BEFORE, SPIKE_STEP + 1))
     assert inspect_main([str(kit.path), "--out", str(out), "--edge", "--lanczos-iters", "0"]) == 2
     assert "--edge needs the curvature" in capsys.readouterr().err
+
+
+def test_lab_preset_is_the_unprotected_clipping_arm_with_a_long_history():
+    from tests.test_remedy_claims import composed, point
+
+    cfg = composed(["+experiment=adam_edge_of_stability_lab"])
+    params = {k: str(v) for k, v in cfg.hydra.sweeper.params.items()}
+    assert params == {"+clip": "none", "optim.lr": "0.1,0.3", "train.seed": "0,1,2"}
+    c = point("adam_edge_of_stability_lab", "+clip=none", "optim.lr=0.3", "train.seed=2")
+    base = point("spike_remedies_clipping_lab", "+clip=none", "optim.lr=0.3", "train.seed=2")
+    assert c.capture.enabled and c.capture.steps_before == 100 and c.capture.max_kits == 1
+    assert c.optim.grad_clip == 0.0 and c.remedy.kind == base.remedy.kind
+    # everything that shapes the trajectory is the clipping study's: only the capture window differs
+    assert (c.model, c.optim, c.train, c.schedule, c.data, c.loss) == (base.model, base.optim, base.train,
+                                                                        base.schedule, base.data, base.loss)

@@ -31,7 +31,7 @@ import sys
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from proxy.config import RemedyKind
 from proxy.forensics import KIT_JSON, KitError, find_kits, load_kit
@@ -92,29 +92,69 @@ def measure(path: Path, device: str, iterations: int, every: int) -> KitResult:
                      trajectory=traj, crossing=first_crossing(traj))
 
 
-def pooled(results: Sequence[KitResult]) -> dict[str, Any]:
-    """The fractions over kits, with Wilson intervals, and the per-seed breakdown."""
+BIMODAL = 5 / 9  # Sarle's coefficient of a uniform distribution: above it, more bimodal than flat
+
+
+def _fraction(results: Sequence[KitResult], ask: Callable[[KitResult], bool]) -> dict[str, Any]:
+    """k of n kits where ``ask`` holds, the Wilson interval and the per-seed breakdown."""
     n = len(results)
-    out: dict[str, Any] = {"kits": n, "seeds": sorted({r.seed for r in results}),
+    k = sum(bool(ask(r)) for r in results)
+    lo, hi = wilson(k, n)
+    per_seed = defaultdict(lambda: [0, 0])
+    for r in results:
+        per_seed[r.seed][0] += bool(ask(r))
+        per_seed[r.seed][1] += 1
+    return {"k": k, "n": n, "fraction": k / n if n else math.nan, "wilson95": [lo, hi],
+            "per_seed": {str(s): f"{a}/{b}" for s, (a, b) in sorted(per_seed.items())}}
+
+
+def _ends(r: KitResult, key: str) -> tuple[float, float]:
+    """A per-step quantity at the first measured step and at the spike step (the last row)."""
+    steps = r.trajectory.steps
+    return getattr(steps[0], key), getattr(steps[-1], key)
+
+
+def pooled(results: Sequence[KitResult]) -> dict[str, Any]:
+    """The fractions over kits, with Wilson intervals, and the per-seed breakdown.
+
+    A ratio already >= 1 at a kit's first measured step crossed, if ever, before the window: such
+    a kit cannot say how long before the spike the crossing came (left-censored). The crossing
+    question proper is asked of the kits whose preconditioned ratio started the window below 1."""
+    out: dict[str, Any] = {"kits": len(results), "seeds": sorted({r.seed for r in results}),
                            "runs": len({r.run for r in results}),
                            "kits_replaying_the_run": sum(r.trajectory.replays_run for r in results)}
-    questions = {
-        "adam_before_spike": lambda c: c.adam_before_spike,
-        "adam_before_plain": lambda c: c.adam_first,
-        "plain_before_spike": lambda c: c.gd.step is not None and c.gd.step < c.spike_step,
-    }
-    for name, ask in questions.items():
-        k = sum(bool(ask(r.crossing)) for r in results)
-        lo, hi = wilson(k, n)
-        per_seed = defaultdict(lambda: [0, 0])
-        for r in results:
-            per_seed[r.seed][0] += bool(ask(r.crossing))
-            per_seed[r.seed][1] += 1
-        out[name] = {"k": k, "n": n, "fraction": k / n if n else math.nan, "wilson95": [lo, hi],
-                     "per_seed": {str(s): f"{a}/{b}" for s, (a, b) in sorted(per_seed.items())}}
+    out["adam_before_spike"] = _fraction(results, lambda r: r.crossing.adam_before_spike)
+    out["adam_before_plain"] = _fraction(results, lambda r: r.crossing.adam_first)
+    out["plain_before_spike"] = _fraction(
+        results, lambda r: r.crossing.gd.step is not None and r.crossing.gd.step < r.crossing.spike_step)
+    out["adam_at_start"] = _fraction(results, lambda r: r.crossing.adam.at_start)
+    out["plain_at_start"] = _fraction(results, lambda r: r.crossing.gd.at_start)
+    below = [r for r in results if not r.crossing.adam.at_start]
+    out["adam_crossed_in_window"] = _fraction(below, lambda r: r.crossing.adam_crossed_in_window)
+    out["adam_in_window_before_plain"] = _fraction(below, lambda r: r.crossing.adam_crossed_in_window
+                                                   and r.crossing.adam_first)
     leads = [r.crossing.adam.steps_before for r in results if r.crossing.adam_before_spike]
     out["adam_steps_before_spike"] = sorted(leads)
+    out["adam_steps_before_spike_in_window"] = sorted(r.crossing.adam.steps_before for r in below
+                                                      if r.crossing.adam_crossed_in_window)
+    # Molybog et al.: the update distribution turns bimodal, and decorrelates from -g, before divergence
+    bc = [_ends(r, "update_bimodality") for r in results]
+    cos = [_ends(r, "update_cosine") for r in results]
+    out["update_bimodality"] = {"at_start": [a for a, _ in bc], "at_spike": [b for _, b in bc]}
+    out["update_cosine"] = {"at_start": [a for a, _ in cos], "at_spike": [b for _, b in cos]}
+    out["bimodal_at_spike"] = _fraction(results, lambda r: _ends(r, "update_bimodality")[1] > BIMODAL)
+    out["bimodality_rises"] = _fraction(results, lambda r: _ends(r, "update_bimodality")[1]
+                                        > _ends(r, "update_bimodality")[0])
+    out["cosine_falls"] = _fraction(results, lambda r: _ends(r, "update_cosine")[1] < _ends(r, "update_cosine")[0])
     return out
+
+
+def _median(values: Sequence[float]) -> float:
+    finite = sorted(v for v in values if math.isfinite(v))
+    if not finite:
+        return math.nan
+    mid = len(finite) // 2
+    return finite[mid] if len(finite) % 2 else (finite[mid - 1] + finite[mid]) / 2
 
 
 def _g(value: Optional[float]) -> str:
@@ -124,7 +164,9 @@ def _g(value: Optional[float]) -> str:
 
 
 def _crossed(c) -> str:
-    return "never" if c.step is None else f"{c.step} ({c.steps_before} before)"
+    if c.step is None:
+        return "never"
+    return f"{c.step} ({c.steps_before} before{', at the start' if c.at_start else ''})"
 
 
 def _fraction_line(what: str, q: dict[str, Any]) -> str:
@@ -152,8 +194,26 @@ def summary_blocks(results: Sequence[KitResult], numbers: dict[str, Any], iterat
             _fraction_line("preconditioned ratio ≥ 1 strictly before the plain ratio (or the plain never)",
                            numbers["adam_before_plain"]),
             _fraction_line("plain ratio ≥ 1 strictly before the spike step (context)", numbers["plain_before_spike"]),
+            _fraction_line("preconditioned ratio already ≥ 1 at the window's first measured step (the crossing, "
+                           "if any, came earlier: left-censored)", numbers["adam_at_start"]),
+            _fraction_line("plain ratio already ≥ 1 at the window's first measured step", numbers["plain_at_start"]),
+            _fraction_line("of the kits whose preconditioned ratio started below 1: it reached 1 strictly before "
+                           "the spike", numbers["adam_crossed_in_window"]),
+            _fraction_line("... and strictly before the plain ratio (or the plain never)",
+                           numbers["adam_in_window_before_plain"]),
             "steps between the preconditioned crossing and the spike, where it came before: "
-            + (", ".join(map(str, numbers["adam_steps_before_spike"])) or "none"),
+            + (", ".join(map(str, numbers["adam_steps_before_spike"])) or "none")
+            + " (of which seen inside the window: "
+            + (", ".join(map(str, numbers["adam_steps_before_spike_in_window"])) or "none") + ")",
+            f"Adam update bimodality coefficient (Sarle; 1/3 normal, 5/9 uniform, → 1 bimodal), median over kits: "
+            f"{_g(_median(numbers['update_bimodality']['at_start']))} at the first measured step, "
+            f"{_g(_median(numbers['update_bimodality']['at_spike']))} at the spike",
+            _fraction_line("update bimodality above 5/9 at the spike", numbers["bimodal_at_spike"]),
+            _fraction_line("update bimodality higher at the spike than at the window's start",
+                           numbers["bimodality_rises"]),
+            f"cos(update, −gradient), median over kits: {_g(_median(numbers['update_cosine']['at_start']))} at "
+            f"the first measured step, {_g(_median(numbers['update_cosine']['at_spike']))} at the spike; "
+            + _fraction_line("lower at the spike than at the start", numbers["cosine_falls"]),
             "kits count as independent trials in the intervals; several kits of one run, and one seed's "
             "runs across LRs and arms, are not, so read them against the number of seeds",
         ]),

@@ -241,6 +241,9 @@ def _cosine(a: Tensor, b: Tensor) -> float:
 class Crossing:
     step: Optional[int]  # the first measured step with ratio >= 1; None if never
     steps_before: Optional[int]  # spike step - that step (0: at the spike itself)
+    # already >= 1 at the first measured step: the crossing, if there was one, came before the
+    # window (left-censored), so "how long before the spike" is a lower bound, not a measurement
+    at_start: bool = False
 
 
 @dataclass
@@ -262,9 +265,15 @@ class FirstCrossing:
         plain one never did)."""
         return self.adam.step is not None and (self.gd.step is None or self.adam.step < self.gd.step)
 
+    @property
+    def adam_crossed_in_window(self) -> bool:
+        """The preconditioned ratio started the window below 1 and reached it strictly before the
+        spike step: a crossing seen happening, not one inherited from before the window."""
+        return self.adam_before_spike and not self.adam.at_start
+
     def to_json(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "adam_before_spike": self.adam_before_spike,
-                "adam_first": self.adam_first}
+                "adam_first": self.adam_first, "adam_crossed_in_window": self.adam_crossed_in_window}
 
 
 def first_crossing(traj: EdgeTrajectory) -> FirstCrossing:
@@ -273,7 +282,8 @@ def first_crossing(traj: EdgeTrajectory) -> FirstCrossing:
     at, so a crossing there counts as "at the spike" (steps_before 0), not before it."""
     def first(key: str) -> Crossing:
         step = next((s.step for s in traj.steps if getattr(s, key) >= 1.0), None)  # NaN never is
-        return Crossing(step, None if step is None else traj.spike_step - step)
+        at_start = step is not None and step == traj.steps[0].step
+        return Crossing(step, None if step is None else traj.spike_step - step, at_start)
 
     def peak(key: str) -> float:
         return max((getattr(s, key) for s in traj.steps if math.isfinite(getattr(s, key))), default=math.nan)
@@ -296,7 +306,10 @@ def crossing_line(traj: EdgeTrajectory) -> str:
     fc = first_crossing(traj)
 
     def said(c: Crossing) -> str:
-        return "never" if c.step is None else f"step {c.step} ({c.steps_before} before the spike)"
+        if c.step is None:
+            return "never"
+        censored = ", already at the first measured step" if c.at_start else ""
+        return f"step {c.step} ({c.steps_before} before the spike{censored})"
 
     bound = (2 + 2 * traj.beta1) / (1 - traj.beta1)
     return (f"edge of stability: λmax(P⁻¹H)/({bound:.3g}/η) first ≥ 1 {said(fc.adam)}, max "
