@@ -10,6 +10,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
 from proxy.forensics import curvature, find_kits, load_kit, restore, trainer_step
 from proxy.forensics import dissect
@@ -88,6 +89,31 @@ def test_every_measures_fewer_steps_on_the_same_trajectory(kit, traj):
         edge_trajectory(kit, every=0)
 
 
+def test_held_out_sharpness_is_of_one_fixed_sample_on_the_same_replay(kit, traj):
+    from proxy.forensics.replay import held_out_batch
+
+    x, y = held_out_batch(kit, 2)
+    rows, seq_len = kit.batches["inputs"].shape[1:]
+    assert x.shape == y.shape == (2 * rows, seq_len)
+    assert torch.equal(x, held_out_batch(kit, 2)[0])  # the same sample every time
+    fixed = edge_trajectory(kit, iterations=ITERS, every=BEFORE, sharpness_batches=2)
+    assert fixed.sharpness_batches == 2 and traj.sharpness_batches == 0
+    by_step = {s.step: s for s in traj.steps}
+    for s in fixed.steps:  # the replay, the update and its statistics do not depend on the measure
+        mine = by_step[s.step]
+        assert (s.loss, s.grad_norm, s.update_bimodality) == (mine.loss, mine.grad_norm, mine.update_bimodality)
+    # the first measured step's plain sharpness is that of the held-out loss at the "before" weights
+    cfg = kit.config
+    model = restore(kit, "before", cfg=reference_config(cfg)).model
+    dim = sum(p.numel() for p in model.parameters())
+    direct = batch_sharpness(model, cfg, x, y, torch.ones(dim), fixed.steps[0].lr, ITERS)
+    assert fixed.steps[0].sharpness == pytest.approx(direct.sharpness, rel=1e-5)
+    assert fixed.steps[0].sharpness != by_step[fixed.steps[0].step].sharpness
+    assert EdgeTrajectory.from_json(json.loads(json.dumps(fixed.to_json()))).sharpness_batches == 2
+    with pytest.raises(ValueError, match="sharpness_batches >= 0"):
+        edge_trajectory(kit, sharpness_batches=-1)
+
+
 def _constructed(spike: int, gd: list[float], adam: list[float]) -> EdgeTrajectory:
     start = spike - len(gd) + 1
     steps = [EdgeStep(step=start + i, lr=0.1, loss=3.0, grad_norm=1.0, sharpness=20 * g, gd_threshold=20.0,
@@ -163,6 +189,13 @@ def test_study_end_to_end(run_dir, tmp_path, capsys):
     assert (out / "ratios_aligned.png").stat().st_size > 0
     assert study.main([str(tmp_path / "empty_dir_that_is_missing"), "--out", str(out)]) == 2
     assert "no such path" in capsys.readouterr().err
+    held = tmp_path / "held_out"
+    assert study.main([str(run_dir), "--out", str(held), "--iterations", "1", "--every", str(BEFORE),
+                       "--sharpness-batches", "1"]) == 0
+    data = json.loads((held / "trajectories.json").read_text())
+    assert data["sharpness_batches"] == 1 and data["kits"][0]["trajectory"]["sharpness_batches"] == 1
+    assert "first 1 held-out batches" in (held / "summary.md").read_text()
+    assert study.main([str(run_dir), "--out", str(held), "--sharpness-batches", "-1"]) == 2
 
 
 def test_inspect_edge_writes_the_section_and_figure(kit, tmp_path, capsys, monkeypatch):
@@ -173,6 +206,8 @@ def test_inspect_edge_writes_the_section_and_figure(kit, tmp_path, capsys, monke
     assert inspect_main([str(kit.path), "--out", str(out), "--no-replay", "--lanczos-iters", str(ITERS),
                          "--edge"]) == 0
     assert "edge of stability:" in capsys.readouterr().out
+    assert inspect_main([str(kit.path), "--out", str(out), "--no-replay", "--edge-batches", "2"]) == 2
+    assert "needs --edge" in capsys.readouterr().err
     assert (out / "edge.png").stat().st_size > 0
     report = (out / "report.md").read_text()
     assert "Adam's edge of stability before the spike" in report and "(edge.png)" in report

@@ -35,7 +35,8 @@ from typing import Any, Callable, Optional, Sequence
 
 from proxy.config import RemedyKind
 from proxy.forensics import KIT_JSON, KitError, find_kits, load_kit
-from proxy.forensics.edge import EdgeTrajectory, FirstCrossing, edge_trajectory, first_crossing
+from proxy.forensics.edge import (EdgeTrajectory, FirstCrossing, edge_trajectory, first_crossing,
+                                  sharpness_loss)
 from proxy.forensics.replay import kit_run_dir
 from proxy.records import find_runs, write_json
 from proxy.report.document import Block, Figure, Heading, Items, Paragraph, Table, to_markdown
@@ -83,9 +84,9 @@ def kit_dirs(paths: Sequence[str | Path]) -> list[Path]:
     return sorted(found)
 
 
-def measure(path: Path, device: str, iterations: int, every: int) -> KitResult:
+def measure(path: Path, device: str, iterations: int, every: int, sharpness_batches: int = 0) -> KitResult:
     kit = load_kit(path)
-    traj = edge_trajectory(kit, device, iterations, every)
+    traj = edge_trajectory(kit, device, iterations, every, sharpness_batches)
     cfg = kit.config
     return KitResult(kit=str(path), run=kit_run_dir(kit).name, seed=int(cfg.train.seed), lr=float(cfg.optim.lr),
                      remedy=RemedyKind(cfg.remedy.kind).value, grad_clip=float(cfg.optim.grad_clip),
@@ -177,7 +178,7 @@ def _fraction_line(what: str, q: dict[str, Any]) -> str:
 
 
 def summary_blocks(results: Sequence[KitResult], numbers: dict[str, Any], iterations: int,
-                   figure: Optional[str]) -> list[Block]:
+                   figure: Optional[str], sharpness_batches: int = 0) -> list[Block]:
     beta1s = sorted({r.trajectory.beta1 for r in results})
     bound = ", ".join(f"{(2 + 2 * b) / (1 - b):.3g}/η (β₁={b:g})" for b in beta1s) or "38/η"
     blocks: list[Block] = [
@@ -185,7 +186,7 @@ def summary_blocks(results: Sequence[KitResult], numbers: dict[str, Any], iterat
                   f"seeds ({', '.join(map(str, numbers['seeds']))}). Each kit replayed from its pre-spike state "
                   f"through the spike without the run's remedy; at every step, before its update, λmax(H) "
                   f"against 2/η and λmax(P⁻¹H) against {bound} (Lanczos, {iterations} Hessian-vector products "
-                  f"per eigenvalue, on the step's batch loss). {numbers['kits_replaying_the_run']} of "
+                  f"per eigenvalue, on {sharpness_loss(sharpness_batches)}). {numbers['kits_replaying_the_run']} of "
                   f"{numbers['kits']} replays repeat the run's recorded losses bit for bit (the others: the "
                   "run's remedy acted in the window, or another device)."),
         Heading("Measured answer"),
@@ -274,16 +275,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--iterations", type=int, default=20, help="Hessian-vector products per eigenvalue")
     parser.add_argument("--every", type=int, default=1, help="measure every N-th step (the spike step always)")
     parser.add_argument("--device", default="cpu", help="cpu (bitwise replays of CPU runs) or cuda")
+    parser.add_argument("--sharpness-batches", type=int, default=0,
+                        help="0: eigenvalues of each step's own batch loss; N: of the loss over the run's first N "
+                             "held-out batches, one fixed sample at every step (N times the cost)")
     args = parser.parse_args(argv)
     try:
-        if args.iterations < 1 or args.every < 1:
-            raise KitError(f"--iterations={args.iterations} and --every={args.every} must be >= 1")
+        if args.iterations < 1 or args.every < 1 or args.sharpness_batches < 0:
+            raise KitError(f"--iterations={args.iterations} and --every={args.every} must be >= 1, "
+                           f"--sharpness-batches={args.sharpness_batches} >= 0")
         paths = kit_dirs(args.runs)
         if not paths:
             raise KitError(f"no spike kit under {', '.join(map(str, args.runs))}")
         results = []
         for path in paths:
-            results.append(measure(path, args.device, args.iterations, args.every))
+            results.append(measure(path, args.device, args.iterations, args.every, args.sharpness_batches))
             c = results[-1].crossing
             print(f"{path}: preconditioned ≥ 1 at {_crossed(c.adam)}, plain at {_crossed(c.gd)}")
     except KitError as exc:
@@ -292,10 +297,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     numbers = pooled(results)
     args.out.mkdir(parents=True, exist_ok=True)
     write_json(args.out / "trajectories.json", {"iterations": args.iterations, "every": args.every,
+                                                "sharpness_batches": args.sharpness_batches,
                                                 "summary": numbers, "kits": [r.to_json() for r in results]})
     figure = aligned_figure(results, args.out / FIGURE).name
     (args.out / "summary.md").write_text(to_markdown(
-        "Adam's edge of stability before spikes", summary_blocks(results, numbers, args.iterations, figure)))
+        "Adam's edge of stability before spikes", summary_blocks(results, numbers, args.iterations, figure,
+                                                                      args.sharpness_batches)))
     print(_fraction_line("preconditioned ratio ≥ 1 before the spike", numbers["adam_before_spike"]))
     print(_fraction_line("preconditioned before plain", numbers["adam_before_plain"]))
     print(f"-> {args.out / 'summary.md'}")

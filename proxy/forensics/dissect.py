@@ -353,11 +353,12 @@ class Inspection:
 
 def inspect_kit(kit: Kit | str | Path, device: str = "cpu", do_replay: bool = True,
                 curvature_iters: int = 20, ngram: Optional[dict[str, int]] = None,
-                edge: bool = False) -> Inspection:
+                edge: bool = False, edge_batches: int = 0) -> Inspection:
     """Every analysis of the module doc on one kit; :func:`write_report` writes it out.
 
     ``edge`` adds Adam's edge-of-stability trajectory (proxy/forensics/edge.py) with
-    ``curvature_iters`` products per eigenvalue: two Lanczos runs per step of the window."""
+    ``curvature_iters`` products per eigenvalue: two Lanczos runs per step of the window, of each
+    step's batch loss, or with ``edge_batches`` = N of the run's first N held-out batches."""
     if edge and curvature_iters < 1:
         raise KitError("the edge-of-stability trajectory needs curvature_iters >= 1")
     kit = kit if isinstance(kit, Kit) else load_kit(kit)
@@ -373,7 +374,7 @@ def inspect_kit(kit: Kit | str | Path, device: str = "cpu", do_replay: bool = Tr
         result.verdicts, notes = replays(kit, rows, device, ngram=ngram)
         result.notes += notes
     if edge:
-        result.edge = edge_trajectory(kit, device, curvature_iters)
+        result.edge = edge_trajectory(kit, device, curvature_iters, sharpness_batches=edge_batches)
     return result
 
 
@@ -640,6 +641,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         "eigenvalue; 0 skips the curvature")
     parser.add_argument("--edge", action="store_true", help="Adam's edge of stability over every step "
                         "from the pre-spike state to the spike (two Lanczos runs per step; edge.png)")
+    parser.add_argument("--edge-batches", type=int, default=0, help="with --edge: the eigenvalues of the loss over "
+                        "the run's first N held-out batches, the same at every step (default 0: each step's batch)")
     parser.add_argument("--ngram-repeats", type=int, default=None,
                         help="min repeats for a repeated n-gram (default: from the kit's config)")
     args = parser.parse_args(argv)
@@ -651,6 +654,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise KitError(f"--lanczos-iters={args.lanczos_iters} must be >= 0")
         if args.edge and args.lanczos_iters == 0:
             raise KitError("--edge needs the curvature: --lanczos-iters must be >= 1")
+        if args.edge_batches < 0 or (args.edge_batches and not args.edge):
+            raise KitError(f"--edge-batches={args.edge_batches} must be >= 0, and needs --edge")
         if args.device.startswith("cuda") and not torch.cuda.is_available():
             raise KitError(f"--device {args.device}: no CUDA device is available")
         for path in kits:
@@ -658,7 +663,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             ngram = ngram_settings(kit)
             if args.ngram_repeats is not None:
                 ngram["min_repeats"] = args.ngram_repeats
-            insp = inspect_kit(kit, args.device, not args.no_replay, args.lanczos_iters, ngram, edge=args.edge)
+            insp = inspect_kit(kit, args.device, not args.no_replay, args.lanczos_iters, ngram, edge=args.edge,
+                               edge_batches=args.edge_batches)
             report = write_report(insp, args.out)
             print(f"{path}: report -> {report}")
             for line in summary_lines(insp):

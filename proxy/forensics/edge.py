@@ -59,7 +59,7 @@ from torch import Tensor, nn
 
 from proxy.config import Attention, Config, LossImpl
 from proxy.forensics import curvature
-from proxy.forensics.replay import Kit, KitError, load_kit, restore, trainer_step
+from proxy.forensics.replay import Kit, KitError, held_out_batch, load_kit, restore, trainer_step
 from proxy.report.document import Block, Heading, Paragraph, Table
 
 FIGURE = "edge.png"
@@ -146,6 +146,9 @@ class EdgeTrajectory:
     iterations: int  # Hessian-vector products per eigenvalue
     every: int
     steps: list[EdgeStep] = field(default_factory=list)
+    # whose loss the eigenvalues are of: 0 = each step's own batch; N = the run's first N held-out
+    # batches, one fixed sample for every step (a stand-in for Cohen et al.'s full-batch loss)
+    sharpness_batches: int = 0
 
     @property
     def replays_run(self) -> bool:
@@ -162,21 +165,27 @@ class EdgeTrajectory:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "EdgeTrajectory":
         names = {f.name for f in dataclasses.fields(cls)} - {"steps"}
-        return cls(**{k: data[k] for k in names}, steps=[EdgeStep(**s) for s in data["steps"]])
+        return cls(**{k: data[k] for k in names if k in data}, steps=[EdgeStep(**s) for s in data["steps"]])
 
 
 def edge_trajectory(kit: Kit | str | Path, device: str = "cpu", iterations: int = 20,
-                    every: int = 1) -> EdgeTrajectory:
+                    every: int = 1, sharpness_batches: int = 0) -> EdgeTrajectory:
     """Replay ``kit`` from its "before" state through its spike step, measuring every ``every``-th
     step (counted from the first; the spike step always) before its update: the quantities of the
     module doc. The replay is the trainer's own step without the run's remedy (``use_remedy=False``:
     the unprotected trajectory; gradients are still clipped at ``optim.grad_clip``), so on CPU it
     repeats a remedy-free run bit for bit (``replays_run``). Costs two Lanczos runs of
     ``iterations`` Hessian-vector products per measured step. A step whose loss or gradient is not
-    finite gets NaN curvature (nothing to differentiate)."""
+    finite gets NaN curvature (nothing to differentiate).
+
+    ``sharpness_batches`` = N > 0 takes both eigenvalues of the loss over the run's first N held-out
+    batches (:func:`proxy.forensics.replay.held_out_batch`), the same sample at every step, instead of
+    the step's own batch: N times the cost of each Hessian-vector product."""
     kit = kit if isinstance(kit, Kit) else load_kit(kit)
-    if iterations < 1 or every < 1:
-        raise ValueError(f"edge_trajectory: need iterations >= 1 and every >= 1, got {iterations}, {every}")
+    if iterations < 1 or every < 1 or sharpness_batches < 0:
+        raise ValueError(f"edge_trajectory: need iterations >= 1, every >= 1 and sharpness_batches >= 0, got "
+                         f"{iterations}, {every}, {sharpness_batches}")
+    fixed = held_out_batch(kit, sharpness_batches) if sharpness_batches else None
     t = restore(kit, "before", device)
     start, spike = t.step, kit.step
     steps = [s for s in kit.steps if start <= s <= spike]
@@ -186,7 +195,8 @@ def edge_trajectory(kit: Kit | str | Path, device: str = "cpu", iterations: int 
     reference = restore(kit, "before", device, cfg=reference_config(cfg)).model
     params = list(t.model.parameters())
     traj = EdgeTrajectory(kit=str(kit.path), spike_step=spike, trigger=kit.trigger, start_step=start,
-                          beta1=cfg.optim.beta1, iterations=iterations, every=every)
+                          beta1=cfg.optim.beta1, iterations=iterations, every=every,
+                          sharpness_batches=sharpness_batches)
     for step in steps:
         x, y = kit.batch(step)
         if (step - start) % every and step != spike:
@@ -207,7 +217,8 @@ def edge_trajectory(kit: Kit | str | Path, device: str = "cpu", iterations: int 
         finite = math.isfinite(r.loss) and math.isfinite(r.grad_norm)
         if finite:
             precond = curvature.adam_preconditioner(t.optimizer, params)  # P_t: v_t holds g_t
-            sh = batch_sharpness(reference, cfg, x, y, precond, r.lr, iterations)
+            sh = batch_sharpness(reference, cfg, *(fixed if fixed is not None else (x, y)), precond, r.lr,
+                                 iterations)
             plain, adam = sh.sharpness, sh.preconditioned
         else:
             plain = adam = math.nan
@@ -301,6 +312,14 @@ def _g(value: Optional[float]) -> str:
     return f"{value:.3g}" if isinstance(value, (int, float)) and math.isfinite(value) else str(value)
 
 
+def sharpness_loss(sharpness_batches: int) -> str:
+    """Whose loss a trajectory's eigenvalues are of, in words (see EdgeTrajectory.sharpness_batches)."""
+    if not sharpness_batches:
+        return "the step's batch loss"
+    return (f"the loss over the run's first {sharpness_batches} held-out batches, one fixed sample at every "
+            "step, standing in for the full-data loss")
+
+
 def crossing_line(traj: EdgeTrajectory) -> str:
     """One line: where each ratio first reached 1, relative to the spike."""
     fc = first_crossing(traj)
@@ -324,7 +343,8 @@ def edge_section(traj: EdgeTrajectory) -> list[Block]:
         Paragraph(f"Replayed from the pre-spike state without the run's remedy; at each step, before its "
                   f"update: λmax(H) / (2/η) and λmax(P⁻¹H) / ({bound:.3g}/η) (Cohen et al. 2022; P = "
                   f"diag(√v̂+ε)/lr_scale with v already holding the step's gradient, the preconditioner of "
-                  f"this update), Lanczos with {traj.iterations} products on the step's batch loss; BC = "
+                  f"this update), Lanczos with {traj.iterations} products on "
+                  f"{sharpness_loss(traj.sharpness_batches)}; BC = "
                   "bimodality coefficient of m̂/(√v̂+ε) pooled over all coordinates (1/3 normal, 5/9 "
                   "uniform, → 1 bimodal: Molybog et al. 2023); cos = cos(applied update, −gradient). "
                   + ("The replay repeats the run's losses bit for bit." if traj.replays_run else

@@ -222,6 +222,21 @@ def fresh_batches(kit: Kit, steps: Sequence[int], offset: int,
     return [source.batch("train", by_step[s] + offset, rows, seq_len) for s in steps]
 
 
+def held_out_batch(kit: Kit, batches: int) -> tuple[Tensor, Tensor]:
+    """The run's first ``batches`` validation batches (its eval set, in the kit's batch shape) as
+    one batch: a fixed sample of the data distribution, the same at every step, on which a loss
+    stands in for the full-data loss. Raises KitError when the data source cannot be opened."""
+    if batches < 1:
+        raise KitError(f"held_out_batch: need batches >= 1, got {batches}")
+    try:
+        source = build_source(kit.config.data, run_dir=kit_run_dir(kit))
+    except (DataError, OSError) as exc:
+        raise KitError(f"{kit.path}: the run's data source cannot be opened here ({exc})") from exc
+    rows, seq_len = kit.batches["inputs"].shape[1:]
+    pairs = [source.batch("val", i, rows, seq_len) for i in range(batches)]
+    return torch.cat([x for x, _ in pairs]), torch.cat([y for _, y in pairs])
+
+
 def kit_run_dir(kit: Kit) -> Path:
     """The run a kit belongs to (``<run_dir>/spike_kits/step_N``), whose files (its tokenizer.json)
     rebuild the run's data source; a kit kept elsewhere is its own folder."""
