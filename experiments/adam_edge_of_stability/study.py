@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import statistics
 import sys
 from collections import defaultdict
 from dataclasses import dataclass
@@ -151,11 +152,8 @@ def pooled(results: Sequence[KitResult]) -> dict[str, Any]:
 
 
 def _median(values: Sequence[float]) -> float:
-    finite = sorted(v for v in values if math.isfinite(v))
-    if not finite:
-        return math.nan
-    mid = len(finite) // 2
-    return finite[mid] if len(finite) % 2 else (finite[mid - 1] + finite[mid]) / 2
+    finite = [v for v in values if math.isfinite(v)]
+    return statistics.median(finite) if finite else math.nan
 
 
 def _g(value: Optional[float]) -> str:

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from proxy.config import Config, to_config
-from proxy.data import DataError, build_source
+from proxy.data import DataError, TokenSource, build_source
 from proxy.model import build_model
 from proxy.optim import AdamW, build_optimizer
 from proxy.records import KITS_DIR, StateFileError, load_state, read_json
@@ -212,14 +212,23 @@ def fresh_batches(kit: Kit, steps: Sequence[int], offset: int,
     stream (what a rollback that skips data would feed instead); None, with a note, when the
     data source cannot be opened here."""
     try:
-        source = build_source(kit.config.data, run_dir=kit_run_dir(kit))
-    except (DataError, OSError) as exc:
+        source = kit_source(kit)
+    except KitError as exc:
         if notes is not None:
-            notes.append(f"no fresh batches: the data source cannot be opened here ({exc})")
+            notes.append(f"no fresh batches: {exc}")
         return None
     by_step = dict(zip(kit.steps, kit.batches["data_positions"].tolist()))
     rows, seq_len = kit.batches["inputs"].shape[1:]
     return [source.batch("train", by_step[s] + offset, rows, seq_len) for s in steps]
+
+
+def kit_source(kit: Kit) -> TokenSource:
+    """The run's data source, rebuilt from the kit's config (and the run's tokenizer); KitError,
+    one line, when it cannot be opened here."""
+    try:
+        return build_source(kit.config.data, run_dir=kit_run_dir(kit))
+    except (DataError, OSError) as exc:
+        raise KitError(f"{kit.path}: the run's data source cannot be opened here ({exc})") from exc
 
 
 def held_out_batch(kit: Kit, batches: int) -> tuple[Tensor, Tensor]:
@@ -228,10 +237,7 @@ def held_out_batch(kit: Kit, batches: int) -> tuple[Tensor, Tensor]:
     stands in for the full-data loss. Raises KitError when the data source cannot be opened."""
     if batches < 1:
         raise KitError(f"held_out_batch: need batches >= 1, got {batches}")
-    try:
-        source = build_source(kit.config.data, run_dir=kit_run_dir(kit))
-    except (DataError, OSError) as exc:
-        raise KitError(f"{kit.path}: the run's data source cannot be opened here ({exc})") from exc
+    source = kit_source(kit)
     rows, seq_len = kit.batches["inputs"].shape[1:]
     pairs = [source.batch("val", i, rows, seq_len) for i in range(batches)]
     return torch.cat([x for x, _ in pairs]), torch.cat([y for _, y in pairs])
