@@ -11,6 +11,7 @@ Choices are Enums: OmegaConf rejects an unknown name and lists the allowed ones.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import secrets
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from typing import Any, Optional
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from proxy.analysis import run_dirname
+from proxy.records.files import StoredFileError, UnsafePathError, check_plain
 
 
 # the Hydra config tree (conf/ beside the package; PROXY_CONF_DIR points elsewhere)
@@ -459,8 +461,22 @@ def _validate_sweep(sw: SweepConfig) -> None:
         _positive(wd, "sweep.weight_decays entry", allow_zero=True)
 
 
+def _finite(value: Any, key: str) -> None:
+    """ConfigError naming the key of any NaN or infinite number (``optim.lr=inf`` would train
+    and be reported as a run at an LR no plot can place)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key}={value} must be a finite number")
+    if dataclasses.is_dataclass(value):
+        for f in dataclasses.fields(value):
+            _finite(getattr(value, f.name), f"{key}.{f.name}" if key else f.name)
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _finite(item, f"{key}[{i}]")
+
+
 def validate(cfg: Config) -> Config:
     """Cross-field checks that types alone cannot express. Raises ConfigError naming the key."""
+    _finite(cfg, "")
     m, o, s, t = cfg.model, cfg.optim, cfg.schedule, cfg.train
     for key in ("d_model", "n_layers", "n_heads", "max_seq_len"):
         _positive(getattr(m, key), f"model.{key}")
@@ -527,6 +543,23 @@ def to_config(cfg: Any) -> Config:
     return validate(obj)
 
 
+def stored_config(tree: Any, where: str | Path) -> Config:
+    """A config read back from a file (a run's config.yaml, a checkpoint, a spike kit): plain
+    data only, no ``${...}`` interpolation resolved (a copied run dir must not make proxy read
+    an environment variable or a file), then validated like a typed one. ConfigError, one line
+    naming ``where`` and the key, otherwise."""
+    try:
+        check_plain(tree, str(where))
+    except (StoredFileError, UnsafePathError) as exc:
+        raise ConfigError(str(exc)) from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{where}: the config is a {type(tree).__name__}, not a mapping")
+    try:
+        return to_config(tree)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
 def _one_line(exc: Exception) -> str:
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
     head = lines[0] if lines else type(exc).__name__
@@ -558,6 +591,7 @@ def from_dict(data: dict | DictConfig) -> Config:
 __all__ = [
     "Attention",
     "CaptureConfig",
+    "stored_config",
     "CaptureTrigger",
     "Config",
     "ConfigError",

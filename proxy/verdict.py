@@ -30,7 +30,8 @@ from pathlib import Path
 from typing import Any, Callable, Hashable, Optional, Sequence
 
 from proxy.analysis import CurvePoint
-from proxy.records import COMPLETED, STATUS_DIVERGED, Run, find_runs, load_run
+from proxy.records import (COMPLETED, STATUS_DIVERGED, Run, atomic_write_text, find_runs, load_run, terminal_block,
+                           terminal_text)
 from proxy.report import Claim, VerdictSummary, collect_report, default_out_dir, write_report
 from proxy.report.document import Block, Items, Paragraph, Table, to_markdown
 
@@ -155,7 +156,7 @@ def judge_runs(finding_dir: str | Path, paths: Sequence[str | Path],
                out_dir: Optional[str | Path] = None, **report_options: Any) -> Verdict:
     """Collect the report on ``paths``, judge, write the report headed by the verdict, and
     verdict.md/json beside it."""
-    out = Path(out_dir) if out_dir else default_out_dir(paths[0])
+    out = Path(out_dir) if out_dir else default_out_dir(paths[0])  # checked and made by collect_report
     module = load_module(finding_dir)
     if getattr(module, "REPORT_SPIKES", None) is not None:
         report_options.setdefault("spikes", module.REPORT_SPIKES)
@@ -167,9 +168,8 @@ def judge_runs(finding_dir: str | Path, paths: Sequence[str | Path],
         write_report(result)  # the report still lands, without a verdict
         raise
     write_report(result, verdict.summary())
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "verdict.md").write_text(verdict.to_markdown())
-    (out / "verdict.json").write_text(json.dumps(verdict.to_json(), indent=2, default=str) + "\n")
+    atomic_write_text(result.out_dir / "verdict.json", json.dumps(verdict.to_json(), indent=2, default=str) + "\n")
+    atomic_write_text(result.out_dir / "verdict.md", verdict.to_markdown())
     return verdict
 
 
@@ -193,10 +193,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         verdict = judge_runs(args.finding, args.paths, args.out)
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (OSError, ValueError) as exc:  # a missing path, a full disk, an output folder that is a link
+        print(f"error: {terminal_text(exc)}", file=sys.stderr)
         return 2
-    print(verdict.to_markdown())
+    print(terminal_block(verdict.to_markdown()))
     return 0
 
 

@@ -234,7 +234,7 @@ def test_prepare_errors_are_one_line_and_exit_2(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert prepare_main(["--input", str(tmp_path / "empty"), "--out", str(tmp_path / "o")]) == 2
     assert "no .txt files" in capsys.readouterr().err
-    (tmp_path / "bin.txt").write_bytes(b"\xff\xfe\x00abc")
+    (tmp_path / "bin.txt").write_bytes(b"\xff\xfeabc")
     assert prepare_main(["--input", str(tmp_path / "bin.txt"), "--out", str(tmp_path / "o"),
                          "--tokenizer", "bpe"]) == 2
     assert "not UTF-8" in capsys.readouterr().err

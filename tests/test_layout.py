@@ -21,8 +21,9 @@ LAYERS = {
     "train": 2,
     "forensics": 3, "verdict": 3, "demo": 3,
 }
-# within the contract layer, the one edge: config registers analysis' run-dir naming with OmegaConf
-CONTRACT_EDGES = {("config", "analysis")}
+# within the contract layer, two edges: config registers analysis' run-dir naming with OmegaConf, and
+# reads stored configs through the records' readers of untrusted files
+CONTRACT_EDGES = {("config", "analysis"), ("config", "records")}
 
 
 def module_name(path: Path) -> str:

@@ -198,7 +198,7 @@ def test_a_resume_that_cannot_start_leaves_the_run_as_it_was(completed_run, monk
         train(incompatible, completed_run)
     assert "\n" not in str(info.value) and "step_0000020.pt" in str(info.value)
     assert snapshot_of(completed_run) == before
-    assert "cannot resume" in (completed_run / START_ERROR_FILE).read_text()
+    assert not (completed_run / START_ERROR_FILE).exists()  # a refused start writes nothing into a run
 
     # wandb online without a login
     def no_login(**kwargs):
@@ -209,7 +209,7 @@ def test_a_resume_that_cannot_start_leaves_the_run_as_it_was(completed_run, monk
         train(resume_cfg(wandb=dict(mode="online")), completed_run)
     assert snapshot_of(completed_run) == before
     assert json.loads((completed_run / "summary.json").read_text())["status"] == "completed"
-    assert "api_key" in (completed_run / START_ERROR_FILE).read_text()
+    assert not (completed_run / START_ERROR_FILE).exists()
 
 
 def test_a_fresh_run_never_overwrites_a_run(completed_run):
@@ -380,7 +380,8 @@ def test_a_traceback_on_stderr_becomes_its_last_cause():
             '  File "/x/pathlib.py", line 1116, in mkdir\n'
             "    os.mkdir(self, mode)\n"
             "PermissionError: [Errno 13] Permission denied: '/ro/run/.hydra'\n")
-    assert one_line(held) == "PermissionError: [Errno 13] Permission denied: '/ro/run/.hydra'"
+    assert one_line(held) == ("cannot write /ro/run/.hydra: Permission denied (proxy-train writes its log and "
+                              ".hydra/ into hydra.run.dir: give it a writable folder)")
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")

@@ -16,7 +16,6 @@ and ``SyntheticSource`` (proxy/data/synthetic.py).
 from __future__ import annotations
 
 import functools
-import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +27,7 @@ import torch
 from proxy.config import DataConfig, FilterMode
 from proxy.data import ngrams
 from proxy.records import (DATA_DROPPED_ROWS, DATA_INJECTED_FRAC, DATA_INJECTED_ROWS, DATA_MASKED_TOKENS,
-                           TOKENIZER_FILE, atomic_write_text)
+                           TOKENIZER_FILE, atomic_write_text, read_json)
 
 IGNORE_INDEX = -100
 SPLITS = ("train", "val")
@@ -103,6 +102,10 @@ class TokenSource(ABC):
         """Write what a run needs to read its checkpoints back (a trained tokenizer) into
         ``run_dir``; returns the file names written. Most sources need nothing."""
         return []
+
+    def check_seq_len(self, seq_len: int) -> None:
+        """DataError (one line) if no row of ``seq_len`` + 1 tokens can be cut from every split:
+        asked before a run claims its directory, not found at its first batch."""
 
     # -- the contract ----------------------------------------------------------------------------
     def batch(self, split: str, index: int, batch_size: int, seq_len: int, rank: int = 0,
@@ -223,12 +226,16 @@ class ArraySource(TokenSource):
             if len(arr) < 2:
                 raise DataError(f"{cfg.path}: the {split} split has {len(arr)} tokens; need at least 2")
 
+    def check_seq_len(self, seq_len: int) -> None:
+        for split, data in self.splits.items():
+            if seq_len + 1 > len(data):
+                raise DataError(f"{self.cfg.path}: the {split} split has {len(data)} tokens, fewer than "
+                                f"seq_len+1={seq_len + 1}")
+
     def _rows(self, split: str, index: int, rows: np.ndarray, length: int,
               attempt: int = 0) -> np.ndarray:
         data = self.splits[split]
-        if length > len(data):
-            raise DataError(f"{self.cfg.path}: the {split} split has {len(data)} tokens, fewer than "
-                            f"seq_len+1={length}")
+        self.check_seq_len(length - 1)
         out = np.empty((len(rows), length), dtype=np.int64)
         for i, r in enumerate(rows):
             start = row_generator(self.cfg.seed, split, index, int(r), attempt).integers(0, len(data) - length + 1)
@@ -354,15 +361,12 @@ def existing_path(path: Optional[str], key: str = "data.path") -> Path:
 
 
 def _read_meta(path: Path) -> dict:
-    if not path.is_file():
+    if not path.is_file() and not path.is_symlink():
         return {}
     try:
-        meta = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(meta, dict):
-        raise DataError(f"{path}: expected a JSON object")
-    return meta
+        return read_json(path, limit=1 << 20)
+    except (OSError, ValueError) as exc:  # StoredFileError, UnsafePathError: one line naming the file
+        raise DataError(str(exc) if str(path) in str(exc) else f"{path}: {exc}") from None
 
 
 def _open_bin(path: Path, dtype: str) -> np.memmap:

@@ -16,7 +16,7 @@ import numpy as np
 from proxy.config import DataConfig
 from proxy.data.sources import (CONTROL_LIMIT, TEXT_CONTROLS, TOKEN_DTYPES, ArraySource, DataError, existing_path,
                                 split_tail)
-from proxy.records import TOKENIZER_FILE
+from proxy.records import TOKENIZER_FILE, atomic_write, atomic_write_text, output_dir
 
 EOT = "<|endoftext|>"  # document separator of BPE vocabularies (byte-level uses byte 0)
 
@@ -33,12 +33,17 @@ class Document(bytes):
 
 
 def check_text(path: Path, data: bytes) -> None:
-    """DataError naming ``path`` unless ``data`` looks like text: no NUL byte (the byte
-    tokenizer's document separator, and the mark of a binary file), and at most
-    :data:`CONTROL_LIMIT` of its first MiB other control bytes."""
+    """DataError naming ``path`` unless ``data`` is text, whatever the tokenizer: no NUL byte
+    (the byte tokenizer's document separator, and the mark of a binary file), valid UTF-8 (the
+    offset of the first bad byte named), and at most :data:`CONTROL_LIMIT` of its first MiB
+    other control bytes."""
     nul = data.find(b"\x00")
     if nul >= 0:
         raise DataError(f"{path}: not text (a NUL byte at offset {nul}: a binary file, or UTF-16?)")
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 at byte {exc.start} ({exc.reason}); re-encode it as UTF-8") from None
     head = data[: 1 << 20]
     control = sum(1 for b in head if (b < 32 or b == 127) and b not in TEXT_CONTROLS)
     if head and control / len(head) > CONTROL_LIMIT:
@@ -55,6 +60,8 @@ def read_documents(path: Path) -> list[Document]:
         raise DataError(f"{path}: no .txt files in folder")
     docs = []
     for f in files:
+        if path.is_dir() and f.is_symlink():  # rglob does not enter linked folders; linked files neither
+            raise DataError(f"{f}: a link in the corpus folder {path}; proxy reads only the folder's own files")
         data = f.read_bytes()
         if data:
             docs.append(Document(data, f))
@@ -122,13 +129,8 @@ class BPETokenizer:
 def _decode(docs: Sequence[bytes]) -> list[str]:
     texts = []
     for doc in docs:
-        try:
-            texts.append(doc.decode("utf-8"))
-        except UnicodeDecodeError as exc:
-            where = getattr(doc, "path", "text")
-            raise DataError(f"{where}: not UTF-8 at byte {exc.start} ({exc.reason}); re-encode it, or use "
-                            "data.tokenizer=byte") from None
         check_text(getattr(doc, "path", "text"), doc)
+        texts.append(doc.decode("utf-8"))
     return texts
 
 
@@ -157,6 +159,8 @@ def load_text(cfg: DataConfig, run_dir: Optional[Path] = None) -> ArraySource:
     training a new one, so the ids are the ones the run was trained on."""
     docs = read_documents(existing_path(cfg.path))
     saved = Path(run_dir) / TOKENIZER_FILE if run_dir is not None else None
+    if saved is not None and saved.is_symlink():
+        raise DataError(f"{saved} is a link; proxy reads only the run dir's own files")
     if cfg.tokenizer != "byte" and saved is not None and saved.is_file():
         tokenizer = BPETokenizer.load(saved)
     else:
@@ -187,17 +191,28 @@ def prepare(input_path: str, out_dir: str, tokenizer: str = "byte", vocab_size: 
     if len(train) < 2:
         raise DataError(f"{input_path}: too little text to split ({len(train) + len(val)} tokens)")
     dtype = "uint16" if tok.vocab_size <= 1 << 16 else "uint32"
-    out = Path(out_dir).expanduser()
-    out.mkdir(parents=True, exist_ok=True)
-    train.astype(TOKEN_DTYPES[dtype]).tofile(out / "train.bin")
-    val.astype(TOKEN_DTYPES[dtype]).tofile(out / "val.bin")
-    if isinstance(tok, BPETokenizer):
-        tok.tokenizer.save(str(out / "tokenizer.json"))
+    out = output_dir(out_dir, what="prepared data")
+    for name, ids in (("train.bin", train), ("val.bin", val)):
+        array = np.ascontiguousarray(ids.astype(TOKEN_DTYPES[dtype]))
+        atomic_write(out / name, lambda f, a=array: f.write(memoryview(a).cast("B")))
     meta = {"vocab_size": tok.vocab_size, "dtype": dtype, "tokenizer": tok.name,
             "train_tokens": int(len(train)), "val_tokens": int(len(val)),
             "documents": len(docs), "source": str(input_path)}
-    (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    if isinstance(tok, BPETokenizer):
+        atomic_write_text(out / TOKENIZER_FILE, tok.to_json())
+        meta["vocab_size_requested"] = vocab_size
+    atomic_write_text(out / "meta.json", json.dumps(meta, indent=2) + "\n")  # last: the folder is whole
     return meta
+
+
+def shrunk_vocabulary(meta: dict) -> Optional[str]:
+    """The line that says a BPE vocabulary came out smaller than asked (a small corpus has too
+    few pairs to merge); None when it did not."""
+    asked = meta.get("vocab_size_requested")
+    if asked is None or meta["vocab_size"] >= asked:
+        return None
+    return (f"note: the text gives only {meta['vocab_size']} BPE tokens of the --vocab-size {asked} asked for "
+            f"(too few distinct pairs to merge); meta.json records both")
 
 
 def prepare_main(argv: Optional[Sequence[str]] = None) -> int:
@@ -212,9 +227,12 @@ def prepare_main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         meta = prepare(args.input, args.out, args.tokenizer, args.vocab_size, args.val_fraction)
-    except (DataError, OSError) as exc:
+    except (DataError, OSError, ValueError) as exc:  # ValueError: UnsafePathError, an --out that is a link
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"wrote {args.out}: {meta['train_tokens']} train + {meta['val_tokens']} val tokens, "
           f"vocab {meta['vocab_size']} ({meta['tokenizer']}, {meta['dtype']})")
+    shrunk = shrunk_vocabulary(meta)
+    if shrunk:
+        print(shrunk, file=sys.stderr)
     return 0

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import io
 import math
 import sys
 from dataclasses import dataclass, field
@@ -45,8 +46,10 @@ from proxy.forensics.edge import (FIGURE as EDGE_FIGURE, EdgeTrajectory, adam_di
                                   reference_config)
 from proxy.forensics.replay import (Kit, KitError, Replay, fresh_batches, find_kits, load_kit, replay, restore, states_equal,
                                     trainer_step)
-from proxy.records import write_json
+from proxy.records import (UnsafePathError, atomic_write_bytes, atomic_write_text, output_dir, terminal_text,
+                           write_json)
 from proxy.report.document import Block, Figure, Heading, Items, Paragraph, Quote, Table, to_markdown
+from proxy.report.figures import LITERAL_TEXT
 
 OUT_DIR = "inspect"
 DIFFERENT_OFFSET = 10_000  # "different batches" are read this many positions further on
@@ -418,10 +421,11 @@ def summary_lines(insp: Inspection) -> list[str]:
 
 
 def write_report(insp: Inspection, out_dir: Optional[str | Path] = None) -> Path:
-    """report.md, inspect.json and figures in ``out_dir`` (default ``<kit>/inspect``)."""
+    """report.md, inspect.json and figures in ``out_dir`` (default ``<kit>/inspect``), each file
+    written whole, report.md last. Neither folder may be a link (UnsafePathError, one line)."""
     kit = insp.kit
-    out = Path(out_dir) if out_dir is not None else kit.path / OUT_DIR
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_dir(out_dir, what="the inspection") if out_dir is not None else \
+        output_dir(kit.path, OUT_DIR, what="the inspection")
     figures = _figures(insp, out)
     blocks: list[Block] = [Paragraph(f"Kit: `{kit.path}`"), Items(summary_lines(insp))]
     blocks += [Quote(note) for note in insp.notes]
@@ -429,8 +433,8 @@ def write_report(insp: Inspection, out_dir: Optional[str | Path] = None) -> Path
     blocks += _replay_section(insp) + _curvature_section(insp)
     blocks += edge_section(insp.edge) if insp.edge is not None else []
     blocks += [Heading("Figures")] + [Figure(f.name) for f in figures]
-    (out / "report.md").write_text(to_markdown(f"Spike kit: step {kit.step}", blocks))
     write_json(out / "inspect.json", _as_json(insp))
+    atomic_write_text(out / "report.md", to_markdown(f"Spike kit: step {kit.step}", blocks))
     return out / "report.md"
 
 
@@ -544,15 +548,16 @@ def _figures(insp: Inspection, out: Path) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
-    figures = [_update_figure(insp), _sequence_figure(insp)]
-    names = ["update_distribution.png", "sequences.png"]
-    if insp.verdicts:
-        figures.insert(0, _replay_figure(insp))
-        names.insert(0, "replay.png")
-    if insp.edge is not None:
-        figures.append(edge_figure(insp.edge))
-        names.append(EDGE_FIGURE)
-    return [_save_fig(fig, out / name) for fig, name in zip(figures, names)]
+    with matplotlib.rc_context(LITERAL_TEXT):  # parameter names from a kit are text, never math
+        figures = [_update_figure(insp), _sequence_figure(insp)]
+        names = ["update_distribution.png", "sequences.png"]
+        if insp.verdicts:
+            figures.insert(0, _replay_figure(insp))
+            names.insert(0, "replay.png")
+        if insp.edge is not None:
+            figures.append(edge_figure(insp.edge))
+            names.append(EDGE_FIGURE)
+        return [_save_fig(fig, out / name) for fig, name in zip(figures, names)]
 
 
 def _replay_figure(insp: Inspection):
@@ -622,8 +627,10 @@ def _sequence_figure(insp: Inspection):
 def _save_fig(fig, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
-    fig.savefig(path, dpi=110)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
     plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
     return path
 
 
@@ -647,7 +654,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="min repeats for a repeated n-gram (default: from the kit's config)")
     args = parser.parse_args(argv)
     try:
-        kits = [k for p in args.paths for k in _kits_at(Path(p))]
+        found = [(Path(p), k) for p in args.paths for k in _kits_at(Path(p))]
+        kits = [k for _, k in found]
         if args.out and len(kits) > 1:
             raise KitError(f"--out takes one kit, {len(kits)} found")
         if args.lanczos_iters < 0:
@@ -658,19 +666,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise KitError(f"--edge-batches={args.edge_batches} must be >= 0, and needs --edge")
         if args.device.startswith("cuda") and not torch.cuda.is_available():
             raise KitError(f"--device {args.device}: no CUDA device is available")
-        for path in kits:
+        for named, path in found:
+            # every folder from the one named down to the report must be real: no output through a link
+            out = Path(args.out) if args.out else output_dir(named, *path.relative_to(named).parts, OUT_DIR,
+                                                             what="the inspection")
             kit = load_kit(path)
             ngram = ngram_settings(kit)
             if args.ngram_repeats is not None:
                 ngram["min_repeats"] = args.ngram_repeats
             insp = inspect_kit(kit, args.device, not args.no_replay, args.lanczos_iters, ngram, edge=args.edge,
                                edge_batches=args.edge_batches)
-            report = write_report(insp, args.out)
-            print(f"{path}: report -> {report}")
+            report = write_report(insp, out)
+            print(terminal_text(f"{path}: report -> {report}"))
             for line in summary_lines(insp):
-                print(f"  {line}")
-    except (KitError, ConfigError, DataError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+                print(f"  {terminal_text(line)}")
+    except (KitError, ConfigError, DataError, OSError, UnsafePathError) as exc:
+        print(f"error: {terminal_text(exc)}", file=sys.stderr)
         return 2
     return 0
 

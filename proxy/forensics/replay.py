@@ -18,11 +18,11 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from proxy.config import Config, to_config
+from proxy.config import Config, stored_config
 from proxy.data import DataError, TokenSource, build_source
 from proxy.model import build_model
 from proxy.optim import AdamW, build_optimizer
-from proxy.records import KITS_DIR, StateFileError, load_state, read_json
+from proxy.records import KITS_DIR, StateFileError, StoredFileError, load_state, read_json
 from proxy.train.capture import BATCHES_FILE, KIT_FORMAT, KIT_JSON, STATE_FILES, find_kits
 from proxy.train.remedies import Remedy, build_remedy
 from proxy.train.runtime import autocast_for
@@ -85,7 +85,10 @@ def load_kit(path: str | Path) -> Kit:
     path = Path(path)
     if not (path / KIT_JSON).is_file():
         raise KitError(f"{path} is not a spike kit (no {KIT_JSON})")
-    meta = read_json(path / KIT_JSON)
+    try:
+        meta = read_json(path / KIT_JSON)
+    except StoredFileError as exc:  # a link, a folder, not a JSON object: one line naming the file
+        raise KitError(str(exc)) from None
     if meta.get("format") != KIT_FORMAT:
         raise KitError(f"{path / KIT_JSON}: kit format {meta.get('format')!r}, this proxy reads {KIT_FORMAT}")
     missing = [k for k in KIT_KEYS if k not in meta]
@@ -97,7 +100,7 @@ def load_kit(path: str | Path) -> Kit:
     batches = _load(path / BATCHES_FILE)
     if not isinstance(batches, dict) or not all(isinstance(batches.get(k), Tensor) for k in BATCH_KEYS):
         raise KitError(f"{path / BATCHES_FILE}: expected tensors {', '.join(BATCH_KEYS)}")
-    return Kit(path=path, meta=meta, config=to_config(meta["config"]), batches=batches)
+    return Kit(path=path, meta=meta, config=stored_config(meta["config"], path / KIT_JSON), batches=batches)
 
 
 KIT_KEYS = ("step", "trigger", "value", "threshold", "states", "trace", "vocab_size", "config")

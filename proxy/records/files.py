@@ -362,6 +362,23 @@ def confined(root: str | Path, name: str) -> Path:
     return path
 
 
+# --------------------------------------------------------------------------------------------
+# Showing untrusted text on a terminal (run names, errors, kit strings)
+# --------------------------------------------------------------------------------------------
+_TERMINAL_UNSAFE = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def terminal_text(text: Any) -> str:
+    """Text safe to print: control characters (terminal escape sequences among them) and
+    bidirectional overrides shown as ``\\x1b``-style escapes instead of acting on the terminal."""
+    return _TERMINAL_UNSAFE.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), str(text))
+
+
+def terminal_block(text: Any) -> str:
+    """Several lines for the terminal, each made safe by :func:`terminal_text`."""
+    return "\n".join(terminal_text(line) for line in str(text).split("\n"))
+
+
 __all__ = [
     "INTERPOLATION",
     "StateFileError",
@@ -379,5 +396,7 @@ __all__ = [
     "read_yaml",
     "remove_temporaries",
     "save_state",
+    "terminal_block",
+    "terminal_text",
     "write_json",
 ]

@@ -19,6 +19,7 @@ ROLLBACK_DIR = "rollback"
 KITS_DIR = "spike_kits"
 TOKENIZER_FILE = "tokenizer.json"
 TENSORBOARD_DIR = "tensorboard"
+WANDB_DIR = "wandb"  # wandb's offline files (wandb.mode=offline|online)
 ERROR_FILE = "error.txt"
 START_ERROR_FILE = "start_error.txt"
 LOCK_FILE = ".lock"

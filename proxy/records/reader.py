@@ -17,7 +17,7 @@ from typing import Any, Iterable, Optional
 from proxy.records.files import (StoredFileError, UnsafePathError, _first_line, _restore, read_json,
                                  read_untrusted, read_yaml)
 from proxy.records.keys import (CHECKPOINTS, CONFIG, EVENT, KITS_DIR, METRICS, ROLLBACK, ROLLBACK_DIR, STATE_NAME,
-                                STATUSES, STEP, SUMMARY, TENSORBOARD_DIR, UNKNOWN, UNREADABLE)
+                                STATUSES, STEP, SUMMARY, TENSORBOARD_DIR, UNKNOWN, UNREADABLE, WANDB_DIR)
 
 METRICS_MAX_BYTES = 1 << 30  # metrics.jsonl of a million logged steps is ~1 GB
 HYDRA_DIR = ".hydra"
@@ -135,7 +135,7 @@ def is_run_dir(path: Path) -> bool:
     return (Path(path) / SUMMARY).is_file() or (Path(path) / METRICS).is_file()
 
 
-_NOT_RUNS = (CHECKPOINTS, KITS_DIR, ROLLBACK_DIR, TENSORBOARD_DIR, "wandb", HYDRA_DIR)  # folders inside a run
+_NOT_RUNS = (CHECKPOINTS, KITS_DIR, ROLLBACK_DIR, TENSORBOARD_DIR, WANDB_DIR, HYDRA_DIR)  # folders inside a run
 
 
 def find_runs(paths: Iterable[str | Path]) -> list[Path]:

@@ -17,7 +17,7 @@ from typing import Any, Optional
 
 from proxy.records.files import UnsafePathError, _clean, atomic_write_text, read_json, write_json
 from proxy.records.keys import (CHECKPOINTS, CONFIG, ERROR_FILE, EVENT, KITS_DIR, LOCK_FILE, METRICS, ROLLBACK_DIR,
-                                START_ERROR_FILE, STEP, SUMMARY, TENSORBOARD_DIR, TOKENIZER_FILE)
+                                START_ERROR_FILE, STEP, SUMMARY, TENSORBOARD_DIR, TOKENIZER_FILE, WANDB_DIR)
 from proxy.records.reader import checkpoints, is_run_dir
 
 # Room kept for the record of a failure: the lock file holds this many bytes while the run
@@ -105,7 +105,7 @@ class RunLock:
 
 # what a run directory holds that the program writes into or deletes from: none may be a link
 WRITTEN_NAMES = (LOCK_FILE, SUMMARY, METRICS, CONFIG, ERROR_FILE, START_ERROR_FILE, CHECKPOINTS, ROLLBACK_DIR,
-                 KITS_DIR, TOKENIZER_FILE, TENSORBOARD_DIR)
+                 KITS_DIR, TOKENIZER_FILE, TENSORBOARD_DIR, WANDB_DIR)
 
 
 def check_no_links(run_dir: str | Path) -> None:

@@ -23,8 +23,8 @@ from typing import Any, Optional, Sequence
 
 from proxy import analysis
 from proxy.analysis import SpikeOptions
-from proxy.records import (COMPLETED, EVENT, FAILED, INTERRUPTED, RUNNING, STATUS_DIVERGED, STEP, UNKNOWN, find_runs,
-                           load_run)
+from proxy.records import (COMPLETED, EVENT, FAILED, INTERRUPTED, RUNNING, STATUS_DIVERGED, STEP, UNKNOWN, UNREADABLE,
+                           atomic_write_text, find_runs, load_run, output_dir, terminal_text)
 from proxy.report.document import Block, Figure, Heading, Items, Paragraph, Table, fmt, to_html, to_markdown
 from proxy.report.figures import CAPTIONS, SpikeMarks, draw_figures
 from proxy.report.headline import Headline, VerdictSummary, headline_of
@@ -153,6 +153,7 @@ def _incomplete_blocks(rows: list[RunRow]) -> list[Block]:
             RUNNING: "still running, or its process died (status never finalised)",
             INTERRUPTED: f"interrupted at step {fmt(row.steps_completed)} (train.resume=true goes on)",
             UNKNOWN: "no summary.json: listed from its metrics and config",
+            UNREADABLE: f"unreadable, left out of every table and figure: {row.error}",
         }.get(row.status, f"status {row.status}")
         items.append(f"{row.label}: {detail} — {row.path}")
     return [Heading("Runs that did not complete"), Items(items)] if items else []
@@ -247,10 +248,10 @@ def collect_report(
     run_dirs = find_runs(paths)
     if not run_dirs:
         raise ReportError(f"no run directories (with summary.json) under {', '.join(map(str, paths))}")
-    out = Path(out_dir) if out_dir is not None else default_out_dir(paths[0])
+    out = output_dir(out_dir if out_dir is not None else default_out_dir(paths[0]), what="the report")
 
     tables = tabulate([load_run(d) for d in run_dirs], spikes, lr_range)
-    figures, notes = draw_figures(tables, marks, out / FIGURES_DIR)
+    figures, notes = draw_figures(tables, marks, output_dir(out, FIGURES_DIR, what="the report's figures"))
     for row in tables.runs:
         if row.final_loss is None and row.status == COMPLETED:
             notes.append(f"{row.label}: completed but no final loss recorded")
@@ -275,17 +276,17 @@ def collect_report(
 
 
 def write_report(result: ReportResult, verdict: Optional[VerdictSummary] = None) -> ReportResult:
-    """Write report.md, report.html and runs.csv of a collected report; a finding's ``verdict``
-    joins the headline at the top."""
+    """Write runs.csv, report.html and report.md of a collected report; a finding's ``verdict``
+    joins the headline at the top. Each file is written whole or not at all (the figures were,
+    by :func:`collect_report`), report.md last: an interrupted report leaves the previous one."""
     if result.tables is None or result.headline is None:
         raise ReportError("write_report needs a report from collect_report")
     if verdict is not None:
         result.headline.verdict = verdict
     blocks = _blocks(result)
-    result.out_dir.mkdir(parents=True, exist_ok=True)
-    result.markdown.write_text(to_markdown(result.title, blocks) + "\n")
-    result.html.write_text(to_html(result.title, blocks, result.out_dir) + "\n")
     write_csv(result.csv, result.tables.runs)
+    atomic_write_text(result.html, to_html(result.title, blocks, result.out_dir) + "\n")
+    atomic_write_text(result.markdown, to_markdown(result.title, blocks) + "\n")
     return result
 
 
@@ -340,10 +341,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         marks = SpikeMarks(spikes, skip_warmup=not args.mark_warmup)
         result = build_report(args.paths, args.out, spikes=spikes, marks=marks, lr_range=lr_range,
                               title=args.title)
-    except ReportError as exc:
-        print(f"proxy-report: error: {exc}", file=sys.stderr)
+    except (ReportError, OSError, ValueError) as exc:  # ValueError: UnsafePathError (an output folder that is a link)
+        print(f"proxy-report: error: {terminal_text(exc)}", file=sys.stderr)
         return 2
-    print(f"{len(result.runs)} runs -> {result.html.resolve()}")
+    unreadable = [row for row in result.runs if row.status == UNREADABLE]
+    for row in unreadable:
+        print(f"proxy-report: unreadable: {terminal_text(row.error)}", file=sys.stderr)
+    print(f"{len(result.runs)} runs -> {terminal_text(result.html.resolve())}")
     return 0
 
 

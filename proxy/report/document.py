@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import html
 import math
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,10 +93,37 @@ def fmt(value: Any) -> str:
 
 
 # --------------------------------------------------------------------------------------------
+# Text from run dirs, for each viewer: run names, errors and overrides come from files that may
+# have been copied from anyone, so each viewer gets them with its own syntax neutralised
+# --------------------------------------------------------------------------------------------
+_MARKDOWN = str.maketrans({"\\": "\\\\", "<": "&lt;", "\n": " ", "\r": " "})
+_LINK = re.compile(r"\](?=[(\[])")  # the "](" or "][" of a link or an image
+
+
+def md_text(text: Any) -> str:
+    """Text as Markdown shows it literally: no raw HTML (``<`` escaped), no link or remote image
+    (the ``]`` of ``](`` escaped), no heading or quote at its start, on one line. Backticks,
+    emphasis, brackets and ``&`` are left alone: they change how text looks, not what the page does."""
+    out = _LINK.sub(r"\\]", str(text).translate(_MARKDOWN))
+    return "\\" + out if out.startswith(("#", ">")) else out
+
+
+CSV_FORMULA = ("=", "+", "-", "@", "\t", "\r")  # what a spreadsheet would run (OWASP CSV injection)
+
+
+def csv_cell(value: Any) -> Any:
+    """A CSV cell a spreadsheet shows as text: a string starting like a formula gets a leading
+    apostrophe (OWASP's advice); numbers are left as they are."""
+    if isinstance(value, str) and value.startswith(CSV_FORMULA):
+        return "'" + value
+    return value
+
+
+# --------------------------------------------------------------------------------------------
 # Markdown
 # --------------------------------------------------------------------------------------------
 def _cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
+    return md_text(text).replace("|", "\\|")
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
@@ -106,32 +134,32 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> lis
 
 def markdown_callout(callout: Callout) -> list[str]:
     """A callout as a block quote: the title in bold, the lead, the items as a list."""
-    lines = [f"**{callout.title}**"]
+    lines = [f"**{md_text(callout.title)}**"]
     if callout.lead:
-        lines += ["", callout.lead]
+        lines += ["", md_text(callout.lead)]
     if callout.items:
-        lines += [""] + [f"- {item}" for item in callout.items]
+        lines += [""] + [f"- {md_text(item)}" for item in callout.items]
     return [f"> {line}".rstrip() for line in lines] + [""]
 
 
 def to_markdown(title: str, blocks: Sequence[Block]) -> str:
-    out = [f"# {title}", ""]
+    out = [f"# {md_text(title)}", ""]
     for block in blocks:
         if isinstance(block, Heading):
-            out += ["#" * (block.level + 1) + " " + block.text, ""]
+            out += ["#" * (block.level + 1) + " " + md_text(block.text), ""]
         elif isinstance(block, Paragraph):
-            out += [block.text, ""]
+            out += [md_text(block.text), ""]
         elif isinstance(block, Quote):
-            out += [f"> {block.text}", ""]
+            out += [f"> {md_text(block.text)}", ""]
         elif isinstance(block, Items):
-            out += [f"- {item}" for item in block.items] + [""]
+            out += [f"- {md_text(item)}" for item in block.items] + [""]
         elif isinstance(block, Callout):
             out += markdown_callout(block)
         elif isinstance(block, Table):
             out += markdown_table(block.headers, block.rows)
         elif isinstance(block, Figure):
-            out += [f"![{block.caption}]({block.path})", ""]
-            out += [f"*{block.caption}*", ""] if block.caption else []
+            out += [f"![{md_text(block.caption)}]({block.path})", ""]
+            out += [f"*{md_text(block.caption)}*", ""] if block.caption else []
         else:
             raise TypeError(f"not a document block: {block!r}")
     return "\n".join(out)
@@ -248,5 +276,6 @@ def to_html(title: str, blocks: Sequence[Block], base_dir: str | Path) -> str:
     return "\n".join(out)
 
 
-__all__ = ["Block", "CSS", "CSS_DPI", "Callout", "Figure", "Heading", "Items", "Paragraph", "Quote", "Table", "fmt",
-           "markdown_callout", "markdown_table", "png_css_width", "to_html", "to_markdown"]
+__all__ = ["Block", "CSS", "CSS_DPI", "Callout", "Figure", "Heading", "Items", "Paragraph", "Quote", "Table", "csv_cell",
+           "fmt", "markdown_callout", "markdown_table", "md_text", "png_css_width", "to_html",
+           "to_markdown"]

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence
 
+import matplotlib
 import numpy as np
 from matplotlib import colormaps
 from matplotlib.colors import LogNorm
@@ -29,7 +30,7 @@ from matplotlib.lines import Line2D
 from proxy import analysis
 from proxy.analysis import SpikeOptions
 from proxy.records import (ATTN_MAX_LOGIT_LAYER, EVENT, GRAD_NORM, GRAD_RMS, OUTPUT_LOGIT_MEAN, OUTPUT_LSE_MEAN,
-                           PARAM_NORM, STEP, TRAIN_LOSS, UPDATE_RMS, VAL_LOSS, Branch, Run)
+                           PARAM_NORM, STEP, TRAIN_LOSS, UPDATE_RMS, VAL_LOSS, Branch, Run, atomic_write_bytes)
 from proxy.report.document import fmt
 from proxy.report.tables import BLOWN_UP, RunRow, SensitivityRow, Tables, finite, layer_index, layer_keys
 
@@ -471,10 +472,19 @@ CAPTIONS = {
 }
 
 
+# Run names, overrides and parameter names come from run dirs: text, never matplotlib math ("$\\x$")
+LITERAL_TEXT = {"text.parse_math": False}
+
+
 def draw_figures(tables: Tables, marks: SpikeMarks, folder: Path) -> tuple[dict[str, Path], list[str]]:
     """Draw every figure the runs have data for into ``folder`` (PNG at :data:`FIGURE_DPI`), spikes
     circled as ``marks`` says; returns {name: path} in :data:`CAPTIONS` order and notes on the
-    figures that could not be drawn."""
+    figures that could not be drawn. Every label is drawn as literal text."""
+    with matplotlib.rc_context(LITERAL_TEXT):
+        return _draw_figures(tables, marks, folder)
+
+
+def _draw_figures(tables: Tables, marks: SpikeMarks, folder: Path) -> tuple[dict[str, Path], list[str]]:
     groups, rows, sensitivity = tables.groups, tables.runs, tables.sensitivity
     palette = _Palette(row.lr for row in rows)
     kinds = {
@@ -501,7 +511,6 @@ def draw_figures(tables: Tables, marks: SpikeMarks, folder: Path) -> tuple[dict[
     }
     figures: dict[str, Path] = {}
     notes: list[str] = []
-    folder.mkdir(parents=True, exist_ok=True)
     for name, fig in candidates.items():
         if fig is None:
             if name != "lr_vs_loss" or swept:
@@ -522,4 +531,6 @@ def save_png(fig: Figure, path: Path, dpi: int = FIGURE_DPI) -> None:
     fig.savefig(buffer, format="png", dpi=dpi)
     image = Image.open(buffer).convert("RGB")
     palette = image.quantize(colors=256, method=Image.Quantize.MAXCOVERAGE, dither=Image.Dither.NONE)
-    palette.save(path, format="png", optimize=True, dpi=(dpi, dpi))
+    png = io.BytesIO()
+    palette.save(png, format="png", optimize=True, dpi=(dpi, dpi))
+    atomic_write_bytes(path, png.getvalue())  # whole or not at all: report.md never links a torn figure

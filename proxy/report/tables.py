@@ -7,6 +7,7 @@ quotes is the number the report prints.
 from __future__ import annotations
 
 import csv
+import io
 import math
 import statistics
 from collections import Counter
@@ -16,8 +17,10 @@ from typing import Any, Optional, Sequence
 
 from proxy import analysis
 from proxy.analysis import SpikeOptions
-from proxy.records import (ATTN_MAX_LOGIT, COMPLETED, FAILED, STATUS_DIVERGED, ATTN_MAX_LOGIT_LAYER, EVENT, GRAD_NORM, OUTPUT_LOGIT_MEAN, STEP,
-                           TRAIN_LOSS, VAL_LOSS, Run)
+from proxy.records import (ATTN_MAX_LOGIT, ATTN_MAX_LOGIT_LAYER, COMPLETED, EVENT, FAILED, GRAD_NORM,
+                           OUTPUT_LOGIT_MEAN, STATUS_DIVERGED, STEP, TRAIN_LOSS, UNREADABLE, VAL_LOSS, Run,
+                           atomic_write_text)
+from proxy.report.document import csv_cell
 
 FINISHED = (COMPLETED, STATUS_DIVERGED, FAILED)  # runs that are points of an LR curve
 BLOWN_UP = (STATUS_DIVERGED, FAILED)  # count as the loss at init (Wortsman et al.)
@@ -137,7 +140,22 @@ def _loss_at_init(run: Run) -> Optional[float]:
     return None
 
 
+def _unreadable(run: Run, reason: str) -> Run:
+    """The run as the report lists one it cannot use: its path and why, nothing else."""
+    return Run(path=run.path, summary={}, config={}, error=reason)
+
+
 def run_row(run: Run, spikes: SpikeOptions) -> tuple[RunRow, tuple[str, ...]]:
+    """The run's row and its variant. A run whose LR is not a positive finite number (a
+    copied or edited record: proxy refuses such a config) is listed unreadable."""
+    row, variant = _run_row(run, spikes)
+    if row.lr is not None and not (math.isfinite(row.lr) and row.lr > 0):
+        row, variant = _run_row(_unreadable(run, f"{run.path}: its LR ({row.lr}) is not a positive finite number"),
+                                spikes)
+    return row, variant
+
+
+def _run_row(run: Run, spikes: SpikeOptions) -> tuple[RunRow, tuple[str, ...]]:
     s = run.summary
     overrides = run.overrides
     variant = analysis.variant_of(overrides)
@@ -186,7 +204,7 @@ def run_row(run: Run, spikes: SpikeOptions) -> tuple[RunRow, tuple[str, ...]]:
         wall_time_s=_number(s.get("wall_time_s")),
         sweep_id=s.get("sweep_id"),
         experiment=_first(s.get("experiment"), run.config_value("experiment")),
-        error=s.get("error"),
+        error=run.error if run.error is not None else s.get("error"),
     )
     return row, variant
 
@@ -322,7 +340,12 @@ def run_labels(rows: Sequence[RunRow], variants: Sequence[tuple[str, ...]],
 def tabulate(runs: Sequence[Run], spikes: SpikeOptions,
              lr_range: Optional[tuple[float, float]] = None) -> Tables:
     """Reduce loaded runs to the report's tables."""
-    pairs = [(*run_row(run, spikes), run) for run in runs]
+    pairs = []
+    for run in runs:
+        row, variant = run_row(run, spikes)
+        if row.status == UNREADABLE and run.error is None:  # refused by run_row: nothing of it is drawn
+            run = _unreadable(run, str(row.error))
+        pairs.append((row, variant, run))
     labels, shared = analysis.variant_labels([variant for _, variant, _ in pairs])
     for row, variant, _ in pairs:
         row.variant = labels[variant]
@@ -337,11 +360,13 @@ def tabulate(runs: Sequence[Run], spikes: SpikeOptions,
 
 
 def write_csv(path: Path, rows: list[RunRow]) -> None:
+    """runs.csv, written whole; a text cell a spreadsheet would run as a formula is neutralised."""
     names = [f.name for f in fields(RunRow)]
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(names)
-        for row in rows:
-            record = asdict(row)
-            record["events"] = ";".join(f"{k}:{v}" for k, v in row.events.items())
-            writer.writerow(["" if record[n] is None else record[n] for n in names])
+    buffer = io.StringIO(newline="")
+    writer = csv.writer(buffer)
+    writer.writerow(names)
+    for row in rows:
+        record = asdict(row)
+        record["events"] = ";".join(f"{k}:{v}" for k, v in row.events.items())
+        writer.writerow(["" if record[n] is None else csv_cell(record[n]) for n in names])
+    atomic_write_text(path, buffer.getvalue())

@@ -36,7 +36,7 @@ from torch import Tensor
 
 from proxy.config import CaptureConfig, CaptureTrigger, SpikeBaseline, as_dict
 from proxy.optim import schedule_multiplier
-from proxy.records import DIVERGED, KITS_DIR, SPIKE_KIT, save_state, write_json
+from proxy.records import DIVERGED, KITS_DIR, SPIKE_KIT, output_dir, save_state, write_json
 from proxy.train.observer import ObservedRun, StepObserver
 from proxy.train.remedies import Event, SpikeDetector
 from proxy.train.runtime import divergence_bound
@@ -227,8 +227,7 @@ class SpikeCapture(StepObserver):
 
     def _open_kit(self, run: ObservedRun, found: dict[str, Any], event: Optional[Event]) -> None:
         step = found["step"]
-        path = run.run_dir / KITS_DIR / f"step_{step:07d}"
-        path.mkdir(parents=True, exist_ok=True)
+        path = output_dir(run.run_dir, KITS_DIR, f"step_{step:07d}", what="a spike kit")
         before, at = self.states[0], self.states[-1]
         meta = {
             "format": KIT_FORMAT,

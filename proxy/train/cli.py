@@ -17,6 +17,7 @@ run (proxy/train/trainer.py). Exit codes:
 from __future__ import annotations
 
 import io
+import logging
 import os
 import re
 import shlex
@@ -33,14 +34,16 @@ from hydra.types import RunMode
 from proxy.analysis import run_name_from
 from proxy.config import CONF_DIR, Config, ConfigError, register_configs, to_config
 from proxy.data import DataError
-from proxy.records import ERROR_FILE, INTERRUPTED, START_ERROR_FILE, RunDirError, StateFileError, UnsafePathError
+
+from proxy.records import (ERROR_FILE, INTERRUPTED, START_ERROR_FILE, RunDirError, StateFileError, StoredFileError,
+                           UnsafePathError, terminal_text)
 from proxy.train.ensemble import sweep_requested, train_ensemble
 from proxy.train.estimate import announce
 from proxy.train.ledger import RunDirTaken
 from proxy.train.resume import continue_stored
 from proxy.train.trainer import train
 
-INPUT_ERRORS = (ConfigError, DataError, StateFileError, UnsafePathError)  # one line, exit 2
+INPUT_ERRORS = (ConfigError, DataError, StateFileError, StoredFileError, UnsafePathError)  # one line, exit 2
 TAKEN = (RunDirError, RunDirTaken)  # this job's directory: one line, a multirun goes on
 
 
@@ -84,17 +87,53 @@ def one_line(text: str) -> str:
     if any(ln.startswith("Traceback (most recent call last)") for ln in lines):
         causes = [ln for ln in lines if not ln.startswith(("File ", "Traceback", "^", "~"))
                   and ":" in ln and ln.split(":", 1)[0].replace(".", "").replace("_", "").isalnum()]
+        denied = next((m for m in map(_DENIED.search, causes) if m), None)
+        if denied:  # under "Unable to configure handler 'file'": the folder Hydra logs into
+            return (f"cannot write {denied.group('path')}: {denied.group('why')} (proxy-train writes its log "
+                    "and .hydra/ into hydra.run.dir: give it a writable folder)")
         return causes[-1] if causes else lines[-1]
     lines = [ln for ln in lines if "HYDRA_FULL_ERROR" not in ln and not ln.startswith("object_type")]
     return " ".join(lines)
 
 
+# an OSError of a folder that cannot be written, as a traceback prints it
+_DENIED = re.compile(r"\[Errno (?:13|30|1)\] (?P<why>[^:]+): '(?P<path>[^']+)'")
+
 _gate: Optional[_StderrGate] = None
+
+
+HYDRA_WRITES = ("train.log", ".hydra", ".hydra/config.yaml", ".hydra/hydra.yaml", ".hydra/overrides.yaml")
+
+
+def _linked_hydra_files(argv: list[str]) -> Optional[str]:
+    """Hydra writes its job log and .hydra/ into hydra.run.dir by opening them in place: where
+    a copied run dir is named as hydra.run.dir, none of them may be a link (they would be
+    written through). The line that refuses such a start, or None."""
+    given = [a.split("=", 1)[1] for a in argv if a.startswith("hydra.run.dir=")]
+    if not given:
+        return None
+    folder = Path(given[-1].strip("'\"")).expanduser()
+    links = [name for name in HYDRA_WRITES if (folder / name).is_symlink()]
+    if links:
+        return (f"{folder}: {', '.join(links)} {'is a link' if len(links) == 1 else 'are links'}; Hydra would "
+                "write its log and config through it: remove the link, or give hydra.run.dir another folder")
+    return None
+
+
+def _refuse_linked_log() -> None:
+    """Exit 2 before the first log line if Hydra's job log opened a link (a planted train.log)."""
+    for handler in logging.getLogger().handlers:
+        name = getattr(handler, "baseFilename", None)
+        if name and os.path.islink(name):
+            print(f"error: {terminal_text(name)} is a link; Hydra would append the run's log to what it points "
+                  "at: remove it, or give hydra.run.dir another folder", file=sys.stderr)
+            sys.exit(2)
 
 
 def _hydra_task(dcfg) -> Optional[float]:
     if _gate is not None:
         _gate.release()
+    _refuse_linked_log()
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
     overrides = tuple(hc.overrides.task)
@@ -105,40 +144,41 @@ def _hydra_task(dcfg) -> Optional[float]:
         if cfg.train.resume and not sweep_requested(cfg):
             cfg, overrides, stored_name = _continue_stored(cfg, run_dir, overrides)
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {terminal_text(exc)}", file=sys.stderr)
         sys.exit(2)
     sweep_id = Path(hc.sweep.dir).name if multirun else None
     name = cfg.run_name or stored_name or run_name_from(overrides)
     line = announce(cfg)
     if line and int(os.environ.get("RANK", "0")) == 0:
-        print(f"{name}: {line}", flush=True)
+        print(terminal_text(f"{name}: {line}"), flush=True)
     try:
         if sweep_requested(cfg):  # sweep.lrs=[...]: K members vectorized in this one process
             members = train_ensemble(cfg, run_dir, name, sweep_id, overrides)
             for member in members:
-                print(f"{member['status']}: {member.get('run_name')}")
+                print(terminal_text(f"{member['status']}: {member.get('run_name')}"))
             interrupted = [m for m in members if m["status"] == INTERRUPTED]
             if interrupted:
                 _stop_interrupted(interrupted[0], run_dir, members=interrupted)
             return None
         summary = train(cfg, run_dir, name, sweep_id, overrides)
     except TAKEN as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {terminal_text(exc)}", file=sys.stderr)
         if not multirun:
             sys.exit(2)
         return None
     except INPUT_ERRORS as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {terminal_text(exc)}", file=sys.stderr)
         sys.exit(2)
     except Exception as exc:  # recorded as failed in summary.json, traceback in error.txt
-        print(f"error: run failed: {type(exc).__name__}: {exc}{_traceback_hint(run_dir)}", file=sys.stderr)
+        print(terminal_text(f"error: run failed: {type(exc).__name__}: {exc}{_traceback_hint(run_dir)}"),
+              file=sys.stderr)
         if not multirun:
             sys.exit(1)
         return None  # a multirun goes on to its next job
     if summary["status"] == INTERRUPTED:
         _stop_interrupted(summary, run_dir)
     if int(os.environ.get("RANK", "0")) == 0:
-        print(f"{summary['status']}: {name} -> {summary.get('run_dir', run_dir)}")
+        print(terminal_text(f"{summary['status']}: {name} -> {summary.get('run_dir', run_dir)}"))
     return summary.get("final_val_loss")
 
 
@@ -204,6 +244,10 @@ def main() -> None:
     """``proxy-train``: Hydra over conf/config.yaml; see ``proxy-train --help``."""
     global _gate
     register_configs()
+    linked = _linked_hydra_files(sys.argv[1:])
+    if linked:
+        sys.stderr.write(f"error: {terminal_text(linked)}\n")
+        raise SystemExit(2)
     _quiet_non_zero_ranks()
     entry = hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")(_hydra_task)
     _gate = _StderrGate()

@@ -329,6 +329,7 @@ class EnsembleTrainer:
         self.specs = member_specs(cfg, overrides)
         self.configs = [member_config(cfg, spec, run_dir) for spec in self.specs]
         self.source = build_source(cfg.data)
+        self.source.check_seq_len(cfg.train.seq_len)  # before any member's run dir is claimed
 
         models = []
         for member_cfg in self.configs:  # each exactly as Trainer.__init__ would build it

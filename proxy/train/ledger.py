@@ -37,12 +37,13 @@ import torch
 from omegaconf import OmegaConf
 
 from proxy.config import Config, ConfigError, as_dict
-from proxy.records import (ATTN_MAX_LOGIT, CHECKPOINTS, CONFIG, ERROR_FILE, FAILED, GRAD_NORM, RUNNING, UNKNOWN, LR, OUTPUT_LOGIT_MEAN,
-                           REMEDY, START_ERROR_FILE, TOKENS, TRAIN_LOSS, TRAIN_TOTAL_LOSS, TRAIN_Z_LOSS, NullRecord,
-                           SUMMARY, RunLock, RunRecord, StateFileError, atomic_write_text, check_no_links, checkpoints,
-                           holds_run, load_state, read_json, save_state, state_step)
+from proxy.records import (ATTN_MAX_LOGIT, CHECKPOINTS, CONFIG, ERROR_FILE, FAILED, GRAD_NORM, KITS_DIR, LR,
+                           OUTPUT_LOGIT_MEAN, REMEDY, ROLLBACK_DIR, RUNNING, START_ERROR_FILE, SUMMARY, TOKENS,
+                           TRAIN_LOSS, TRAIN_TOTAL_LOSS, TRAIN_Z_LOSS, UNKNOWN, NullRecord, RunLock, RunRecord,
+                           StateFileError, atomic_write_text, check_no_links,
+                           checkpoints, holds_run, load_state, read_json, remove_temporaries, save_state, state_step)
 from proxy.train.remedies import Event
-from proxy.train.resume import ResumeCheck, accumulate, check_resume, runtime_changes
+from proxy.train.resume import ResumeCheck, accumulate, check_resume, runtime_changes, trained_config
 from proxy.train.runtime import ATTN_MAX_LOGIT_PEAK, summary_fields
 from proxy.train.tracking import Sinks, open_sinks
 
@@ -64,9 +65,11 @@ def step_row(*, tokens: int, loss: float, z_loss: float, total_loss: float, lr: 
 
 
 def checkpoint_state(*, model: dict, optimizer: dict, step: int, data_position: int, tokens: int,
-                     loss_at_init: Optional[float], remedy: dict, record_lines: int) -> dict[str, Any]:
+                     loss_at_init: Optional[float], remedy: dict, record_lines: int,
+                     config: Optional[dict] = None) -> dict[str, Any]:
     """The one checkpoint format (loads with ``torch.load(weights_only=True)``): the state at the
-    start of ``step``, and how many metrics.jsonl lines the run had written by then."""
+    start of ``step``, how many metrics.jsonl lines the run had written by then, and the config it
+    was trained with (what a resume is compared with: an edited config.yaml cannot slip through)."""
     return {
         "model": model,
         "optimizer": optimizer,
@@ -78,6 +81,7 @@ def checkpoint_state(*, model: dict, optimizer: dict, step: int, data_position: 
         "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         "remedy": remedy,
         "record_lines": record_lines,  # metrics.jsonl up to here: what a resume keeps
+        "config": config,  # as_dict(cfg): plain data
     }
 
 
@@ -122,6 +126,17 @@ class RunLedger:
             status = _previous_status(self.dir)
             raise RunDirTaken(f"{self.dir} already holds a run (status {status}): continue it with "
                               "train.resume=true, or give this run another out_dir")
+        self._sweep_temporaries()
+
+    def _sweep_temporaries(self) -> None:
+        """Remove what a process killed mid-write left behind (``.step_0000020.pt.<random>.tmp``):
+        only this run's own folders, only the atomic writer's temporary names, under the lock."""
+        folders = [self.dir, self.dir / CHECKPOINTS, self.dir / ROLLBACK_DIR]
+        kits = self.dir / KITS_DIR
+        if kits.is_dir() and not kits.is_symlink():
+            folders += sorted(p for p in kits.iterdir() if p.is_dir() and not p.is_symlink())
+        for path in remove_temporaries(folders):
+            log.warning("removed %s, left by an interrupted write", path)
 
     def read_checkpoint(self, map_location: Any) -> tuple[Path, dict[str, Any], list[str]]:
         """(path, state, skipped) of the newest checkpoint that loads. A torn one (truncated,
@@ -144,8 +159,17 @@ class RunLedger:
             if missing or state["step"] != state_step(path):
                 why = f"missing {', '.join(missing)}" if missing else f"holds step {state['step']}"
                 raise StateFileError(f"{path}: not a proxy checkpoint ({why})", torn=False)
+            self._check_trained(path, state)
             return path, state, skipped
         raise StateFileError(f"{self.dir}: no checkpoint loads ({'; '.join(skipped)})", torn=True)
+
+    def _check_trained(self, path: Path, state: dict[str, Any]) -> None:
+        """Compare this resume with the config the checkpoint was trained with (claim compared
+        it with config.yaml, which a hand edit can change): ResumeRefused, one line, where it
+        differs beyond what a resume may change, unless train.resume_override (then recorded)."""
+        trained = trained_config(path, state)
+        if trained is not None:
+            self.resume_check = check_resume(self.dir, self.cfg, trained, source=f"{CHECKPOINTS}/{path.name}")
 
     def open(self, resume_step: Optional[int] = None, lines: Optional[int] = None) -> None:
         """Open wandb, then the record; a resume from the checkpoint of ``resume_step`` cuts
@@ -238,7 +262,8 @@ class RunLedger:
         if not self.main:
             return None
         path = self.dir / CHECKPOINTS / CHECKPOINT_NAME.format(step=step)
-        save_state(path, checkpoint_state(step=step, record_lines=self.record.lines, **state))
+        save_state(path, checkpoint_state(step=step, record_lines=self.record.lines, config=as_dict(self.cfg),
+                                          **state))
         for old in checkpoints(self.dir)[: -max(1, self.cfg.train.keep_checkpoints)]:
             old.unlink()
         return path
@@ -288,8 +313,10 @@ class RunLedger:
         try:
             if not self.main or not self.lock.held:
                 return
+            self.lock.free_reserve()  # the room kept for this record (a full disk)
             if self.record is None:
-                _best_effort(lambda: atomic_write_text(self.dir / START_ERROR_FILE, text))
+                if not self.existed:  # a run this start does not own is left exactly as it was
+                    _best_effort(lambda: atomic_write_text(self.dir / START_ERROR_FILE, text))
                 return
             _best_effort(lambda: self.record.update(status=FAILED, error=error, steps_completed=steps))
             _best_effort(lambda: atomic_write_text(self.dir / ERROR_FILE, text))
@@ -313,15 +340,13 @@ def thread_settings() -> dict[str, Any]:
 def _stored_summary(run_dir: Path) -> dict[str, Any]:
     try:
         return read_json(run_dir / SUMMARY)
-    except (OSError, ValueError):
+    except (OSError, ValueError):  # StoredFileError, UnsafePathError: a foreign or torn summary
         return {}
 
 
 def _previous_status(run_dir: Path) -> str:
-    try:
-        return str(read_json(run_dir / SUMMARY).get("status", UNKNOWN))
-    except (OSError, ValueError):
-        return f"{UNKNOWN}: no readable summary.json"
+    status = _stored_summary(run_dir).get("status")
+    return str(status)[:40] if isinstance(status, str) else f"{UNKNOWN}: no readable summary.json"
 
 
 def _best_effort(write) -> None:

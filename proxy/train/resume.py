@@ -23,13 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
-import yaml
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
-
 from proxy.analysis import parse_override
-from proxy.config import Config, ConfigError, Schedule, as_dict, to_config
-from proxy.records import CONFIG, SUMMARY, checkpoints, read_json
+from proxy.config import Config, ConfigError, Schedule, as_dict, stored_config, to_config
+from proxy.records import CONFIG, SUMMARY, StoredFileError, UnsafePathError, checkpoints, read_json, read_yaml
 
 log = logging.getLogger("proxy.train")
 
@@ -116,39 +112,64 @@ def describe(changes: Changes) -> str:
 # --------------------------------------------------------------------------------------------
 def load_stored_config(run_dir: Path) -> dict:
     """The run's config.yaml as a plain dict, read through today's schema (a key added since
-    the run was made takes its default). ConfigError, one line, if it does not load."""
+    the run was made takes its default). Stored configs are data: no interpolation is resolved,
+    no alias expands past a small bound (proxy/records/files.py). ConfigError, one line naming
+    the file, if it does not load."""
     path = Path(run_dir) / CONFIG
     try:
-        raw = OmegaConf.load(path)
-        return as_dict(to_config(raw))
-    except (OSError, yaml.YAMLError, OmegaConfBaseException, ConfigError) as exc:
+        return as_dict(stored_config(read_yaml(path), path))
+    except (OSError, StoredFileError, UnsafePathError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise ConfigError(f"{path} does not load: {first}") from None
+        raise ConfigError(first if str(path) in first else f"{path} does not load: {first}") from None
 
 
-def check_resume(run_dir: Path, cfg: Config) -> ResumeCheck:
-    """Compare ``cfg`` with the config stored in ``run_dir``; raise ResumeRefused (one line)
-    where it differs beyond :data:`RESUME_MAY_CHANGE` and train.resume_override is not set."""
+def trained_config(path: Path, state: dict) -> Optional[dict]:
+    """The config a checkpoint was trained with (as :func:`load_stored_config` gives it); None
+    for a checkpoint written before checkpoints carried one."""
+    if state.get("config") is None:
+        return None
+    return as_dict(stored_config(state["config"], path))
+
+
+def check_resume(run_dir: Path, cfg: Config, trained: Optional[dict] = None, source: str = CONFIG) -> ResumeCheck:
+    """Compare ``cfg`` with the config the run was trained with: ``trained`` (what its
+    checkpoint carries, named ``source``), else the run's stored config.yaml. Raise
+    ResumeRefused (one line) where it differs beyond :data:`RESUME_MAY_CHANGE` and
+    train.resume_override is not set."""
     override = bool(cfg.train.resume_override)
-    if not (Path(run_dir) / CONFIG).is_file() and not checkpoints(run_dir):
-        return ResumeCheck()  # nothing to resume: reading the checkpoint says so
-    try:
-        stored = load_stored_config(run_dir)
-    except ConfigError as exc:
-        if not override:
-            raise ResumeRefused(f"cannot compare this resume with the stored run: {exc} "
-                                f"({OVERRIDE_KEY}=true resumes with this config)") from None
-        return ResumeCheck(forced={CONFIG: [f"unreadable: {exc}", None]})
-    changes = {k: v for k, v in config_changes(stored, as_dict(cfg)).items() if k not in COMMAND_KEYS}
+    if trained is None:
+        if not (Path(run_dir) / CONFIG).is_file() and not checkpoints(run_dir):
+            return ResumeCheck()  # nothing to resume: reading the checkpoint says so
+        try:
+            trained = load_stored_config(run_dir)
+        except ConfigError as exc:
+            if not override:
+                raise ResumeRefused(f"cannot compare this resume with the stored run: {exc} "
+                                    f"({OVERRIDE_KEY}=true resumes with this config)") from None
+            return ResumeCheck(forced={CONFIG: [f"unreadable: {exc}", None]})
+    changes = {k: v for k, v in config_changes(trained, as_dict(cfg)).items() if k not in COMMAND_KEYS}
     allowed = {k: v for k, v in changes.items() if may_change(k, *v)}
     refused = {k: v for k, v in changes.items() if k not in allowed}
     if refused and not override:
+        where = f"the run's stored {CONFIG}" if source == CONFIG else f"the config {source} was trained with"
         raise ResumeRefused(
-            f"resume refused: this config differs from the run's stored {CONFIG} in {describe(refused)}; "
+            f"resume refused: this config differs from {where} in {describe(refused)}"
+            f"{_edited_hint(run_dir, trained, refused) if source != CONFIG else ''}; "
             f"give train.resume=true out_dir=... alone to continue the stored run, or add "
             f"{OVERRIDE_KEY}=true to change them anyway (recorded in the summary)")
     _warn_if_schedule_stretches(cfg, allowed)
     return ResumeCheck(resumed_with=allowed, forced=refused)
+
+
+def _edited_hint(run_dir: Path, trained: dict, refused: Changes) -> str:
+    """Where the run's config.yaml itself says otherwise than its checkpoint: it was edited."""
+    try:
+        stored = flatten(load_stored_config(run_dir))
+    except ConfigError:
+        return f" (its {CONFIG} does not load)"
+    flat = flatten(trained)
+    edited = [k for k in refused if k in stored and stored.get(k) != flat.get(k)]
+    return f" ({CONFIG} was edited after that checkpoint: {', '.join(edited)})" if edited else ""
 
 
 def _warn_if_schedule_stretches(cfg: Config, allowed: Changes) -> None:
@@ -232,8 +253,11 @@ def continue_stored(fresh: Config, defaults: Config, run_dir: Path, overrides: t
         if key in new:
             _set(stored, key, new[key])
     summary = _stored_summary(run_dir)
-    return Continued(to_config(stored), merge_overrides(summary.get("overrides") or [], overrides),
-                     summary.get("run_name"))
+    stored_overrides = summary.get("overrides")
+    if not (isinstance(stored_overrides, list) and all(isinstance(o, str) for o in stored_overrides)):
+        stored_overrides = []
+    name = summary.get("run_name") if isinstance(summary.get("run_name"), str) else None
+    return Continued(to_config(stored), merge_overrides(stored_overrides, overrides), name)
 
 
 def _stored_summary(run_dir: Path) -> dict:
@@ -252,6 +276,8 @@ __all__ = [
     "ResumeRefused",
     "accumulate",
     "check_resume",
+    "load_stored_config",
+    "trained_config",
     "config_changes",
     "continue_stored",
     "merge_overrides",

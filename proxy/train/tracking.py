@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Optional, Protocol
 
 from proxy.config import Config, ConfigError, WandbMode, as_dict
-from proxy.records import (COMPLETED, DIVERGED, STEP, TENSORBOARD_DIR, TRAIN_LOSS, VAL_LOSS, WANDB_STEP)
+from proxy.records import COMPLETED, DIVERGED, STEP, TENSORBOARD_DIR, TRAIN_LOSS, VAL_LOSS, WANDB_DIR, WANDB_STEP
 from proxy.train import sweep_status
 
 STEP_METRIC = WANDB_STEP
@@ -56,8 +56,8 @@ class WandbSink:
         import wandb
 
         os.environ.setdefault("WANDB_DIR", str(run_dir))
-        os.environ.setdefault("WANDB_CACHE_DIR", str(run_dir / "wandb" / "cache"))
-        (run_dir / "wandb").mkdir(parents=True, exist_ok=True)
+        os.environ.setdefault("WANDB_CACHE_DIR", str(run_dir / WANDB_DIR / "cache"))
+        (run_dir / WANDB_DIR).mkdir(parents=True, exist_ok=True)
         self.run = wandb.init(
             project=cfg.wandb.project,
             entity=cfg.wandb.entity,

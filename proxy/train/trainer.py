@@ -76,6 +76,7 @@ class Trainer:
 
         # a resume reads the run's own files back (tokenizer.json: the ids the run was trained on)
         self.source = build_source(cfg.data, run_dir=info.run_dir if cfg.train.resume else None)
+        self.source.check_seq_len(cfg.train.seq_len)  # before the run dir is claimed
         self.model = build_model(cfg.model, self.source.vocab_size).to(self.device)
         self.token_classes = mark_token_classes(self.model, self.source, cfg)
         self.optimizer = build_optimizer(self.model, cfg.optim)
