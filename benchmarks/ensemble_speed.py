@@ -31,7 +31,7 @@ import torch
 from omegaconf import OmegaConf
 
 from proxy.config import Config, as_dict
-from proxy.records import ENSEMBLE_TOKENS_PER_S, TOKENS_PER_S, TRAIN_LOSS, load_run
+from proxy.records import ENSEMBLE_TOKENS_PER_S, TOKENS_PER_S, TRAIN_LOSS, atomic_write_text, load_run
 from proxy.train import train
 from proxy.train.ensemble import train_ensemble
 from proxy.train.runtime import resolve_device
@@ -246,8 +246,8 @@ def main() -> None:
     report["load_after"] = load_average()
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"ensemble-{device.type}-{report['date']}{'-' + args.tag if args.tag else ''}"
-    (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / f"{stem}.md").write_text(to_markdown(report))
+    atomic_write_text(args.out / f"{stem}.json", json.dumps(report, indent=2) + "\n")
+    atomic_write_text(args.out / f"{stem}.md", to_markdown(report))
     print(to_markdown(report))
 
 

@@ -62,6 +62,8 @@ from typing import Any, Callable, Iterator, Optional
 
 import torch
 
+from proxy.records import atomic_write_text
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -133,9 +135,7 @@ def rel_error(ours: torch.Tensor, ref: torch.Tensor) -> float:
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     """Whole or not at all: a part killed mid-write must not leave the parent unreadable JSON."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -859,7 +859,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             record["parts"].append(part)
             record["seconds"] = round(time.perf_counter() - started, 1)
             _write_json(paths[0], record)  # after every part
-            paths[1].write_text(to_markdown(record))
+            atomic_write_text(paths[1], to_markdown(record))
             missed = [c["check"] for c in part.get("checks", []) if c["passed"] is False]
             print(f"part {number}: {part['status']} in {part['seconds']} s"
                   + (f"; {len(missed)} targets missed" if missed else ""), flush=True)

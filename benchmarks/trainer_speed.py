@@ -22,6 +22,7 @@ import torch
 from omegaconf import OmegaConf
 
 from proxy.config import Config, as_dict, to_config
+from proxy.records import atomic_write_text
 from proxy.train import RunInfo, Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,8 +86,7 @@ def main() -> None:
         "results": rows,
     }
     out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"trainer-{'cuda' if device.startswith('cuda') else 'cpu'}-{info['date']}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(info, indent=2) + "\n")
+    atomic_write_text(out, json.dumps(info, indent=2) + "\n")
     print(f"wrote {out}")
 
 

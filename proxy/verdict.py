@@ -168,8 +168,8 @@ def judge_runs(finding_dir: str | Path, paths: Sequence[str | Path],
         write_report(result)  # the report still lands, without a verdict
         raise
     write_report(result, verdict.summary())
-    atomic_write_text(result.out_dir / "verdict.json", json.dumps(verdict.to_json(), indent=2, default=str) + "\n")
-    atomic_write_text(result.out_dir / "verdict.md", verdict.to_markdown())
+    atomic_write_text(out / "verdict.json", json.dumps(verdict.to_json(), indent=2, default=str) + "\n")
+    atomic_write_text(out / "verdict.md", verdict.to_markdown())
     return verdict
 
 

@@ -21,9 +21,10 @@ LAYERS = {
     "train": 2,
     "forensics": 3, "verdict": 3, "demo": 3,
 }
-# within the contract layer, two edges: config registers analysis' run-dir naming with OmegaConf, and
-# reads stored configs through the records' readers of untrusted files
-CONTRACT_EDGES = {("config", "analysis"), ("config", "records")}
+# within the contract layer: config registers analysis' run-dir naming with OmegaConf and reads stored
+# configs through the records' readers of untrusted files; the kernel benchmark writes its result
+# through the records' one writer
+CONTRACT_EDGES = {("config", "analysis"), ("config", "records"), ("kernels", "records")}
 
 
 def module_name(path: Path) -> str:

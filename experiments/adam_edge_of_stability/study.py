@@ -39,7 +39,7 @@ from proxy.forensics import KIT_JSON, KitError, find_kits, load_kit
 from proxy.forensics.edge import (EdgeTrajectory, FirstCrossing, edge_trajectory, first_crossing,
                                   sharpness_loss)
 from proxy.forensics.replay import kit_run_dir
-from proxy.records import find_runs, write_json
+from proxy.records import atomic_write_text, find_runs, save_figure, write_json
 from proxy.report.document import Block, Figure, Heading, Items, Paragraph, Table, to_markdown
 
 FIGURE = "ratios_aligned.png"
@@ -260,7 +260,7 @@ def aligned_figure(results: Sequence[KitResult], path: Path) -> Path:
     if lrs:
         axes[0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
     return path
 
@@ -298,7 +298,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                                 "sharpness_batches": args.sharpness_batches,
                                                 "summary": numbers, "kits": [r.to_json() for r in results]})
     figure = aligned_figure(results, args.out / FIGURE).name
-    (args.out / "summary.md").write_text(to_markdown(
+    atomic_write_text(args.out / "summary.md", to_markdown(
         "Adam's edge of stability before spikes", summary_blocks(results, numbers, args.iterations, figure,
                                                                       args.sharpness_batches)))
     print(_fraction_line("preconditioned ratio ≥ 1 before the spike", numbers["adam_before_spike"]))

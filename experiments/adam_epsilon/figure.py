@@ -19,6 +19,7 @@ from typing import Optional, Sequence
 import numpy as np
 from matplotlib.figure import Figure
 
+from proxy.records import save_figure
 from proxy.verdict import figure_inputs
 
 HERE = Path(__file__).resolve().parent
@@ -84,7 +85,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ax_cost.legend(handles[0] + more[0], handles[1] + more[1], fontsize=7)
     (args.out / "figures").mkdir(parents=True, exist_ok=True)
     path = args.out / "figures" / "grad_rms_vs_width.png"
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path, dpi=100)
     print(f"wrote {path}")
     return 0
 

@@ -35,7 +35,7 @@ from proxy.analysis import CurvePoint, override_value, seed_curves
 from proxy.config import DataConfig, to_config
 from proxy.data import build_source
 from proxy.model import build_model
-from proxy.records import write_json
+from proxy.records import atomic_write_text, write_json
 from proxy.report.document import markdown_table
 
 HERE = Path(__file__).resolve().parent
@@ -133,7 +133,7 @@ def write(pred: dict, out: Path, ladder: Path, d_model: int) -> None:
              *markdown_table(["recipe / LR", "ladder", "predicted", "crosses 1e4"], logit_rows),
              "## LR sensitivity (per seed, linear in ln N; mean ± sd over seeds)", "",
              *markdown_table(["recipe", "ladder", "predicted"], sens_rows)]
-    (out / "predictions.md").write_text("\n".join(lines) + "\n")
+    atomic_write_text(out / "predictions.md", "\n".join(lines) + "\n")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

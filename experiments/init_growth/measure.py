@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import statistics
 import sys
@@ -43,7 +44,7 @@ from proxy.config import DataConfig, Init, ModelConfig, Norm, NormPosition, QKNo
 from proxy.data import build_source
 from proxy.model import build_model
 from proxy.records import (GROWTH_ACTIVATION, GROWTH_ACTIVATION_FROM_EMBEDDING, GROWTH_GRADIENT,
-                           GROWTH_GRADIENT_FROM_EMBEDDING)
+                           GROWTH_GRADIENT_FROM_EMBEDDING, atomic_write_text, save_figure)
 from proxy.train.diagnostics import growth_exponents
 from proxy.report.document import markdown_table
 from proxy.verdict import load_script
@@ -123,10 +124,11 @@ def _mean_sd(values: list[float]) -> str:
 
 def write_results(samples: list[GrowthSample], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    with (out / CSV_NAME).open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(_CASTS))
-        writer.writeheader()
-        writer.writerows(asdict(s) for s in samples)
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=list(_CASTS))
+    writer.writeheader()
+    writer.writerows(asdict(s) for s in samples)
+    atomic_write_text(out / CSV_NAME, table.getvalue())
 
     groups: dict[tuple, list[GrowthSample]] = {}
     for s in samples:
@@ -135,7 +137,7 @@ def write_results(samples: list[GrowthSample], out: Path) -> None:
     rows = [[definition, arch, init, width, n_layers, len(mine), _mean_sd([s.activation for s in mine]),
              _mean_sd([s.gradient for s in mine])]
             for (definition, arch, init, width, n_layers), mine in sorted(groups.items())]
-    (out / "growth_exponents_p2.md").write_text("\n".join(markdown_table(headers, rows)) + "\n")
+    atomic_write_text(out / "growth_exponents_p2.md", "\n".join(markdown_table(headers, rows)) + "\n")
 
     definitions = [d for d in DEFINITIONS if any(s.definition == d for s in samples)]
     fig = Figure(figsize=(9, 3.4 * len(definitions)), layout="constrained")
@@ -161,7 +163,7 @@ def write_results(samples: list[GrowthSample], out: Path) -> None:
             ax.set_title(f"{title} at init, v_first = {definition}", fontsize=10)
             ax.legend(fontsize=7)
     (out / "figures").mkdir(exist_ok=True)
-    fig.savefig(out / "figures" / "growth_exponents_p2.png", dpi=100)
+    save_figure(fig, out / "figures" / "growth_exponents_p2.png", dpi=100)
 
 
 def _verdict_module():
@@ -221,8 +223,8 @@ def _write_verdict(samples: list[GrowthSample], out: Path, wall_time_s: Optional
     verdict = _verdict_module().judge_at_init(samples, source=str(out / CSV_NAME))
     if wall_time_s is not None:
         verdict.numbers["wall_time_s"] = wall_time_s
-    (out / "verdict_at_init.md").write_text(verdict.to_markdown())
-    (out / "verdict_at_init.json").write_text(json.dumps(verdict.to_json(), indent=2, default=str) + "\n")
+    atomic_write_text(out / "verdict_at_init.md", verdict.to_markdown())
+    atomic_write_text(out / "verdict_at_init.json", json.dumps(verdict.to_json(), indent=2, default=str) + "\n")
     print(f"{verdict.label} (at init): {out / 'verdict_at_init.md'}")
     return 0
 

@@ -19,6 +19,7 @@ import numpy as np
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 
+from proxy.records import save_figure
 from proxy.verdict import figure_inputs
 
 HERE = Path(__file__).resolve().parent
@@ -79,7 +80,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ax_final.grid(alpha=0.3, axis="y")
     out = args.out / "figures"
     out.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out / "val_excess.png", dpi=120)
+    save_figure(fig, out / "val_excess.png", dpi=120)
     print(f"wrote {out / 'val_excess.png'}")
     return 0
 

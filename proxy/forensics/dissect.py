@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import io
 import math
 import sys
 from dataclasses import dataclass, field
@@ -46,7 +45,7 @@ from proxy.forensics.edge import (FIGURE as EDGE_FIGURE, EdgeTrajectory, adam_di
                                   reference_config)
 from proxy.forensics.replay import (Kit, KitError, Replay, fresh_batches, find_kits, load_kit, replay, restore, states_equal,
                                     trainer_step)
-from proxy.records import (UnsafePathError, atomic_write_bytes, atomic_write_text, output_dir, terminal_text,
+from proxy.records import (UnsafePathError, atomic_write_text, output_dir, save_figure, terminal_text,
                            write_json)
 from proxy.report.document import Block, Figure, Heading, Items, Paragraph, Quote, Table, to_markdown
 from proxy.report.figures import LITERAL_TEXT
@@ -627,10 +626,8 @@ def _sequence_figure(insp: Inspection):
 def _save_fig(fig, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
-    atomic_write_bytes(path, buffer.getvalue())
     return path
 
 

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from proxy.kernels import reference
+from proxy.records import atomic_write_text
 
 Z_LOSS = 1e-4
 ATTENTION_TOKENS, ATTENTION_WIDTH = 16384, 2048
@@ -315,8 +316,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     print_table("linear + cross-entropy fwd+bwd", record["linear_cross_entropy"], loss_shape, loss_values)
 
     out = args.out or default_output_path()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2) + "\n")
+    atomic_write_text(out, json.dumps(record, indent=2) + "\n")
     print(f"\nwrote {out}")
     return 0
 

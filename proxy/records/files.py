@@ -166,6 +166,15 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     atomic_write(path, lambda f: f.write(data))
 
 
+def save_figure(fig: Any, path: str | Path, **savefig: Any) -> None:
+    """A matplotlib figure as a PNG file, through the one writer (``savefig`` options pass on)."""
+    import io
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", **savefig)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
 def _clean(value: Any) -> Any:
     """JSON has no NaN/Inf; store them as strings so a diverged value stays visible."""
     if isinstance(value, float) and not math.isfinite(value):
@@ -395,6 +404,7 @@ __all__ = [
     "read_untrusted",
     "read_yaml",
     "remove_temporaries",
+    "save_figure",
     "save_state",
     "terminal_block",
     "terminal_text",

@@ -111,8 +111,8 @@ class RunLedger:
         refused (ResumeRefused, proxy/train/resume.py), on every rank alike: it only reads."""
         if self.main:
             self._take_dir()
-        if self.resume:
-            self.resume_check = check_resume(self.dir, self.cfg)
+        if self.resume:  # against config.yaml now; against the checkpoint's own config once it is read
+            self.resume_check = check_resume(self.dir, self.cfg, absent_ok=True)
             # a resume goes on in the stored run's sweep (a member's, a multirun job's)
             self.sweep_id = self.sweep_id or _stored_summary(self.dir).get("sweep_id")
 
@@ -170,6 +170,8 @@ class RunLedger:
         trained = trained_config(path, state)
         if trained is not None:
             self.resume_check = check_resume(self.dir, self.cfg, trained, source=f"{CHECKPOINTS}/{path.name}")
+        else:  # a checkpoint from before checkpoints carried their config: config.yaml must say
+            self.resume_check = check_resume(self.dir, self.cfg)
 
     def open(self, resume_step: Optional[int] = None, lines: Optional[int] = None) -> None:
         """Open wandb, then the record; a resume from the checkpoint of ``resume_step`` cuts

@@ -131,15 +131,18 @@ def trained_config(path: Path, state: dict) -> Optional[dict]:
     return as_dict(stored_config(state["config"], path))
 
 
-def check_resume(run_dir: Path, cfg: Config, trained: Optional[dict] = None, source: str = CONFIG) -> ResumeCheck:
+def check_resume(run_dir: Path, cfg: Config, trained: Optional[dict] = None, source: str = CONFIG,
+                 absent_ok: bool = False) -> ResumeCheck:
     """Compare ``cfg`` with the config the run was trained with: ``trained`` (what its
     checkpoint carries, named ``source``), else the run's stored config.yaml. Raise
     ResumeRefused (one line) where it differs beyond :data:`RESUME_MAY_CHANGE` and
-    train.resume_override is not set."""
+    train.resume_override is not set. ``absent_ok``: a missing config.yaml is no refusal (the
+    checkpoint's config is compared next)."""
     override = bool(cfg.train.resume_override)
     if trained is None:
-        if not (Path(run_dir) / CONFIG).is_file() and not checkpoints(run_dir):
-            return ResumeCheck()  # nothing to resume: reading the checkpoint says so
+        path = Path(run_dir) / CONFIG
+        if not path.exists() and not path.is_symlink() and (absent_ok or not checkpoints(run_dir)):
+            return ResumeCheck()  # nothing stored here: the checkpoint is compared, or says there is none
         try:
             trained = load_stored_config(run_dir)
         except ConfigError as exc:

@@ -17,6 +17,7 @@ from typing import Optional, Sequence
 
 from matplotlib.figure import Figure
 
+from proxy.records import save_figure
 from proxy.verdict import figure_inputs
 
 HERE = Path(__file__).resolve().parent
@@ -56,7 +57,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ax_grad.legend(fontsize=7)
     (args.out / "figures").mkdir(parents=True, exist_ok=True)
     path = args.out / "figures" / "grad_rms_vs_lr.png"
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path, dpi=100)
     print(f"wrote {path}")
     return 0
 

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import math
 import sys
 from collections import defaultdict
@@ -46,7 +47,7 @@ from typing import Optional, Sequence
 
 from proxy.analysis import override_value
 from proxy.forensics import Kit, KitError, fresh_batches, load_kit, replay
-from proxy.records import KITS_DIR, load_run, write_json
+from proxy.records import KITS_DIR, atomic_write_text, load_run, write_json
 from proxy.report.document import markdown_table
 from proxy.verdict import Verdict
 
@@ -184,15 +185,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     verdict = judge(results)
     out = args.out or args.runs[0]
     out.mkdir(parents=True, exist_ok=True)
-    (out / "verdict.md").write_text(verdict.to_markdown() + "\n" + "\n".join(markdown_table(
+    atomic_write_text(out / "verdict.md", verdict.to_markdown() + "\n" + "\n".join(markdown_table(
         ["kit", "arm", "LR", "seed", "step", "trigger", "older by", "same", "earlier", "skip"],
         [[Path(r.kit).name, r.arm, r.lr, r.seed, r.step, r.trigger, r.older_by, r.same, r.earlier, r.skip]
          for r in results])))
     write_json(out / "verdict.json", verdict.to_json())
-    with (out / "replays.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(asdict(results[0])) if results else ["kit"])
-        writer.writeheader()
-        writer.writerows(asdict(r) for r in results)
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=list(asdict(results[0])) if results else ["kit"])
+    writer.writeheader()
+    writer.writerows(asdict(r) for r in results)
+    atomic_write_text(out / "replays.csv", table.getvalue())
     print(f"{verdict.label}: {out / 'verdict.md'}")
     return 0
 
