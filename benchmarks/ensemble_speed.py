@@ -33,7 +33,7 @@ from omegaconf import OmegaConf
 from proxy.config import Config, as_dict
 from proxy.records import ENSEMBLE_TOKENS_PER_S, TOKENS_PER_S, TRAIN_LOSS, atomic_write_text, load_run
 from proxy.train import train
-from proxy.train.ensemble import train_ensemble
+from proxy.train.trainer import train_ensemble
 from proxy.train.runtime import resolve_device
 
 ROOT = Path(__file__).resolve().parents[1]

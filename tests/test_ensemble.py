@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,8 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
 from proxy.config import Config, ConfigError, OptimConfig, as_dict, register_configs, to_config
-from proxy.train.ensemble import member_specs, train_ensemble
+from proxy.train.ensemble import member_specs
+from proxy.train.trainer import train_ensemble
 from proxy.train.ensemble_optim import ParamRule, StackedAdamW, clip_members_, member_grad_norms, param_rules
 from proxy.model import build_model
 from proxy.optim import apply_lr, build_optimizer, clip_grad_norm
@@ -191,7 +193,7 @@ def test_sweep_composes_from_the_command_line():
     (dict(lrs=[1e-3, 1e-3]), {}, "sweep.lrs=[0.001, 0.001] has repeated values"),
     (dict(lrs=[1e-3, -1.0]), {}, "sweep.lrs entry=-1.0 must be > 0"),
     (dict(weight_decays=[-0.1]), {}, "sweep.weight_decays entry=-0.1 must be >= 0"),
-    (dict(lrs=[1e-3]), dict(kind="skip_step"), "remedy.kind=skip_step is not supported with sweep.*"),
+    (dict(lrs=[1e-3]), dict(kind="rollback"), "remedy.kind=rollback is not supported with sweep.*"),
 ])
 def test_bad_sweeps_fail_with_one_line(tmp_path, sweep, remedy, message):
     with pytest.raises(ConfigError) as info:
@@ -280,3 +282,86 @@ def test_stacking_members_built_on_the_cpu_for_another_device():
     assert stacked.n_members == 3
     assert all(p.device.type == "meta" and p.shape[0] == 3 for p in stacked.params.values())
     assert all(b.device.type == "meta" for b in stacked.base.buffers())
+
+
+# --------------------------------------------------------------------------------------------
+# Remedies, spike capture and resume, per member (one loop for one run or K members)
+# --------------------------------------------------------------------------------------------
+SPIKY = dict(data=dict(inject=dict(enabled=True, start_step=14, end_step=16, fraction=0.5, repeats=32,
+                                   min_period=1, max_period=1)),
+             train=dict(steps=24, eval_every=100, batch_size=8))
+
+
+@pytest.mark.parametrize("remedy, kind", [
+    (dict(kind="skip_step", spike_sigma=3.0, spike_window=10, spike_min_history=5), "skip_step"),
+    (dict(kind="zclip", zclip_z=2.0, zclip_warmup=5), "zclip"),
+])
+def test_each_member_runs_its_own_remedy_as_its_standalone_run(tmp_path, remedy, kind):
+    lrs = [3e-3, 1e-2]
+    train_ensemble(tiny_cfg(sweep=dict(lrs=lrs), remedy=remedy, **SPIKY), tmp_path / "sweep")
+    acted = []
+    for lr in lrs:
+        solo = tiny_cfg(remedy=remedy, **SPIKY)
+        solo["optim"]["lr"] = lr
+        train(solo, tmp_path / f"solo-{lr}")
+        ours, theirs = load_run(tmp_path / "sweep" / f"lr={lr!r}"), load_run(tmp_path / f"solo-{lr}")
+        steps = [e["step"] for e in ours.events if e["event"] == kind]
+        assert steps == [e["step"] for e in theirs.events if e["event"] == kind] and steps
+        acted.append(steps)
+        assert ours.series("train/loss")[1] == pytest.approx(theirs.series("train/loss")[1], rel=1e-5, abs=0)
+        skipped = {e["step"] for e in ours.events if e["event"] == "skip_step"}
+        updated = {row["step"] for row in ours.metrics if any(k.startswith("update_rms/") for k in row)}
+        assert not skipped & updated  # a skipped step has no update
+    assert acted[0] != acted[1]  # each member's remedy watched its own run
+
+
+def test_each_member_captures_its_own_spike_kits(tmp_path):
+    capture = dict(enabled=True, trigger="loss", sigma=5.0, window=10, min_history=5, steps_before=2,
+                   steps_after=2, max_kits=1)
+    train_ensemble(tiny_cfg(sweep=dict(lrs=[3e-3, 1e-2]), capture=capture, **SPIKY), tmp_path / "sweep")
+    solo = tiny_cfg(capture=capture, **SPIKY)
+    solo["optim"]["lr"] = 1e-2
+    train(solo, tmp_path / "solo")
+    from proxy.forensics import find_kits, load_kit
+
+    (ours,), (theirs,) = find_kits(tmp_path / "sweep" / "lr=0.01"), find_kits(tmp_path / "solo")
+    assert ours.name == theirs.name  # the same spike, at the same step
+    kit, reference = load_kit(ours), load_kit(theirs)
+    assert kit.meta["trigger"] == reference.meta["trigger"] == "loss"
+    assert kit.config.optim.lr == 1e-2 and kit.meta["complete"]
+    for which in ("before", "at"):
+        a = torch.load(ours / f"state_{which}.pt", weights_only=True)
+        b = torch.load(theirs / f"state_{which}.pt", weights_only=True)
+        assert a["model"].keys() == b["model"].keys()
+        for name in a["model"]:
+            torch.testing.assert_close(a["model"][name], b["model"][name], rtol=1e-3, atol=1e-5)  # the rounding of batched matmuls
+        assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
+    assert torch.equal(kit.batches["inputs"], reference.batches["inputs"])
+
+
+def test_a_sweep_resumes_as_if_it_had_not_stopped(tmp_path):
+    cfg = tiny_cfg(sweep=dict(lrs=[3e-3, 1e-2]), remedy=dict(kind="zclip", zclip_z=2.0, zclip_warmup=5),
+                   train=dict(steps=20, ckpt_every=10, keep_checkpoints=5))
+    whole = tmp_path / "whole"
+    train_ensemble(cfg, whole)
+    stopped = tmp_path / "stopped"
+    shutil.copytree(whole, stopped)
+    for member in ("lr=0.003", "lr=0.01"):  # as a kill after the checkpoint at step 10 leaves it
+        (stopped / member / "checkpoints" / "step_0000020.pt").unlink()
+    cfg["train"]["resume"] = True
+    summaries = train_ensemble(cfg, stopped)
+    assert [s["status"] for s in summaries] == ["completed", "completed"]
+    for member, summary in zip(("lr=0.003", "lr=0.01"), summaries):
+        assert summary["resumed_from"].endswith(f"{member}/checkpoints/step_0000010.pt")
+        ours, theirs = load_run(stopped / member), load_run(whole / member)
+        assert without_perf(ours.metrics) == without_perf(theirs.metrics)  # bit for bit
+        assert ours.events == theirs.events
+
+
+def test_a_sweep_resume_refuses_members_at_different_steps(tmp_path):
+    cfg = tiny_cfg(sweep=dict(lrs=[3e-3, 1e-2]), train=dict(steps=20, ckpt_every=10, keep_checkpoints=5))
+    train_ensemble(cfg, tmp_path / "sweep")
+    (tmp_path / "sweep" / "lr=0.01" / "checkpoints" / "step_0000020.pt").unlink()
+    cfg["train"]["resume"] = True
+    with pytest.raises(ConfigError, match="different steps"):
+        train_ensemble(cfg, tmp_path / "sweep")

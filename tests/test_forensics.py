@@ -44,7 +44,8 @@ def spike_cfg(**capture):
 def run_with_capture(run_dir: Path, cfg) -> tuple[dict, SpikeCapture]:
     trainer = Trainer(cfg, RunInfo(run_dir, run_dir.name))  # capture.enabled adds the observer
     (capture,) = [o for o in trainer.observers if isinstance(o, SpikeCapture)]
-    return trainer.run(), capture
+    (summary,) = trainer.run()  # one run: one member
+    return summary, capture
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +99,7 @@ def test_replay_with_same_batches_is_bitwise(spike_run):
 def test_capture_only_watches(spike_run, tmp_path):
     run_dir, summary, _ = spike_run
     plain_cfg = spike_cfg(enabled=False)
-    plain = Trainer(plain_cfg, RunInfo(tmp_path / "plain", "plain")).run()
+    (plain,) = Trainer(plain_cfg, RunInfo(tmp_path / "plain", "plain")).run()
     assert plain["final_val_loss"] == summary["final_val_loss"]
     assert load_run(tmp_path / "plain").series("train/loss") == load_run(run_dir).series("train/loss")
 

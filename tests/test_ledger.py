@@ -90,7 +90,7 @@ def test_the_trainer_needs_only_the_remedy_interface(tmp_path, monkeypatch):
         return row
 
     monkeypatch.setattr(Trainer, "train_step", watched)
-    summary = trainer.run()
+    (summary,) = trainer.run()
     assert summary["status"] == "completed" and remedy.seen == list(range(9))
     assert [s for s, unchanged in weights.items() if unchanged] == [2, 5, 8]  # skipped: not applied
     events = load_run(tmp_path / "run").events

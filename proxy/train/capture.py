@@ -35,7 +35,6 @@ import torch
 from torch import Tensor
 
 from proxy.config import CaptureConfig, CaptureTrigger, SpikeBaseline, as_dict
-from proxy.optim import schedule_multiplier
 from proxy.records import DIVERGED, KITS_DIR, SPIKE_KIT, output_dir, save_state, write_json
 from proxy.train.observer import ObservedRun, StepObserver
 from proxy.train.remedies import Event, SpikeDetector
@@ -137,7 +136,7 @@ class SpikeCapture(StepObserver):
                     event: Optional[Event]) -> None:
         if not run.dist.is_main:
             return
-        row = {"step": step, "lr": self._lr(run, step), "loss": loss, "grad_norm": grad_norm,
+        row = {"step": step, "lr": run.lr, "loss": loss, "grad_norm": grad_norm,
                "event": event.kind if event is not None else None}
         self.trace.append(row)
         if self.open is not None:
@@ -181,7 +180,7 @@ class SpikeCapture(StepObserver):
                 self.trace.pop()  # replaced by the row that names the divergence
             found = {"step": step, "trigger": DIVERGED, "value": loss,
                      "threshold": divergence_bound(run.cfg.train, run.loss_at_init)}
-            row = {"step": step, "lr": self._lr(run, step), "loss": loss, "grad_norm": math.nan,
+            row = {"step": step, "lr": run.lr, "loss": loss, "grad_norm": math.nan,
                    "event": DIVERGED}
             self.trace.append(row)
             if self.open is not None:
@@ -198,11 +197,6 @@ class SpikeCapture(StepObserver):
             write_json(self.last_kit / KIT_JSON, self.last_meta)
 
     # -- internals ----------------------------------------------------------------------------
-    @staticmethod
-    def _lr(run: ObservedRun, step: int) -> float:
-        cfg = run.cfg
-        return cfg.optim.lr * schedule_multiplier(step, cfg.train.steps, cfg.schedule)
-
     def _can_open(self) -> bool:
         return (self.open is None and bool(self.states) and self.kits_written is not None
                 and self.kits_written < self.cfg.max_kits)

@@ -37,11 +37,11 @@ from proxy.data import DataError
 
 from proxy.records import (ERROR_FILE, INTERRUPTED, START_ERROR_FILE, RunDirError, StateFileError, StoredFileError,
                            UnsafePathError, terminal_text)
-from proxy.train.ensemble import sweep_requested, train_ensemble
+from proxy.train.ensemble import sweep_requested
 from proxy.train.estimate import announce
 from proxy.train.ledger import RunDirTaken
 from proxy.train.resume import continue_stored
-from proxy.train.trainer import train
+from proxy.train.trainer import train, train_ensemble
 
 INPUT_ERRORS = (ConfigError, DataError, StateFileError, StoredFileError, UnsafePathError)  # one line, exit 2
 TAKEN = (RunDirError, RunDirTaken)  # this job's directory: one line, a multirun goes on

@@ -1,17 +1,20 @@
-"""Train a whole sweep in one process: K members vectorized along a member dimension.
+"""K members of a sweep as one step engine: member-stacked parameters, one vmapped forward.
 
 A 1-20M parameter proxy model leaves a GPU mostly idle, so the sweep axis goes inside the batch:
-``proxy-train sweep.lrs=[1e-3,3e-3,1e-2,3e-2]`` trains four runs at once. Each member
+``proxy-train sweep.lrs=[1e-3,3e-3,1e-2,3e-2]`` trains four runs at once, through the one
+training loop (proxy/train/trainer.py) that trains a single run. Each member
 
 - is initialised exactly as a standalone run with its seed (``torch.manual_seed(seed)``, then
   ``build_model``), and its parameters are stacked along a new dim 0;
 - sees the same batches as every other member (a controlled comparison);
-- has its own LR, weight decay, Adam moments, gradient clipping (its own global norm), schedule
-  and divergence check (proxy/train/ensemble_optim.py);
+- has its own LR, weight decay, Adam moments and step count, gradient clipping (its own global
+  norm), remedy (skip-step, ZClip: each watches its own loss and grad norm), schedule,
+  divergence check and spike capture (proxy/train/ensemble_optim.py, the loop);
 - writes its own run directory ``<run_dir>/lr=0.001/`` through its own run ledger
   (proxy/train/ledger.py), the one a standalone run writes through: the same keys, summary
   fields, checkpoint format and wandb step axis (optim.lr set to its LR in config.yaml and in
-  its overrides), so ``proxy-report <run_dir>`` sees K ordinary runs.
+  its overrides), so ``proxy-report <run_dir>`` sees K ordinary runs, each of which a standalone
+  ``train.resume=true`` can continue, and the sweep's own ``train.resume=true`` continues all.
 
 The forward pass is the existing GPT, not a copy: ``torch.func.functional_call`` runs the module
 with member k's parameters and ``torch.func.vmap`` maps that over the member dim, which turns
@@ -19,8 +22,9 @@ every matmul into one batched matmul. One ``backward()`` of the summed member lo
 member exactly its own gradients (member k's loss depends only on member k's parameters).
 
 A member that diverges is recorded as diverged and frozen; the others go on unaffected (its
-gradients are masked out by selection, never by multiplication, so its NaNs stay its own). The
-loop ends when every member has finished or diverged.
+gradients are masked out by selection, never by multiplication, so its NaNs stay its own). A
+member whose remedy skips a step keeps its parameters, moments and step count. The loop ends
+when every member has finished or diverged.
 
 Each member logs the standalone keys (train/loss, train/z_loss, train/total_loss, val/loss,
 optim/lr, optim/grad_norm, grad_rms/<param> before clipping, update_rms/<param>, param_norm/<param>,
@@ -28,9 +32,8 @@ attn/max_logit[/layer_i], output/logit_mean|logit_max|lse_mean, tokens, data met
 perf/tokens_per_s: the rate at which this member advanced) plus perf/ensemble_tokens_per_s (all
 members together); perf/mfu, on GPUs, is the utilisation of the whole ensemble.
 
-Not supported with a sweep, each with a one-line error: remedies (each would rewind or skip
-batches per member, breaking the shared data stream), ``train.resume`` of the whole sweep (each
-member's checkpoint resumes on its own), data parallelism and spike capture.
+Not supported with a sweep, each with a one-line error: the rollback remedy (it rewinds the
+batch stream the members share) and data parallelism.
 
 Every attention and loss backend maps: the Triton kernels are torch.library ops with vmap rules
 (proxy/kernels: attention and cross-entropy fold the K members into K times the batch rows, one
@@ -50,29 +53,24 @@ import itertools
 import logging
 import math
 import random
-import traceback
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, ContextManager, Iterable, Optional, Sequence
 
 import torch
 from torch import Tensor
 from torch.func import functional_call, stack_module_state, vmap
 
 from proxy.analysis import run_name_from
-from proxy.config import Config, ConfigError, RemedyKind, SweepConfig, to_config
-from proxy.data import build_source
+from proxy.config import Config, ConfigError, RemedyKind, SweepConfig
 from proxy.model import GPT, build_model
 from proxy.optim import apply_lr, build_optimizer, schedule_multiplier
-from proxy.records import (ATTN_MAX_LOGIT, COMPLETED, DIVERGED, INTERRUPTED, ENSEMBLE_TOKENS_PER_S, ERROR_FILE, GRAD_RMS, OUTPUT,
-                           PARAM_NORM, TOKENS, TOKENS_PER_S, TRAIN_LOSS, UPDATE_RMS, VAL_LOSS, RunDirError,
-                           atomic_write_text, attn_layer_key)
-from proxy.train import diagnostics, distributed
+from proxy.records import ATTN_MAX_LOGIT, GRAD_RMS, OUTPUT, PARAM_NORM, UPDATE_RMS, attn_layer_key
+from proxy.train import distributed
+from proxy.train.engine import Computed
 from proxy.train.ensemble_optim import StackedAdamW, clip_members_, is_dense, member_grad_norms, param_rules
-from proxy.train.ledger import RunDirTaken, RunLedger, step_row
-from proxy.train.runtime import (Interrupted, StopSignals, autocast_for, backends, divergence_reason,
-                                 mark_token_classes, progress_bar, resolve_device, wants_compile)
+from proxy.train.remedies import Event, Remedy
 
 log = logging.getLogger("proxy.ensemble")
 
@@ -145,16 +143,11 @@ def member_run_name(spec: MemberSpec, run_name: Optional[str], overrides: Sequen
 
 def check_supported(cfg: Config) -> None:
     """Refuse, in one line, what an ensemble cannot do (see the module docstring)."""
-    if RemedyKind(cfg.remedy.kind) != RemedyKind.none:
-        raise ConfigError(f"remedy.kind={RemedyKind(cfg.remedy.kind).value} is not supported with sweep.*: "
-                          f"members share one batch stream; run the sweep as a Hydra multirun instead")
-    if cfg.train.resume:
-        raise ConfigError("train.resume=true is not supported with sweep.*: resume a member on its own "
-                          "(proxy-train optim.lr=<lr> out_dir=<run_dir>/<member> train.resume=true)")
+    if RemedyKind(cfg.remedy.kind) == RemedyKind.rollback:
+        raise ConfigError("remedy.kind=rollback is not supported with sweep.*: a rollback rewinds the batch stream "
+                          "the members share; run the sweep as a Hydra multirun instead")
     if distributed.from_env().enabled:
         raise ConfigError("sweep.* trains its members in one process; do not start it with torchrun or several tasks")
-    if getattr(getattr(cfg, "capture", None), "enabled", False):
-        raise ConfigError("capture.enabled=true is not supported with sweep.*")
 
 
 # --------------------------------------------------------------------------------------------
@@ -288,288 +281,171 @@ def _per_member(t: Tensor, reduce: str) -> Tensor:
 
 
 # --------------------------------------------------------------------------------------------
-# Per-member bookkeeping
+# The step engine of K members (proxy/train/engine.py has the protocol the loop drives)
 # --------------------------------------------------------------------------------------------
-@dataclass
-class Member:
-    """One member: its ledger, and the state a standalone trainer would hold for it."""
+class _MemberGrad:
+    """Member k's slice of a stacked parameter, as a remedy sees a parameter: its ``.grad`` is a
+    view, so a remedy that scales gradients (ZClip) scales that member's only."""
 
-    index: int
-    spec: MemberSpec
-    cfg: Config
-    run_dir: Path
-    run_name: str
-    ledger: RunLedger
-    active: bool = True
-    tokens: int = 0
-    loss_at_init: Optional[float] = None
+    __slots__ = ("grad",)
 
-    def divergence(self, loss: float, grad_norm: float, train_cfg) -> Optional[str]:
-        """The standalone trainer's divergence rules; the reason, or None."""
-        return divergence_reason(loss, grad_norm, self.loss_at_init, train_cfg)
-
-    def finish(self, status: str, step: int, diverged_at: Optional[int] = None,
-               final_val: Optional[float] = None, **extra: Any) -> dict[str, Any]:
-        self.active = False
-        return self.ledger.finish(status, steps=step, tokens=self.tokens, diverged_at=diverged_at,
-                                  final_val=final_val, **extra)
+    def __init__(self, grad: Optional[Tensor]):
+        self.grad = grad
 
 
-# --------------------------------------------------------------------------------------------
-# The trainer
-# --------------------------------------------------------------------------------------------
-class EnsembleTrainer:
-    """proxy.train.Trainer's loop for K members at once (same order of steps, same records)."""
+class StackedEngine:
+    """K GPTs of one architecture trained at once on the same batches: member-stacked
+    parameters, one vmapped forward, one backward, per-member clipping, remedies and AdamW
+    (proxy/train/ensemble_optim.py). Each member is initialised exactly as a standalone run with
+    its seed, so member k follows the standalone run up to the rounding of batched matmuls."""
 
-    def __init__(self, cfg: Config, run_dir: Path, run_name: Optional[str] = None,
-                 sweep_id: Optional[str] = None, overrides: Sequence[str] = ()):
-        check_supported(cfg)
-        self.cfg = cfg
-        self.device = resolve_device(cfg.train.device)
-        self.specs = member_specs(cfg, overrides)
-        self.configs = [member_config(cfg, spec, run_dir) for spec in self.specs]
-        self.source = build_source(cfg.data)
-        self.source.check_seq_len(cfg.train.seq_len)  # before any member's run dir is claimed
-
+    def __init__(self, configs: Sequence[Config], vocab_size: int, device: torch.device,
+                 autocast: Callable[[], ContextManager], compile: bool, probe: tuple[Tensor, Tensor],
+                 mark: Callable[[GPT], Any]):
+        cfg = configs[0]
+        self.cfg, self.configs, self.device, self.autocast = cfg, list(configs), device, autocast
+        self.n_members = len(configs)
         models = []
-        for member_cfg in self.configs:  # each exactly as Trainer.__init__ would build it
+        for member_cfg in configs:  # each exactly as a standalone run would build it
             torch.manual_seed(member_cfg.train.seed)
             random.seed(member_cfg.train.seed)
-            models.append(build_model(member_cfg.model, self.source.vocab_size))
+            models.append(build_model(member_cfg.model, vocab_size))
         for model in models:  # every member (stack_module_state stacks the buffers too)
-            self.token_classes = mark_token_classes(model, self.source, cfg)
-        self.model = StackedGPT(models, self.device, compile=wants_compile(cfg, self.device))
+            self.token_classes = mark(model)
+        self.model = StackedGPT(models, device, compile=compile)
         del models
-        self.autocast = autocast_for(cfg, self.device)
-        self._check_backends_and_layout()
+        # a tiny forward/backward before any record exists: it fixes the parameter layouts (and a
+        # backend that cannot run here fails now, not after the records are open)
+        self.model.adopt_gradient_layouts(probe[0][:2, :16], probe[1][:2, :16], autocast)
         self.optimizer = StackedAdamW(self.model.params, param_rules(self.model.base, cfg.optim),
-                                      [s.lr for s in self.specs], [s.weight_decay for s in self.specs], cfg.optim)
+                                      [c.optim.lr for c in configs], [c.optim.weight_decay for c in configs],
+                                      cfg.optim)
+        self._multiplier = 0.0
+        self._before: Optional[dict[str, Tensor]] = None
 
-        self.tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
-        self.step = 0
-        n_members = len(self.specs)
-        flops = self.model.base.flops_per_token(cfg.train.seq_len) * n_members  # MFU of the whole ensemble
-        self.throughput = diagnostics.Throughput(flops, self.device)
-        self.n_params = self.model.base.n_params(), self.model.base.n_params(non_embedding=True)
-        self.members = []
-        for k, (spec, member_cfg) in enumerate(zip(self.specs, self.configs)):
-            member_dir = run_dir / spec.label
-            name = member_run_name(spec, run_name or cfg.run_name, overrides)
-            ledger = RunLedger(member_cfg, member_dir, name, sweep_id or run_dir.name, concurrent_wandb=True)
-            self.members.append(Member(k, spec, member_cfg, member_dir, name, ledger))
-        self.run_dir, self.sweep_id = run_dir, sweep_id
-
-    def _check_backends_and_layout(self) -> None:
-        """A tiny forward/backward before any record exists: it fixes the parameter layouts (and
-        a backend that cannot run here fails now, not after the records are open)."""
-        x, y = self.batch("train", 0)
-        self.model.adopt_gradient_layouts(x[:2, :16], y[:2, :16], self.autocast)
-
-    # -- data and evaluation -----------------------------------------------------------------
-    def batch(self, split: str, index: int) -> tuple[Tensor, Tensor]:
-        x, y = self.source.batch(split, index, self.cfg.train.batch_size, self.cfg.train.seq_len)
-        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-
-    @torch.no_grad()
-    def evaluate(self) -> list[float]:
-        """Each member's mean cross-entropy over the fixed held-out batches (Trainer.evaluate)."""
-        self.model.base.eval()
-        per_batch = []
-        for i in range(self.cfg.train.eval_batches):
-            x, y = self.batch("val", i)
-            with self.autocast():
-                per_batch.append(self.model(x, y, ignore_index=self.cfg.loss.ignore_index).ce_loss.float())
-        self.model.base.train()
-        totals = [0.0] * len(self.members)
-        for values in torch.stack(per_batch).tolist():  # one sync; summed in the standalone order
-            totals = [total + v for total, v in zip(totals, values)]
-        return [total / self.cfg.train.eval_batches for total in totals]
-
-    # -- one step ----------------------------------------------------------------------------
-    def train_step(self, step: int, logging_step: bool) -> Optional[dict[int, dict[str, float]]]:
-        """One optimizer step for every active member. Returns {member: row} on logging steps."""
+    # -- one step ------------------------------------------------------------------------------
+    def schedule(self, step: int) -> list[float]:
         cfg = self.cfg
-        multiplier = schedule_multiplier(step, cfg.train.steps, cfg.schedule)
-        x, y = self.batch("train", step)  # no remedies, so the data position is the step
+        self._multiplier = schedule_multiplier(step, cfg.train.steps, cfg.schedule)
+        return [c.optim.lr * self._multiplier for c in self.configs]  # as proxy.optim.apply_lr returns
 
-        collect = logging_step and (cfg.train.stats_every == 0 or step % cfg.train.stats_every == 0)
+    def compute(self, step: int, lrs: list[float], x: Tensor, y: Tensor, remedies: Sequence[Optional[Remedy]],
+                active: Sequence[bool], *, collect: bool, measure: bool, data_position: int) -> Computed:
+        cfg = self.cfg
         with self.autocast():
             out = self.model(x, y, z_loss=cfg.loss.z_loss, ignore_index=cfg.loss.ignore_index,
                              collect_stats=collect)
         out.loss.sum().backward()
         names = [n for n, p in self.model.params.items() if p.grad is not None]
         grads = self.model.grads()
-        columns: dict[str, Tensor] = {}
-        if logging_step:  # before clipping, as diagnostics.grad_stats
-            columns.update({GRAD_RMS + n: _per_member(g, "rms") for n, g in zip(names, grads)})
+        rms = [_per_member(g, "rms") for g in grads] if measure else []  # before clipping
         norms = member_grad_norms(grads)
-        clip_members_(grads, norms, cfg.optim.grad_clip)
-
-        losses, grad_norms = torch.stack([out.ce_loss.detach().float(), norms]).tolist()  # one sync
-        for member in self.members:
-            if not member.active:
+        thresholds = [r.clip_threshold(cfg.optim.grad_clip) if r is not None else cfg.optim.grad_clip
+                      for r in remedies]
+        clip_members_(grads, norms, thresholds)
+        values = torch.stack([out.ce_loss.detach().float(), norms, *rms]).tolist()  # one sync
+        losses, grad_norms = values[0], values[1]
+        grad_stats = [{GRAD_RMS + n: values[2 + i][k] for i, n in enumerate(names)} if measure else {}
+                      for k in range(self.n_members)]
+        events: list[Optional[Event]] = []
+        for k, remedy in enumerate(remedies):
+            if remedy is None or not active[k]:
+                events.append(None)
                 continue
-            reason = member.divergence(losses[member.index], grad_norms[member.index], cfg.train)
-            if reason is not None:
-                member.ledger.event(step, DIVERGED, reason=reason)
-                log.warning("member %s diverged at step %d: %s", member.spec.label, step, reason)
-                member.finish(DIVERGED, step, diverged_at=step)
-        active = [m.active for m in self.members]
-        if not any(active):
-            self.model.zero_grad()
-            return None
+            views = [_MemberGrad(p.grad[k] if p.grad is not None else None) for p in self.model.params.values()]
+            events.append(remedy.after_backward(step, losses[k], grad_norms[k], views, data_position))
+        return Computed(lrs, losses, grad_norms, events, grad_stats, collect, out)
 
-        before = {n: p.detach().clone() for n, p in self.model.params.items()} if logging_step else None
-        self.optimizer.step(multiplier, active)
+    def apply(self, computed: Computed, update: Sequence[bool], active: Sequence[bool],
+              measure: bool) -> list[dict[str, float]]:
+        """The update of the members in ``update``; an active member left out (its step was
+        skipped) keeps its parameters, moments and step count; an inactive one never moves again."""
+        moving = [u and a for u, a in zip(update, active)]
+        before = {n: p.detach().clone() for n, p in self.model.params.items()} if measure and any(moving) else None
+        if any(moving):
+            self.optimizer.step(self._multiplier, active, skipped=[a and not m for a, m in zip(active, moving)])
         self.model.zero_grad()
-        self.step = step + 1
-        self.throughput.add(self.tokens_per_step)
-        for member in self.members:
-            if member.active:
-                member.tokens += self.tokens_per_step
-                member.ledger.track_loss(losses[member.index])
-        if not logging_step:
-            return None
-
-        lrs = {n: torch.tensor(self.optimizer.lrs(n, multiplier), device=self.device) for n in self.model.params}
+        if before is None:
+            return [{} for _ in range(self.n_members)]
+        columns: dict[str, Tensor] = {}
         for n, p in self.model.params.items():
+            lrs = torch.tensor(self.optimizer.lrs(n, self._multiplier), device=self.device)
             rms = _per_member(p.detach() - before[n], "rms")
-            columns[UPDATE_RMS + n] = torch.where(lrs[n] > 0, rms / lrs[n], torch.zeros_like(rms))
+            columns[UPDATE_RMS + n] = torch.where(lrs > 0, rms / lrs, torch.zeros_like(rms))
+        for n, p in self.model.params.items():
             columns[PARAM_NORM + n] = _per_member(p.detach(), "norm")
-        if collect:
-            columns.update(_forward_stats(out))
-        columns.update({"z_loss": out.z_loss.detach().float(), "total_loss": out.loss.detach().float()})
         keys = list(columns)
-        values = torch.stack([columns[k].to(self.device) for k in keys]).tolist() if keys else []  # one sync
-        shared = dict(getattr(self.source, "last_batch_info", {}))
-        perf = self.throughput.read()
-        if TOKENS_PER_S in perf:
-            perf[ENSEMBLE_TOKENS_PER_S] = perf[TOKENS_PER_S] * len(self.members)
-        rows = {}
-        for member in self.members:
-            if not member.active:
-                continue
-            k = member.index
-            # a NaN output statistic: no label counted in the batch (diagnostics.forward_stats)
-            row = {key: values[i][k] for i, key in enumerate(keys)
-                   if not (key.startswith(OUTPUT) and math.isnan(values[i][k]))}
-            z_loss, total_loss = row.pop("z_loss"), row.pop("total_loss")
-            row.update(shared)
-            row.update(step_row(tokens=member.tokens, loss=losses[k], z_loss=z_loss, total_loss=total_loss,
-                                lr=member.spec.lr * multiplier,  # the base LR, as proxy.optim.apply_lr returns
-                                grad_norm=grad_norms[k]))
-            row.update(perf)
-            rows[k] = row
-        return rows
+        values = torch.stack([columns[k] for k in keys]).tolist()  # one sync
+        return [{key: values[i][k] for i, key in enumerate(keys)} if moving[k] else {}
+                for k in range(self.n_members)]
 
-    # -- checkpoints -------------------------------------------------------------------------
-    def save_checkpoints(self) -> None:
-        """Each active member's checkpoint, in the standalone format (loadable by Trainer)."""
-        multiplier = schedule_multiplier(max(self.step - 1, 0), self.cfg.train.steps, self.cfg.schedule)
-        for member in self.members:
-            if member.active:
-                self._save_member_checkpoint(member, multiplier)
+    def statistics(self, computed: Computed) -> list[dict[str, float]]:
+        if not computed.collect:
+            return [{} for _ in range(self.n_members)]
+        columns = _forward_stats(computed.out)
+        keys = list(columns)
+        values = torch.stack([columns[k].to(self.device) for k in keys]).tolist() if keys else []
+        # a NaN output statistic: no label counted in the batch (diagnostics.forward_stats)
+        return [{key: values[i][k] for i, key in enumerate(keys)
+                 if not (key.startswith(OUTPUT) and math.isnan(values[i][k]))} for k in range(self.n_members)]
 
-    def _save_member_checkpoint(self, member: Member, multiplier: float) -> Optional[Path]:
-        model = self.model.load_member(member.index, self.model.base)
-        optimizer = build_optimizer(model, member.cfg.optim)
-        apply_lr(optimizer, multiplier)
+    def loss_parts(self, computed: Computed) -> list[tuple[float, float]]:
+        out = computed.out
+        z, total = torch.stack([out.z_loss.detach().float(), out.loss.detach().float()]).tolist()
+        return list(zip(z, total))
+
+    @torch.no_grad()
+    def evaluate(self, batches: Iterable[tuple[Tensor, Tensor]], ignore_index: int) -> list[float]:
+        """Each member's mean cross-entropy over the held-out batches (SingleEngine.evaluate)."""
+        self.model.base.eval()
+        per_batch = []
+        for x, y in batches:
+            with self.autocast():
+                per_batch.append(self.model(x, y, ignore_index=ignore_index).ce_loss.float())
+        self.model.base.train()
+        totals = [0.0] * self.n_members
+        for values in torch.stack(per_batch).tolist():  # one sync; summed in the standalone order
+            totals = [total + v for total, v in zip(totals, values)]
+        return [total / len(per_batch) for total in totals]
+
+    # -- a member as a standalone run ------------------------------------------------------------
+    def member_module(self, k: int) -> GPT:
+        """The GPT module holding member k's parameters (the shared base module, overwritten)."""
+        return self.model.load_member(k, self.model.base)
+
+    def member_optimizer(self, k: int) -> torch.optim.Optimizer:
+        """Member k's optimizer as a standalone run holds it (proxy.optim.AdamW, its state)."""
+        model = self.model.base
+        optimizer = build_optimizer(model, self.configs[k].optim)
+        apply_lr(optimizer, self._multiplier)
         own = dict(model.named_parameters())
         for name in self.model.params:
-            optimizer.state[own[name]] = self.optimizer.member_state(member.index, name)
-        return member.ledger.save_checkpoint(
-            self.step, model=model.state_dict(), optimizer=optimizer.state_dict(),
-            data_position=self.step,  # no remedies: the data position is the step
-            tokens=member.tokens, loss_at_init=member.loss_at_init, remedy={})
+            optimizer.state[own[name]] = self.optimizer.member_state(k, name)
+        return optimizer
 
-    # -- the loop ----------------------------------------------------------------------------
-    def _start_records(self) -> None:
-        for member in self.members:  # every directory taken before any is written
-            member.ledger.claim()
-        for member in self.members:
-            member.ledger.start(
-                overrides=member.spec.overrides, n_params=self.n_params[0],
-                n_params_non_embedding=self.n_params[1], device=self.device, data=self.source.describe(),
-                lr=member.spec.lr, backends=backends(member.cfg, self.device), token_classes=self.token_classes,
-                ensemble={"members": len(self.members), "index": member.index, "label": member.spec.label},
-            )
+    def member_state(self, k: int) -> dict[str, Any]:
+        model = self.member_module(k)
+        return {"model": model.state_dict(), "optimizer": self.member_optimizer(k).state_dict()}
 
-    def run(self) -> list[dict[str, Any]]:
-        t = self.cfg.train
-        self._start_records()
-        progress = progress_bar(t.steps, t.progress, f"sweep x{len(self.members)}", 0)
-        stop = StopSignals()
-        try:
-            with stop:
-                self._loop(progress, stop)
-        except Interrupted as interrupted:  # at a step boundary, as the standalone trainer
-            self.save_checkpoints()
-            log.warning("sweep interrupted by %s at step %d", interrupted, self.step)
-            for member in self.members:
-                if member.active:
-                    member.finish(INTERRUPTED, self.step, interrupted_by=str(interrupted))
-            return [m.ledger.summary for m in self.members]
-        finally:
-            if progress is not None:
-                progress.close()
-        if any(m.active for m in self.members):
-            final = self.evaluate()
-            for member in self.members:
-                if member.active:
-                    member.ledger.log(t.steps, {VAL_LOSS: final[member.index], TOKENS: member.tokens})
-            if t.save_final:
-                self.save_checkpoints()
-            for member in self.members:
-                if member.active:
-                    member.finish(COMPLETED, self.step, final_val=final[member.index])
-        return [m.ledger.summary for m in self.members]
+    def load_member_state(self, k: int, state: dict[str, Any]) -> None:
+        """Member k from a standalone checkpoint's model and optimizer states (its resume)."""
+        model, optimizer = state["model"], state["optimizer"]
+        missing = sorted(set(self.model.params) - set(model))
+        if missing:
+            raise ValueError(f"the checkpoint has no {', '.join(missing[:3])}")
+        with torch.no_grad():
+            for name, p in self.model.params.items():
+                p[k].copy_(model[name])
+        by_name = {}
+        for group in optimizer["param_groups"]:
+            for index, name in zip(group["params"], group.get("param_names", [])):
+                by_name[name] = optimizer["state"].get(index)
+        for name in self.model.params:
+            if by_name.get(name):
+                self.optimizer.load_member_state(k, name, by_name[name])
 
-    def _loop(self, progress, stop: StopSignals) -> None:
-        t = self.cfg.train
-        while self.step < t.steps and any(m.active for m in self.members):
-            stop.check()
-            step = self.step
-            if step % t.eval_every == 0:
-                self._log_eval(step)
-            logging_step = step % t.log_every == 0 or step == t.steps - 1
-            rows = self.train_step(step, logging_step)
-            for k, row in (rows or {}).items():
-                self.members[k].ledger.log(step, row)
-            if progress is not None:
-                progress.n = self.step
-                if rows:
-                    active = [r[TRAIN_LOSS] for r in rows.values()]
-                    progress.set_postfix(active=f"{len(active)}/{len(self.members)}",
-                                         best=f"{min(active):.3f}", refresh=False)
-                    progress.refresh()
-            if t.ckpt_every and self.step % t.ckpt_every == 0 and 0 < self.step < t.steps:
-                self.save_checkpoints()
-
-    def _log_eval(self, step: int) -> None:
-        values = self.evaluate()
-        for member in self.members:
-            if not member.active:
-                continue
-            val = values[member.index]
-            if member.loss_at_init is None:
-                member.loss_at_init = val
-                member.ledger.update(loss_at_init=val)
-            member.ledger.log(step, {VAL_LOSS: val})
-
-    def fail(self, exc: BaseException) -> None:
-        """Record a crash in every member still running (as the standalone trainer does for one
-        run), and the traceback in the sweep's own directory, where the CLI's error line points."""
-        text = traceback.format_exc()
-        if not isinstance(exc, (RunDirTaken, RunDirError)):  # a refused start writes nowhere it was refused
-            try:
-                atomic_write_text(self.run_dir / ERROR_FILE, text)
-            except OSError as err:
-                log.error("could not write %s: %s", self.run_dir / ERROR_FILE, err)
-        for member in self.members:
-            if member.active:
-                member.ledger.fail(exc, self.step, text)
-                member.active = False
-
+    def flops_per_token(self, seq_len: int) -> float:
+        return self.model.base.flops_per_token(seq_len) * self.n_members  # MFU of the whole ensemble
 
 def _forward_stats(out: StackedOutput) -> dict[str, Tensor]:
     """diagnostics.forward_stats per member: (K,) columns under the standalone keys."""
@@ -584,39 +460,13 @@ def _forward_stats(out: StackedOutput) -> dict[str, Tensor]:
     return stats
 
 
-# --------------------------------------------------------------------------------------------
-# Python API (the Hydra entry routes here when sweep_requested(cfg))
-# --------------------------------------------------------------------------------------------
-def train_ensemble(cfg: Config | dict, run_dir: str | Path, run_name: Optional[str] = None,
-                   sweep_id: Optional[str] = None, overrides: Sequence[str] = ()) -> list[dict[str, Any]]:
-    """Train every member of ``cfg.sweep`` into ``run_dir/<label>`` and return their summaries.
-
-    Mirrors proxy.train.trainer.train: never raises on divergence (a diverged member is a result); a
-    crash marks every running member failed, writes error.txt, and raises.
-    """
-    cfg = to_config(cfg) if not isinstance(cfg, Config) else cfg
-    if not sweep_requested(cfg):
-        raise ConfigError("train_ensemble needs sweep.lrs, sweep.seeds or sweep.weight_decays")
-    run_dir = Path(run_dir)
-    trainer = EnsembleTrainer(cfg, run_dir, run_name, sweep_id, tuple(overrides))
-    try:
-        return trainer.run()
-    except Exception as exc:
-        trainer.fail(exc)
-        raise
-    finally:
-        for member in trainer.members:
-            member.ledger.release()
-
-
 __all__ = [
-    "EnsembleTrainer",
     "MemberSpec",
+    "StackedEngine",
     "StackedGPT",
     "StackedOutput",
     "member_config",
     "member_run_name",
     "member_specs",
     "sweep_requested",
-    "train_ensemble",
 ]

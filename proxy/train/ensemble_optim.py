@@ -80,16 +80,22 @@ def member_grad_norms(grads: Sequence[Tensor]) -> Tensor:
     return torch.linalg.vector_norm(per_tensor, dim=1).float()
 
 
-def clip_members_(grads: Sequence[Tensor], norms: Tensor, max_norm: float) -> None:
-    """Scale each member's gradients so its global norm is at most ``max_norm`` (0: no clipping).
+def clip_members_(grads: Sequence[Tensor], norms: Tensor, max_norm: float | Sequence[float]) -> None:
+    """Scale each member's gradients so its global norm is at most its ``max_norm`` (one for all,
+    or one per member; 0: that member is not clipped).
 
     Same arithmetic as proxy.optim.clip_grad_norm: scale = min(1, max_norm / (norm + 1e-6)).
     """
-    if max_norm < 0:
-        raise ValueError(f"clip_members_: max_norm={max_norm} must be >= 0")
-    if max_norm == 0:
+    bounds = [float(max_norm)] * len(norms) if isinstance(max_norm, (int, float)) else [float(m) for m in max_norm]
+    if len(bounds) != len(norms) or any(b < 0 for b in bounds):
+        raise ValueError(f"clip_members_: max_norm={max_norm} must be >= 0, one for all or one per member")
+    if not any(bounds):
         return
-    scale = torch.clamp(max_norm / (norms + 1e-6), max=1.0)
+    if len(set(bounds)) == 1:
+        scale = torch.clamp(bounds[0] / (norms + 1e-6), max=1.0)
+    else:
+        limit = torch.tensor(bounds, device=norms.device, dtype=norms.dtype)
+        scale = torch.where(limit > 0, torch.clamp(limit / (norms + 1e-6), max=1.0), torch.ones_like(norms))
     for g in grads:
         g.mul_(as_member_column(scale, g.ndim))
 
@@ -98,11 +104,12 @@ def clip_members_(grads: Sequence[Tensor], norms: Tensor, max_norm: float) -> No
 # AdamW
 # --------------------------------------------------------------------------------------------
 class StackedAdamW:
-    """AdamW for K members at once; member k has its own peak LR and weight decay.
+    """AdamW for K members at once; member k has its own peak LR, weight decay and step count.
 
     ``params`` maps names to leaf tensors ``(K, ...)`` whose ``.grad`` the backward pass fills.
-    All members share the step count (a frozen member's moments are never read again), the
-    betas, eps and the decay mode; see proxy.optim.AdamW for the two decay forms.
+    All members share the betas, eps and the decay mode; see proxy.optim.AdamW for the two decay
+    forms. A member whose step is skipped (a skip-step remedy) keeps its parameters, moments and
+    step count exactly, as a standalone run that skips ``optimizer.step()``.
     """
 
     def __init__(
@@ -127,7 +134,7 @@ class StackedAdamW:
         self.weight_decays = [float(v) for v in weight_decays]
         self.beta1, self.beta2, self.eps = cfg.beta1, cfg.beta2, cfg.eps
         self.coupled = WeightDecayMode(cfg.weight_decay_mode) == WeightDecayMode.coupled
-        self.step_count = 0
+        self.step_counts = [0] * len(self.peak_lrs)  # per member: a skipped step does not count
         # moments keep the parameter's memory layout (proxy/train/ensemble.py may store weights
         # transposed), so every elementwise op below runs on matching strides
         self.exp_avg = {n: torch.zeros_like(p, memory_format=torch.preserve_format) for n, p in params.items()}
@@ -148,43 +155,63 @@ class StackedAdamW:
         return [peak * scale * multiplier for peak in self.peak_lrs]
 
     @torch.no_grad()
-    def step(self, multiplier: float, active: Sequence[bool]) -> None:
-        """One AdamW step for the active members; frozen members stay exactly where they are."""
-        if len(active) != self.n_members:
-            raise ValueError(f"StackedAdamW.step: {len(active)} flags for {self.n_members} members")
-        self.step_count += 1
-        s = self.step_count
-        bias1 = 1 - self.beta1**s
-        bias2_sqrt = (1 - self.beta2**s) ** 0.5
+    def step(self, multiplier: float, active: Sequence[bool], skipped: Sequence[bool] = ()) -> None:
+        """One AdamW step for the active members that are not ``skipped``; frozen (inactive)
+        members stay exactly where they are, and so do skipped ones, moments and step count too."""
+        skipped = list(skipped) or [False] * self.n_members
+        if len(active) != self.n_members or len(skipped) != self.n_members:
+            raise ValueError(f"StackedAdamW.step: {len(active)} / {len(skipped)} flags for {self.n_members} members")
+        moving = [a and not s for a, s in zip(active, skipped)]
+        for k, on in enumerate(moving):
+            if on:
+                self.step_counts[k] += 1
+        # bias corrections: a member that does not move has LR 0, so any finite value serves it; where
+        # every moving member has taken as many steps, one scalar serves all (the arithmetic of a
+        # sweep whose members never skip, whatever froze)
+        moved = {self.step_counts[k] for k, on in enumerate(moving) if on} or {1}
+        counts = [c if on and len(moved) > 1 else min(moved) for c, on in zip(self.step_counts, moving)]
+        bias1 = [1 - self.beta1**c for c in counts]
+        bias2_sqrt = [(1 - self.beta2**c) ** 0.5 for c in counts]
+        kept = [k for k, s in enumerate(skipped) if s and active[k]]
         frozen = None
-        if not all(active):
+        if not all(moving):
             device = next(iter(self.params.values())).device
-            frozen = torch.tensor([not a for a in active], device=device)
+            frozen = torch.tensor([not on for on in moving], device=device)
 
         by_rule: dict[ParamRule, list[str]] = {}
         for name, p in self.params.items():
             if p.grad is not None:
                 by_rule.setdefault(self.rules[name], []).append(name)
         for rule, names in by_rule.items():
-            lrs = [lr if on else 0.0 for lr, on in zip(self.lrs(names[0], multiplier), active)]
-            decay = self._decay_factors(rule, lrs, multiplier, active)
-            neg_steps = [-(lr / bias1) for lr in lrs]
+            lrs = [lr if on else 0.0 for lr, on in zip(self.lrs(names[0], multiplier), moving)]
+            decay = self._decay_factors(rule, lrs, multiplier, moving)
+            neg_steps = [-(lr / b1) for lr, b1 in zip(lrs, bias1)]
             device, dtype = self.params[names[0]].device, self.params[names[0]].dtype
             neg_steps_t = torch.tensor(neg_steps, device=device, dtype=dtype)
             decay_t = torch.tensor(decay, device=device, dtype=dtype) if decay is not None else None
+            bias2_t = torch.tensor(bias2_sqrt, device=device, dtype=dtype) if len(set(bias2_sqrt)) > 1 else None
             for name in names:
                 p, g = self.params[name], self.params[name].grad
                 m, v = self.exp_avg[name], self.exp_avg_sq[name]
+                saved = [(k, m[k].clone(), v[k].clone()) for k in kept]  # a skip leaves the moments as they were
                 if frozen is not None:  # a selection, not a product: NaN * 0 is NaN
                     g.masked_fill_(as_member_column(frozen, g.ndim), 0.0)
                 if decay_t is not None:  # decay first: it uses theta before the update
                     p.mul_(as_member_column(decay_t, p.ndim))
                 m.lerp_(g, 1 - self.beta1)
                 v.mul_(self.beta2).addcmul_(g, g, value=1 - self.beta2)
-                denom = torch.sqrt(v, out=self._scratch_like(v, 0)).div_(bias2_sqrt).add_(self.eps)
+                denom = torch.sqrt(v, out=self._scratch_like(v, 0))
+                if bias2_t is None:
+                    denom.div_(bias2_sqrt[0])
+                else:
+                    denom.div_(as_member_column(bias2_t, denom.ndim))
+                denom.add_(self.eps)
                 # (step * m) / denom, the order torch's addcdiv uses in proxy.optim.AdamW
                 scaled = torch.mul(m, as_member_column(neg_steps_t, m.ndim), out=self._scratch_like(m, 1))
                 p.addcdiv_(scaled, denom)
+                for k, m_k, v_k in saved:
+                    m[k].copy_(m_k)
+                    v[k].copy_(v_k)
 
     def _scratch_like(self, t: Tensor, slot: int) -> Tensor:
         """A scratch tensor with ``t``'s shape and strides (``t`` is dense, maybe permuted)."""
@@ -211,7 +238,14 @@ class StackedAdamW:
     def member_state(self, k: int, name: str) -> dict[str, object]:
         """Member k's state of ``name`` in proxy.optim.AdamW's format (for its checkpoint)."""
         return {
-            "step": self.step_count,
+            "step": self.step_counts[k],
             "exp_avg": self.exp_avg[name][k].detach().clone(memory_format=torch.contiguous_format),
             "exp_avg_sq": self.exp_avg_sq[name][k].detach().clone(memory_format=torch.contiguous_format),
         }
+
+    @torch.no_grad()
+    def load_member_state(self, k: int, name: str, state: dict[str, object]) -> None:
+        """Member k's state of ``name`` from proxy.optim.AdamW's format (its checkpoint)."""
+        self.exp_avg[name][k].copy_(state["exp_avg"])  # type: ignore[arg-type]
+        self.exp_avg_sq[name][k].copy_(state["exp_avg_sq"])  # type: ignore[arg-type]
+        self.step_counts[k] = int(state["step"])  # type: ignore[call-overload]

@@ -10,8 +10,9 @@ Spike capture (proxy/train/capture.py) is one. The trainer calls, for every step
 
 and ``close(run)`` once when the loop ends, however it ends. By then ``run.outcome`` says how:
 ``"completed"``, ``"diverged"`` (``run.diverged_at`` holds the step) or ``"crashed"``; the run
-record is still open, so an observer may still write events. ``run`` is the trainer, seen
-through :class:`ObservedRun`: what an observer may read.
+record is still open, so an observer may still write events. ``run`` is one member of the
+run (proxy/train/trainer.py's MemberRun: a standalone run has one), seen through
+:class:`ObservedRun`: what an observer may read.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ class ObservedRun(Protocol):
     source: Any  # proxy.data.TokenSource
     ledger: RunLedger
     data_position: int  # the next train batch to read
+    lr: float  # the base LR of the step in progress (the schedule times the peak LR)
     loss_at_init: Optional[float]
     outcome: Optional[str]  # None while the loop runs
     diverged_at: Optional[int]

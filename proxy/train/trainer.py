@@ -1,49 +1,57 @@
-"""The training loop of one run.
+"""The training loop: one run, or a sweep of K members trained at once. Written once.
 
-One run = one run directory (proxy/records.py), written through the run ledger. The loop is
-deliberately plain::
+A run is an ensemble of K >= 1 members that share every batch (K = 1: a standalone run; K > 1:
+``sweep.lrs`` / ``sweep.seeds`` / ``sweep.weight_decays``, proxy/train/ensemble.py). Each member
+has its own run directory and ledger, remedy, observers, divergence check, token count and loss
+at init; the step engine (proxy/train/engine.py) does the arithmetic. The loop is deliberately
+plain::
 
     for step in range(start, steps):
-        remedy.before_step                               # a rollback's snapshot
-        lr     <- schedule(step)
+        remedy.before_step                               # a rollback's snapshot (K = 1)
+        lrs    <- schedule(step)
         batch  <- data.batch("train", position)          # a pure function of the position
-        step   <- forward, backward, clip, remedy's verdict   (proxy/train/step.py)
-        observers look; stop if the loss or grad norm diverged   # a result, not a crash
-        optimizer step                                   # unless the remedy said skip
-        log row (every log_every), eval (every eval_every), checkpoint (every ckpt_every)
+        step   <- forward, backward, clip, each remedy's verdict   (the engine)
+        observers look; a member whose loss or grad norm diverged stops   # a result, not a crash
+        optimizer step for the members whose update goes ahead
+        log rows (every log_every), eval (every eval_every), checkpoints (every ckpt_every)
 
 Everything measured comes from proxy/train/diagnostics.py; everything written goes through the
-ledger. A diverged run ends with status ``diverged`` (and ``proxy-train`` exits 0, so a multirun
-goes on); a crash ends with status ``failed`` and the traceback in error.txt; SIGINT / SIGTERM
-end it at a step boundary with a checkpoint and status ``interrupted``. Before anything is
-written the start is validated (the run dir's lock, the checkpoint a resume loads), so a start
-that fails leaves an existing run directory as it was.
+members' ledgers. A diverged member ends with status ``diverged`` (``proxy-train`` exits 0, so a
+multirun goes on) and the others go on; a crash ends every running member ``failed`` with the
+traceback in error.txt; SIGINT / SIGTERM end every member at a step boundary with a checkpoint
+and status ``interrupted``. Before anything is written the start is validated (the data, every
+member's lock, the checkpoints a resume loads), so a start that fails leaves an existing run
+directory as it was. What a sweep cannot do (rollback rewinds the batch stream the members
+share; data parallelism) is refused in one line.
 """
 
 from __future__ import annotations
 
 import logging
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
+from torch import Tensor, nn
 
 from proxy.config import Config, ConfigError, to_config
 from proxy.data import build_source
 from proxy.model import build_model
 from proxy.optim import build_optimizer
-from proxy.records import COMPLETED, DIVERGED, INTERRUPTED, ROLLBACK_DIR, TOKENS, VAL_LOSS
+from proxy.records import (COMPLETED, DIVERGED, ENSEMBLE_TOKENS_PER_S, ERROR_FILE, INTERRUPTED, ROLLBACK_DIR,
+                           TOKENS, TOKENS_PER_S, TRAIN_LOSS, VAL_LOSS, RunDirError, atomic_write_text)
 from proxy.train import diagnostics, distributed
 from proxy.train.capture import SpikeCapture
-from proxy.train.ledger import RunLedger, step_row
+from proxy.train.engine import Computed, Engine, SingleEngine
+from proxy.train.ensemble import (MemberSpec, StackedEngine, check_supported, member_config, member_run_name,
+                                  member_specs, sweep_requested)
+from proxy.train.ledger import RunDirTaken, RunLedger, step_row
 from proxy.train.observer import StepObserver
-from proxy.train.remedies import Event, build_remedy
-from proxy.train.runtime import (Diverged, Interrupted, StopSignals, autocast_for, backends,
-                                 divergence_reason, mark_token_classes, progress_bar, resolve_device, show_row,
-                                 wants_compile)
-from proxy.train.step import StepResult, TrainStep
+from proxy.train.remedies import Event, Remedy, build_remedy
+from proxy.train.runtime import (Diverged, Interrupted, StopSignals, autocast_for, backends, divergence_reason,
+                                 mark_token_classes, progress_bar, resolve_device, show_row, wants_compile)
 
 log = logging.getLogger("proxy.train")
 
@@ -60,9 +68,78 @@ class RunInfo:
     overrides: tuple[str, ...] = ()
 
 
+@dataclass
+class Member:
+    """One member of the run: its record and the state a standalone run holds for itself."""
+
+    index: int
+    cfg: Config
+    run_dir: Path
+    run_name: str
+    overrides: tuple[str, ...]
+    ledger: RunLedger
+    remedy: Optional[Remedy]
+    spec: Optional[MemberSpec] = None  # None: a standalone run
+    observers: list[StepObserver] = field(default_factory=list)
+    active: bool = True
+    tokens: int = 0
+    loss_at_init: Optional[float] = None
+    consecutive_skips: int = 0
+    # how the member's loop ended, for the observers' close: completed | diverged | interrupted | crashed
+    outcome: Optional[str] = None
+    diverged_at: Optional[int] = None
+
+
+class MemberRun:
+    """What an observer (proxy/train/observer.py) sees of one member: the run as if it trained
+    alone. Its model and optimizer are the engine's own for a standalone run, and member k's
+    state as a standalone model and optimizer for a sweep."""
+
+    def __init__(self, trainer: "Trainer", member: Member):
+        self._trainer, self._member = trainer, member
+        self.cfg, self.run_dir, self.ledger = member.cfg, member.run_dir, member.ledger
+        self.dist, self.device, self.source = trainer.dist, trainer.device, trainer.source
+        self.autocast = trainer.autocast
+
+    @property
+    def model(self) -> nn.Module:
+        return self._trainer.engine.member_module(self._member.index)
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self._trainer.engine.member_optimizer(self._member.index)
+
+    @property
+    def remedy(self) -> Optional[Remedy]:
+        return self._member.remedy
+
+    @property
+    def data_position(self) -> int:
+        return self._trainer.data_position
+
+    @property
+    def lr(self) -> float:
+        return self._trainer.lrs[self._member.index]
+
+    @property
+    def loss_at_init(self) -> Optional[float]:
+        return self._member.loss_at_init
+
+    @property
+    def outcome(self) -> Optional[str]:
+        return self._member.outcome
+
+    @property
+    def diverged_at(self) -> Optional[int]:
+        return self._member.diverged_at
+
+
 class Trainer:
     def __init__(self, cfg: Config, info: RunInfo):
         self.cfg, self.info = cfg, info
+        self.sweep = sweep = sweep_requested(cfg)  # members in run_dir/<label>, even a sweep of one
+        if sweep:
+            check_supported(cfg)
         self.dist = distributed.from_env()
         self.device = resolve_device(cfg.train.device, self.dist.local_rank)
         if cfg.train.batch_size % self.dist.world_size:
@@ -71,225 +148,342 @@ class Trainer:
         distributed.setup(self.dist, self.device)
         info.run_dir = Path(distributed.broadcast(str(info.run_dir)))  # rank 0's directory
         self.run_dir = info.run_dir
-        torch.manual_seed(cfg.train.seed)
-        random.seed(cfg.train.seed)
+        self.local_batch = cfg.train.batch_size // self.dist.world_size
+        self.tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
+        self.autocast = autocast_for(cfg, self.device)
 
+        specs: list[Optional[MemberSpec]] = list(member_specs(cfg, info.overrides)) if sweep else [None]
+        first_dir = info.run_dir / specs[0].label if specs[0] is not None else info.run_dir
+        torch.manual_seed(cfg.train.seed)  # a sweep seeds each member again as it builds it
+        random.seed(cfg.train.seed)
         # a resume reads the run's own files back (tokenizer.json: the ids the run was trained on)
-        self.source = build_source(cfg.data, run_dir=info.run_dir if cfg.train.resume else None)
-        self.source.check_seq_len(cfg.train.seq_len)  # before the run dir is claimed
-        self.model = build_model(cfg.model, self.source.vocab_size).to(self.device)
-        self.token_classes = mark_token_classes(self.model, self.source, cfg)
-        self.optimizer = build_optimizer(self.model, cfg.optim)
-        forward = self.model
+        self.source = build_source(cfg.data, run_dir=first_dir if cfg.train.resume else None)
+        self.source.check_seq_len(cfg.train.seq_len)  # before any run dir is claimed
+        self.engine: Engine = self._sweep_engine(specs) if sweep else self._single_engine()
+        self.flops = self.engine.flops_per_token(cfg.train.seq_len)
+
+        # the state a checkpoint restores, shared by the members (they read the same batches)
+        self.step = 0  # the next optimizer step to take
+        self.data_position = 0  # the index of the next train batch
+        self.lrs: list[float] = []  # each member's base LR at the step in progress
+        self.stop = StopSignals()
+        self.members = [self._member(k, spec) for k, spec in enumerate(specs)]
+        self.throughput = diagnostics.Throughput(self.flops, self.device)
+
+    # -- building ------------------------------------------------------------------------------
+    def _single_engine(self) -> SingleEngine:
+        cfg = self.cfg
+        model = build_model(cfg.model, self.source.vocab_size).to(self.device)
+        self.token_classes = mark_token_classes(model, self.source, cfg)
+        optimizer = build_optimizer(model, cfg.optim)
+        forward: nn.Module = model
         if self.dist.enabled:  # averages gradients over ranks during backward
             from torch.nn.parallel import DistributedDataParallel
 
             ids = [self.device.index] if self.device.type == "cuda" else None
-            forward = DistributedDataParallel(self.model, device_ids=ids)
-        self.forward = torch.compile(forward) if wants_compile(cfg, self.device) else forward
-        self.autocast = autocast_for(cfg, self.device)
-        self.local_batch = cfg.train.batch_size // self.dist.world_size
-        self.tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
+            forward = DistributedDataParallel(model, device_ids=ids)
+        if wants_compile(cfg, self.device):
+            forward = torch.compile(forward)  # type: ignore[assignment]
+        return SingleEngine(cfg, model, optimizer, forward, self.autocast, self.device)
 
-        # the state a checkpoint restores
-        self.step = 0  # the next optimizer step to take
-        self.data_position = 0  # the index of the next train batch
-        self.tokens = 0
-        self.loss_at_init: Optional[float] = None
-        # how the loop ended, for the observers' close: completed | diverged | interrupted | crashed
-        self.outcome: Optional[str] = None
-        self.diverged_at: Optional[int] = None
-        self.stop = StopSignals()
+    def _sweep_engine(self, specs: Sequence[Optional[MemberSpec]]) -> StackedEngine:
+        configs = [member_config(self.cfg, spec, self.info.run_dir) for spec in specs if spec is not None]
 
-        self.ledger = RunLedger(cfg, info.run_dir, info.run_name, info.sweep_id, resume=cfg.train.resume,
-                                main=self.dist.is_main)
-        snapshot_dir = info.run_dir / ROLLBACK_DIR  # disk snapshots; one folder per rank under DDP
+        def mark(model: nn.Module) -> Any:
+            self.token_classes = mark_token_classes(model, self.source, self.cfg)
+            return self.token_classes
+
+        return StackedEngine(configs, self.source.vocab_size, self.device, self.autocast,
+                             wants_compile(self.cfg, self.device), self.batch("train", 0), mark)
+
+    def _member(self, k: int, spec: Optional[MemberSpec]) -> Member:
+        cfg, info = self.cfg, self.info
+        if spec is None:
+            member_cfg, run_dir, name, overrides = cfg, info.run_dir, info.run_name, info.overrides
+        else:
+            member_cfg = member_config(cfg, spec, info.run_dir)
+            run_dir = info.run_dir / spec.label
+            name = member_run_name(spec, info.run_name or cfg.run_name, info.overrides)
+            overrides = spec.overrides
+        sweep_id = info.sweep_id if spec is None else (info.sweep_id or info.run_dir.name)
+        ledger = RunLedger(member_cfg, run_dir, name, sweep_id, resume=cfg.train.resume, main=self.dist.is_main,
+                           concurrent_wandb=spec is not None)
+        snapshot_dir = run_dir / ROLLBACK_DIR  # disk snapshots; one folder per rank under DDP
         if self.dist.world_size > 1:
             snapshot_dir = snapshot_dir / f"rank_{self.dist.rank}"
-        self.remedy = build_remedy(cfg.remedy, grad_clip=cfg.optim.grad_clip, snapshot_dir=snapshot_dir)
-        self.stepper = TrainStep(cfg, self.model, self.optimizer, self.forward, self.autocast, self.device)
-        self.observers: list[StepObserver] = []
+        remedy = build_remedy(member_cfg.remedy, grad_clip=member_cfg.optim.grad_clip, snapshot_dir=snapshot_dir)
+        member = Member(k, member_cfg, run_dir, name, overrides, ledger, remedy, spec)
         if cfg.capture.enabled:  # spike kits
-            self.observers.append(SpikeCapture(cfg.capture))
-        self._consecutive_skips = 0
-        self.updates = diagnostics.UpdateTracker(self.model, self.optimizer)
-        self.throughput = diagnostics.Throughput(self.model.flops_per_token(cfg.train.seq_len), self.device)
+            member.observers.append(SpikeCapture(cfg.capture))
+        return member
 
-    # -- data --------------------------------------------------------------------------------
-    def batch(self, split: str, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    # -- the standalone run's one member, by its old names ---------------------------------------
+    @property
+    def ledger(self) -> RunLedger:
+        return self.members[0].ledger
+
+    @property
+    def observers(self) -> list[StepObserver]:
+        return self.members[0].observers
+
+    @property
+    def remedy(self) -> Optional[Remedy]:
+        return self.members[0].remedy
+
+    @remedy.setter
+    def remedy(self, remedy: Optional[Remedy]) -> None:
+        self.members[0].remedy = remedy
+
+    @property
+    def loss_at_init(self) -> Optional[float]:
+        return self.members[0].loss_at_init
+
+    @loss_at_init.setter
+    def loss_at_init(self, value: Optional[float]) -> None:
+        self.members[0].loss_at_init = value
+
+    @property
+    def model(self) -> nn.Module:
+        return self.engine.member_module(0)
+
+    # -- data ----------------------------------------------------------------------------------
+    def batch(self, split: str, index: int) -> tuple[Tensor, Tensor]:
         x, y = self.source.batch(split, index, self.local_batch, self.cfg.train.seq_len,
                                  rank=self.dist.rank, world_size=self.dist.world_size)
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
-    # -- evaluation --------------------------------------------------------------------------
-    @torch.no_grad()
-    def evaluate(self) -> float:
-        """Mean cross-entropy over a fixed set of held-out batches (the same at every eval)."""
-        self.model.eval()
-        total = 0.0
-        for i in range(self.cfg.train.eval_batches):
-            x, y = self.batch("val", i)
-            with self.autocast():
-                out = self.forward(x, y, ignore_index=self.cfg.loss.ignore_index)
-            total += out.ce_loss.item()
-        self.model.train()
-        return distributed.mean(total / self.cfg.train.eval_batches, self.device)
+    def _val_batches(self) -> Iterator[tuple[Tensor, Tensor]]:
+        return (self.batch("val", i) for i in range(self.cfg.train.eval_batches))
 
-    # -- one step ----------------------------------------------------------------------------
-    def train_step(self, step: int, logging_step: bool) -> dict[str, float]:
-        """One optimizer step (or a remedy's skip / rollback). Returns the log row on logging steps."""
+    def evaluate(self) -> list[float]:
+        """Each member's mean cross-entropy over a fixed set of held-out batches."""
+        return self.engine.evaluate(self._val_batches(), self.cfg.loss.ignore_index)
+
+    def _active(self) -> list[Member]:
+        return [m for m in self.members if m.active]
+
+    # -- one step ------------------------------------------------------------------------------
+    def train_step(self, step: int, logging_step: bool) -> dict[int, dict[str, float]]:
+        """One optimizer step (or a remedy's skip / rollback) for every active member. Returns
+        {member: row} on logging steps."""
         cfg = self.cfg
-        if self.remedy is not None:
-            self.remedy.before_step(step, self.model, self.optimizer, self.data_position,
-                                    extra_state=(self.tokens, self.loss_at_init))
-        lr = self.stepper.schedule(step)
+        solo = None if self.sweep else self.members[0]
+        if solo is not None and solo.remedy is not None:
+            solo.remedy.before_step(step, self.engine.member_module(0), self.engine.member_optimizer(0),
+                                    self.data_position, extra_state=(solo.tokens, solo.loss_at_init))
+        lrs = self.lrs = self.engine.schedule(step)
         x, y = self.batch("train", self.data_position)
-        for observer in self.observers:
-            observer.on_batch(self, step, x, y)
+        for member in self._active():
+            for observer in member.observers:
+                observer.on_batch(self._view(member), step, x, y)
         self.data_position += 1
 
         collect = logging_step and (cfg.train.stats_every == 0 or step % cfg.train.stats_every == 0)
-        r = self.stepper.compute(step, lr, x, y, self.remedy, collect_stats=collect, measure_grads=logging_step,
-                                 data_position=self.data_position)
-        self._judge_event(step, r.event)
-        for observer in self.observers:  # before the divergence check: a diverging step is seen too
-            observer.on_step_end(self, step, r.loss, r.grad_norm, r.event)
-        if not r.skips_update:
-            self._check_divergence(step, r.loss, r.grad_norm)
+        active = [m.active for m in self.members]
+        c = self.engine.compute(step, lrs, x, y, [m.remedy for m in self.members], active, collect=collect,
+                                measure=logging_step, data_position=self.data_position)
+        for member in self._active():
+            k = member.index
+            try:
+                self._judge_event(member, step, c.events[k])
+                for observer in member.observers:  # before the divergence check: a diverging step is seen too
+                    observer.on_step_end(self._view(member), step, c.losses[k], c.grad_norms[k], c.events[k])
+                if not c.skips(k):
+                    self._check_divergence(member, step, c.losses[k], c.grad_norms[k])
+            except Diverged as d:
+                self._diverged(member, d)
+        moving = [m.active for m in self.members]
+        if not any(moving):
+            if self.sweep:
+                self.engine.apply(c, [False] * len(self.members), moving, measure=False)  # gradients dropped
+            return {}
 
-        self.tokens += self.tokens_per_step
+        for member in self._active():
+            member.tokens += self.tokens_per_step
         self.throughput.add(self.tokens_per_step)
-        self.stepper.apply(r, self.updates if logging_step else None)
-        if r.event is not None and r.event.rewinds:
+        updates = self.engine.apply(c, [not c.skips(k) for k in range(len(self.members))], moving,
+                                    measure=logging_step)
+        if solo is not None and c.events[0] is not None and c.events[0].rewinds:
             # the spike's own row ends the abandoned branch, then the event marks where the
             # branch ends: the reader (records.split_branches) relies on that order
             if logging_step:
-                self.ledger.log(step, self._row(r))
-            self.ledger.remedy_event(r.event)
-            restored = self.remedy.restore(self.model, self.optimizer)
+                solo.ledger.log(step, self._rows(c, updates)[0])
+            solo.ledger.remedy_event(c.events[0])
+            assert solo.remedy is not None
+            restored = solo.remedy.restore(self.engine.member_module(0), self.engine.member_optimizer(0))
             self.step, self.data_position = restored.step, restored.data_position
-            self.tokens, self.loss_at_init = restored.extra_state
-            self.ledger.drop_checkpoints_after(restored.step)
+            solo.tokens, solo.loss_at_init = restored.extra_state
+            solo.ledger.drop_checkpoints_after(restored.step)
             return {}
         self.step = step + 1
-        self.ledger.track_loss(r.loss)
-        return self._row(r) if logging_step else {}
+        for member in self._active():
+            member.ledger.track_loss(c.losses[member.index])
+        return self._rows(c, updates) if logging_step else {}
 
-    def _row(self, r: StepResult) -> dict[str, float]:
-        """The log row of a step: grad stats, updates, forward and data statistics, the scalars."""
-        row = dict(r.grad_stats)
-        row.update(self.updates.after())
-        row.update(distributed.reduce_stats(diagnostics.forward_stats(r.out), self.device) if r.collect else {})
-        row.update(getattr(self.source, "last_batch_info", {}))
-        row.update(step_row(tokens=self.tokens, loss=r.loss,
-                            z_loss=distributed.mean(r.out.z_loss.item(), self.device),
-                            total_loss=distributed.mean(r.out.loss.item(), self.device),
-                            lr=r.lr, grad_norm=r.grad_norm))
-        row.update(self.throughput.read())
-        return row
+    def _rows(self, c: Computed, updates: list[dict[str, float]]) -> dict[int, dict[str, float]]:
+        """The log rows of a step: grad stats, updates, forward and data statistics, the scalars."""
+        stats = self.engine.statistics(c)
+        parts = self.engine.loss_parts(c)
+        batch_info = dict(getattr(self.source, "last_batch_info", {}))
+        perf = self.throughput.read()
+        if self.sweep and TOKENS_PER_S in perf:
+            perf[ENSEMBLE_TOKENS_PER_S] = perf[TOKENS_PER_S] * len(self.members)
+        rows = {}
+        for member in self._active():
+            k = member.index
+            row = dict(c.grad_stats[k])
+            row.update(updates[k])
+            row.update(stats[k])
+            row.update(batch_info)
+            z_loss, total_loss = parts[k]
+            row.update(step_row(tokens=member.tokens, loss=c.losses[k], z_loss=z_loss, total_loss=total_loss,
+                                lr=c.lrs[k], grad_norm=c.grad_norms[k]))
+            row.update(perf)
+            rows[k] = row
+        return rows
 
-    def _judge_event(self, step: int, event: Optional[Event]) -> None:
+    def _judge_event(self, member: Member, step: int, event: Optional[Event]) -> None:
         """Record the remedy's event (a rollback after its step's row) and count skips in a row."""
         if event is None:
-            self._consecutive_skips = 0
+            member.consecutive_skips = 0
             return
         if not event.rewinds:
-            self.ledger.remedy_event(event)
+            member.ledger.remedy_event(event)
         if event.skips_update and not event.rewinds:
-            self._consecutive_skips += 1
-            limit = self.cfg.remedy.max_consecutive_skips
-            if limit and self._consecutive_skips >= limit:
+            member.consecutive_skips += 1
+            limit = member.cfg.remedy.max_consecutive_skips
+            if limit and member.consecutive_skips >= limit:
                 raise Diverged(step, f"{limit} steps skipped in a row (remedy.max_consecutive_skips)")
 
-    def _check_divergence(self, step: int, loss: float, grad_norm: float) -> None:
-        reason = divergence_reason(loss, grad_norm, self.loss_at_init, self.cfg.train)
+    def _check_divergence(self, member: Member, step: int, loss: float, grad_norm: float) -> None:
+        reason = divergence_reason(loss, grad_norm, member.loss_at_init, member.cfg.train)
         if reason is not None:
             raise Diverged(step, reason)
 
-    # -- checkpoints -------------------------------------------------------------------------
-    def save_checkpoint(self) -> Optional[Path]:
-        return self.ledger.save_checkpoint(
-            self.step, model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
-            data_position=self.data_position, tokens=self.tokens, loss_at_init=self.loss_at_init,
-            remedy=self.remedy.state_dict() if self.remedy is not None else {})
+    def _diverged(self, member: Member, d: Diverged) -> None:
+        """A member's run ended as diverged at step ``d.step`` (a result): its event, its
+        observers' close, its final summary. The others go on."""
+        member.ledger.event(d.step, DIVERGED, reason=d.reason)
+        who = f"member {member.spec.label}" if member.spec is not None else "run"
+        log.warning("%s diverged at step %d: %s", who, d.step, d.reason)
+        member.outcome, member.diverged_at = DIVERGED, d.step
+        self._close_observers(member)
+        self._finish(member, DIVERGED, steps=d.step, diverged_at=d.step)
 
-    def restore_checkpoint(self, path: Path, state: dict[str, Any]) -> Optional[int]:
-        """Put a checkpoint's state (``ledger.read_checkpoint``) back; returns how many
-        metrics.jsonl lines it covers. CheckpointError (one line) when it does not fit."""
+    def _view(self, member: Member) -> MemberRun:
+        return MemberRun(self, member)
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def save_checkpoint(self, member: Member) -> Optional[Path]:
+        state = self.engine.member_state(member.index)
+        return member.ledger.save_checkpoint(
+            self.step, model=state["model"], optimizer=state["optimizer"], data_position=self.data_position,
+            tokens=member.tokens, loss_at_init=member.loss_at_init,
+            remedy=member.remedy.state_dict() if member.remedy is not None else {})
+
+    def save_checkpoints(self) -> dict[int, Optional[Path]]:
+        return {m.index: self.save_checkpoint(m) for m in self._active()}
+
+    def restore_checkpoint(self, member: Member, path: Path, state: dict[str, Any]) -> Optional[int]:
+        """Put a checkpoint's state (``ledger.read_checkpoint``) back into ``member``; returns how
+        many metrics.jsonl lines it covers. CheckpointError (one line) when it does not fit."""
         try:
-            self.model.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
-            if self.remedy is not None and state.get("remedy"):
-                self.remedy.load_state_dict(state["remedy"])
+            self.engine.load_member_state(member.index, state)
+            if member.remedy is not None and state.get("remedy"):
+                member.remedy.load_state_dict(state["remedy"])
         except (RuntimeError, ValueError, KeyError, TypeError) as exc:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise CheckpointError(f"{path}: cannot resume from it with this config: {first}") from None
-        self.step, self.data_position = state["step"], state["data_position"]
-        self.tokens, self.loss_at_init = state["tokens"], state["loss_at_init"]
-        torch.set_rng_state(state["rng_cpu"].cpu())
-        if state.get("rng_cuda") and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all([s.cpu() for s in state["rng_cuda"]])
+        member.tokens, member.loss_at_init = state["tokens"], state["loss_at_init"]
         return state.get("record_lines")
 
-    # -- the loop ----------------------------------------------------------------------------
-    def run(self) -> dict[str, Any]:
+    # -- the loop ------------------------------------------------------------------------------
+    def run(self) -> list[dict[str, Any]]:
+        """Train every member to its end; returns their summaries."""
         t = self.cfg.train
         self._start()
-        progress = progress_bar(t.steps, t.progress if self.dist.is_main else False, self.info.run_name, self.step)
-        self.outcome = "crashed"  # until the loop says otherwise
+        name = f"sweep x{len(self.members)}" if self.sweep else self.info.run_name
+        progress = progress_bar(t.steps, t.progress if self.dist.is_main else False, name, self.step)
+        for member in self.members:
+            member.outcome = "crashed"  # until the loop says otherwise
         interrupted: Optional[Interrupted] = None
+        ended = False  # the loop ended as a loop does (not by an exception: a crash)
         try:
             try:
                 with self.stop:
                     self._loop(progress)
-                self.outcome = COMPLETED
-            except Diverged as d:
-                self.ledger.event(d.step, DIVERGED, reason=d.reason)
-                log.warning("run diverged at step %d: %s", d.step, d.reason)
-                self.outcome, self.diverged_at = DIVERGED, d.step
             except Interrupted as i:
-                self.outcome, interrupted = INTERRUPTED, i
+                interrupted = i
+            ended = True
         finally:
             if progress is not None:
                 progress.close()
-            for observer in self.observers:
-                observer.close(self)
-        if self.outcome == DIVERGED:
-            return self._finish(DIVERGED, diverged_at=self.diverged_at)
+            for member in self._active():
+                if ended:
+                    member.outcome = INTERRUPTED if interrupted is not None else COMPLETED
+                self._close_observers(member)
         if interrupted is not None:  # at a step boundary: the state is whole, a resume goes on from here
-            checkpoint = self.save_checkpoint()
+            checkpoints = self.save_checkpoints()
             log.warning("run interrupted by %s at step %d", interrupted, self.step)
-            return self._finish(INTERRUPTED, interrupted_by=str(interrupted),
-                                checkpoint=str(checkpoint) if checkpoint else None)
-        final_val = self.evaluate()
-        self.ledger.log(t.steps, {VAL_LOSS: final_val, TOKENS: self.tokens})
-        if t.save_final:
-            self.save_checkpoint()
-        return self._finish(COMPLETED, final_val=final_val)
+            for member in self._active():
+                checkpoint = checkpoints.get(member.index)
+                self._finish(member, INTERRUPTED, steps=self.step, interrupted_by=str(interrupted),
+                             checkpoint=str(checkpoint) if checkpoint else None)
+            return self.summaries()
+        if self._active():
+            final = self.evaluate()
+            for member in self._active():
+                member.ledger.log(t.steps, {VAL_LOSS: final[member.index], TOKENS: member.tokens})
+            if t.save_final:
+                self.save_checkpoints()
+            for member in self._active():
+                self._finish(member, COMPLETED, steps=self.step, final_val=final[member.index])
+        return self.summaries()
+
+    def summaries(self) -> list[dict[str, Any]]:
+        return [m.ledger.summary for m in self.members]
 
     def _loop(self, progress) -> None:
         t = self.cfg.train
-        while self.step < t.steps:
+        while self.step < t.steps and self._active():
             self._check_stop()  # SIGINT / SIGTERM: stop here, between two steps
             step = self.step
             if step % t.eval_every == 0:
-                val = self.evaluate()
-                if self.loss_at_init is None:
-                    self.loss_at_init = val
-                    self.ledger.update(loss_at_init=val)
-                self.ledger.log(step, {VAL_LOSS: val})
-                show_row(progress, {VAL_LOSS: val})
+                self._log_eval(step, progress)
             logging_step = step % t.log_every == 0 or step == t.steps - 1
-            row = self.train_step(step, logging_step)  # advances self.step (a rollback rewinds it)
-            if row:
-                self.ledger.log(step, row)
-                show_row(progress, row)
-            if progress is not None:
-                progress.n = self.step
-                if row:
-                    progress.refresh()
-            if t.ckpt_every and self.step % t.ckpt_every == 0 and 0 < self.step < t.steps:
-                self.save_checkpoint()
+            rows = self.train_step(step, logging_step)  # advances self.step (a rollback rewinds it)
+            for k, row in rows.items():
+                self.members[k].ledger.log(step, row)
+            self._show(progress, rows)
+            if t.ckpt_every and self.step % t.ckpt_every == 0 and 0 < self.step < t.steps and self._active():
+                self.save_checkpoints()
+
+    def _log_eval(self, step: int, progress) -> None:
+        values = self.evaluate()
+        for member in self._active():
+            val = values[member.index]
+            if member.loss_at_init is None:
+                member.loss_at_init = val
+                member.ledger.update(loss_at_init=val)
+            member.ledger.log(step, {VAL_LOSS: val})
+        if not self.sweep and self.members[0].active:
+            show_row(progress, {VAL_LOSS: values[0]})
+
+    def _show(self, progress, rows: dict[int, dict[str, float]]) -> None:
+        if progress is None:
+            return
+        if not self.sweep:
+            if rows:
+                show_row(progress, rows[0])
+            progress.n = self.step
+            if rows:
+                progress.refresh()
+            return
+        progress.n = self.step
+        if rows:
+            losses = [r[TRAIN_LOSS] for r in rows.values()]
+            progress.set_postfix(active=f"{len(losses)}/{len(self.members)}", best=f"{min(losses):.3f}", refresh=False)
+            progress.refresh()
 
     def _check_stop(self) -> None:
         """Stop at this step boundary if a signal asked to, on every rank together: a signal
@@ -301,51 +495,118 @@ class Trainer:
             raise Interrupted(signum)
 
     def _start(self) -> None:
-        """Validate, then write: the lock, the checkpoint a resume starts from (read and put
-        back), and only then wandb and the record."""
-        self.ledger.claim()
-        resumed: dict[str, Any] = {}
+        """Validate, then write: every member's lock, the checkpoints a resume starts from (read
+        and put back), and only then wandb and the records."""
+        for member in self.members:  # every directory taken before any is written
+            member.ledger.claim()
+        resumed: dict[int, dict[str, Any]] = {k: {} for k in range(len(self.members))}
+        lines: dict[int, Optional[int]] = {}
         if self.cfg.train.resume:
-            path, state, skipped = self.ledger.read_checkpoint(self.device)
-            lines = self.restore_checkpoint(path, state)
-            self.ledger.open(resume_step=self.step, lines=lines)
-            log.info("resumed from %s at step %d", path, self.step)
-            resumed = {"resumed_from": str(path)}
-            if skipped:
-                resumed["skipped_checkpoints"] = skipped
-        self.ledger.start(overrides=self.info.overrides, n_params=self.model.n_params(),
-                          n_params_non_embedding=self.model.n_params(non_embedding=True), device=self.device,
-                          data=self.source.describe(), lr=self.cfg.optim.lr,
-                          backends=backends(self.cfg, self.device), token_classes=self.token_classes, **resumed)
-        if self.dist.is_main:
-            self.source.save(self.run_dir)  # what decodes the run's checkpoints (a BPE tokenizer)
+            positions = set()
+            for member in self.members:
+                path, state, skipped = member.ledger.read_checkpoint(self.device)
+                lines[member.index] = self.restore_checkpoint(member, path, state)
+                positions.add((state["step"], state["data_position"]))
+                resumed[member.index] = {"resumed_from": str(path), **({"skipped_checkpoints": skipped}
+                                                                      if skipped else {})}
+                rng = state
+            if len(positions) > 1:
+                raise CheckpointError(f"{self.info.run_dir}: the members' newest checkpoints are at different steps "
+                                      f"({', '.join(str(s) for s, _ in sorted(positions))}); resume each on its own")
+            (self.step, self.data_position), = positions
+            torch.set_rng_state(rng["rng_cpu"].cpu())
+            if rng.get("rng_cuda") and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all([s.cpu() for s in rng["rng_cuda"]])
+            for member in self.members:
+                member.ledger.open(resume_step=self.step, lines=lines[member.index])
+                log.info("resumed %s at step %d", resumed[member.index]["resumed_from"], self.step)
+        n_params = self.engine.member_module(0).n_params()  # type: ignore[operator]
+        n_params_non_embedding = self.engine.member_module(0).n_params(non_embedding=True)  # type: ignore[operator]
+        for member in self.members:
+            ensemble = {} if member.spec is None else {"ensemble": {
+                "members": len(self.members), "index": member.index, "label": member.spec.label}}
+            member.ledger.start(overrides=member.overrides, n_params=n_params,
+                                n_params_non_embedding=n_params_non_embedding, device=self.device,
+                                data=self.source.describe(), lr=member.cfg.optim.lr,
+                                backends=backends(member.cfg, self.device), token_classes=self.token_classes,
+                                **ensemble, **resumed[member.index])
+            if self.dist.is_main:
+                self.source.save(member.run_dir)  # what decodes the run's checkpoints (a BPE tokenizer)
 
-    def _finish(self, status: str, diverged_at: Optional[int] = None,
+    def _close_observers(self, member: Member) -> None:
+        for observer in member.observers:
+            observer.close(self._view(member))
+
+    def _finish(self, member: Member, status: str, *, steps: int, diverged_at: Optional[int] = None,
                 final_val: Optional[float] = None, **extra: Any) -> dict[str, Any]:
-        if self.remedy is not None and status != INTERRUPTED:
-            self.remedy.close()  # e.g. disk snapshots: of no use once the run has ended for good
-        return self.ledger.finish(status, steps=self.step, tokens=self.tokens, diverged_at=diverged_at,
-                                  final_val=final_val, **extra)
+        member.active = False
+        if member.remedy is not None and status != INTERRUPTED:
+            member.remedy.close()  # e.g. disk snapshots: of no use once the run has ended for good
+        return member.ledger.finish(status, steps=steps, tokens=member.tokens, diverged_at=diverged_at,
+                                    final_val=final_val, **extra)
+
+    def fail(self, exc: BaseException) -> None:
+        """Record a crash in every member still running, and for a sweep the traceback in the
+        sweep's own directory too, where the CLI's error line points."""
+        import traceback
+
+        text = traceback.format_exc()
+        if self.sweep and self.dist.is_main and not isinstance(exc, (RunDirTaken, RunDirError)):
+            try:  # a refused start writes nowhere it was refused
+                atomic_write_text(self.info.run_dir / ERROR_FILE, text)
+            except OSError as err:
+                log.error("could not write %s: %s", self.info.run_dir / ERROR_FILE, err)
+        for member in self.members:
+            if member.active:
+                member.ledger.fail(exc, self.step, text)
+                member.active = False
+
+    def release(self) -> None:
+        for member in self.members:
+            member.ledger.release()  # also after a KeyboardInterrupt: no lock may outlive the run
 
 
 # --------------------------------------------------------------------------------------------
-# Python API
+# Python API (the Hydra entry, proxy/train/cli.py, routes here)
 # --------------------------------------------------------------------------------------------
-def train(cfg: Config | dict, run_dir: str | Path, run_name: Optional[str] = None,
-          sweep_id: Optional[str] = None, overrides: tuple[str, ...] = ()) -> dict[str, Any]:
-    """Train one run into ``run_dir`` and return its summary. Never raises on divergence."""
+def _train(cfg: Config | dict, run_dir: str | Path, run_name: Optional[str], sweep_id: Optional[str],
+           overrides: Sequence[str]) -> list[dict[str, Any]]:
     cfg = to_config(cfg) if not isinstance(cfg, Config) else cfg
     run_dir = Path(run_dir)
     info = RunInfo(run_dir, run_name or cfg.run_name or run_dir.name, sweep_id, tuple(overrides))
+    if sweep_requested(cfg):
+        info.run_name = run_name or cfg.run_name  # type: ignore[assignment]  # members derive theirs
     trainer = Trainer(cfg, info)
     try:
         return trainer.run()
     except Exception as exc:
-        trainer.ledger.fail(exc, trainer.step)
+        trainer.fail(exc)
         raise
     finally:
-        trainer.ledger.release()  # also after a KeyboardInterrupt: the lock must not outlive the run
+        trainer.release()
         distributed.teardown()
 
 
-__all__ = ["CheckpointError", "RunInfo", "Trainer", "train"]
+def train(cfg: Config | dict, run_dir: str | Path, run_name: Optional[str] = None,
+          sweep_id: Optional[str] = None, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """Train one run into ``run_dir`` and return its summary. Never raises on divergence."""
+    cfg = to_config(cfg) if not isinstance(cfg, Config) else cfg
+    if sweep_requested(cfg):
+        raise ConfigError("train() trains one run: sweep.* asks for a sweep (train_ensemble)")
+    return _train(cfg, run_dir, run_name, sweep_id, overrides)[0]
+
+
+def train_ensemble(cfg: Config | dict, run_dir: str | Path, run_name: Optional[str] = None,
+                   sweep_id: Optional[str] = None, overrides: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """Train every member of ``cfg.sweep`` into ``run_dir/<label>`` and return their summaries.
+
+    As :func:`train`: never raises on divergence (a diverged member is a result); a crash marks
+    every running member failed, writes error.txt, and raises.
+    """
+    cfg = to_config(cfg) if not isinstance(cfg, Config) else cfg
+    if not sweep_requested(cfg):
+        raise ConfigError("train_ensemble needs sweep.lrs, sweep.seeds or sweep.weight_decays")
+    return _train(cfg, run_dir, run_name, sweep_id, overrides)
+
+
+__all__ = ["CheckpointError", "Member", "MemberRun", "RunInfo", "Trainer", "train", "train_ensemble"]
