@@ -560,6 +560,49 @@ def stored_config(tree: Any, where: str | Path) -> Config:
         raise ConfigError(f"{where}: {exc}") from None
 
 
+def type_errors(tree: Any, schema: type = None, key: str = "") -> Optional[str]:  # type: ignore[assignment]
+    """Where a stored config (a run dir's config.yaml, as plain data) holds a value of another
+    type than today's schema declares for its key: ``"train.seed holds a dict, not an int"``, or
+    None. Keys the schema does not know (a run of an older proxy) are not checked."""
+    import types
+    import typing
+
+    schema = schema or Config
+    if not isinstance(tree, dict):
+        return f"{key or 'the config'} holds a {type(tree).__name__}, not a mapping"
+    hints = typing.get_type_hints(schema)
+    for f in dataclasses.fields(schema):
+        if f.name not in tree:
+            continue
+        value, expected, here = tree[f.name], hints[f.name], f"{key}.{f.name}" if key else f.name
+        options = [a for a in typing.get_args(expected) if a is not type(None)] \
+            if typing.get_origin(expected) in (typing.Union, types.UnionType) \
+            else [expected]
+        if value is None and len(options) < len(typing.get_args(expected) or [0, 0]):
+            continue  # Optional[...] holding None
+        kind = typing.get_origin(options[0]) or options[0]
+        if dataclasses.is_dataclass(kind):
+            found = type_errors(value, kind, here)
+            if found:
+                return found
+            continue
+        ok = {
+            bool: lambda v: isinstance(v, bool),
+            int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+            float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+            str: lambda v: isinstance(v, str),
+            list: lambda v: isinstance(v, list),
+            dict: lambda v: isinstance(v, dict),
+        }
+        if isinstance(kind, type) and issubclass(kind, Enum):
+            good = isinstance(value, str) and value in {m.value for m in kind}
+        else:
+            good = any(ok.get(typing.get_origin(o) or o, lambda v: True)(value) for o in options)
+        if not good:
+            return f"{here} holds {type(value).__name__} {str(value)[:40]!r}, not {getattr(kind, '__name__', kind)}"
+    return None
+
+
 def _one_line(exc: Exception) -> str:
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
     head = lines[0] if lines else type(exc).__name__
@@ -591,7 +634,7 @@ def from_dict(data: dict | DictConfig) -> Config:
 __all__ = [
     "Attention",
     "CaptureConfig",
-    "stored_config",
+
     "CaptureTrigger",
     "Config",
     "ConfigError",
@@ -626,6 +669,8 @@ __all__ = [
     "as_dict",
     "from_dict",
     "register_configs",
+    "stored_config",
     "to_config",
+    "type_errors",
     "validate",
 ]

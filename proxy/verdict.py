@@ -34,6 +34,7 @@ from proxy.records import (COMPLETED, STATUS_DIVERGED, Run, atomic_write_text, f
                            terminal_text)
 from proxy.report import Claim, VerdictSummary, collect_report, default_out_dir, write_report
 from proxy.report.document import Block, Items, Paragraph, Table, to_markdown
+from proxy.report.tables import usable
 
 
 @dataclass
@@ -161,7 +162,7 @@ def judge_runs(finding_dir: str | Path, paths: Sequence[str | Path],
     if getattr(module, "REPORT_SPIKES", None) is not None:
         report_options.setdefault("spikes", module.REPORT_SPIKES)
     result = collect_report(list(paths), out, **report_options)
-    runs = [load_run(p) for p in find_runs(paths)]
+    runs = [usable(load_run(p)) for p in find_runs(paths)]  # as the report reads them: unusable is unreadable
     try:
         verdict: Verdict = module.judge(result, runs)
     except BaseException:

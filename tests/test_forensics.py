@@ -143,6 +143,11 @@ def test_load_kit_rejects_what_is_not_a_kit(tmp_path):
     meta = {"format": 1, "config": {}, "step": 5, "trigger": "loss", "value": 9.0, "threshold": 3.0,
             "states": {"before": None, "at": None, "after": None}, "trace": [], "vocab_size": 512}
     (tmp_path / KIT_JSON).write_text(json.dumps(meta))
+    with pytest.raises(KitError, match="states.before must hold an integer step and data_position"):
+        load_kit(tmp_path)
+    state = {"step": 4, "data_position": 4}
+    meta["states"] = {"before": state, "at": {"step": 5, "data_position": 5}, "after": None}
+    (tmp_path / KIT_JSON).write_text(json.dumps(meta))
     (tmp_path / BATCHES_FILE).write_text("not a tensor file")
     with pytest.raises(KitError, match="batches.pt: (unreadable|refused)"):
         load_kit(tmp_path)

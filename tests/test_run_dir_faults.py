@@ -150,7 +150,7 @@ def test_a_planted_pickle_in_a_spike_kit_is_refused_in_one_line(tmp_path, plante
 
     kit = tmp_path / "run" / "spike_kits" / "step_0000040"
     kit.mkdir(parents=True)
-    state = {"step": 39}
+    state = {"step": 39, "data_position": 39}
     meta = {"format": KIT_FORMAT, "config": tiny_cfg(), "step": 40, "trigger": "grad_norm", "value": 9.0,
             "threshold": 3.0, "states": {"before": state, "at": state, "after": None}, "trace": [],
             "vocab_size": 512}

@@ -250,7 +250,7 @@ def test_a_hand_edited_config_is_not_resumed_silently(tmp_path, completed_cli_ru
     lines = error_lines(result)
     assert result.returncode == 2 and len(lines) == 1, result.stderr
     assert "optim.lr (0.003 -> 0.5)" in lines[0] and "step_0000020.pt" in lines[0]
-    assert "config.yaml was edited after that checkpoint" in lines[0]
+    assert "config.yaml was edited after that checkpoint (optim.lr=0.003): put it back" in lines[0]
     assert snapshot_of(run_dir) == before
 
     forced = cli("train.steps=30", "train.resume=true", "train.resume_override=true", f"out_dir={run_dir}",
@@ -327,13 +327,24 @@ def _plant(run: Path, fault: str) -> None:
         data = json.loads(summary.read_text())
         data["lr"] = "inf"
         summary.write_text(json.dumps(data))
+    elif fault == "huge integer":
+        summary.write_text(summary.read_text().replace('"final_val_loss": 2.8', '"final_val_loss": 1' + "0" * 400))
+    elif fault == "huge step":
+        metrics.write_text(metrics.read_text() + '{"step": 1' + "0" * 400 + ', "train/loss": 3.0}\n')
+    elif fault == "deep nesting":
+        metrics.write_text('{"step": 1, "x": ' + "[" * 900 + "]" * 900 + "}\n" + metrics.read_text())
+    elif fault == "seed a mapping":
+        config.write_text(config.read_text().replace('"seed": 0', '"seed": {"a": 1}'))
+    elif fault == "nul padding":
+        with metrics.open("ab") as f:
+            f.truncate(metrics.stat().st_size + (20 << 20))  # 20 MiB of NUL bytes, no newline
     else:
         raise AssertionError(fault)
 
 
 FAULTS = ["row not an object", "row without a step", "row with a text step", "summary a list", "summary null",
           "summary a folder", "summary a link", "summary a fifo", "torn config", "alias bomb", "interpolation",
-          "lr inf"]
+          "lr inf", "huge integer", "huge step", "deep nesting", "seed a mapping", "nul padding"]
 
 
 @pytest.mark.parametrize("fault", FAULTS)
@@ -355,7 +366,10 @@ def test_one_bad_run_is_listed_unreadable_and_the_report_is_written(tmp_path, sw
 
 
 def test_math_text_in_a_run_name_is_drawn_as_text(tmp_path, sweep):
-    make_run(sweep, "2", lr=3e-2, qk_norm="$\\x$", final_loss=2.8)
+    run = make_run(sweep, "2", lr=3e-2, qk_norm="off", final_loss=2.8)
+    summary = json.loads((run / "summary.json").read_text())
+    summary["overrides"].append("experiment=$\\x$")  # matplotlib would parse it as math, and fail
+    (run / "summary.json").write_text(json.dumps(summary))
     result = build_report([sweep], tmp_path / "rep")
     assert {row.status for row in result.runs} == {"completed"}
     assert (tmp_path / "rep" / "figures" / "loss.png").stat().st_size > 0
@@ -608,3 +622,107 @@ def test_an_unreadable_run_is_named_by_load_run(tmp_path):
     loaded = load_run(run)
     assert loaded.status == UNREADABLE and "optim.lr holds an interpolation" in loaded.error
     assert loaded.metrics == [] and loaded.summary == {}
+
+
+# ============================================================================================
+# What the attack review of the first round found (each once more as an attacker would)
+# ============================================================================================
+@pytest.mark.parametrize("how", ["++hydra.run.dir", "hydra.sweep.dir", "multirun.yaml"])
+def test_hydra_folders_of_a_copied_sweep_with_links_are_refused(tmp_path, victim, how):
+    copied = tmp_path / "copied"
+    job = copied / "0_optim.lr=0.001"
+    job.mkdir(parents=True)
+    if how == "multirun.yaml":
+        (copied / "multirun.yaml").symlink_to(victim)
+    else:
+        (job / ".hydra").symlink_to(victim.parent)
+    arg = f"++hydra.run.dir={job}" if how == "++hydra.run.dir" else f"hydra.sweep.dir={copied}"
+    result = cli(*(["-m"] if arg.startswith("hydra.sweep") else []), arg, "train.steps=2", cwd=tmp_path)
+    lines = error_lines(result)
+    assert result.returncode == 2 and len(lines) == 1 and "is a link" in lines[0], result.stderr
+    assert victim.read_text() == "# the user's shell\n" and sorted(p.name for p in victim.parent.iterdir()) == [
+        ".bashrc"]
+
+
+def test_the_verdict_reads_runs_as_the_report_does(tmp_path):
+    from proxy.verdict import judge_runs
+
+    root = tmp_path / "copied-sweep"
+    for i, (lr, qk) in enumerate([(1e-3, "off"), (1e-2, "off"), (1e-3, "layernorm"), (1e-2, "layernorm")]):
+        make_run(root, str(i), lr=lr, qk_norm=qk)
+    bad = make_run(root, "4", lr=3e-2, qk_norm="off")
+    (bad / "config.yaml").write_text((bad / "config.yaml").read_text().replace('"seed": 0', '"seed": {"a": 1}'))
+    inf = make_run(root, "5", lr=3e-2, qk_norm="layernorm")
+    (inf / "config.yaml").write_text((inf / "config.yaml").read_text().replace('"lr": 0.03', '"lr": .inf'))
+    verdict = judge_runs(ROOT / "experiments" / "attention_logit_growth", [root])
+    assert verdict.label  # judged, without the two runs it cannot use
+    md = (root / "report" / "report.md").read_text()
+    assert "train.seed holds dict" in md and "optim.lr (inf) is not a positive finite number" in md
+
+
+def test_a_kit_that_is_not_what_capture_writes_is_one_line_and_the_next_kit_is_inspected(tmp_path, kit_run):
+    run = tmp_path / "copied-run"
+    shutil.copytree(kit_run, run)
+    (kit,) = sorted((run / "spike_kits").iterdir())
+    twin = kit.with_name("step_9999999")
+    shutil.copytree(kit, twin)
+    meta = json.loads((kit / "kit.json").read_text())
+    meta["trace"][0]["step"] = "x"
+    (kit / "kit.json").write_text(json.dumps(meta))
+    batches = torch.load(twin / "batches.pt", weights_only=True)
+    batches["inputs"] = batches["inputs"] + 10_000  # ids outside the vocabulary
+    torch.save(batches, twin / "batches.pt")
+    (run / "spike_kits" / "step_0000001").mkdir()
+    shutil.copytree(kit_run / "spike_kits" / kit.name, run / "spike_kits" / "step_0000001", dirs_exist_ok=True)
+    result = _inspect(str(run))
+    errors = error_lines(result)
+    assert result.returncode == 2 and len(errors) == 2, result.stderr
+    assert "a trace row must be an object with an integer step" in errors[0]
+    assert "token ids outside the kit's vocabulary" in errors[1]
+    assert "step_0000001: report ->" in result.stdout  # the good kit was inspected all the same
+
+
+def test_a_kit_never_reads_the_data_path_it_names(tmp_path, kit_run):
+    run = tmp_path / "copied-run"
+    shutil.copytree(kit_run, run)
+    (kit,) = sorted((run / "spike_kits").iterdir())
+    fifo = tmp_path / "secret.txt"
+    os.mkfifo(fifo)  # reading it would hang: the replay must not open it
+    meta = json.loads((kit / "kit.json").read_text())
+    meta["config"]["data"].update(source="text", path=str(fifo))
+    (kit / "kit.json").write_text(json.dumps(meta))
+    result = subprocess.run([sys.executable, "-m", "proxy.forensics.dissect", str(kit), "--lanczos-iters=0"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "a kit's own paths are not followed" in (kit / "inspect" / "report.md").read_text()
+
+
+def test_a_fifo_in_a_corpus_folder_is_refused_not_waited_on(tmp_path):
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    (folder / "a.txt").write_text("plain words " * 100)
+    os.mkfifo(folder / "b.txt")
+    with pytest.raises(DataError, match=r"b\.txt: not a regular file"):
+        build_source(to_config({"data": {"source": "text", "path": str(folder)}}).data)
+
+
+def test_log_lines_show_escape_sequences_as_text(tmp_path, completed_cli_run):
+    run_dir, _ = completed_cli_run
+    summary = json.loads((run_dir / "summary.json").read_text())
+    summary["run_name"] = "\x1b]2;PWNED\x07\x1b[31mRED"
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+    (run_dir / CHECKPOINTS / ".\x1b[2J.0123456789abcdef.tmp").write_text("stale")
+    result = cli("train.steps=30", "train.resume=true", f"out_dir={run_dir}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "\x1b" not in result.stdout + result.stderr and "\\x1b]2;PWNED" in result.stdout + result.stderr
+    assert "\x1b" not in (run_dir / "train.log").read_text() if (run_dir / "train.log").exists() else True
+
+
+def test_a_resume_keeps_metrics_lines_it_cannot_decode(tmp_path):
+    run_dir = tmp_path / "run"
+    train(tiny_cfg(train=dict(ckpt_every=10, keep_checkpoints=5)), run_dir)
+    metrics = run_dir / "metrics.jsonl"
+    data = metrics.read_bytes()
+    metrics.write_bytes(data.replace(b'"train/loss"', b'"train/\xe9loss"', 1))
+    train(tiny_cfg(train=dict(steps=30, ckpt_every=10, keep_checkpoints=5, resume=True)), run_dir)
+    assert b"\xe9" in metrics.read_bytes()  # nothing already written is lost or rewritten

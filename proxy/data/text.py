@@ -62,6 +62,8 @@ def read_documents(path: Path) -> list[Document]:
     for f in files:
         if path.is_dir() and f.is_symlink():  # rglob does not enter linked folders; linked files neither
             raise DataError(f"{f}: a link in the corpus folder {path}; proxy reads only the folder's own files")
+        if not f.is_file():  # a FIFO or a device would block the read
+            raise DataError(f"{f}: not a regular file")
         data = f.read_bytes()
         if data:
             docs.append(Document(data, f))

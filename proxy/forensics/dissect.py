@@ -649,6 +649,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         "the run's first N held-out batches, the same at every step (default 0: each step's batch)")
     parser.add_argument("--ngram-repeats", type=int, default=None,
                         help="min repeats for a repeated n-gram (default: from the kit's config)")
+    parser.add_argument("--data", default=None, metavar="PATH",
+                        help="the text file or memmap folder a text/memmap run was trained on (a kit's own "
+                             "data.path is never read): needed for the replays on fresh batches")
     args = parser.parse_args(argv)
     try:
         found = [(Path(p), k) for p in args.paths for k in _kits_at(Path(p))]
@@ -663,24 +666,38 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise KitError(f"--edge-batches={args.edge_batches} must be >= 0, and needs --edge")
         if args.device.startswith("cuda") and not torch.cuda.is_available():
             raise KitError(f"--device {args.device}: no CUDA device is available")
-        for named, path in found:
-            # every folder from the one named down to the report must be real: no output through a link
-            out = Path(args.out) if args.out else output_dir(named, *path.relative_to(named).parts, OUT_DIR,
-                                                             what="the inspection")
-            kit = load_kit(path)
-            ngram = ngram_settings(kit)
-            if args.ngram_repeats is not None:
-                ngram["min_repeats"] = args.ngram_repeats
-            insp = inspect_kit(kit, args.device, not args.no_replay, args.lanczos_iters, ngram, edge=args.edge,
-                               edge_batches=args.edge_batches)
-            report = write_report(insp, out)
-            print(terminal_text(f"{path}: report -> {report}"))
-            for line in summary_lines(insp):
-                print(f"  {terminal_text(line)}")
     except (KitError, ConfigError, DataError, OSError, UnsafePathError) as exc:
         print(f"error: {terminal_text(exc)}", file=sys.stderr)
         return 2
-    return 0
+    failed = 0
+    for named, path in found:  # one kit that cannot be inspected does not stop the others
+        try:
+            _inspect_one(args, named, path)
+        except (KitError, ConfigError, DataError, OSError, UnsafePathError) as exc:
+            print(f"error: {terminal_text(exc)}", file=sys.stderr)
+            failed += 1
+        except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as exc:  # a kit proxy did not write
+            print(terminal_text(f"error: {path}: cannot be inspected ({type(exc).__name__}: {exc})"),
+                  file=sys.stderr)
+            failed += 1
+    return 2 if failed else 0
+
+
+def _inspect_one(args: argparse.Namespace, named: Path, path: Path) -> None:
+    # every folder from the one named down to the report must be real: no output through a link
+    out = Path(args.out) if args.out else output_dir(named, *path.relative_to(named).parts, OUT_DIR,
+                                                     what="the inspection")
+    kit = load_kit(path)
+    kit.data_path = args.data
+    ngram = ngram_settings(kit)
+    if args.ngram_repeats is not None:
+        ngram["min_repeats"] = args.ngram_repeats
+    insp = inspect_kit(kit, args.device, not args.no_replay, args.lanczos_iters, ngram, edge=args.edge,
+                       edge_batches=args.edge_batches)
+    report = write_report(insp, out)
+    print(terminal_text(f"{path}: report -> {report}"))
+    for line in summary_lines(insp):
+        print(f"  {terminal_text(line)}")
 
 
 def _kits_at(path: Path) -> list[Path]:

@@ -11,6 +11,7 @@ dissection (proxy-inspect, proxy/forensics/dissect.py) is built on top.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -44,6 +45,9 @@ class Kit:
     meta: dict[str, Any]
     config: Config
     batches: dict[str, Tensor]
+    # the data a text or memmap run was trained on, as the user names it here (proxy-inspect
+    # --data): a kit's own data.path is never read, it may point anywhere on this machine
+    data_path: Optional[str] = None
 
     @property
     def step(self) -> int:
@@ -95,12 +99,67 @@ def load_kit(path: str | Path) -> Kit:
     if missing or not isinstance(meta["states"], dict) or not isinstance(meta["trace"], list):
         what = f"lacks {', '.join(missing)}" if missing else "has malformed states or trace"
         raise KitError(f"{path / KIT_JSON} {what}: not a kit this proxy wrote")
+    _check_meta(meta, path / KIT_JSON)
     if not (path / BATCHES_FILE).is_file():
         raise KitError(f"{path} has no {BATCHES_FILE}")
     batches = _load(path / BATCHES_FILE)
     if not isinstance(batches, dict) or not all(isinstance(batches.get(k), Tensor) for k in BATCH_KEYS):
         raise KitError(f"{path / BATCHES_FILE}: expected tensors {', '.join(BATCH_KEYS)}")
-    return Kit(path=path, meta=meta, config=stored_config(meta["config"], path / KIT_JSON), batches=batches)
+    config = stored_config(meta["config"], path / KIT_JSON)
+    _check_batches(batches, meta, config, path / BATCHES_FILE)
+    return Kit(path=path, meta=meta, config=config, batches=batches)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+
+
+def _check_meta(meta: dict[str, Any], where: Path) -> None:
+    """KitError (one line) unless kit.json's fields have the types capture writes."""
+    def bad(what: str) -> KitError:
+        return KitError(f"{where}: {what}: not a kit this proxy wrote")
+
+    if not _is_int(meta["step"]) or not isinstance(meta["trigger"], str):
+        raise bad("step must be an integer and trigger a string")
+    if not (_is_number(meta["value"]) and _is_number(meta["threshold"])):
+        raise bad("value and threshold must be numbers")
+    if not _is_int(meta["vocab_size"]) or meta["vocab_size"] < 1:
+        raise bad("vocab_size must be a positive integer")
+    for name in ("before", "at", "after"):
+        state = meta["states"].get(name)
+        if state is None and name == "after":
+            continue
+        if not isinstance(state, dict) or not (_is_int(state.get("step")) and _is_int(state.get("data_position"))):
+            raise bad(f"states.{name} must hold an integer step and data_position")
+    for row in meta["trace"]:
+        if not isinstance(row, dict) or not _is_int(row.get("step")) or not all(
+                _is_number(row.get(k)) for k in ("lr", "loss", "grad_norm")):
+            raise bad("a trace row must be an object with an integer step and numbers")
+        if row.get("event") is not None and not isinstance(row["event"], str):
+            raise bad("a trace row's event must be a string")
+
+
+def _check_batches(batches: dict[str, Tensor], meta: dict[str, Any], config: Config, where: Path) -> None:
+    """KitError (one line) unless batches.pt holds what capture writes: integer token ids of the
+    kit's vocabulary, one (rows, seq_len) batch per step, the steps and positions beside them."""
+    inputs, labels, steps, positions = (batches[k] for k in ("inputs", "labels", "steps", "data_positions"))
+    integer = all(t.dtype == torch.long for t in (inputs, labels, steps, positions))
+    if not integer or inputs.ndim != 3 or labels.shape != inputs.shape:
+        raise KitError(f"{where}: inputs and labels must be int64 tensors of one (steps, rows, seq_len) shape")
+    if steps.shape != (inputs.shape[0],) or positions.shape != steps.shape:
+        raise KitError(f"{where}: steps and data_positions must hold one entry per batch")
+    vocab = meta["vocab_size"]
+    if inputs.numel() and (int(inputs.min()) < 0 or int(inputs.max()) >= vocab):
+        raise KitError(f"{where}: token ids outside the kit's vocabulary of {vocab}")
+    real = labels[labels != config.loss.ignore_index]
+    if real.numel() and (int(real.min()) < 0 or int(real.max()) >= vocab):
+        raise KitError(f"{where}: labels outside the kit's vocabulary of {vocab}")
+    if meta["step"] not in steps.tolist():
+        raise KitError(f"{where}: no batch for the kit's step {meta['step']}")
 
 
 KIT_KEYS = ("step", "trigger", "value", "threshold", "states", "trace", "vocab_size", "config")
@@ -228,8 +287,15 @@ def fresh_batches(kit: Kit, steps: Sequence[int], offset: int,
 def kit_source(kit: Kit) -> TokenSource:
     """The run's data source, rebuilt from the kit's config (and the run's tokenizer); KitError,
     one line, when it cannot be opened here."""
+    data = kit.config.data
+    if data.path:  # text or memmap: read only what the user names here, never the kit's own path
+        if not kit.data_path:
+            kind = getattr(data.source, "value", data.source)
+            raise KitError(f"{kit.path}: the run read {kind} data at {data.path!r}; name it here to "
+                           "use it (proxy-inspect --data PATH): a kit's own paths are not followed")
+        data = dataclasses.replace(data, path=str(kit.data_path))
     try:
-        return build_source(kit.config.data, run_dir=kit_run_dir(kit))
+        return build_source(data, run_dir=kit_run_dir(kit))
     except (DataError, OSError) as exc:
         raise KitError(f"{kit.path}: the run's data source cannot be opened here ({exc})") from exc
 

@@ -31,9 +31,11 @@ from pathlib import Path
 from typing import IO, Any, Callable, Iterable, Optional
 
 JSON_MAX_BYTES = 64 << 20  # summary.json, kit.json, verdict.json: a few kB in practice
+JSON_MAX_VALUES = 1_000_000
 YAML_MAX_BYTES = 1 << 20  # config.yaml: a few kB in practice
 YAML_MAX_VALUES = 100_000  # values a YAML file may expand to, aliases counted each time they are used
 MAX_DEPTH = 64  # nesting a stored config or summary may have
+MAX_INT = 1 << 63  # no integer proxy writes is larger (a float cannot hold 10**400)
 INTERPOLATION = "${"
 
 # temporary files of atomic_write: ".<target>.<random>.tmp" (older versions: mkstemp's 8 characters)
@@ -228,11 +230,10 @@ def remove_temporaries(folders: Iterable[Path]) -> list[Path]:
 # --------------------------------------------------------------------------------------------
 # Reading untrusted files
 # --------------------------------------------------------------------------------------------
-def read_untrusted(path: str | Path, limit: int) -> bytes:
-    """The bytes of a regular file, opened without following a link and without blocking (a
-    FIFO planted as summary.json must not hang the report); StoredFileError or UnsafePathError
-    (one line naming the file) for a link, a folder, a device or a file over ``limit`` bytes.
-    FileNotFoundError where there is none."""
+def open_untrusted(path: str | Path) -> IO[bytes]:
+    """A regular file opened for reading without following a link and without blocking (a FIFO
+    planted as summary.json must not hang the report); StoredFileError or UnsafePathError (one
+    line naming the file) for a link, a folder or a device. FileNotFoundError where there is none."""
     path = Path(path)
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -242,11 +243,19 @@ def read_untrusted(path: str | Path, limit: int) -> bytes:
         if exc.errno == errno.ENOENT:
             raise
         raise StoredFileError(f"{path}: cannot be read ({exc.strerror})") from None
-    with os.fdopen(fd, "rb") as f:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            kind = "a folder" if stat.S_ISDIR(mode) else "not a regular file"
-            raise StoredFileError(f"{path} is {kind}")
+    f = os.fdopen(fd, "rb")
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        f.close()
+        kind = "a folder" if stat.S_ISDIR(mode) else "not a regular file"
+        raise StoredFileError(f"{path} is {kind}")
+    return f
+
+
+def read_untrusted(path: str | Path, limit: int) -> bytes:
+    """The bytes of a regular file (:func:`open_untrusted`), at most ``limit`` of them:
+    StoredFileError for a larger one."""
+    with open_untrusted(path) as f:
         data = f.read(limit + 1)
     if len(data) > limit:
         raise StoredFileError(f"{path} is larger than {limit:,} bytes: not a file proxy wrote")
@@ -268,6 +277,13 @@ def read_json(path: str | Path, limit: int = JSON_MAX_BYTES) -> dict:
         raise StoredFileError(f"{path} is not valid JSON ({_first_line(exc)})") from None
     if not isinstance(value, dict):
         raise StoredFileError(f"{path} holds a JSON {type(value).__name__}, not an object")
+    return plain_json(value, str(path))
+
+
+def plain_json(value: Any, where: str) -> Any:
+    """A parsed JSON value checked as :func:`check_plain` checks stored data (depth, size, no
+    integer a float cannot hold; interpolations are text here), 'nan'/'inf' strings back to floats."""
+    check_plain(value, where, interpolations=True, limit=JSON_MAX_VALUES)
     return _restore(value)
 
 
@@ -287,33 +303,39 @@ def _yaml_loader() -> type:
     return Loader
 
 
-def check_plain(value: Any, where: str, *, budget: Optional[list[int]] = None, depth: int = 0,
-                key: str = "") -> None:
-    """StoredFileError unless ``value`` is plain data: at most :data:`YAML_MAX_VALUES` values
-    (an alias counted each time it is used), :data:`MAX_DEPTH` levels, string keys, and no
-    ``${...}`` interpolation anywhere (stored files are data: proxy never resolves one)."""
-    budget = budget if budget is not None else [YAML_MAX_VALUES]
+def check_plain(value: Any, where: str, *, interpolations: bool = False, limit: int = YAML_MAX_VALUES,
+                budget: Optional[list[int]] = None, depth: int = 0, key: str = "") -> None:
+    """StoredFileError unless ``value`` is plain data: at most ``limit`` values (an alias counted
+    each time it is used), :data:`MAX_DEPTH` levels, string keys, integers a float can hold, and
+    no ``${...}`` interpolation anywhere unless ``interpolations`` (stored configs are data: proxy
+    never resolves one; a summary's overrides may quote what the user typed)."""
+    budget = budget if budget is not None else [limit]
     budget[0] -= 1
     if budget[0] < 0:
-        raise StoredFileError(f"{where} expands to more than {YAML_MAX_VALUES:,} values (a YAML alias bomb?)")
+        raise StoredFileError(f"{where} expands to more than {limit:,} values (a YAML alias bomb?)")
     if depth > MAX_DEPTH:
         raise StoredFileError(f"{where} nests deeper than {MAX_DEPTH} levels at {key or 'the top'}")
     name = key or "the top level"
-    if isinstance(value, str):
-        if INTERPOLATION in value:
+    if isinstance(value, int) and not isinstance(value, bool):
+        if abs(value) >= MAX_INT:
+            raise StoredFileError(f"{where}: {name} holds an integer of {len(str(abs(value)))} digits")
+    elif isinstance(value, str):
+        if INTERPOLATION in value and not interpolations:
             raise StoredFileError(f"{where}: {name} holds an interpolation ({value[:80]!r}); stored files are "
                                   "data and proxy never resolves them")
     elif isinstance(value, dict):
         for k, v in value.items():
             if not isinstance(k, str):
                 raise StoredFileError(f"{where}: a key under {name} is a {type(k).__name__}, not a string")
-            if INTERPOLATION in k:
+            if INTERPOLATION in k and not interpolations:
                 raise StoredFileError(f"{where}: the key {k[:80]!r} holds an interpolation")
-            check_plain(v, where, budget=budget, depth=depth + 1, key=f"{key}.{k}" if key else k)
+            check_plain(v, where, interpolations=interpolations, limit=limit, budget=budget, depth=depth + 1,
+                        key=f"{key}.{k}" if key else k)
     elif isinstance(value, list):
         for i, v in enumerate(value):
-            check_plain(v, where, budget=budget, depth=depth + 1, key=f"{key}[{i}]")
-    elif value is not None and not isinstance(value, (bool, int, float)):
+            check_plain(v, where, interpolations=interpolations, limit=limit, budget=budget, depth=depth + 1,
+                        key=f"{key}[{i}]")
+    elif value is not None and not isinstance(value, (bool, float)):
         raise StoredFileError(f"{where}: {name} is a {type(value).__name__}, not plain data")
 
 
@@ -344,10 +366,20 @@ def load_state(path: str | Path, map_location: Any = "cpu") -> Any:
     import torch
 
     path = Path(path)
-    if path.is_symlink():
-        raise StateFileError(f"{path}: refused, a link (proxy reads only the files of the folder itself)", torn=False)
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise StateFileError(f"{path}: refused, a link (proxy reads only the files of the folder itself)",
+                                 torn=False) from None
+        raise StateFileError(f"{path}: unreadable ({exc.strerror})", torn=True) from None
+    try:
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise StateFileError(f"{path}: refused, not a regular file", torn=False)
+            return torch.load(f, map_location=map_location, weights_only=True)
+    except StateFileError:
+        raise
     except pickle.UnpicklingError as exc:  # weights_only refused a global: never retry unsafely
         what = next((ln.strip() for ln in str(exc).splitlines() if "GLOBAL" in ln), "a Python object")
         raise StateFileError(f"{path}: refused, not a plain tensor file ({what.rstrip('.')})", torn=False) from None
@@ -399,9 +431,11 @@ __all__ = [
     "check_plain",
     "confined",
     "load_state",
+    "open_untrusted",
     "output_dir",
     "read_json",
     "read_untrusted",
+    "plain_json",
     "read_yaml",
     "remove_temporaries",
     "save_figure",

@@ -14,12 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
-from proxy.records.files import (StoredFileError, UnsafePathError, _first_line, _restore, read_json,
-                                 read_untrusted, read_yaml)
+from proxy.records.files import (StoredFileError, UnsafePathError, _first_line, open_untrusted, plain_json,
+                                 read_json, read_yaml)
 from proxy.records.keys import (CHECKPOINTS, CONFIG, EVENT, KITS_DIR, METRICS, ROLLBACK, ROLLBACK_DIR, STATE_NAME,
                                 STATUSES, STEP, SUMMARY, TENSORBOARD_DIR, UNKNOWN, UNREADABLE, WANDB_DIR)
 
-METRICS_MAX_BYTES = 1 << 30  # metrics.jsonl of a million logged steps is ~1 GB
+LINE_MAX_BYTES = 16 << 20  # one metrics row: a few kB (a 100-layer model's per-parameter statistics: ~1 MB)
+MAX_STEP = 10**12  # more optimizer steps than any run takes
 HYDRA_DIR = ".hydra"
 TEXT_FIELDS = ("run_name", "sweep_id", "error", "experiment", "status")  # summary fields that must be strings
 
@@ -187,31 +188,39 @@ def _config(path: Path) -> dict[str, Any]:
 
 
 def _metric_rows(path: Path) -> list[dict[str, Any]]:
+    """metrics.jsonl read line by line (memory: the rows, not the file), each line checked."""
     mpath = path / METRICS
     if not mpath.exists() and not mpath.is_symlink():
         return []
-    text = read_untrusted(mpath, METRICS_MAX_BYTES).decode("utf-8", errors="replace")
-    lines = text.split("\n")
-    last = max((i for i, ln in enumerate(lines) if ln.strip()), default=-1)
     rows = []
-    for number, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except (ValueError, RecursionError):
-            if number == last:  # a run killed mid-write leaves a torn last line
+    pending: Optional[tuple[int, str]] = None  # a line that did not parse: fine only if it is the last
+    with open_untrusted(mpath) as f:
+        for number, raw in enumerate(iter(lambda: f.readline(LINE_MAX_BYTES + 1), b""), start=1):
+            if len(raw) > LINE_MAX_BYTES:
+                raise StoredFileError(f"{mpath}: line {number} is longer than {LINE_MAX_BYTES:,} bytes")
+            line = raw.decode("utf-8", errors="replace").strip()
+            if not line:
                 continue
-            raise StoredFileError(f"{mpath}: line {number + 1} is not valid JSON") from None
-        if not isinstance(row, dict):
-            raise StoredFileError(f"{mpath}: line {number + 1} is a JSON {type(row).__name__}, not an object")
-        step = row.get(STEP)
-        if not isinstance(step, int) or isinstance(step, bool):
-            raise StoredFileError(f"{mpath}: line {number + 1} has no integer step")
-        if EVENT in row and not isinstance(row[EVENT], str):
-            raise StoredFileError(f"{mpath}: line {number + 1} has an event that is not a string")
-        rows.append(_restore(row))
+            if pending is not None:
+                raise StoredFileError(f"{mpath}: line {pending[0]} is not valid JSON")
+            try:
+                row = json.loads(line)
+            except (ValueError, RecursionError):
+                pending = (number, line)  # a run killed mid-write leaves a torn last line
+                continue
+            rows.append(_row(row, f"{mpath}: line {number}"))
     return rows
+
+
+def _row(row: Any, where: str) -> dict[str, Any]:
+    if not isinstance(row, dict):
+        raise StoredFileError(f"{where} is a JSON {type(row).__name__}, not an object")
+    step = row.get(STEP)
+    if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step < MAX_STEP:
+        raise StoredFileError(f"{where} has no integer step (0 <= step < {MAX_STEP:.0e})")
+    if EVENT in row and not isinstance(row[EVENT], str):
+        raise StoredFileError(f"{where} has an event that is not a string")
+    return plain_json(row, where)
 
 
 def load_run(path: str | Path) -> Run:
@@ -224,7 +233,7 @@ def load_run(path: str | Path) -> Run:
         summary = _summary(path)
         config = _config(path)
         rows = _metric_rows(path)
-    except (StoredFileError, UnsafePathError, OSError) as exc:
+    except (StoredFileError, UnsafePathError, OSError, RecursionError) as exc:
         return Run(path=path, summary={}, config={}, error=_first_line(exc))
     metrics, events, abandoned = split_branches(rows)
     return Run(path=path, summary=summary, config=config, metrics=metrics, events=events, abandoned=abandoned)
@@ -257,5 +266,5 @@ def latest_checkpoint(run_dir: str | Path) -> Optional[Path]:
     return ckpts[-1] if ckpts else None
 
 
-__all__ = ["METRICS_MAX_BYTES", "Branch", "Run", "checkpoints", "find_runs", "is_run_dir",
+__all__ = ["LINE_MAX_BYTES", "MAX_STEP", "Branch", "Run", "checkpoints", "find_runs", "is_run_dir",
            "latest_checkpoint", "load_run", "split_branches", "state_files", "state_step"]

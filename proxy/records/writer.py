@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from proxy.records.files import UnsafePathError, _clean, atomic_write_text, read_json, write_json
+from proxy.records.files import UnsafePathError, _clean, atomic_write_bytes, open_untrusted, read_json, write_json
 from proxy.records.keys import (CHECKPOINTS, CONFIG, ERROR_FILE, EVENT, KITS_DIR, LOCK_FILE, METRICS, ROLLBACK_DIR,
                                 START_ERROR_FILE, STEP, SUMMARY, TENSORBOARD_DIR, TOKENIZER_FILE, WANDB_DIR)
 from proxy.records.reader import checkpoints, is_run_dir
@@ -184,12 +184,12 @@ class RunRecord:
         """
         self.close()
         path = self.dir / METRICS
-        rows = [ln for ln in path.read_text().splitlines() if ln.strip()]
+        rows = _lines(path)
         if lines is not None:
             kept = rows[:lines]
         else:
             kept = [ln for ln in rows if _step_of(ln) <= step]
-        atomic_write_text(path, "".join(ln + "\n" for ln in kept))
+        atomic_write_bytes(path, b"".join(ln + b"\n" for ln in kept))
         self.lines = len(kept)
         self._fd = _open_append(path, truncate=False)
 
@@ -199,17 +199,22 @@ class RunRecord:
             self._fd = None
 
 
+def _lines(path: Path) -> list[bytes]:
+    """The non-empty lines of metrics.jsonl, as bytes (whatever a copied file holds)."""
+    with open_untrusted(path) as f:
+        return [ln.rstrip(b"\r") for ln in f.read().split(b"\n") if ln.strip()]
+
+
 def _count_lines(path: Path) -> int:
-    if not path.exists():
-        return 0
-    return sum(1 for ln in path.read_text().splitlines() if ln.strip())
+    return len(_lines(path)) if path.exists() else 0
 
 
-def _step_of(line: str) -> float:
+def _step_of(line: bytes) -> float:
     try:
-        return json.loads(line).get(STEP, 0)
-    except (json.JSONDecodeError, AttributeError):  # a torn last line: after any checkpoint
+        step = json.loads(line).get(STEP, 0)
+    except (ValueError, AttributeError, RecursionError):  # a torn last line: after any checkpoint
         return math.inf
+    return step if isinstance(step, (int, float)) and not isinstance(step, bool) else math.inf
 
 
 def _to_py(value: Any) -> Any:

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
+from proxy.records import terminal_text
+
 
 @dataclass(frozen=True)
 class Heading:
@@ -104,7 +106,7 @@ def md_text(text: Any) -> str:
     """Text as Markdown shows it literally: no raw HTML (``<`` escaped), no link or remote image
     (the ``]`` of ``](`` escaped), no heading or quote at its start, on one line. Backticks,
     emphasis, brackets and ``&`` are left alone: they change how text looks, not what the page does."""
-    out = _LINK.sub(r"\\]", str(text).translate(_MARKDOWN))
+    out = terminal_text(_LINK.sub(r"\\]", str(text).translate(_MARKDOWN)))  # control characters as text
     return "\\" + out if out.startswith(("#", ">")) else out
 
 

@@ -16,6 +16,7 @@ import math
 import re
 import statistics
 import textwrap
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence
@@ -480,7 +481,8 @@ def draw_figures(tables: Tables, marks: SpikeMarks, folder: Path) -> tuple[dict[
     """Draw every figure the runs have data for into ``folder`` (PNG at :data:`FIGURE_DPI`), spikes
     circled as ``marks`` says; returns {name: path} in :data:`CAPTIONS` order and notes on the
     figures that could not be drawn. Every label is drawn as literal text."""
-    with matplotlib.rc_context(LITERAL_TEXT):
+    with matplotlib.rc_context(LITERAL_TEXT), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Glyph .* missing from")  # it would quote the glyph raw
         return _draw_figures(tables, marks, folder)
 
 

@@ -17,9 +17,9 @@ from typing import Any, Optional, Sequence
 
 from proxy import analysis
 from proxy.analysis import SpikeOptions
+from proxy.config import type_errors
 from proxy.records import (ATTN_MAX_LOGIT, ATTN_MAX_LOGIT_LAYER, COMPLETED, EVENT, FAILED, GRAD_NORM,
-                           OUTPUT_LOGIT_MEAN, STATUS_DIVERGED, STEP, TRAIN_LOSS, UNREADABLE, VAL_LOSS, Run,
-                           atomic_write_text)
+                           OUTPUT_LOGIT_MEAN, STATUS_DIVERGED, STEP, TRAIN_LOSS, VAL_LOSS, Run, atomic_write_text)
 from proxy.report.document import csv_cell
 
 FINISHED = (COMPLETED, STATUS_DIVERGED, FAILED)  # runs that are points of an LR curve
@@ -106,7 +106,7 @@ def _number(value: Any) -> Optional[float]:
         return None
     try:
         return float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return None
 
 
@@ -140,22 +140,24 @@ def _loss_at_init(run: Run) -> Optional[float]:
     return None
 
 
-def _unreadable(run: Run, reason: str) -> Run:
-    """The run as the report lists one it cannot use: its path and why, nothing else."""
-    return Run(path=run.path, summary={}, config={}, error=reason)
+def usable(run: Run) -> Run:
+    """The run as the tables and the verdicts use it: one whose config holds a value of the
+    wrong type for its key, or whose LR (in its summary or its config) is not a positive finite
+    number, is listed unreadable (its path and why, nothing else); proxy writes neither."""
+    if run.error is not None:
+        return run
+    reason = type_errors(run.config)
+    for where, value in (("its summary's lr", run.summary.get("lr")), ("optim.lr", run.config_value("optim.lr"))):
+        number = _number(value)
+        if reason is None and value is not None and (number is None or not (math.isfinite(number) and number > 0)):
+            reason = f"{where} ({str(value)[:40]}) is not a positive finite number"
+    if reason is None:
+        return run
+    return Run(path=run.path, summary={}, config={}, error=f"{run.path}: {reason}")
 
 
 def run_row(run: Run, spikes: SpikeOptions) -> tuple[RunRow, tuple[str, ...]]:
-    """The run's row and its variant. A run whose LR is not a positive finite number (a
-    copied or edited record: proxy refuses such a config) is listed unreadable."""
-    row, variant = _run_row(run, spikes)
-    if row.lr is not None and not (math.isfinite(row.lr) and row.lr > 0):
-        row, variant = _run_row(_unreadable(run, f"{run.path}: its LR ({row.lr}) is not a positive finite number"),
-                                spikes)
-    return row, variant
-
-
-def _run_row(run: Run, spikes: SpikeOptions) -> tuple[RunRow, tuple[str, ...]]:
+    """The run's row and its variant (the run as :func:`usable` gives it)."""
     s = run.summary
     overrides = run.overrides
     variant = analysis.variant_of(overrides)
@@ -340,12 +342,7 @@ def run_labels(rows: Sequence[RunRow], variants: Sequence[tuple[str, ...]],
 def tabulate(runs: Sequence[Run], spikes: SpikeOptions,
              lr_range: Optional[tuple[float, float]] = None) -> Tables:
     """Reduce loaded runs to the report's tables."""
-    pairs = []
-    for run in runs:
-        row, variant = run_row(run, spikes)
-        if row.status == UNREADABLE and run.error is None:  # refused by run_row: nothing of it is drawn
-            run = _unreadable(run, str(row.error))
-        pairs.append((row, variant, run))
+    pairs = [(*run_row(run, spikes), run) for run in map(usable, runs)]
     labels, shared = analysis.variant_labels([variant for _, variant, _ in pairs])
     for row, variant, _ in pairs:
         row.variant = labels[variant]

@@ -34,9 +34,8 @@ from hydra.types import RunMode
 from proxy.analysis import run_name_from
 from proxy.config import CONF_DIR, Config, ConfigError, register_configs, to_config
 from proxy.data import DataError
-
 from proxy.records import (ERROR_FILE, INTERRUPTED, START_ERROR_FILE, RunDirError, StateFileError, StoredFileError,
-                           UnsafePathError, terminal_text)
+                           UnsafePathError, terminal_block, terminal_text)
 from proxy.train.ensemble import sweep_requested
 from proxy.train.estimate import announce
 from proxy.train.ledger import RunDirTaken
@@ -45,7 +44,6 @@ from proxy.train.trainer import train, train_ensemble
 
 INPUT_ERRORS = (ConfigError, DataError, StateFileError, StoredFileError, UnsafePathError)  # one line, exit 2
 TAKEN = (RunDirError, RunDirTaken)  # this job's directory: one line, a multirun goes on
-
 
 
 class _StderrGate:
@@ -103,21 +101,51 @@ _gate: Optional[_StderrGate] = None
 
 
 HYDRA_WRITES = ("train.log", ".hydra", ".hydra/config.yaml", ".hydra/hydra.yaml", ".hydra/overrides.yaml")
+HYDRA_DIR_KEY = re.compile(r"\+{0,2}hydra\.(run|sweep)\.dir=(.*)")
 
 
 def _linked_hydra_files(argv: list[str]) -> Optional[str]:
-    """Hydra writes its job log and .hydra/ into hydra.run.dir by opening them in place: where
-    a copied run dir is named as hydra.run.dir, none of them may be a link (they would be
-    written through). The line that refuses such a start, or None."""
-    given = [a.split("=", 1)[1] for a in argv if a.startswith("hydra.run.dir=")]
-    if not given:
-        return None
-    folder = Path(given[-1].strip("'\"")).expanduser()
-    links = [name for name in HYDRA_WRITES if (folder / name).is_symlink()]
+    """Hydra writes its job log and .hydra/ into the run dir, and multirun.yaml and each job's
+    folder into the sweep dir, by opening them in place: where a copied folder is named as
+    ``hydra.run.dir`` or ``hydra.sweep.dir`` (``+``/``++`` forms too), none of them may be a link
+    (they would be written through). The line that refuses such a start, or None."""
+    named: dict[str, str] = {}
+    for arg in argv:
+        match = HYDRA_DIR_KEY.fullmatch(arg)
+        if match:
+            named[match.group(1)] = match.group(2).strip("'\"")
+    links: list[Path] = []
+    if "run" in named:
+        folder = Path(named["run"]).expanduser()
+        links += [folder / name for name in HYDRA_WRITES if (folder / name).is_symlink()]
+    if "sweep" in named:
+        folder = Path(named["sweep"]).expanduser()
+        if (folder / "multirun.yaml").is_symlink():
+            links.append(folder / "multirun.yaml")
+        jobs = sorted(folder.iterdir()) if folder.is_dir() and not folder.is_symlink() else []
+        for job in jobs:
+            if job.is_symlink():
+                links.append(job)
+            elif job.is_dir():
+                links += [job / name for name in HYDRA_WRITES if (job / name).is_symlink()]
+    links = list(dict.fromkeys(links))
     if links:
-        return (f"{folder}: {', '.join(links)} {'is a link' if len(links) == 1 else 'are links'}; Hydra would "
-                "write its log and config through it: remove the link, or give hydra.run.dir another folder")
+        shown = ", ".join(str(p) for p in links[:3]) + (f" and {len(links) - 3} more" if len(links) > 3 else "")
+        return (f"{shown} {'is a link' if len(links) == 1 else 'are links'}; Hydra would write its log and "
+                "config through it: remove the link, or give Hydra another folder")
     return None
+
+
+class _TerminalSafe(logging.Filter):
+    """Log lines can carry a run name or a path read from a copied run dir: their control
+    characters (terminal escape sequences) are shown as text, never obeyed."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        safe = terminal_block(message)
+        if safe != message:
+            record.msg, record.args = safe, ()
+        return True
 
 
 def _refuse_linked_log() -> None:
@@ -134,6 +162,8 @@ def _hydra_task(dcfg) -> Optional[float]:
     if _gate is not None:
         _gate.release()
     _refuse_linked_log()
+    for handler in logging.getLogger().handlers:  # the console and train.log, as Hydra set them up
+        handler.addFilter(_TerminalSafe())
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
     overrides = tuple(hc.overrides.task)

@@ -155,24 +155,28 @@ def check_resume(run_dir: Path, cfg: Config, trained: Optional[dict] = None, sou
     refused = {k: v for k, v in changes.items() if k not in allowed}
     if refused and not override:
         where = f"the run's stored {CONFIG}" if source == CONFIG else f"the config {source} was trained with"
-        raise ResumeRefused(
-            f"resume refused: this config differs from {where} in {describe(refused)}"
-            f"{_edited_hint(run_dir, trained, refused) if source != CONFIG else ''}; "
-            f"give train.resume=true out_dir=... alone to continue the stored run, or add "
-            f"{OVERRIDE_KEY}=true to change them anyway (recorded in the summary)")
+        edited = _edited(run_dir, trained, refused) if source != CONFIG else []
+        if edited:  # retyping nothing would continue from the edited file: say what to put back
+            advice = (f"{CONFIG} was edited after that checkpoint ({', '.join(edited)}): put it back as the "
+                      f"checkpoint has it, or add {OVERRIDE_KEY}=true to train on with the edited values "
+                      "(recorded in the summary)")
+        else:
+            advice = (f"give train.resume=true out_dir=... alone to continue the stored run, or add "
+                      f"{OVERRIDE_KEY}=true to change them anyway (recorded in the summary)")
+        raise ResumeRefused(f"resume refused: this config differs from {where} in {describe(refused)}; {advice}")
     _warn_if_schedule_stretches(cfg, allowed)
     return ResumeCheck(resumed_with=allowed, forced=refused)
 
 
-def _edited_hint(run_dir: Path, trained: dict, refused: Changes) -> str:
-    """Where the run's config.yaml itself says otherwise than its checkpoint: it was edited."""
+def _edited(run_dir: Path, trained: dict, refused: Changes) -> list[str]:
+    """The refused keys where the run's config.yaml itself says otherwise than its checkpoint:
+    the file was edited (``key=checkpoint's value``)."""
     try:
         stored = flatten(load_stored_config(run_dir))
     except ConfigError:
-        return f" (its {CONFIG} does not load)"
+        return []
     flat = flatten(trained)
-    edited = [k for k in refused if k in stored and stored.get(k) != flat.get(k)]
-    return f" ({CONFIG} was edited after that checkpoint: {', '.join(edited)})" if edited else ""
+    return [f"{k}={flat.get(k)!r}" for k in refused if k in stored and stored.get(k) != flat.get(k)]
 
 
 def _warn_if_schedule_stretches(cfg: Config, allowed: Changes) -> None:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from proxy.records import RUNNING, SUMMARY, UNKNOWN, read_json
+from proxy.records import RUNNING, STATUSES, SUMMARY, UNKNOWN, read_json
 
 MULTIRUN_FILE = "multirun.yaml"
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
@@ -87,9 +87,10 @@ def _job_statuses(job_dir: Path) -> list[str]:
     statuses = []
     for path in summaries:
         try:
-            statuses.append(str(read_json(path).get("status", UNKNOWN)))
+            status = read_json(path).get("status", UNKNOWN)
         except (OSError, ValueError):  # being rewritten, or torn: not done yet
-            statuses.append(RUNNING)
+            status = RUNNING
+        statuses.append(status if status in (*STATUSES, UNKNOWN) else UNKNOWN)  # a foreign file: no text of it
     return statuses
 
 
@@ -106,7 +107,8 @@ def sweep_progress(sweep_dir: Path, now: Optional[float] = None) -> Optional[Swe
             done += 1
             statuses.update(job_statuses)
     elapsed = (now if now is not None else time.time()) - marker.stat().st_mtime
-    return SweepProgress(done, planned_jobs(sweep_dir), statuses, elapsed)
+    planned = planned_jobs(sweep_dir)
+    return SweepProgress(min(done, planned) if planned else done, planned, statuses, elapsed)
 
 
 _last_done: dict[Path, int] = {}  # per sweep, what this process last reported
