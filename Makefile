@@ -14,7 +14,7 @@ TRITON_VERSION  ?= 3.7.1
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 PIP             := $(PY) -m pip install -q --disable-pip-version-check
 
-.PHONY: install torch demo test test-fast bench clean
+.PHONY: install torch demo lint test test-fast bench clean
 
 install: $(STAMP)
 
@@ -46,6 +46,12 @@ torch:
 
 demo: $(STAMP)
 	$(VENV)/bin/proxy-demo
+
+# what CI runs first (.ci/run): ruff (lint, import order, format at 120 columns) and mypy on proxy/
+lint: $(STAMP)
+	$(VENV)/bin/ruff check proxy benchmarks experiments tests
+	$(VENV)/bin/ruff format --check proxy benchmarks experiments tests
+	$(VENV)/bin/mypy
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 tests

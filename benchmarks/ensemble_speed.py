@@ -33,8 +33,8 @@ from omegaconf import OmegaConf
 from proxy.config import Config, as_dict
 from proxy.records import ENSEMBLE_TOKENS_PER_S, TOKENS_PER_S, TRAIN_LOSS, atomic_write_text, load_run
 from proxy.train import train
-from proxy.train.trainer import train_ensemble
 from proxy.train.runtime import resolve_device
+from proxy.train.trainer import train_ensemble
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -50,9 +50,17 @@ def base_config(size: str, args: argparse.Namespace, compile_: Optional[bool] = 
     since 8 sequential compilations would be most of what it times."""
     cfg = as_dict(Config())
     cfg["model"].update(preset(size))
-    cfg["train"].update(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, device=args.device,
-                        log_every=args.steps, eval_every=args.steps, eval_batches=1, progress=False,
-                        save_final=False)
+    cfg["train"].update(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        device=args.device,
+        log_every=args.steps,
+        eval_every=args.steps,
+        eval_batches=1,
+        progress=False,
+        save_final=False,
+    )
     if compile_ is not None:
         cfg["train"]["compile"] = str(compile_).lower()
     cfg["schedule"]["warmup_steps"] = args.steps // 2
@@ -112,8 +120,9 @@ def time_vectorized(cfg: dict, lrs: list[float], out: Path, device: torch.device
     return timer, final_losses(out, lrs)
 
 
-def measure(size: str, args: argparse.Namespace, device: torch.device,
-            compile_: Optional[bool] = None) -> dict[str, Any]:
+def measure(
+    size: str, args: argparse.Namespace, device: torch.device, compile_: Optional[bool] = None
+) -> dict[str, Any]:
     cfg = base_config(size, args, compile_)
     lrs = lr_grid(args.members)
     best = {"sequential": float("inf"), "vectorized": float("inf")}
@@ -241,8 +250,11 @@ def main() -> None:
     for size in args.sizes:
         row = measure(size, args, device)
         report["rows"].append(row)
-        print(f"{size}: sequential {row['sequential_s']:.1f}s, vectorized {row['vectorized_s']:.1f}s, "
-              f"speedup {row['speedup']:.2f}x", flush=True)
+        print(
+            f"{size}: sequential {row['sequential_s']:.1f}s, vectorized {row['vectorized_s']:.1f}s, "
+            f"speedup {row['speedup']:.2f}x",
+            flush=True,
+        )
     report["load_after"] = load_average()
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"ensemble-{device.type}-{report['date']}{'-' + args.tag if args.tag else ''}"

@@ -182,8 +182,13 @@ class Recorder:
             yield
             raised = False
         finally:
-            self.data["phases"].append({"phase": name, "seconds": round(time.perf_counter() - start, 1),
-                                        **({"raised": True} if raised else {})})
+            self.data["phases"].append(
+                {
+                    "phase": name,
+                    "seconds": round(time.perf_counter() - start, 1),
+                    **({"raised": True} if raised else {}),
+                }
+            )
             self.data.pop("running", None)
             self.save()
 
@@ -251,8 +256,15 @@ def run_capped(cmd: list[str], env: dict[str, str], timeout: float, own_group: b
     too) or the parent leaves (main's signal handlers and finally). own_group=False is a part
     starting pytest, proxy-train or proxy-verdict: the command stays in the part's group, so the
     part's cap reaches it, and its own timeout kills it and its descendants."""
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            **(_new_group() if own_group else {}))
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **(_new_group() if own_group else {}),
+    )
     if own_group:
         _LIVE_GROUPS.add(proc.pid)
     try:
@@ -288,11 +300,12 @@ TOLERANCE = {torch.bfloat16: 2e-2, torch.float16: 4e-3}  # relative L2 error of 
 # fp16 training backpropagates a scaled loss (GradScaler starts at 2^16): at unit scale a mean over
 # 8192 rows puts fp16 gradients below its normal range (6e-5), so the check scales as training does
 # (the first H200 run, 2026-12-04, checked at unit scale).
-LOSS_SCALE = {torch.bfloat16: 1.0, torch.float16: 2.0 ** 16}
+LOSS_SCALE = {torch.bfloat16: 1.0, torch.float16: 2.0**16}
 
 
-def _randn(s: Setting, gen: torch.Generator, *shape: int, dtype: torch.dtype, scale: float = 1.0,
-           grad: bool = False) -> torch.Tensor:
+def _randn(
+    s: Setting, gen: torch.Generator, *shape: int, dtype: torch.dtype, scale: float = 1.0, grad: bool = False
+) -> torch.Tensor:
     """Drawn on the device (~2.7e9 normals in all: a CPU would spend tens of seconds of the cap)."""
     t = torch.randn(shape, generator=gen, device=s.device).mul_(scale).to(dtype)
     return t.requires_grad_() if grad else t
@@ -310,12 +323,17 @@ def part_correctness(s: Setting, rec: Recorder) -> None:
     with rec.phase("kernel test suite"):
         suite = _kernel_test_suite(s)
     rec.set(kernel_tests=suite)
-    rec.check("tests/ kernel suite on the device", suite["summary"], "all pass",
-              None if suite.get("returncode") is None else suite["returncode"] == 0)
+    rec.check(
+        "tests/ kernel suite on the device",
+        suite["summary"],
+        "all pass",
+        None if suite.get("returncode") is None else suite["returncode"] == 0,
+    )
 
 
-def _check_attention(s: Setting, rec: Recorder, gen: torch.Generator, dtype: torch.dtype, seq: int,
-                     head_dim: int) -> None:
+def _check_attention(
+    s: Setting, rec: Recorder, gen: torch.Generator, dtype: torch.dtype, seq: int, head_dim: int
+) -> None:
     from proxy.kernels import reference
     from proxy.kernels.flash_attention import flash_attention
 
@@ -332,10 +350,18 @@ def _check_attention(s: Setting, rec: Recorder, gen: torch.Generator, dtype: tor
     rec.row("errors", {"op": "attention", "dtype": _name(dtype), "seq": seq, "head_dim": head_dim, **errors})
     worst_grad = max(errors["dq"], errors["dk"], errors["dv"])
     label = f"attention {_name(dtype)} T={seq} D={head_dim}"
-    rec.check(f"{label}: out / grads rel err", f"{errors['out']:.2e} / {worst_grad:.2e}",
-              f"<= {tol:g} / {2 * tol:g}", errors["out"] <= tol and worst_grad <= 2 * tol)
-    rec.check(f"{label}: max logit rel err", f"{errors['max_logit']:.2e}",
-              "<= 1e-3 (the statistic of the same inputs)", errors["max_logit"] <= 1e-3)
+    rec.check(
+        f"{label}: out / grads rel err",
+        f"{errors['out']:.2e} / {worst_grad:.2e}",
+        f"<= {tol:g} / {2 * tol:g}",
+        errors["out"] <= tol and worst_grad <= 2 * tol,
+    )
+    rec.check(
+        f"{label}: max logit rel err",
+        f"{errors['max_logit']:.2e}",
+        "<= 1e-3 (the statistic of the same inputs)",
+        errors["max_logit"] <= 1e-3,
+    )
 
 
 def _check_cross_entropy(s: Setting, rec: Recorder, gen: torch.Generator, dtype: torch.dtype, vocab: int) -> None:
@@ -352,13 +378,20 @@ def _check_cross_entropy(s: Setting, rec: Recorder, gen: torch.Generator, dtype:
     ref_logits = logits.detach().float().requires_grad_()
     ce_ref, z_ref, stats_ref = reference.cross_entropy(ref_logits, labels, z_loss=1e-4)
     (ce_ref + z_ref).backward()
-    errors = {"ce": rel_error(ce, ce_ref), "z": rel_error(z_term, z_ref),
-              "grad": rel_error(logits.grad.double() / loss_scale, ref_logits.grad)}
+    errors = {
+        "ce": rel_error(ce, ce_ref),
+        "z": rel_error(z_term, z_ref),
+        "grad": rel_error(logits.grad.double() / loss_scale, ref_logits.grad),
+    }
     errors.update({k: rel_error(stats[k], stats_ref[k]) for k in stats})
     rec.row("errors", {"op": "cross_entropy", "dtype": name, "vocab": vocab, **errors})
     worst = max(errors["ce"], errors["z"], errors["lse_mean"])
-    rec.check(f"fused CE {name} V={vocab}: loss, z, lse / grad rel err", f"{worst:.2e} / {errors['grad']:.2e}",
-              f"<= 1e-5 / <= 1e-2 (fp32 math on the same logits{scaled})", worst <= 1e-5 and errors["grad"] <= 1e-2)
+    rec.check(
+        f"fused CE {name} V={vocab}: loss, z, lse / grad rel err",
+        f"{worst:.2e} / {errors['grad']:.2e}",
+        f"<= 1e-5 / <= 1e-2 (fp32 math on the same logits{scaled})",
+        worst <= 1e-5 and errors["grad"] <= 1e-2,
+    )
     del logits, ref_logits
 
     hidden = _randn(s, gen, s.rows, s.hidden, dtype=dtype, grad=True)
@@ -368,12 +401,19 @@ def _check_cross_entropy(s: Setting, rec: Recorder, gen: torch.Generator, dtype:
     ref_h, ref_w = (t.detach().float().requires_grad_() for t in (hidden, weight))
     ce_ref, z_ref, _ = reference.linear_cross_entropy(ref_h, ref_w, labels, z_loss=1e-4)
     (ce_ref + z_ref).backward()
-    errors = {"ce": rel_error(ce, ce_ref), "grad_hidden": rel_error(hidden.grad.double() / loss_scale, ref_h.grad),
-              "grad_weight": rel_error(weight.grad.double() / loss_scale, ref_w.grad)}
+    errors = {
+        "ce": rel_error(ce, ce_ref),
+        "grad_hidden": rel_error(hidden.grad.double() / loss_scale, ref_h.grad),
+        "grad_weight": rel_error(weight.grad.double() / loss_scale, ref_w.grad),
+    }
     rec.row("errors", {"op": "linear_cross_entropy", "dtype": name, "vocab": vocab, **errors})
     worst_grad = max(errors["grad_hidden"], errors["grad_weight"])
-    rec.check(f"fused linear CE {name} V={vocab}: loss / grads rel err", f"{errors['ce']:.2e} / {worst_grad:.2e}",
-              f"<= {tol:g} / {2 * tol:g} (the logits in {name}{scaled})", errors["ce"] <= tol and worst_grad <= 2 * tol)
+    rec.check(
+        f"fused linear CE {name} V={vocab}: loss / grads rel err",
+        f"{errors['ce']:.2e} / {worst_grad:.2e}",
+        f"<= {tol:g} / {2 * tol:g} (the logits in {name}{scaled})",
+        errors["ce"] <= tol and worst_grad <= 2 * tol,
+    )
     del hidden, weight, ref_h, ref_w
     if s.device.type == "cuda":
         torch.cuda.empty_cache()
@@ -386,15 +426,27 @@ def _kernel_test_suite(s: Setting) -> dict[str, Any]:
     if timeout < 10:
         return {"summary": f"skipped: {s.time_left():.0f} s left of the part's cap", "returncode": None}
     env = {**os.environ, "PROXY_KERNEL_DEVICE": "cuda", "TRITON_INTERPRET": "0", "PROXY_TRITON_TUNING": "quick"}
-    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "tests/test_kernels_attention.py",
-           "tests/test_kernels_cross_entropy.py"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-x",
+        "-p",
+        "no:cacheprovider",
+        "tests/test_kernels_attention.py",
+        "tests/test_kernels_cross_entropy.py",
+    ]
     try:
         out, err, code = run_capped(cmd, env, timeout=timeout)
     except subprocess.TimeoutExpired as exc:
         return {"summary": f"timeout after {exc.timeout:.0f} s (the rest of the part's cap)", "returncode": -1}
     lines = [ln for ln in out.splitlines() if ln.strip()]
-    return {"summary": lines[-1] if lines else err[-300:], "returncode": code,
-            "failures": [ln for ln in lines if ln.startswith("FAILED")][:20]}
+    return {
+        "summary": lines[-1] if lines else err[-300:],
+        "returncode": code,
+        "failures": [ln for ln in lines if ln.startswith("FAILED")][:20],
+    }
 
 
 # ============================================================================================
@@ -405,7 +457,7 @@ def part_kernel_speed(s: Setting, rec: Recorder) -> None:
 
     dtype = torch.float32 if s.dry_run else torch.bfloat16
     with rec.phase("attention"):  # the first shape of each head dim compiles the autotuning candidates
-        for seq, head_dim in ([(32, 16)] if s.dry_run else [(1024, 64), (4096, 64), (4096, 128), (8192, 128)]):
+        for seq, head_dim in [(32, 16)] if s.dry_run else [(1024, 64), (4096, 64), (4096, 128), (8192, 128)]:
             _bench_attention(s, rec, bench, dtype, seq, head_dim)
     liger = bench.liger_losses()[0] is not None
     # liger_losses catches any failure of Liger's import (a triton it does not support, say) and keeps why
@@ -414,8 +466,10 @@ def part_kernel_speed(s: Setting, rec: Recorder) -> None:
     plan = [(16, 300, False)] if s.dry_run else [(8192, 32768, False), (8192, 128256, True)]
     for tokens, vocab, use_compile in plan:
         with rec.phase(f"cross-entropy N={tokens} V={vocab}{' (+ torch.compile baselines)' if use_compile else ''}"):
-            for name, fn in (("cross_entropy", bench.bench_cross_entropy),
-                             ("linear_cross_entropy", bench.bench_linear_cross_entropy)):
+            for name, fn in (
+                ("cross_entropy", bench.bench_cross_entropy),
+                ("linear_cross_entropy", bench.bench_linear_cross_entropy),
+            ):
                 kwargs = {"device": str(s.device), "dtype": dtype}
                 if s.dry_run and name.startswith("linear"):
                     kwargs["hidden_dim"] = 16
@@ -424,13 +478,25 @@ def part_kernel_speed(s: Setting, rec: Recorder) -> None:
 
 
 def _bench_attention(s: Setting, rec: Recorder, bench: Any, dtype: torch.dtype, seq: int, head_dim: int) -> None:
-    row = rec.row("attention", bench.bench_attention(
-        seq, head_dim, device=str(s.device), dtype=dtype, tokens=64 if s.dry_run else 16384,
-        width=32 if s.dry_run else 2048))
+    row = rec.row(
+        "attention",
+        bench.bench_attention(
+            seq,
+            head_dim,
+            device=str(s.device),
+            dtype=dtype,
+            tokens=64 if s.dry_run else 16384,
+            width=32 if s.dry_run else 2048,
+        ),
+    )
     ours, sdpa = row["results"]["triton"].get("ms"), row["results"]["sdpa_flash"].get("ms")
     ratio = sdpa / ours if ours and sdpa else None
-    rec.check(f"attention fwd+bwd T={seq} D={head_dim}: throughput vs SDPA flash",
-              None if ratio is None else f"{ratio:.2f}x", ">= 1.0x", ratio is not None and ratio >= 1.0)
+    rec.check(
+        f"attention fwd+bwd T={seq} D={head_dim}: throughput vs SDPA flash",
+        None if ratio is None else f"{ratio:.2f}x",
+        ">= 1.0x",
+        ratio is not None and ratio >= 1.0,
+    )
 
 
 def _judge_loss(rec: Recorder, name: str, row: dict[str, Any], liger_reason: Optional[str]) -> None:
@@ -481,8 +547,12 @@ def _time_steps(trainer: Any, first: int, steps: int, warmup: int, logging: bool
     elapsed = time.perf_counter() - start
     rate = steps * trainer.tokens_per_step / elapsed
     peak, flops = peak_flops(trainer.device), trainer.model.flops_per_token(trainer.cfg.train.seq_len)
-    return {"tokens_per_s": round(rate, 1), "step_ms": round(1e3 * elapsed / steps, 2),
-            "mfu": round(rate * flops / peak, 4) if peak else None, "warmup_s": round(warmup_s, 1)}
+    return {
+        "tokens_per_s": round(rate, 1),
+        "step_ms": round(1e3 * elapsed / steps, 2),
+        "mfu": round(rate * flops / peak, 4) if peak else None,
+        "warmup_s": round(warmup_s, 1),
+    }
 
 
 def _train_rates(s: Setting, cfg_dict: dict[str, Any], steps: int, warmup: int, diagnostics: bool) -> dict[str, Any]:
@@ -512,11 +582,17 @@ def _diagnostics_rate(s: Setting, trainer: Any, steps: int, warmup: int, off: di
     # under compile the logging graph is a second compile, about as long as the first (the plain
     # warm-up's seconds): measured only if that fits in what is left of the cap
     if s.time_left() < 1.5 * off["warmup_s"] + 10:
-        return {"diagnostics": f"not measured: {s.time_left():.0f} s left of the part's cap, and the "
-                               f"diagnostics-off warm-up took {off['warmup_s']:.0f} s"}
+        return {
+            "diagnostics": f"not measured: {s.time_left():.0f} s left of the part's cap, and the "
+            f"diagnostics-off warm-up took {off['warmup_s']:.0f} s"
+        }
     on = _time_steps(trainer, warmup + steps, steps, warmup, logging=True)
-    return {"diag_tokens_per_s": on["tokens_per_s"], "diag_step_ms": on["step_ms"], "diag_warmup_s": on["warmup_s"],
-            "diagnostics_cost": round(1.0 - on["tokens_per_s"] / off["tokens_per_s"], 4)}
+    return {
+        "diag_tokens_per_s": on["tokens_per_s"],
+        "diag_step_ms": on["step_ms"],
+        "diag_warmup_s": on["warmup_s"],
+        "diagnostics_cost": round(1.0 - on["tokens_per_s"] / off["tokens_per_s"], 4),
+    }
 
 
 def _end_to_end_config(s: Setting) -> dict[str, Any]:
@@ -526,9 +602,15 @@ def _end_to_end_config(s: Setting) -> dict[str, Any]:
     base["model"].update(_model_preset("tiny" if s.dry_run else "124m"))
     if not s.dry_run:  # a GPT-2-sized vocabulary, so the loss backends have their real work to do
         base["model"]["vocab_size"] = 50304
-    base["train"].update(seq_len=16 if s.dry_run else 1024, batch_size=2 if s.dry_run else 16,
-                         device=str(s.device), dtype="fp32" if s.dry_run else "bf16", progress=False,
-                         steps=10_000, compile="false")
+    base["train"].update(
+        seq_len=16 if s.dry_run else 1024,
+        batch_size=2 if s.dry_run else 16,
+        device=str(s.device),
+        dtype="fp32" if s.dry_run else "bf16",
+        progress=False,
+        steps=10_000,
+        compile="false",
+    )
     if s.dry_run:  # the interpreter runs each kernel program in Python: a small vocabulary
         base["data"]["synthetic"].update(vocab_size=64)
     return base
@@ -539,16 +621,27 @@ def part_end_to_end(s: Setting, rec: Recorder) -> None:
     steps, warmup = (1, 1) if s.dry_run else (E2E_STEPS, E2E_WARMUP)
     compiled = not s.dry_run  # a CPU dry run compiles nothing: its "compiled" run is eager too
     eager = [("triton", "torch"), ("sdpa", "torch"), ("triton", "triton"), ("triton", "fused_linear")]
-    rec.set(model="tiny" if s.dry_run else "124m", eager_backends=[f"{a}/{loss}" for a, loss in eager],
-            compiled_backends=["triton/torch"] if compiled else [])
-    rec.note("compiled (torch.compile): " + ("triton/torch only, the CUDA default; sdpa/torch, triton/triton and "
-             "triton/fused_linear ran eager (a compile of the 124m model per backend would not fit the cap)"
-             if compiled else "none (dry run on a CPU: every run eager)"))
-    rec.note(f"diagnostics cost: in one trainer, {steps} timed steps with logging_step=False, then {steps} with "
-             f"logging_step=True at every step (grad stats, update tracker, forward statistics), each after its "
-             f"own {warmup} untimed warm-up steps (under compile the logging graph compiles in its warm-up); "
-             f"cost = 1 - on / off tokens/s; measured for eager triton/torch, and for compiled triton/torch "
-             f"when the rest of the cap allows its second compile")
+    rec.set(
+        model="tiny" if s.dry_run else "124m",
+        eager_backends=[f"{a}/{loss}" for a, loss in eager],
+        compiled_backends=["triton/torch"] if compiled else [],
+    )
+    rec.note(
+        "compiled (torch.compile): "
+        + (
+            "triton/torch only, the CUDA default; sdpa/torch, triton/triton and "
+            "triton/fused_linear ran eager (a compile of the 124m model per backend would not fit the cap)"
+            if compiled
+            else "none (dry run on a CPU: every run eager)"
+        )
+    )
+    rec.note(
+        f"diagnostics cost: in one trainer, {steps} timed steps with logging_step=False, then {steps} with "
+        f"logging_step=True at every step (grad stats, update tracker, forward statistics), each after its "
+        f"own {warmup} untimed warm-up steps (under compile the logging graph compiles in its warm-up); "
+        f"cost = 1 - on / off tokens/s; measured for eager triton/torch, and for compiled triton/torch "
+        f"when the rest of the cap allows its second compile"
+    )
 
     def run(attention: str, loss_impl: str, compile_: bool, diagnostics: bool, label: str = "") -> None:
         label = label or f"{'compiled' if compile_ else 'eager'} {attention}/{loss_impl}"
@@ -556,14 +649,27 @@ def part_end_to_end(s: Setting, rec: Recorder) -> None:
         cfg["model"].update(attention=attention, loss_impl=loss_impl)
         cfg["train"]["compile"] = "true" if compile_ else "false"
         with rec.phase(label):
-            row = rec.row("runs", {"run": label, "attention": attention, "loss_impl": loss_impl, "compile": compile_,
-                                   **_train_rates(s, cfg, steps, warmup, diagnostics)})
+            row = rec.row(
+                "runs",
+                {
+                    "run": label,
+                    "attention": attention,
+                    "loss_impl": loss_impl,
+                    "compile": compile_,
+                    **_train_rates(s, cfg, steps, warmup, diagnostics),
+                },
+            )
         _judge_run(rec, label, row, compile_, diagnostics)
 
     for i, (attention, loss_impl) in enumerate(eager):  # cheap first: each check lands as its run ends
         run(attention, loss_impl, False, diagnostics=i == 0)
-    run("triton", "torch", compiled, diagnostics=True,
-        label="" if compiled else "eager triton/torch, standing in for compiled")
+    run(
+        "triton",
+        "torch",
+        compiled,
+        diagnostics=True,
+        label="" if compiled else "eager triton/torch, standing in for compiled",
+    )
 
 
 def _judge_run(rec: Recorder, label: str, row: dict[str, Any], compile_: bool, diagnostics: bool) -> None:
@@ -586,9 +692,14 @@ def _judge_run(rec: Recorder, label: str, row: dict[str, Any], compile_: bool, d
 def part_vectorized_sweep(s: Setting, rec: Recorder) -> None:
     from benchmarks import ensemble_speed
 
-    args = argparse.Namespace(steps=3 if s.dry_run else 30, batch_size=2 if s.dry_run else 16,
-                              seq_len=16 if s.dry_run else 256, members=2 if s.dry_run else 8, reps=1,
-                              device=str(s.device))
+    args = argparse.Namespace(
+        steps=3 if s.dry_run else 30,
+        batch_size=2 if s.dry_run else 16,
+        seq_len=16 if s.dry_run else 256,
+        members=2 if s.dry_run else 8,
+        reps=1,
+        device=str(s.device),
+    )
     warm = argparse.Namespace(**{**vars(args), "steps": 2, "members": 2})
     rec.set(settings=vars(args))
     for size in ["tiny"] if s.dry_run else ["1m", "5m", "20m"]:
@@ -599,8 +710,12 @@ def part_vectorized_sweep(s: Setting, rec: Recorder) -> None:
             ensemble_speed.measure(size, warm, s.device, compile_=False)
         with rec.phase(f"{size} timed"):
             row = rec.row("sizes", ensemble_speed.measure(size, args, s.device, compile_=False))
-        rec.check(f"{size}: K={args.members} vectorized vs sequential (end to end)", f"{row['speedup']:.2f}x",
-                  ">= 4x", row["speedup"] >= 4.0)
+        rec.check(
+            f"{size}: K={args.members} vectorized vs sequential (end to end)",
+            f"{row['speedup']:.2f}x",
+            ">= 4x",
+            row["speedup"] >= 4.0,
+        )
     _compiled_ensemble(s, rec, ensemble_speed, args)
 
 
@@ -620,8 +735,12 @@ def _compiled_ensemble(s: Setting, rec: Recorder, ensemble_speed: Any, args: arg
         loop_rate = ensemble_speed.loop_tokens_per_s(Path(tmp), ensemble_speed.lr_grid(args.members), ensemble=True)
     finite = all(math.isfinite(v) for v in losses)
     rec.set(compiled_ensemble_s=round(timer.wall, 1), compiled_ensemble_loop_tokens_per_s=round(loop_rate))
-    rec.check(label, f"{timer.wall:.0f} s ({loop_rate:,.0f} tokens/s in the loop), final losses finite: {finite}",
-              "runs, finite", finite)
+    rec.check(
+        label,
+        f"{timer.wall:.0f} s ({loop_rate:,.0f} tokens/s in the loop), final losses finite: {finite}",
+        "runs, finite",
+        finite,
+    )
 
 
 # ============================================================================================
@@ -633,28 +752,62 @@ VERDICT_S = 20  # the part's cap keeps this much of itself for proxy-verdict
 def part_finding(s: Setting, rec: Recorder) -> None:
     finding = "attention_logit_growth"
     preset = f"{finding}_lab" if s.dry_run else f"{finding}_gpu"
-    shrink = (["train.steps=4", "train.eval_every=2", "train.batch_size=2", "train.seq_len=16",
-               "model.qk_norm=off,layernorm", "sweep.lrs=[1e-2,1e-1]", "sweep.seeds=[0]"] if s.dry_run else
-              ["model=1m", "train.steps=60", "train.eval_every=30", "train.compile=false",
-               "model.qk_norm=off,layernorm", "sweep.lrs=[1e-2,3e-1]", "sweep.seeds=[0]"])
+    shrink = (
+        [
+            "train.steps=4",
+            "train.eval_every=2",
+            "train.batch_size=2",
+            "train.seq_len=16",
+            "model.qk_norm=off,layernorm",
+            "sweep.lrs=[1e-2,1e-1]",
+            "sweep.seeds=[0]",
+        ]
+        if s.dry_run
+        else [
+            "model=1m",
+            "train.steps=60",
+            "train.eval_every=30",
+            "train.compile=false",
+            "model.qk_norm=off,layernorm",
+            "sweep.lrs=[1e-2,3e-1]",
+            "sweep.seeds=[0]",
+        ]
+    )
     rec.set(preset=preset, overrides=shrink)
     env = {**os.environ, "WANDB_MODE": "disabled"}
     with tempfile.TemporaryDirectory(prefix="gpu-check-finding-") as tmp:
         sweep = Path(tmp) / "sweep"
-        train = [sys.executable, "-m", "proxy.train", "-m", f"+experiment={preset}", *shrink, "train.progress=false",
-                 f"hydra.sweep.dir={sweep}"]
+        train = [
+            sys.executable,
+            "-m",
+            "proxy.train",
+            "-m",
+            f"+experiment={preset}",
+            *shrink,
+            "train.progress=false",
+            f"hydra.sweep.dir={sweep}",
+        ]
         with rec.phase("proxy-train"):
             code, _, err = _run_step(train, env, s.time_left() - VERDICT_S)
         rec.set(train_stderr_tail=err[-1500:])
-        rec.check("proxy-train -m (shrunken preset)", f"{_outcome(code)} in {rec.data['phases'][-1]['seconds']:.0f} s",
-                  "exit 0", code == 0)
+        rec.check(
+            "proxy-train -m (shrunken preset)",
+            f"{_outcome(code)} in {rec.data['phases'][-1]['seconds']:.0f} s",
+            "exit 0",
+            code == 0,
+        )
         with rec.phase("proxy-verdict"):
-            code, out, err = _run_step([sys.executable, "-m", "proxy.verdict", f"experiments/{finding}", str(sweep)],
-                                       env, s.time_left() - 2)
+            code, out, err = _run_step(
+                [sys.executable, "-m", "proxy.verdict", f"experiments/{finding}", str(sweep)], env, s.time_left() - 2
+            )
         written = (sweep / "report" / "verdict.md").is_file() and (sweep / "report" / "report.html").is_file()
         rec.set(verdict_headline=out.splitlines()[0] if out.strip() else "", verdict_stderr_tail=err[-1500:])
-        rec.check("proxy-verdict: report and verdict written", f"{_outcome(code)}, files {written}",
-                  "exit 0 and both files", code == 0 and written)
+        rec.check(
+            "proxy-verdict: report and verdict written",
+            f"{_outcome(code)}, files {written}",
+            "exit 0 and both files",
+            code == 0 and written,
+        )
 
 
 def _run_step(cmd: list[str], env: dict[str, str], timeout: float) -> tuple[Optional[int], str, str]:
@@ -676,7 +829,11 @@ def _outcome(code: Optional[int]) -> str:
 QUICK_TUNING_PARTS = (1, 5)  # PROXY_TRITON_TUNING=quick: proxy/kernels/flash_attention.py
 
 PART_FUNCTIONS: dict[int, Callable[[Setting, Recorder], None]] = {
-    1: part_correctness, 2: part_kernel_speed, 3: part_end_to_end, 4: part_vectorized_sweep, 5: part_finding,
+    1: part_correctness,
+    2: part_kernel_speed,
+    3: part_end_to_end,
+    4: part_vectorized_sweep,
+    5: part_finding,
 }
 
 
@@ -684,8 +841,12 @@ PART_FUNCTIONS: dict[int, Callable[[Setting, Recorder], None]] = {
 # The run: one process per part, results written after each
 # ============================================================================================
 def versions() -> dict[str, Any]:
-    info: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__,
-                            "cuda": torch.version.cuda, "platform": platform.platform()}
+    info: dict[str, Any] = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "platform": platform.platform(),
+    }
     try:
         import triton
 
@@ -709,8 +870,12 @@ def run_part(number: int, dry_run: bool, result_path: Path, deadline: Optional[f
         PART_FUNCTIONS[number](rec.setting, rec)
         result = {"status": "ok", **rec.data}
     except Exception as exc:  # the part failed: say how, keep what it measured, let the parent go on
-        result = {"status": "failed", **rec.data, "error": f"{type(exc).__name__}: {exc}",
-                  "traceback": traceback.format_exc()}
+        result = {
+            "status": "failed",
+            **rec.data,
+            "error": f"{type(exc).__name__}: {exc}",
+            "traceback": traceback.format_exc(),
+        }
     result["in_process_s"] = round(time.perf_counter() - started, 1)
     _write_json(result_path, result)
     return 0 if result["status"] == "ok" else 1
@@ -728,8 +893,17 @@ def launch_part(number: int, dry_run: bool, cap: Optional[float] = None) -> dict
     with tempfile.TemporaryDirectory(prefix="gpu-check-part-") as tmp:
         result_path = Path(tmp) / "result.json"
         started = time.time()
-        cmd = [sys.executable, "-m", "benchmarks.gpu_check", "--part", str(number), "--result", str(result_path),
-               "--deadline", f"{started + cap:.3f}"] + (["--dry-run"] if dry_run else [])
+        cmd = [
+            sys.executable,
+            "-m",
+            "benchmarks.gpu_check",
+            "--part",
+            str(number),
+            "--result",
+            str(result_path),
+            "--deadline",
+            f"{started + cap:.3f}",
+        ] + (["--dry-run"] if dry_run else [])
         try:
             _, stderr, code = run_capped(cmd, env, timeout=cap, own_group=True)
             timed_out = False
@@ -758,31 +932,45 @@ def result_stem(device: str, when: dt.datetime, parts: list[int]) -> str:
 
 def plan_line(parts: list[int], caps: dict[int, float]) -> str:
     total = sum(caps[p] for p in parts)
-    return (f"plan: parts {' '.join(map(str, parts))} under caps "
-            f"{' + '.join(f'{caps[p]:g}' for p in parts)} = {total:g} s (each part's process start included), "
-            f"results written after each part; a part over its cap is killed and recorded, the rest go on. "
-            f"Rerun one alone: --parts N [--cap N=SECONDS]")
+    return (
+        f"plan: parts {' '.join(map(str, parts))} under caps "
+        f"{' + '.join(f'{caps[p]:g}' for p in parts)} = {total:g} s (each part's process start included), "
+        f"results written after each part; a part over its cap is killed and recorded, the rest go on. "
+        f"Rerun one alone: --parts N [--cap N=SECONDS]"
+    )
 
 
 def to_markdown(record: dict[str, Any]) -> str:
     v = record["versions"]
-    lines = [f"# Device check: {v['device']}", "",
-             f"{record['date']}; torch {v['torch']}, triton {v['triton']}, CUDA {v['cuda']}, "
-             f"Python {v['python']}{'; DRY RUN on a CPU (targets not judged)' if record['dry_run'] else ''}. "
-             f"Command: `{record['command']}`; {record['seconds']:.0f} s in all.", ""]
+    lines = [
+        f"# Device check: {v['device']}",
+        "",
+        f"{record['date']}; torch {v['torch']}, triton {v['triton']}, CUDA {v['cuda']}, "
+        f"Python {v['python']}{'; DRY RUN on a CPU (targets not judged)' if record['dry_run'] else ''}. "
+        f"Command: `{record['command']}`; {record['seconds']:.0f} s in all.",
+        "",
+    ]
     for part in record["parts"]:
         lines += _part_markdown(part)
     return "\n".join(lines) + "\n"
 
 
 def _part_markdown(part: dict[str, Any]) -> list[str]:
-    lines = [f"## {part['part']}. {part['name']}: {part['status']} ({part.get('seconds', '?')} s of "
-             f"{part['cap_s']:g} s)", ""]
+    lines = [
+        f"## {part['part']}. {part['name']}: {part['status']} ({part.get('seconds', '?')} s of {part['cap_s']:g} s)",
+        "",
+    ]
     if part["status"] != "ok":
         lines += [f"> {part.get('error', '')}", ""]
     if part.get("phases"):
-        lines += ["Phases: " + ", ".join(f"{p['phase']} {p['seconds']} s" + (" (raised)" if p.get("raised") else "")
-                                         for p in part["phases"]) + ".", ""]
+        lines += [
+            "Phases: "
+            + ", ".join(
+                f"{p['phase']} {p['seconds']} s" + (" (raised)" if p.get("raised") else "") for p in part["phases"]
+            )
+            + ".",
+            "",
+        ]
     lines += [f"- {note}" for note in part.get("notes", [])] + ([""] if part.get("notes") else [])
     if part.get("checks"):
         lines += ["| check | measured | target | holds |", "|---|---|---|---|"]
@@ -804,6 +992,7 @@ def _cap(text: str) -> tuple[int, float]:
 def _parts_die_with_us() -> Iterator[None]:
     """SIGTERM, SIGINT or SIGHUP to the parent, or its exit however it comes, kills the running
     part's process group: no part outlives the check to hold the GPU during a rerun."""
+
     def on_signal(signum: int, _frame: Any) -> None:
         kill_live_groups()
         raise SystemExit(128 + signum)
@@ -826,11 +1015,18 @@ def _parts_die_with_us() -> Iterator[None]:
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu_check", description=__doc__.splitlines()[0])
     parser.add_argument("--dry-run", action="store_true", help="on a CPU, tiny shapes, targets not judged")
-    parser.add_argument("--out", type=Path, default=None, help="folder for the JSON and markdown "
-                        "(default benchmarks/results)")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="folder for the JSON and markdown (default benchmarks/results)"
+    )
     parser.add_argument("--parts", type=int, nargs="+", default=list(PARTS), choices=list(PARTS))
-    parser.add_argument("--cap", type=_cap, action="append", default=[], metavar="PART=SECONDS",
-                        help="another time cap for a part (a second try, from the first one's phase times)")
+    parser.add_argument(
+        "--cap",
+        type=_cap,
+        action="append",
+        default=[],
+        metavar="PART=SECONDS",
+        help="another time cap for a part (a second try, from the first one's phase times)",
+    )
     parser.add_argument("--part", type=int, choices=list(PARTS), help=argparse.SUPPRESS)  # the child
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--deadline", type=float, help=argparse.SUPPRESS)
@@ -849,9 +1045,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     stem = result_stem(info["device"], dt.datetime.now(), args.parts)
     paths = (out / f"{stem}.json", out / f"{stem}.md")
-    record = {"date": dt.datetime.now().isoformat(timespec="seconds"), "dry_run": args.dry_run, "versions": info,
-              "command": " ".join(["python -m benchmarks.gpu_check", *(argv if argv is not None else sys.argv[1:])]),
-              "caps_s": {str(n): caps[n] for n in args.parts}, "parts": [], "seconds": 0.0}
+    record = {
+        "date": dt.datetime.now().isoformat(timespec="seconds"),
+        "dry_run": args.dry_run,
+        "versions": info,
+        "command": " ".join(["python -m benchmarks.gpu_check", *(argv if argv is not None else sys.argv[1:])]),
+        "caps_s": {str(n): caps[n] for n in args.parts},
+        "parts": [],
+        "seconds": 0.0,
+    }
     with _parts_die_with_us():
         for number in args.parts:
             print(f"part {number} ({PARTS[number][0]}, cap {caps[number]:g} s) ...", flush=True)
@@ -861,8 +1063,11 @@ def main(argv: Optional[list[str]] = None) -> int:
             _write_json(paths[0], record)  # after every part
             atomic_write_text(paths[1], to_markdown(record))
             missed = [c["check"] for c in part.get("checks", []) if c["passed"] is False]
-            print(f"part {number}: {part['status']} in {part['seconds']} s"
-                  + (f"; {len(missed)} targets missed" if missed else ""), flush=True)
+            print(
+                f"part {number}: {part['status']} in {part['seconds']} s"
+                + (f"; {len(missed)} targets missed" if missed else ""),
+                flush=True,
+            )
     print(paths[1].read_text())
     print(f"wrote {paths[0]} and {paths[1]}")
     return 0 if all(p["status"] == "ok" for p in record["parts"]) else 1

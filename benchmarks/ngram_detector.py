@@ -63,13 +63,15 @@ def main() -> None:
     print(header)
     for rows, length in SHAPES:
         tokens = with_runs(rows, length)
-        cpu = median_seconds(lambda: find_repeated_ngrams(tokens), args.reps)
+        cpu = median_seconds(lambda tokens=tokens: find_repeated_ngrams(tokens), args.reps)
         line = f"{rows:>5} x {length:<5} {rows * length / cpu / 1e6:>11.1f} {cpu * 1e3:>8.2f}"
         if cuda:
             on_gpu = torch.from_numpy(tokens).cuda()
-            gpu = median_seconds(lambda: find_repeated_ngrams(on_gpu), args.reps, torch.cuda.synchronize)
+            gpu = median_seconds(lambda on_gpu=on_gpu: find_repeated_ngrams(on_gpu), args.reps, torch.cuda.synchronize)
             line += f" {rows * length / gpu / 1e6:>12.1f} {gpu * 1e3:>8.2f}"
-        draw = median_seconds(lambda: source.batch("train", 0, rows, length - 1), max(3, args.reps // 4))
+        draw = median_seconds(
+            lambda rows=rows, length=length: source.batch("train", 0, rows, length - 1), max(3, args.reps // 4)
+        )
         line += f" {draw * 1e3:>19.1f} {cpu / (cpu + draw):>14.0%}"
         print(line)
 

@@ -32,8 +32,14 @@ def config_for(model: str, compile_: bool, batch: int, seq_len: int, device: str
     preset = OmegaConf.load(ROOT / "conf" / "model" / f"{model}.yaml")
     base = as_dict(Config())
     base["model"].update(OmegaConf.to_container(preset))
-    base["train"].update(batch_size=batch, seq_len=seq_len, compile=str(compile_).lower(), progress=False,
-                         device=device, save_final=False)
+    base["train"].update(
+        batch_size=batch,
+        seq_len=seq_len,
+        compile=str(compile_).lower(),
+        progress=False,
+        device=device,
+        save_final=False,
+    )
     return to_config(OmegaConf.create(base))
 
 
@@ -75,17 +81,33 @@ def main() -> None:
             cfg = config_for(model, compile_, args.batch_size, args.seq_len, device)
             rate = measure(cfg, args.steps, args.warmup)
             mode = "compile" if compile_ else "eager"
-            rows.append({"model": model, "mode": mode, "tokens_per_s": rate,
-                         "batch_size": args.batch_size, "seq_len": args.seq_len})
+            rows.append(
+                {
+                    "model": model,
+                    "mode": mode,
+                    "tokens_per_s": rate,
+                    "batch_size": args.batch_size,
+                    "seq_len": args.seq_len,
+                }
+            )
             print(f"{model:>6} {cfg.model.approx_params.split()[0]:>10} {mode:>8} {rate:>10.0f}")
     info = {
-        "device": torch.cuda.get_device_name() if device.startswith("cuda") else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "device": torch.cuda.get_device_name()
+        if device.startswith("cuda")
+        else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
         "date": date.today().isoformat(),
         "torch": torch.__version__,
         "python": platform.python_version(),
         "results": rows,
     }
-    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"trainer-{'cuda' if device.startswith('cuda') else 'cpu'}-{info['date']}.json"
+    out = (
+        Path(args.out)
+        if args.out
+        else ROOT
+        / "benchmarks"
+        / "results"
+        / f"trainer-{'cuda' if device.startswith('cuda') else 'cpu'}-{info['date']}.json"
+    )
     atomic_write_text(out, json.dumps(info, indent=2) + "\n")
     print(f"wrote {out}")
 

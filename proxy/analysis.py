@@ -131,9 +131,7 @@ def detect_spikes(values: Sequence[float] | np.ndarray, options: SpikeOptions = 
     return Spikes(is_spike=is_spike, scored=scored)
 
 
-def spike_score(
-    values: Sequence[float] | np.ndarray, options: SpikeOptions = OLMO2_SPIKES
-) -> Optional[float]:
+def spike_score(values: Sequence[float] | np.ndarray, options: SpikeOptions = OLMO2_SPIKES) -> Optional[float]:
     """OLMo 2's spike score of one series, in percent (None when no point could be scored)."""
     return detect_spikes(values, options).score
 
@@ -315,8 +313,12 @@ def seed_curves(points: Iterable[CurvePoint]) -> dict[Hashable, dict[int, SeedCu
         by_key.setdefault((p.group, p.seed), []).append(p)
     result: dict[Hashable, dict[int, SeedCurve]] = {}
     for (group, seed), mine in by_key.items():
-        args = ([p.lr for p in mine], [p.loss for p in mine], [p.loss_at_init for p in mine],
-                [p.diverged for p in mine])
+        args = (
+            [p.lr for p in mine],
+            [p.loss for p in mine],
+            [p.loss_at_init for p in mine],
+            [p.diverged for p in mine],
+        )
         result.setdefault(group, {})[seed] = SeedCurve(per_lr_losses(*args), lr_sensitivity(*args))
     return {g: dict(sorted(seeds.items())) for g, seeds in result.items()}
 

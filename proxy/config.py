@@ -24,7 +24,6 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from proxy.analysis import run_dirname
 from proxy.records.files import StoredFileError, UnsafePathError, check_plain
 
-
 # the Hydra config tree (conf/ beside the package; PROXY_CONF_DIR points elsewhere)
 CONF_DIR = os.environ.get("PROXY_CONF_DIR", str(Path(__file__).resolve().parents[1] / "conf"))
 
@@ -422,13 +421,11 @@ def _validate_remedy(r: RemedyConfig) -> None:
     _positive(r.spike_sigma, "remedy.spike_sigma")
     for key in ("spike_window", "spike_min_history", "rollback_every", "rollback_keep"):
         _positive(getattr(r, key), f"remedy.{key}")
-    for key in ("rollback_min_age", "rollback_skip_batches", "rollback_max", "zclip_warmup",
-                "max_consecutive_skips"):
+    for key in ("rollback_min_age", "rollback_skip_batches", "rollback_max", "zclip_warmup", "max_consecutive_skips"):
         _positive(getattr(r, key), f"remedy.{key}", allow_zero=True)
     if not 2 <= r.spike_min_history <= r.spike_window:
         raise ConfigError(
-            f"remedy.spike_min_history={r.spike_min_history} must be in "
-            f"[2, remedy.spike_window={r.spike_window}]"
+            f"remedy.spike_min_history={r.spike_min_history} must be in [2, remedy.spike_window={r.spike_window}]"
         )
     # right after a snapshot the oldest kept one is (keep - 1) * every steps back
     reach = (r.rollback_keep - 1) * r.rollback_every
@@ -483,9 +480,7 @@ def validate(cfg: Config) -> Config:
     if m.d_model % m.n_heads:
         raise ConfigError(f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}")
     if (m.d_model // m.n_heads) % 2:
-        raise ConfigError(
-            f"model head dim d_model/n_heads={m.d_model // m.n_heads} must be even for RoPE"
-        )
+        raise ConfigError(f"model head dim d_model/n_heads={m.d_model // m.n_heads} must be even for RoPE")
     if m.d_ff is not None:
         _positive(m.d_ff, "model.d_ff")
     if m.init_std is not None:
@@ -575,9 +570,11 @@ def type_errors(tree: Any, schema: type = None, key: str = "") -> Optional[str]:
         if f.name not in tree:
             continue
         value, expected, here = tree[f.name], hints[f.name], f"{key}.{f.name}" if key else f.name
-        options = [a for a in typing.get_args(expected) if a is not type(None)] \
-            if typing.get_origin(expected) in (typing.Union, types.UnionType) \
+        options = (
+            [a for a in typing.get_args(expected) if a is not type(None)]
+            if typing.get_origin(expected) in (typing.Union, types.UnionType)
             else [expected]
+        )
         if value is None and len(options) < len(typing.get_args(expected) or [0, 0]):
             continue  # Optional[...] holding None
         kind = typing.get_origin(options[0]) or options[0]
@@ -634,7 +631,6 @@ def from_dict(data: dict | DictConfig) -> Config:
 __all__ = [
     "Attention",
     "CaptureConfig",
-
     "CaptureTrigger",
     "Config",
     "ConfigError",

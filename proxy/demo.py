@@ -29,7 +29,6 @@ from typing import Optional, Sequence
 
 from proxy.report import ReportError, ReportResult, build_report
 
-
 DEMO_RUNS = 8  # conf/experiment/demo.yaml: QK-norm off/on x 4 LRs
 
 
@@ -81,8 +80,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         type=int,
         default=default_workers(),
         metavar="N",
-        help="runs trained side by side, one thread each (default: one per core, at most 8; "
-        "1: one after another)",
+        help="runs trained side by side, one thread each (default: one per core, at most 8; 1: one after another)",
     )
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for proxy-train (key=value)")
     args = parser.parse_args(argv)
@@ -95,8 +93,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 2
 
     sweep_dir = Path(args.out or Path("runs") / "demo" / time.strftime("%Y-%m-%d_%H-%M-%S")).resolve()
-    print(f"proxy-demo: training the sweep into {sweep_dir} ({args.workers} worker"
-          f"{'s' if args.workers > 1 else ''}) ...", flush=True)
+    print(
+        f"proxy-demo: training the sweep into {sweep_dir} ({args.workers} worker{'s' if args.workers > 1 else ''}) ...",
+        flush=True,
+    )
     started = time.time()
     proc = subprocess.run(demo_command(sweep_dir, args.overrides, args.workers), env=demo_env(args.workers))
     if proc.returncode != 0:
@@ -106,9 +106,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         )
         return proc.returncode
     try:
-        result = build_report(
-            [sweep_dir], sweep_dir / "report", title="proxy demo: QK-norm vs the learning rate"
-        )
+        result = build_report([sweep_dir], sweep_dir / "report", title="proxy demo: QK-norm vs the learning rate")
     except ReportError as exc:
         print(f"proxy-demo: error: {exc}", file=sys.stderr)
         return 2

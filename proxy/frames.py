@@ -57,11 +57,21 @@ def load_frames(*paths: str | Path) -> RunFrames:
     return RunFrames(
         runs=_frame(pd, [run_row(ids[i], run) for i, run in enumerate(runs)], [RUN, "path", "status"]),
         metrics=_frame(pd, [{RUN: ids[i], **row} for i, run in enumerate(runs) for row in run.metrics], [RUN, STEP]),
-        events=_frame(pd, [{RUN: ids[i], **_event_row(e)} for i, run in enumerate(runs) for e in run.events],
-                      [RUN, STEP, EVENT, "rolled_back"]),
-        abandoned=_frame(pd, [{RUN: ids[i], "branch": b, "rollback_step": branch.rollback.get(STEP), **row}
-                              for i, run in enumerate(runs) for b, branch in enumerate(run.abandoned)
-                              for row in branch.rows], [RUN, "branch", "rollback_step", STEP]),
+        events=_frame(
+            pd,
+            [{RUN: ids[i], **_event_row(e)} for i, run in enumerate(runs) for e in run.events],
+            [RUN, STEP, EVENT, "rolled_back"],
+        ),
+        abandoned=_frame(
+            pd,
+            [
+                {RUN: ids[i], "branch": b, "rollback_step": branch.rollback.get(STEP), **row}
+                for i, run in enumerate(runs)
+                for b, branch in enumerate(run.abandoned)
+                for row in branch.rows
+            ],
+            [RUN, "branch", "rollback_step", STEP],
+        ),
     )
 
 

@@ -34,8 +34,7 @@ from einops import rearrange
 from torch import Tensor
 
 from proxy import kernels
-from proxy.config import Attention, ConfigError, Init, LossImpl, MLPKind, ModelConfig, Norm
-from proxy.config import NormPosition, QKNorm
+from proxy.config import Attention, ConfigError, Init, LossImpl, MLPKind, ModelConfig, Norm, NormPosition, QKNorm
 
 
 # --------------------------------------------------------------------------------------------
@@ -252,14 +251,20 @@ class GPT(nn.Module):
         flat_labels = rearrange(labels, "b t -> (b t)")
         if self.cfg.loss_impl == LossImpl.fused_linear:
             ce, z, stats = kernels.linear_cross_entropy(
-                rearrange(x, "b t d -> (b t) d"), self.lm_head.weight, flat_labels,
-                z_loss=z_loss, ignore_index=ignore_index, use_triton=True,
+                rearrange(x, "b t d -> (b t) d"),
+                self.lm_head.weight,
+                flat_labels,
+                z_loss=z_loss,
+                ignore_index=ignore_index,
+                use_triton=True,
             )
         else:
             out.logits = self.lm_head(x)
             ce, z, stats = kernels.cross_entropy(
-                rearrange(out.logits, "b t v -> (b t) v"), flat_labels,
-                z_loss=z_loss, ignore_index=ignore_index,
+                rearrange(out.logits, "b t v -> (b t) v"),
+                flat_labels,
+                z_loss=z_loss,
+                ignore_index=ignore_index,
                 use_triton=self.cfg.loss_impl == LossImpl.triton,
             )
         out.loss, out.ce_loss, out.z_loss, out.output_stats = ce + z, ce, z, {**stats, **row_stats}

@@ -212,14 +212,16 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> AdamW:
     param_groups = []
     for (decay, lr_scale), named in sorted(groups.items(), key=lambda kv: (not kv[0][0], kv[0][1])):
         label = "decay" if decay else "no_decay"
-        param_groups.append({
-            "name": label if lr_scale == 1.0 else f"{label}/lr_x{lr_scale:g}",
-            "params": named,  # (name, param) pairs: torch records them as 'param_names'
-            "weight_decay": cfg.weight_decay if decay else 0.0,
-            "lr_scale": lr_scale,
-            "peak_lr": cfg.lr,
-            "lr": cfg.lr * lr_scale,
-        })
+        param_groups.append(
+            {
+                "name": label if lr_scale == 1.0 else f"{label}/lr_x{lr_scale:g}",
+                "params": named,  # (name, param) pairs: torch records them as 'param_names'
+                "weight_decay": cfg.weight_decay if decay else 0.0,
+                "lr_scale": lr_scale,
+                "peak_lr": cfg.lr,
+                "lr": cfg.lr * lr_scale,
+            }
+        )
     return AdamW(
         param_groups,
         lr=cfg.lr,

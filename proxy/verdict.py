@@ -30,8 +30,16 @@ from pathlib import Path
 from typing import Any, Callable, Hashable, Optional, Sequence
 
 from proxy.analysis import CurvePoint
-from proxy.records import (COMPLETED, STATUS_DIVERGED, Run, atomic_write_text, find_runs, load_run, terminal_block,
-                           terminal_text)
+from proxy.records import (
+    COMPLETED,
+    STATUS_DIVERGED,
+    Run,
+    atomic_write_text,
+    find_runs,
+    load_run,
+    terminal_block,
+    terminal_text,
+)
 from proxy.report import Claim, VerdictSummary, collect_report, default_out_dir, write_report
 from proxy.report.document import Block, Items, Paragraph, Table, to_markdown
 from proxy.report.tables import usable
@@ -67,9 +75,13 @@ class Verdict:
         return bool(passed)
 
     def to_markdown(self) -> str:
-        blocks: list[Block] = [Paragraph(f"Source: {self.source}"),
-                               Table(["claim", "measured", "holds"],
-                                     [[c.claim, c.measured, "yes" if c.passed else "no"] for c in self.checks])]
+        blocks: list[Block] = [
+            Paragraph(f"Source: {self.source}"),
+            Table(
+                ["claim", "measured", "holds"],
+                [[c.claim, c.measured, "yes" if c.passed else "no"] for c in self.checks],
+            ),
+        ]
         if self.numbers:
             blocks += [Paragraph("Numbers:"), Items([f"`{k}`: {_fmt(v)}" for k, v in self.numbers.items()])]
         if self.notes:
@@ -81,7 +93,9 @@ class Verdict:
 
     def summary(self) -> VerdictSummary:
         """What the report shows at its top: the label and each claim."""
-        return VerdictSummary(self.finding, self.label, tuple(Claim(c.claim, c.measured, c.passed) for c in self.checks))
+        return VerdictSummary(
+            self.finding, self.label, tuple(Claim(c.claim, c.measured, c.passed) for c in self.checks)
+        )
 
 
 def curve_points(runs: Sequence[Run], group: Callable[[Run], Optional[Hashable]]) -> list[CurvePoint]:
@@ -97,9 +111,16 @@ def curve_points(runs: Sequence[Run], group: Callable[[Run], Optional[Hashable]]
         if not isinstance(lr, (int, float)) or not isinstance(init, (int, float)):
             continue
         loss = run.summary.get("final_val_loss")
-        points.append(CurvePoint(group=key, seed=int(run.config_value("train.seed") or 0), lr=float(lr),
-                                 loss=float(loss) if isinstance(loss, (int, float)) else None,
-                                 loss_at_init=float(init), diverged=run.status == STATUS_DIVERGED))
+        points.append(
+            CurvePoint(
+                group=key,
+                seed=int(run.config_value("train.seed") or 0),
+                lr=float(lr),
+                loss=float(loss) if isinstance(loss, (int, float)) else None,
+                loss_at_init=float(init),
+                diverged=run.status == STATUS_DIVERGED,
+            )
+        )
     return points
 
 
@@ -107,11 +128,18 @@ def check_grid_brackets(verdict: "Verdict", curves: dict, name: Callable[[Any], 
     """The criterion every LR-curve finding opens with: each (group, seed) curve of ``curves``
     (:func:`proxy.analysis.seed_curves`) has its best LR strictly inside the grid; ``name`` labels
     a group in the list of curves that do not."""
-    outside = [f"{name(group)}/seed {s} (best LR {c.best_lr:g})" for group, seeds in sorted(curves.items())
-               for s, c in seeds.items() if not c.bracketed]
+    outside = [
+        f"{name(group)}/seed {s} (best LR {c.best_lr:g})"
+        for group, seeds in sorted(curves.items())
+        for s, c in seeds.items()
+        if not c.bracketed
+    ]
     lrs = sorted({lr for seeds in curves.values() for c in seeds.values() for lr in c.curve})
-    verdict.check(f"the LR grid {lrs[0]:g}-{lrs[-1]:g} brackets every curve's optimum (best LR strictly inside)",
-                  not outside, "all inside" if not outside else "outside: " + "; ".join(outside[:6]))
+    verdict.check(
+        f"the LR grid {lrs[0]:g}-{lrs[-1]:g} brackets every curve's optimum (best LR strictly inside)",
+        not outside,
+        "all inside" if not outside else "outside: " + "; ".join(outside[:6]),
+    )
 
 
 def _fmt(value: Any) -> str:
@@ -153,8 +181,9 @@ def load_script(path: str | Path):
     return module
 
 
-def judge_runs(finding_dir: str | Path, paths: Sequence[str | Path],
-               out_dir: Optional[str | Path] = None, **report_options: Any) -> Verdict:
+def judge_runs(
+    finding_dir: str | Path, paths: Sequence[str | Path], out_dir: Optional[str | Path] = None, **report_options: Any
+) -> Verdict:
     """Collect the report on ``paths``, judge, write the report headed by the verdict, and
     verdict.md/json beside it."""
     out = Path(out_dir) if out_dir else default_out_dir(paths[0])  # checked and made by collect_report
@@ -174,8 +203,9 @@ def judge_runs(finding_dir: str | Path, paths: Sequence[str | Path],
     return verdict
 
 
-def figure_inputs(doc: str, finding_dir: Path,
-                  argv: Optional[Sequence[str]] = None) -> tuple[argparse.Namespace, Any, list[Run]]:
+def figure_inputs(
+    doc: str, finding_dir: Path, argv: Optional[Sequence[str]] = None
+) -> tuple[argparse.Namespace, Any, list[Run]]:
     """What a finding's figure script starts from: its command line (run dirs, ``--out``, default
     ``<finding>/results``), the finding's verdict module and the runs. FileNotFoundError for a
     path that does not exist."""
@@ -201,7 +231,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
-__all__ = ["Check", "Run", "Verdict", "curve_points", "figure_inputs", "judge_runs", "load_judge", "load_module", "main"]
+__all__ = [
+    "Check",
+    "Run",
+    "Verdict",
+    "curve_points",
+    "figure_inputs",
+    "judge_runs",
+    "load_judge",
+    "load_module",
+    "main",
+]
 
 if __name__ == "__main__":
     sys.exit(main())

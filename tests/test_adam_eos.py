@@ -12,11 +12,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from proxy.forensics import curvature, find_kits, load_kit, restore, trainer_step
-from proxy.forensics import dissect
+from proxy.forensics import curvature, dissect, find_kits, load_kit, restore, trainer_step
 from proxy.forensics.dissect import main as inspect_main
-from proxy.forensics.edge import (Crossing, EdgeStep, EdgeTrajectory, batch_sharpness, edge_trajectory,
-                                  first_crossing, reference_config)
+from proxy.forensics.edge import (
+    Crossing,
+    EdgeStep,
+    EdgeTrajectory,
+    batch_sharpness,
+    edge_trajectory,
+    first_crossing,
+    reference_config,
+)
 from proxy.records import read_json, write_json
 from proxy.verdict import load_script
 from tests.test_forensics import BEFORE, SPIKE_STEP, run_with_capture, single_thread, spike_cfg  # noqa: F401
@@ -116,18 +122,31 @@ def test_held_out_sharpness_is_of_one_fixed_sample_on_the_same_replay(kit, traj)
 
 def _constructed(spike: int, gd: list[float], adam: list[float]) -> EdgeTrajectory:
     start = spike - len(gd) + 1
-    steps = [EdgeStep(step=start + i, lr=0.1, loss=3.0, grad_norm=1.0, sharpness=20 * g, gd_threshold=20.0,
-                      gd_ratio=g, preconditioned=380 * a, adam_threshold=380.0, adam_ratio=a,
-                      update_bimodality=0.4, update_cosine=0.2)
-             for i, (g, a) in enumerate(zip(gd, adam))]
-    return EdgeTrajectory(kit="k", spike_step=spike, trigger="loss", start_step=start, beta1=0.9, iterations=20,
-                          every=1, steps=steps)
+    steps = [
+        EdgeStep(
+            step=start + i,
+            lr=0.1,
+            loss=3.0,
+            grad_norm=1.0,
+            sharpness=20 * g,
+            gd_threshold=20.0,
+            gd_ratio=g,
+            preconditioned=380 * a,
+            adam_threshold=380.0,
+            adam_ratio=a,
+            update_bimodality=0.4,
+            update_cosine=0.2,
+        )
+        for i, (g, a) in enumerate(zip(gd, adam))
+    ]
+    return EdgeTrajectory(
+        kit="k", spike_step=spike, trigger="loss", start_step=start, beta1=0.9, iterations=20, every=1, steps=steps
+    )
 
 
 def test_first_crossing_on_constructed_trajectories(tmp_path):
     # preconditioned reaches 1 three steps before the spike at 10, plain one step before
-    early = first_crossing(_constructed(10, gd=[0.1, 0.2, 0.5, 0.9, 1.3, 2.0],
-                                            adam=[0.3, 0.8, 1.0, 1.5, 0.9, 4.0]))
+    early = first_crossing(_constructed(10, gd=[0.1, 0.2, 0.5, 0.9, 1.3, 2.0], adam=[0.3, 0.8, 1.0, 1.5, 0.9, 4.0]))
     assert early.adam == Crossing(step=7, steps_before=3) and early.gd == Crossing(step=9, steps_before=1)
     assert early.adam_before_spike and early.adam_first and early.adam_crossed_in_window
     assert early.max_adam_ratio == 4.0 and early.max_gd_ratio == 2.0
@@ -172,8 +191,15 @@ def test_study_end_to_end(run_dir, tmp_path, capsys):
     assert [s["step"] for s in entry["trajectory"]["steps"]] == list(range(SPIKE_STEP - BEFORE, SPIKE_STEP + 1))
     summary = data["summary"]
     assert summary["kits"] == 1 and summary["seeds"] == [0]
-    for key in ("adam_before_spike", "adam_before_plain", "adam_at_start", "plain_at_start", "bimodal_at_spike",
-                "bimodality_rises", "cosine_falls"):
+    for key in (
+        "adam_before_spike",
+        "adam_before_plain",
+        "adam_at_start",
+        "plain_at_start",
+        "bimodal_at_spike",
+        "bimodality_rises",
+        "cosine_falls",
+    ):
         lo, hi = summary[key]["wilson95"]
         assert summary[key]["n"] == 1 and 0.0 <= lo <= summary[key]["fraction"] <= hi <= 1.0
     # the in-window question is asked only of kits whose preconditioned ratio started below 1
@@ -183,15 +209,26 @@ def test_study_end_to_end(run_dir, tmp_path, capsys):
     assert summary["update_bimodality"]["at_start"] == [steps[0]["update_bimodality"]]
     assert summary["update_cosine"]["at_spike"] == [steps[-1]["update_cosine"]]
     text = (out / "summary.md").read_text()
-    for needle in ("Measured answer", "95% Wilson", "distinct seeds", "Per kit", "ratios_aligned.png",
-                   "left-censored", "bimodality coefficient"):
+    for needle in (
+        "Measured answer",
+        "95% Wilson",
+        "distinct seeds",
+        "Per kit",
+        "ratios_aligned.png",
+        "left-censored",
+        "bimodality coefficient",
+    ):
         assert needle in text
     assert (out / "ratios_aligned.png").stat().st_size > 0
     assert study.main([str(tmp_path / "empty_dir_that_is_missing"), "--out", str(out)]) == 2
     assert "no such path" in capsys.readouterr().err
     held = tmp_path / "held_out"
-    assert study.main([str(run_dir), "--out", str(held), "--iterations", "1", "--every", str(BEFORE),
-                       "--sharpness-batches", "1"]) == 0
+    assert (
+        study.main(
+            [str(run_dir), "--out", str(held), "--iterations", "1", "--every", str(BEFORE), "--sharpness-batches", "1"]
+        )
+        == 0
+    )
     data = json.loads((held / "trajectories.json").read_text())
     assert data["sharpness_batches"] == 1 and data["kits"][0]["trajectory"]["sharpness_batches"] == 1
     assert "first 1 held-out batches" in (held / "summary.md").read_text()
@@ -203,8 +240,7 @@ def test_inspect_edge_writes_the_section_and_figure(kit, tmp_path, capsys, monke
     # drawn here with the cheap sequence figure instead, since only the edge section matters
     monkeypatch.setattr(dissect, "_update_figure", dissect._sequence_figure)
     out = tmp_path / "inspect"
-    assert inspect_main([str(kit.path), "--out", str(out), "--no-replay", "--lanczos-iters", str(ITERS),
-                         "--edge"]) == 0
+    assert inspect_main([str(kit.path), "--out", str(out), "--no-replay", "--lanczos-iters", str(ITERS), "--edge"]) == 0
     assert "edge of stability:" in capsys.readouterr().out
     assert inspect_main([str(kit.path), "--out", str(out), "--no-replay", "--edge-batches", "2"]) == 2
     assert "needs --edge" in capsys.readouterr().err
@@ -228,5 +264,11 @@ def test_lab_preset_is_the_unprotected_clipping_arm_with_a_long_history():
     assert c.capture.enabled and c.capture.steps_before == 100 and c.capture.max_kits == 1
     assert c.optim.grad_clip == 0.0 and c.remedy.kind == base.remedy.kind
     # everything that shapes the trajectory is the clipping study's: only the capture window differs
-    assert (c.model, c.optim, c.train, c.schedule, c.data, c.loss) == (base.model, base.optim, base.train,
-                                                                        base.schedule, base.data, base.loss)
+    assert (c.model, c.optim, c.train, c.schedule, c.data, c.loss) == (
+        base.model,
+        base.optim,
+        base.train,
+        base.schedule,
+        base.data,
+        base.loss,
+    )

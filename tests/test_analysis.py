@@ -121,9 +121,7 @@ def test_lr_sensitivity_hand_computed() -> None:
 def test_lr_sensitivity_diverged_and_failed_count_as_init() -> None:
     lrs = [1e-3, 1e-2, 1e-1]
     # the diverged run has a finite, even good-looking loss: it still counts as l0
-    assert lr_sensitivity(lrs, [3.0, 2.0, 2.5], 6.0, diverged=[False, False, True]) == pytest.approx(
-        (1 + 0 + 4) / 3
-    )
+    assert lr_sensitivity(lrs, [3.0, 2.0, 2.5], 6.0, diverged=[False, False, True]) == pytest.approx((1 + 0 + 4) / 3)
     # a missing or NaN loss (failed run) counts as l0 too
     assert lr_sensitivity(lrs, [3.0, 2.0, None], 6.0) == pytest.approx((1 + 0 + 4) / 3)
     assert lr_sensitivity(lrs, [3.0, 2.0, math.nan], 6.0) == pytest.approx((1 + 0 + 4) / 3)
@@ -156,9 +154,7 @@ def test_lr_sensitivity_edge_cases() -> None:
 # Variants
 # --------------------------------------------------------------------------------------------
 def test_variant_drops_lr_seed_and_bookkeeping() -> None:
-    a = variant_of(
-        ["optim.lr=0.1", "+experiment=demo", "model.qk_norm=off", "train.seed=3", "wandb.mode=offline"]
-    )
+    a = variant_of(["optim.lr=0.1", "+experiment=demo", "model.qk_norm=off", "train.seed=3", "wandb.mode=offline"])
     b = variant_of(["model.qk_norm=off", "++experiment=demo", "optim.lr=0.01", "train.progress=false"])
     assert a == b == ("experiment=demo", "model.qk_norm=off")
     assert override_value(["optim.lr=0.1", "model=1m"], "optim.lr") == "0.1"
@@ -199,8 +195,11 @@ def test_best_is_inside_needs_three_points_and_an_interior_minimum() -> None:
 
 
 def test_seed_curves_give_one_sensitivity_per_seed_and_group() -> None:
-    points = [CurvePoint("a", seed, lr, loss + 0.1 * seed, 6.0)
-              for seed in (0, 1) for lr, loss in ((1e-3, 4.0), (1e-2, 3.0), (1e-1, 5.0))]
+    points = [
+        CurvePoint("a", seed, lr, loss + 0.1 * seed, 6.0)
+        for seed in (0, 1)
+        for lr, loss in ((1e-3, 4.0), (1e-2, 3.0), (1e-1, 5.0))
+    ]
     points.append(CurvePoint("b", 0, 1e-3, 3.0, 6.0))
     points.append(CurvePoint("b", 0, 1e-2, None, 6.0, diverged=True))  # counts as the loss at init
     curves = seed_curves(points)

@@ -19,6 +19,7 @@ from proxy.data import (
     sample_hmm,
 )
 
+
 # --------------------------------------------------------------------------------------------
 # Contract: deterministic, next-token labels, sharded
 # --------------------------------------------------------------------------------------------
@@ -77,8 +78,9 @@ def test_optimal_loss_is_far_below_unigram_entropy():
 
 def test_forward_algorithm_matches_brute_force():
     """On a tiny HMM, -log p from the forward algorithm equals the sum over all state paths."""
-    cfg = SyntheticConfig(seed=3, vocab_size=4, n_states=3, emissions_per_state=2,
-                          transitions_per_state=2, zipf_exponent=1.0)
+    cfg = SyntheticConfig(
+        seed=3, vocab_size=4, n_states=3, emissions_per_state=2, transitions_per_state=2, zipf_exponent=1.0
+    )
     hmm = build_hmm(cfg)
     length = 4
     sequences = np.array(list(itertools.product(range(4), repeat=length)))
@@ -144,8 +146,7 @@ def test_memmap_single_file_holds_out_its_tail(tmp_path):
     data = (np.arange(2000) % 300).astype(np.uint16)
     data[-100:] = 299  # the tail is recognisable
     data.tofile(tmp_path / "corpus.bin")
-    source = build_source(DataConfig(source=DataSource.memmap, path=str(tmp_path / "corpus.bin"),
-                                     val_fraction=0.05))
+    source = build_source(DataConfig(source=DataSource.memmap, path=str(tmp_path / "corpus.bin"), val_fraction=0.05))
     assert source.vocab_size == 300  # max id + 1 without meta.json
     xv, _ = source.batch("val", 0, 3, 50)
     assert (xv == 299).all()
@@ -160,8 +161,15 @@ def test_memmap_single_file_holds_out_its_tail(tmp_path):
         (lambda d: (d / "empty.bin").write_bytes(b""), "empty.bin", "file is empty"),
         (lambda d: (d / "odd.bin").write_bytes(b"\x01\x02\x03"), "odd.bin", "not a whole number of uint16"),
         (lambda d: (d / "sub").mkdir(), "sub", "folder has no train.bin"),
-        (lambda d: ((d / "m").mkdir(), (d / "m" / "train.bin").write_bytes(b"\0" * 64),
-                    (d / "m" / "meta.json").write_text("{oops")), "m", "not valid JSON"),
+        (
+            lambda d: (
+                (d / "m").mkdir(),
+                (d / "m" / "train.bin").write_bytes(b"\0" * 64),
+                (d / "m" / "meta.json").write_text("{oops"),
+            ),
+            "m",
+            "not valid JSON",
+        ),
     ],
 )
 def test_memmap_bad_files_are_one_line_errors(tmp_path, setup, path, message):
@@ -196,8 +204,9 @@ def test_text_source_byte_level(tmp_path):
 
 def test_text_source_bpe(tmp_path):
     (tmp_path / "a.txt").write_text(TEXT)
-    source = build_source(DataConfig(source=DataSource.text, path=str(tmp_path / "a.txt"),
-                                     tokenizer="bpe", bpe_vocab_size=300))
+    source = build_source(
+        DataConfig(source=DataSource.text, path=str(tmp_path / "a.txt"), tokenizer="bpe", bpe_vocab_size=300)
+    )
     assert 257 <= source.vocab_size <= 300
     x, _ = source.batch("train", 0, 2, 16)
     assert int(x.max()) < source.vocab_size
@@ -207,8 +216,18 @@ def test_prepare_then_load_as_memmap(tmp_path, capsys):
     (tmp_path / "corpus.txt").write_text(TEXT)
     for tokenizer in ("byte", "bpe"):
         out = tmp_path / tokenizer
-        code = prepare_main(["--input", str(tmp_path / "corpus.txt"), "--out", str(out),
-                             "--tokenizer", tokenizer, "--vocab-size", "320"])
+        code = prepare_main(
+            [
+                "--input",
+                str(tmp_path / "corpus.txt"),
+                "--out",
+                str(out),
+                "--tokenizer",
+                tokenizer,
+                "--vocab-size",
+                "320",
+            ]
+        )
         assert code == 0
         meta = json.loads((out / "meta.json").read_text())
         train = np.fromfile(out / "train.bin", dtype=np.uint16)
@@ -221,8 +240,13 @@ def test_prepare_then_load_as_memmap(tmp_path, capsys):
     assert byte_meta["train_tokens"] + byte_meta["val_tokens"] == len(TEXT)  # one byte, one token
     assert byte_meta["val_tokens"] == pytest.approx(0.05 * len(TEXT), abs=1)
     # the saved BPE tokenizer is usable by the text source
-    text = build_source(DataConfig(source=DataSource.text, path=str(tmp_path / "corpus.txt"),
-                                   tokenizer=str(tmp_path / "bpe" / "tokenizer.json")))
+    text = build_source(
+        DataConfig(
+            source=DataSource.text,
+            path=str(tmp_path / "corpus.txt"),
+            tokenizer=str(tmp_path / "bpe" / "tokenizer.json"),
+        )
+    )
     assert text.vocab_size == json.loads((tmp_path / "bpe" / "meta.json").read_text())["vocab_size"]
     assert "wrote" in capsys.readouterr().out
 
@@ -235,6 +259,5 @@ def test_prepare_errors_are_one_line_and_exit_2(tmp_path, capsys):
     assert prepare_main(["--input", str(tmp_path / "empty"), "--out", str(tmp_path / "o")]) == 2
     assert "no .txt files" in capsys.readouterr().err
     (tmp_path / "bin.txt").write_bytes(b"\xff\xfeabc")
-    assert prepare_main(["--input", str(tmp_path / "bin.txt"), "--out", str(tmp_path / "o"),
-                         "--tokenizer", "bpe"]) == 2
+    assert prepare_main(["--input", str(tmp_path / "bin.txt"), "--out", str(tmp_path / "o"), "--tokenizer", "bpe"]) == 2
     assert "not UTF-8" in capsys.readouterr().err

@@ -49,12 +49,15 @@ def test_memmap_folder_of_text_files_says_so(tmp_path):
         build_source(memmap(tmp_path))
 
 
-@pytest.mark.parametrize("make", [
-    lambda rng: rng.integers(0, 50257, 30_000).astype(np.uint16),  # a GPT-2 sized vocabulary
-    lambda rng: rng.integers(256, 65535, 30_000).astype(np.uint16),  # no id below 256
-    lambda rng: rng.integers(0, 100_000, 30_000).astype(np.uint32),
-    lambda rng: (np.arange(30_000) % 997).astype(np.uint16),
-])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda rng: rng.integers(0, 50257, 30_000).astype(np.uint16),  # a GPT-2 sized vocabulary
+        lambda rng: rng.integers(256, 65535, 30_000).astype(np.uint16),  # no id below 256
+        lambda rng: rng.integers(0, 100_000, 30_000).astype(np.uint32),
+        lambda rng: (np.arange(30_000) % 997).astype(np.uint16),
+    ],
+)
 def test_token_ids_are_not_taken_for_text(make):
     tokens = make(np.random.default_rng(0))
     assert not looks_like_text(tokens.tobytes()[: 1 << 16])
@@ -111,8 +114,9 @@ def bpe_cfg(tmp_path, **train_keys) -> dict:
     (tmp_path / "corpus.txt").write_text(TEXT)
     cfg = as_dict(Config())
     cfg["data"].update(source="text", path=str(tmp_path / "corpus.txt"), tokenizer="bpe", bpe_vocab_size=300)
-    cfg["train"].update(steps=6, batch_size=2, seq_len=16, log_every=2, eval_every=3, eval_batches=1,
-                        progress="false", **train_keys)
+    cfg["train"].update(
+        steps=6, batch_size=2, seq_len=16, log_every=2, eval_every=3, eval_batches=1, progress="false", **train_keys
+    )
     cfg["schedule"]["warmup_steps"] = 2
     return cfg
 

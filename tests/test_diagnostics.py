@@ -10,8 +10,8 @@ import math
 import pytest
 import torch
 
-from proxy.config import Config, to_config, as_dict
-from proxy.model import build_model, ModelOutput
+from proxy.config import Config, as_dict, to_config
+from proxy.model import ModelOutput, build_model
 from proxy.records import ATTN_MAX_LOGIT, GRAD_RMS, OUTPUT, PARAM_NORM, UPDATE_RMS, attn_layer_key
 from proxy.train import diagnostics
 
@@ -61,14 +61,23 @@ def test_grad_update_and_norm_statistics_follow_their_definitions(tie):
 
 def test_forward_statistics_in_one_copy():
     maxima = [torch.tensor([[1.0, 7.0]]), None, torch.tensor([[3.0, 2.0]])]
-    out = ModelOutput(loss=torch.tensor(1.0), ce_loss=torch.tensor(1.0), z_loss=torch.tensor(0.0),
-                      attn_max_logits=maxima,
-                      output_stats={"logit_mean": torch.tensor(-1.5), "lse_max": torch.tensor(float("nan")),
-                                    "lse_mean": 4.25})
+    out = ModelOutput(
+        loss=torch.tensor(1.0),
+        ce_loss=torch.tensor(1.0),
+        z_loss=torch.tensor(0.0),
+        attn_max_logits=maxima,
+        output_stats={"logit_mean": torch.tensor(-1.5), "lse_max": torch.tensor(float("nan")), "lse_mean": 4.25},
+    )
     stats = diagnostics.forward_stats(out)
-    assert stats == {attn_layer_key(0): 7.0, attn_layer_key(1): 3.0, ATTN_MAX_LOGIT: 7.0,
-                     OUTPUT + "logit_mean": -1.5, OUTPUT + "lse_mean": 4.25}
-    empty = ModelOutput(loss=torch.tensor(1.0), ce_loss=torch.tensor(1.0), z_loss=torch.tensor(0.0),
-                        attn_max_logits=[], output_stats={})
+    assert stats == {
+        attn_layer_key(0): 7.0,
+        attn_layer_key(1): 3.0,
+        ATTN_MAX_LOGIT: 7.0,
+        OUTPUT + "logit_mean": -1.5,
+        OUTPUT + "lse_mean": 4.25,
+    }
+    empty = ModelOutput(
+        loss=torch.tensor(1.0), ce_loss=torch.tensor(1.0), z_loss=torch.tensor(0.0), attn_max_logits=[], output_stats={}
+    )
     assert diagnostics.forward_stats(empty) == {}
     assert not math.isnan(stats[ATTN_MAX_LOGIT])

@@ -15,13 +15,13 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
 from proxy.config import Config, ConfigError, OptimConfig, as_dict, register_configs, to_config
-from proxy.train.ensemble import member_specs
-from proxy.train.trainer import train_ensemble
-from proxy.train.ensemble_optim import ParamRule, StackedAdamW, clip_members_, member_grad_norms, param_rules
 from proxy.model import build_model
 from proxy.optim import apply_lr, build_optimizer, clip_grad_norm
 from proxy.records import find_runs, load_run
 from proxy.train import train
+from proxy.train.ensemble import member_specs
+from proxy.train.ensemble_optim import ParamRule, StackedAdamW, clip_members_, member_grad_norms, param_rules
+from proxy.train.trainer import train_ensemble
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,8 +39,7 @@ def one_thread():
 def tiny_cfg(**sections) -> dict:
     cfg = as_dict(Config())
     cfg["model"].update(d_model=32, n_heads=2)
-    cfg["train"].update(steps=20, batch_size=4, seq_len=32, log_every=1, eval_every=10, eval_batches=2,
-                        progress=False)
+    cfg["train"].update(steps=20, batch_size=4, seq_len=32, log_every=1, eval_every=10, eval_batches=2, progress=False)
     cfg["schedule"]["warmup_steps"] = 5
     for section, values in sections.items():
         cfg[section].update(values)
@@ -58,14 +57,17 @@ def without_perf(rows: list[dict]) -> list[dict]:
 # --------------------------------------------------------------------------------------------
 # Equivalence with standalone runs
 # --------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("variant", [
-    dict(),
-    dict(model=dict(qk_norm="rmsnorm", init="fan_in", mlp="swiglu", tie_embeddings=True),
-         loss=dict(z_loss=1e-4)),
-    dict(model=dict(qk_norm="layernorm", init="scaled", norm_position="reordered", norm="rmsnorm",
-                    attention="sdpa"),
-         optim=dict(mup=True, mup_base_fan_in=16, weight_decay=1e-4, weight_decay_mode="independent")),
-])
+@pytest.mark.parametrize(
+    "variant",
+    [
+        dict(),
+        dict(model=dict(qk_norm="rmsnorm", init="fan_in", mlp="swiglu", tie_embeddings=True), loss=dict(z_loss=1e-4)),
+        dict(
+            model=dict(qk_norm="layernorm", init="scaled", norm_position="reordered", norm="rmsnorm", attention="sdpa"),
+            optim=dict(mup=True, mup_base_fan_in=16, weight_decay=1e-4, weight_decay_mode="independent"),
+        ),
+    ],
+)
 def test_each_member_follows_its_standalone_run(tmp_path, variant):
     lrs = [1e-3, 4e-3]
     summaries = train_ensemble(tiny_cfg(sweep=dict(lrs=lrs), **variant), tmp_path / "sweep")
@@ -87,8 +89,12 @@ def test_seed_and_weight_decay_axes_make_a_grid(tmp_path):
     cfg = tiny_cfg(sweep=dict(lrs=[2e-3], seeds=[0, 7], weight_decays=[0.0, 0.1]), train=dict(steps=8))
     summaries = train_ensemble(cfg, tmp_path / "sweep")
     labels = sorted(p.name for p in (tmp_path / "sweep").iterdir())
-    assert labels == ["lr=0.002,seed=0,wd=0.0", "lr=0.002,seed=0,wd=0.1",
-                      "lr=0.002,seed=7,wd=0.0", "lr=0.002,seed=7,wd=0.1"]
+    assert labels == [
+        "lr=0.002,seed=0,wd=0.0",
+        "lr=0.002,seed=0,wd=0.1",
+        "lr=0.002,seed=7,wd=0.0",
+        "lr=0.002,seed=7,wd=0.1",
+    ]
     assert all(s["status"] == "completed" for s in summaries)
     solo = tiny_cfg(optim=dict(lr=2e-3, weight_decay=0.1), train=dict(steps=8, seed=7))
     train(solo, tmp_path / "solo")
@@ -125,8 +131,10 @@ def test_diverged_member_is_frozen_and_the_others_do_not_notice(tmp_path):
 def test_loss_threshold_divergence_matches_standalone(tmp_path):
     cfg = dict(optim=dict(grad_clip=0.0), schedule=dict(warmup_steps=0), train=dict(steps=30, eval_every=15))
     summaries = train_ensemble(tiny_cfg(sweep=dict(lrs=[1e-3, 3.0]), **cfg), tmp_path / "sweep")
-    solo = train(tiny_cfg(optim=dict(lr=3.0, grad_clip=0.0), schedule=dict(warmup_steps=0),
-                          train=dict(steps=30, eval_every=15)), tmp_path / "solo")
+    solo = train(
+        tiny_cfg(optim=dict(lr=3.0, grad_clip=0.0), schedule=dict(warmup_steps=0), train=dict(steps=30, eval_every=15)),
+        tmp_path / "solo",
+    )
     assert solo["status"] == "diverged"
     assert summaries[1]["status"] == "diverged"
     assert summaries[1]["diverged_at_step"] == solo["diverged_at_step"]
@@ -189,12 +197,15 @@ def test_sweep_composes_from_the_command_line():
     assert specs[0].overrides == ("model.init=fan_in", "optim.lr=0.001", "train.seed=1")
 
 
-@pytest.mark.parametrize("sweep, remedy, message", [
-    (dict(lrs=[1e-3, 1e-3]), {}, "sweep.lrs=[0.001, 0.001] has repeated values"),
-    (dict(lrs=[1e-3, -1.0]), {}, "sweep.lrs entry=-1.0 must be > 0"),
-    (dict(weight_decays=[-0.1]), {}, "sweep.weight_decays entry=-0.1 must be >= 0"),
-    (dict(lrs=[1e-3]), dict(kind="rollback"), "remedy.kind=rollback is not supported with sweep.*"),
-])
+@pytest.mark.parametrize(
+    "sweep, remedy, message",
+    [
+        (dict(lrs=[1e-3, 1e-3]), {}, "sweep.lrs=[0.001, 0.001] has repeated values"),
+        (dict(lrs=[1e-3, -1.0]), {}, "sweep.lrs entry=-1.0 must be > 0"),
+        (dict(weight_decays=[-0.1]), {}, "sweep.weight_decays entry=-0.1 must be >= 0"),
+        (dict(lrs=[1e-3]), dict(kind="rollback"), "remedy.kind=rollback is not supported with sweep.*"),
+    ],
+)
 def test_bad_sweeps_fail_with_one_line(tmp_path, sweep, remedy, message):
     with pytest.raises(ConfigError) as info:
         train_ensemble(tiny_cfg(sweep=sweep, remedy=remedy), tmp_path / "sweep")
@@ -208,8 +219,12 @@ def test_the_triton_kernels_map_over_members(tmp_path, kernels):
     member still follows its standalone run on the same kernels."""
     lrs = [1e-3, 4e-3]
     # the interpreter runs each kernel program in Python: a handful of small steps
-    variant = dict(model=kernels, loss=dict(z_loss=1e-4), data=dict(synthetic=dict(vocab_size=64)),
-                   train=dict(steps=3, batch_size=2, seq_len=8, eval_every=100, eval_batches=1))
+    variant = dict(
+        model=kernels,
+        loss=dict(z_loss=1e-4),
+        data=dict(synthetic=dict(vocab_size=64)),
+        train=dict(steps=3, batch_size=2, seq_len=8, eval_every=100, eval_batches=1),
+    )
     summaries = train_ensemble(tiny_cfg(sweep=dict(lrs=lrs), **variant), tmp_path / "sweep")
     assert [s["status"] for s in summaries] == ["completed", "completed"]
     for lr in lrs:
@@ -237,8 +252,7 @@ def test_stacked_adamw_is_the_standalone_adamw_per_member(mode):
     for model, lr, wd in zip(models, lrs, wds):
         optimizers.append(build_optimizer(model, dataclasses.replace(base_optim, lr=lr, weight_decay=wd)))
     names = [n for n, _ in models[0].named_parameters()]
-    stacked = {n: torch.stack([dict(m.named_parameters())[n].detach() for m in models]).requires_grad_()
-               for n in names}
+    stacked = {n: torch.stack([dict(m.named_parameters())[n].detach() for m in models]).requires_grad_() for n in names}
     optimizer = StackedAdamW(stacked, param_rules(models[0], base_optim), lrs, wds, base_optim)
     for step in range(4):
         multiplier = 0.5 + 0.1 * step
@@ -287,15 +301,21 @@ def test_stacking_members_built_on_the_cpu_for_another_device():
 # --------------------------------------------------------------------------------------------
 # Remedies, spike capture and resume, per member (one loop for one run or K members)
 # --------------------------------------------------------------------------------------------
-SPIKY = dict(data=dict(inject=dict(enabled=True, start_step=14, end_step=16, fraction=0.5, repeats=32,
-                                   min_period=1, max_period=1)),
-             train=dict(steps=24, eval_every=100, batch_size=8))
+SPIKY = dict(
+    data=dict(
+        inject=dict(enabled=True, start_step=14, end_step=16, fraction=0.5, repeats=32, min_period=1, max_period=1)
+    ),
+    train=dict(steps=24, eval_every=100, batch_size=8),
+)
 
 
-@pytest.mark.parametrize("remedy, kind", [
-    (dict(kind="skip_step", spike_sigma=3.0, spike_window=10, spike_min_history=5), "skip_step"),
-    (dict(kind="zclip", zclip_z=2.0, zclip_warmup=5), "zclip"),
-])
+@pytest.mark.parametrize(
+    "remedy, kind",
+    [
+        (dict(kind="skip_step", spike_sigma=3.0, spike_window=10, spike_min_history=5), "skip_step"),
+        (dict(kind="zclip", zclip_z=2.0, zclip_warmup=5), "zclip"),
+    ],
+)
 def test_each_member_runs_its_own_remedy_as_its_standalone_run(tmp_path, remedy, kind):
     lrs = [3e-3, 1e-2]
     train_ensemble(tiny_cfg(sweep=dict(lrs=lrs), remedy=remedy, **SPIKY), tmp_path / "sweep")
@@ -316,8 +336,9 @@ def test_each_member_runs_its_own_remedy_as_its_standalone_run(tmp_path, remedy,
 
 
 def test_each_member_captures_its_own_spike_kits(tmp_path):
-    capture = dict(enabled=True, trigger="loss", sigma=5.0, window=10, min_history=5, steps_before=2,
-                   steps_after=2, max_kits=1)
+    capture = dict(
+        enabled=True, trigger="loss", sigma=5.0, window=10, min_history=5, steps_before=2, steps_after=2, max_kits=1
+    )
     train_ensemble(tiny_cfg(sweep=dict(lrs=[3e-3, 1e-2]), capture=capture, **SPIKY), tmp_path / "sweep")
     solo = tiny_cfg(capture=capture, **SPIKY)
     solo["optim"]["lr"] = 1e-2
@@ -334,14 +355,19 @@ def test_each_member_captures_its_own_spike_kits(tmp_path):
         b = torch.load(theirs / f"state_{which}.pt", weights_only=True)
         assert a["model"].keys() == b["model"].keys()
         for name in a["model"]:
-            torch.testing.assert_close(a["model"][name], b["model"][name], rtol=1e-3, atol=1e-5)  # the rounding of batched matmuls
+            torch.testing.assert_close(
+                a["model"][name], b["model"][name], rtol=1e-3, atol=1e-5
+            )  # the rounding of batched matmuls
         assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
     assert torch.equal(kit.batches["inputs"], reference.batches["inputs"])
 
 
 def test_a_sweep_resumes_as_if_it_had_not_stopped(tmp_path):
-    cfg = tiny_cfg(sweep=dict(lrs=[3e-3, 1e-2]), remedy=dict(kind="zclip", zclip_z=2.0, zclip_warmup=5),
-                   train=dict(steps=20, ckpt_every=10, keep_checkpoints=5))
+    cfg = tiny_cfg(
+        sweep=dict(lrs=[3e-3, 1e-2]),
+        remedy=dict(kind="zclip", zclip_z=2.0, zclip_warmup=5),
+        train=dict(steps=20, ckpt_every=10, keep_checkpoints=5),
+    )
     whole = tmp_path / "whole"
     train_ensemble(cfg, whole)
     stopped = tmp_path / "stopped"

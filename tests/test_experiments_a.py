@@ -23,8 +23,12 @@ from proxy.verdict import judge_runs
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = REPO / "experiments"
 FINDINGS = ("attention_logit_growth", "output_logit_divergence", "lr_sensitivity_scaling", "warmup_and_weight_decay")
-VERDICTS = FINDINGS + ("attention_logit_growth/protocol1", "output_logit_divergence/protocol1",
-                       "warmup_and_weight_decay/protocol1", "lr_sensitivity_scaling/protocol1")
+VERDICTS = FINDINGS + (
+    "attention_logit_growth/protocol1",
+    "output_logit_divergence/protocol1",
+    "warmup_and_weight_decay/protocol1",
+    "lr_sensitivity_scaling/protocol1",
+)
 L0 = math.log(512)
 STEPS = 40
 
@@ -43,12 +47,15 @@ def test_presets_compose(finding: str, scale: str) -> None:
         assert cfg.train.save_final is False
 
 
-@pytest.mark.parametrize("group,option,key,value", [
-    ("stability", "qknorm_zloss", "loss.z_loss", 1e-4),
-    ("stability", "none", "model.qk_norm", "off"),
-    ("wd", "independent", "optim.weight_decay", 1e-4),
-    ("wd", "coupled", "optim.weight_decay", 0.1),
-])
+@pytest.mark.parametrize(
+    "group,option,key,value",
+    [
+        ("stability", "qknorm_zloss", "loss.z_loss", 1e-4),
+        ("stability", "none", "model.qk_norm", "off"),
+        ("wd", "independent", "optim.weight_decay", 1e-4),
+        ("wd", "coupled", "optim.weight_decay", 0.1),
+    ],
+)
 def test_recipe_groups_set_their_knobs(group: str, option: str, key: str, value) -> None:
     register_configs()
     with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
@@ -61,8 +68,16 @@ def test_recipe_groups_set_their_knobs(group: str, option: str, key: str, value)
 # --------------------------------------------------------------------------------------------
 # Constructed sweeps
 # --------------------------------------------------------------------------------------------
-def make_run(root: Path, overrides: dict[str, object], *, lr: float, final_loss: Optional[float],
-             attn_peak: float = 10.0, logit_mean_end: float = -1.0, lse_end: float = 6.0) -> Path:
+def make_run(
+    root: Path,
+    overrides: dict[str, object],
+    *,
+    lr: float,
+    final_loss: Optional[float],
+    attn_peak: float = 10.0,
+    logit_mean_end: float = -1.0,
+    lse_end: float = 6.0,
+) -> Path:
     """One run directory: a loss falling to ``final_loss`` (None: diverged), attention and
     output-logit statistics moving linearly to the given end values."""
     items = [f"{k}={v}" for k, v in overrides.items()] + [f"optim.lr={lr}"]
@@ -74,17 +89,20 @@ def make_run(root: Path, overrides: dict[str, object], *, lr: float, final_loss:
     for step in range(0, end + 1, 10):
         frac = step / STEPS
         target = final_loss if final_loss is not None else L0
-        row = {"train/loss": L0 + (target - L0) * frac, "optim/grad_norm": 1.0,
-               "attn/max_logit": 1.0 + (attn_peak - 1.0) * frac,
-               "output/logit_mean": logit_mean_end * frac, "output/lse_mean": L0 + (lse_end - L0) * frac}
+        row = {
+            "train/loss": L0 + (target - L0) * frac,
+            "optim/grad_norm": 1.0,
+            "attn/max_logit": 1.0 + (attn_peak - 1.0) * frac,
+            "output/logit_mean": logit_mean_end * frac,
+            "output/lse_mean": L0 + (lse_end - L0) * frac,
+        }
         if step % 20 == 0:
             row["val/loss"] = row["train/loss"]
         record.log(step, row)
     if final_loss is None:
         record.update(status="diverged", diverged_at_step=end, steps_completed=end)
     else:
-        record.update(status="completed", final_val_loss=final_loss, final_train_loss=final_loss,
-                      steps_completed=STEPS)
+        record.update(status="completed", final_val_loss=final_loss, final_train_loss=final_loss, steps_completed=STEPS)
     record.close()
     return run_dir
 
@@ -104,8 +122,14 @@ def attention_sweep_p1(root: Path, reproduces: bool) -> Path:
 
 def output_sweep_p1(root: Path, reproduces: bool) -> Path:
     exp = {"+experiment": "output_logit_divergence_lab_p1"}
-    make_run(root, {**exp, "loss.z_loss": 0.0}, lr=3e-1, final_loss=3.8,
-             logit_mean_end=-40.0 if reproduces else -2.0, lse_end=4.0)
+    make_run(
+        root,
+        {**exp, "loss.z_loss": 0.0},
+        lr=3e-1,
+        final_loss=3.8,
+        logit_mean_end=-40.0 if reproduces else -2.0,
+        lse_end=4.0,
+    )
     make_run(root, {**exp, "loss.z_loss": 1e-4}, lr=3e-1, final_loss=3.7, logit_mean_end=-6.0, lse_end=0.3)
     return root
 
@@ -134,8 +158,16 @@ def warmup_sweep_p1(root: Path, reproduces: bool) -> Path:
 WARMUP_LRS = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)
 
 
-def curve_member(root: Path, overrides: dict[str, object], config: dict, *, lr: float, seed: int,
-                 final_loss: float, series: Optional[dict[str, float]] = None) -> Path:
+def curve_member(
+    root: Path,
+    overrides: dict[str, object],
+    config: dict,
+    *,
+    lr: float,
+    seed: int,
+    final_loss: float,
+    series: Optional[dict[str, float]] = None,
+) -> Path:
     """An ensemble member of an LR x seed grid: its own config (seed, LR and ``config``) and a loss
     falling to ``final_loss`` (above L0: diverged); ``series``: metrics rising from 1 to these values."""
     items = [f"{k}={v}" for k, v in overrides.items()] + [f"optim.lr={lr!r}", f"train.seed={seed}"]
@@ -151,8 +183,7 @@ def curve_member(root: Path, overrides: dict[str, object], config: dict, *, lr: 
     if diverged:
         record.update(status="diverged", diverged_at_step=STEPS, steps_completed=STEPS)
     else:
-        record.update(status="completed", final_val_loss=final_loss, final_train_loss=final_loss,
-                      steps_completed=STEPS)
+        record.update(status="completed", final_val_loss=final_loss, final_train_loss=final_loss, steps_completed=STEPS)
     record.close()
     return run_dir
 
@@ -168,14 +199,18 @@ def warmup_sweep(root: Path, reproduces: bool, best_lr: float = 1e-2) -> Path:
         for seed, jitter in enumerate((0.0, 0.01, -0.01)):
             for lr in WARMUP_LRS:
                 loss = 3.4 + (a + jitter) * math.log10(lr / best_lr) ** 2
-                curve_member(root, {"+experiment": "warmup_and_weight_decay_lab", "+wd": form,
-                                    "schedule.warmup_steps": warmup},
-                             {"schedule": {"warmup_steps": warmup}}, lr=lr, seed=seed, final_loss=loss)
+                curve_member(
+                    root,
+                    {"+experiment": "warmup_and_weight_decay_lab", "+wd": form, "schedule.warmup_steps": warmup},
+                    {"schedule": {"warmup_steps": warmup}},
+                    lr=lr,
+                    seed=seed,
+                    final_loss=loss,
+                )
     return root
 
 
-def scaling_sweep(root: Path, reproduces: bool, best_lr: float = 1e-2,
-                  flat_growth: Optional[float] = None) -> Path:
+def scaling_sweep(root: Path, reproduces: bool, best_lr: float = 1e-2, flat_growth: Optional[float] = None) -> Path:
     """Protocol 2: widths 32/64/128 x recipe, each an LR x 3-seed grid whose loss is a parabola in
     log LR around ``best_lr``; without interventions the curvature (LR sensitivity) grows with
     width, with QK-norm + z-loss it stays low and flat (when it does not reproduce, it grows with
@@ -188,9 +223,14 @@ def scaling_sweep(root: Path, reproduces: bool, best_lr: float = 1e-2,
             for seed, jitter in enumerate((0.0, 0.01, -0.01)):
                 for lr in WARMUP_LRS:
                     loss = 3.4 + (a + jitter) * math.log10(lr / best_lr) ** 2
-                    curve_member(root, {"+experiment": "lr_sensitivity_scaling_lab", "+stability": recipe,
-                                        "model.d_model": width},
-                                 {"model": {"d_model": width}}, lr=lr, seed=seed, final_loss=loss)
+                    curve_member(
+                        root,
+                        {"+experiment": "lr_sensitivity_scaling_lab", "+stability": recipe, "model.d_model": width},
+                        {"model": {"d_model": width}},
+                        lr=lr,
+                        seed=seed,
+                        final_loss=loss,
+                    )
     return root
 
 
@@ -210,19 +250,31 @@ def test_warmup_verdict_wants_the_optimum_inside_the_grid(tmp_path: Path) -> Non
     assert not verdict.reproduced
 
 
-def output_member(root: Path, arm: str, lr: float, seed: int, lse: tuple[float, float],
-                  class_means: tuple[float, float, float] = (-9.0, -6.0, 1.0)) -> Path:
+def output_member(
+    root: Path,
+    arm: str,
+    lr: float,
+    seed: int,
+    lse: tuple[float, float],
+    class_means: tuple[float, float, float] = (-9.0, -6.0, 1.0),
+) -> Path:
     """A member of protocol 2's ensembles: log Z from lse[0] after warmup to lse[1] at the end."""
     items = ["+experiment=output_logit_divergence_lab", f"+output_arm={arm}", f"optim.lr={lr!r}", f"train.seed={seed}"]
     run_dir = root / f"arm={arm}" / f"lr={lr!r},seed={seed}"
-    write_json(run_dir / "config.yaml", {"optim": {"lr": lr}, "train": {"seed": seed, "steps": 200},
-                                         "schedule": {"warmup_steps": 20}})
+    write_json(
+        run_dir / "config.yaml",
+        {"optim": {"lr": lr}, "train": {"seed": seed, "steps": 200}, "schedule": {"warmup_steps": 20}},
+    )
     record = RunRecord(run_dir)
     record.update(status="running", overrides=items, lr=lr, loss_at_init=L0, steps_planned=200)
     for step in range(0, 201, 20):
         frac = max(0.0, (step - 20) / 180)
-        row = {"train/loss": L0 - 2 * frac, "output/lse_mean": lse[0] + (lse[1] - lse[0]) * frac,
-               "output/mean_row_norm": 0.1 + frac, "output/logit_mean": -3.0 * frac}
+        row = {
+            "train/loss": L0 - 2 * frac,
+            "output/lse_mean": lse[0] + (lse[1] - lse[0]) * frac,
+            "output/mean_row_norm": 0.1 + frac,
+            "output/logit_mean": -3.0 * frac,
+        }
         row.update({f"output/logit_mean_{c}": m * frac for c, m in zip(("never", "rare", "frequent"), class_means)})
         record.log(step, row)
     record.update(status="completed", final_val_loss=L0 - 2, final_train_loss=L0 - 2, steps_completed=200)
@@ -235,8 +287,14 @@ def output_sweep(root: Path, reproduces: bool) -> Path:
     every seed (or stays put), less at the low LR, is pinned near 0 by z-loss and held by decay."""
     for seed, jitter in enumerate((0.0, 0.2, -0.3)):
         end_top = (-4.0 + jitter) if reproduces else 8.3 + jitter
-        ends = {("none", 1e-1): end_top, ("none", 1e-2): 8.0 + jitter, ("z_loss", 1e-1): 0.4 + 0.1 * jitter,
-                ("z_loss", 1e-2): 2.0, ("coupled_wd", 1e-1): 5.0 + jitter, ("coupled_wd", 1e-2): 7.0}
+        ends = {
+            ("none", 1e-1): end_top,
+            ("none", 1e-2): 8.0 + jitter,
+            ("z_loss", 1e-1): 0.4 + 0.1 * jitter,
+            ("z_loss", 1e-2): 2.0,
+            ("coupled_wd", 1e-1): 5.0 + jitter,
+            ("coupled_wd", 1e-2): 7.0,
+        }
         for (arm, lr), end in ends.items():
             output_member(root, arm, lr, seed, (8.3, end))
     return root
@@ -254,22 +312,35 @@ def attention_sweep(root: Path, reproduces: bool, held_past_mark: bool = False) 
         for lr in ATTENTION_LRS:
             x = math.log10(lr / 3e-2)
             off_peak = (20 * 10 ** (5 * (x + 1.0) / 2.0) * jitter) if reproduces else 30.0 + 10 * x
-            off_loss = 3.4 + 0.5 * x ** 2 + (1.0 if lr >= 1e-1 else 0.0)  # past 1e4: degraded
+            off_loss = 3.4 + 0.5 * x**2 + (1.0 if lr >= 1e-1 else 0.0)  # past 1e4: degraded
             if held_past_mark and seed == 0 and lr == 1e-1:
-                off_peak, off_loss = 3e4, 3.4 + 0.5 * x ** 2
-            for norm, peak, loss in (("off", off_peak, off_loss), ("layernorm", 15 + 10 * x * jitter, 3.4 + 0.15 * x ** 2)):
-                curve_member(root, {"+experiment": "attention_logit_growth_lab", "model.qk_norm": norm},
-                             {"model": {"qk_norm": norm, "d_model": 64}}, lr=lr, seed=seed, final_loss=loss,
-                             series={"attn/max_logit": peak})
+                off_peak, off_loss = 3e4, 3.4 + 0.5 * x**2
+            for norm, peak, loss in (
+                ("off", off_peak, off_loss),
+                ("layernorm", 15 + 10 * x * jitter, 3.4 + 0.15 * x**2),
+            ):
+                curve_member(
+                    root,
+                    {"+experiment": "attention_logit_growth_lab", "model.qk_norm": norm},
+                    {"model": {"qk_norm": norm, "d_model": 64}},
+                    lr=lr,
+                    seed=seed,
+                    final_loss=loss,
+                    series={"attn/max_logit": peak},
+                )
     return root
 
 
-SWEEPS = {"attention_logit_growth": attention_sweep, "attention_logit_growth/protocol1": attention_sweep_p1,
-          "output_logit_divergence": output_sweep,
-          "output_logit_divergence/protocol1": output_sweep_p1,
-          "lr_sensitivity_scaling": scaling_sweep, "lr_sensitivity_scaling/protocol1": scaling_sweep_p1,
-          "warmup_and_weight_decay": warmup_sweep,
-          "warmup_and_weight_decay/protocol1": warmup_sweep_p1}
+SWEEPS = {
+    "attention_logit_growth": attention_sweep,
+    "attention_logit_growth/protocol1": attention_sweep_p1,
+    "output_logit_divergence": output_sweep,
+    "output_logit_divergence/protocol1": output_sweep_p1,
+    "lr_sensitivity_scaling": scaling_sweep,
+    "lr_sensitivity_scaling/protocol1": scaling_sweep_p1,
+    "warmup_and_weight_decay": warmup_sweep,
+    "warmup_and_weight_decay/protocol1": warmup_sweep_p1,
+}
 
 
 @pytest.mark.parametrize("finding", VERDICTS)
@@ -283,8 +354,9 @@ def test_verdict_reproduced_and_not(finding: str, tmp_path: Path) -> None:
 
 
 def test_attention_verdict_wants_every_run_past_the_mark_to_fail(tmp_path: Path) -> None:
-    verdict = _verdict("attention_logit_growth", attention_sweep(tmp_path / "held", True, held_past_mark=True),
-                       tmp_path)
+    verdict = _verdict(
+        "attention_logit_growth", attention_sweep(tmp_path / "held", True, held_past_mark=True), tmp_path
+    )
     failed = [c for c in verdict.checks if not c.passed]
     assert len(failed) == 1 and "the mark" in failed[0].claim and "off seed 0 LR 0.1" in failed[0].measured
 
@@ -314,12 +386,32 @@ def test_verdict_names_a_missing_variant(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_attention_study_end_to_end(tmp_path: Path) -> None:
     sweep_dir = tmp_path / "sweep"
-    cmd = [sys.executable, "-m", "proxy.train", "-m", "+experiment=attention_logit_growth_lab",
-           "train.steps=4", "train.log_every=1", "train.eval_every=2", "train.eval_batches=1",
-           "train.batch_size=2", "train.seq_len=16", "model.d_model=16", "model.n_layers=1",
-           "sweep.lrs=[1e-2,3e-1]", "sweep.seeds=[0]", f"hydra.sweep.dir={sweep_dir}"]
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    cmd = [
+        sys.executable,
+        "-m",
+        "proxy.train",
+        "-m",
+        "+experiment=attention_logit_growth_lab",
+        "train.steps=4",
+        "train.log_every=1",
+        "train.eval_every=2",
+        "train.eval_batches=1",
+        "train.batch_size=2",
+        "train.seq_len=16",
+        "model.d_model=16",
+        "model.n_layers=1",
+        "sweep.lrs=[1e-2,3e-1]",
+        "sweep.seeds=[0]",
+        f"hydra.sweep.dir={sweep_dir}",
+    ]
+    done = subprocess.run(
+        cmd,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert len(list(sweep_dir.rglob("summary.json"))) == 4  # qk_norm off/layernorm x 2 LRs (ensembles)
     assert not list(sweep_dir.rglob("*.pt"))  # save_final=false: no checkpoints
@@ -334,8 +426,14 @@ def test_curve_points_leave_out_runs_that_did_not_finish(tmp_path: Path) -> None
     from proxy.verdict import curve_points
 
     root = warmup_sweep(tmp_path / "sweep", True)
-    crashed = curve_member(root, {"+wd": "coupled", "schedule.warmup_steps": 5}, {"schedule": {"warmup_steps": 5}},
-                           lr=1e-2, seed=7, final_loss=3.0)
+    crashed = curve_member(
+        root,
+        {"+wd": "coupled", "schedule.warmup_steps": 5},
+        {"schedule": {"warmup_steps": 5}},
+        lr=1e-2,
+        seed=7,
+        final_loss=3.0,
+    )
     RunRecord(crashed).update(status="failed")  # a crash is not a divergence
     runs = [load_run(p.parent) for p in root.rglob("summary.json")]
     points = curve_points(runs, lambda run: run.config_value("schedule.warmup_steps"))

@@ -14,7 +14,6 @@ import json
 import subprocess
 import sys
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import pytest
@@ -42,8 +41,7 @@ def test_presets_compose(finding: str, scale: str) -> None:
     assert cfg.train.save_final is False
 
 
-def make_run(root: Path, name: str, config: dict, series: dict[str, list[float]],
-             final_loss: float = 3.5) -> Path:
+def make_run(root: Path, name: str, config: dict, series: dict[str, list[float]], final_loss: float = 3.5) -> Path:
     """A completed run whose metrics rows hold ``series`` (one value per step)."""
     run_dir = root / name
     write_json(run_dir / "config.yaml", config)
@@ -79,8 +77,11 @@ def ngram_sweep_p1(root: Path, reproduces: bool) -> Path:
                 series["data/injected_rows"] = list(planted)
             if filt:
                 series["data/masked_tokens"] = list(100.0 * planted if inject else np.zeros(STEPS))
-            config = {"optim": {"lr": 1e-2}, "train": {"seed": 0},
-                      "data": {"inject": {"enabled": inject}, "ngram_filter": {"enabled": filt}}}
+            config = {
+                "optim": {"lr": 1e-2},
+                "train": {"seed": 0},
+                "data": {"inject": {"enabled": inject}, "ngram_filter": {"enabled": filt}},
+            }
             make_run(root, f"inject={inject},filter={filt}", config, series)
     return root
 
@@ -91,7 +92,7 @@ def ngram_sweep(root: Path, reproduces: bool, masks_clean: bool = False, seeds: 
     tokens of clean data."""
     for seed in range(seeds):
         planted = np.zeros(STEPS)
-        planted[30 + 7 * seed::23] = 1.0
+        planted[30 + 7 * seed :: 23] = 1.0
         for inject in (False, True):
             for filt in (False, True):
                 grad = noisy(100 * seed + 2 * int(inject) + int(filt))
@@ -103,8 +104,11 @@ def ngram_sweep(root: Path, reproduces: bool, masks_clean: bool = False, seeds: 
                 if filt:
                     masked = 100.0 * planted if inject else (np.full(STEPS, 50.0) if masks_clean else np.zeros(STEPS))
                     series["data/masked_tokens"] = list(masked)
-                config = {"optim": {"lr": 1e-2}, "train": {"seed": seed, "batch_size": 16, "seq_len": 128},
-                          "data": {"inject": {"enabled": inject}, "ngram_filter": {"enabled": filt}}}
+                config = {
+                    "optim": {"lr": 1e-2},
+                    "train": {"seed": seed, "batch_size": 16, "seq_len": 128},
+                    "data": {"inject": {"enabled": inject}, "ngram_filter": {"enabled": filt}},
+                }
                 make_run(root, f"inject={inject},filter={filt},seed={seed}", config, series)
     return root
 
@@ -123,8 +127,9 @@ def test_repeated_ngrams_p1_verdict(tmp_path: Path, reproduces: bool) -> None:
 
 @pytest.mark.parametrize("reproduces", [True, False])
 def test_repeated_ngrams_verdict(tmp_path: Path, reproduces: bool) -> None:
-    verdict = judge_runs(EXPERIMENTS / "repeated_ngrams", [ngram_sweep(tmp_path / "sweep", reproduces)],
-                         tmp_path / "report")
+    verdict = judge_runs(
+        EXPERIMENTS / "repeated_ngrams", [ngram_sweep(tmp_path / "sweep", reproduces)], tmp_path / "report"
+    )
     assert verdict.reproduced is reproduces, verdict.to_markdown()
     assert len(verdict.checks) == 5 and verdict.numbers["seeds"] == [0, 1, 2]
     if not reproduces:  # the clean-data check and nothing else of the design passes
@@ -132,18 +137,26 @@ def test_repeated_ngrams_verdict(tmp_path: Path, reproduces: bool) -> None:
 
 
 def test_repeated_ngrams_verdict_wants_three_seeds_and_a_filter_that_spares_clean_data(tmp_path: Path) -> None:
-    two = judge_runs(EXPERIMENTS / "repeated_ngrams", [ngram_sweep(tmp_path / "two", True, seeds=2)],
-                     tmp_path / "report_two")
+    two = judge_runs(
+        EXPERIMENTS / "repeated_ngrams", [ngram_sweep(tmp_path / "two", True, seeds=2)], tmp_path / "report_two"
+    )
     assert not two.reproduced  # each effect holds in both seeds, but two seeds cannot clear a spread
-    greedy = judge_runs(EXPERIMENTS / "repeated_ngrams", [ngram_sweep(tmp_path / "greedy", True, masks_clean=True)],
-                        tmp_path / "report_greedy")
+    greedy = judge_runs(
+        EXPERIMENTS / "repeated_ngrams",
+        [ngram_sweep(tmp_path / "greedy", True, masks_clean=True)],
+        tmp_path / "report_greedy",
+    )
     assert not greedy.checks[0].passed and all(c.passed for c in greedy.checks[1:])
 
 
 def test_repeated_ngrams_verdict_names_a_missing_group(tmp_path: Path) -> None:
     root = tmp_path / "sweep"
-    make_run(root, "clean", {"optim": {"lr": 1e-2}, "data": {"inject": {"enabled": False}}},
-             {"optim/grad_norm": list(noisy(0))})
+    make_run(
+        root,
+        "clean",
+        {"optim": {"lr": 1e-2}, "data": {"inject": {"enabled": False}}},
+        {"optim/grad_norm": list(noisy(0))},
+    )
     verdict = judge_runs(EXPERIMENTS / "repeated_ngrams", [root], tmp_path / "report")
     assert not verdict.reproduced
     assert "inject+nofilter" in verdict.checks[0].measured
@@ -180,8 +193,11 @@ def eps_sweep(root: Path, reproduces: bool, seeds: int = 3, widths=(64, 128, 256
                 update = 0.2 / (1.0 + eps / grad_rms)  # m / (sqrt(v) + eps) with |m| ~ sqrt(v) ~ grad RMS
                 loss = 3.5 + 5.0 * (1.0 - update / 0.2) + 0.002 * rng.standard_normal()
                 series = {f"grad_rms/{LAYER}": [grad_rms] * 20, f"update_rms/{LAYER}": [update] * 20}
-                config = {"optim": {"lr": 0.3, "eps": eps}, "model": {"name": "tiny", "d_model": width},
-                          "train": {"seed": seed}}
+                config = {
+                    "optim": {"lr": 0.3, "eps": eps},
+                    "model": {"name": "tiny", "d_model": width},
+                    "train": {"seed": seed},
+                }
                 make_run(root, f"d={width},eps={eps},seed={seed}", config, series, final_loss=loss)
     return root
 
@@ -195,15 +211,16 @@ def test_adam_epsilon_verdict(tmp_path: Path, reproduces: bool) -> None:
     if reproduces:
         assert verdict.numbers["grad_rms_power_law_exponent"] == pytest.approx(-2.0, abs=0.05)
         # 2e-5 * (64 / d)^2 = 1e-8 at d = 64 * sqrt(2000)
-        assert verdict.numbers["width_where_grad_rms_reaches_1e-08"] == pytest.approx(64 * 2000 ** 0.5, rel=0.05)
+        assert verdict.numbers["width_where_grad_rms_reaches_1e-08"] == pytest.approx(64 * 2000**0.5, rel=0.05)
     else:
         assert "never" in str(verdict.numbers["width_where_grad_rms_reaches_1e-08"])
 
 
 def test_adam_epsilon_verdict_needs_seeds_and_widths(tmp_path: Path) -> None:
     two_seeds = judge_runs(EXPERIMENTS / "adam_epsilon", [eps_sweep(tmp_path / "a", True, seeds=2)], tmp_path / "ra")
-    two_widths = judge_runs(EXPERIMENTS / "adam_epsilon", [eps_sweep(tmp_path / "b", True, widths=(64, 128))],
-                            tmp_path / "rb")
+    two_widths = judge_runs(
+        EXPERIMENTS / "adam_epsilon", [eps_sweep(tmp_path / "b", True, widths=(64, 128))], tmp_path / "rb"
+    )
     assert not any(c.passed for c in two_seeds.checks + two_widths.checks)
 
 
@@ -243,7 +260,9 @@ def test_adam_epsilon_figures(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------------------------
 def load_measure():
     """measure.py as the init_growth judge loads it (experiments/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("init_growth_verdict_test", EXPERIMENTS / "init_growth" / "verdict.py")
+    spec = importlib.util.spec_from_file_location(
+        "init_growth_verdict_test", EXPERIMENTS / "init_growth" / "verdict.py"
+    )
     verdict_module = importlib.util.module_from_spec(spec)
     assert spec.loader is not None
     spec.loader.exec_module(verdict_module)
@@ -262,9 +281,19 @@ def growth_samples(reproduces: bool, seeds: int = 3, widths=(64, 128, 256)) -> l
             for width in widths:
                 for definition in ("embedding", "block1"):
                     lam = 0.8 + (0.1 * np.log(width / 64) if drifts else 0.0) + rng.normal(0, 0.002)
-                    samples.append(measure.GrowthSample(arch="olmo2", init=init, width=width, n_layers=6,
-                                                        n_heads=width // 32, seed=seed, definition=definition,
-                                                        activation=float(lam), gradient=float(-lam)))
+                    samples.append(
+                        measure.GrowthSample(
+                            arch="olmo2",
+                            init=init,
+                            width=width,
+                            n_layers=6,
+                            n_heads=width // 32,
+                            seed=seed,
+                            definition=definition,
+                            activation=float(lam),
+                            gradient=float(-lam),
+                        )
+                    )
     return samples
 
 
@@ -332,22 +361,52 @@ def test_init_growth_protocol1_verdict(tmp_path: Path, reproduces: bool) -> None
         grad = noisy(1)
         if (init == "scaled") == reproduces:
             grad = grad * (1.0 + spikes)
-        make_run(root, f"init={init}", {"optim": {"lr": 1e-2}, "model": {"init": init}, "train": {"seed": 0}},
-                 {"optim/grad_norm": list(grad)})
+        make_run(
+            root,
+            f"init={init}",
+            {"optim": {"lr": 1e-2}, "model": {"init": init}, "train": {"seed": 0}},
+            {"optim/grad_norm": list(grad)},
+        )
     verdict = judge_runs(EXPERIMENTS / "init_growth" / "protocol1", [root], out)
     assert [c.passed for c in verdict.checks] == [reproduces] * 3
 
 
 def test_measure_script_writes_its_table(tmp_path: Path) -> None:
     measure = load_measure()
-    code = measure.main(["--widths", "16", "32", "64", "--n-layers", "2", "--head-dim", "8", "--seeds", "3",
-                         "--batches", "1", "--batch-size", "2", "--seq-len", "16", "--device", "cpu",
-                         "--out", str(tmp_path)])
+    code = measure.main(
+        [
+            "--widths",
+            "16",
+            "32",
+            "64",
+            "--n-layers",
+            "2",
+            "--head-dim",
+            "8",
+            "--seeds",
+            "3",
+            "--batches",
+            "1",
+            "--batch-size",
+            "2",
+            "--seq-len",
+            "16",
+            "--device",
+            "cpu",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert code == 0
     samples = measure.read_samples(tmp_path / "growth_exponents_p2.csv")
     assert {(s.arch, s.init, s.width, s.seed, s.definition) for s in samples} == {
-        (a, i, w, seed, d) for a in ("pre_ln", "olmo2") for i in ("normal", "scaled") for w in (16, 32, 64)
-        for seed in range(3) for d in ("embedding", "block1")}
+        (a, i, w, seed, d)
+        for a in ("pre_ln", "olmo2")
+        for i in ("normal", "scaled")
+        for w in (16, 32, 64)
+        for seed in range(3)
+        for d in ("embedding", "block1")
+    }
     assert all(np.isfinite([s.activation, s.gradient]).all() for s in samples)
     # the two definitions are different numbers, and seeds are different models
     by_def = {d: [s.activation for s in samples if s.definition == d] for d in ("embedding", "block1")}
@@ -372,12 +431,31 @@ def test_measure_script_writes_its_table(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_repeated_ngrams_study_end_to_end(tmp_path: Path) -> None:
     sweep_dir = tmp_path / "sweep"
-    cmd = [sys.executable, "-m", "proxy.train", "-m", "+experiment=repeated_ngrams_lab",
-           "train.steps=12", "train.eval_every=6", "train.eval_batches=1", "train.batch_size=4",
-           "train.seq_len=40", "model.d_model=16", "model.n_layers=1", "data.inject.fraction=0.5",
-           "train.seed=0", f"hydra.sweep.dir={sweep_dir}"]
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    cmd = [
+        sys.executable,
+        "-m",
+        "proxy.train",
+        "-m",
+        "+experiment=repeated_ngrams_lab",
+        "train.steps=12",
+        "train.eval_every=6",
+        "train.eval_batches=1",
+        "train.batch_size=4",
+        "train.seq_len=40",
+        "model.d_model=16",
+        "model.n_layers=1",
+        "data.inject.fraction=0.5",
+        "train.seed=0",
+        f"hydra.sweep.dir={sweep_dir}",
+    ]
+    done = subprocess.run(
+        cmd,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert len(list(sweep_dir.glob("*/summary.json"))) == 4  # inject off/on x filter off/on
     assert not list(sweep_dir.rglob("*.pt"))  # save_final=false: no checkpoints
@@ -386,5 +464,5 @@ def test_repeated_ngrams_study_end_to_end(tmp_path: Path) -> None:
     assert verdict.numbers["seeds"] == [0]
     assert verdict.numbers["masked_tokens/inject+filter"][0] > 0  # 32 x 1-token repeats fit 41 tokens
     from proxy.records import load_run
-    assert {load_run(p.parent).config_value("data.seed") for p in sweep_dir.rglob("summary.json")} == {0}
 
+    assert {load_run(p.parent).config_value("data.seed") for p in sweep_dir.rglob("summary.json")} == {0}

@@ -58,10 +58,15 @@ def make_run(root: Path, arm: str, seed: int, excess: float, events: tuple = ())
     """A completed run of ``arm`` whose val loss is the clean curve plus ``excess`` nats inside
     [START, 2 END - START), with optional rollback events (abandoned rows written before them)."""
     run_dir = root / f"arm={arm},seed={seed}"
-    config = {"optim": {"lr": 3e-2}, "train": {"seed": seed},
-              "remedy": {"kind": arm if arm in ("skip_step", "rollback", "zclip") else "none"},
-              "data": {"inject": {"enabled": arm != "clean", "start_step": START, "end_step": END},
-                       "ngram_filter": {"enabled": arm == "mask"}}}
+    config = {
+        "optim": {"lr": 3e-2},
+        "train": {"seed": seed},
+        "remedy": {"kind": arm if arm in ("skip_step", "rollback", "zclip") else "none"},
+        "data": {
+            "inject": {"enabled": arm != "clean", "start_step": START, "end_step": END},
+            "ngram_filter": {"enabled": arm == "mask"},
+        },
+    }
     write_json(run_dir / "config.yaml", config)
     record = RunRecord(run_dir)
     record.update(status="running", overrides=[f"+arm={arm}", f"train.seed={seed}"], lr=3e-2, loss_at_init=6.2)
@@ -74,19 +79,31 @@ def make_run(root: Path, arm: str, seed: int, excess: float, events: tuple = ())
         if step % 10 == 0:
             record.log(step, {"val/loss": val})
         if step < STEPS:
-            record.log(step, {"train/loss": 9.0 if spiked else val + 0.01 * rng.standard_normal(),
-                              "optim/grad_norm": 5.0 if spiked else 0.2 * (1 + 0.02 * rng.standard_normal()),
-                              "data/masked_tokens": 100.0 if arm == "mask" and START <= step < END else 0.0})
+            record.log(
+                step,
+                {
+                    "train/loss": 9.0 if spiked else val + 0.01 * rng.standard_normal(),
+                    "optim/grad_norm": 5.0 if spiked else 0.2 * (1 + 0.02 * rng.standard_normal()),
+                    "data/masked_tokens": 100.0 if arm == "mask" and START <= step < END else 0.0,
+                },
+            )
         return val
 
-    step = 0
+    start = 0
     for event in events:  # steps up to the spike, the event, then the replay from restore_step
-        for step in range(step, event["step"] + 1):
+        for step in range(start, event["step"] + 1):
             log_step(step, spiked=step == event["step"])
-        record.event(event["step"], "rollback", trigger="grad_norm", value=5.0, threshold=1.0,
-                     restore_step=event["restore_step"], data_position=event["data_position"])
-        step = event["restore_step"]
-    for step in range(step, STEPS + 1):
+        record.event(
+            event["step"],
+            "rollback",
+            trigger="grad_norm",
+            value=5.0,
+            threshold=1.0,
+            restore_step=event["restore_step"],
+            data_position=event["data_position"],
+        )
+        start = event["restore_step"]
+    for step in range(start, STEPS + 1):
         val = log_step(step)
     record.update(status="completed", final_val_loss=val, final_train_loss=val, steps_completed=STEPS)
     record.close()
@@ -140,14 +157,38 @@ def test_figure_script(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_spike_remedies_study_end_to_end(tmp_path: Path) -> None:
     sweep_dir = tmp_path / "sweep"
-    cmd = [sys.executable, "-m", "proxy.train", "-m", "+experiment=spike_remedies_lab", "train.seed=0",
-           "train.steps=40", "train.eval_every=5", "train.eval_batches=1", "train.batch_size=4",
-           "train.seq_len=40", "model.d_model=16", "model.n_layers=1", "data.inject.start_step=10",
-           "data.inject.end_step=20", "data.inject.fraction=0.5", "remedy.spike_min_history=5",
-           "remedy.rollback_every=5", "remedy.rollback_min_age=5", "remedy.rollback_skip_batches=10",
-           "schedule.warmup_steps=4", f"hydra.sweep.dir={sweep_dir}"]
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    cmd = [
+        sys.executable,
+        "-m",
+        "proxy.train",
+        "-m",
+        "+experiment=spike_remedies_lab",
+        "train.seed=0",
+        "train.steps=40",
+        "train.eval_every=5",
+        "train.eval_batches=1",
+        "train.batch_size=4",
+        "train.seq_len=40",
+        "model.d_model=16",
+        "model.n_layers=1",
+        "data.inject.start_step=10",
+        "data.inject.end_step=20",
+        "data.inject.fraction=0.5",
+        "remedy.spike_min_history=5",
+        "remedy.rollback_every=5",
+        "remedy.rollback_min_age=5",
+        "remedy.rollback_skip_batches=10",
+        "schedule.warmup_steps=4",
+        f"hydra.sweep.dir={sweep_dir}",
+    ]
+    done = subprocess.run(
+        cmd,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert len(list(sweep_dir.glob("*/summary.json"))) == len(ARMS)  # one seed per arm
     verdict = judge_runs(FINDING, [sweep_dir], tmp_path / "report")

@@ -8,8 +8,17 @@ import pytest
 import torch
 
 from proxy.config import ConfigError, to_config
-from proxy.forensics import (BATCHES_FILE, KIT_JSON, STATE_FILES, KitError, SpikeCapture, find_kits,
-                             load_kit, replay, states_equal)
+from proxy.forensics import (
+    BATCHES_FILE,
+    KIT_JSON,
+    STATE_FILES,
+    KitError,
+    SpikeCapture,
+    find_kits,
+    load_kit,
+    replay,
+    states_equal,
+)
 from proxy.records import load_run
 from proxy.train import RunInfo, Trainer
 from tests.test_train import tiny_cfg
@@ -32,13 +41,29 @@ def single_thread():
 def spike_cfg(**capture):
     """A tiny run that sees a clean stream, then two steps in which half the rows are one random
     token repeated 32 times: the loss jumps ~7 sigma above its recent history at SPIKE_STEP."""
-    inject = dict(enabled=True, start_step=SPIKE_STEP, end_step=SPIKE_STEP + 2, fraction=0.5,
-                  repeats=32, min_period=1, max_period=1)
-    cap = dict(enabled=True, trigger="loss", sigma=5.0, window=20, min_history=10,
-               steps_before=BEFORE, steps_after=AFTER, max_kits=1)
+    inject = dict(
+        enabled=True,
+        start_step=SPIKE_STEP,
+        end_step=SPIKE_STEP + 2,
+        fraction=0.5,
+        repeats=32,
+        min_period=1,
+        max_period=1,
+    )
+    cap = dict(
+        enabled=True,
+        trigger="loss",
+        sigma=5.0,
+        window=20,
+        min_history=10,
+        steps_before=BEFORE,
+        steps_after=AFTER,
+        max_kits=1,
+    )
     cap.update(capture)
-    return to_config(tiny_cfg(train=dict(steps=SPIKE_STEP + 4, batch_size=8, eval_every=1000),
-                              data=dict(inject=inject), capture=cap))
+    return to_config(
+        tiny_cfg(train=dict(steps=SPIKE_STEP + 4, batch_size=8, eval_every=1000), data=dict(inject=inject), capture=cap)
+    )
 
 
 def run_with_capture(run_dir: Path, cfg) -> tuple[dict, SpikeCapture]:
@@ -69,7 +94,10 @@ def test_provoked_spike_writes_exactly_one_kit(spike_run):
     meta = json.loads((kit_dir / KIT_JSON).read_text())
     assert meta["complete"] and meta["trigger"] == "loss" and meta["value"] > meta["threshold"]
     assert {k: v["step"] for k, v in meta["states"].items()} == {
-        "before": SPIKE_STEP - BEFORE, "at": SPIKE_STEP, "after": SPIKE_STEP + AFTER}
+        "before": SPIKE_STEP - BEFORE,
+        "at": SPIKE_STEP,
+        "after": SPIKE_STEP + AFTER,
+    }
     # the second injected step spikes too: listed, not a second kit (max_kits=1)
     assert [s["step"] for s in meta["later_spikes"]] == [SPIKE_STEP + 1]
     batches = torch.load(kit_dir / BATCHES_FILE, weights_only=True)
@@ -105,9 +133,13 @@ def test_capture_only_watches(spike_run, tmp_path):
 
 
 def test_a_divergence_is_captured_when_the_run_stops(tmp_path):
-    cfg = to_config(tiny_cfg(optim=dict(lr=3.0), train=dict(steps=30, eval_every=1000),
-                             capture=dict(enabled=True, trigger="loss", window=20, min_history=15,
-                                          steps_before=2, max_kits=1)))
+    cfg = to_config(
+        tiny_cfg(
+            optim=dict(lr=3.0),
+            train=dict(steps=30, eval_every=1000),
+            capture=dict(enabled=True, trigger="loss", window=20, min_history=15, steps_before=2, max_kits=1),
+        )
+    )
     summary, _ = run_with_capture(tmp_path / "div", cfg)
     assert summary["status"] == "diverged"
     step = summary["diverged_at_step"]
@@ -122,12 +154,15 @@ def test_a_divergence_is_captured_when_the_run_stops(tmp_path):
     assert result.losses[-1] == kit.meta["value"] and math.isfinite(result.losses[-1])
 
 
-@pytest.mark.parametrize("override, needle", [
-    ({"min_history": 1}, "capture.min_history=1"),
-    ({"steps_before": 0}, "capture.steps_before=0"),
-    ({"max_kits": 0}, "capture.max_kits=0"),
-    ({"trigger": "lossy"}, "trigger"),
-])
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ({"min_history": 1}, "capture.min_history=1"),
+        ({"steps_before": 0}, "capture.steps_before=0"),
+        ({"max_kits": 0}, "capture.max_kits=0"),
+        ({"trigger": "lossy"}, "trigger"),
+    ],
+)
 def test_bad_capture_config_names_the_key(override, needle):
     with pytest.raises(ConfigError) as info:
         to_config({"capture": override})
@@ -140,8 +175,17 @@ def test_load_kit_rejects_what_is_not_a_kit(tmp_path):
     (tmp_path / KIT_JSON).write_text(json.dumps({"format": 1, "config": {}}))
     with pytest.raises(KitError, match="lacks step, trigger"):
         load_kit(tmp_path)
-    meta = {"format": 1, "config": {}, "step": 5, "trigger": "loss", "value": 9.0, "threshold": 3.0,
-            "states": {"before": None, "at": None, "after": None}, "trace": [], "vocab_size": 512}
+    meta = {
+        "format": 1,
+        "config": {},
+        "step": 5,
+        "trigger": "loss",
+        "value": 9.0,
+        "threshold": 3.0,
+        "states": {"before": None, "at": None, "after": None},
+        "trace": [],
+        "vocab_size": 512,
+    }
     (tmp_path / KIT_JSON).write_text(json.dumps(meta))
     with pytest.raises(KitError, match="states.before must hold an integer step and data_position"):
         load_kit(tmp_path)

@@ -18,8 +18,13 @@ from tests.test_train import ROOT
 
 @pytest.mark.slow
 def test_the_dry_run_runs_every_part_and_writes_its_results(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check", "--dry-run", "--out", str(tmp_path)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.gpu_check", "--dry-run", "--out", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (json_path,) = tmp_path.glob("gpu-check-*.json")
     record = json.loads(json_path.read_text())
@@ -91,10 +96,12 @@ def _gone(pid: int) -> bool:
 @pytest.mark.parametrize("own_group", [True, False], ids=["a part", "a command inside a part"])
 def test_a_command_over_its_cap_takes_its_descendants_with_it(tmp_path, own_group):
     pid_file = tmp_path / "grandchild"
-    script = ("import subprocess, sys, time\n"
-              "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
-              f"open({str(pid_file)!r}, 'w').write(str(p.pid))\n"
-              "time.sleep(60)\n")
+    script = (
+        "import subprocess, sys, time\n"
+        "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+        f"open({str(pid_file)!r}, 'w').write(str(p.pid))\n"
+        "time.sleep(60)\n"
+    )
     with pytest.raises(subprocess.TimeoutExpired):
         gpu_check.run_capped([sys.executable, "-c", script], dict(os.environ), timeout=4, own_group=own_group)
     grandchild = int(pid_file.read_text())

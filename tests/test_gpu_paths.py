@@ -72,9 +72,17 @@ def test_the_default_config_resolves_to_the_fast_paths_on_cuda():
         cfg = to_config(compose(config_name="config", overrides=["model=124m"]))
     triton = importlib.util.find_spec("triton") is not None
     assert backends(cfg, torch.device("cuda")) == {
-        "attention": "triton" if triton else "sdpa", "loss_impl": "torch", "dtype": "bf16", "compile": True}
+        "attention": "triton" if triton else "sdpa",
+        "loss_impl": "torch",
+        "dtype": "bf16",
+        "compile": True,
+    }
     assert backends(cfg, torch.device("cpu")) == {
-        "attention": "naive", "loss_impl": "torch", "dtype": "fp32", "compile": False}
+        "attention": "naive",
+        "loss_impl": "torch",
+        "dtype": "fp32",
+        "compile": False,
+    }
     wide = to_config({"model": {"d_model": 1024, "n_heads": 4}})  # head dim 256: beyond the kernel
     assert backends(wide, torch.device("cuda"))["attention"] == "sdpa"
 
@@ -84,8 +92,7 @@ def test_auto_attention_on_a_cpu_is_the_reference_and_is_recorded(tmp_path):
     x, y = torch.randint(0, 64, (2, 8), generator=gen), torch.randint(0, 64, (2, 8), generator=gen)
     auto, naive = small_model(attention="auto"), small_model(attention="naive")
     a, b = auto(x, y, collect_stats=True), naive(x, y, collect_stats=True)
-    assert torch.equal(a.loss, b.loss) and all(torch.equal(p, q) for p, q in zip(a.attn_max_logits,
-                                                                                  b.attn_max_logits))
+    assert torch.equal(a.loss, b.loss) and all(torch.equal(p, q) for p, q in zip(a.attn_max_logits, b.attn_max_logits))
     summary = train(tiny_cfg(train=dict(steps=2)), tmp_path / "run")
     assert summary["backends"]["attention"] == "naive"
 

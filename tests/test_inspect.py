@@ -5,12 +5,10 @@ import json
 import pytest
 import torch
 
-from proxy.forensics import curvature
 from proxy.config import to_config
 from proxy.data import build_source
-from proxy.forensics import find_kits, load_kit
-from proxy.forensics.dissect import (batch_sequence_stats, bimodality_coefficient, inspect_kit, main,
-                           write_report)
+from proxy.forensics import curvature, find_kits, load_kit
+from proxy.forensics.dissect import batch_sequence_stats, bimodality_coefficient, inspect_kit, main, write_report
 from proxy.model import build_model
 from proxy.optim import AdamW
 from tests.test_forensics import SPIKE_STEP, run_with_capture, single_thread, spike_cfg  # noqa: F401
@@ -51,7 +49,7 @@ def test_adam_preconditioner_is_sqrt_v_hat_plus_eps_over_the_lr_scale():
         ((w @ b) ** 2).sum().backward()
         opt.step()
     p = curvature.adam_preconditioner(opt, [w, b])
-    bias = 1 - 0.95 ** 3
+    bias = 1 - 0.95**3
     expected_w = ((opt.state[w]["exp_avg_sq"] / bias).sqrt() + 1e-3) / 0.5
     expected_b = (opt.state[b]["exp_avg_sq"] / bias).sqrt() + 1e-3
     assert torch.allclose(p, torch.cat([expected_w.reshape(-1), expected_b]).double(), rtol=1e-6)

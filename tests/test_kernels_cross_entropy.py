@@ -98,8 +98,10 @@ def test_all_labels_ignored_gives_zero_loss_and_gradient():
     for key in maxima:
         assert stats[key].isnan() and stats_ref[key].isnan()
     zero = torch.tensor(0.0, device=DEVICE)
-    assert_stats_close({k: (zero if k in maxima else v) for k, v in stats.items()},
-                       {k: (zero if k in maxima else v) for k, v in stats_ref.items()})
+    assert_stats_close(
+        {k: (zero if k in maxima else v) for k, v in stats.items()},
+        {k: (zero if k in maxima else v) for k, v in stats_ref.items()},
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -134,9 +136,7 @@ def test_linear_cross_entropy_without_grad_and_with_default_chunks():
     labels = make_labels()
     with torch.no_grad():
         ce, z_term, stats = fused_linear_cross_entropy(hidden, weight, labels, z_loss=Z_LOSS)
-    ce_ref, z_ref, stats_ref = reference.linear_cross_entropy(
-        hidden.detach(), weight.detach(), labels, z_loss=Z_LOSS
-    )
+    ce_ref, z_ref, stats_ref = reference.linear_cross_entropy(hidden.detach(), weight.detach(), labels, z_loss=Z_LOSS)
     assert not ce.requires_grad
     torch.testing.assert_close(ce, ce_ref)
     torch.testing.assert_close(z_term, z_ref)
@@ -240,7 +240,7 @@ def test_linear_cross_entropy_in_fp16_takes_a_loss_scale():
     weight = (shared + 0.3 * torch.randn(vocab, hidden_dim, generator=gen)).to(DEVICE, torch.float16).requires_grad_()
     hidden = (1.5 * torch.randn(n_rows, hidden_dim, generator=gen)).to(DEVICE, torch.float16).requires_grad_()
     labels = torch.randint(0, vocab, (n_rows,), generator=gen).to(DEVICE)
-    scale = 2.0 ** 16
+    scale = 2.0**16
     ce, z_term, _ = fused_linear_cross_entropy(hidden, weight, labels, z_loss=Z_LOSS)
     (scale * (ce + z_term)).backward()
 

@@ -14,12 +14,21 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "proxy"
 
 # the wings, by layer: a wing imports its own modules and wings of lower layers (the design notes;
-# README 'The pieces')
+# README 'Architecture')
 LAYERS = {
-    "config": 0, "records": 0, "analysis": 0, "kernels": 0,  # the contract
-    "model": 1, "optim": 1, "data": 1, "report": 1, "frames": 1,
+    "config": 0,
+    "records": 0,
+    "analysis": 0,
+    "kernels": 0,  # the contract
+    "model": 1,
+    "optim": 1,
+    "data": 1,
+    "report": 1,
+    "frames": 1,
     "train": 2,
-    "forensics": 3, "verdict": 3, "demo": 3,
+    "forensics": 3,
+    "verdict": 3,
+    "demo": 3,
 }
 # within the contract layer: config registers analysis' run-dir naming with OmegaConf and reads stored
 # configs through the records' readers of untrusted files; the kernel benchmark writes its result
@@ -85,7 +94,7 @@ def test_the_import_graph_has_no_circle():
         path.append(node)
         for nxt in sorted(graph[node]):
             if state.get(nxt) == 1:
-                cycle = path[path.index(nxt):] + [nxt]
+                cycle = path[path.index(nxt) :] + [nxt]
                 pytest.fail("import circle: " + " -> ".join(cycle))
             if nxt not in state:
                 visit(nxt)
@@ -120,8 +129,14 @@ def test_every_module_belongs_to_a_wing():
 def test_console_scripts_resolve():
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+; the project runs on 3.10 too
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-    assert set(scripts) == {"proxy-train", "proxy-prepare", "proxy-report", "proxy-demo", "proxy-verdict",
-                            "proxy-inspect"}
+    assert set(scripts) == {
+        "proxy-train",
+        "proxy-prepare",
+        "proxy-report",
+        "proxy-demo",
+        "proxy-verdict",
+        "proxy-inspect",
+    }
     for name, target in scripts.items():
         module, _, attr = target.partition(":")
         assert callable(getattr(importlib.import_module(module), attr)), name

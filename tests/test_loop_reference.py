@@ -34,9 +34,12 @@ def _hair_trigger(kind: str, **extra: Any) -> dict:
 CASES: dict[str, dict] = {
     "plain": tiny_cfg(train=dict(steps=24, log_every=1, eval_every=8, ckpt_every=12), loss=dict(z_loss=1e-4)),
     "skip_step": tiny_cfg(remedy=_hair_trigger("skip_step"), train=dict(steps=30, log_every=2)),
-    "rollback": tiny_cfg(remedy=_hair_trigger("rollback", rollback_every=5, rollback_keep=3, rollback_min_age=5,
-                                              rollback_skip_batches=7, rollback_max=2),
-                         train=dict(steps=30, log_every=1)),
+    "rollback": tiny_cfg(
+        remedy=_hair_trigger(
+            "rollback", rollback_every=5, rollback_keep=3, rollback_min_age=5, rollback_skip_batches=7, rollback_max=2
+        ),
+        train=dict(steps=30, log_every=1),
+    ),
     "zclip": tiny_cfg(remedy=dict(kind="zclip", zclip_z=0.1, zclip_warmup=3), train=dict(steps=20, log_every=1)),
 }
 

@@ -63,8 +63,7 @@ def test_init_scheme_stds_follow_their_formulas(scheme):
     if scheme == "scaled":  # deeper output projections start smaller
         stds = _layer_stds(model)
         assert stds["blocks.2.attn.proj.weight"] < stds["blocks.0.attn.proj.weight"] / 1.5
-        assert init_std_for("blocks.2.mlp.fc_out.weight", (128, 512), cfg) == pytest.approx(
-            1 / math.sqrt(2 * 512 * 3))
+        assert init_std_for("blocks.2.mlp.fc_out.weight", (128, 512), cfg) == pytest.approx(1 / math.sqrt(2 * 512 * 3))
     if scheme == "fan_in":
         assert init_std_for("blocks.0.mlp.fc_out.weight", (128, 512), cfg) == pytest.approx(1 / math.sqrt(512))
         assert init_std_for("embed.weight", (1000, 128), cfg) == pytest.approx(1 / math.sqrt(128))

@@ -28,12 +28,13 @@ def composed(overrides: list[str]):
         return compose("config", overrides=overrides, return_hydra_config=True)
 
 
-def member(root: Path, overrides: dict, config: dict, *, lr: float, seed: int, loss: float,
-           max_logit: float) -> Path:
+def member(root: Path, overrides: dict, config: dict, *, lr: float, seed: int, loss: float, max_logit: float) -> Path:
     items = [f"{k}={v}" for k, v in overrides.items()] + [f"optim.lr={lr!r}", f"train.seed={seed}"]
     run_dir = root / ",".join(f"{k}={v}" for k, v in overrides.items()) / f"lr={lr!r},seed={seed}"
-    write_json(run_dir / "config.yaml", {**config, "optim": {**config.get("optim", {}), "lr": lr},
-                                         "train": {"seed": seed, "steps": 40}})
+    write_json(
+        run_dir / "config.yaml",
+        {**config, "optim": {**config.get("optim", {}), "lr": lr}, "train": {"seed": seed, "steps": 40}},
+    )
     record = RunRecord(run_dir)
     record.update(status="running", overrides=items, lr=lr, loss_at_init=L0, steps_planned=40)
     for step in range(0, 41, 20):
@@ -87,16 +88,24 @@ def extrapolated_sweep(root: Path, pred: dict, right: bool) -> Path:
         for seed in range(3):
             for lr, e in zip(LRS, excess):
                 peak = pred["logit"][f"{recipe}/lr={lr:g}"]["predicted"] * (1 if right else 10)
-                member(root, {"+experiment": "extrapolation_lab", "+stability": recipe, "model.d_model": 256},
-                       {"model": {"d_model": 256}}, lr=lr, seed=seed, loss=3.5 + a * e, max_logit=peak)
+                member(
+                    root,
+                    {"+experiment": "extrapolation_lab", "+stability": recipe, "model.d_model": 256},
+                    {"model": {"d_model": 256}},
+                    lr=lr,
+                    seed=seed,
+                    loss=3.5 + a * e,
+                    max_logit=peak,
+                )
     return root
 
 
 @pytest.mark.parametrize("right", [True, False])
 def test_extrapolation_verdict(tmp_path: Path, right: bool) -> None:
     pred = json.loads((EXPERIMENTS / "extrapolation" / "predictions.json").read_text())
-    verdict = judge_runs(EXPERIMENTS / "extrapolation", [extrapolated_sweep(tmp_path / "s", pred, right)],
-                         tmp_path / "r")
+    verdict = judge_runs(
+        EXPERIMENTS / "extrapolation", [extrapolated_sweep(tmp_path / "s", pred, right)], tmp_path / "r"
+    )
     assert verdict.reproduced is right, verdict.to_markdown()
     assert len(verdict.checks) == 3
 
@@ -125,10 +134,15 @@ def transfer_sweep(root: Path, transfers: bool) -> Path:
                 centre = -1.5 - drop + 0.03 * (seed - 1)
                 for lr in TRANSFER_LRS:
                     loss = 3.5 + 0.4 * (math.log10(lr) - centre) ** 2
-                    member(root, {"+experiment": "lr_transfer_lab", "optim.mup": str(mup).lower(),
-                                  "model.d_model": width},
-                           {"model": {"d_model": width}, "optim": {"mup": mup}}, lr=lr, seed=seed,
-                           loss=min(loss, L0), max_logit=50.0)
+                    member(
+                        root,
+                        {"+experiment": "lr_transfer_lab", "optim.mup": str(mup).lower(), "model.d_model": width},
+                        {"model": {"d_model": width}, "optim": {"mup": mup}},
+                        lr=lr,
+                        seed=seed,
+                        loss=min(loss, L0),
+                        max_logit=50.0,
+                    )
     return root
 
 

@@ -64,8 +64,7 @@ def test_detector_is_batched_and_keeps_the_input_kind():
     rng = np.random.default_rng(0)
     rows = np.stack([background(300, s) for s in range(6)])
     for r, period in enumerate([1, 3, 7]):
-        rows[2 * r] = plant(rows[2 * r], int(rng.integers(0, 300 - 32 * period)),
-                            np.arange(period) + 500_000, 32)
+        rows[2 * r] = plant(rows[2 * r], int(rng.integers(0, 300 - 32 * period)), np.arange(period) + 500_000, 32)
     batched = find_repeated_ngrams(rows, max_period=7)
     assert batched.dtype == np.bool_ and batched.shape == rows.shape
     for r in range(6):
@@ -150,8 +149,7 @@ def test_injection_respects_the_step_window_and_spares_val():
         if not inside:
             assert torch.equal(batch.inputs, clean.batch("train", index, 4, SEQ_LEN)[0])
     for index in range(5, 8):
-        assert torch.equal(source.batch("val", index, 4, SEQ_LEN)[0],
-                           clean.batch("val", index, 4, SEQ_LEN)[0])
+        assert torch.equal(source.batch("val", index, 4, SEQ_LEN)[0], clean.batch("val", index, 4, SEQ_LEN)[0])
 
 
 def test_isolated_poison_batches_land_on_every_nth_step_only():
@@ -163,8 +161,7 @@ def test_isolated_poison_batches_land_on_every_nth_step_only():
 
 
 def test_injection_periods_and_data_spans():
-    source = build_source(injecting(fraction=1.0, min_period=3, max_period=13, repeats=8,
-                                    span=SpanSource.data))
+    source = build_source(injecting(fraction=1.0, min_period=3, max_period=13, repeats=8, span=SpanSource.data))
     clean = build_source(DataConfig())
     seen = set()
     for index in range(6):

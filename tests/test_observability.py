@@ -16,8 +16,7 @@ from omegaconf import OmegaConf
 
 from proxy.config import Config, ConfigError, as_dict, to_config
 from proxy.records import ROLLBACK, STEP, TENSORBOARD_DIR, RunRecord, load_run
-from proxy.train import runtime, sweep_status
-from proxy.train import train
+from proxy.train import runtime, sweep_status, train
 from proxy.train.tracking import LogSink, TensorBoardSink, end_line
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,8 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def tiny_cfg(**train_keys) -> dict:
     cfg = as_dict(Config())
-    cfg["train"].update(steps=6, batch_size=2, seq_len=16, log_every=2, eval_every=3, eval_batches=1,
-                        progress="false")
+    cfg["train"].update(steps=6, batch_size=2, seq_len=16, log_every=2, eval_every=3, eval_batches=1, progress="false")
     cfg["train"].update(train_keys)
     cfg["schedule"]["warmup_steps"] = 2
     return cfg
@@ -34,8 +32,9 @@ def tiny_cfg(**train_keys) -> dict:
 
 def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "WANDB_MODE": "disabled", "HYDRA_FULL_ERROR": ""}
-    return subprocess.run([sys.executable, "-m", "proxy.train", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "proxy.train", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -75,8 +74,7 @@ def test_no_preset_turns_the_progress_bar_off():
 def test_bar_keeps_the_latest_val_loss_and_shows_tokens_per_second(capsys):
     bar = runtime.progress_bar(10, "true", "run", 0)
     runtime.show_row(bar, {"val/loss": 4.25})
-    runtime.show_row(bar, {"train/loss": 4.5, "optim/lr": 1e-3, "optim/grad_norm": 0.5,
-                           "perf/tokens_per_s": 12345.0})
+    runtime.show_row(bar, {"train/loss": 4.5, "optim/lr": 1e-3, "optim/grad_norm": 0.5, "perf/tokens_per_s": 12345.0})
     postfix = bar.bar.postfix
     bar.close()
     assert postfix.startswith("loss=4.500, val=4.250, tok/s=12.3k"), postfix
@@ -152,7 +150,12 @@ def test_tensorboard_resume_purges_what_came_after_the_checkpoint(tmp_path):
     events = EventAccumulator(str(tmp_path / TENSORBOARD_DIR))
     events.Reload()
     assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [
-        (0, 1.0), (1, 1.0), (2, 1.0), (3, 2.0), (4, 2.0)]
+        (0, 1.0),
+        (1, 1.0),
+        (2, 1.0),
+        (3, 2.0),
+        (4, 2.0),
+    ]
 
 
 # --------------------------------------------------------------------------------------------
@@ -160,8 +163,9 @@ def test_tensorboard_resume_purges_what_came_after_the_checkpoint(tmp_path):
 # --------------------------------------------------------------------------------------------
 def rolled_back_run(path: Path, name: str) -> None:
     record = RunRecord(path)
-    record.update(status="completed", run_name=name, final_val_loss=3.5, overrides=["optim.lr=0.1"],
-                  data={"vocab_size": 512})
+    record.update(
+        status="completed", run_name=name, final_val_loss=3.5, overrides=["optim.lr=0.1"], data={"vocab_size": 512}
+    )
     (path / "config.yaml").write_text("optim:\n  lr: 0.1\ntrain:\n  steps: 6\n")
     for step in range(4):
         record.log(step, {"train/loss": 5.0 - step})
@@ -242,15 +246,20 @@ def test_log_sink_lines(caplog, tmp_path):
         "step 3/6: val loss 5.1250 (train loss 5.5000)",
         "end lr=0.1: completed after 6 steps, val loss 4.5000, 1m15s",
     ]
-    assert end_line("x", {"status": "diverged", "diverged_at_step": 37, "steps_completed": 37}) == \
-        "end x: diverged at step 37 after 37 steps"
+    assert (
+        end_line("x", {"status": "diverged", "diverged_at_step": 37, "steps_completed": 37})
+        == "end x: diverged at step 37 after 37 steps"
+    )
 
 
 def write_sweep(sweep: Path, statuses: list[list[str]], started_s_ago: float) -> None:
     sweep.mkdir(parents=True)
-    config = {"hydra": {"sweeper": {"_target_": sweep_status.BASIC_SWEEPER,
-                                    "params": {"model.qk_norm": "off,layernorm"}},
-                        "overrides": {"task": ["optim.lr=1e-2,3e-2", "train.steps=4"]}}}
+    config = {
+        "hydra": {
+            "sweeper": {"_target_": sweep_status.BASIC_SWEEPER, "params": {"model.qk_norm": "off,layernorm"}},
+            "overrides": {"task": ["optim.lr=1e-2,3e-2", "train.steps=4"]},
+        }
+    }
     (sweep / "multirun.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(config)))
     t = time.time() - started_s_ago
     os.utime(sweep / "multirun.yaml", (t, t))
@@ -283,9 +292,17 @@ def test_sweep_line_is_said_once_per_finished_job(tmp_path):
 
 
 def test_multirun_train_log_has_the_key_lines_and_the_sweep_line(tmp_path):
-    result = cli("-m", "optim.lr=1e-3,3e-2", "train.steps=4", "train.batch_size=2", "train.seq_len=16",
-                 "train.eval_every=2", "train.eval_batches=1", "hydra.sweep.dir=" + str(tmp_path / "sweep"),
-                 cwd=tmp_path)
+    result = cli(
+        "-m",
+        "optim.lr=1e-3,3e-2",
+        "train.steps=4",
+        "train.batch_size=2",
+        "train.seq_len=16",
+        "train.eval_every=2",
+        "train.eval_batches=1",
+        "hydra.sweep.dir=" + str(tmp_path / "sweep"),
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr
     logs = sorted((tmp_path / "sweep").glob("*/train.log"))
     assert len(logs) == 2

@@ -61,15 +61,20 @@ def test_coupled_matches_torch_adamw_bitwise_with_clipping():
     torch.manual_seed(0)
     ours_model = TinyLM()
     torch_model = copy.deepcopy(ours_model)
-    cfg = OptimConfig(lr=3e-2, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1,
-                      weight_decay_mode=WeightDecayMode.coupled)
+    cfg = OptimConfig(
+        lr=3e-2, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.1, weight_decay_mode=WeightDecayMode.coupled
+    )
     ours = build_optimizer(ours_model, cfg)
     # the same groups (decay / no-decay) for torch, parameter for parameter
     by_name = dict(torch_model.named_parameters())
     theirs = torch.optim.AdamW(
-        [{"params": [by_name[n] for n in g["param_names"]], "weight_decay": g["weight_decay"]}
-         for g in ours.param_groups],
-        lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+        [
+            {"params": [by_name[n] for n in g["param_names"]], "weight_decay": g["weight_decay"]}
+            for g in ours.param_groups
+        ],
+        lr=cfg.lr,
+        betas=(cfg.beta1, cfg.beta2),
+        eps=cfg.eps,
     )
     assert {g["weight_decay"] for g in ours.param_groups} == {0.0, 0.1}
     for step in range(6):
@@ -100,8 +105,14 @@ def test_independent_decay_matches_a_hand_computed_step():
     grad = torch.tensor([0.1, -0.3, 0.0], dtype=torch.float64)
     peak, scale, multiplier, wd, eps = 0.2, 0.25, 0.5, 0.1, 1e-8
     p = nn.Parameter(theta0.clone())
-    opt = AdamW([{"params": [p], "lr_scale": scale, "peak_lr": peak}], lr=peak, betas=(0.9, 0.95),
-                eps=eps, weight_decay=wd, weight_decay_mode="independent")
+    opt = AdamW(
+        [{"params": [p], "lr_scale": scale, "peak_lr": peak}],
+        lr=peak,
+        betas=(0.9, 0.95),
+        eps=eps,
+        weight_decay=wd,
+        weight_decay_mode="independent",
+    )
     apply_lr(opt, multiplier)
     lr = peak * scale * multiplier
     assert opt.param_groups[0]["lr"] == pytest.approx(lr)
@@ -129,8 +140,9 @@ def test_decay_alone_follows_the_mode(mode):
 def test_state_dict_round_trip_is_bitwise():
     torch.manual_seed(1)
     model = TinyLM()
-    cfg = OptimConfig(lr=1e-2, weight_decay=1e-4, weight_decay_mode=WeightDecayMode.independent,
-                      mup=True, mup_base_fan_in=8)
+    cfg = OptimConfig(
+        lr=1e-2, weight_decay=1e-4, weight_decay_mode=WeightDecayMode.independent, mup=True, mup_base_fan_in=8
+    )
     opt = build_optimizer(model, cfg)
     batches = [torch.randint(0, 11, (2, 7)) for _ in range(6)]
 
@@ -151,12 +163,11 @@ def test_state_dict_round_trip_is_bitwise():
     clone_opt = build_optimizer(clone, cfg)
     clone_opt.load_state_dict(saved["optim"])
 
-    for (p, q) in zip(model.parameters(), clone.parameters()):
+    for p, q in zip(model.parameters(), clone.parameters()):
         for key in ("exp_avg", "exp_avg_sq"):
             assert torch.equal(opt.state[p][key], clone_opt.state[q][key])
         assert opt.state[p]["step"] == clone_opt.state[q]["step"] == 3
-    assert [g["name"] for g in clone_opt.param_groups] == ["decay/lr_x0.25", "decay",
-                                                          "no_decay"]
+    assert [g["name"] for g in clone_opt.param_groups] == ["decay/lr_x0.25", "decay", "no_decay"]
     assert {g["weight_decay_mode"] for g in clone_opt.param_groups} == {"independent"}
     train(model, opt, batches[3:])
     train(clone, clone_opt, batches[3:])
@@ -185,8 +196,7 @@ def test_no_decay_on_embeddings_and_norms_when_configured():
     assert decayed == {"up.weight", "down.weight", "lm_head.weight"}
     assert kept == {"embed.weight", "q_norm.weight", "norm.weight"}
 
-    opt = build_optimizer(model, OptimConfig(weight_decay=0.1, decay_embeddings=True,
-                                             decay_norms=True))
+    opt = build_optimizer(model, OptimConfig(weight_decay=0.1, decay_embeddings=True, decay_norms=True))
     assert [g["weight_decay"] for g in opt.param_groups] == [0.1]
     assert len(opt.param_groups[0]["params"]) == 6
 
@@ -195,8 +205,7 @@ def test_tied_lm_head_is_optimised_once_as_an_embedding():
     model = TinyLM(tie=True)
     opt = build_optimizer(model, OptimConfig(weight_decay=0.1, mup=True, mup_base_fan_in=4))
     names = [n for g in opt.param_groups for n in g["param_names"]]
-    assert sorted(names) == sorted(["embed.weight", "up.weight", "down.weight", "q_norm.weight",
-                                    "norm.weight"])
+    assert sorted(names) == sorted(["embed.weight", "up.weight", "down.weight", "q_norm.weight", "norm.weight"])
     tied = group_of(opt, "embed.weight")
     assert tied["weight_decay"] == 0.0 and tied["lr_scale"] == 1.0
 
@@ -205,8 +214,14 @@ def test_mup_lr_scale_is_base_fan_in_over_fan_in():
     model = TinyLM(d=8)  # fan_in: up 8, down 32, lm_head 8
     cfg = OptimConfig(lr=1e-2, mup=True, mup_base_fan_in=16)
     opt = build_optimizer(model, cfg)
-    expected = {"up.weight": 2.0, "down.weight": 0.5, "lm_head.weight": 2.0,
-                "embed.weight": 1.0, "norm.weight": 1.0, "q_norm.weight": 1.0}
+    expected = {
+        "up.weight": 2.0,
+        "down.weight": 0.5,
+        "lm_head.weight": 2.0,
+        "embed.weight": 1.0,
+        "norm.weight": 1.0,
+        "q_norm.weight": 1.0,
+    }
     for name, scale in expected.items():
         assert group_of(opt, name)["lr_scale"] == scale, name
     base = apply_lr(opt, 0.5)

@@ -20,8 +20,9 @@ STEADY = [1.0, 1.1] * 10
 
 def detector_cfg(**kw) -> RemedyConfig:
     # OLMo-core's published mean + sigma * std: the numbers below are worked out for it
-    return RemedyConfig(**{"spike_baseline": "mean", "spike_sigma": 6.0, "spike_window": 20,
-                           "spike_min_history": 10, **kw})
+    return RemedyConfig(
+        **{"spike_baseline": "mean", "spike_sigma": 6.0, "spike_window": 20, "spike_min_history": 10, **kw}
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -34,8 +35,14 @@ def test_skip_step_fires_exactly_above_the_bar_and_keeps_spikes_out_of_history()
     assert skip.detector.threshold("loss") == pytest.approx(1.35)
 
     event = skip.check(20, 1.36, 1.0)
-    assert event == {"step": 20, "kind": "skip_step", "trigger": "loss", "value": 1.36,
-                     "threshold": pytest.approx(1.35), "skipped": 1}
+    assert event == {
+        "step": 20,
+        "kind": "skip_step",
+        "trigger": "loss",
+        "value": 1.36,
+        "threshold": pytest.approx(1.35),
+        "skipped": 1,
+    }
     assert list(skip.detector.history["loss"]) == STEADY  # the spike did not enter
 
     assert skip.check(21, 1.34, 1.0) is None  # just under the bar: applied, remembered
@@ -104,8 +111,16 @@ def test_the_trend_baseline_sees_a_spike_early_in_a_run_where_the_window_mean_ca
 # Rollback
 # --------------------------------------------------------------------------------------------
 def rollback_cfg(**kw) -> RemedyConfig:
-    return detector_cfg(**{"rollback_every": 5, "rollback_keep": 3, "rollback_min_age": 5,
-                           "rollback_skip_batches": 7, "rollback_max": 2, **kw})
+    return detector_cfg(
+        **{
+            "rollback_every": 5,
+            "rollback_keep": 3,
+            "rollback_min_age": 5,
+            "rollback_skip_batches": 7,
+            "rollback_max": 2,
+            **kw,
+        }
+    )
 
 
 def train_step(model: nn.Module, opt: torch.optim.Optimizer, position: int) -> None:
@@ -123,8 +138,10 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, position: int) -> N
 def state_copy(model: nn.Module, opt: torch.optim.Optimizer) -> dict:
     return {
         "params": [p.detach().clone() for p in model.parameters()],
-        "moments": [(opt.state[p]["exp_avg"].clone(), opt.state[p]["exp_avg_sq"].clone(),
-                     opt.state[p]["step"]) for p in model.parameters()],
+        "moments": [
+            (opt.state[p]["exp_avg"].clone(), opt.state[p]["exp_avg_sq"].clone(), opt.state[p]["step"])
+            for p in model.parameters()
+        ],
         "rng": torch.get_rng_state(),
         "py_rng": random.getstate(),
     }
@@ -192,8 +209,9 @@ def test_rollback_never_rereads_a_batch_seen_on_an_abandoned_branch():
     lies before batches the run already read: it resumes past them instead."""
     model = nn.Linear(4, 1)
     opt = AdamW(model.parameters(), lr=1e-2)
-    rb = Rollback(rollback_cfg(rollback_every=5, rollback_keep=3, rollback_min_age=5,
-                               rollback_skip_batches=7, rollback_max=5))
+    rb = Rollback(
+        rollback_cfg(rollback_every=5, rollback_keep=3, rollback_min_age=5, rollback_skip_batches=7, rollback_max=5)
+    )
     position = 0
     for step in range(13):
         rb.maybe_snapshot(step, model, opt, position)

@@ -46,10 +46,13 @@ def test_clipping_preset_arms() -> None:
         assert c.data.seed == 1 and c.train.log_every == 1
 
 
-@pytest.mark.parametrize("preset, expected", [
-    ("spike_remedies_isolated_lab_p1", [150, 200, 250, 300, 350]),
-    ("spike_remedies_isolated_lab", [200, 350, 500, 650]),  # protocol 2: events > 128 steps apart
-])
+@pytest.mark.parametrize(
+    "preset, expected",
+    [
+        ("spike_remedies_isolated_lab_p1", [150, 200, 250, 300, 350]),
+        ("spike_remedies_isolated_lab", [200, 350, 500, 650]),  # protocol 2: events > 128 steps apart
+    ],
+)
 def test_isolated_preset_plants_single_batches(preset: str, expected: list[int]) -> None:
     c = point(preset, "+arm=none")
     assert c.data.inject.fraction == 1.0
@@ -57,8 +60,13 @@ def test_isolated_preset_plants_single_batches(preset: str, expected: list[int])
 
     class Fake:
         def config_value(self, key):
-            return {"data.inject.start_step": c.data.inject.start_step, "data.inject.end_step": c.data.inject.end_step,
-                    "data.inject.every": c.data.inject.every, "train.steps": c.train.steps}[key]
+            return {
+                "data.inject.start_step": c.data.inject.start_step,
+                "data.inject.end_step": c.data.inject.end_step,
+                "data.inject.every": c.data.inject.every,
+                "train.steps": c.train.steps,
+            }[key]
+
     events = verdict.poison_steps(Fake())
     assert events == expected
     assert all(p + verdict.AFTER < c.train.steps for p in events)  # each event's harm window fits
@@ -69,8 +77,9 @@ def test_isolated_preset_plants_single_batches(preset: str, expected: list[int])
 # --------------------------------------------------------------------------------------------
 # Clipping: ZClip vs fixed vs none
 # --------------------------------------------------------------------------------------------
-def clip_run(root: Path, arm: str, lr: float, seed: int, spikes: int, final: float, steps: int = 300,
-             diverged: bool = False) -> Path:
+def clip_run(
+    root: Path, arm: str, lr: float, seed: int, spikes: int, final: float, steps: int = 300, diverged: bool = False
+) -> Path:
     """A run whose train loss falls smoothly with ``spikes`` isolated jumps (each far above 6 sigma)."""
     items = [f"+clip={arm}", f"optim.lr={lr}", f"train.seed={seed}"]
     run_dir = root / ",".join(items)
@@ -131,8 +140,12 @@ def isolated_run(root: Path, arm: str, seed: int, harm: float, skipped: bool) ->
     """400 logged steps: grad norm ~0.2 with a jump at each poison step (none when skipped and not
     planted), val loss the clean curve plus ``harm`` for 15 steps after each poison step."""
     kind = "skip_step" if arm == "skip_step" else "none"
-    config = {"optim": {"lr": 3e-2}, "train": {"seed": seed, "steps": 400}, "remedy": {"kind": kind},
-              "data": {"inject": {"enabled": arm != "clean", "start_step": 150, "end_step": 351, "every": 50}}}
+    config = {
+        "optim": {"lr": 3e-2},
+        "train": {"seed": seed, "steps": 400},
+        "remedy": {"kind": kind},
+        "data": {"inject": {"enabled": arm != "clean", "start_step": 150, "end_step": 351, "every": 50}},
+    }
     run_dir = root / f"arm={arm},seed={seed}"
     write_json(run_dir / "config.yaml", config)
     record = RunRecord(run_dir)
@@ -144,8 +157,13 @@ def isolated_run(root: Path, arm: str, seed: int, harm: float, skipped: bool) ->
         if step % 5 == 0:
             record.log(step, {"val/loss": val})
         poisoned = arm != "clean" and step in POISON
-        record.log(step, {"train/loss": val + (3.0 if poisoned else 0.0),
-                          "optim/grad_norm": (5.0 if poisoned else 0.2) * (1 + 0.02 * rng.standard_normal())})
+        record.log(
+            step,
+            {
+                "train/loss": val + (3.0 if poisoned else 0.0),
+                "optim/grad_norm": (5.0 if poisoned else 0.2) * (1 + 0.02 * rng.standard_normal()),
+            },
+        )
         if poisoned and skipped:
             record.event(step, "skip_step", trigger="grad_norm", value=5.0, threshold=0.3)
     record.update(status="completed", final_val_loss=3.4, final_train_loss=3.4, steps_completed=400)
@@ -173,10 +191,26 @@ def test_isolated_verdict(tmp_path: Path, works: bool) -> None:
 # PaLM's replay ablation
 # --------------------------------------------------------------------------------------------
 def replay_results(study, earlier: list[bool], skip: list[bool]):
-    return [study.KitReplays(kit=f"k{i}", arm="fixed", lr=0.3, seed=i % 3, step=100 + i, trigger="loss",
-                             threshold=5.0, older_by=18, same_bitwise=True, same=True, earlier=e, skip=s,
-                             peak_same=9.0, peak_earlier=4.0, peak_skip=4.0)
-            for i, (e, s) in enumerate(zip(earlier, skip))]
+    return [
+        study.KitReplays(
+            kit=f"k{i}",
+            arm="fixed",
+            lr=0.3,
+            seed=i % 3,
+            step=100 + i,
+            trigger="loss",
+            threshold=5.0,
+            older_by=18,
+            same_bitwise=True,
+            same=True,
+            earlier=e,
+            skip=s,
+            peak_same=9.0,
+            peak_earlier=4.0,
+            peak_skip=4.0,
+        )
+        for i, (e, s) in enumerate(zip(earlier, skip))
+    ]
 
 
 def test_replay_study_judge() -> None:
@@ -194,12 +228,32 @@ def test_remedy_claims_end_to_end(tmp_path: Path) -> None:
     """The clipping sweep (with capture) and the isolated sweep at toy size, then their judges and
     the replay study over the kits: every path runs, and every 'same' replay is bitwise."""
     env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "WANDB_MODE": "disabled"}
-    small = ["train.steps=60", "train.batch_size=4", "train.seq_len=32", "model.d_model=16", "model.n_layers=1",
-             "schedule.warmup_steps=4", "train.eval_every=20", "train.eval_batches=1"]
+    small = [
+        "train.steps=60",
+        "train.batch_size=4",
+        "train.seq_len=32",
+        "model.d_model=16",
+        "model.n_layers=1",
+        "schedule.warmup_steps=4",
+        "train.eval_every=20",
+        "train.eval_batches=1",
+    ]
     clip_dir = tmp_path / "clip"
-    cmd = [sys.executable, "-m", "proxy.train", "-m", "+experiment=spike_remedies_clipping_lab", "train.seed=0",
-           "optim.lr=0.3", *small, "capture.sigma=2", "capture.min_history=5", "capture.steps_before=6",
-           "capture.max_kits=1", f"hydra.sweep.dir={clip_dir}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "proxy.train",
+        "-m",
+        "+experiment=spike_remedies_clipping_lab",
+        "train.seed=0",
+        "optim.lr=0.3",
+        *small,
+        "capture.sigma=2",
+        "capture.min_history=5",
+        "capture.steps_before=6",
+        "capture.max_kits=1",
+        f"hydra.sweep.dir={clip_dir}",
+    ]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     verdict = judge_runs(FINDING / "clipping", [clip_dir], tmp_path / "rc")
@@ -211,9 +265,21 @@ def test_remedy_claims_end_to_end(tmp_path: Path) -> None:
     assert all(",True,True," in row for row in replays[1:])  # same_bitwise, same re-spiked
 
     iso_dir = tmp_path / "iso"
-    cmd = [sys.executable, "-m", "proxy.train", "-m", "+experiment=spike_remedies_isolated_lab", "train.seed=0",
-           *small, "data.inject.start_step=30", "data.inject.end_step=51", "data.inject.every=10",
-           "data.inject.max_period=1", "remedy.spike_min_history=5", f"hydra.sweep.dir={iso_dir}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "proxy.train",
+        "-m",
+        "+experiment=spike_remedies_isolated_lab",
+        "train.seed=0",
+        *small,
+        "data.inject.start_step=30",
+        "data.inject.end_step=51",
+        "data.inject.every=10",
+        "data.inject.max_period=1",
+        "remedy.spike_min_history=5",
+        f"hydra.sweep.dir={iso_dir}",
+    ]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     verdict = judge_runs(FINDING / "isolated", [iso_dir], tmp_path / "ri")

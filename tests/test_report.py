@@ -114,8 +114,14 @@ def test_report_files_and_run_table(sweep: Path, tmp_path: Path) -> None:
     result = build_report([sweep], out)
     for path in (result.html, result.markdown, result.csv):
         assert path.is_file() and path.stat().st_size > 0
-    assert set(result.figures) == {"lr_vs_loss", "loss", "attn_max_logit", "output_logit_mean", "output_log_z",
-                                   "grad_norm"}
+    assert set(result.figures) == {
+        "lr_vs_loss",
+        "loss",
+        "attn_max_logit",
+        "output_logit_mean",
+        "output_log_z",
+        "grad_norm",
+    }
     for png in result.figures.values():
         assert png.read_bytes()[:4] == b"\x89PNG"
 
@@ -177,9 +183,7 @@ def test_report_spike_scores_and_options(sweep: Path, tmp_path: Path) -> None:
     assert rows["0"].spike_score_grad_norm == 0.0
     assert rows["2"].spike_score_loss is not None and rows["2"].spike_score_loss > 0  # the NaN
     assert rows["5"].spike_score_loss is None  # no metrics at all
-    assert rows["2"].max_attn_logit_peak == pytest.approx(
-        5.0 + 30 * 0.1 * 10
-    )  # from metrics: layer 0 at step 30
+    assert rows["2"].max_attn_logit_peak == pytest.approx(5.0 + 30 * 0.1 * 10)  # from metrics: layer 0 at step 30
 
     loose = build_report(
         [sweep],
@@ -247,10 +251,7 @@ def test_lr_range_restricts_sensitivity_not_the_curve(sweep: Path, tmp_path: Pat
     assert off.sensitivity == pytest.approx((3.0 - 2.5) / 2)
     assert "[0.001, 0.01] only" in result.markdown.read_text()
     none_inside = build_report([sweep], tmp_path / "rep2", lr_range=(1.0, 2.0))
-    assert (
-        none_inside.sensitivity[0].sensitivity is None
-        and "no swept LR inside" in none_inside.sensitivity[0].note
-    )
+    assert none_inside.sensitivity[0].sensitivity is None and "no swept LR inside" in none_inside.sensitivity[0].note
     with pytest.raises(ReportError, match="lr_range"):
         build_report([sweep], tmp_path / "rep3", lr_range=(1e-2, 1e-3))
 
@@ -263,12 +264,10 @@ def _rolled_back_run(root: Path) -> Path:
     for step in range(0, 7):
         record.log(step, {"train/loss": 5.0 - 0.1 * step, "optim/grad_norm": 1.0})
     record.event(5, "skip_step", trigger="loss", value=9.0, threshold=6.0)  # on the first branch
-    record.event(6, "rollback", trigger="grad_norm", value=7.0, threshold=2.0, restore_step=4,
-                 data_position=7)
+    record.event(6, "rollback", trigger="grad_norm", value=7.0, threshold=2.0, restore_step=4, data_position=7)
     for step in range(4, 8):
         record.log(step, {"train/loss": 4.0 - 0.1 * step, "optim/grad_norm": 1.0})
-    record.event(7, "rollback", trigger="grad_norm", value=8.0, threshold=2.0, restore_step=2,
-                 data_position=8)
+    record.event(7, "rollback", trigger="grad_norm", value=8.0, threshold=2.0, restore_step=2, data_position=8)
     for step in range(2, 10):
         record.log(step, {"train/loss": 3.0 - 0.1 * step, "optim/grad_norm": 1.0})
     record.close()

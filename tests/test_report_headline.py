@@ -44,8 +44,14 @@ def sweep(tmp_path: Path) -> Path:
     return root
 
 
-def write_run(root: Path, name: str, overrides: list[str], rows: dict[int, dict[str, float]],
-              config: Optional[dict[str, Any]] = None, lr: float = 1e-2) -> Path:
+def write_run(
+    root: Path,
+    name: str,
+    overrides: list[str],
+    rows: dict[int, dict[str, float]],
+    config: Optional[dict[str, Any]] = None,
+    lr: float = 1e-2,
+) -> Path:
     """A completed run directory with the given metric rows."""
     record = RunRecord(root / name)
     write_json(root / name / "config.yaml", {"optim": {"lr": lr}, "train": {"seed": 0}, **(config or {})})
@@ -90,14 +96,18 @@ def test_report_leads_with_the_headline_read_off_its_tables(sweep: Path, tmp_pat
 def test_runs_table_names_runs_by_what_varies_and_scrolls(sweep: Path, tmp_path: Path) -> None:
     result = build_report([sweep], tmp_path / "rep", lr_range=None)
     assert [row.label for row in result.runs][:3] == [
-        "model.qk_norm=off, lr=0.001", "model.qk_norm=off, lr=0.01", "model.qk_norm=off, lr=0.1"]
+        "model.qk_norm=off, lr=0.001",
+        "model.qk_norm=off, lr=0.01",
+        "model.qk_norm=off, lr=0.1",
+    ]
     md = result.markdown.read_text()
-    runs_md = md[md.index("## Runs\n"):md.index("## Curves")]
+    runs_md = md[md.index("## Runs\n") : md.index("## Curves")]
     # constant overrides stated once above the table, never in a row
     assert "Every run: experiment=unit, seed=0." in runs_md
     table = [line for line in runs_md.splitlines() if line.startswith("|")]
-    assert table[0].startswith("| run | status | final loss | max attn logit peak | spike % loss | spike % grad norm"
-                               " | events |")
+    assert table[0].startswith(
+        "| run | status | final loss | max attn logit peak | spike % loss | spike % grad norm | events |"
+    )
     assert all("experiment=unit" not in line and "seed" not in line for line in table)
     assert "| model.qk_norm=layernorm, lr=0.1 | completed | 2.9 |" in runs_md
     # HTML: every table in its own sideways-scrolling box, the first column kept in view
@@ -129,7 +139,7 @@ def test_run_labels_keep_only_what_varies() -> None:
 # --------------------------------------------------------------------------------------------
 # A finding's verdict at the top of the report proxy-verdict writes
 # --------------------------------------------------------------------------------------------
-FAKE_VERDICT = '''
+FAKE_VERDICT = """
 from proxy.analysis import OLMO_CORE_SPIKES
 from proxy.verdict import Verdict
 
@@ -143,7 +153,7 @@ def judge(report, runs):
     v.check("QK-norm lowers the LR sensitivity", True, "0.1 vs 0.5")
     v.check("QK-norm keeps logits below 50", False, "peak 185")
     return v
-'''
+"""
 
 
 def test_verdict_heads_the_report_proxy_verdict_writes(sweep: Path, tmp_path: Path) -> None:
@@ -157,7 +167,8 @@ def test_verdict_heads_the_report_proxy_verdict_writes(sweep: Path, tmp_path: Pa
     assert "> **Verdict: NOT REPRODUCED (fake finding)**" in top and "> 1 of 2 claims hold." in top
     # the claim that fails comes first, with what was measured
     assert top.index("FAILS: QK-norm keeps logits below 50 (measured: peak 185)") < top.index(
-        "holds: QK-norm lowers the LR sensitivity (measured: 0.1 vs 0.5)")
+        "holds: QK-norm lowers the LR sensitivity (measured: 0.1 vs 0.5)"
+    )
     assert top.index("**Result**") < top.index("**Verdict")
     html = (tmp_path / "rep" / "report.html").read_text()
     assert '<div class="callout fail"><p class="title">Verdict: NOT REPRODUCED (fake finding)</p>' in html
@@ -176,18 +187,31 @@ def test_verdict_heads_the_report_proxy_verdict_writes(sweep: Path, tmp_path: Pa
 # --------------------------------------------------------------------------------------------
 # Figures: short titles, legends clear of titles, per-layer statistics
 # --------------------------------------------------------------------------------------------
-LONG = [["+experiment=repeated_ngrams_lab", f"data.inject.enabled={a}", f"data.ngram_filter.enabled={b}"]
-        for a in (False, True) for b in (False, True)]
-PARAMS = ("embed.weight", "blocks.0.attn.qkv.weight", "blocks.0.mlp.fc_in.weight", "blocks.1.attn.qkv.weight",
-          "final_norm.weight", "lm_head.weight")
+LONG = [
+    ["+experiment=repeated_ngrams_lab", f"data.inject.enabled={a}", f"data.ngram_filter.enabled={b}"]
+    for a in (False, True)
+    for b in (False, True)
+]
+PARAMS = (
+    "embed.weight",
+    "blocks.0.attn.qkv.weight",
+    "blocks.0.mlp.fc_in.weight",
+    "blocks.1.attn.qkv.weight",
+    "final_norm.weight",
+    "lm_head.weight",
+)
 
 
 def _rows(scale: float = 1.0) -> dict[int, dict[str, float]]:
     rows = {}
     for step in range(0, 40, 2):
-        row = {"train/loss": 6.0 - 0.05 * step, "optim/grad_norm": 1.0 + 0.01 * (step % 3),
-               "attn/max_logit/layer_0": 1.0 + step, "attn/max_logit/layer_1": 2.0 + step,
-               "output/logit_mean": -0.01 * step}
+        row = {
+            "train/loss": 6.0 - 0.05 * step,
+            "optim/grad_norm": 1.0 + 0.01 * (step % 3),
+            "attn/max_logit/layer_0": 1.0 + step,
+            "attn/max_logit/layer_1": 2.0 + step,
+            "output/logit_mean": -0.01 * step,
+        }
         for i, param in enumerate(PARAMS):
             row[f"grad_rms/{param}"] = scale * 1e-3 * (i + 1)
             row[f"update_rms/{param}"] = 1.0
@@ -220,13 +244,15 @@ def assert_titles_clear(fig: MplFigure) -> None:
         assert title.width <= ax.get_window_extent(renderer).width * 1.02, ax.get_title()
     for i, title in enumerate(titles):
         assert not any(title.overlaps(legend) for legend in legends)
-        assert not any(title.overlaps(other) for other in titles[i + 1:])
+        assert not any(title.overlaps(other) for other in titles[i + 1 :])
 
 
 def test_long_variant_labels_are_shortened_and_never_covered(long_tables) -> None:
     short = figs.short_labels([label for label, _ in long_tables.groups])
-    assert short["data.inject.enabled=False, data.ngram_filter.enabled=True"] == \
-        "inject.enabled=False, ngram_filter.enabled=True"
+    assert (
+        short["data.inject.enabled=False, data.ngram_filter.enabled=True"]
+        == "inject.enabled=False, ngram_filter.enabled=True"
+    )
     palette = figs._Palette(row.lr for row in long_tables.runs)
     attention = figs._attention_figure(long_tables.groups, palette)
     assert attention is not None and attention.axes[0].get_title().startswith("inject.enabled=False")

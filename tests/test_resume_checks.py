@@ -19,21 +19,31 @@ from proxy.analysis import MAX_DIRNAME_BYTES, run_dirname
 from proxy.config import ConfigError, to_config
 from proxy.records import checkpoints, load_run
 from proxy.train import train, train_ensemble
-from proxy.train.resume import (RESUME_MAY_CHANGE, ResumeRefused, merge_overrides, may_change,
-                                touched_keys)
+from proxy.train.resume import RESUME_MAY_CHANGE, ResumeRefused, may_change, merge_overrides, touched_keys
 from tests.test_run_dir_faults import snapshot_of
 from tests.test_train import tiny_cfg
 
 # a short run for the CLI: 20 steps, checkpoints at 10 and 20
-CLI_RUN = ("optim.lr=2e-3", "train.steps=20", "train.batch_size=2", "train.seq_len=16", "train.log_every=5",
-           "train.eval_every=10", "train.eval_batches=1", "train.ckpt_every=10", "train.keep_checkpoints=5",
-           "train.progress=false", "schedule.warmup_steps=5")
+CLI_RUN = (
+    "optim.lr=2e-3",
+    "train.steps=20",
+    "train.batch_size=2",
+    "train.seq_len=16",
+    "train.log_every=5",
+    "train.eval_every=10",
+    "train.eval_batches=1",
+    "train.ckpt_every=10",
+    "train.keep_checkpoints=5",
+    "train.progress=false",
+    "schedule.warmup_steps=5",
+)
 
 
 def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "WANDB_MODE": "disabled", "HYDRA_FULL_ERROR": ""}
-    return subprocess.run([sys.executable, "-m", "proxy.train", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "proxy.train", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )
 
 
 def error_lines(result: subprocess.CompletedProcess) -> list[str]:
@@ -95,8 +105,12 @@ def test_keys_that_say_how_the_run_executes_may_change_and_are_recorded(stored):
     assert summary["status"] == "completed"
     changed = summary["resumed_with"]
     assert changed.pop("train.progress")  # its type is the schema's business: that it is listed
-    assert changed == {"train.log_every": [5, 2], "train.eval_every": [10, 5], "train.keep_checkpoints": [5, 3],
-                       "wandb.tags": [[], ["resumed"]]}
+    assert changed == {
+        "train.log_every": [5, 2],
+        "train.eval_every": [10, 5],
+        "train.keep_checkpoints": [5, 3],
+        "wandb.tags": [[], ["resumed"]],
+    }
     assert "train.resume" not in summary["resumed_with"]  # the command's own switch is no change
     assert "resume_override" not in summary
 
@@ -126,8 +140,18 @@ def test_resume_override_without_resume_is_a_config_error():
 def test_the_list_of_keys_a_resume_may_change():
     assert may_change("train.device", "cpu", "cuda") and may_change("wandb.project", "a", "b")
     assert may_change("train.steps", 20, 40) and not may_change("train.steps", 40, 20)
-    for key in ("train.dtype", "train.eval_batches", "train.diverge_factor", "data.path", "optim.lr",
-                "model.d_model", "remedy.kind", "experiment", "train.seed", "train.batch_size"):
+    for key in (
+        "train.dtype",
+        "train.eval_batches",
+        "train.diverge_factor",
+        "data.path",
+        "optim.lr",
+        "model.d_model",
+        "remedy.kind",
+        "experiment",
+        "train.seed",
+        "train.batch_size",
+    ):
         assert not may_change(key, 0, 1), key
     assert "train.dtype" not in RESUME_MAY_CHANGE
 
@@ -138,8 +162,7 @@ def test_the_list_of_keys_a_resume_may_change():
 def test_the_thread_count_is_recorded_and_a_change_of_it_on_resume_too(stored):
     cfg, run_dir = stored
     first = summary_of(run_dir)
-    assert first["threads"] == {"torch": torch.get_num_threads(),
-                                "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}
+    assert first["threads"] == {"torch": torch.get_num_threads(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}
     threads = torch.get_num_threads()
     other = 1 if threads != 1 else 2
     torch.set_num_threads(other)
@@ -231,17 +254,38 @@ def test_which_keys_a_resume_command_sets():
 # Run directory names, --help, -m with --cfg
 # ============================================================================================
 def test_a_long_override_list_names_its_directory_by_whole_overrides_and_records_all(tmp_path):
-    long = [f"remedy.zclip_alpha=0.9{'7' * 30}", "remedy.zclip_z=2.5000000000000000001",
-            *(f"remedy.{k}={v}" for k, v in [("spike_sigma", "6.00000000000001"), ("spike_window", 128),
-                                              ("rollback_every", 10), ("rollback_keep", 3), ("rollback_max", 5),
-                                              ("zclip_warmup", 25), ("max_consecutive_skips", 50)])]
+    long = [
+        f"remedy.zclip_alpha=0.9{'7' * 30}",
+        "remedy.zclip_z=2.5000000000000000001",
+        *(
+            f"remedy.{k}={v}"
+            for k, v in [
+                ("spike_sigma", "6.00000000000001"),
+                ("spike_window", 128),
+                ("rollback_every", 10),
+                ("rollback_keep", 3),
+                ("rollback_max", 5),
+                ("zclip_warmup", 25),
+                ("max_consecutive_skips", 50),
+            ]
+        ),
+    ]
     name = run_dirname(long)
     assert len(name.encode()) <= MAX_DIRNAME_BYTES
     head, _, digest = name.rpartition("~")
     assert len(digest) == 10 and all(part in long for part in head.split(","))  # no cut override
-    result = cli("-m", "train.steps=2", "train.batch_size=2", "train.seq_len=16", "train.eval_every=2",
-                 "train.eval_batches=1", "train.progress=false", *long, f"hydra.sweep.dir={tmp_path / 'sweep'}",
-                 cwd=tmp_path)
+    result = cli(
+        "-m",
+        "train.steps=2",
+        "train.batch_size=2",
+        "train.seq_len=16",
+        "train.eval_every=2",
+        "train.eval_batches=1",
+        "train.progress=false",
+        *long,
+        f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr
     (job,) = [p for p in (tmp_path / "sweep").iterdir() if p.is_dir() and (p / "summary.json").exists()]
     assert len(job.name.encode()) <= MAX_DIRNAME_BYTES + len("0_")
@@ -252,8 +296,9 @@ def test_a_long_override_list_names_its_directory_by_whole_overrides_and_records
 
 
 def test_help_describes_proxy_and_how_to_call_it(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "proxy.train", "--help"], cwd=tmp_path, capture_output=True,
-                            text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "proxy.train", "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr
     assert "powered by Hydra" not in result.stdout
     assert result.stdout.startswith("proxy-train: train a small GPT-style Transformer")

@@ -20,9 +20,18 @@ import torch
 
 from proxy.config import ConfigError, to_config
 from proxy.data import DataError, build_source
-from proxy.records import (ERROR_FILE, START_ERROR_FILE, RunDirBusy, RunDirError, RunLock, StateFileError,
-                           UnsafePathError,
-                           checkpoints, find_runs, load_run)
+from proxy.records import (
+    ERROR_FILE,
+    START_ERROR_FILE,
+    RunDirBusy,
+    RunDirError,
+    RunLock,
+    StateFileError,
+    UnsafePathError,
+    checkpoints,
+    find_runs,
+    load_run,
+)
 from proxy.report import build_report
 from proxy.train import train
 from proxy.train.ledger import RunDirTaken
@@ -48,14 +57,24 @@ def plant_payload(path: Path, marker: Path) -> None:
 
 def snapshot_of(run_dir: Path) -> dict[str, bytes]:
     """Every file under the run dir (but the lock and start errors), by path: to compare before/after."""
-    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*"))
-            if p.is_file() and p.name not in (".lock", START_ERROR_FILE)}
+    return {
+        str(p.relative_to(run_dir)): p.read_bytes()
+        for p in sorted(run_dir.rglob("*"))
+        if p.is_file() and p.name not in (".lock", START_ERROR_FILE)
+    }
 
 
 def cli(*args: str, cwd: Path, **kw) -> subprocess.CompletedProcess:
     env = {**os.environ, "WANDB_MODE": "disabled", "HYDRA_FULL_ERROR": ""}
-    return subprocess.run([sys.executable, "-m", "proxy.train", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=600, **kw)
+    return subprocess.run(
+        [sys.executable, "-m", "proxy.train", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        **kw,
+    )
 
 
 def error_lines(result: subprocess.CompletedProcess) -> list[str]:
@@ -83,8 +102,15 @@ def test_a_planted_pickle_in_rollback_snapshots_never_runs(tmp_path):
     from proxy.model import build_model
     from proxy.optim import build_optimizer
 
-    cfg = RemedyConfig(kind="rollback", rollback_storage="disk", rollback_every=2, rollback_keep=3,
-                       rollback_min_age=2, spike_min_history=3, spike_window=5)
+    cfg = RemedyConfig(
+        kind="rollback",
+        rollback_storage="disk",
+        rollback_every=2,
+        rollback_keep=3,
+        rollback_min_age=2,
+        spike_min_history=3,
+        spike_window=5,
+    )
     model = build_model(to_config({}).model, 64)
     optimizer = build_optimizer(model, to_config({}).optim)
     rb = Rollback(cfg, tmp_path / "rollback")
@@ -125,15 +151,22 @@ def test_a_checkpoint_cannot_point_the_snapshot_cleanup_outside_the_run_dir(tmp_
         assert snapshot_of(run_dir) == before
     with pytest.raises(UnsafePathError):
         Rollback(to_config({"remedy": remedy}).remedy, run_dir / "rollback").load_state_dict(
-            {**state["remedy"], "snapshots": [{"step": 5, "data_position": 5, "file": "/etc/passwd"}]})
+            {**state["remedy"], "snapshots": [{"step": 5, "data_position": 5, "file": "/etc/passwd"}]}
+        )
 
 
 def test_a_refused_checkpoint_is_named_in_one_line_without_torchs_hint(completed_run, tmp_path):
     marker = tmp_path / "payload-ran"
     plant_payload(completed_run / "checkpoints" / "step_0000030.pt", marker)
     before = snapshot_of(completed_run)
-    args = ["train.steps=20", "train.batch_size=4", "train.seq_len=32", "train.resume=true",
-            f"out_dir={completed_run}", "train.progress=false"]
+    args = [
+        "train.steps=20",
+        "train.batch_size=4",
+        "train.seq_len=32",
+        "train.resume=true",
+        f"out_dir={completed_run}",
+        "train.progress=false",
+    ]
     result = cli(*args, cwd=tmp_path)
     lines = error_lines(result)
     assert result.returncode == 2 and len(lines) == 1, result.stderr
@@ -151,18 +184,32 @@ def test_a_planted_pickle_in_a_spike_kit_is_refused_in_one_line(tmp_path, plante
     kit = tmp_path / "run" / "spike_kits" / "step_0000040"
     kit.mkdir(parents=True)
     state = {"step": 39, "data_position": 39}
-    meta = {"format": KIT_FORMAT, "config": tiny_cfg(), "step": 40, "trigger": "grad_norm", "value": 9.0,
-            "threshold": 3.0, "states": {"before": state, "at": state, "after": None}, "trace": [],
-            "vocab_size": 512}
+    meta = {
+        "format": KIT_FORMAT,
+        "config": tiny_cfg(),
+        "step": 40,
+        "trigger": "grad_norm",
+        "value": 9.0,
+        "threshold": 3.0,
+        "states": {"before": state, "at": state, "after": None},
+        "trace": [],
+        "vocab_size": 512,
+    }
     (kit / KIT_JSON).write_text(json.dumps(meta))
     zeros = torch.zeros(2, 1, 8, dtype=torch.long)
-    torch.save({"steps": torch.tensor([39, 40]), "inputs": zeros, "labels": zeros,
-                "data_positions": torch.tensor([39, 40])}, kit / BATCHES_FILE)
+    torch.save(
+        {"steps": torch.tensor([39, 40]), "inputs": zeros, "labels": zeros, "data_positions": torch.tensor([39, 40])},
+        kit / BATCHES_FILE,
+    )
     marker = tmp_path / "payload-ran"
     plant_payload(kit / planted, marker)
     before = snapshot_of(tmp_path / "run")
-    result = subprocess.run([sys.executable, "-m", "proxy.forensics.dissect", str(kit), "--no-replay",
-                             "--lanczos-iters=0"], capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "proxy.forensics.dissect", str(kit), "--no-replay", "--lanczos-iters=0"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     lines = error_lines(result)
     assert result.returncode == 2 and len(lines) == 1, result.stderr
     assert planted in lines[0] and "refused" in lines[0]
@@ -178,8 +225,9 @@ def test_a_foreign_kit_json_is_one_line(tmp_path):
     kit = tmp_path / "kit"
     kit.mkdir()
     (kit / KIT_JSON).write_text(json.dumps({"format": KIT_FORMAT, "config": tiny_cfg(), "step": 40}))
-    result = subprocess.run([sys.executable, "-m", "proxy.forensics.dissect", str(kit)], capture_output=True,
-                            text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "proxy.forensics.dissect", str(kit)], capture_output=True, text=True, timeout=300
+    )
     lines = error_lines(result)
     assert result.returncode == 2 and len(lines) == 1 and "lacks" in lines[0] and "states" in lines[0], result.stderr
 
@@ -283,12 +331,26 @@ def _reference_rows(run_dir: Path) -> list:
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_a_signal_stops_at_a_step_with_a_checkpoint_and_resume_goes_on(tmp_path, sig, code):
-    args = ["train.steps=150", "train.batch_size=4", "train.seq_len=32", "train.log_every=1",
-            "train.eval_every=50", "train.eval_batches=1", "train.progress=false", "schedule.warmup_steps=5"]
+    args = [
+        "train.steps=150",
+        "train.batch_size=4",
+        "train.seq_len=32",
+        "train.log_every=1",
+        "train.eval_every=50",
+        "train.eval_batches=1",
+        "train.progress=false",
+        "schedule.warmup_steps=5",
+    ]
     run_dir = tmp_path / "run"
     env = {**os.environ, "WANDB_MODE": "disabled"}
-    proc = subprocess.Popen([sys.executable, "-m", "proxy.train", *args, f"out_dir={run_dir}"], cwd=tmp_path,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "proxy.train", *args, f"out_dir={run_dir}"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 300
     metrics = run_dir / "metrics.jsonl"
     while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 30):
@@ -334,8 +396,17 @@ def test_a_second_writer_is_refused_and_writes_nothing(tmp_path):
 def test_two_jobs_started_together_get_two_run_dirs(tmp_path):
     args = ["train.steps=2", "train.batch_size=2", "train.seq_len=16", "train.eval_batches=1", "train.progress=false"]
     env = {**os.environ, "WANDB_MODE": "disabled"}
-    procs = [subprocess.Popen([sys.executable, "-m", "proxy.train", *args], cwd=tmp_path, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "proxy.train", *args],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
     for proc in procs:
         _, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err
@@ -373,15 +444,19 @@ def test_an_unusable_run_dir_is_one_line_naming_the_cause(tmp_path):
 def test_a_traceback_on_stderr_becomes_its_last_cause():
     from proxy.train.cli import one_line
 
-    held = ("Traceback (most recent call last):\n"
-            '  File "/x/hydra/_internal/utils.py", line 220, in run_and_report\n'
-            "    return func()\n"
-            "           ^^^^^^\n"
-            '  File "/x/pathlib.py", line 1116, in mkdir\n'
-            "    os.mkdir(self, mode)\n"
-            "PermissionError: [Errno 13] Permission denied: '/ro/run/.hydra'\n")
-    assert one_line(held) == ("cannot write /ro/run/.hydra: Permission denied (proxy-train writes its log and "
-                              ".hydra/ into hydra.run.dir: give it a writable folder)")
+    held = (
+        "Traceback (most recent call last):\n"
+        '  File "/x/hydra/_internal/utils.py", line 220, in run_and_report\n'
+        "    return func()\n"
+        "           ^^^^^^\n"
+        '  File "/x/pathlib.py", line 1116, in mkdir\n'
+        "    os.mkdir(self, mode)\n"
+        "PermissionError: [Errno 13] Permission denied: '/ro/run/.hydra'\n"
+    )
+    assert one_line(held) == (
+        "cannot write /ro/run/.hydra: Permission denied (proxy-train writes its log and "
+        ".hydra/ into hydra.run.dir: give it a writable folder)"
+    )
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
@@ -391,9 +466,16 @@ def test_a_read_only_run_dir_is_one_line_naming_the_cause(completed_run, tmp_pat
     for p in sorted(modes, key=lambda q: -len(q.parts)):
         p.chmod(modes[p] & ~0o222)
     try:
-        result = cli("train.steps=30", "train.batch_size=4", "train.seq_len=32", "train.resume=true",
-                     f"out_dir={completed_run}", "train.progress=false", f"hydra.run.dir={tmp_path / 'h'}",
-                     cwd=tmp_path)
+        result = cli(
+            "train.steps=30",
+            "train.batch_size=4",
+            "train.seq_len=32",
+            "train.resume=true",
+            f"out_dir={completed_run}",
+            "train.progress=false",
+            f"hydra.run.dir={tmp_path / 'h'}",
+            cwd=tmp_path,
+        )
     finally:
         for p, mode in modes.items():
             p.chmod(mode)
@@ -441,8 +523,7 @@ def test_planted_links_in_a_run_dir_are_refused_before_anything_is_written(tmp_p
     secret = outside / "secret.txt"
     secret.write_text("keep me")
     (outside / "step_0000005.pt").write_text("not ours")
-    for name, target in ((".lock", secret), ("checkpoints", outside), ("rollback", outside),
-                         ("metrics.jsonl", secret)):
+    for name, target in ((".lock", secret), ("checkpoints", outside), ("rollback", outside), ("metrics.jsonl", secret)):
         run_dir = tmp_path / f"run-{name.strip('.')}"
         run_dir.mkdir()
         (run_dir / name).symlink_to(target)

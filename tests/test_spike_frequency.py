@@ -15,10 +15,10 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
+import proxy.verdict
 from proxy.analysis import SpikeOptions, spread
 from proxy.config import register_configs, to_config
 from proxy.records import RunRecord, find_runs, load_run, write_json
-import proxy.verdict
 from proxy.verdict import judge_runs, load_script
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,8 +41,9 @@ def verdict_module():
 # --------------------------------------------------------------------------------------------
 # Presets
 # --------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("preset,sizes", [("spike_frequency_lab", "tiny,1m,5m"),
-                                          ("spike_frequency_gpu", "5m,20m,85m,124m")])
+@pytest.mark.parametrize(
+    "preset,sizes", [("spike_frequency_lab", "tiny,1m,5m"), ("spike_frequency_gpu", "5m,20m,85m,124m")]
+)
 def test_presets_sweep_sizes_by_condition_with_seed_ensembles(preset: str, sizes: str) -> None:
     cfg = composed([f"+experiment={preset}"])
     params = dict(cfg.hydra.sweeper.params)
@@ -55,11 +56,17 @@ def test_presets_sweep_sizes_by_condition_with_seed_ensembles(preset: str, sizes
     assert cfg.train.steps - protocol.score_from >= protocol.min_scored  # OLMo 2's window fills, 1000+ scored
     inject = cfg.data.inject
     assert inject.max_period * inject.repeats <= cfg.train.seq_len + 1  # every planted length fits a row
-    for condition, (qk, planted) in {"plain": ("off", False), "ngrams": ("off", True),
-                                     "qknorm": ("layernorm", False)}.items():
+    for condition, (qk, planted) in {
+        "plain": ("off", False),
+        "ngrams": ("off", True),
+        "qknorm": ("layernorm", False),
+    }.items():
         for size in sizes.split(","):
-            point = to_config(composed([f"+experiment={preset}", f"+spike_condition={condition}", f"model={size}"],
-                                       hydra_config=False))
+            point = to_config(
+                composed(
+                    [f"+experiment={preset}", f"+spike_condition={condition}", f"model={size}"], hydra_config=False
+                )
+            )
             assert point.model.name == size and point.model.qk_norm.value == qk
             assert point.data.inject.enabled is planted and not point.data.ngram_filter.enabled
             assert point.sweep.lrs == list(cfg.sweep.lrs)  # the same LR at every size and condition
@@ -84,19 +91,34 @@ def spiky_run(root: Path, job: int, condition: str, model: str, seed: int, spike
     layers, width, n = SIZES[model]
     overrides = ["+experiment=spike_frequency_lab", f"+spike_condition={condition}", f"model={model}"]
     run_dir = root / f"{job}_{','.join(sorted(overrides))}" / f"lr=0.03,seed={seed}"
-    write_json(run_dir / "config.yaml", {"model": {"name": model, "n_layers": layers, "d_model": width},
-                                         "optim": {"lr": 0.03},
-                                         "train": {"seed": seed, "steps": steps, "log_every": 1}})
+    write_json(
+        run_dir / "config.yaml",
+        {
+            "model": {"name": model, "n_layers": layers, "d_model": width},
+            "optim": {"lr": 0.03},
+            "train": {"seed": seed, "steps": steps, "log_every": 1},
+        },
+    )
     record = RunRecord(run_dir)
-    record.update(status="running", overrides=[*overrides, "optim.lr=0.03", f"train.seed={seed}"],
-                  n_params_non_embedding=n, loss_at_init=math.log(512), steps_planned=steps)
+    record.update(
+        status="running",
+        overrides=[*overrides, "optim.lr=0.03", f"train.seed={seed}"],
+        n_params_non_embedding=n,
+        loss_at_init=math.log(512),
+        steps_planned=steps,
+    )
     rng = np.random.default_rng(hash((job, seed)) % 2**32)
     noise = rng.standard_normal((steps, 2))
     at = {1000 + int((j + 0.5) * 1000 / spikes) for j in range(spikes)} if spikes else set()
     for step in range(steps):
         spike = step in at
-        record.log(step, {"optim/grad_norm": 1.0 + 0.05 * noise[step, 0] + (10.0 if spike else 0.0),
-                          "train/loss": 3.5 + 0.02 * noise[step, 1] + (1.0 if spike else 0.0)})
+        record.log(
+            step,
+            {
+                "optim/grad_norm": 1.0 + 0.05 * noise[step, 0] + (10.0 if spike else 0.0),
+                "train/loss": 3.5 + 0.02 * noise[step, 1] + (1.0 if spike else 0.0),
+            },
+        )
     record.update(status="completed", final_val_loss=3.5, final_train_loss=3.5, steps_completed=steps)
     record.close()
     return run_dir
@@ -113,12 +135,16 @@ def constructed_sweep(root: Path, counts: dict[str, list[list[int]]]) -> list:
     return [load_run(p) for p in find_runs([root])]
 
 
-RISING = {"plain": [[1, 3, 6], [2, 3, 7], [1, 4, 6]],
-          "ngrams": [[2, 5, 9], [3, 5, 8], [2, 6, 9]],
-          "qknorm": [[0, 1, 0], [0, 0, 1], [1, 0, 0]]}
-FLAT = {"plain": [[4, 3, 4], [3, 4, 3], [4, 4, 3]],
-        "ngrams": [[5, 6, 5], [6, 5, 5], [5, 5, 6]],
-        "qknorm": [[0, 1, 0], [0, 0, 1], [1, 0, 0]]}
+RISING = {
+    "plain": [[1, 3, 6], [2, 3, 7], [1, 4, 6]],
+    "ngrams": [[2, 5, 9], [3, 5, 8], [2, 6, 9]],
+    "qknorm": [[0, 1, 0], [0, 0, 1], [1, 0, 0]],
+}
+FLAT = {
+    "plain": [[4, 3, 4], [3, 4, 3], [4, 4, 3]],
+    "ngrams": [[5, 6, 5], [6, 5, 5], [5, 5, 6]],
+    "qknorm": [[0, 1, 0], [0, 0, 1], [1, 0, 0]],
+}
 
 
 @pytest.mark.parametrize("rising", [True, False])
@@ -172,10 +198,27 @@ def test_shrunken_preset_trains_and_is_judged(tmp_path: Path, monkeypatch: pytes
     sweep = tmp_path / "sweep"
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "proxy.train", "-m", "+experiment=spike_frequency_lab", f"hydra.sweep.dir={sweep}",
-         "model=tiny", "model.d_model=16,32", "train.steps=24", "train.eval_every=24", "train.eval_batches=1",
-         "schedule.warmup_steps=2", "data.inject.fraction=0.2"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "proxy.train",
+            "-m",
+            "+experiment=spike_frequency_lab",
+            f"hydra.sweep.dir={sweep}",
+            "model=tiny",
+            "model.d_model=16,32",
+            "train.steps=24",
+            "train.eval_every=24",
+            "train.eval_batches=1",
+            "schedule.warmup_steps=2",
+            "data.inject.fraction=0.2",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = [load_run(p) for p in find_runs([sweep])]
     assert len(runs) == 2 * 3 * 3 and all(r.status == "completed" for r in runs)
@@ -195,8 +238,11 @@ def test_shrunken_preset_trains_and_is_judged(tmp_path: Path, monkeypatch: pytes
 
     # the same verdict with windows short enough for 24 steps: the design's windows fill
     module = verdict_module()
-    short = module.Protocol(olmo2=SpikeOptions(sigma=7.0, window=8, min_history=8),
-                            olmo_core=SpikeOptions(sigma=6.0, window=4, one_sided=True, min_history=4), min_scored=16)
+    short = module.Protocol(
+        olmo2=SpikeOptions(sigma=7.0, window=8, min_history=8),
+        olmo_core=SpikeOptions(sigma=6.0, window=4, one_sided=True, min_history=4),
+        min_scored=16,
+    )
     verdict = module.judge(None, runs, protocol=short)
     assert verdict.checks[0].passed, verdict.checks[0].measured
     assert "scored steps per run 16-16" in verdict.checks[0].measured

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import itertools
-import re
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -141,9 +141,7 @@ def test_real_tiny_multirun_then_report(tmp_path: Path) -> None:
         assert row.lrs == [1e-3, 1e-1] and row.sensitivity is not None and row.sensitivity >= 0
     with open(result.csv) as f:
         assert sum(1 for _ in f) == 5  # header + 4 runs
-    assert result.html.is_file() and {"loss", "attn_max_logit", "grad_norm", "lr_vs_loss"} <= set(
-        result.figures
-    )
+    assert result.html.is_file() and {"loss", "attn_max_logit", "grad_norm", "lr_vs_loss"} <= set(result.figures)
     # the trainer's keys reach the table
     row = result.runs[0]
     assert row.loss_at_init is not None and row.max_attn_logit_peak is not None
@@ -163,8 +161,12 @@ def test_demo_command_is_the_documented_multirun(tmp_path: Path) -> None:
         "train.steps=5",
     ]
     two = demo_command(tmp_path / "s", ["train.steps=5"], workers=2)
-    assert two[5:] == [f"hydra.sweep.dir={tmp_path / 's'}", "hydra/launcher=local", "hydra.launcher.n_jobs=2",
-                       "train.steps=5"]  # the user's overrides come last, so they win
+    assert two[5:] == [
+        f"hydra.sweep.dir={tmp_path / 's'}",
+        "hydra/launcher=local",
+        "hydra.launcher.n_jobs=2",
+        "train.steps=5",
+    ]  # the user's overrides come last, so they win
 
 
 def test_demo_workers_run_one_thread_each_unless_the_user_says() -> None:

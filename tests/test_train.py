@@ -18,8 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def tiny_cfg(**sections) -> dict:
     cfg = as_dict(Config())
-    cfg["train"].update(steps=20, batch_size=4, seq_len=32, log_every=5, eval_every=10, eval_batches=2,
-                        progress=False)
+    cfg["train"].update(steps=20, batch_size=4, seq_len=32, log_every=5, eval_every=10, eval_batches=2, progress=False)
     cfg["schedule"]["warmup_steps"] = 5
     for section, values in sections.items():
         cfg[section].update(values)
@@ -28,8 +27,9 @@ def tiny_cfg(**sections) -> dict:
 
 def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "WANDB_MODE": "disabled", "HYDRA_FULL_ERROR": ""}
-    return subprocess.run([sys.executable, "-m", "proxy.train", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "proxy.train", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )
 
 
 def test_run_record_contract(tmp_path):
@@ -42,10 +42,19 @@ def test_run_record_contract(tmp_path):
     steps, losses = run.series("train/loss")
     assert steps == [0, 5, 10, 15, 19]
     row = run.metrics[1]
-    for key in ("optim/lr", "optim/grad_norm", "train/z_loss", "attn/max_logit/layer_0", "attn/max_logit/layer_1",
-                "output/logit_mean", "output/lse_mean", "perf/tokens_per_s",
-                "grad_rms/blocks.0.mlp.fc_in.weight", "update_rms/blocks.0.mlp.fc_in.weight",
-                "param_norm/embed.weight"):
+    for key in (
+        "optim/lr",
+        "optim/grad_norm",
+        "train/z_loss",
+        "attn/max_logit/layer_0",
+        "attn/max_logit/layer_1",
+        "output/logit_mean",
+        "output/lse_mean",
+        "perf/tokens_per_s",
+        "grad_rms/blocks.0.mlp.fc_in.weight",
+        "update_rms/blocks.0.mlp.fc_in.weight",
+        "param_norm/embed.weight",
+    ):
         assert key in row, key
     val_steps, _ = run.series("val/loss")
     assert val_steps == [0, 10, 20]
@@ -58,8 +67,11 @@ def test_run_record_contract(tmp_path):
 @pytest.mark.slow
 def test_tiny_model_learns_beyond_unigram(tmp_path):
     """A few hundred steps take the val loss well below the unigram entropy of the synthetic source."""
-    cfg = tiny_cfg(train=dict(steps=300, batch_size=16, seq_len=64, eval_every=300, log_every=50),
-                   optim=dict(lr=1e-2), schedule=dict(warmup_steps=30))
+    cfg = tiny_cfg(
+        train=dict(steps=300, batch_size=16, seq_len=64, eval_every=300, log_every=50),
+        optim=dict(lr=1e-2),
+        schedule=dict(warmup_steps=30),
+    )
     summary = train(cfg, tmp_path / "run")
     info = summary["data"]
     unigram, optimal = info["unigram_entropy"], info["optimal_loss"]
@@ -69,9 +81,19 @@ def test_tiny_model_learns_beyond_unigram(tmp_path):
 
 
 def test_huge_lr_diverges_cleanly_with_exit_zero(tmp_path):
-    result = cli("optim.lr=1e4", "optim.grad_clip=0", "schedule.warmup_steps=0", "train.steps=40",
-                 "train.batch_size=4", "train.seq_len=32", "train.eval_every=20", "train.eval_batches=1",
-                 "train.progress=false", f"out_dir={tmp_path / 'run'}", cwd=tmp_path)
+    result = cli(
+        "optim.lr=1e4",
+        "optim.grad_clip=0",
+        "schedule.warmup_steps=0",
+        "train.steps=40",
+        "train.batch_size=4",
+        "train.seq_len=32",
+        "train.eval_every=20",
+        "train.eval_batches=1",
+        "train.progress=false",
+        f"out_dir={tmp_path / 'run'}",
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["status"] == "diverged"
@@ -98,22 +120,44 @@ def test_resume_is_bitwise_identical(tmp_path):
 
 
 def test_cli_single_run_with_overrides(tmp_path):
-    result = cli("model=tiny", "optim.lr=3e-3", "model.qk_norm=layernorm", "train.steps=5",
-                 "train.batch_size=2", "train.seq_len=16", "train.eval_every=5", "train.eval_batches=1",
-                 "train.log_every=1", "hydra.run.dir=" + str(tmp_path / "single"), cwd=tmp_path)
+    result = cli(
+        "model=tiny",
+        "optim.lr=3e-3",
+        "model.qk_norm=layernorm",
+        "train.steps=5",
+        "train.batch_size=2",
+        "train.seq_len=16",
+        "train.eval_every=5",
+        "train.eval_batches=1",
+        "train.log_every=1",
+        "hydra.run.dir=" + str(tmp_path / "single"),
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr
     summary = json.loads((tmp_path / "single" / "summary.json").read_text())
     assert summary["status"] == "completed"
-    assert summary["run_name"] == "model=tiny,optim.lr=3e-3,model.qk_norm=layernorm,train.steps=5,train.batch_size=2," \
-                                  "train.seq_len=16,train.eval_every=5,train.eval_batches=1,train.log_every=1"
+    assert (
+        summary["run_name"] == "model=tiny,optim.lr=3e-3,model.qk_norm=layernorm,train.steps=5,train.batch_size=2,"
+        "train.seq_len=16,train.eval_every=5,train.eval_batches=1,train.log_every=1"
+    )
     assert (tmp_path / "single" / ".hydra" / "config.yaml").exists()
     assert "completed" in result.stdout
 
 
 def test_cli_multirun_two_by_two(tmp_path):
-    result = cli("-m", "optim.lr=1e-3,3e-2", "model.qk_norm=off,layernorm", "train.steps=4",
-                 "train.batch_size=2", "train.seq_len=16", "train.eval_every=4", "train.eval_batches=1",
-                 "train.progress=false", "hydra.sweep.dir=" + str(tmp_path / "sweep"), cwd=tmp_path)
+    result = cli(
+        "-m",
+        "optim.lr=1e-3,3e-2",
+        "model.qk_norm=off,layernorm",
+        "train.steps=4",
+        "train.batch_size=2",
+        "train.seq_len=16",
+        "train.eval_every=4",
+        "train.eval_batches=1",
+        "train.progress=false",
+        "hydra.sweep.dir=" + str(tmp_path / "sweep"),
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr
     summaries = [json.loads(p.read_text()) for p in sorted((tmp_path / "sweep").glob("*/summary.json"))]
     assert len(summaries) == 4

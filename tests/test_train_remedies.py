@@ -28,8 +28,14 @@ def test_skip_step_events_and_skipped_updates(tmp_path):
 
 
 def _rollback(**extra) -> dict:
-    return _hair_trigger("rollback", rollback_every=5, rollback_keep=3, rollback_min_age=5,
-                         rollback_skip_batches=7, **{"rollback_max": 2, **extra})
+    return _hair_trigger(
+        "rollback",
+        rollback_every=5,
+        rollback_keep=3,
+        rollback_min_age=5,
+        rollback_skip_batches=7,
+        **{"rollback_max": 2, **extra},
+    )
 
 
 def test_rollback_rewinds_and_skips_data(tmp_path):
@@ -49,8 +55,7 @@ def test_rollback_rewinds_and_skips_data(tmp_path):
         b_steps = [r["step"] for r in branch.rows if "train/loss" in r]
         # from the snapshot's step up to the spike itself, whose row ends the branch
         assert b_steps == list(range(event["restore_step"], event["step"] + 1))
-        assert branch.rows[-1]["optim/grad_norm"] == event["value"] or \
-            branch.rows[-1]["train/loss"] == event["value"]
+        assert branch.rows[-1]["optim/grad_norm"] == event["value"] or branch.rows[-1]["train/loss"] == event["value"]
     # the data stream only moves forward: each rollback resumes past the batch that spiked
     spike_batches = [e["step"] for e in rollbacks]
     assert all(e["data_position"] > spike_batches[0] for e in rollbacks)
@@ -86,8 +91,9 @@ def test_rollback_from_disk_snapshots_resumes_bitwise_after_a_crash(tmp_path, mo
     def cfg(**train_extra):
         remedy = _rollback(rollback_storage="disk", rollback_max=10)
         remedy.update(spike_baseline="mean", spike_sigma=1.5, spike_window=10, spike_min_history=5)
-        return tiny_cfg(remedy=remedy,
-                        train=dict(steps=40, log_every=1, ckpt_every=5, keep_checkpoints=10, **train_extra))
+        return tiny_cfg(
+            remedy=remedy, train=dict(steps=40, log_every=1, ckpt_every=5, keep_checkpoints=10, **train_extra)
+        )
 
     full = train(cfg(), tmp_path / "full")
     a = load_run(tmp_path / "full")
@@ -121,7 +127,10 @@ def test_rollback_from_disk_snapshots_resumes_bitwise_after_a_crash(tmp_path, mo
     assert a.series("train/loss") == b.series("train/loss")  # bitwise
     assert a.series("val/loss") == b.series("val/loss")
     assert full["final_val_loss"] == resumed["final_val_loss"]
-    strip = lambda events: [{k: v for k, v in e.items() if k != "rolled_back"} for e in events]
+
+    def strip(events: list[dict]) -> list[dict]:
+        return [{k: v for k, v in e.items() if k != "rolled_back"} for e in events]
+
     assert strip(a.events) == strip(b.events)
 
 

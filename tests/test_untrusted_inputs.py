@@ -26,8 +26,19 @@ import torch
 
 from proxy.config import ConfigError, to_config
 from proxy.data import DataError, build_source, prepare
-from proxy.records import (CHECKPOINTS, UNREADABLE, StoredFileError, UnsafePathError, atomic_write_text, checkpoints,
-                           load_run, output_dir, read_yaml, save_state, terminal_text)
+from proxy.records import (
+    CHECKPOINTS,
+    UNREADABLE,
+    StoredFileError,
+    UnsafePathError,
+    atomic_write_text,
+    checkpoints,
+    load_run,
+    output_dir,
+    read_yaml,
+    save_state,
+    terminal_text,
+)
 from proxy.report import build_report
 from proxy.report import main as report_main
 from proxy.report.document import Items, Paragraph, Table, csv_cell, md_text, to_markdown
@@ -65,8 +76,13 @@ needs_unshare = pytest.mark.skipif(not unshare_works(), reason="no private mount
 def in_namespace(shell: str, timeout: int = 600) -> subprocess.CompletedProcess:
     """``shell`` run as root of a private user and mount namespace (mounts vanish with it)."""
     env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(ROOT)}
-    return subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", shell], env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", shell],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.fixture
@@ -88,8 +104,11 @@ def sweep(tmp_path) -> Path:
 
 def outside(tmp_path: Path, run_root: Path) -> dict[str, bytes]:
     """Every file under tmp_path that is not under ``run_root``: what no command may change."""
-    return {str(p): p.read_bytes() for p in sorted(tmp_path.rglob("*"))
-            if p.is_file() and not p.is_symlink() and run_root not in p.parents}
+    return {
+        str(p): p.read_bytes()
+        for p in sorted(tmp_path.rglob("*"))
+        if p.is_file() and not p.is_symlink() and run_root not in p.parents
+    }
 
 
 # ============================================================================================
@@ -101,7 +120,7 @@ def test_a_planted_link_among_the_report_files_is_replaced_not_written_through(t
     (sweep / "report" / name).symlink_to(victim)
     # the chained attack: a string in summary.json that a shell would run, were runs.csv ~/.bashrc
     summary = json.loads((sweep / "0" / "summary.json").read_text())
-    summary["error"] = "$(touch /tmp/pwned) =HYPERLINK(\"http://evil\")"
+    summary["error"] = '$(touch /tmp/pwned) =HYPERLINK("http://evil")'
     (sweep / "0" / "summary.json").write_text(json.dumps(summary))
     before = outside(tmp_path, sweep)
     assert report_main([str(sweep)]) == 0
@@ -149,8 +168,12 @@ def kit_run(tmp_path_factory) -> Path:
 
 
 def _inspect(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "proxy.forensics.dissect", *args, "--no-replay",
-                           "--lanczos-iters=0"], capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "proxy.forensics.dissect", *args, "--no-replay", "--lanczos-iters=0"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def test_inspect_output_never_goes_through_a_link(tmp_path, kit_run, victim):
@@ -209,8 +232,14 @@ def test_output_dir_checks_every_folder_below_the_named_one(tmp_path):
 # ============================================================================================
 @pytest.fixture
 def completed_cli_run(tmp_path) -> tuple[Path, list[str]]:
-    args = ["train.steps=20", "train.batch_size=4", "train.seq_len=32", "train.eval_batches=1",
-            "train.ckpt_every=10", "train.progress=false"]
+    args = [
+        "train.steps=20",
+        "train.batch_size=4",
+        "train.seq_len=32",
+        "train.eval_batches=1",
+        "train.ckpt_every=10",
+        "train.progress=false",
+    ]
     run_dir = tmp_path / "run"
     result = cli(*args, f"out_dir={run_dir}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
@@ -253,8 +282,9 @@ def test_a_hand_edited_config_is_not_resumed_silently(tmp_path, completed_cli_ru
     assert "config.yaml was edited after that checkpoint (optim.lr=0.003): put it back" in lines[0]
     assert snapshot_of(run_dir) == before
 
-    forced = cli("train.steps=30", "train.resume=true", "train.resume_override=true", f"out_dir={run_dir}",
-                 cwd=tmp_path)
+    forced = cli(
+        "train.steps=30", "train.resume=true", "train.resume_override=true", f"out_dir={run_dir}", cwd=tmp_path
+    )
     assert forced.returncode == 0, forced.stderr
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["resume_override"]["optim.lr"] == [0.003, 0.5] and summary["lr"] == 0.5
@@ -283,8 +313,11 @@ def test_an_alias_bomb_in_a_stored_config_is_refused_at_once(tmp_path, completed
 
 
 def test_numbers_that_are_not_finite_are_refused_at_validation(tmp_path):
-    for key, value in (("optim", {"lr": float("inf")}), ("optim", {"eps": float("nan")}),
-                       ("loss", {"z_loss": float("-inf")})):
+    for key, value in (
+        ("optim", {"lr": float("inf")}),
+        ("optim", {"eps": float("nan")}),
+        ("loss", {"z_loss": float("-inf")}),
+    ):
         with pytest.raises(ConfigError, match="must be a finite number") as info:
             to_config({key: value})
         assert f"{key}.{next(iter(value))}=" in str(info.value)
@@ -342,9 +375,25 @@ def _plant(run: Path, fault: str) -> None:
         raise AssertionError(fault)
 
 
-FAULTS = ["row not an object", "row without a step", "row with a text step", "summary a list", "summary null",
-          "summary a folder", "summary a link", "summary a fifo", "torn config", "alias bomb", "interpolation",
-          "lr inf", "huge integer", "huge step", "deep nesting", "seed a mapping", "nul padding"]
+FAULTS = [
+    "row not an object",
+    "row without a step",
+    "row with a text step",
+    "summary a list",
+    "summary null",
+    "summary a folder",
+    "summary a link",
+    "summary a fifo",
+    "torn config",
+    "alias bomb",
+    "interpolation",
+    "lr inf",
+    "huge integer",
+    "huge step",
+    "deep nesting",
+    "seed a mapping",
+    "nul padding",
+]
 
 
 @pytest.mark.parametrize("fault", FAULTS)
@@ -442,7 +491,7 @@ def test_markup_from_a_run_dir_is_neutralised_for_each_viewer(tmp_path, sweep):
     hostile = "<img src=x onerror=alert(1)> ![t](http://evil.example/p.png) [x](http://evil.example)"
     bad = make_run(sweep, "2", lr=3e-2, qk_norm="off", status="failed", metrics=False)
     summary = json.loads((bad / "summary.json").read_text())
-    summary.update(error=f"# Injected heading\n{hostile}", run_name="=HYPERLINK(\"http://e\")")
+    summary.update(error=f"# Injected heading\n{hostile}", run_name='=HYPERLINK("http://e")')
     (bad / "summary.json").write_text(json.dumps(summary))
     result = build_report([sweep], tmp_path / "rep")
     md = result.markdown.read_text()
@@ -490,8 +539,12 @@ def test_prepare_says_when_the_bpe_vocabulary_comes_out_smaller(tmp_path, capsys
 
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("ab ab ab ba ba " * 100)
-    assert prepare_main(["--input", str(corpus), "--out", str(tmp_path / "d"), "--tokenizer", "bpe",
-                         "--vocab-size", "4096"]) == 0
+    assert (
+        prepare_main(
+            ["--input", str(corpus), "--out", str(tmp_path / "d"), "--tokenizer", "bpe", "--vocab-size", "4096"]
+        )
+        == 0
+    )
     err = capsys.readouterr().err
     meta = json.loads((tmp_path / "d" / "meta.json").read_text())
     assert meta["vocab_size_requested"] == 4096 and meta["vocab_size"] < 4096
@@ -537,8 +590,9 @@ def test_a_full_disk_ends_the_run_failed_saying_so(tmp_path, size, ckpt_every, f
     mount.mkdir()
     script = tmp_path / "full_disk.py"
     script.write_text(FULL_DISK)
-    result = in_namespace(f"mount -t tmpfs -o size={size} tmpfs {mount} && cd {ROOT} && "
-                          f"{sys.executable} {script} {mount} {ckpt_every}")
+    result = in_namespace(
+        f"mount -t tmpfs -o size={size} tmpfs {mount} && cd {ROOT} && {sys.executable} {script} {mount} {ckpt_every}"
+    )
     assert result.returncode == 0, result.stderr
     seen = json.loads(result.stdout.strip().splitlines()[-1])
     assert seen["status"] == "failed" and "No space left on device" in seen["error"], seen
@@ -589,13 +643,22 @@ def test_a_refused_start_writes_nothing_into_a_run_it_does_not_own(tmp_path):
 @needs_unshare
 def test_resuming_in_a_read_only_folder_is_one_line(tmp_path):
     run_dir = tmp_path / "run"
-    result = cli("train.steps=4", "train.batch_size=2", "train.seq_len=16", "train.eval_batches=1",
-                 "train.progress=false", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    result = cli(
+        "train.steps=4",
+        "train.batch_size=2",
+        "train.seq_len=16",
+        "train.eval_batches=1",
+        "train.progress=false",
+        f"hydra.run.dir={run_dir}",
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr
     before = snapshot_of(run_dir)
     common = f"{sys.executable} -m proxy.train train.resume=true out_dir={run_dir} train.progress=false"
-    shell = (f"mount --bind {run_dir} {run_dir} && mount -o remount,bind,ro {run_dir} && cd {tmp_path} && "
-             f"{{ {common} hydra.run.dir={run_dir}; echo rc=$?; {common}; echo rc=$?; }}")
+    shell = (
+        f"mount --bind {run_dir} {run_dir} && mount -o remount,bind,ro {run_dir} && cd {tmp_path} && "
+        f"{{ {common} hydra.run.dir={run_dir}; echo rc=$?; {common}; echo rc=$?; }}"
+    )
     result = in_namespace(shell)
     out = result.stdout + result.stderr
     errors = [ln for ln in result.stderr.splitlines() if ln.strip()]
@@ -641,7 +704,8 @@ def test_hydra_folders_of_a_copied_sweep_with_links_are_refused(tmp_path, victim
     lines = error_lines(result)
     assert result.returncode == 2 and len(lines) == 1 and "is a link" in lines[0], result.stderr
     assert victim.read_text() == "# the user's shell\n" and sorted(p.name for p in victim.parent.iterdir()) == [
-        ".bashrc"]
+        ".bashrc"
+    ]
 
 
 def test_the_verdict_reads_runs_as_the_report_does(tmp_path):
@@ -691,8 +755,12 @@ def test_a_kit_never_reads_the_data_path_it_names(tmp_path, kit_run):
     meta = json.loads((kit / "kit.json").read_text())
     meta["config"]["data"].update(source="text", path=str(fifo))
     (kit / "kit.json").write_text(json.dumps(meta))
-    result = subprocess.run([sys.executable, "-m", "proxy.forensics.dissect", str(kit), "--lanczos-iters=0"],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "proxy.forensics.dissect", str(kit), "--lanczos-iters=0"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     assert "a kit's own paths are not followed" in (kit / "inspect" / "report.md").read_text()
 

@@ -37,8 +37,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     cells = verdict.Cells(runs)
     if not cells.grad:
-        print(f"error: no run under {', '.join(args.paths)} logged {verdict.GRAD} with model.d_model and optim.eps",
-              file=sys.stderr)
+        print(
+            f"error: no run under {', '.join(args.paths)} logged {verdict.GRAD} with model.d_model and optim.eps",
+            file=sys.stderr,
+        )
         return 2
     widths = cells.widths
     eps_values = sorted({e for _, e, _ in cells.grad})
@@ -48,19 +50,49 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for i, eps in enumerate(eps_values):
         points = [(w, [g for (w2, e, _), g in cells.grad.items() if w2 == w and e == eps]) for w in widths]
         points = [(w, _mean_sd(v)) for w, v in points if v]
-        ax_grad.errorbar([w for w, _ in points], [m for _, (m, _) in points], yerr=[sd for _, (_, sd) in points],
-                         marker="o", capsize=3, color=f"C{i}", label=f"eps={eps:g}")
+        ax_grad.errorbar(
+            [w for w, _ in points],
+            [m for _, (m, _) in points],
+            yerr=[sd for _, (_, sd) in points],
+            marker="o",
+            capsize=3,
+            color=f"C{i}",
+            label=f"eps={eps:g}",
+        )
         if eps == verdict.SMALL:
             continue
         seeds = cells.seeds(verdict.SMALL, eps)
-        shrink = [_mean_sd([verdict._shrink(cells.update, w, s, eps) for s in seeds
-                            if (w, eps, s) in cells.update and (w, verdict.SMALL, s) in cells.update] or [np.nan])
-                  for w in widths]
+        shrink = [
+            _mean_sd(
+                [
+                    verdict._shrink(cells.update, w, s, eps)
+                    for s in seeds
+                    if (w, eps, s) in cells.update and (w, verdict.SMALL, s) in cells.update
+                ]
+                or [np.nan]
+            )
+            for w in widths
+        ]
         penalty = [_mean_sd([verdict._penalty(cells.loss, w, s, eps) for s in seeds] or [np.nan]) for w in widths]
-        ax_cost.errorbar(widths, [m for m, _ in shrink], yerr=[sd for _, sd in shrink], marker="o", capsize=3,
-                         color=f"C{i}", label=f"update shrink, eps={eps:g}")
-        ax_loss.errorbar(widths, [m for m, _ in penalty], yerr=[sd for _, sd in penalty], marker="s", capsize=3,
-                         color=f"C{i}", ls="--", label=f"loss penalty, eps={eps:g}")
+        ax_cost.errorbar(
+            widths,
+            [m for m, _ in shrink],
+            yerr=[sd for _, sd in shrink],
+            marker="o",
+            capsize=3,
+            color=f"C{i}",
+            label=f"update shrink, eps={eps:g}",
+        )
+        ax_loss.errorbar(
+            widths,
+            [m for m, _ in penalty],
+            yerr=[sd for _, sd in penalty],
+            marker="s",
+            capsize=3,
+            color=f"C{i}",
+            ls="--",
+            label=f"loss penalty, eps={eps:g}",
+        )
     seeds = cells.seeds(verdict.SMALL)
     if len(widths) >= 2 and seeds:
         means = [statistics.fmean(cells.grad[(w, verdict.SMALL, s)] for s in seeds) for w in widths]
@@ -69,15 +101,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             level = min((e for e in eps_values if e >= 1e-9), default=1e-8)
             reach = min(verdict._crossing(widths, means, level) or widths[-1], 64 * widths[-1])
             xs = np.geomspace(widths[0], max(reach, widths[-1]), 50)
-            ax_grad.plot(xs, np.exp(intercept) * xs ** slope, color="grey", lw=1,
-                         label=f"fit: RMS ∝ d^{slope:.2f}")
+            ax_grad.plot(xs, np.exp(intercept) * xs**slope, color="grey", lw=1, label=f"fit: RMS ∝ d^{slope:.2f}")
     for eps in (e for e in eps_values if e >= 1e-9):
         ax_grad.axhline(eps, color="grey", ls=":", lw=1)
-    ax_grad.set(xscale="log", yscale="log", xlabel="width (d_model)", ylabel="gradient RMS (end of training)",
-                title=f"{verdict.LAYER}: gradient RMS")
+    ax_grad.set(
+        xscale="log",
+        yscale="log",
+        xlabel="width (d_model)",
+        ylabel="gradient RMS (end of training)",
+        title=f"{verdict.LAYER}: gradient RMS",
+    )
     ax_grad.legend(fontsize=7)
-    ax_cost.set(xscale="log", xlabel="width (d_model)", ylabel="update shrink (solid)",
-                title="what a large eps costs, per width")
+    ax_cost.set(
+        xscale="log",
+        xlabel="width (d_model)",
+        ylabel="update shrink (solid)",
+        title="what a large eps costs, per width",
+    )
     ax_loss.set_ylabel("loss penalty, nats (dashed)")
     ax_cost.axhline(0.0, color="grey", lw=0.8)
     handles = ax_cost.get_legend_handles_labels()

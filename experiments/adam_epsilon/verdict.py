@@ -45,8 +45,10 @@ TAIL_FRACTION = 0.25
 SMALL, LARGE = 1e-15, 1e-6  # the two eps every width is run with
 MIN_SHRINK_GROWTH = 0.05  # criterion 2: widest minus narrowest, seed mean
 MIN_PENALTY_GROWTH = 0.02  # criterion 3, nats
-SOURCE = ("Wortsman et al. 2023 (arXiv 2309.14322) §3.4: the gradient RMS falls with scale toward AdamW's eps; "
-          "the update then shrinks and the loss suffers")
+SOURCE = (
+    "Wortsman et al. 2023 (arXiv 2309.14322) §3.4: the gradient RMS falls with scale toward AdamW's eps; "
+    "the update then shrinks and the loss suffers"
+)
 
 
 def config_value(run: Run, dotted: str) -> Any:
@@ -58,7 +60,7 @@ def tail_mean(run: Run, key: str) -> Optional[float]:
     values = [v for v in values if math.isfinite(v)]
     if not values:
         return None
-    tail = values[-max(1, int(len(values) * TAIL_FRACTION)):]
+    tail = values[-max(1, int(len(values) * TAIL_FRACTION)) :]
     return statistics.fmean(tail)
 
 
@@ -67,8 +69,7 @@ def final_loss(run: Run) -> float:
     init = run.summary.get("loss_at_init")
     if not isinstance(init, (int, float)):
         return math.nan
-    return clipped_losses([run.summary.get("final_val_loss")], init,
-                          [run.status == "diverged"])[0]
+    return clipped_losses([run.summary.get("final_val_loss")], init, [run.status == "diverged"])[0]
 
 
 def loglog_slope(widths: list[float], values: list[float]) -> float:
@@ -155,15 +156,21 @@ def judge(report: ReportResult, runs: list[Run]) -> Verdict:
             paired = [s for s in seeds if (w, e, s) in cells.update and (w, SMALL, s) in cells.update]
             if paired:
                 verdict.numbers[f"update_shrink/d{w}/eps={e:g}"] = spread(
-                    _shrink(cells.update, w, s, e) for s in paired).describe()
+                    _shrink(cells.update, w, s, e) for s in paired
+                ).describe()
                 verdict.numbers[f"loss_penalty/d{w}/eps={e:g}"] = spread(
-                    _penalty(cells.loss, w, s, e) for s in paired).describe()
+                    _penalty(cells.loss, w, s, e) for s in paired
+                ).describe()
 
     # 1. grad RMS against width, per seed
-    per_seed = spread(loglog_slope([float(w) for w in widths], [cells.grad[(w, SMALL, s)] for w in widths])
-                      for s in seeds)
-    verdict.check(f"gradient RMS of {LAYER} falls with width at eps 1e-15 ({span}; slope of ln RMS vs ln d < 0)",
-                  enough and per_seed.clears(-1), f"slope {per_seed.describe()}")
+    per_seed = spread(
+        loglog_slope([float(w) for w in widths], [cells.grad[(w, SMALL, s)] for w in widths]) for s in seeds
+    )
+    verdict.check(
+        f"gradient RMS of {LAYER} falls with width at eps 1e-15 ({span}; slope of ln RMS vs ln d < 0)",
+        enough and per_seed.clears(-1),
+        f"slope {per_seed.describe()}",
+    )
     if seeds:
         means = [statistics.fmean(cells.grad[(w, SMALL, s)] for s in seeds) for w in widths]
         slope = loglog_slope([float(w) for w in widths], means)
@@ -171,17 +178,22 @@ def judge(report: ReportResult, runs: list[Run]) -> Verdict:
         for level in (1e-6, 1e-8):
             crossing = _crossing(widths, means, level)
             verdict.numbers[f"width_where_grad_rms_reaches_{level:g}"] = (
-                round(crossing) if crossing is not None else "never (the fit does not fall, or only past d = 1e12)")
+                round(crossing) if crossing is not None else "never (the fit does not fall, or only past d = 1e12)"
+            )
 
     # 2. update shrink, 3. loss penalty: larger at the widest model than at the narrowest
     paired_update = [s for s in seeds if all((w, e, s) in cells.update for w in widths for e in (SMALL, LARGE))]
     ends = f"d{widths[-1]} minus d{widths[0]}"
     shrink = cells.widest_minus_narrowest(cells.update, _shrink, paired_update)
-    verdict.check(f"the update shrink from eps 1e-6 grows with width ({span}; shrink at {ends})",
-                  enough and shrink.clears(+1) and shrink.mean >= MIN_SHRINK_GROWTH,
-                  f"{shrink.describe()} (needs >= {MIN_SHRINK_GROWTH})")
+    verdict.check(
+        f"the update shrink from eps 1e-6 grows with width ({span}; shrink at {ends})",
+        enough and shrink.clears(+1) and shrink.mean >= MIN_SHRINK_GROWTH,
+        f"{shrink.describe()} (needs >= {MIN_SHRINK_GROWTH})",
+    )
     penalty = cells.widest_minus_narrowest(cells.loss, _penalty, seeds)
-    verdict.check(f"the loss penalty of eps 1e-6 grows with width ({span}; penalty at {ends})",
-                  enough and penalty.clears(+1) and penalty.mean >= MIN_PENALTY_GROWTH,
-                  f"{penalty.describe()} nats (needs >= {MIN_PENALTY_GROWTH})")
+    verdict.check(
+        f"the loss penalty of eps 1e-6 grows with width ({span}; penalty at {ends})",
+        enough and penalty.clears(+1) and penalty.mean >= MIN_PENALTY_GROWTH,
+        f"{penalty.describe()} nats (needs >= {MIN_PENALTY_GROWTH})",
+    )
     return verdict

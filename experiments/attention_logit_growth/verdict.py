@@ -41,8 +41,10 @@ MAX_LOGIT = "attn/max_logit"
 ORDERS = 2.0  # criteria 2 and 4: x100
 MARK = 1e4  # the paper: every run whose max logit passed ~1e4 diverged
 DEGRADE_NATS = 0.3
-SOURCE = ("Wortsman et al. 2023 (arXiv 2309.14322), Sec. 3.1.1, Fig. 1 and 4: without qk-layernorm the "
-          "max attention logit grows at high LR and the runs that pass ~1e4 diverge; qk-layernorm prevents it")
+SOURCE = (
+    "Wortsman et al. 2023 (arXiv 2309.14322), Sec. 3.1.1, Fig. 1 and 4: without qk-layernorm the "
+    "max attention logit grows at high LR and the runs that pass ~1e4 diverge; qk-layernorm prevents it"
+)
 
 Arm = tuple[str, int]  # (qk_norm, d_model)
 
@@ -105,8 +107,11 @@ def judge(report: ReportResult, runs: list[Run]) -> Verdict:
             by_lr = peaks[off][s]
             growth.append(math.log10(max(by_lr.values()) / by_lr[min(by_lr)]))
         g = _orders_above(growth)
-        v.check(f"no QK-norm: the peak logit grows > {10 ** ORDERS:g}x from the lowest LR to its largest{tag}",
-                g.clears(+1), f"log10 growth {spread(growth).describe('.2f')}")
+        v.check(
+            f"no QK-norm: the peak logit grows > {10**ORDERS:g}x from the lowest LR to its largest{tag}",
+            g.clears(+1),
+            f"log10 growth {spread(growth).describe('.2f')}",
+        )
 
         past = []  # (arm, seed, lr, peak, failed)
         for arm in (off, on):
@@ -118,20 +123,29 @@ def judge(report: ReportResult, runs: list[Run]) -> Verdict:
         reached = {s for n, s, *_ in past if n == OFF}
         ok = bool(seeds) and reached >= set(seeds) and all(failed for *_, failed in past)
         held = [f"{n} seed {s} LR {lr:g} ({value:.2g})" for n, s, lr, value, failed in past if not failed]
-        v.check(f"the mark: every seed passes {MARK:g} without QK-norm, and every run past it diverged or "
-                f"ended >= {DEGRADE_NATS} nats above its curve's best{tag}", ok,
-                f"{len(past)} runs past {MARK:g} in {len(reached)} of {len(seeds)} seeds; "
-                + ("all failed" if not held else "still training well: " + "; ".join(held[:4])))
+        v.check(
+            f"the mark: every seed passes {MARK:g} without QK-norm, and every run past it diverged or "
+            f"ended >= {DEGRADE_NATS} nats above its curve's best{tag}",
+            ok,
+            f"{len(past)} runs past {MARK:g} in {len(reached)} of {len(seeds)} seeds; "
+            + ("all failed" if not held else "still training well: " + "; ".join(held[:4])),
+        )
 
         top = max(lr for seeds_ in curves.values() for c in seeds_.values() for lr in c.curve)
         on_past = [f"seed {s} LR {lr:g}" for n, s, lr, _, _ in past if n == ON]
-        ratios = [math.log10(peaks[off][s][top] / peaks[on][s][top]) for s in seeds
-                  if top in peaks[off][s] and top in peaks[on][s]]
+        ratios = [
+            math.log10(peaks[off][s][top] / peaks[on][s][top])
+            for s in seeds
+            if top in peaks[off][s] and top in peaks[on][s]
+        ]
         r = _orders_above(ratios)
-        v.check(f"QK-norm: no run passes {MARK:g}, and at LR {top:g} the peak is > {10 ** ORDERS:g}x "
-                f"smaller than without{tag}", not on_past and r.clears(+1),
-                f"log10(off / on) {spread(ratios).describe('.2f')}"
-                + (f"; past {MARK:g} with QK-norm: {', '.join(on_past)}" if on_past else ""))
+        v.check(
+            f"QK-norm: no run passes {MARK:g}, and at LR {top:g} the peak is > {10**ORDERS:g}x "
+            f"smaller than without{tag}",
+            not on_past and r.clears(+1),
+            f"log10(off / on) {spread(ratios).describe('.2f')}"
+            + (f"; past {MARK:g} with QK-norm: {', '.join(on_past)}" if on_past else ""),
+        )
 
         lower = spread(curves[off][s].sensitivity - curves[on][s].sensitivity for s in seeds)
         v.check(f"QK-norm lowers LR sensitivity: S(off) - S(on) > 0{tag}", lower.clears(+1), lower.describe(".3f"))
@@ -147,11 +161,13 @@ def judge(report: ReportResult, runs: list[Run]) -> Verdict:
             for s in seeds:
                 for lr, loss in curves[arm][s].curve.items():
                     losses.setdefault(lr, []).append(loss)
-            v.numbers[f"final_loss/{label}"] = {f"{lr:g}": round(statistics.fmean(x), 4)
-                                                for lr, x in sorted(losses.items())}
+            v.numbers[f"final_loss/{label}"] = {
+                f"{lr:g}": round(statistics.fmean(x), 4) for lr, x in sorted(losses.items())
+            }
             v.numbers[f"best_lr/{label}"] = sorted({f"{curves[arm][s].best_lr:g}" for s in seeds})
             v.numbers[f"lr_sensitivity/{label}"] = spread(curves[arm][s].sensitivity for s in seeds).describe(".3f")
         v.numbers[f"runs_past_{MARK:g}/d={width}"] = [
             f"{n} seed {s} LR {lr:g}: {value:.3g} ({'failed' if failed else 'trained on'})"
-            for n, s, lr, value, failed in past]
+            for n, s, lr, value, failed in past
+        ]
     return v

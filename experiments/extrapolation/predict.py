@@ -74,13 +74,19 @@ def params_non_embedding(d_model: int, template: dict) -> int:
 def predict(rows: list[dict], n_next: dict[str, int]) -> dict:
     """``n_next``: recipe -> non-embedding parameters of the next size (QK-norm adds a few)."""
     sizes_of = {rc: sorted({int(r["n_params_non_embedding"]) for r in rows if r["recipe"] == rc}) for rc in RECIPES}
-    out: dict = {"ladder_params_non_embedding": sizes_of, "next_params_non_embedding": n_next,
-                 "logit": {}, "sensitivity": {}}
+    out: dict = {
+        "ladder_params_non_embedding": sizes_of,
+        "next_params_non_embedding": n_next,
+        "logit": {},
+        "sensitivity": {},
+    }
     # peak max attention logit: median over seeds per (recipe, LR, size), log10 linear in ln N
     peaks: dict[tuple[str, float, int], list[float]] = defaultdict(list)
     for r in rows:
         if r["max_attn_logit_peak"]:
-            peaks[(r["recipe"], float(r["lr"]), int(r["n_params_non_embedding"]))].append(float(r["max_attn_logit_peak"]))
+            peaks[(r["recipe"], float(r["lr"]), int(r["n_params_non_embedding"]))].append(
+                float(r["max_attn_logit_peak"])
+            )
     for recipe in RECIPES:
         sizes, x_next = sizes_of[recipe], math.log(n_next[recipe])
         for lr in sorted({lr for (rc, lr, _) in peaks if rc == recipe}):
@@ -88,24 +94,39 @@ def predict(rows: list[dict], n_next: dict[str, int]) -> dict:
             if len(pts) < 2:
                 continue
             log10 = line_at([math.log(n) for n, _ in pts], [math.log10(p) for _, p in pts], x_next)
-            out["logit"][f"{recipe}/lr={lr:g}"] = {"ladder": [p for _, p in pts], "predicted": 10 ** log10,
-                                                   "predicted_log10": log10, "crosses_1e4": 10 ** log10 > LOGIT_LIMIT}
+            out["logit"][f"{recipe}/lr={lr:g}"] = {
+                "ladder": [p for _, p in pts],
+                "predicted": 10**log10,
+                "predicted_log10": log10,
+                "crosses_1e4": 10**log10 > LOGIT_LIMIT,
+            }
     # LR sensitivity per seed, linear in ln N
     for recipe in RECIPES:
         sizes, x_next = sizes_of[recipe], math.log(n_next[recipe])
-        points = [CurvePoint(group=int(r["n_params_non_embedding"]), seed=int(r["seed"]), lr=float(r["lr"]),
-                             loss=float(r["final_val_loss"]) if r["final_val_loss"] else None,
-                             loss_at_init=float(r["loss_at_init"]), diverged=r["status"] == "diverged")
-                  for r in rows if r["recipe"] == recipe]
+        points = [
+            CurvePoint(
+                group=int(r["n_params_non_embedding"]),
+                seed=int(r["seed"]),
+                lr=float(r["lr"]),
+                loss=float(r["final_val_loss"]) if r["final_val_loss"] else None,
+                loss_at_init=float(r["loss_at_init"]),
+                diverged=r["status"] == "diverged",
+            )
+            for r in rows
+            if r["recipe"] == recipe
+        ]
         curves = seed_curves(points)
         seeds = sorted(set.intersection(*(set(curves[n]) for n in sizes)))
-        per_seed = {s: line_at([math.log(n) for n in sizes], [curves[n][s].sensitivity for n in sizes],
-                               x_next) for s in seeds}
+        per_seed = {
+            s: line_at([math.log(n) for n in sizes], [curves[n][s].sensitivity for n in sizes], x_next) for s in seeds
+        }
         values = list(per_seed.values())
         out["sensitivity"][recipe] = {
             "ladder": {str(n): statistics.fmean(curves[n][s].sensitivity for s in seeds) for n in sizes},
             "per_seed": {str(s): v for s, v in per_seed.items()},
-            "predicted": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else math.nan}
+            "predicted": statistics.fmean(values),
+            "sd": statistics.stdev(values) if len(values) > 1 else math.nan,
+        }
     return out
 
 
@@ -119,20 +140,34 @@ def _shown(path: Path) -> str:
 
 def write(pred: dict, out: Path, ladder: Path, d_model: int) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    pred = {"written": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "ladder": _shown(ladder), "next_d_model": d_model, **pred}
+    pred = {
+        "written": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "ladder": _shown(ladder),
+        "next_d_model": d_model,
+        **pred,
+    }
     write_json(out / "predictions.json", pred)
-    logit_rows = [[k, ", ".join(f"{p:.3g}" for p in v["ladder"]), f"{v['predicted']:.3g}", v["crosses_1e4"]]
-                  for k, v in pred["logit"].items()]
-    sens_rows = [[k, ", ".join(f"{x:.3f}" for x in v["ladder"].values()), f"{v['predicted']:.3f} ± {v['sd']:.3f}"]
-                 for k, v in pred["sensitivity"].items()]
-    lines = [f"# Predictions for d_model={d_model} ({pred['next_params_non_embedding']['none']:,} non-embedding "
-             f"parameters), written {pred['written']} before its runs", "",
-             f"Ladder: `{_shown(ladder)}` (non-embedding parameters {pred['ladder_params_non_embedding']}).", "",
-             "## Peak max attention logit (median over seeds; log10 linear in ln N)", "",
-             *markdown_table(["recipe / LR", "ladder", "predicted", "crosses 1e4"], logit_rows),
-             "## LR sensitivity (per seed, linear in ln N; mean ± sd over seeds)", "",
-             *markdown_table(["recipe", "ladder", "predicted"], sens_rows)]
+    logit_rows = [
+        [k, ", ".join(f"{p:.3g}" for p in v["ladder"]), f"{v['predicted']:.3g}", v["crosses_1e4"]]
+        for k, v in pred["logit"].items()
+    ]
+    sens_rows = [
+        [k, ", ".join(f"{x:.3f}" for x in v["ladder"].values()), f"{v['predicted']:.3f} ± {v['sd']:.3f}"]
+        for k, v in pred["sensitivity"].items()
+    ]
+    lines = [
+        f"# Predictions for d_model={d_model} ({pred['next_params_non_embedding']['none']:,} non-embedding "
+        f"parameters), written {pred['written']} before its runs",
+        "",
+        f"Ladder: `{_shown(ladder)}` (non-embedding parameters {pred['ladder_params_non_embedding']}).",
+        "",
+        "## Peak max attention logit (median over seeds; log10 linear in ln N)",
+        "",
+        *markdown_table(["recipe / LR", "ladder", "predicted", "crosses 1e4"], logit_rows),
+        "## LR sensitivity (per seed, linear in ln N; mean ± sd over seeds)",
+        "",
+        *markdown_table(["recipe", "ladder", "predicted"], sens_rows),
+    ]
     atomic_write_text(out / "predictions.md", "\n".join(lines) + "\n")
 
 
@@ -147,8 +182,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     rows = read_ladder(args.ladder)
     template = {"d_model": 64, "n_layers": 2, "n_heads": 4}  # the tiny model the ladder widens
-    n_next = {"none": params_non_embedding(args.d_model, {**template, "qk_norm": "off"}),
-              "qknorm_zloss": params_non_embedding(args.d_model, {**template, "qk_norm": "layernorm"})}
+    n_next = {
+        "none": params_non_embedding(args.d_model, {**template, "qk_norm": "off"}),
+        "qknorm_zloss": params_non_embedding(args.d_model, {**template, "qk_norm": "layernorm"}),
+    }
     write(predict(rows, n_next), args.out, args.ladder, args.d_model)
     print(f"predictions -> {args.out / 'predictions.md'}")
     return 0

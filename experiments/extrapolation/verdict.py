@@ -37,8 +37,10 @@ GROWTH_LRS = (0.03, 0.1, 0.3)
 FACTOR_LOG10 = 0.3  # a factor of 2
 LIMIT = 1e4
 SENSITIVITY_TOLERANCE = 0.05  # nats
-SOURCE = ("Wortsman et al. 2023 (arXiv 2309.14322), Sec. 3.1: small-model scaling of the max attention logit and "
-          "of LR sensitivity predicts the instability of larger models")
+SOURCE = (
+    "Wortsman et al. 2023 (arXiv 2309.14322), Sec. 3.1: small-model scaling of the max attention logit and "
+    "of LR sensitivity predicts the instability of larger models"
+)
 
 
 def _recipe(run: Run) -> Optional[str]:
@@ -73,22 +75,29 @@ def judge(report: ReportResult, runs: list[Run], predictions: Optional[dict] = N
             v.numbers[f"max_logit/{key}"] = f"predicted {p['predicted']:.3g}, measured {peaks[key]:.3g}"
     growth = [(k, p, m) for k, p, m in cells if k.startswith("none/") and float(k.split("=")[1]) in GROWTH_LRS]
     off = [(k, math.log10(m) - math.log10(p)) for k, p, m in growth]
-    v.check("peak max attention logit without interventions at LR 0.03/0.1/0.3 within a factor of 2 of the prediction",
-            len(growth) == len(GROWTH_LRS) and all(abs(d) <= FACTOR_LOG10 for _, d in off),
-            "; ".join(f"{k}: log10 measured - predicted {d:+.2f}" for k, d in off) or "no cells")
+    v.check(
+        "peak max attention logit without interventions at LR 0.03/0.1/0.3 within a factor of 2 of the prediction",
+        len(growth) == len(GROWTH_LRS) and all(abs(d) <= FACTOR_LOG10 for _, d in off),
+        "; ".join(f"{k}: log10 measured - predicted {d:+.2f}" for k, d in off) or "no cells",
+    )
     decisive = [(k, p, m) for k, p, m in cells if abs(math.log10(p) - math.log10(LIMIT)) > FACTOR_LOG10]
     wrong = [k for k, p, m in decisive if (p > LIMIT) != (m > LIMIT)]
-    v.check("every decisive prediction (> 2x from 1e4) puts the max logit on the right side of 1e4",
-            bool(decisive) and not wrong,
-            f"{len(decisive) - len(wrong)} of {len(decisive)} right" + (f"; wrong: {', '.join(wrong)}" if wrong else ""))
+    v.check(
+        "every decisive prediction (> 2x from 1e4) puts the max logit on the right side of 1e4",
+        bool(decisive) and not wrong,
+        f"{len(decisive) - len(wrong)} of {len(decisive)} right" + (f"; wrong: {', '.join(wrong)}" if wrong else ""),
+    )
     curves = seed_curves(curve_points(runs, _recipe))
     within = []
     for recipe, p in pred["sensitivity"].items():
         measured = spread(c.sensitivity for c in curves.get(recipe, {}).values())
         within.append(measured.n > 0 and abs(measured.mean - p["predicted"]) <= SENSITIVITY_TOLERANCE)
-        v.numbers[f"lr_sensitivity/{recipe}"] = (f"predicted {p['predicted']:.3f} ± {p['sd']:.3f}, "
-                                                 f"measured {measured.describe('.3f')}")
-    v.check(f"LR sensitivity of each recipe within {SENSITIVITY_TOLERANCE} nats of the prediction",
-            bool(within) and all(within),
-            "; ".join(f"{r}: {v.numbers[f'lr_sensitivity/{r}']}" for r in pred["sensitivity"]))
+        v.numbers[f"lr_sensitivity/{recipe}"] = (
+            f"predicted {p['predicted']:.3f} ± {p['sd']:.3f}, measured {measured.describe('.3f')}"
+        )
+    v.check(
+        f"LR sensitivity of each recipe within {SENSITIVITY_TOLERANCE} nats of the prediction",
+        bool(within) and all(within),
+        "; ".join(f"{r}: {v.numbers[f'lr_sensitivity/{r}']}" for r in pred["sensitivity"]),
+    )
     return v

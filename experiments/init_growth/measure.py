@@ -43,10 +43,16 @@ from matplotlib.figure import Figure
 from proxy.config import DataConfig, Init, ModelConfig, Norm, NormPosition, QKNorm
 from proxy.data import build_source
 from proxy.model import build_model
-from proxy.records import (GROWTH_ACTIVATION, GROWTH_ACTIVATION_FROM_EMBEDDING, GROWTH_GRADIENT,
-                           GROWTH_GRADIENT_FROM_EMBEDDING, atomic_write_text, save_figure)
-from proxy.train.diagnostics import growth_exponents
+from proxy.records import (
+    GROWTH_ACTIVATION,
+    GROWTH_ACTIVATION_FROM_EMBEDDING,
+    GROWTH_GRADIENT,
+    GROWTH_GRADIENT_FROM_EMBEDDING,
+    atomic_write_text,
+    save_figure,
+)
 from proxy.report.document import markdown_table
+from proxy.train.diagnostics import growth_exponents
 from proxy.verdict import load_script
 
 HERE = Path(__file__).resolve().parent
@@ -81,22 +87,46 @@ class GrowthSample:
     gradient: float  # lambda of the loss gradient with respect to it
 
 
-def measure(arch: str, init: Init, width: int, n_layers: int, head_dim: int, seed: int,
-            batches: Sequence[tuple[torch.Tensor, torch.Tensor]], vocab_size: int,
-            device: torch.device) -> list[GrowthSample]:
+def measure(
+    arch: str,
+    init: Init,
+    width: int,
+    n_layers: int,
+    head_dim: int,
+    seed: int,
+    batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    vocab_size: int,
+    device: torch.device,
+) -> list[GrowthSample]:
     """lambda of one fresh model, averaged over ``batches``, under every definition."""
     if width % head_dim:
         raise ValueError(f"width {width} is not a multiple of the head dim {head_dim}")
-    cfg = ModelConfig(name=f"d{width}", d_model=width, n_layers=n_layers, n_heads=width // head_dim,
-                      init=init, max_seq_len=max(x.shape[1] for x, _ in batches), **ARCHS[arch])
+    cfg = ModelConfig(
+        name=f"d{width}",
+        d_model=width,
+        n_layers=n_layers,
+        n_heads=width // head_dim,
+        init=init,
+        max_seq_len=max(x.shape[1] for x, _ in batches),
+        **ARCHS[arch],
+    )
     torch.manual_seed(seed)
     model = build_model(cfg, vocab_size).to(device)
     per_batch = [growth_exponents(model, x.to(device), y.to(device)) for x, y in batches]
-    return [GrowthSample(arch=arch, init=init.value, width=width, n_layers=n_layers, n_heads=cfg.n_heads,
-                         seed=seed, definition=name,
-                         activation=statistics.fmean(g[act] for g in per_batch),
-                         gradient=statistics.fmean(g[grad] for g in per_batch))
-            for name, (act, grad) in DEFINITIONS.items()]
+    return [
+        GrowthSample(
+            arch=arch,
+            init=init.value,
+            width=width,
+            n_layers=n_layers,
+            n_heads=cfg.n_heads,
+            seed=seed,
+            definition=name,
+            activation=statistics.fmean(g[act] for g in per_batch),
+            gradient=statistics.fmean(g[grad] for g in per_batch),
+        )
+        for name, (act, grad) in DEFINITIONS.items()
+    ]
 
 
 _CASTS = {f.name: f.type for f in fields(GrowthSample)}
@@ -134,9 +164,19 @@ def write_results(samples: list[GrowthSample], out: Path) -> None:
     for s in samples:
         groups.setdefault((s.definition, s.arch, s.init, s.width, s.n_layers), []).append(s)
     headers = ["v_first", "arch", "init", "width", "layers", "seeds", "λ activation (mean ± sd)", "λ gradient"]
-    rows = [[definition, arch, init, width, n_layers, len(mine), _mean_sd([s.activation for s in mine]),
-             _mean_sd([s.gradient for s in mine])]
-            for (definition, arch, init, width, n_layers), mine in sorted(groups.items())]
+    rows = [
+        [
+            definition,
+            arch,
+            init,
+            width,
+            n_layers,
+            len(mine),
+            _mean_sd([s.activation for s in mine]),
+            _mean_sd([s.gradient for s in mine]),
+        ]
+        for (definition, arch, init, width, n_layers), mine in sorted(groups.items())
+    ]
     atomic_write_text(out / "growth_exponents_p2.md", "\n".join(markdown_table(headers, rows)) + "\n")
 
     definitions = [d for d in DEFINITIONS if any(s.definition == d for s in samples)]
@@ -152,10 +192,16 @@ def write_results(samples: list[GrowthSample], out: Path) -> None:
                         continue
                     widths = sorted(k[3] for k in mine)
                     values = [[getattr(s, key) for s in mine[k]] for k in sorted(mine, key=lambda k: k[3])]
-                    ax.errorbar(widths, [statistics.fmean(v) for v in values],
-                                yerr=[statistics.stdev(v) if len(v) > 1 else 0.0 for v in values],
-                                marker="o", capsize=3, color=f"C{i}", ls=styles.get(arch, ":"),
-                                label=f"{arch}, init={init}")
+                    ax.errorbar(
+                        widths,
+                        [statistics.fmean(v) for v in values],
+                        yerr=[statistics.stdev(v) if len(v) > 1 else 0.0 for v in values],
+                        marker="o",
+                        capsize=3,
+                        color=f"C{i}",
+                        ls=styles.get(arch, ":"),
+                        label=f"{arch}, init={init}",
+                    )
             ax.axhline(0.0, color="grey", lw=0.8, ls="--")
             ax.set_xscale("log", base=2)
             ax.set_xlabel("width (d_model)")
@@ -183,8 +229,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--judge-only", action="store_true",
-                        help=f"measure nothing: judge the {CSV_NAME} already in --out")
+    parser.add_argument(
+        "--judge-only", action="store_true", help=f"measure nothing: judge the {CSV_NAME} already in --out"
+    )
     args = parser.parse_args(argv)
     if args.judge_only:
         try:
@@ -208,11 +255,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     samples: list[GrowthSample] = []
     for arch, init, width in ((a, i, w) for a in args.archs for i in INITS for w in args.widths):
         for seed in range(args.seeds):
-            mine = measure(arch, init, width, args.n_layers, args.head_dim, seed, batches,
-                           source.vocab_size, device)
-            print(f"{arch:7s} init={init.value:7s} width={width:5d} seed={seed}  "
-                  + "  ".join(f"{s.definition}: act {s.activation:+.4f} grad {s.gradient:+.4f}" for s in mine),
-                  flush=True)
+            mine = measure(arch, init, width, args.n_layers, args.head_dim, seed, batches, source.vocab_size, device)
+            print(
+                f"{arch:7s} init={init.value:7s} width={width:5d} seed={seed}  "
+                + "  ".join(f"{s.definition}: act {s.activation:+.4f} grad {s.gradient:+.4f}" for s in mine),
+                flush=True,
+            )
             samples += mine
     write_results(samples, args.out)
     print(f"wrote {args.out / CSV_NAME}")

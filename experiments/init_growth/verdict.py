@@ -45,8 +45,10 @@ from proxy.verdict import Verdict, load_script
 
 HERE = Path(__file__).resolve().parent
 CSV_NAME = "growth_exponents_p2.csv"
-SOURCE = ("OLMo 2 (arXiv 2501.00656) §3.2: with N(0, 0.02) init the growth exponents of activations "
-          "and gradients stay steady across widths; grad-norm spike score 0.40 -> 0.03")
+SOURCE = (
+    "OLMo 2 (arXiv 2501.00656) §3.2: with N(0, 0.02) init the growth exponents of activations "
+    "and gradients stay steady across widths; grad-norm spike score 0.40 -> 0.03"
+)
 JUDGED = ("olmo2", "embedding")  # (layout, v_first definition) the criteria are stated on
 QUANTITIES = ("activation", "gradient")
 MIN_TRAINING_POINTS = 2000  # 1000-step window + 1000 scored points
@@ -145,25 +147,34 @@ def _judge_training(verdict: Verdict, runs: list[Run]) -> None:
         return
     verdict.numbers["training/shortest_run_points"] = shortest
     if shortest <= MIN_TRAINING_POINTS:
-        verdict.numbers["training"] = (f"not judged: the shortest run logged {shortest} grad-norm points; "
-                                       f"OLMo 2's 1000-step window needs more than {MIN_TRAINING_POINTS}")
+        verdict.numbers["training"] = (
+            f"not judged: the shortest run logged {shortest} grad-norm points; "
+            f"OLMo 2's 1000-step window needs more than {MIN_TRAINING_POINTS}"
+        )
         return
-    per_init = {init: statistics.fmean(scores.get(init, {}).get("olmo2", [])) if scores.get(init, {}).get("olmo2")
-                else None for init in ("normal", "scaled")}
+    per_init = {
+        init: statistics.fmean(scores.get(init, {}).get("olmo2", [])) if scores.get(init, {}).get("olmo2") else None
+        for init in ("normal", "scaled")
+    }
     if None in per_init.values():
         verdict.check("in training: runs with init=normal and init=scaled were scored", False, f"{per_init}")
         return
-    verdict.check("in training: grad-norm spike score (7σ/1000) lower with init=normal than scaled",
-                  per_init["normal"] < per_init["scaled"],
-                  f"{per_init['normal']:.3g}% normal vs {per_init['scaled']:.3g}% scaled (mean over runs)")
+    verdict.check(
+        "in training: grad-norm spike score (7σ/1000) lower with init=normal than scaled",
+        per_init["normal"] < per_init["scaled"],
+        f"{per_init['normal']:.3g}% normal vs {per_init['scaled']:.3g}% scaled (mean over runs)",
+    )
 
 
 def judge(report: ReportResult, runs: list[Run]) -> Verdict:
     path = _growth_csv(report)
     if path is None:
         verdict = Verdict(finding="init_growth", source=SOURCE)
-        verdict.check("growth exponents at init were measured", False,
-                      f"no {CSV_NAME}: run experiments/init_growth/measure.py first")
+        verdict.check(
+            "growth exponents at init were measured",
+            False,
+            f"no {CSV_NAME}: run experiments/init_growth/measure.py first",
+        )
     else:
         verdict = judge_at_init(_measure_module().read_samples(path), source=str(path))
     _judge_training(verdict, runs)

@@ -38,8 +38,10 @@ from proxy.verdict import Verdict, check_grid_brackets, curve_points
 BASE, FIXED = "none", "qknorm_zloss"
 FLAT_MARGIN = 0.1  # criterion 4b, nats: the growth of S with QK-norm + z-loss along the whole ladder
 MAX_LOGIT = "attn/max_logit"
-SOURCE = ("Wortsman et al. 2023 (arXiv 2309.14322), Sec. 3.1, Fig. 1: LR sensitivity rises with size "
-          "without qk-layernorm and z-loss, and stays low with them")
+SOURCE = (
+    "Wortsman et al. 2023 (arXiv 2309.14322), Sec. 3.1, Fig. 1: LR sensitivity rises with size "
+    "without qk-layernorm and z-loss, and stays low with them"
+)
 
 
 def _arm(run: Run) -> Optional[tuple[str, int]]:
@@ -59,8 +61,10 @@ def paired(curves: dict, a: tuple[str, int], b: tuple[str, int]) -> Spread:
 
 def _mean_curve(seeds: dict[int, SeedCurve]) -> dict[float, float]:
     lrs = sorted({lr for c in seeds.values() for lr in c.curve})
-    return {lr: sum(c.curve[lr] for c in seeds.values() if lr in c.curve) /
-            sum(lr in c.curve for c in seeds.values()) for lr in lrs}
+    return {
+        lr: sum(c.curve[lr] for c in seeds.values() if lr in c.curve) / sum(lr in c.curve for c in seeds.values())
+        for lr in lrs
+    }
 
 
 def _peak_logit_at_top_lr(runs: list[Run]) -> dict[str, str]:
@@ -99,22 +103,34 @@ def judge(report: ReportResult, runs: list[Run]) -> Verdict:
     check_grid_brackets(v, curves, lambda arm: f"{arm[0]}/d={arm[1]}")
 
     growth = paired(curves, (BASE, hi), (BASE, lo))
-    v.check(f"no interventions: more LR-sensitive at d={hi} than at d={lo} (S d{hi} - S d{lo} > 0)",
-            growth.clears(+1), growth.describe(".3f"))
+    v.check(
+        f"no interventions: more LR-sensitive at d={hi} than at d={lo} (S d{hi} - S d{lo} > 0)",
+        growth.clears(+1),
+        growth.describe(".3f"),
+    )
 
     lower = {d: paired(curves, (BASE, d), (FIXED, d)) for d in widths}
-    v.check("QK-norm + z-loss: less LR-sensitive at every width (S none - S qknorm_zloss > 0)",
-            all(e.clears(+1) for e in lower.values()),
-            "; ".join(f"d={d}: {e.describe('.3f')}" for d, e in lower.items()))
+    v.check(
+        "QK-norm + z-loss: less LR-sensitive at every width (S none - S qknorm_zloss > 0)",
+        all(e.clears(+1) for e in lower.values()),
+        "; ".join(f"d={d}: {e.describe('.3f')}" for d, e in lower.items()),
+    )
 
     below = paired(curves, (BASE, lo), (FIXED, hi))
-    v.check(f"QK-norm + z-loss stays low: d={hi} with them less sensitive than d={lo} without "
-            f"(S none d{lo} - S qknorm_zloss d{hi} > 0)", below.clears(+1), below.describe(".3f"))
+    v.check(
+        f"QK-norm + z-loss stays low: d={hi} with them less sensitive than d={lo} without "
+        f"(S none d{lo} - S qknorm_zloss d{hi} > 0)",
+        below.clears(+1),
+        below.describe(".3f"),
+    )
 
     fixed_growth = paired(curves, (FIXED, hi), (FIXED, lo))
     upper = fixed_growth.mean + 2 * fixed_growth.sem
     flat = fixed_growth.n >= 3 and math.isfinite(upper) and upper < FLAT_MARGIN
-    v.check(f"QK-norm + z-loss stays flat: growth of S from d={lo} to d={hi}, mean + 2 SE < {FLAT_MARGIN}",
-            flat, f"{fixed_growth.describe('.3f')}; mean + 2 SE = {upper:.3f}")
+    v.check(
+        f"QK-norm + z-loss stays flat: growth of S from d={lo} to d={hi}, mean + 2 SE < {FLAT_MARGIN}",
+        flat,
+        f"{fixed_growth.describe('.3f')}; mean + 2 SE = {upper:.3f}",
+    )
     v.numbers["growth_d_lo_to_hi"] = {"none": growth.describe(".3f"), "qknorm_zloss": fixed_growth.describe(".3f")}
     return v

@@ -35,8 +35,10 @@ from proxy.verdict import Verdict, check_grid_brackets, curve_points
 
 MAX_SHIFT = 0.25  # decades
 FLAT_MARGIN = 0.1  # nats
-SOURCE = ("Wortsman et al. 2023 (arXiv 2309.14322), Sec. 3.3: with μParam (simple) the optimal LR stays put "
-          "across width; LR sensitivity stays low")
+SOURCE = (
+    "Wortsman et al. 2023 (arXiv 2309.14322), Sec. 3.3: with μParam (simple) the optimal LR stays put "
+    "across width; LR sensitivity stays low"
+)
 
 
 def _arm(run: Run) -> Optional[tuple[str, int]]:
@@ -53,8 +55,8 @@ def optimal_lr(curve: SeedCurve) -> float:
     i = lrs.index(curve.best_lr)
     if i == 0 or i == len(lrs) - 1:
         return math.log10(curve.best_lr)
-    xs = [math.log10(lr) for lr in lrs[i - 1:i + 2]]
-    ys = [curve.curve[lr] for lr in lrs[i - 1:i + 2]]
+    xs = [math.log10(lr) for lr in lrs[i - 1 : i + 2]]
+    ys = [curve.curve[lr] for lr in lrs[i - 1 : i + 2]]
     a, b, _ = np.polyfit(xs, ys, 2)
     return float(-b / (2 * a)) if a > 0 else math.log10(curve.best_lr)
 
@@ -74,7 +76,7 @@ def judge(report: ReportResult, runs: list[Run]) -> Verdict:
     lo, hi = widths[0], widths[-1]
     for (arm, width), seeds in sorted(curves.items()):
         label = f"{arm}/d={width}"
-        v.numbers[f"optimal_lr/{label}"] = (f"10^{spread(optimal_lr(c) for c in seeds.values()).describe('.2f')}")
+        v.numbers[f"optimal_lr/{label}"] = f"10^{spread(optimal_lr(c) for c in seeds.values()).describe('.2f')}"
         v.numbers[f"lr_sensitivity/{label}"] = spread(c.sensitivity for c in seeds.values()).describe(".3f")
         v.numbers[f"best_loss/{label}"] = spread(min(c.curve.values()) for c in seeds.values()).describe(".3f")
 
@@ -83,16 +85,25 @@ def judge(report: ReportResult, runs: list[Run]) -> Verdict:
     mup, std = shift(curves, "mup", lo, hi), shift(curves, "standard", lo, hi)
     moved = spread(abs(x) for x in mup.values)
     upper = moved.mean + 2 * moved.sem
-    v.check(f"muP: the optimal LR stays put from d={lo} to d={hi} (|shift| mean + 2 SE < {MAX_SHIFT} decades)",
-            moved.n >= 3 and math.isfinite(upper) and upper < MAX_SHIFT,
-            f"shift {mup.describe('+.2f')} decades; |shift| mean + 2 SE = {upper:.2f}")
+    v.check(
+        f"muP: the optimal LR stays put from d={lo} to d={hi} (|shift| mean + 2 SE < {MAX_SHIFT} decades)",
+        moved.n >= 3 and math.isfinite(upper) and upper < MAX_SHIFT,
+        f"shift {mup.describe('+.2f')} decades; |shift| mean + 2 SE = {upper:.2f}",
+    )
     more = spread(abs(a) - abs(b) for a, b in zip(std.values, mup.values))
-    v.check("standard parameterization: the optimum moves more than with muP (|shift std| - |shift muP| > 0)",
-            more.clears(+1), f"{more.describe('.2f')} decades; standard shift {std.describe('+.2f')}")
-    growth = spread(curves[("mup", hi)][s].sensitivity - curves[("mup", lo)][s].sensitivity
-                    for s in sorted(set(curves[("mup", hi)]) & set(curves[("mup", lo)])))
+    v.check(
+        "standard parameterization: the optimum moves more than with muP (|shift std| - |shift muP| > 0)",
+        more.clears(+1),
+        f"{more.describe('.2f')} decades; standard shift {std.describe('+.2f')}",
+    )
+    growth = spread(
+        curves[("mup", hi)][s].sensitivity - curves[("mup", lo)][s].sensitivity
+        for s in sorted(set(curves[("mup", hi)]) & set(curves[("mup", lo)]))
+    )
     g_upper = growth.mean + 2 * growth.sem
-    v.check(f"muP: LR sensitivity stays flat from d={lo} to d={hi} (growth mean + 2 SE < {FLAT_MARGIN})",
-            growth.n >= 3 and math.isfinite(g_upper) and g_upper < FLAT_MARGIN,
-            f"{growth.describe('.3f')}; mean + 2 SE = {g_upper:.3f}")
+    v.check(
+        f"muP: LR sensitivity stays flat from d={lo} to d={hi} (growth mean + 2 SE < {FLAT_MARGIN})",
+        growth.n >= 3 and math.isfinite(g_upper) and g_upper < FLAT_MARGIN,
+        f"{growth.describe('.3f')}; mean + 2 SE = {g_upper:.3f}",
+    )
     return v

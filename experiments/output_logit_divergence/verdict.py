@@ -74,8 +74,9 @@ def _last(run: Run, key: str) -> float:
 
 
 def judge(report: ReportResult, runs: list[Run]) -> Verdict:
-    v = Verdict(finding="Output logit divergence (protocol 2: log Z)",
-                source="Wortsman et al. 2023, Sec. 3.1.2 (Fig. 8)")
+    v = Verdict(
+        finding="Output logit divergence (protocol 2: log Z)", source="Wortsman et al. 2023, Sec. 3.1.2 (Fig. 8)"
+    )
     by: dict[tuple[str, float], dict[int, Run]] = {}
     for run in runs:
         arm, lr = _arm(run), run.config_value("optim.lr")
@@ -94,18 +95,29 @@ def judge(report: ReportResult, runs: list[Run]) -> Verdict:
     none_top = list(by[("none", top)].values())
     d = analysis.spread(drift(r) for r in none_top)
     away = analysis.spread(abs(log_z(r)[1]) for r in none_top)
-    v.check(f"no decay, no z-loss, LR {top:g}: log Z drifts >= {DRIFT_NATS:g} nats and ends >= {DRIFT_NATS:g} "
-            "from 0", analysis.spread(min(x, y) - DRIFT_NATS for x, y in zip(d.values, away.values)).clears(+1),
-            f"drift {d.describe()} nats; |log Z| at the end {away.describe()}")
+    v.check(
+        f"no decay, no z-loss, LR {top:g}: log Z drifts >= {DRIFT_NATS:g} nats and ends >= {DRIFT_NATS:g} from 0",
+        analysis.spread(min(x, y) - DRIFT_NATS for x, y in zip(d.values, away.values)).clears(+1),
+        f"drift {d.describe()} nats; |log Z| at the end {away.describe()}",
+    )
     lr_effect = paired("none", top, "none", low, drift)
-    v.check(f"the drift is larger at LR {top:g} than at LR {low:g} (paired by seed)", lr_effect.clears(+1),
-            f"difference {lr_effect.describe()} nats")
+    v.check(
+        f"the drift is larger at LR {top:g} than at LR {low:g} (paired by seed)",
+        lr_effect.clears(+1),
+        f"difference {lr_effect.describe()} nats",
+    )
     pinned = [abs(log_z(r)[1]) for r in by.get(("z_loss", top), {}).values()]
-    v.check(f"z-loss 1e-4, LR {top:g}: |log Z| <= {PINNED_NATS:g} nat at the end in every seed",
-            bool(pinned) and max(pinned) <= PINNED_NATS, f"|log Z| {analysis.spread(pinned).describe()}")
+    v.check(
+        f"z-loss 1e-4, LR {top:g}: |log Z| <= {PINNED_NATS:g} nat at the end in every seed",
+        bool(pinned) and max(pinned) <= PINNED_NATS,
+        f"|log Z| {analysis.spread(pinned).describe()}",
+    )
     decay = paired("coupled_wd", top, "none", top, drift)
-    v.check(f"coupled decay 0.1, LR {top:g}: the drift is smaller than without decay (paired by seed)",
-            decay.clears(-1), f"difference {decay.describe()} nats")
+    v.check(
+        f"coupled decay 0.1, LR {top:g}: the drift is smaller than without decay (paired by seed)",
+        decay.clears(-1),
+        f"difference {decay.describe()} nats",
+    )
 
     for (arm, lr), seeds in sorted(by.items()):
         tag = f"{arm}/lr{lr:g}"
@@ -113,8 +125,10 @@ def judge(report: ReportResult, runs: list[Run]) -> Verdict:
         v.numbers[f"log_z_end/{tag}"] = analysis.spread(log_z(r)[1] for r in seeds.values()).describe()
         for name in CLASSES:
             v.numbers[f"logit_mean_{name}/{tag}"] = analysis.spread(
-                _last(r, records.OUTPUT_LOGIT_MEAN_BY_CLASS + name) for r in seeds.values()).describe()
+                _last(r, records.OUTPUT_LOGIT_MEAN_BY_CLASS + name) for r in seeds.values()
+            ).describe()
         v.numbers[f"mean_row_norm/{tag}"] = analysis.spread(_last(r, ROW) for r in seeds.values()).describe()
         v.numbers[f"final_val_loss/{tag}"] = analysis.spread(
-            r.summary.get("final_val_loss") or math.nan for r in seeds.values()).describe()
+            r.summary.get("final_val_loss") or math.nan for r in seeds.values()
+        ).describe()
     return v

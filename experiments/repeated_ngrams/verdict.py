@@ -40,8 +40,7 @@ INJECTED_ROWS, MASKED_TOKENS = records.DATA_INJECTED_ROWS, records.DATA_MASKED_T
 MIN_GRAD_RATIO = 1.1
 CLEAN_MASK_LIMIT = 1e-3  # criterion 1: fraction of a clean run's tokens the filter may mask
 GROUPS = ("clean+nofilter", "clean+filter", "inject+nofilter", "inject+filter")
-SOURCE = ("OLMo 2 (arXiv 2501.00656) Sec. 3.1: repeated n-grams cause grad-norm spikes; "
-          "filtering them reduces spikes")
+SOURCE = "OLMo 2 (arXiv 2501.00656) Sec. 3.1: repeated n-grams cause grad-norm spikes; filtering them reduces spikes"
 
 
 def _switch(run: Run, section: str) -> bool:
@@ -87,8 +86,11 @@ def judge(report: ReportResult, runs: list[Run]) -> Verdict:
             by.setdefault(_group(run), {})[_seed(run)] = run
     missing = [g for g in GROUPS if g not in by]
     if missing:
-        v.check("the sweep has clean and injected runs, each with and without the filter, with a grad-norm series",
-                False, f"missing: {', '.join(missing)}")
+        v.check(
+            "the sweep has clean and injected runs, each with and without the filter, with a grad-norm series",
+            False,
+            f"missing: {', '.join(missing)}",
+        )
         return v
     seeds = sorted(set.intersection(*(set(by[g]) for g in GROUPS)))
     v.numbers["seeds"] = seeds
@@ -100,50 +102,76 @@ def judge(report: ReportResult, runs: list[Run]) -> Verdict:
             if value is not None:
                 score[g][s] = value
         runs_g = [by[g][s] for s in seeds]
-        for name, key, options in (("grad_norm", GRAD_NORM, OLMO_CORE_SPIKES), ("grad_norm_olmo2", GRAD_NORM, OLMO2_SPIKES),
-                                   ("loss", LOSS, OLMO_CORE_SPIKES)):
+        for name, key, options in (
+            ("grad_norm", GRAD_NORM, OLMO_CORE_SPIKES),
+            ("grad_norm_olmo2", GRAD_NORM, OLMO2_SPIKES),
+            ("loss", LOSS, OLMO_CORE_SPIKES),
+        ):
             values = [spike_score(r.series(key)[1], options) for r in runs_g]
-            v.numbers[f"spike_score_{name}/{g}"] = (spread(x for x in values if x is not None).describe(".3g")
-                                                   if any(x is not None for x in values) else "not scored")
+            v.numbers[f"spike_score_{name}/{g}"] = (
+                spread(x for x in values if x is not None).describe(".3g")
+                if any(x is not None for x in values)
+                else "not scored"
+            )
         losses = [x for r in runs_g if isinstance(x := r.summary.get("final_val_loss"), (int, float))]
         v.numbers[f"final_val_loss/{g}"] = spread(losses).describe(".4f") if losses else "n/a"
 
-    clean_masked = {s: sum(by["clean+filter"][s].series(MASKED_TOKENS)[1]) / max(1, _tokens(by["clean+filter"][s]))
-                    for s in seeds}
-    v.check(f"the filter leaves clean data alone: < {100 * CLEAN_MASK_LIMIT:g}% of a clean run's tokens masked, every seed",
-            bool(seeds) and all(x < CLEAN_MASK_LIMIT for x in clean_masked.values()),
-            ", ".join(f"seed {s}: {100 * x:.3g}%" for s, x in clean_masked.items()))
+    clean_masked = {
+        s: sum(by["clean+filter"][s].series(MASKED_TOKENS)[1]) / max(1, _tokens(by["clean+filter"][s])) for s in seeds
+    }
+    v.check(
+        f"the filter leaves clean data alone: < {100 * CLEAN_MASK_LIMIT:g}% of a clean run's tokens masked, every seed",
+        bool(seeds) and all(x < CLEAN_MASK_LIMIT for x in clean_masked.values()),
+        ", ".join(f"seed {s}: {100 * x:.3g}%" for s, x in clean_masked.items()),
+    )
 
-    ratio = {g: {s: r for s in seeds if (r := planted_step_ratio(by[g][s])) is not None}
-             for g in ("inject+nofilter", "inject+filter")}
+    ratio = {
+        g: {s: r for s in seeds if (r := planted_step_ratio(by[g][s])) is not None}
+        for g in ("inject+nofilter", "inject+filter")
+    }
     dirty = ratio["inject+nofilter"]
     mech = spread(dirty[s] - MIN_GRAD_RATIO for s in seeds if s in dirty)
-    v.check(f"steps carrying a planted run have > {MIN_GRAD_RATIO}x the grad norm of the others (unfiltered)",
-            mech.clears(+1), f"ratio {spread(dirty.values()).describe('.3g')}")
+    v.check(
+        f"steps carrying a planted run have > {MIN_GRAD_RATIO}x the grad norm of the others (unfiltered)",
+        mech.clears(+1),
+        f"ratio {spread(dirty.values()).describe('.3g')}",
+    )
 
     masked = {s: sum(by["inject+filter"][s].series(MASKED_TOKENS)[1]) for s in seeds}
     removed = _paired(ratio, "inject+nofilter", "inject+filter", seeds)
-    v.check("masking removes it: ratio unfiltered - filtered > 0, and the filter masked tokens in every seed",
-            removed.clears(+1) and all(m > 0 for m in masked.values()),
-            f"{removed.describe('.3g')}; filtered ratio {spread(ratio['inject+filter'].values()).describe('.3g')}; "
-            f"tokens masked {', '.join(f'{m:.0f}' for m in masked.values())}")
+    v.check(
+        "masking removes it: ratio unfiltered - filtered > 0, and the filter masked tokens in every seed",
+        removed.clears(+1) and all(m > 0 for m in masked.values()),
+        f"{removed.describe('.3g')}; filtered ratio {spread(ratio['inject+filter'].values()).describe('.3g')}; "
+        f"tokens masked {', '.join(f'{m:.0f}' for m in masked.values())}",
+    )
 
     def per_seed(group: str) -> str:
         return ", ".join(f"seed {s}: {score[group][s]:.3g}%" for s in seeds if s in score[group])
 
     raised = _paired(score, "inject+nofilter", "clean+nofilter", seeds)
-    v.check("injection raises the grad-norm spike score (6 sigma / 128): inject - clean > 0",
-            raised.clears(+1), f"{raised.describe('.3g')} points of %; injected {per_seed('inject+nofilter')}; "
-            f"clean {per_seed('clean+nofilter')}")
+    v.check(
+        "injection raises the grad-norm spike score (6 sigma / 128): inject - clean > 0",
+        raised.clears(+1),
+        f"{raised.describe('.3g')} points of %; injected {per_seed('inject+nofilter')}; "
+        f"clean {per_seed('clean+nofilter')}",
+    )
 
     lowered = _paired(score, "inject+nofilter", "inject+filter", seeds)
-    v.check("masking lowers it: unfiltered - filtered > 0", lowered.clears(+1),
-            f"{lowered.describe('.3g')} points of %; filtered {per_seed('inject+filter')}")
+    v.check(
+        "masking lowers it: unfiltered - filtered > 0",
+        lowered.clears(+1),
+        f"{lowered.describe('.3g')} points of %; filtered {per_seed('inject+filter')}",
+    )
 
     v.numbers["grad_norm_ratio_planted_steps/inject+nofilter"] = {s: round(x, 4) for s, x in dirty.items()}
-    v.numbers["grad_norm_ratio_planted_steps/inject+filter"] = {s: round(x, 4) for s, x in ratio["inject+filter"].items()}
+    v.numbers["grad_norm_ratio_planted_steps/inject+filter"] = {
+        s: round(x, 4) for s, x in ratio["inject+filter"].items()
+    }
     v.numbers["masked_tokens/inject+filter"] = masked
     v.numbers["masked_fraction/clean+filter"] = {s: round(x, 6) for s, x in clean_masked.items()}
-    v.notes = ("Spike scores count rare events (a few per 1000 steps here): each seed's difference is a "
-               "difference of counts, and the spread over seeds is what says whether it is more than noise.")
+    v.notes = (
+        "Spike scores count rare events (a few per 1000 steps here): each seed's difference is a "
+        "difference of counts, and the spread over seeds is what says whether it is more than noise."
+    )
     return v

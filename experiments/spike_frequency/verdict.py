@@ -49,8 +49,16 @@ from typing import Optional
 
 import numpy as np
 
-from proxy.analysis import (OLMO2_SPIKES, OLMO_CORE_SPIKES, SpikeOptions, Spread, detect_spikes, override_value,
-                            peak, spread)
+from proxy.analysis import (
+    OLMO2_SPIKES,
+    OLMO_CORE_SPIKES,
+    SpikeOptions,
+    Spread,
+    detect_spikes,
+    override_value,
+    peak,
+    spread,
+)
 from proxy.records import ATTN_MAX_LOGIT, COMPLETED, GRAD_NORM, STATUS_DIVERGED, TRAIN_LOSS, Run
 from proxy.report import ReportResult
 from proxy.verdict import Verdict
@@ -60,8 +68,10 @@ SERIES = {"grad_norm": GRAD_NORM, "loss": TRAIN_LOSS}
 PRIMARY = ("grad_norm", "olmo2")
 MIN_SEEDS = 3
 MAX_SEEDS = 30  # what_would_settle_it: beyond this many seeds, more seeds is not the way to settle it
-SOURCE = ("OLMo 2 (arXiv 2501.00656): larger models show loss and grad-norm spikes more often; spike score = % of "
-          "points >= 7 sigma from the rolling mean of the previous 1000 (OLMo-core: 6 sigma above the last 128)")
+SOURCE = (
+    "OLMo 2 (arXiv 2501.00656): larger models show loss and grad-norm spikes more often; spike score = % of "
+    "points >= 7 sigma from the rolling mean of the previous 1000 (OLMo-core: 6 sigma above the last 128)"
+)
 
 
 def _full_window(options: SpikeOptions) -> SpikeOptions:
@@ -88,8 +98,10 @@ class Protocol:
         return max(d.window for d in self.detectors.values())
 
     def describe(self) -> str:
-        return (f"OLMo 2: {self.olmo2.describe()}; OLMo-core: {self.olmo_core.describe()}; scored from step "
-                f"{self.score_from} on, >= {self.min_scored} scored steps per run")
+        return (
+            f"OLMo 2: {self.olmo2.describe()}; OLMo-core: {self.olmo_core.describe()}; scored from step "
+            f"{self.score_from} on, >= {self.min_scored} scored steps per run"
+        )
 
 
 PROTOCOL = Protocol()
@@ -126,7 +138,7 @@ def non_embedding_params(run: Run) -> Optional[int]:
         return int(n)
     layers, width = run.config_value("model.n_layers"), run.config_value("model.d_model")
     if isinstance(layers, int) and isinstance(width, int):
-        return 12 * layers * width ** 2
+        return 12 * layers * width**2
     return None
 
 
@@ -144,24 +156,38 @@ def score_run(run: Run, protocol: Protocol = PROTOCOL) -> Optional[RunSpikes]:
     a spike)."""
     condition, n = condition_of(run), non_embedding_params(run)
     layers, width = run.config_value("model.n_layers"), run.config_value("model.d_model")
-    if (condition is None or n is None or not isinstance(layers, int) or not isinstance(width, int)
-            or run.status not in (COMPLETED, STATUS_DIVERGED)):
+    if (
+        condition is None
+        or n is None
+        or not isinstance(layers, int)
+        or not isinstance(width, int)
+        or run.status not in (COMPLETED, STATUS_DIVERGED)
+    ):
         return None
     spikes, scored = {}, {}
     for series, key in SERIES.items():
         steps, values = run.series(key)
         for name, options in protocol.detectors.items():
             spikes[series, name], scored[series, name] = count_spikes(steps, values, options, protocol.score_from)
-    return RunSpikes(run, condition, (layers, width), n, str(run.config_value("model.name") or "?"),
-                     int(run.config_value("train.seed") or 0), spikes, scored)
+    return RunSpikes(
+        run,
+        condition,
+        (layers, width),
+        n,
+        str(run.config_value("model.name") or "?"),
+        int(run.config_value("train.seed") or 0),
+        spikes,
+        scored,
+    )
 
 
 def _short(n: int) -> str:
     return f"{n / 1e6:.3g}M" if n >= 1e6 else f"{n / 1e3:.3g}k"
 
 
-def size_slopes(cells: dict[tuple[int, int], dict[int, RunSpikes]],
-                key: tuple[str, str] = PRIMARY) -> tuple[Spread, list[int]]:
+def size_slopes(
+    cells: dict[tuple[int, int], dict[int, RunSpikes]], key: tuple[str, str] = PRIMARY
+) -> tuple[Spread, list[int]]:
     """Per seed: the least-squares slope of the rate against ln N over the sizes of ``cells``
     (size -> seed -> run); only seeds scored at every size. Returns the spread and the seeds."""
     sizes = list(cells)
@@ -202,41 +228,52 @@ def answer(slope: Spread, design_ok: bool) -> str:
     if slope.clears(-1):
         return f"no: the rate falls with size ({slope.describe('.3g')} per e-fold of N)"
     upper = slope.mean + 2 * slope.sem if math.isfinite(slope.sem) else slope.mean
-    return (f"no growth shown: slope {slope.describe('.3g')} per e-fold of N, upper bound (mean + 2 SE) "
-            f"{upper:.3g}")
+    return f"no growth shown: slope {slope.describe('.3g')} per e-fold of N, upper bound (mean + 2 SE) {upper:.3g}"
 
 
 def what_would_settle_it(slope: Spread, rates_all_zero: bool, span_ln: float, n_seeds: int = MIN_SEEDS) -> str:
     """One sentence: the scale (seeds, ladder, steps) that would settle the question for one
     condition, from the measured per-seed slopes."""
-    gpu = ("the GPU preset (conf/experiment/spike_frequency_gpu.yaml: 5m -> 124m, 4000 scored steps "
-           "per run) is the next test")
+    gpu = (
+        "the GPU preset (conf/experiment/spike_frequency_gpu.yaml: 5m -> 124m, 4000 scored steps "
+        "per run) is the next test"
+    )
     if rates_all_zero:
         return f"no spike was counted at any size, so this scale cannot tell; {gpu}."
     if slope.n < MIN_SEEDS or not math.isfinite(slope.std):
         return f"fewer than {MIN_SEEDS} seeds have a rate at every size; run the preset's seeds first."
     if slope.clears(+1) or slope.clears(-1):
-        distance = (f"the mean is {abs(slope.mean) / slope.sem:.1f} SE from 0" if slope.sem > 0
-                    else "every seed gives the same slope")
-        return (f"settled on this ladder (e^{span_ln:.2f} = {math.exp(span_ln):.0f}x in N): every seed's slope has "
-                f"the same sign and {distance}; {gpu} of whether it holds at larger N.")
+        distance = (
+            f"the mean is {abs(slope.mean) / slope.sem:.1f} SE from 0"
+            if slope.sem > 0
+            else "every seed gives the same slope"
+        )
+        return (
+            f"settled on this ladder (e^{span_ln:.2f} = {math.exp(span_ln):.0f}x in N): every seed's slope has "
+            f"the same sign and {distance}; {gpu} of whether it holds at larger N."
+        )
     if slope.std == 0:  # and so the mean is 0: a nonzero slope in every seed clears
         return f"the rate does not change along this ladder (slope {slope.mean:.3g} in every seed); {gpu}."
     needed = max(MIN_SEEDS, math.floor((2 * slope.std / abs(slope.mean)) ** 2) + 1) if slope.mean else math.inf
     upper = slope.mean + 2 * slope.sem
     if slope.mean > 0 and needed <= MAX_SEEDS:
-        return (f"at the measured effect ({slope.describe('.3g')} per e-fold of N) about {needed} seeds (now "
-                f"{n_seeds}) would put the growth beyond 2 standard errors, if every seed kept its sign (about "
-                f"{needed / max(n_seeds, 1):.1f}x the preset's cost); otherwise {gpu}.")
+        return (
+            f"at the measured effect ({slope.describe('.3g')} per e-fold of N) about {needed} seeds (now "
+            f"{n_seeds}) would put the growth beyond 2 standard errors, if every seed kept its sign (about "
+            f"{needed / max(n_seeds, 1):.1f}x the preset's cost); otherwise {gpu}."
+        )
     if slope.mean < 0:
         why = "a falling slope that more seeds would not turn into growth" + (
-            f" (about {needed} seeds would show the fall beyond 2 standard errors)" if needed <= MAX_SEEDS else "")
+            f" (about {needed} seeds would show the fall beyond 2 standard errors)" if needed <= MAX_SEEDS else ""
+        )
     elif slope.mean == 0:
         why = "a slope of 0 on average, which more seeds would not turn into growth"
     else:
         why = f"growth this small would take about {needed} seeds to show"
-    return (f"no growth on this ladder: slope {slope.describe('.3g')} per e-fold of N, growth above {upper:.3g} "
-            f"excluded at 2 SE; {why}, so a wider ladder is the way to settle it: {gpu}.")
+    return (
+        f"no growth on this ladder: slope {slope.describe('.3g')} per e-fold of N, growth above {upper:.3g} "
+        f"excluded at 2 SE; {why}, so a wider ladder is the way to settle it: {gpu}."
+    )
 
 
 def judge(report: Optional[ReportResult], runs: list[Run], protocol: Protocol = PROTOCOL) -> Verdict:
@@ -251,11 +288,14 @@ def judge(report: Optional[ReportResult], runs: list[Run], protocol: Protocol = 
     cells: dict[str, dict[tuple[int, int], dict[int, RunSpikes]]] = {}
     for s in sorted(scored, key=lambda s: sizes.index(s.size)):
         cells.setdefault(s.condition, {}).setdefault(s.size, {})[s.seed] = s
-    labels = {n: "/".join(sorted({s.model for s in scored if s.size == n})) + f" ({_short(smallest[n])})"
-              for n in sizes}
+    labels = {
+        n: "/".join(sorted({s.model for s in scored if s.size == n})) + f" ({_short(smallest[n])})" for n in sizes
+    }
     v.numbers["n_params_non_embedding"] = {
         f"{c}/{labels[n]}": sorted({s.n_params for s in by_seed.values()})[0]
-        for c, by_size in sorted(cells.items()) for n, by_seed in by_size.items()}
+        for c, by_size in sorted(cells.items())
+        for n, by_seed in by_size.items()
+    }
     skipped = [r.name for r in runs if condition_of(r) is not None and r.status not in (COMPLETED, STATUS_DIVERGED)]
     if skipped:
         v.numbers["runs_left_out (did not finish)"] = skipped
@@ -266,28 +306,45 @@ def judge(report: Optional[ReportResult], runs: list[Run], protocol: Protocol = 
     ladders = {c: list(cells.get(c, {})) for c in CONDITIONS}
     seeds = [len(by_seed) for c in cells.values() for by_seed in c.values()]
     log_every = sorted({r.run.config_value("train.log_every") for r in scored}, key=str)
-    short = [f"{s.run.name} ({s.run.status}, {min(s.scored.values())} scored)" for s in scored
-             if min(s.scored.values()) < protocol.min_scored]
+    short = [
+        f"{s.run.name} ({s.run.status}, {min(s.scored.values())} scored)"
+        for s in scored
+        if min(s.scored.values()) < protocol.min_scored
+    ]
     scored_counts = [min(s.scored.values()) for s in scored]
     same_ladder = len({tuple(ladder) for ladder in ladders.values()}) == 1
-    windows_ok = (not missing and same_ladder and all(len(ladders[c]) >= 2 for c in CONDITIONS)
-                  and bool(seeds) and min(seeds) >= MIN_SEEDS and log_every == [1] and not short)
-    v.check(f"design: conditions {'/'.join(CONDITIONS)} x >= 2 sizes x >= {MIN_SEEDS} seeds, loss and grad norm "
-            f"every step, every run scored on >= {protocol.min_scored} steps with both windows full",
-            windows_ok,
-            (f"missing conditions: {', '.join(missing)}; " if missing else "")
-            + "sizes " + "; ".join(f"{c}: {', '.join(labels[n] for n in ladders[c]) or 'none'}" for c in CONDITIONS)
-            + f"; seeds per cell {min(seeds, default=0)}-{max(seeds, default=0)}; log_every {log_every}"
-            + f"; scored steps per run {min(scored_counts, default=0)}-{max(scored_counts, default=0)}"
-            + (f"; short: {', '.join(short[:4])}{' ...' if len(short) > 4 else ''}" if short else ""))
+    windows_ok = (
+        not missing
+        and same_ladder
+        and all(len(ladders[c]) >= 2 for c in CONDITIONS)
+        and bool(seeds)
+        and min(seeds) >= MIN_SEEDS
+        and log_every == [1]
+        and not short
+    )
+    v.check(
+        f"design: conditions {'/'.join(CONDITIONS)} x >= 2 sizes x >= {MIN_SEEDS} seeds, loss and grad norm "
+        f"every step, every run scored on >= {protocol.min_scored} steps with both windows full",
+        windows_ok,
+        (f"missing conditions: {', '.join(missing)}; " if missing else "")
+        + "sizes "
+        + "; ".join(f"{c}: {', '.join(labels[n] for n in ladders[c]) or 'none'}" for c in CONDITIONS)
+        + f"; seeds per cell {min(seeds, default=0)}-{max(seeds, default=0)}; log_every {log_every}"
+        + f"; scored steps per run {min(scored_counts, default=0)}-{max(scored_counts, default=0)}"
+        + (f"; short: {', '.join(short[:4])}{' ...' if len(short) > 4 else ''}" if short else ""),
+    )
 
     # 2. design: the detector can fire
-    totals = {f"{series}/{det}": sum(s.spikes[series, det] for s in scored)
-              for series in SERIES for det in protocol.detectors}
+    totals = {
+        f"{series}/{det}": sum(s.spikes[series, det] for s in scored) for series in SERIES for det in protocol.detectors
+    }
     v.numbers["spikes_total"] = totals
     fired = totals["/".join(PRIMARY)] > 0
-    v.check("design: the detector can fire (>= 1 grad-norm spike under OLMo 2's detector in some run)", fired,
-            "; ".join(f"{k}: {n} spikes" for k, n in totals.items()) + f" over {len(scored)} runs")
+    v.check(
+        "design: the detector can fire (>= 1 grad-norm spike under OLMo 2's detector in some run)",
+        fired,
+        "; ".join(f"{k}: {n} spikes" for k, n in totals.items()) + f" over {len(scored)} runs",
+    )
     design_ok = windows_ok and fired
 
     # the numbers: rate per (condition, size), size slope per condition, for every series x detector
@@ -296,13 +353,17 @@ def judge(report: Optional[ReportResult], runs: list[Run], protocol: Protocol = 
             key = (series, det)
             v.numbers[f"spikes_per_1000_steps/{series}/{det}"] = {
                 f"{c}/{labels[n]}": _rates(by_seed, key).describe(".3g")
-                for c, by_size in sorted(cells.items()) for n, by_seed in by_size.items()}
+                for c, by_size in sorted(cells.items())
+                for n, by_seed in by_size.items()
+            }
             slopes = {c: size_slopes(by_size, key)[0] for c, by_size in sorted(cells.items())}
             v.numbers[f"size_slope_per_ln_N/{series}/{det}"] = {
                 c: sl.describe(".3g") + (" (clears > 0)" if sl.clears(+1) else " (clears < 0)" if sl.clears(-1) else "")
-                for c, sl in slopes.items()}
+                for c, sl in slopes.items()
+            }
     v.numbers["per_seed_size_slope/" + "/".join(PRIMARY)] = {
-        c: [round(x, 4) for x in size_slopes(by_size)[0].values] for c, by_size in sorted(cells.items())}
+        c: [round(x, 4) for x in size_slopes(by_size)[0].values] for c, by_size in sorted(cells.items())
+    }
     _context(v, cells, labels)
 
     # 3-4. the size criteria
@@ -311,38 +372,55 @@ def judge(report: Optional[ReportResult], runs: list[Run], protocol: Protocol = 
         by_size = cells.get(condition, {})
         slope, used = size_slopes(by_size)
         rates = {n: _rates(by_seed) for n, by_seed in by_size.items()}
-        v.check(f"larger models spike more often ({what}): the per-seed slope of the grad-norm spike rate "
-                f"(OLMo 2) against ln N clears its spread (> 0)", slope.clears(+1),
-                f"slope {slope.describe('.3g')} spikes/1000 steps per e-fold of N (seeds {used}); rates "
-                + ", ".join(f"{labels[n]}: {r.describe('.3g')}" for n, r in rates.items()))
+        v.check(
+            f"larger models spike more often ({what}): the per-seed slope of the grad-norm spike rate "
+            f"(OLMo 2) against ln N clears its spread (> 0)",
+            slope.clears(+1),
+            f"slope {slope.describe('.3g')} spikes/1000 steps per e-fold of N (seeds {used}); rates "
+            + ", ".join(f"{labels[n]}: {r.describe('.3g')}" for n, r in rates.items()),
+        )
         all_zero = all(s.rate() in (None, 0.0) for by_seed in by_size.values() for s in by_seed.values())
         v.numbers[f"answer/{condition}"] = answer(slope, design_ok)
-        v.numbers[f"what_would_settle_it/{condition}"] = what_would_settle_it(slope, all_zero or not fired, span,
-                                                                              max(seeds, default=0))
+        v.numbers[f"what_would_settle_it/{condition}"] = what_would_settle_it(
+            slope, all_zero or not fired, span, max(seeds, default=0)
+        )
 
     # 5. QK-norm at the largest size
     common = [n for n in sizes if n in cells.get("plain", {}) and n in cells.get("qknorm", {})]
     if common:
         top = common[-1]
         lower = paired_difference(cells["plain"][top], cells["qknorm"][top])
-        others = {f"{series}/{det}": paired_difference(cells["plain"][top], cells["qknorm"][top],
-                                                       (series, det)).describe(".3g")
-                  for series in SERIES for det in protocol.detectors}
+        others = {
+            f"{series}/{det}": paired_difference(cells["plain"][top], cells["qknorm"][top], (series, det)).describe(
+                ".3g"
+            )
+            for series in SERIES
+            for det in protocol.detectors
+        }
         v.numbers[f"plain_minus_qknorm_at_{labels[top]}"] = others
-        v.check(f"QK-norm lowers the grad-norm spike rate (OLMo 2) at the largest size, {labels[top]} "
-                f"(rate plain - rate qknorm > 0, paired by seed)", lower.clears(+1),
-                f"{lower.describe('.3g')} spikes/1000 steps")
+        v.check(
+            f"QK-norm lowers the grad-norm spike rate (OLMo 2) at the largest size, {labels[top]} "
+            f"(rate plain - rate qknorm > 0, paired by seed)",
+            lower.clears(+1),
+            f"{lower.describe('.3g')} spikes/1000 steps",
+        )
     else:
-        v.check("QK-norm lowers the grad-norm spike rate (OLMo 2) at the largest size", False,
-                "no size has both plain and qknorm runs")
-    v.notes = ("What scale would settle it: "
-               + " ".join(f"{c}: {v.numbers[f'what_would_settle_it/{c}']}" for c in ("plain", "ngrams"))
-               + " OLMo 2's observation is at 7B-32B parameters; a 'no' here bounds the effect on this ladder only.")
+        v.check(
+            "QK-norm lowers the grad-norm spike rate (OLMo 2) at the largest size",
+            False,
+            "no size has both plain and qknorm runs",
+        )
+    v.notes = (
+        "What scale would settle it: "
+        + " ".join(f"{c}: {v.numbers[f'what_would_settle_it/{c}']}" for c in ("plain", "ngrams"))
+        + " OLMo 2's observation is at 7B-32B parameters; a 'no' here bounds the effect on this ladder only."
+    )
     return v
 
 
-def _context(v: Verdict, cells: dict[str, dict[tuple[int, int], dict[int, RunSpikes]]],
-             labels: dict[tuple[int, int], str]) -> None:
+def _context(
+    v: Verdict, cells: dict[str, dict[tuple[int, int], dict[int, RunSpikes]]], labels: dict[tuple[int, int], str]
+) -> None:
     """Reported, not judged: final val loss and the peak max attention logit per (condition, size)
     (is the no-QK-norm ladder in the attention-logit-growth regime?)."""
     losses, logits = {}, {}

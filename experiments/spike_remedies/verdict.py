@@ -37,8 +37,8 @@ import statistics
 from collections import defaultdict
 from typing import Any, Optional
 
-from proxy.analysis import OLMO_CORE_SPIKES, spike_score
 from proxy import records
+from proxy.analysis import OLMO_CORE_SPIKES, spike_score
 from proxy.records import Run
 from proxy.report import ReportResult
 from proxy.report.document import markdown_table
@@ -101,15 +101,17 @@ def window_update_rms(run: Run, window: tuple[int, int]) -> Optional[float]:
 
 def resumed_inside(run: Run, window: tuple[int, int]) -> int:
     """Rollbacks whose data position after the skip still lay in the planted window."""
-    return sum(e.get("event") == "rollback" and window[0] <= e.get("data_position", -1) < window[1]
-               for e in run.events)
+    return sum(e.get("event") == "rollback" and window[0] <= e.get("data_position", -1) < window[1] for e in run.events)
 
 
 def damage(run: Run, clean: Run, window: tuple[int, int]) -> Optional[float]:
     """Max over the window's eval steps of val(run) - val(clean) at the same step."""
     reference = dict(zip(*clean.series(VAL)))
-    excess = [v - reference[s] for s, v in zip(*run.series(VAL))
-              if window[0] <= s < window[1] and s in reference and math.isfinite(v)]
+    excess = [
+        v - reference[s]
+        for s, v in zip(*run.series(VAL))
+        if window[0] <= s < window[1] and s in reference and math.isfinite(v)
+    ]
     return max(excess) if excess else None
 
 
@@ -150,8 +152,9 @@ def arm_table(runs: list[Run]) -> tuple[dict[str, dict[str, Any]], Optional[tupl
             "final_val": [r.summary.get("final_val_loss") for r in seeds.values()],
             "spike_grad_norm": [spike_score(r.series(GRAD_NORM)[1], OLMO_CORE_SPIKES) for r in seeds.values()],
             "spike_loss": [spike_score(r.series(TRAIN)[1], OLMO_CORE_SPIKES) for r in seeds.values()],
-            "actions": [sum(e.get("event") in ("skip_step", "rollback", "zclip") for e in r.events)
-                        for r in seeds.values()],
+            "actions": [
+                sum(e.get("event") in ("skip_step", "rollback", "zclip") for e in r.events) for r in seeds.values()
+            ],
             "rollbacks": [sum(e.get("event") == "rollback" for e in r.events) for r in seeds.values()],
             "thrown_away": [sum(sum(TRAIN in row for row in b.rows) for b in r.abandoned) for r in seeds.values()],
             "resumed_inside": [resumed_inside(r, planted) if planted else 0 for r in seeds.values()],
@@ -163,20 +166,39 @@ def arm_table(runs: list[Run]) -> tuple[dict[str, dict[str, Any]], Optional[tupl
 
 
 def _markdown(table: dict[str, dict[str, Any]], window: Optional[tuple[int, int]]) -> str:
-    headers = ["arm", "seeds", "damage (nats)", "final val − clean", "final val", "grad-norm spikes %",
-               "loss spikes %", "actions / run", "steps thrown away / run", "rollbacks resuming in the window",
-               "tokens masked / run", "update RMS / LR in the window"]
+    headers = [
+        "arm",
+        "seeds",
+        "damage (nats)",
+        "final val − clean",
+        "final val",
+        "grad-norm spikes %",
+        "loss spikes %",
+        "actions / run",
+        "steps thrown away / run",
+        "rollbacks resuming in the window",
+        "tokens masked / run",
+        "update RMS / LR in the window",
+    ]
     rows = []
     for arm in [a for a in ARMS if a in table] + sorted(set(table) - set(ARMS)):
         t = table[arm]
-        rows.append([
-            arm, len(t["seeds"]), _fmt(*_mean_sd(list(t["damage"].values()))),
-            _fmt(*_mean_sd(list(t["final_excess"].values()))), _fmt(*_mean_sd(t["final_val"])),
-            _fmt(*_mean_sd(t["spike_grad_norm"]), digits=2), _fmt(*_mean_sd(t["spike_loss"]), digits=2),
-            _fmt(*_mean_sd(t["actions"]), digits=1), _fmt(*_mean_sd(t["thrown_away"]), digits=0),
-            f"{sum(t['resumed_inside'])} of {sum(t['rollbacks'])}", _fmt(*_mean_sd(t["masked"]), digits=0),
-            _fmt(*_mean_sd(t["update_rms"])),
-        ])
+        rows.append(
+            [
+                arm,
+                len(t["seeds"]),
+                _fmt(*_mean_sd(list(t["damage"].values()))),
+                _fmt(*_mean_sd(list(t["final_excess"].values()))),
+                _fmt(*_mean_sd(t["final_val"])),
+                _fmt(*_mean_sd(t["spike_grad_norm"]), digits=2),
+                _fmt(*_mean_sd(t["spike_loss"]), digits=2),
+                _fmt(*_mean_sd(t["actions"]), digits=1),
+                _fmt(*_mean_sd(t["thrown_away"]), digits=0),
+                f"{sum(t['resumed_inside'])} of {sum(t['rollbacks'])}",
+                _fmt(*_mean_sd(t["masked"]), digits=0),
+                _fmt(*_mean_sd(t["update_rms"])),
+            ]
+        )
     lines = [
         f"Damage: max excess of val loss over the clean run of the same seed, steps "
         f"{window[0] if window else '?'}-{window[1] if window else '?'}; mean ± sd over seeds.",
@@ -190,13 +212,16 @@ def judge(report: ReportResult, runs: list[Run]) -> Verdict:
     verdict = Verdict(
         finding="spike_remedies",
         source="PaLM (arXiv 2204.02311) §5.1 rollback + skip; OLMo-core skip-step; ZClip (arXiv 2504.02507); "
-               "OLMo 2 (arXiv 2501.00656) §3.1 n-gram masking",
+        "OLMo 2 (arXiv 2501.00656) §3.1 n-gram masking",
     )
     table, window = arm_table(runs)
     missing = [a for a in ("clean", "none") if a not in table]
     if missing or window is None:
-        verdict.check("the sweep has clean and unprotected (injection, no remedy) runs with val losses",
-                      False, f"missing arms: {', '.join(missing) or '—'}; injection window: {window}")
+        verdict.check(
+            "the sweep has clean and unprotected (injection, no remedy) runs with val losses",
+            False,
+            f"missing arms: {', '.join(missing) or '—'}; injection window: {window}",
+        )
         return verdict
     for arm, t in table.items():
         for key in ("damage", "final_excess"):
@@ -212,8 +237,7 @@ def judge(report: ReportResult, runs: list[Run]) -> Verdict:
     verdict.check(
         f"the bad data harms the unprotected run (mean damage > {MIN_DAMAGE} nats, > 0 in every seed)",
         base_mean is not None and base_mean > MIN_DAMAGE and all(v > 0 for v in base),
-        f"damage {_fmt(*_mean_sd(base))} nats over {len(base)} seeds "
-        f"({', '.join(f'{v:.3f}' for v in base)})",
+        f"damage {_fmt(*_mean_sd(base))} nats over {len(base)} seeds ({', '.join(f'{v:.3f}' for v in base)})",
     )
     for arm in REMEDIES:
         if arm not in table:
@@ -233,7 +257,8 @@ def judge(report: ReportResult, runs: list[Run]) -> Verdict:
         verdict.notes += (
             f"\n\nReference: the clean run improves its val loss by {statistics.fmean(gains):.3f} nats over "
             "the bad-data window; a remedy that skipped every bad step would still be about that far "
-            "behind at the window's end (lost steps, not harm).")
+            "behind at the window's end (lost steps, not harm)."
+        )
     return verdict
 
 

@@ -33,7 +33,10 @@ from proxy.report import ReportResult
 from proxy.verdict import Verdict, check_grid_brackets, curve_points
 
 FORMS = ("coupled", "independent")
-SOURCE = "Wortsman et al. 2023 (arXiv 2309.14322), Sec. 3.2 (Fig. 5, 6): longer warmup and independent decay lower LR sensitivity"
+SOURCE = (
+    "Wortsman et al. 2023 (arXiv 2309.14322), Sec. 3.2 (Fig. 5, 6): longer warmup and independent decay "
+    "lower LR sensitivity"
+)
 
 
 def _arm(run: Run) -> Optional[tuple[str, int]]:
@@ -50,8 +53,10 @@ def paired(curves: dict, a: tuple[str, int], b: tuple[str, int]) -> Spread:
 
 def _mean_curve(seeds: dict[int, SeedCurve]) -> dict[float, float]:
     lrs = sorted({lr for c in seeds.values() for lr in c.curve})
-    return {lr: sum(c.curve[lr] for c in seeds.values() if lr in c.curve) /
-            sum(lr in c.curve for c in seeds.values()) for lr in lrs}
+    return {
+        lr: sum(c.curve[lr] for c in seeds.values() if lr in c.curve) / sum(lr in c.curve for c in seeds.values())
+        for lr in lrs
+    }
 
 
 def judge(report: ReportResult, runs: list[Run]) -> Verdict:
@@ -71,16 +76,24 @@ def judge(report: ReportResult, runs: list[Run]) -> Verdict:
     check_grid_brackets(v, curves, lambda arm: f"{arm[0]}/warmup {arm[1]}")
     for form in FORMS:
         effect = paired(curves, (form, short), (form, long))
-        v.check(f"{form} decay: warmup {long} less LR-sensitive than warmup {short} (S short - S long > 0)",
-                effect.clears(+1), effect.describe(".3f"))
+        v.check(
+            f"{form} decay: warmup {long} less LR-sensitive than warmup {short} (S short - S long > 0)",
+            effect.clears(+1),
+            effect.describe(".3f"),
+        )
     for warmup in (short, long):
         effect = paired(curves, ("coupled", warmup), ("independent", warmup))
-        v.check(f"warmup {warmup}: independent decay less LR-sensitive than coupled (S coupled - S independent > 0)",
-                effect.clears(+1), effect.describe(".3f"))
+        v.check(
+            f"warmup {warmup}: independent decay less LR-sensitive than coupled (S coupled - S independent > 0)",
+            effect.clears(+1),
+            effect.describe(".3f"),
+        )
     lowest = min(lr for seeds in curves.values() for c in seeds.values() for lr in c.curve)
     for warmup in (short, long):
-        gap = [curves[("coupled", warmup)][s].curve.get(lowest, float("nan")) -
-               curves[("independent", warmup)][s].curve.get(lowest, float("nan"))
-               for s in sorted(set(curves[("coupled", warmup)]) & set(curves[("independent", warmup)]))]
+        gap = [
+            curves[("coupled", warmup)][s].curve.get(lowest, float("nan"))
+            - curves[("independent", warmup)][s].curve.get(lowest, float("nan"))
+            for s in sorted(set(curves[("coupled", warmup)]) & set(curves[("independent", warmup)]))
+        ]
         v.numbers[f"coupled_minus_independent_at_lr_{lowest:g}/warmup_{warmup}"] = spread(gap).describe(".3f")
     return v

@@ -19,9 +19,26 @@ from typing import Optional
 
 from proxy.config import DataConfig, DataSource
 from proxy.data.ngrams import Plant, find_repeated_ngrams
-from proxy.data.sources import IGNORE_INDEX, SPLITS, ArraySource, Batch, DataError, TokenSource, load_memmap, row_generator
-from proxy.data.synthetic import (HMM, LanguageEntropy, SyntheticSource, build_hmm, hmm_token_losses,
-                                  language_entropy, sample_hmm, zipf_weights)
+from proxy.data.sources import (
+    IGNORE_INDEX,
+    SPLITS,
+    ArraySource,
+    Batch,
+    DataError,
+    TokenSource,
+    load_memmap,
+    row_generator,
+)
+from proxy.data.synthetic import (
+    HMM,
+    LanguageEntropy,
+    SyntheticSource,
+    build_hmm,
+    hmm_token_losses,
+    language_entropy,
+    sample_hmm,
+    zipf_weights,
+)
 from proxy.data.text import load_text, prepare, prepare_main
 
 
@@ -38,14 +55,32 @@ def build_source(cfg: DataConfig, run_dir: Optional[Path] = None) -> TokenSource
     else:
         built = load_text(cfg, run_dir)
     if cfg.inject.enabled and built.vocab_size < cfg.inject.max_period + 2:
-        raise DataError(f"data.inject.max_period={cfg.inject.max_period} needs a vocabulary of at "
-                        f"least {cfg.inject.max_period + 2} tokens, the data has {built.vocab_size}")
+        raise DataError(
+            f"data.inject.max_period={cfg.inject.max_period} needs a vocabulary of at "
+            f"least {cfg.inject.max_period + 2} tokens, the data has {built.vocab_size}"
+        )
     return built
 
 
 __all__ = [
-    "HMM", "IGNORE_INDEX", "SPLITS", "ArraySource", "Batch", "DataError", "LanguageEntropy", "Plant",
-    "SyntheticSource", "TokenSource", "build_hmm", "build_source", "find_repeated_ngrams",
-    "hmm_token_losses", "language_entropy", "prepare", "prepare_main", "row_generator", "sample_hmm",
+    "HMM",
+    "IGNORE_INDEX",
+    "SPLITS",
+    "ArraySource",
+    "Batch",
+    "DataError",
+    "LanguageEntropy",
+    "Plant",
+    "SyntheticSource",
+    "TokenSource",
+    "build_hmm",
+    "build_source",
+    "find_repeated_ngrams",
+    "hmm_token_losses",
+    "language_entropy",
+    "prepare",
+    "prepare_main",
+    "row_generator",
+    "sample_hmm",
     "zipf_weights",
 ]

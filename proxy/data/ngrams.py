@@ -23,8 +23,9 @@ DROP_ATTEMPTS = 4  # ngram_filter.mode=drop: fresh draws tried before a row is m
 # --------------------------------------------------------------------------------------------
 # Detection
 # --------------------------------------------------------------------------------------------
-def find_repeated_ngrams(tokens: ArrayOrTensor, min_period: int = 1, max_period: int = 13,
-                         min_repeats: int = 32) -> ArrayOrTensor:
+def find_repeated_ngrams(
+    tokens: ArrayOrTensor, min_period: int = 1, max_period: int = 13, min_repeats: int = 32
+) -> ArrayOrTensor:
     """Mask the tokens that lie in a run of ``min_repeats`` or more back-to-back copies of a span
     of ``min_period`` to ``max_period`` tokens (OLMo 2's definition of a repeated n-gram).
 
@@ -108,8 +109,9 @@ def fitting_periods(inj: InjectionConfig, length: int) -> list[int]:
     return [p for p in range(inj.min_period, inj.max_period + 1) if p * inj.repeats <= length]
 
 
-def plan_injection(inj: InjectionConfig, tokens: np.ndarray, vocab_size: int,
-                   row_rng: Callable[[int], np.random.Generator]) -> list[Plant]:
+def plan_injection(
+    inj: InjectionConfig, tokens: np.ndarray, vocab_size: int, row_rng: Callable[[int], np.random.Generator]
+) -> list[Plant]:
     """Which rows of ``tokens`` get a run, where, of which span (``fitting_periods`` must not be
     empty). ``row_rng(i)`` is row i's own generator, so a row's plan does not depend on the batch
     size or on the rank that holds the row."""
@@ -152,13 +154,15 @@ def apply_plants(tokens: np.ndarray, plants: list[Plant], repeats: int) -> np.nd
 # --------------------------------------------------------------------------------------------
 # Filtering
 # --------------------------------------------------------------------------------------------
-def filter_repeated(flt: NgramFilterConfig, tokens: np.ndarray,
-                    redraw: Callable[[np.ndarray, int], np.ndarray]) -> tuple[np.ndarray, np.ndarray, int]:
+def filter_repeated(
+    flt: NgramFilterConfig, tokens: np.ndarray, redraw: Callable[[np.ndarray, int], np.ndarray]
+) -> tuple[np.ndarray, np.ndarray, int]:
     """(tokens, masked, rows dropped). mask: label the repeated stretches out. drop: draw a
     fresh row in place of each dirty one (a document removed from the corpus) with
     ``redraw(row_indices, attempt)``; a row still dirty after a few draws is masked whole."""
-    detect = functools.partial(find_repeated_ngrams, min_period=flt.min_period,
-                               max_period=flt.max_period, min_repeats=flt.min_repeats)
+    detect = functools.partial(
+        find_repeated_ngrams, min_period=flt.min_period, max_period=flt.max_period, min_repeats=flt.min_repeats
+    )
     masked = detect(tokens)
     if flt.mode == FilterMode.mask:
         return tokens, masked, 0

@@ -26,8 +26,15 @@ import torch
 
 from proxy.config import DataConfig, FilterMode
 from proxy.data import ngrams
-from proxy.records import (DATA_DROPPED_ROWS, DATA_INJECTED_FRAC, DATA_INJECTED_ROWS, DATA_MASKED_TOKENS,
-                           TOKENIZER_FILE, atomic_write_text, read_json)
+from proxy.records import (
+    DATA_DROPPED_ROWS,
+    DATA_INJECTED_FRAC,
+    DATA_INJECTED_ROWS,
+    DATA_MASKED_TOKENS,
+    TOKENIZER_FILE,
+    atomic_write_text,
+    read_json,
+)
 
 IGNORE_INDEX = -100
 SPLITS = ("train", "val")
@@ -42,8 +49,9 @@ class DataError(Exception):
     """Data that cannot be used: a missing or malformed file, or an impossible request."""
 
 
-def row_generator(seed: int, split: str, index: int, row: int, attempt: int = 0,
-                  stream: int = TOKENS_STREAM) -> np.random.Generator:
+def row_generator(
+    seed: int, split: str, index: int, row: int, attempt: int = 0, stream: int = TOKENS_STREAM
+) -> np.random.Generator:
     """The random generator of one row of one batch; the whole key of its contents."""
     return np.random.default_rng([seed, _SPLIT_CODE[split], index, row, attempt, stream])
 
@@ -86,8 +94,7 @@ class TokenSource(ABC):
 
     # -- what subclasses provide ---------------------------------------------------------------
     @abstractmethod
-    def _rows(self, split: str, index: int, rows: np.ndarray, length: int,
-              attempt: int = 0) -> np.ndarray:
+    def _rows(self, split: str, index: int, rows: np.ndarray, length: int, attempt: int = 0) -> np.ndarray:
         """(len(rows), length) int64 tokens; row r a function of (seed, split, index, r, attempt)."""
 
     @abstractmethod
@@ -105,11 +112,14 @@ class TokenSource(ABC):
 
     def check_seq_len(self, seq_len: int) -> None:
         """DataError (one line) if no row of ``seq_len`` + 1 tokens can be cut from every split:
-        asked before a run claims its directory, not found at its first batch."""
+        asked before a run claims its directory, not found at its first batch. A source that
+        generates its tokens (the synthetic language) has rows of any length."""
+        return None
 
     # -- the contract ----------------------------------------------------------------------------
-    def batch(self, split: str, index: int, batch_size: int, seq_len: int, rank: int = 0,
-              world_size: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(
+        self, split: str, index: int, batch_size: int, seq_len: int, rank: int = 0, world_size: int = 1
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(inputs, labels), both int64 (batch_size, seq_len), labels = inputs shifted by one."""
         out = self.sample(split, index, batch_size, seq_len, rank, world_size)
         self.last_batch_info = out.metrics
@@ -125,8 +135,9 @@ class TokenSource(ABC):
         return info
 
     # -- the work --------------------------------------------------------------------------------
-    def sample(self, split: str, index: int, batch_size: int, seq_len: int, rank: int = 0,
-               world_size: int = 1) -> Batch:
+    def sample(
+        self, split: str, index: int, batch_size: int, seq_len: int, rank: int = 0, world_size: int = 1
+    ) -> Batch:
         """``batch`` with the planted runs and metrics kept (for tests and inspection)."""
         _check_request(split, index, batch_size, seq_len, rank, world_size)
         rows = np.arange(rank * batch_size, (rank + 1) * batch_size)
@@ -147,7 +158,10 @@ class TokenSource(ABC):
         masked = np.zeros(tokens.shape, dtype=bool)
         flt = self.cfg.ngram_filter
         if flt.enabled and train:
-            redraw = lambda dirty, attempt: self._rows(split, index, rows[dirty], tokens.shape[1], attempt)
+
+            def redraw(dirty: np.ndarray, attempt: int) -> np.ndarray:
+                return self._rows(split, index, rows[dirty], tokens.shape[1], attempt)
+
             tokens, masked, dropped = ngrams.filter_repeated(flt, tokens, redraw)
             metrics[DATA_MASKED_TOKENS] = float(masked[:, 1:].sum())
             if flt.mode == FilterMode.drop:
@@ -166,13 +180,14 @@ class TokenSource(ABC):
                 f"{inj.min_period * inj.repeats} tokens but a row has seq_len+1={tokens.shape[1]}"
             )
         return ngrams.plan_injection(
-            inj, tokens, self.vocab_size,
-            lambda i: row_generator(self.cfg.seed, "train", index, int(rows[i]), stream=INJECT_STREAM))
+            inj,
+            tokens,
+            self.vocab_size,
+            lambda i: row_generator(self.cfg.seed, "train", index, int(rows[i]), stream=INJECT_STREAM),
+        )
 
 
-
-def _check_request(split: str, index: int, batch_size: int, seq_len: int, rank: int,
-                   world_size: int) -> None:
+def _check_request(split: str, index: int, batch_size: int, seq_len: int, rank: int, world_size: int) -> None:
     if split not in SPLITS:
         raise DataError(f"split={split!r} must be one of {', '.join(SPLITS)}")
     if index < 0:
@@ -192,16 +207,22 @@ def _check_data(cfg: DataConfig) -> None:
     checks = [
         (cfg.seed >= 0, f"data.seed={cfg.seed} must be >= 0"),
         (0.0 < cfg.val_fraction < 1.0, f"data.val_fraction={cfg.val_fraction} must be in (0, 1)"),
-        (1 <= inj.min_period <= inj.max_period,
-         f"data.inject: need 1 <= min_period <= max_period, got {inj.min_period}, {inj.max_period}"),
+        (
+            1 <= inj.min_period <= inj.max_period,
+            f"data.inject: need 1 <= min_period <= max_period, got {inj.min_period}, {inj.max_period}",
+        ),
         (inj.repeats >= 2, f"data.inject.repeats={inj.repeats} must be >= 2"),
         (inj.every >= 1, f"data.inject.every={inj.every} must be >= 1"),
         (0.0 <= inj.fraction <= 1.0, f"data.inject.fraction={inj.fraction} must be in [0, 1]"),
         (inj.start_step is None or inj.start_step >= 0, f"data.inject.start_step={inj.start_step} must be >= 0"),
-        (inj.start_step is None or inj.end_step is None or inj.start_step < inj.end_step,
-         f"data.inject.start_step={inj.start_step} must be < end_step={inj.end_step}"),
-        (1 <= flt.min_period <= flt.max_period,
-         f"data.ngram_filter: need 1 <= min_period <= max_period, got {flt.min_period}, {flt.max_period}"),
+        (
+            inj.start_step is None or inj.end_step is None or inj.start_step < inj.end_step,
+            f"data.inject.start_step={inj.start_step} must be < end_step={inj.end_step}",
+        ),
+        (
+            1 <= flt.min_period <= flt.max_period,
+            f"data.ngram_filter: need 1 <= min_period <= max_period, got {flt.min_period}, {flt.max_period}",
+        ),
         (flt.min_repeats >= 2, f"data.ngram_filter.min_repeats={flt.min_repeats} must be >= 2"),
     ]
     for ok, message in checks:
@@ -216,8 +237,16 @@ class ArraySource(TokenSource):
     """Random windows of a token array per split: memmapped ``.bin`` files or tokenized text.
     ``tokenizer_json``: the tokenizers JSON that made the ids (text with BPE), saved in the run dir."""
 
-    def __init__(self, cfg: DataConfig, name: str, train: np.ndarray, val: np.ndarray,
-                 vocab_size: int, details: dict, tokenizer_json: Optional[str] = None):
+    def __init__(
+        self,
+        cfg: DataConfig,
+        name: str,
+        train: np.ndarray,
+        val: np.ndarray,
+        vocab_size: int,
+        details: dict,
+        tokenizer_json: Optional[str] = None,
+    ):
         super().__init__(cfg)
         self.name, self.vocab_size, self.details = name, vocab_size, details
         self.tokenizer_json = tokenizer_json
@@ -229,11 +258,11 @@ class ArraySource(TokenSource):
     def check_seq_len(self, seq_len: int) -> None:
         for split, data in self.splits.items():
             if seq_len + 1 > len(data):
-                raise DataError(f"{self.cfg.path}: the {split} split has {len(data)} tokens, fewer than "
-                                f"seq_len+1={seq_len + 1}")
+                raise DataError(
+                    f"{self.cfg.path}: the {split} split has {len(data)} tokens, fewer than seq_len+1={seq_len + 1}"
+                )
 
-    def _rows(self, split: str, index: int, rows: np.ndarray, length: int,
-              attempt: int = 0) -> np.ndarray:
+    def _rows(self, split: str, index: int, rows: np.ndarray, length: int, attempt: int = 0) -> np.ndarray:
         data = self.splits[split]
         self.check_seq_len(length - 1)
         out = np.empty((len(rows), length), dtype=np.int64)
@@ -316,8 +345,10 @@ def resolve_dtype(requested: str, meta: dict, meta_path: Path) -> str:
     if requested not in TOKEN_DTYPES:
         raise DataError(f"data.dtype={requested!r} must be auto, uint16 or uint32")
     if stored is not None and stored != requested:
-        raise DataError(f"data.dtype={requested} disagrees with {meta_path} (dtype {stored}): drop the "
-                        "override (meta.json decides) or fix meta.json")
+        raise DataError(
+            f"data.dtype={requested} disagrees with {meta_path} (dtype {stored}): drop the "
+            "override (meta.json decides) or fix meta.json"
+        )
     return requested
 
 
@@ -388,8 +419,10 @@ def _text_not_tokens(path: Path, head: bytes, dtype: str) -> str:
     itemsize = np.dtype(TOKEN_DTYPES[dtype]).itemsize
     ids = np.frombuffer(head[: len(head) - len(head) % itemsize], dtype=TOKEN_DTYPES[dtype])
     seen = f" (as {dtype} ids {int(ids.min())}..{int(ids.max())})" if len(ids) else ""
-    return (f"{path}: this is text, not {dtype} token ids{seen}; train on it with data.source=text, "
-            f"or tokenize it once with proxy-prepare --input {path} --out DIR and set data.path=DIR")
+    return (
+        f"{path}: this is text, not {dtype} token ids{seen}; train on it with data.source=text, "
+        f"or tokenize it once with proxy-prepare --input {path} --out DIR and set data.path=DIR"
+    )
 
 
 def _bin_files(path: Path) -> list[Path]:

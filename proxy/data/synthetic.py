@@ -75,8 +75,7 @@ def build_hmm(cfg: SyntheticConfig) -> HMM:
     np.put_along_axis(transition, successors, np.broadcast_to(trans_p, (S, Kt)), axis=1)
     emission = np.zeros((S, V))
     np.put_along_axis(emission, emitted, np.broadcast_to(emit_p, (S, Ke)), axis=1)
-    return HMM(_stationary(transition), successors, _cdf(trans_p), emitted, _cdf(emit_p),
-               transition, emission)
+    return HMM(_stationary(transition), successors, _cdf(trans_p), emitted, _cdf(emit_p), transition, emission)
 
 
 def _stationary(transition: np.ndarray) -> np.ndarray:
@@ -145,8 +144,7 @@ class LanguageEntropy:
         return dict(self.__dict__)
 
 
-def language_entropy(cfg: SyntheticConfig, seq_len: int = 128,
-                     n_sequences: int = 512) -> LanguageEntropy:
+def language_entropy(cfg: SyntheticConfig, seq_len: int = 128, n_sequences: int = 512) -> LanguageEntropy:
     """Entropy figures of the synthetic language ``cfg`` (cached; ~0.1 s at the defaults)."""
     return _language_entropy(_synthetic_key(cfg), seq_len, n_sequences)
 
@@ -174,8 +172,7 @@ def _language_entropy(key: tuple, seq_len: int, n_sequences: int) -> LanguageEnt
     )
 
 
-_SYNTHETIC_FIELDS = ("seed", "vocab_size", "n_states", "zipf_exponent", "emissions_per_state",
-                     "transitions_per_state")
+_SYNTHETIC_FIELDS = ("seed", "vocab_size", "n_states", "zipf_exponent", "emissions_per_state", "transitions_per_state")
 
 
 def _synthetic_key(cfg: SyntheticConfig) -> tuple:
@@ -193,10 +190,14 @@ def _check_synthetic(cfg: SyntheticConfig) -> None:
         (cfg.vocab_size >= 2, f"data.synthetic.vocab_size={cfg.vocab_size} must be >= 2"),
         (cfg.n_states >= 2, f"data.synthetic.n_states={cfg.n_states} must be >= 2"),
         (cfg.zipf_exponent >= 0, f"data.synthetic.zipf_exponent={cfg.zipf_exponent} must be >= 0"),
-        (1 <= cfg.emissions_per_state <= cfg.vocab_size,
-         f"data.synthetic.emissions_per_state={cfg.emissions_per_state} must be in [1, vocab_size={cfg.vocab_size}]"),
-        (1 <= cfg.transitions_per_state <= cfg.n_states,
-         f"data.synthetic.transitions_per_state={cfg.transitions_per_state} must be in [1, n_states={cfg.n_states}]"),
+        (
+            1 <= cfg.emissions_per_state <= cfg.vocab_size,
+            f"data.synthetic.emissions_per_state={cfg.emissions_per_state} must be in [1, vocab_size={cfg.vocab_size}]",
+        ),
+        (
+            1 <= cfg.transitions_per_state <= cfg.n_states,
+            f"data.synthetic.transitions_per_state={cfg.transitions_per_state} must be in [1, n_states={cfg.n_states}]",
+        ),
     ]
     for ok, message in checks:
         if not ok:
@@ -214,12 +215,10 @@ class SyntheticSource(TokenSource):
         self.hmm = _hmm_from_key(_synthetic_key(cfg.synthetic))
         self.vocab_size = cfg.synthetic.vocab_size
 
-    def _rows(self, split: str, index: int, rows: np.ndarray, length: int,
-              attempt: int = 0) -> np.ndarray:
-        uniforms = np.stack([
-            row_generator(self.cfg.seed, split, index, int(r), attempt).random((2, length))
-            for r in rows
-        ])
+    def _rows(self, split: str, index: int, rows: np.ndarray, length: int, attempt: int = 0) -> np.ndarray:
+        uniforms = np.stack(
+            [row_generator(self.cfg.seed, split, index, int(r), attempt).random((2, length)) for r in rows]
+        )
         return sample_hmm(self.hmm, uniforms)
 
     def token_probabilities(self) -> np.ndarray:

@@ -14,8 +14,15 @@ from typing import Optional, Sequence
 import numpy as np
 
 from proxy.config import DataConfig
-from proxy.data.sources import (CONTROL_LIMIT, TEXT_CONTROLS, TOKEN_DTYPES, ArraySource, DataError, existing_path,
-                                split_tail)
+from proxy.data.sources import (
+    CONTROL_LIMIT,
+    TEXT_CONTROLS,
+    TOKEN_DTYPES,
+    ArraySource,
+    DataError,
+    existing_path,
+    split_tail,
+)
 from proxy.records import TOKENIZER_FILE, atomic_write, atomic_write_text, output_dir
 
 EOT = "<|endoftext|>"  # document separator of BPE vocabularies (byte-level uses byte 0)
@@ -47,8 +54,9 @@ def check_text(path: Path, data: bytes) -> None:
     head = data[: 1 << 20]
     control = sum(1 for b in head if (b < 32 or b == 127) and b not in TEXT_CONTROLS)
     if head and control / len(head) > CONTROL_LIMIT:
-        raise DataError(f"{path}: not text ({control / len(head):.0%} of its first {len(head)} bytes are "
-                        "control characters)")
+        raise DataError(
+            f"{path}: not text ({control / len(head):.0%} of its first {len(head)} bytes are control characters)"
+        )
 
 
 def read_documents(path: Path) -> list[Document]:
@@ -101,8 +109,12 @@ class BPETokenizer:
         tok = Tokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOT], show_progress=False,
-                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=[EOT],
+            show_progress=False,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        )
         tok.train_from_iterator(_decode(docs), trainer)
         return cls(tok)
 
@@ -168,8 +180,11 @@ def load_text(cfg: DataConfig, run_dir: Optional[Path] = None) -> ArraySource:
     else:
         tokenizer = make_tokenizer(cfg.tokenizer, docs, cfg.bpe_vocab_size)
     train, val = split_tail(tokenizer.encode(docs), cfg.val_fraction)
-    details = {"tokenizer": tokenizer.name, "documents": len(docs),
-               "val_source": f"tail {cfg.val_fraction:g} of the text"}
+    details = {
+        "tokenizer": tokenizer.name,
+        "documents": len(docs),
+        "val_source": f"tail {cfg.val_fraction:g} of the text",
+    }
     tokenizer_json = None
     if isinstance(tokenizer, BPETokenizer):
         tokenizer_json = tokenizer.to_json()
@@ -180,8 +195,9 @@ def load_text(cfg: DataConfig, run_dir: Optional[Path] = None) -> ArraySource:
 # ============================================================================================
 # proxy-prepare: text -> train.bin / val.bin / meta.json
 # ============================================================================================
-def prepare(input_path: str, out_dir: str, tokenizer: str = "byte", vocab_size: int = 4096,
-            val_fraction: float = 0.05) -> dict:
+def prepare(
+    input_path: str, out_dir: str, tokenizer: str = "byte", vocab_size: int = 4096, val_fraction: float = 0.05
+) -> dict:
     """Tokenize text once into the memmap layout; returns the meta.json contents."""
     if not 0.0 < val_fraction < 1.0:
         raise DataError(f"--val-fraction {val_fraction} must be in (0, 1)")
@@ -197,9 +213,15 @@ def prepare(input_path: str, out_dir: str, tokenizer: str = "byte", vocab_size: 
     for name, ids in (("train.bin", train), ("val.bin", val)):
         array = np.ascontiguousarray(ids.astype(TOKEN_DTYPES[dtype]))
         atomic_write(out / name, lambda f, a=array: f.write(memoryview(a).cast("B")))
-    meta = {"vocab_size": tok.vocab_size, "dtype": dtype, "tokenizer": tok.name,
-            "train_tokens": int(len(train)), "val_tokens": int(len(val)),
-            "documents": len(docs), "source": str(input_path)}
+    meta = {
+        "vocab_size": tok.vocab_size,
+        "dtype": dtype,
+        "tokenizer": tok.name,
+        "train_tokens": int(len(train)),
+        "val_tokens": int(len(val)),
+        "documents": len(docs),
+        "source": str(input_path),
+    }
     if isinstance(tok, BPETokenizer):
         atomic_write_text(out / TOKENIZER_FILE, tok.to_json())
         meta["vocab_size_requested"] = vocab_size
@@ -213,14 +235,17 @@ def shrunk_vocabulary(meta: dict) -> Optional[str]:
     asked = meta.get("vocab_size_requested")
     if asked is None or meta["vocab_size"] >= asked:
         return None
-    return (f"note: the text gives only {meta['vocab_size']} BPE tokens of the --vocab-size {asked} asked for "
-            f"(too few distinct pairs to merge); meta.json records both")
+    return (
+        f"note: the text gives only {meta['vocab_size']} BPE tokens of the --vocab-size {asked} asked for "
+        f"(too few distinct pairs to merge); meta.json records both"
+    )
 
 
 def prepare_main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         prog="proxy-prepare",
-        description="Tokenize .txt files into train.bin / val.bin / meta.json for data.source=memmap.")
+        description="Tokenize .txt files into train.bin / val.bin / meta.json for data.source=memmap.",
+    )
     parser.add_argument("--input", required=True, help="a .txt file or a folder of them")
     parser.add_argument("--out", required=True, help="output folder (then data.path=<out>)")
     parser.add_argument("--tokenizer", default="byte", choices=["byte", "bpe"])
@@ -232,8 +257,10 @@ def prepare_main(argv: Optional[Sequence[str]] = None) -> int:
     except (DataError, OSError, ValueError) as exc:  # ValueError: UnsafePathError, an --out that is a link
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"wrote {args.out}: {meta['train_tokens']} train + {meta['val_tokens']} val tokens, "
-          f"vocab {meta['vocab_size']} ({meta['tokenizer']}, {meta['dtype']})")
+    print(
+        f"wrote {args.out}: {meta['train_tokens']} train + {meta['val_tokens']} val tokens, "
+        f"vocab {meta['vocab_size']} ({meta['tokenizer']}, {meta['dtype']})"
+    )
     shrunk = shrunk_vocabulary(meta)
     if shrunk:
         print(shrunk, file=sys.stderr)

@@ -1,18 +1,43 @@
 """Spike forensics: what the spike kits captured during training (proxy/train/capture.py) say.
 
-    replay.py     read a kit, restore one of its states, replay its steps with the trainer's own
-                  step function (bitwise on CPU)
-    dissect.py    proxy-inspect: where in the model, which data, does it come back, is it an
-                  optimizer instability
-    curvature.py  sharpness and Adam's preconditioned sharpness by Lanczos (edge of stability)
-    edge.py       the trajectory into a spike: both sharpnesses against 2/eta and 38/eta, the
-                  Adam update's bimodality and its cosine with descent, step by step
-                  (proxy-inspect --edge; experiments/adam_edge_of_stability)
+replay.py     read a kit, restore one of its states, replay its steps with the trainer's own
+              step function (bitwise on CPU)
+dissect.py    proxy-inspect: where in the model, which data, does it come back, is it an
+              optimizer instability
+curvature.py  sharpness and Adam's preconditioned sharpness by Lanczos (edge of stability)
+edge.py       the trajectory into a spike: both sharpnesses against 2/eta and 38/eta, the
+              Adam update's bimodality and its cosine with descent, step by step
+              (proxy-inspect --edge; experiments/adam_edge_of_stability)
 """
 
-from proxy.forensics.replay import (Kit, KitError, Replay, Training, fresh_batches, load_kit, replay, restore,
-                                    states_equal, trainer_step)
+from proxy.forensics.replay import (
+    Kit,
+    KitError,
+    Replay,
+    Training,
+    fresh_batches,
+    load_kit,
+    replay,
+    restore,
+    states_equal,
+    trainer_step,
+)
 from proxy.train.capture import BATCHES_FILE, KIT_JSON, STATE_FILES, SpikeCapture, find_kits
 
-__all__ = ["BATCHES_FILE", "KIT_JSON", "STATE_FILES", "Kit", "KitError", "Replay", "SpikeCapture", "Training",
-           "find_kits", "fresh_batches", "load_kit", "replay", "restore", "states_equal", "trainer_step"]
+__all__ = [
+    "BATCHES_FILE",
+    "KIT_JSON",
+    "STATE_FILES",
+    "Kit",
+    "KitError",
+    "Replay",
+    "SpikeCapture",
+    "Training",
+    "find_kits",
+    "fresh_batches",
+    "load_kit",
+    "replay",
+    "restore",
+    "states_equal",
+    "trainer_step",
+]

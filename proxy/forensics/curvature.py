@@ -49,7 +49,7 @@ def _unflatten(flat: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
     out, offset = [], 0
     for t in like:
         n = t.numel()
-        out.append(flat[offset: offset + n].view_as(t).to(t.dtype))
+        out.append(flat[offset : offset + n].view_as(t).to(t.dtype))
         offset += n
     return out
 
@@ -67,9 +67,13 @@ def hessian_matvec(loss: Tensor, params: Sequence[Tensor]) -> MatVec:
 
     def matvec(v: Tensor) -> Tensor:
         vs = _unflatten(v, params)
-        hv = torch.autograd.grad([g for g, _ in pairs], [p for _, p in pairs],
-                                 grad_outputs=[vi for vi, p in zip(vs, params) if id(p) in used],
-                                 retain_graph=True, allow_unused=True)
+        hv = torch.autograd.grad(
+            [g for g, _ in pairs],
+            [p for _, p in pairs],
+            grad_outputs=[vi for vi, p in zip(vs, params) if id(p) in used],
+            retain_graph=True,
+            allow_unused=True,
+        )
         it = iter(hv)
         full = []
         for p in params:
@@ -98,8 +102,9 @@ class Spectrum:
     iterations: int
 
 
-def lanczos(matvec: MatVec, dim: int, iterations: int = 20, seed: int = 0,
-            device: torch.device | str = "cpu") -> Spectrum:
+def lanczos(
+    matvec: MatVec, dim: int, iterations: int = 20, seed: int = 0, device: torch.device | str = "cpu"
+) -> Spectrum:
     """Extreme eigenvalues of a symmetric operator from ``iterations`` products (float64).
 
     Full reorthogonalisation keeps the Krylov basis orthogonal, so no ghost copies of the top
@@ -155,8 +160,15 @@ class Sharpness:
         return self.preconditioned / self.adam_threshold
 
 
-def sharpness(loss: Tensor, params: Sequence[Tensor], precond: Tensor, lr: float, beta1: float,
-              iterations: int = 20, seed: int = 0) -> Sharpness:
+def sharpness(
+    loss: Tensor,
+    params: Sequence[Tensor],
+    precond: Tensor,
+    lr: float,
+    beta1: float,
+    iterations: int = 20,
+    seed: int = 0,
+) -> Sharpness:
     """Sharpness and preconditioned sharpness of ``loss`` at ``params``, with their thresholds.
 
     ``precond`` is P flattened in the order of ``params`` (see :func:`adam_preconditioner`).
@@ -168,8 +180,7 @@ def sharpness(loss: Tensor, params: Sequence[Tensor], precond: Tensor, lr: float
     plain = lanczos(hvp, dim, iterations, seed, device)
     adam = lanczos(preconditioned(hvp, precond.to(device)), dim, iterations, seed, device)
     bounds = stability_thresholds(lr, beta1)
-    return Sharpness(plain.top, adam.top, lr, bounds["gd"], bounds["adam"],
-                     max(plain.iterations, adam.iterations))
+    return Sharpness(plain.top, adam.top, lr, bounds["gd"], bounds["adam"], max(plain.iterations, adam.iterations))
 
 
 def adam_preconditioner(optimizer: torch.optim.Optimizer, params: Sequence[Tensor]) -> Tensor:

@@ -40,13 +40,33 @@ from torch import Tensor
 from proxy.config import Config, ConfigError
 from proxy.data import DataError, find_repeated_ngrams
 from proxy.forensics import curvature
-from proxy.forensics.edge import (FIGURE as EDGE_FIGURE, EdgeTrajectory, adam_direction, batch_sharpness,
-                                  bimodality_coefficient, crossing_line, edge_figure, edge_section, edge_trajectory,
-                                  reference_config)
-from proxy.forensics.replay import (Kit, KitError, Replay, fresh_batches, find_kits, load_kit, replay, restore, states_equal,
-                                    trainer_step)
-from proxy.records import (UnsafePathError, atomic_write_text, output_dir, save_figure, terminal_text,
-                           write_json)
+from proxy.forensics.edge import (
+    FIGURE as EDGE_FIGURE,
+)
+from proxy.forensics.edge import (
+    EdgeTrajectory,
+    adam_direction,
+    batch_sharpness,
+    bimodality_coefficient,
+    crossing_line,
+    edge_figure,
+    edge_section,
+    edge_trajectory,
+    reference_config,
+)
+from proxy.forensics.replay import (
+    Kit,
+    KitError,
+    Replay,
+    find_kits,
+    fresh_batches,
+    load_kit,
+    replay,
+    restore,
+    states_equal,
+    trainer_step,
+)
+from proxy.records import UnsafePathError, atomic_write_text, output_dir, save_figure, terminal_text, write_json
 from proxy.report.document import Block, Figure, Heading, Items, Paragraph, Quote, Table, to_markdown
 from proxy.report.figures import LITERAL_TEXT
 
@@ -108,22 +128,32 @@ def probe(kit: Kit, state: str, device: str = "cpu", curvature_iters: int = 20) 
         m, v = state_p.get("exp_avg", torch.zeros_like(p)), state_p.get("exp_avg_sq", torch.zeros_like(p))
         u, sqrt_v_hat = adam_direction(t.optimizer, p)
         directions[name] = _sample(u.reshape(-1))
-        stats.append(ParamStats(
-            name=name,
-            weight_norm=float(before[name].float().norm()),
-            grad_norm=float(g.norm()),
-            grad_rms=float(g.pow(2).mean().sqrt()),
-            update_norm=float(delta.norm()),
-            update_rms_over_lr=float(delta.pow(2).mean().sqrt() / group["lr"]) if group["lr"] > 0 else 0.0,
-            exp_avg_norm=float(m.float().norm()),
-            exp_avg_sq_norm=float(v.float().norm()),
-            eps_fraction=float((sqrt_v_hat < group["eps"]).double().mean()),
-            bimodality=bimodality_coefficient(u),
-        ))
+        stats.append(
+            ParamStats(
+                name=name,
+                weight_norm=float(before[name].float().norm()),
+                grad_norm=float(g.norm()),
+                grad_rms=float(g.pow(2).mean().sqrt()),
+                update_norm=float(delta.norm()),
+                update_rms_over_lr=float(delta.pow(2).mean().sqrt() / group["lr"]) if group["lr"] > 0 else 0.0,
+                exp_avg_norm=float(m.float().norm()),
+                exp_avg_sq_norm=float(v.float().norm()),
+                eps_fraction=float((sqrt_v_hat < group["eps"]).double().mean()),
+                bimodality=bimodality_coefficient(u),
+            )
+        )
     result = Probe(
-        state=state, step=step, lr=r.lr, loss=r.loss, grad_norm=r.grad_norm, params=stats,
-        attn_max_logits=[layer.float().amax(0).tolist()  # max over the batch, per head
-                         for layer in r.out.attn_max_logits if layer is not None],
+        state=state,
+        step=step,
+        lr=r.lr,
+        loss=r.loss,
+        grad_norm=r.grad_norm,
+        params=stats,
+        attn_max_logits=[
+            layer.float().amax(0).tolist()  # max over the batch, per head
+            for layer in r.out.attn_max_logits
+            if layer is not None
+        ],
         output={k: float(v) for k, v in r.out.output_stats.items()},
         directions=directions,
     )
@@ -133,8 +163,9 @@ def probe(kit: Kit, state: str, device: str = "cpu", curvature_iters: int = 20) 
     return result
 
 
-def _sharpness(kit: Kit, state: str, device: str, x: Tensor, y: Tensor, precond: Tensor,
-               lr: float, iterations: int) -> curvature.Sharpness:
+def _sharpness(
+    kit: Kit, state: str, device: str, x: Tensor, y: Tensor, precond: Tensor, lr: float, iterations: int
+) -> curvature.Sharpness:
     """At the state's weights, before its update, in fp32 on the reference attention and loss
     (the Triton kernels have no double backward; the weights and the math are the same)."""
     model = restore(kit, state, device, cfg=reference_config(kit.config)).model
@@ -161,8 +192,9 @@ class SequenceStat:
     preview: list[int]  # a few tokens: the start of the repeated run if any, else of the row
 
 
-def sequence_stats(kit: Kit, device: str = "cpu", step: Optional[int] = None,
-                   ngram: Optional[dict[str, int]] = None) -> list[SequenceStat]:
+def sequence_stats(
+    kit: Kit, device: str = "cpu", step: Optional[int] = None, ngram: Optional[dict[str, int]] = None
+) -> list[SequenceStat]:
     """:func:`batch_sequence_stats` for the batch of ``step`` (default: the spike) at the state
     the kit holds for it."""
     step = kit.step if step is None else step
@@ -171,12 +203,12 @@ def sequence_stats(kit: Kit, device: str = "cpu", step: Optional[int] = None,
         raise KitError(f"{kit.path} holds no state at step {step}")
     t = restore(kit, name, device)
     x, y = kit.batch(step)
-    return batch_sequence_stats(t.model, t.cfg, x.to(device), y.to(device), ngram or ngram_settings(kit),
-                                t.autocast)
+    return batch_sequence_stats(t.model, t.cfg, x.to(device), y.to(device), ngram or ngram_settings(kit), t.autocast)
 
 
-def batch_sequence_stats(model: torch.nn.Module, cfg: Config, x: Tensor, y: Tensor,
-                         ngram: dict[str, int], autocast=contextlib.nullcontext) -> list[SequenceStat]:
+def batch_sequence_stats(
+    model: torch.nn.Module, cfg: Config, x: Tensor, y: Tensor, ngram: dict[str, int], autocast=contextlib.nullcontext
+) -> list[SequenceStat]:
     """Per-row loss and gradient contribution of a batch (one backward per row).
 
     The training loss is a mean over all label tokens of the batch, so row b weighs n_b / N and
@@ -193,8 +225,7 @@ def batch_sequence_stats(model: torch.nn.Module, cfg: Config, x: Tensor, y: Tens
         with autocast():
             out = model(x[rows], y[rows], z_loss=cfg.loss.z_loss, ignore_index=ignore)
         (out.loss * weight).backward()
-        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float()
-                          for p in params])
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float() for p in params])
         return flat, out.ce_loss.item()
 
     total, _ = gradient(slice(None), 1.0)
@@ -206,11 +237,17 @@ def batch_sequence_stats(model: torch.nn.Module, cfg: Config, x: Tensor, y: Tens
         row_tokens = _row_tokens(x[b], y[b], ignore)
         mask = find_repeated_ngrams(row_tokens, **ngram)
         start = int(mask.nonzero()[0]) if mask.any() else 0
-        stats.append(SequenceStat(
-            row=b, tokens=int(n_rows[b]), loss=loss, grad_contribution=norm,
-            cosine=float(torch.dot(g, total) / (norm * total_norm)) if norm > 0 and total_norm > 0 else 0.0,
-            repeated_tokens=int(mask.sum()), preview=row_tokens[start: start + 16].tolist(),
-        ))
+        stats.append(
+            SequenceStat(
+                row=b,
+                tokens=int(n_rows[b]),
+                loss=loss,
+                grad_contribution=norm,
+                cosine=float(torch.dot(g, total) / (norm * total_norm)) if norm > 0 and total_norm > 0 else 0.0,
+                repeated_tokens=int(mask.sum()),
+                preview=row_tokens[start : start + 16].tolist(),
+            )
+        )
     model.zero_grad(set_to_none=True)
     return stats
 
@@ -255,8 +292,9 @@ class ReplayVerdict:
     after_state_equal: Optional[bool] = None
 
 
-def replays(kit: Kit, offending_rows: Sequence[int], device: str = "cpu", seed: int = 0,
-            ngram: Optional[dict[str, int]] = None) -> tuple[list[ReplayVerdict], list[str]]:
+def replays(
+    kit: Kit, offending_rows: Sequence[int], device: str = "cpu", seed: int = 0, ngram: Optional[dict[str, int]] = None
+) -> tuple[list[ReplayVerdict], list[str]]:
     """The four replays from the pre-spike state; notes say what could not be run."""
     notes: list[str] = []
     steps = [s for s in kit.steps if s >= kit.state_step("before")]
@@ -267,12 +305,19 @@ def replays(kit: Kit, offending_rows: Sequence[int], device: str = "cpu", seed: 
     ]
     different = fresh_batches(kit, steps, DIFFERENT_OFFSET, notes)
     if different is not None:
-        variants.append(("different", f"fresh batches from the data stream, {DIFFERENT_OFFSET} "
-                                      "positions on", different))
+        variants.append(
+            ("different", f"fresh batches from the data stream, {DIFFERENT_OFFSET} positions on", different)
+        )
     cleaned, masked = _without_offenders(kit, steps, same, offending_rows, ngram or ngram_settings(kit))
-    variants.append(("without_offenders", f"offending rows masked out of the loss: {list(offending_rows)} "
-                                          f"at the spike, {masked} rows with repeated n-grams at other "
-                                          "steps", cleaned))
+    variants.append(
+        (
+            "without_offenders",
+            f"offending rows masked out of the loss: {list(offending_rows)} "
+            f"at the spike, {masked} rows with repeated n-grams at other "
+            "steps",
+            cleaned,
+        )
+    )
 
     verdicts = []
     for name, description, batches in variants:
@@ -287,12 +332,13 @@ def replays(kit: Kit, offending_rows: Sequence[int], device: str = "cpu", seed: 
                     pairs += [(row["grad_norm"], grad_norm)] if row["event"] != "diverged" else []
             verdict.bitwise = bool(pairs) and all(_same_float(a, b) for a, b in pairs)
             if kit.has_state("after") and r.steps and r.steps[-1] + 1 == kit.state_step("after"):
-                verdict.after_state_equal = states_equal(r.training.model.state_dict(),
-                                                         kit.state("after")["model"])
+                verdict.after_state_equal = states_equal(r.training.model.state_dict(), kit.state("after")["model"])
         verdicts.append(verdict)
     if kit.meta.get("world_size", 1) > 1:
-        notes.append(f"the run had {kit.meta['world_size']} data-parallel ranks; the kit holds rank "
-                     "0's shard, so replays see part of each batch and cannot match bitwise")
+        notes.append(
+            f"the run had {kit.meta['world_size']} data-parallel ranks; the kit holds rank "
+            "0's shard, so replays see part of each batch and cannot match bitwise"
+        )
     return verdicts, notes
 
 
@@ -310,8 +356,13 @@ def _judge(kit: Kit, name: str, description: str, r: Replay) -> ReplayVerdict:
     return ReplayVerdict(name, description, r, peak=math.inf if broke else finite_peak, recurs=recurs)
 
 
-def _without_offenders(kit: Kit, steps: Sequence[int], batches: Sequence[tuple[Tensor, Tensor]],
-                       offending_rows: Sequence[int], ngram: dict[str, int]):
+def _without_offenders(
+    kit: Kit,
+    steps: Sequence[int],
+    batches: Sequence[tuple[Tensor, Tensor]],
+    offending_rows: Sequence[int],
+    ngram: dict[str, int],
+):
     """The batches with the spike's offending rows, and every other step's rows holding a
     repeated n-gram (what OLMo 2's filter would drop), masked out of the loss."""
     ignore = kit.config.loss.ignore_index
@@ -321,8 +372,7 @@ def _without_offenders(kit: Kit, steps: Sequence[int], batches: Sequence[tuple[T
         if step == kit.step:
             rows = list(offending_rows)
         else:
-            rows = [b for b in range(len(x))
-                    if find_repeated_ngrams(_row_tokens(x[b], y[b], ignore), **ngram).any()]
+            rows = [b for b in range(len(x)) if find_repeated_ngrams(_row_tokens(x[b], y[b], ignore), **ngram).any()]
             masked += len(rows)
         y[rows] = ignore
         cleaned.append((x, y))
@@ -334,7 +384,7 @@ def _shuffled(batches: Sequence[tuple[Tensor, Tensor]], seed: int) -> list[tuple
     labels = torch.cat([y for _, y in batches])
     order = torch.randperm(len(inputs), generator=torch.Generator().manual_seed(seed))
     rows = len(batches[0][0])
-    return [(inputs[order[i: i + rows]], labels[order[i: i + rows]]) for i in range(0, len(order), rows)]
+    return [(inputs[order[i : i + rows]], labels[order[i : i + rows]]) for i in range(0, len(order), rows)]
 
 
 # ============================================================================================
@@ -353,9 +403,15 @@ class Inspection:
     edge: Optional[EdgeTrajectory] = None  # with edge=True: every step from the pre-spike state on
 
 
-def inspect_kit(kit: Kit | str | Path, device: str = "cpu", do_replay: bool = True,
-                curvature_iters: int = 20, ngram: Optional[dict[str, int]] = None,
-                edge: bool = False, edge_batches: int = 0) -> Inspection:
+def inspect_kit(
+    kit: Kit | str | Path,
+    device: str = "cpu",
+    do_replay: bool = True,
+    curvature_iters: int = 20,
+    ngram: Optional[dict[str, int]] = None,
+    edge: bool = False,
+    edge_batches: int = 0,
+) -> Inspection:
     """Every analysis of the module doc on one kit; :func:`write_report` writes it out.
 
     ``edge`` adds Adam's edge-of-stability trajectory (proxy/forensics/edge.py) with
@@ -398,22 +454,24 @@ def _yes(flag: Optional[bool]) -> str:
 def summary_lines(insp: Inspection) -> list[str]:
     """The headline: trigger, where the gradient jumped, the data, the replays, the curvature."""
     kit, pre, spike = insp.kit, insp.pre, insp.spike
-    lines = [f"spike at step {kit.step}: {kit.trigger} {_g(kit.meta['value'])} "
-             f"(threshold {_g(kit.meta['threshold'])})"]
-    ratio, name = max((s.grad_norm / p.grad_norm if p.grad_norm > 0 else math.inf, s.name)
-                      for p, s in zip(pre.params, spike.params))
-    lines.append(f"largest gradient growth: {name} x{_g(ratio)} "
-                 f"(total grad norm {_pair(pre.grad_norm, spike.grad_norm)})")
+    lines = [f"spike at step {kit.step}: {kit.trigger} {_g(kit.meta['value'])} (threshold {_g(kit.meta['threshold'])})"]
+    ratio, name = max(
+        (s.grad_norm / p.grad_norm if p.grad_norm > 0 else math.inf, s.name) for p, s in zip(pre.params, spike.params)
+    )
+    lines.append(
+        f"largest gradient growth: {name} x{_g(ratio)} (total grad norm {_pair(pre.grad_norm, spike.grad_norm)})"
+    )
     flagged = [s.row for s in insp.sequences if s.repeated_tokens > 0]
     lines.append(f"offending rows {insp.offending_rows}; with repeated n-grams: {flagged or 'none'}")
     for v in insp.verdicts:
         extra = "" if v.bitwise is None else f", bitwise {_yes(v.bitwise)}"
-        lines.append(f"replay {v.variant}: {'spike recurs' if v.recurs else 'no spike'} "
-                     f"(peak {_g(v.peak)}{extra})")
+        lines.append(f"replay {v.variant}: {'spike recurs' if v.recurs else 'no spike'} (peak {_g(v.peak)}{extra})")
     if spike.sharpness is not None:
         sh = spike.sharpness
-        lines.append(f"sharpness {_g(sh.sharpness)} = {_g(sh.gd_ratio)} x 2/lr; preconditioned "
-                     f"{_g(sh.preconditioned)} = {_g(sh.adam_ratio)} x {_g(sh.adam_threshold * sh.lr)}/lr")
+        lines.append(
+            f"sharpness {_g(sh.sharpness)} = {_g(sh.gd_ratio)} x 2/lr; preconditioned "
+            f"{_g(sh.preconditioned)} = {_g(sh.adam_ratio)} x {_g(sh.adam_threshold * sh.lr)}/lr"
+        )
     if insp.edge is not None:
         lines.append(crossing_line(insp.edge))
     return lines
@@ -423,8 +481,11 @@ def write_report(insp: Inspection, out_dir: Optional[str | Path] = None) -> Path
     """report.md, inspect.json and figures in ``out_dir`` (default ``<kit>/inspect``), each file
     written whole, report.md last. Neither folder may be a link (UnsafePathError, one line)."""
     kit = insp.kit
-    out = output_dir(out_dir, what="the inspection") if out_dir is not None else \
-        output_dir(kit.path, OUT_DIR, what="the inspection")
+    out = (
+        output_dir(out_dir, what="the inspection")
+        if out_dir is not None
+        else output_dir(kit.path, OUT_DIR, what="the inspection")
+    )
     figures = _figures(insp, out)
     blocks: list[Block] = [Paragraph(f"Kit: `{kit.path}`"), Items(summary_lines(insp))]
     blocks += [Quote(note) for note in insp.notes]
@@ -441,16 +502,28 @@ def _param_section(insp: Inspection) -> list[Block]:
     pre, spike = insp.pre, insp.spike
     md: list[Block] = [
         Heading(f"Per parameter: pre-spike (step {pre.step}) → spike (step {spike.step})"),
-        Paragraph("One trainer step at each state with its own batch, no remedy. ‖g‖ before clipping; "
-                  "Δ/lr is the update RMS over the LR (≈1 for a healthy Adam step); √v̂<ε is the fraction "
-                  "of coordinates where Adam's eps dominates (embedding rows of unseen tokens count too); "
-                  "BC is the bimodality coefficient of m̂/(√v̂+ε) (1/3 normal, 5/9 uniform, → 1 bimodal).")]
-    rows = [[f"`{p.name}`", _pair(p.weight_norm, s.weight_norm), _pair(p.grad_norm, s.grad_norm),
-             _g(s.grad_norm / p.grad_norm) if p.grad_norm > 0 else "-",
-             _pair(p.update_norm, s.update_norm), _pair(p.update_rms_over_lr, s.update_rms_over_lr),
-             _pair(p.exp_avg_norm, s.exp_avg_norm), _pair(p.exp_avg_sq_norm, s.exp_avg_sq_norm),
-             _pair(p.eps_fraction, s.eps_fraction), _pair(p.bimodality, s.bimodality)]
-            for p, s in zip(pre.params, spike.params)]
+        Paragraph(
+            "One trainer step at each state with its own batch, no remedy. ‖g‖ before clipping; "
+            "Δ/lr is the update RMS over the LR (≈1 for a healthy Adam step); √v̂<ε is the fraction "
+            "of coordinates where Adam's eps dominates (embedding rows of unseen tokens count too); "
+            "BC is the bimodality coefficient of m̂/(√v̂+ε) (1/3 normal, 5/9 uniform, → 1 bimodal)."
+        ),
+    ]
+    rows = [
+        [
+            f"`{p.name}`",
+            _pair(p.weight_norm, s.weight_norm),
+            _pair(p.grad_norm, s.grad_norm),
+            _g(s.grad_norm / p.grad_norm) if p.grad_norm > 0 else "-",
+            _pair(p.update_norm, s.update_norm),
+            _pair(p.update_rms_over_lr, s.update_rms_over_lr),
+            _pair(p.exp_avg_norm, s.exp_avg_norm),
+            _pair(p.exp_avg_sq_norm, s.exp_avg_sq_norm),
+            _pair(p.eps_fraction, s.eps_fraction),
+            _pair(p.bimodality, s.bimodality),
+        ]
+        for p, s in zip(pre.params, spike.params)
+    ]
     header = ["parameter", "‖W‖", "‖g‖", "‖g‖ ×", "‖Δ‖", "Δ/lr", "‖m‖", "‖v‖", "√v̂<ε", "BC"]
     return md + [Table(header, rows)]
 
@@ -460,27 +533,53 @@ def _logit_section(insp: Inspection) -> list[Block]:
     md: list[Block] = []
     if spike.attn_max_logits:
         heads = len(spike.attn_max_logits[0])
-        md += [Heading("Max attention logit per head"),
-               Table(["layer"] + [f"head {h}" for h in range(heads)],
-                     [[i] + [_pair(a, b) for a, b in zip(pa, pb)]
-                      for i, (pa, pb) in enumerate(zip(pre.attn_max_logits, spike.attn_max_logits))])]
+        md += [
+            Heading("Max attention logit per head"),
+            Table(
+                ["layer"] + [f"head {h}" for h in range(heads)],
+                [
+                    [i] + [_pair(a, b) for a, b in zip(pa, pb)]
+                    for i, (pa, pb) in enumerate(zip(pre.attn_max_logits, spike.attn_max_logits))
+                ],
+            ),
+        ]
     rows = [[k, _pair(pre.output.get(k, math.nan), v)] for k, v in spike.output.items()]
-    rows += [["train loss", _pair(pre.loss, spike.loss)],
-             ["grad norm", _pair(pre.grad_norm, spike.grad_norm)]]
+    rows += [["train loss", _pair(pre.loss, spike.loss)], ["grad norm", _pair(pre.grad_norm, spike.grad_norm)]]
     return md + [Heading("Output logits"), Table(["statistic", "pre → spike"], rows)]
 
 
 def _batch_section(insp: Inspection) -> list[Block]:
     md: list[Block] = [
         Heading(f"The spiking batch (step {insp.kit.step})"),
-        Paragraph(f"Rows ranked by gradient contribution. Repeated n-grams: find_repeated_ngrams with "
-                  f"{insp.ngram}. Offending rows (n-gram or robust outlier): {insp.offending_rows}.")]
+        Paragraph(
+            f"Rows ranked by gradient contribution. Repeated n-grams: find_repeated_ngrams with "
+            f"{insp.ngram}. Offending rows (n-gram or robust outlier): {insp.offending_rows}."
+        ),
+    ]
     ranked = sorted(insp.sequences, key=lambda s: -s.grad_contribution)
-    rows = [[i + 1, s.row, _g(s.loss), s.tokens, _g(s.grad_contribution), _g(s.cosine),
-             f"yes ({s.repeated_tokens} tokens)" if s.repeated_tokens else "no",
-             " ".join(map(str, s.preview))] for i, s in enumerate(ranked)]
-    header = ["rank", "row", "loss", "tokens", "grad contribution", "cos(batch grad)", "repeated n-gram",
-              "tokens shown"]
+    rows = [
+        [
+            i + 1,
+            s.row,
+            _g(s.loss),
+            s.tokens,
+            _g(s.grad_contribution),
+            _g(s.cosine),
+            f"yes ({s.repeated_tokens} tokens)" if s.repeated_tokens else "no",
+            " ".join(map(str, s.preview)),
+        ]
+        for i, s in enumerate(ranked)
+    ]
+    header = [
+        "rank",
+        "row",
+        "loss",
+        "tokens",
+        "grad contribution",
+        "cos(batch grad)",
+        "repeated n-gram",
+        "tokens shown",
+    ]
     return md + [Table(header, rows)]
 
 
@@ -490,10 +589,15 @@ def _replay_section(insp: Inspection) -> list[Block]:
     kit = insp.kit
     md: list[Block] = [
         Heading(f"Replays from the pre-spike state (step {kit.state_step('before')})"),
-        Paragraph(f"Does the {kit.trigger} spike come back? Threshold {_g(kit.meta['threshold'])}; "
-                  "peak = the largest value from the spike step on.")]
-    rows = [[v.variant, v.description, _g(v.peak), _yes(v.recurs), _yes(v.bitwise), _yes(v.after_state_equal)]
-            for v in insp.verdicts]
+        Paragraph(
+            f"Does the {kit.trigger} spike come back? Threshold {_g(kit.meta['threshold'])}; "
+            "peak = the largest value from the spike step on."
+        ),
+    ]
+    rows = [
+        [v.variant, v.description, _g(v.peak), _yes(v.recurs), _yes(v.bitwise), _yes(v.after_state_equal)]
+        for v in insp.verdicts
+    ]
     return md + [Table(["variant", "batches", "peak", "spike recurs", "bitwise", "after state equal"], rows)]
 
 
@@ -503,12 +607,25 @@ def _curvature_section(insp: Inspection) -> list[Block]:
         return []
     md: list[Block] = [
         Heading("Curvature (edge of stability)"),
-        Paragraph("λmax(H) by Lanczos on Hessian-vector products, against 2/η; Adam's preconditioned "
-                  "sharpness λmax(P⁻¹H), P = diag(√v̂+ε)/lr_scale, against (2+2β₁)/((1−β₁)η) (38/η at "
-                  "β₁=0.9). Ratios near or above 1 mean the step is at or past the stability edge.")]
-    rows = [[p.state, _g(p.lr), _g(p.sharpness.sharpness), _g(p.sharpness.gd_threshold),
-             _g(p.sharpness.gd_ratio), _g(p.sharpness.preconditioned), _g(p.sharpness.adam_threshold),
-             _g(p.sharpness.adam_ratio)] for p in probes]
+        Paragraph(
+            "λmax(H) by Lanczos on Hessian-vector products, against 2/η; Adam's preconditioned "
+            "sharpness λmax(P⁻¹H), P = diag(√v̂+ε)/lr_scale, against (2+2β₁)/((1−β₁)η) (38/η at "
+            "β₁=0.9). Ratios near or above 1 mean the step is at or past the stability edge."
+        ),
+    ]
+    rows = [
+        [
+            p.state,
+            _g(p.lr),
+            _g(p.sharpness.sharpness),
+            _g(p.sharpness.gd_threshold),
+            _g(p.sharpness.gd_ratio),
+            _g(p.sharpness.preconditioned),
+            _g(p.sharpness.adam_threshold),
+            _g(p.sharpness.adam_ratio),
+        ]
+        for p in probes
+    ]
     header = ["state", "η", "λmax(H)", "2/η", "ratio", "λmax(P⁻¹H)", "(2+2β₁)/((1−β₁)η)", "ratio"]
     return md + [Table(header, rows)]
 
@@ -517,8 +634,11 @@ def _as_json(insp: Inspection) -> dict[str, Any]:
     def probe_json(p: Probe) -> dict[str, Any]:
         d = {k: v for k, v in dataclasses.asdict(p).items() if k not in ("directions", "sharpness")}
         if p.sharpness is not None:
-            d["sharpness"] = {**dataclasses.asdict(p.sharpness), "gd_ratio": p.sharpness.gd_ratio,
-                              "adam_ratio": p.sharpness.adam_ratio}
+            d["sharpness"] = {
+                **dataclasses.asdict(p.sharpness),
+                "gd_ratio": p.sharpness.gd_ratio,
+                "adam_ratio": p.sharpness.adam_ratio,
+            }
         return d
 
     return {
@@ -532,11 +652,21 @@ def _as_json(insp: Inspection) -> dict[str, Any]:
         "sequences": [dataclasses.asdict(s) for s in insp.sequences],
         "offending_rows": insp.offending_rows,
         "ngram": insp.ngram,
-        "replays": [{"variant": v.variant, "description": v.description, "steps": v.replay.steps,
-                     "losses": v.replay.losses, "grad_norms": v.replay.grad_norms,
-                     "events": v.replay.events, "peak": v.peak, "recurs": v.recurs,
-                     "bitwise": v.bitwise, "after_state_equal": v.after_state_equal}
-                    for v in insp.verdicts],
+        "replays": [
+            {
+                "variant": v.variant,
+                "description": v.description,
+                "steps": v.replay.steps,
+                "losses": v.replay.losses,
+                "grad_norms": v.replay.grad_norms,
+                "events": v.replay.events,
+                "peak": v.peak,
+                "recurs": v.recurs,
+                "bitwise": v.bitwise,
+                "after_state_equal": v.after_state_equal,
+            }
+            for v in insp.verdicts
+        ],
         "notes": insp.notes,
         "edge": insp.edge.to_json() if insp.edge is not None else None,
     }
@@ -568,8 +698,9 @@ def _replay_figure(insp: Inspection):
     for ax, key in zip(axes, ("loss", "grad_norm")):
         ax.plot([r["step"] for r in trace], [r[key] for r in trace], "ko", ms=7, mfc="none", label="recorded")
         for v in insp.verdicts:
-            ax.plot(v.replay.steps, v.replay.losses if key == "loss" else v.replay.grad_norms,
-                    marker=".", label=v.variant)
+            ax.plot(
+                v.replay.steps, v.replay.losses if key == "loss" else v.replay.grad_norms, marker=".", label=v.variant
+            )
         threshold = float(kit.meta["threshold"])
         if math.isfinite(threshold) and (kit.trigger == key or (key == "loss" and kit.trigger == "diverged")):
             ax.axhline(threshold, color="red", ls=":", lw=1, label="threshold")
@@ -602,7 +733,7 @@ def _update_figure(insp: Inspection):
         ax.yaxis.set_minor_formatter(NullFormatter())
         ax.set_title(name, fontsize=7)
         ax.tick_params(labelsize=6)
-    for ax in list(axes.flat)[len(names):]:
+    for ax in list(axes.flat)[len(names) :]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=6)
     fig.suptitle("Adam update m̂/(√v̂+ε) per coordinate", fontsize=9)
@@ -615,8 +746,11 @@ def _sequence_figure(insp: Inspection):
 
     stats = insp.sequences
     fig, ax = plt.subplots(figsize=(max(4.0, 0.35 * len(stats) + 2), 3))
-    ax.bar([s.row for s in stats], [s.grad_contribution for s in stats],
-           color=["tab:red" if s.repeated_tokens else "tab:blue" for s in stats])
+    ax.bar(
+        [s.row for s in stats],
+        [s.grad_contribution for s in stats],
+        color=["tab:red" if s.repeated_tokens else "tab:blue" for s in stats],
+    )
     ax.set_xlabel("row of the spiking batch (red: repeated n-gram)")
     ax.set_ylabel("gradient contribution")
     fig.tight_layout()
@@ -641,17 +775,35 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--out", help="report directory (default: <kit>/inspect; one kit only)")
     parser.add_argument("--device", default="cpu", help="cpu (bitwise replays of CPU runs) or cuda")
     parser.add_argument("--no-replay", action="store_true", help="skip the replays")
-    parser.add_argument("--lanczos-iters", type=int, default=20, help="Hessian-vector products per "
-                        "eigenvalue; 0 skips the curvature")
-    parser.add_argument("--edge", action="store_true", help="Adam's edge of stability over every step "
-                        "from the pre-spike state to the spike (two Lanczos runs per step; edge.png)")
-    parser.add_argument("--edge-batches", type=int, default=0, help="with --edge: the eigenvalues of the loss over "
-                        "the run's first N held-out batches, the same at every step (default 0: each step's batch)")
-    parser.add_argument("--ngram-repeats", type=int, default=None,
-                        help="min repeats for a repeated n-gram (default: from the kit's config)")
-    parser.add_argument("--data", default=None, metavar="PATH",
-                        help="the text file or memmap folder a text/memmap run was trained on (a kit's own "
-                             "data.path is never read): needed for the replays on fresh batches")
+    parser.add_argument(
+        "--lanczos-iters", type=int, default=20, help="Hessian-vector products per eigenvalue; 0 skips the curvature"
+    )
+    parser.add_argument(
+        "--edge",
+        action="store_true",
+        help="Adam's edge of stability over every step "
+        "from the pre-spike state to the spike (two Lanczos runs per step; edge.png)",
+    )
+    parser.add_argument(
+        "--edge-batches",
+        type=int,
+        default=0,
+        help="with --edge: the eigenvalues of the loss over "
+        "the run's first N held-out batches, the same at every step (default 0: each step's batch)",
+    )
+    parser.add_argument(
+        "--ngram-repeats",
+        type=int,
+        default=None,
+        help="min repeats for a repeated n-gram (default: from the kit's config)",
+    )
+    parser.add_argument(
+        "--data",
+        default=None,
+        metavar="PATH",
+        help="the text file or memmap folder a text/memmap run was trained on (a kit's own "
+        "data.path is never read): needed for the replays on fresh batches",
+    )
     args = parser.parse_args(argv)
     try:
         found = [(Path(p), k) for p in args.paths for k in _kits_at(Path(p))]
@@ -677,23 +829,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"error: {terminal_text(exc)}", file=sys.stderr)
             failed += 1
         except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as exc:  # a kit proxy did not write
-            print(terminal_text(f"error: {path}: cannot be inspected ({type(exc).__name__}: {exc})"),
-                  file=sys.stderr)
+            print(terminal_text(f"error: {path}: cannot be inspected ({type(exc).__name__}: {exc})"), file=sys.stderr)
             failed += 1
     return 2 if failed else 0
 
 
 def _inspect_one(args: argparse.Namespace, named: Path, path: Path) -> None:
     # every folder from the one named down to the report must be real: no output through a link
-    out = Path(args.out) if args.out else output_dir(named, *path.relative_to(named).parts, OUT_DIR,
-                                                     what="the inspection")
+    out = (
+        Path(args.out)
+        if args.out
+        else output_dir(named, *path.relative_to(named).parts, OUT_DIR, what="the inspection")
+    )
     kit = load_kit(path)
     kit.data_path = args.data
     ngram = ngram_settings(kit)
     if args.ngram_repeats is not None:
         ngram["min_repeats"] = args.ngram_repeats
-    insp = inspect_kit(kit, args.device, not args.no_replay, args.lanczos_iters, ngram, edge=args.edge,
-                       edge_batches=args.edge_batches)
+    insp = inspect_kit(
+        kit, args.device, not args.no_replay, args.lanczos_iters, ngram, edge=args.edge, edge_batches=args.edge_batches
+    )
     report = write_report(insp, out)
     print(terminal_text(f"{path}: report -> {report}"))
     for line in summary_lines(insp):

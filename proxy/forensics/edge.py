@@ -71,12 +71,14 @@ FIGURE = "edge.png"
 def reference_config(cfg: Config) -> Config:
     """``cfg`` with the reference attention and loss, whose ops have a double backward (the
     Triton kernels do not); the model's parameters and its math are the same."""
-    return dataclasses.replace(cfg, model=dataclasses.replace(
-        cfg.model, attention=Attention.naive, loss_impl=LossImpl.torch))
+    return dataclasses.replace(
+        cfg, model=dataclasses.replace(cfg.model, attention=Attention.naive, loss_impl=LossImpl.torch)
+    )
 
 
-def batch_sharpness(model: nn.Module, cfg: Config, x: Tensor, y: Tensor, precond: Tensor, lr: float,
-                    iterations: int) -> curvature.Sharpness:
+def batch_sharpness(
+    model: nn.Module, cfg: Config, x: Tensor, y: Tensor, precond: Tensor, lr: float, iterations: int
+) -> curvature.Sharpness:
     """Sharpness and preconditioned sharpness of the training loss (z-loss included) of the batch
     ``(x, y)`` at ``model``'s weights, in fp32; ``model`` is built with :func:`reference_config`,
     ``precond`` flat in the order of ``model.parameters()`` (curvature.adam_preconditioner)."""
@@ -94,8 +96,8 @@ def adam_direction(optimizer: torch.optim.Optimizer, p: Tensor) -> tuple[Tensor,
     v = state.get("exp_avg_sq", torch.zeros_like(p))
     s = max(1, int(state.get("step", 1)))
     (beta1, beta2), eps = group["betas"], group["eps"]
-    sqrt_v_hat = (v.double() / (1 - beta2 ** s)).sqrt()
-    return (m.double() / (1 - beta1 ** s)) / (sqrt_v_hat + eps), sqrt_v_hat
+    sqrt_v_hat = (v.double() / (1 - beta2**s)).sqrt()
+    return (m.double() / (1 - beta1**s)) / (sqrt_v_hat + eps), sqrt_v_hat
 
 
 def bimodality_coefficient(values: Tensor) -> float:
@@ -111,7 +113,7 @@ def bimodality_coefficient(values: Tensor) -> float:
         return math.nan
     skew = centred.pow(3).mean() / var.pow(1.5)
     kurt = centred.pow(4).mean() / var.pow(2)
-    return float((skew ** 2 + 1) / kurt)
+    return float((skew**2 + 1) / kurt)
 
 
 # ============================================================================================
@@ -159,8 +161,11 @@ class EdgeTrajectory:
         return all(a == b or (math.isnan(a) and math.isnan(b)) for a, b in pairs)
 
     def to_json(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "replays_run": self.replays_run,
-                "first_crossing": first_crossing(self).to_json()}
+        return {
+            **dataclasses.asdict(self),
+            "replays_run": self.replays_run,
+            "first_crossing": first_crossing(self).to_json(),
+        }
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "EdgeTrajectory":
@@ -168,8 +173,9 @@ class EdgeTrajectory:
         return cls(**{k: data[k] for k in names if k in data}, steps=[EdgeStep(**s) for s in data["steps"]])
 
 
-def edge_trajectory(kit: Kit | str | Path, device: str = "cpu", iterations: int = 20,
-                    every: int = 1, sharpness_batches: int = 0) -> EdgeTrajectory:
+def edge_trajectory(
+    kit: Kit | str | Path, device: str = "cpu", iterations: int = 20, every: int = 1, sharpness_batches: int = 0
+) -> EdgeTrajectory:
     """Replay ``kit`` from its "before" state through its spike step, measuring every ``every``-th
     step (counted from the first; the spike step always) before its update: the quantities of the
     module doc. The replay is the trainer's own step without the run's remedy (``use_remedy=False``:
@@ -183,8 +189,10 @@ def edge_trajectory(kit: Kit | str | Path, device: str = "cpu", iterations: int 
     the step's own batch: N times the cost of each Hessian-vector product."""
     kit = kit if isinstance(kit, Kit) else load_kit(kit)
     if iterations < 1 or every < 1 or sharpness_batches < 0:
-        raise ValueError(f"edge_trajectory: need iterations >= 1, every >= 1 and sharpness_batches >= 0, got "
-                         f"{iterations}, {every}, {sharpness_batches}")
+        raise ValueError(
+            f"edge_trajectory: need iterations >= 1, every >= 1 and sharpness_batches >= 0, got "
+            f"{iterations}, {every}, {sharpness_batches}"
+        )
     fixed = held_out_batch(kit, sharpness_batches) if sharpness_batches else None
     t = restore(kit, "before", device)
     start, spike = t.step, kit.step
@@ -194,9 +202,16 @@ def edge_trajectory(kit: Kit | str | Path, device: str = "cpu", iterations: int 
     cfg = kit.config
     reference = restore(kit, "before", device, cfg=reference_config(cfg)).model
     params = list(t.model.parameters())
-    traj = EdgeTrajectory(kit=str(kit.path), spike_step=spike, trigger=kit.trigger, start_step=start,
-                          beta1=cfg.optim.beta1, iterations=iterations, every=every,
-                          sharpness_batches=sharpness_batches)
+    traj = EdgeTrajectory(
+        kit=str(kit.path),
+        spike_step=spike,
+        trigger=kit.trigger,
+        start_step=start,
+        beta1=cfg.optim.beta1,
+        iterations=iterations,
+        every=every,
+        sharpness_batches=sharpness_batches,
+    )
     for step in steps:
         x, y = kit.batch(step)
         if (step - start) % every and step != spike:
@@ -217,19 +232,28 @@ def edge_trajectory(kit: Kit | str | Path, device: str = "cpu", iterations: int 
         finite = math.isfinite(r.loss) and math.isfinite(r.grad_norm)
         if finite:
             precond = curvature.adam_preconditioner(t.optimizer, params)  # P_t: v_t holds g_t
-            sh = batch_sharpness(reference, cfg, *(fixed if fixed is not None else (x, y)), precond, r.lr,
-                                 iterations)
+            sh = batch_sharpness(reference, cfg, *(fixed if fixed is not None else (x, y)), precond, r.lr, iterations)
             plain, adam = sh.sharpness, sh.preconditioned
         else:
             plain = adam = math.nan
         recorded = kit.recorded(step)
-        traj.steps.append(EdgeStep(
-            step=step, lr=r.lr, loss=r.loss, grad_norm=r.grad_norm,
-            sharpness=plain, gd_threshold=bounds["gd"], gd_ratio=plain / bounds["gd"],
-            preconditioned=adam, adam_threshold=bounds["adam"], adam_ratio=adam / bounds["adam"],
-            update_bimodality=bimodality_coefficient(pooled), update_cosine=_cosine(update, -grad),
-            recorded_loss=float(recorded["loss"]) if recorded is not None else None,
-        ))
+        traj.steps.append(
+            EdgeStep(
+                step=step,
+                lr=r.lr,
+                loss=r.loss,
+                grad_norm=r.grad_norm,
+                sharpness=plain,
+                gd_threshold=bounds["gd"],
+                gd_ratio=plain / bounds["gd"],
+                preconditioned=adam,
+                adam_threshold=bounds["adam"],
+                adam_ratio=adam / bounds["adam"],
+                update_bimodality=bimodality_coefficient(pooled),
+                update_cosine=_cosine(update, -grad),
+                recorded_loss=float(recorded["loss"]) if recorded is not None else None,
+            )
+        )
     return traj
 
 
@@ -283,14 +307,19 @@ class FirstCrossing:
         return self.adam_before_spike and not self.adam.at_start
 
     def to_json(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "adam_before_spike": self.adam_before_spike,
-                "adam_first": self.adam_first, "adam_crossed_in_window": self.adam_crossed_in_window}
+        return {
+            **dataclasses.asdict(self),
+            "adam_before_spike": self.adam_before_spike,
+            "adam_first": self.adam_first,
+            "adam_crossed_in_window": self.adam_crossed_in_window,
+        }
 
 
 def first_crossing(traj: EdgeTrajectory) -> FirstCrossing:
     """For each ratio, the first measured step where it is >= 1 and how many steps before the
     spike that is. The spike step's row is measured at the weights the spike's loss was computed
     at, so a crossing there counts as "at the spike" (steps_before 0), not before it."""
+
     def first(key: str) -> Crossing:
         step = next((s.step for s in traj.steps if getattr(s, key) >= 1.0), None)  # NaN never is
         at_start = step is not None and step == traj.steps[0].step
@@ -299,8 +328,7 @@ def first_crossing(traj: EdgeTrajectory) -> FirstCrossing:
     def peak(key: str) -> float:
         return max((getattr(s, key) for s in traj.steps if math.isfinite(getattr(s, key))), default=math.nan)
 
-    return FirstCrossing(traj.spike_step, first("gd_ratio"), first("adam_ratio"),
-                         peak("gd_ratio"), peak("adam_ratio"))
+    return FirstCrossing(traj.spike_step, first("gd_ratio"), first("adam_ratio"), peak("gd_ratio"), peak("adam_ratio"))
 
 
 # ============================================================================================
@@ -316,8 +344,10 @@ def sharpness_loss(sharpness_batches: int) -> str:
     """Whose loss a trajectory's eigenvalues are of, in words (see EdgeTrajectory.sharpness_batches)."""
     if not sharpness_batches:
         return "the step's batch loss"
-    return (f"the loss over the run's first {sharpness_batches} held-out batches, one fixed sample at every "
-            "step, standing in for the full-data loss")
+    return (
+        f"the loss over the run's first {sharpness_batches} held-out batches, one fixed sample at every "
+        "step, standing in for the full-data loss"
+    )
 
 
 def crossing_line(traj: EdgeTrajectory) -> str:
@@ -331,8 +361,10 @@ def crossing_line(traj: EdgeTrajectory) -> str:
         return f"step {c.step} ({c.steps_before} before the spike{censored})"
 
     bound = (2 + 2 * traj.beta1) / (1 - traj.beta1)
-    return (f"edge of stability: λmax(P⁻¹H)/({bound:.3g}/η) first ≥ 1 {said(fc.adam)}, max "
-            f"{_g(fc.max_adam_ratio)}; λmax(H)/(2/η) first ≥ 1 {said(fc.gd)}, max {_g(fc.max_gd_ratio)}")
+    return (
+        f"edge of stability: λmax(P⁻¹H)/({bound:.3g}/η) first ≥ 1 {said(fc.adam)}, max "
+        f"{_g(fc.max_adam_ratio)}; λmax(H)/(2/η) first ≥ 1 {said(fc.gd)}, max {_g(fc.max_gd_ratio)}"
+    )
 
 
 def edge_section(traj: EdgeTrajectory) -> list[Block]:
@@ -340,23 +372,39 @@ def edge_section(traj: EdgeTrajectory) -> list[Block]:
     bound = (2 + 2 * traj.beta1) / (1 - traj.beta1)
     md: list[Block] = [
         Heading(f"Adam's edge of stability before the spike (steps {traj.start_step}–{traj.spike_step})"),
-        Paragraph(f"Replayed from the pre-spike state without the run's remedy; at each step, before its "
-                  f"update: λmax(H) / (2/η) and λmax(P⁻¹H) / ({bound:.3g}/η) (Cohen et al. 2022; P = "
-                  f"diag(√v̂+ε)/lr_scale with v already holding the step's gradient, the preconditioner of "
-                  f"this update), Lanczos with {traj.iterations} products on "
-                  f"{sharpness_loss(traj.sharpness_batches)}; BC = "
-                  "bimodality coefficient of m̂/(√v̂+ε) pooled over all coordinates (1/3 normal, 5/9 "
-                  "uniform, → 1 bimodal: Molybog et al. 2023); cos = cos(applied update, −gradient). "
-                  + ("The replay repeats the run's losses bit for bit." if traj.replays_run else
-                     "The replay departs from the run's recorded losses (its remedy acted, or another "
-                     "device): it is the unprotected trajectory from the same state.")),
+        Paragraph(
+            f"Replayed from the pre-spike state without the run's remedy; at each step, before its "
+            f"update: λmax(H) / (2/η) and λmax(P⁻¹H) / ({bound:.3g}/η) (Cohen et al. 2022; P = "
+            f"diag(√v̂+ε)/lr_scale with v already holding the step's gradient, the preconditioner of "
+            f"this update), Lanczos with {traj.iterations} products on "
+            f"{sharpness_loss(traj.sharpness_batches)}; BC = "
+            "bimodality coefficient of m̂/(√v̂+ε) pooled over all coordinates (1/3 normal, 5/9 "
+            "uniform, → 1 bimodal: Molybog et al. 2023); cos = cos(applied update, −gradient). "
+            + (
+                "The replay repeats the run's losses bit for bit."
+                if traj.replays_run
+                else "The replay departs from the run's recorded losses (its remedy acted, or another "
+                "device): it is the unprotected trajectory from the same state."
+            )
+        ),
         Paragraph(crossing_line(traj)),
     ]
-    rows = [[s.step, _g(s.lr), _g(s.loss), _g(s.grad_norm), _g(s.sharpness), _g(s.gd_ratio),
-             _g(s.preconditioned), _g(s.adam_ratio), _g(s.update_bimodality), _g(s.update_cosine)]
-            for s in traj.steps]
-    header = ["step", "η", "loss", "‖g‖", "λmax(H)", "÷ 2/η", "λmax(P⁻¹H)", f"÷ {bound:.3g}/η",
-              "BC", "cos"]
+    rows = [
+        [
+            s.step,
+            _g(s.lr),
+            _g(s.loss),
+            _g(s.grad_norm),
+            _g(s.sharpness),
+            _g(s.gd_ratio),
+            _g(s.preconditioned),
+            _g(s.adam_ratio),
+            _g(s.update_bimodality),
+            _g(s.update_cosine),
+        ]
+        for s in traj.steps
+    ]
+    header = ["step", "η", "loss", "‖g‖", "λmax(H)", "÷ 2/η", "λmax(P⁻¹H)", f"÷ {bound:.3g}/η", "BC", "cos"]
     return md + [Table(header, rows)]
 
 
@@ -373,8 +421,10 @@ def edge_figure(traj: EdgeTrajectory):
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
     bound = (2 + 2 * traj.beta1) / (1 - traj.beta1)
     hidden = 0
-    for key, label, style in (("gd_ratio", "λmax(H) / (2/η)", "o-"),
-                              ("adam_ratio", f"λmax(P⁻¹H) / ({bound:.3g}/η)", "s-")):
+    for key, label, style in (
+        ("gd_ratio", "λmax(H) / (2/η)", "o-"),
+        ("adam_ratio", f"λmax(P⁻¹H) / ({bound:.3g}/η)", "s-"),
+    ):
         values = [v if v > 0 else math.nan for v in (getattr(s, key) for s in traj.steps)]  # log axis
         hidden += sum(getattr(s, key) <= 0 for s in traj.steps)
         top.plot(steps, values, style, ms=4, label=label)

@@ -120,6 +120,7 @@ def _is_number(value: Any) -> bool:
 
 def _check_meta(meta: dict[str, Any], where: Path) -> None:
     """KitError (one line) unless kit.json's fields have the types capture writes."""
+
     def bad(what: str) -> KitError:
         return KitError(f"{where}: {what}: not a kit this proxy wrote")
 
@@ -136,8 +137,11 @@ def _check_meta(meta: dict[str, Any], where: Path) -> None:
         if not isinstance(state, dict) or not (_is_int(state.get("step")) and _is_int(state.get("data_position"))):
             raise bad(f"states.{name} must hold an integer step and data_position")
     for row in meta["trace"]:
-        if not isinstance(row, dict) or not _is_int(row.get("step")) or not all(
-                _is_number(row.get(k)) for k in ("lr", "loss", "grad_norm")):
+        if (
+            not isinstance(row, dict)
+            or not _is_int(row.get("step"))
+            or not all(_is_number(row.get(k)) for k in ("lr", "loss", "grad_norm"))
+        ):
             raise bad("a trace row must be an object with an integer step and numbers")
         if row.get("event") is not None and not isinstance(row["event"], str):
             raise bad("a trace row's event must be a string")
@@ -194,8 +198,9 @@ class Training:
         return autocast_for(self.cfg, self.device)
 
 
-def restore(kit: Kit, name: str = "before", device: str | torch.device = "cpu",
-            cfg: Optional[Config] = None) -> Training:
+def restore(
+    kit: Kit, name: str = "before", device: str | torch.device = "cpu", cfg: Optional[Config] = None
+) -> Training:
     """Model, optimizer and remedy as they were at the start of state ``name``'s step.
 
     ``cfg`` overrides the kit's config for the model's construction (e.g. a reference attention
@@ -215,8 +220,9 @@ def restore(kit: Kit, name: str = "before", device: str | torch.device = "cpu",
     return Training(model, optimizer, remedy, cfg, device, kit.state_step(name))
 
 
-def trainer_step(t: Training, x: Tensor, y: Tensor, use_remedy: bool = True,
-                 collect_stats: bool = False, apply: bool = True) -> StepResult:
+def trainer_step(
+    t: Training, x: Tensor, y: Tensor, use_remedy: bool = True, collect_stats: bool = False, apply: bool = True
+) -> StepResult:
     """One step exactly as the trainer takes it: the trainer's own step function
     (proxy/train/step.py), with the restored model, optimizer and remedy.
 
@@ -226,8 +232,9 @@ def trainer_step(t: Training, x: Tensor, y: Tensor, use_remedy: bool = True,
     """
     step = TrainStep(t.cfg, t.model, t.optimizer, autocast=t.autocast, device=t.device)
     lr = step.schedule(t.step)
-    result = step.compute(t.step, lr, x.to(t.device), y.to(t.device), t.remedy if use_remedy else None,
-                          collect_stats=collect_stats)
+    result = step.compute(
+        t.step, lr, x.to(t.device), y.to(t.device), t.remedy if use_remedy else None, collect_stats=collect_stats
+    )
     if apply:
         step.apply(result)
         t.step += 1
@@ -246,9 +253,15 @@ class Replay:
     training: Optional[Training] = None
 
 
-def replay(kit: Kit, batches: Optional[Sequence[tuple[Tensor, Tensor]]] = None,
-           variant: str = "same", start: str = "before", device: str | torch.device = "cpu",
-           use_remedy: bool = True, until: Optional[int] = None) -> Replay:
+def replay(
+    kit: Kit,
+    batches: Optional[Sequence[tuple[Tensor, Tensor]]] = None,
+    variant: str = "same",
+    start: str = "before",
+    device: str | torch.device = "cpu",
+    use_remedy: bool = True,
+    until: Optional[int] = None,
+) -> Replay:
     """Re-run the kit's steps from state ``start`` with ``batches`` (default: the recorded ones),
     through step ``until`` (default: the last recorded batch)."""
     t = restore(kit, start, device)
@@ -268,8 +281,9 @@ def replay(kit: Kit, batches: Optional[Sequence[tuple[Tensor, Tensor]]] = None,
     return result
 
 
-def fresh_batches(kit: Kit, steps: Sequence[int], offset: int,
-                  notes: Optional[list[str]] = None) -> Optional[list[tuple[Tensor, Tensor]]]:
+def fresh_batches(
+    kit: Kit, steps: Sequence[int], offset: int, notes: Optional[list[str]] = None
+) -> Optional[list[tuple[Tensor, Tensor]]]:
     """For each of ``steps``, the train batch ``offset`` positions further on in the run's data
     stream (what a rollback that skips data would feed instead); None, with a note, when the
     data source cannot be opened here."""
@@ -291,8 +305,10 @@ def kit_source(kit: Kit) -> TokenSource:
     if data.path:  # text or memmap: read only what the user names here, never the kit's own path
         if not kit.data_path:
             kind = getattr(data.source, "value", data.source)
-            raise KitError(f"{kit.path}: the run read {kind} data at {data.path!r}; name it here to "
-                           "use it (proxy-inspect --data PATH): a kit's own paths are not followed")
+            raise KitError(
+                f"{kit.path}: the run read {kind} data at {data.path!r}; name it here to "
+                "use it (proxy-inspect --data PATH): a kit's own paths are not followed"
+            )
         data = dataclasses.replace(data, path=str(kit.data_path))
     try:
         return build_source(data, run_dir=kit_run_dir(kit))

@@ -82,4 +82,3 @@ def linear_cross_entropy(
     return reference.linear_cross_entropy(
         hidden, weight, labels, z_loss=z_loss, ignore_index=ignore_index, chunk_size=chunk_size
     )
-

@@ -138,8 +138,14 @@ def first(output) -> Tensor:
 # --------------------------------------------------------------------------------------------
 # Benchmarks
 # --------------------------------------------------------------------------------------------
-def bench_attention(seq: int, head_dim: int, device: str = "cuda", dtype: torch.dtype = torch.bfloat16,
-                    tokens: int = ATTENTION_TOKENS, width: int = ATTENTION_WIDTH) -> dict:
+def bench_attention(
+    seq: int,
+    head_dim: int,
+    device: str = "cuda",
+    dtype: torch.dtype = torch.bfloat16,
+    tokens: int = ATTENTION_TOKENS,
+    width: int = ATTENTION_WIDTH,
+) -> dict:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from proxy.kernels.flash_attention import flash_attention
@@ -159,7 +165,7 @@ def bench_attention(seq: int, head_dim: int, device: str = "cuda", dtype: torch.
     forward_flops = 4 * batch * heads * seq * seq * head_dim / 2  # causal: half the score matrix
     row = {"seq": seq, "head_dim": head_dim, "batch": batch, "heads": heads, "results": {}}
     for name, forward in implementations.items():
-        result = measure(lambda: forward().backward(grad_out), [q, k, v])
+        result = measure(lambda forward=forward: forward().backward(grad_out), [q, k, v])
         if result["ms"] is not None:
             with torch.no_grad():
                 result["forward_ms"] = round(time_ms(forward, device), 4)
@@ -171,8 +177,9 @@ def bench_attention(seq: int, head_dim: int, device: str = "cuda", dtype: torch.
     return row
 
 
-def bench_cross_entropy(tokens: int, vocab: int, use_compile: bool, device: str = "cuda",
-                        dtype: torch.dtype = torch.bfloat16) -> dict:
+def bench_cross_entropy(
+    tokens: int, vocab: int, use_compile: bool, device: str = "cuda", dtype: torch.dtype = torch.bfloat16
+) -> dict:
     from proxy.kernels.fused_cross_entropy import fused_cross_entropy
 
     logits = torch.randn(tokens, vocab, device=device, dtype=dtype, requires_grad=True)
@@ -204,8 +211,14 @@ def bench_cross_entropy(tokens: int, vocab: int, use_compile: bool, device: str 
     return row
 
 
-def bench_linear_cross_entropy(tokens: int, vocab: int, use_compile: bool, device: str = "cuda",
-                               dtype: torch.dtype = torch.bfloat16, hidden_dim: int = HEAD_HIDDEN_DIM) -> dict:
+def bench_linear_cross_entropy(
+    tokens: int,
+    vocab: int,
+    use_compile: bool,
+    device: str = "cuda",
+    dtype: torch.dtype = torch.bfloat16,
+    hidden_dim: int = HEAD_HIDDEN_DIM,
+) -> dict:
     from proxy.kernels.fused_cross_entropy import fused_linear_cross_entropy
 
     hidden = torch.randn(tokens, hidden_dim, device=device, dtype=dtype, requires_grad=True)

@@ -79,14 +79,35 @@ if os.environ.get("PROXY_TRITON_TUNING") == "quick":  # correctness checks: one 
 # --------------------------------------------------------------------------------------------
 @triton.jit
 def _attention_forward_kernel(
-    Q, K, V, Out, LSE2, RowMax,
-    stride_qb, stride_qh, stride_qt,
-    stride_kb, stride_kh, stride_kt,
-    stride_vb, stride_vh, stride_vt,
-    stride_ob, stride_oh, stride_ot,
-    n_heads, seq_q, seq_k, head_dim, qk_scale_log2,
-    CAUSAL: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    Q,
+    K,
+    V,
+    Out,
+    LSE2,
+    RowMax,
+    stride_qb,
+    stride_qh,
+    stride_qt,
+    stride_kb,
+    stride_kh,
+    stride_kt,
+    stride_vb,
+    stride_vh,
+    stride_vt,
+    stride_ob,
+    stride_oh,
+    stride_ot,
+    n_heads,
+    seq_q,
+    seq_k,
+    head_dim,
+    qk_scale_log2,
+    CAUSAL: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     # batch x heads on grid axis 0 (up to 2^31 - 1; axis 1 stops at 65535, which an ensemble's
     # folded members could pass), the row tiles on axis 1
@@ -155,11 +176,20 @@ _attention_forward_tuned = triton.autotune(_FORWARD_CONFIGS, _TUNING_KEY)(_atten
 # --------------------------------------------------------------------------------------------
 @triton.jit
 def _attention_backward_delta_kernel(
-    Out, DOut, Delta,
-    stride_ob, stride_oh, stride_ot,
-    stride_gb, stride_gh, stride_gt,
-    n_heads, seq_q, head_dim,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    Out,
+    DOut,
+    Delta,
+    stride_ob,
+    stride_oh,
+    stride_ot,
+    stride_gb,
+    stride_gh,
+    stride_gt,
+    n_heads,
+    seq_q,
+    head_dim,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """delta_i = sum_d dO_id * O_id, the softmax-Jacobian term shared by dQ and dK."""
     batch_head = tl.program_id(0).to(tl.int64)
@@ -179,16 +209,44 @@ def _attention_backward_delta_kernel(
 
 @triton.jit
 def _attention_backward_dkdv_kernel(
-    Q, K, V, DOut, DK, DV, LSE2, Delta,
-    stride_qb, stride_qh, stride_qt,
-    stride_kb, stride_kh, stride_kt,
-    stride_vb, stride_vh, stride_vt,
-    stride_gb, stride_gh, stride_gt,
-    stride_dkb, stride_dkh, stride_dkt,
-    stride_dvb, stride_dvh, stride_dvt,
-    n_heads, seq_q, seq_k, head_dim, qk_scale_log2, scale,
-    CAUSAL: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    Q,
+    K,
+    V,
+    DOut,
+    DK,
+    DV,
+    LSE2,
+    Delta,
+    stride_qb,
+    stride_qh,
+    stride_qt,
+    stride_kb,
+    stride_kh,
+    stride_kt,
+    stride_vb,
+    stride_vh,
+    stride_vt,
+    stride_gb,
+    stride_gh,
+    stride_gt,
+    stride_dkb,
+    stride_dkh,
+    stride_dkt,
+    stride_dvb,
+    stride_dvh,
+    stride_dvt,
+    n_heads,
+    seq_q,
+    seq_k,
+    head_dim,
+    qk_scale_log2,
+    scale,
+    CAUSAL: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     batch_head = tl.program_id(0).to(tl.int64)
     block_n = tl.program_id(1)
@@ -251,15 +309,40 @@ def _attention_backward_dkdv_kernel(
 
 @triton.jit
 def _attention_backward_dq_kernel(
-    Q, K, V, DOut, DQ, LSE2, Delta,
-    stride_qb, stride_qh, stride_qt,
-    stride_kb, stride_kh, stride_kt,
-    stride_vb, stride_vh, stride_vt,
-    stride_gb, stride_gh, stride_gt,
-    stride_dqb, stride_dqh, stride_dqt,
-    n_heads, seq_q, seq_k, head_dim, qk_scale_log2, scale,
-    CAUSAL: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    Q,
+    K,
+    V,
+    DOut,
+    DQ,
+    LSE2,
+    Delta,
+    stride_qb,
+    stride_qh,
+    stride_qt,
+    stride_kb,
+    stride_kh,
+    stride_kt,
+    stride_vb,
+    stride_vh,
+    stride_vt,
+    stride_gb,
+    stride_gh,
+    stride_gt,
+    stride_dqb,
+    stride_dqh,
+    stride_dqt,
+    n_heads,
+    seq_q,
+    seq_k,
+    head_dim,
+    qk_scale_log2,
+    scale,
+    CAUSAL: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     batch_head = tl.program_id(0).to(tl.int64)
     block_m = tl.program_id(1)
@@ -386,13 +469,31 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tup
     block_d = max(16, triton.next_power_of_2(head_dim))  # tl.dot needs every tile dim >= 16
     grid = lambda meta: (batch * heads, triton.cdiv(seq_q, meta["BLOCK_M"]))  # noqa: E731
     args = (
-        q, k, v, out, lse2, row_max,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(out),
-        heads, seq_q, seq_k, head_dim, scale * LOG2E,
+        q,
+        k,
+        v,
+        out,
+        lse2,
+        row_max,
+        *_strides(q),
+        *_strides(k),
+        *_strides(v),
+        *_strides(out),
+        heads,
+        seq_q,
+        seq_k,
+        head_dim,
+        scale * LOG2E,
     )
     _launch(
-        _attention_forward_kernel, _attention_forward_tuned, grid, args, _INTERPRETER_FORWARD,
-        CAUSAL=causal, BLOCK_D=block_d, **_kernel_options(q.dtype),
+        _attention_forward_kernel,
+        _attention_forward_tuned,
+        grid,
+        args,
+        _INTERPRETER_FORWARD,
+        CAUSAL=causal,
+        BLOCK_D=block_d,
+        **_kernel_options(q.dtype),
     )
     return out, lse2, row_max.amax(dim=-1)
 
@@ -410,30 +511,64 @@ def _backward(
 
     delta = torch.empty_like(lse2)
     _attention_backward_delta_kernel[(batch * heads, triton.cdiv(seq_q, _DELTA_BLOCK_M))](
-        out, grad_out, delta, *_strides(out), *_strides(grad_out), heads, seq_q, head_dim,
-        BLOCK_M=_DELTA_BLOCK_M, BLOCK_D=block_d,
+        out,
+        grad_out,
+        delta,
+        *_strides(out),
+        *_strides(grad_out),
+        heads,
+        seq_q,
+        head_dim,
+        BLOCK_M=_DELTA_BLOCK_M,
+        BLOCK_D=block_d,
     )
     shared = (heads, seq_q, seq_k, head_dim, scale * LOG2E, scale)
     constexprs = dict(CAUSAL=causal, BLOCK_D=block_d, **_kernel_options(q.dtype))
     _launch(
-        _attention_backward_dkdv_kernel, _attention_backward_dkdv_tuned,
+        _attention_backward_dkdv_kernel,
+        _attention_backward_dkdv_tuned,
         lambda meta: (batch * heads, triton.cdiv(seq_k, meta["BLOCK_N"])),
         (
-            q, k, v, grad_out, dk, dv, lse2, delta,
-            *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dk), *_strides(dv),
+            q,
+            k,
+            v,
+            grad_out,
+            dk,
+            dv,
+            lse2,
+            delta,
+            *_strides(q),
+            *_strides(k),
+            *_strides(v),
+            *_strides(grad_out),
+            *_strides(dk),
+            *_strides(dv),
             *shared,
         ),
-        _INTERPRETER_DKDV, **constexprs,
+        _INTERPRETER_DKDV,
+        **constexprs,
     )
     _launch(
-        _attention_backward_dq_kernel, _attention_backward_dq_tuned,
+        _attention_backward_dq_kernel,
+        _attention_backward_dq_tuned,
         lambda meta: (batch * heads, triton.cdiv(seq_q, meta["BLOCK_M"])),
         (
-            q, k, v, grad_out, dq, lse2, delta,
-            *_strides(q), *_strides(k), *_strides(v), *_strides(grad_out), *_strides(dq),
+            q,
+            k,
+            v,
+            grad_out,
+            dq,
+            lse2,
+            delta,
+            *_strides(q),
+            *_strides(k),
+            *_strides(v),
+            *_strides(grad_out),
+            *_strides(dq),
             *shared,
         ),
-        _INTERPRETER_DQ, **constexprs,
+        _INTERPRETER_DQ,
+        **constexprs,
     )
     return dq, dk, dv
 
@@ -451,19 +586,24 @@ def _forward_op(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> 
 @_forward_op.register_fake
 def _forward_fake(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor, Tensor]:
     batch, heads, seq_q, _ = q.shape
-    return (torch.empty_like(q, memory_format=torch.contiguous_format),
-            q.new_empty(batch, heads, seq_q, dtype=torch.float32), q.new_empty(batch, heads, dtype=torch.float32))
+    return (
+        torch.empty_like(q, memory_format=torch.contiguous_format),
+        q.new_empty(batch, heads, seq_q, dtype=torch.float32),
+        q.new_empty(batch, heads, dtype=torch.float32),
+    )
 
 
 @torch.library.custom_op("proxy::flash_attention_backward", mutates_args=())
-def _backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse2: Tensor, causal: bool,
-                 scale: float) -> tuple[Tensor, Tensor, Tensor]:
+def _backward_op(
+    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse2: Tensor, causal: bool, scale: float
+) -> tuple[Tensor, Tensor, Tensor]:
     return _backward(grad_out, q, k, v, out, lse2, causal, scale)
 
 
 @_backward_op.register_fake
-def _backward_fake(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse2: Tensor, causal: bool,
-                   scale: float) -> tuple[Tensor, Tensor, Tensor]:
+def _backward_fake(
+    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse2: Tensor, causal: bool, scale: float
+) -> tuple[Tensor, Tensor, Tensor]:
     return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
 
 
@@ -512,7 +652,12 @@ def _backward_vmap(info, in_dims, grad_out, q, k, v, out, lse2, causal, scale):
 
 
 def flash_attention(
-    q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, scale: Optional[float] = None,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    causal: bool = True,
+    scale: Optional[float] = None,
     return_lse: bool = False,
 ) -> tuple[Tensor, ...]:
     """Softmax attention; same signature and outputs as :func:`proxy.kernels.reference.attention`.

@@ -47,9 +47,15 @@ _MIN_CHUNK_ROWS = 256  # fewer rows per matmul leaves the GPU idle
 # --------------------------------------------------------------------------------------------
 @triton.jit
 def _cross_entropy_forward_kernel(
-    Logits, stride_row, Labels,
-    RowLoss, RowLSE, RowMax, RowMean,
-    n_vocab, ignore_index,
+    Logits,
+    stride_row,
+    Labels,
+    RowLoss,
+    RowLSE,
+    RowMax,
+    RowMean,
+    n_vocab,
+    ignore_index,
     BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -81,8 +87,16 @@ def _cross_entropy_forward_kernel(
 
 @triton.jit
 def _cross_entropy_backward_kernel(
-    Logits, stride_row, Grad, stride_grad_row, Labels, RowLSE, LossCoef, LSECoef,
-    n_vocab, ignore_index,
+    Logits,
+    stride_row,
+    Grad,
+    stride_grad_row,
+    Labels,
+    RowLSE,
+    LossCoef,
+    LSECoef,
+    n_vocab,
+    ignore_index,
     BLOCK_V: tl.constexpr,
 ):
     """Grad may alias Logits: every element is loaded before its own gradient overwrites it."""
@@ -122,20 +136,42 @@ def _launch_options(n_vocab: int) -> dict:
 def _row_statistics_into(logits: Tensor, labels: Tensor, out: RowStatistics, ignore_index: int) -> None:
     """First pass: fills ``out`` (fp32 vectors of len(logits)) from one sweep over each row."""
     _cross_entropy_forward_kernel[(logits.shape[0],)](
-        logits, logits.stride(0), labels, out.loss, out.lse, out.max, out.mean,
-        logits.shape[1], ignore_index, **_launch_options(logits.shape[1]),
+        logits,
+        logits.stride(0),
+        labels,
+        out.loss,
+        out.lse,
+        out.max,
+        out.mean,
+        logits.shape[1],
+        ignore_index,
+        **_launch_options(logits.shape[1]),
     )
 
 
 def _logit_gradient_into(
-    grad: Tensor, logits: Tensor, labels: Tensor, lse: Tensor, loss_coef: Tensor, lse_coef: Tensor,
+    grad: Tensor,
+    logits: Tensor,
+    labels: Tensor,
+    lse: Tensor,
+    loss_coef: Tensor,
+    lse_coef: Tensor,
     ignore_index: int,
 ) -> None:
     """Second pass: writes dLoss/dlogits into ``grad`` (which may be ``logits`` itself), given
     per-row dL/dloss and dL/dlse (fp32 vectors)."""
     _cross_entropy_backward_kernel[(logits.shape[0],)](
-        logits, logits.stride(0), grad, grad.stride(0), labels, lse, loss_coef, lse_coef,
-        logits.shape[1], ignore_index, **_launch_options(logits.shape[1]),
+        logits,
+        logits.stride(0),
+        grad,
+        grad.stride(0),
+        labels,
+        lse,
+        loss_coef,
+        lse_coef,
+        logits.shape[1],
+        ignore_index,
+        **_launch_options(logits.shape[1]),
     )
 
 
@@ -209,7 +245,9 @@ def _vocab_contiguous(t: Tensor) -> Tensor:
 # Cross-entropy over materialised logits
 # --------------------------------------------------------------------------------------------
 @torch.library.custom_op("proxy::cross_entropy_rows", mutates_args=())
-def _rows_op(logits: Tensor, labels: Tensor, ignore_index: int, overwrite: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _rows_op(
+    logits: Tensor, labels: Tensor, ignore_index: int, overwrite: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Per-row (loss, lse, max, mean), fp32 vectors; ``overwrite``: the backward may write the
     gradient into the logits' own storage (decided by fused_cross_entropy)."""
     rows = _empty_row_statistics(logits.shape[0], logits.device)
@@ -223,8 +261,9 @@ def _rows_fake(logits: Tensor, labels: Tensor, ignore_index: int, overwrite: boo
 
 
 @torch.library.custom_op("proxy::cross_entropy_rows_backward", mutates_args=())
-def _rows_backward_op(logits: Tensor, labels: Tensor, lse: Tensor, loss_coef: Tensor, lse_coef: Tensor,
-                      ignore_index: int) -> Tensor:
+def _rows_backward_op(
+    logits: Tensor, labels: Tensor, lse: Tensor, loss_coef: Tensor, lse_coef: Tensor, ignore_index: int
+) -> Tensor:
     grad = torch.empty_like(logits)
     _logit_gradient_into(grad, logits, labels, lse, loss_coef, lse_coef, ignore_index)
     return grad
@@ -236,8 +275,9 @@ def _rows_backward_fake(logits, labels, lse, loss_coef, lse_coef, ignore_index):
 
 
 @torch.library.custom_op("proxy::cross_entropy_rows_backward_", mutates_args=("logits",))
-def _rows_backward_inplace_op(logits: Tensor, labels: Tensor, lse: Tensor, loss_coef: Tensor, lse_coef: Tensor,
-                              ignore_index: int) -> None:
+def _rows_backward_inplace_op(
+    logits: Tensor, labels: Tensor, lse: Tensor, loss_coef: Tensor, lse_coef: Tensor, ignore_index: int
+) -> None:
     """The gradient written over the logits (each element is read before it is overwritten)."""
     _logit_gradient_into(logits, logits, labels, lse, loss_coef, lse_coef, ignore_index)
 
@@ -326,17 +366,25 @@ def default_chunk_size(n_rows: int, hidden_dim: int, n_vocab: int) -> int:
 
 
 @torch.library.custom_op("proxy::linear_cross_entropy", mutates_args=())
-def _linear_op(hidden: Tensor, weight: Tensor, labels: Tensor, z_loss: float, ignore_index: int, chunk_size: int,
-               grad_hidden_needed: bool, grad_weight_needed: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor,
-                                                                          Tensor, Tensor, Tensor]:
+def _linear_op(
+    hidden: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    z_loss: float,
+    ignore_index: int,
+    chunk_size: int,
+    grad_hidden_needed: bool,
+    grad_weight_needed: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(ce, z_term, logit_mean, logit_max, lse_mean, lse_max, grad_hidden, grad_weight): the gradients of
     ce + z_term, computed chunk by chunk in the forward pass (an empty tensor when not needed)."""
     n_rows = hidden.shape[0]
     valid = labels != ignore_index
     n_valid = valid.sum().clamp(min=1)
     rows = _empty_row_statistics(n_rows, hidden.device)
-    grad_hidden = (torch.empty_like(hidden, memory_format=torch.contiguous_format) if grad_hidden_needed
-                   else hidden.new_empty(0))
+    grad_hidden = (
+        torch.empty_like(hidden, memory_format=torch.contiguous_format) if grad_hidden_needed else hidden.new_empty(0)
+    )
     # Summed in fp32 over the chunks and cast once at the end: a bf16 accumulator would round the
     # running sum once per chunk (64 times for 16k rows in chunks of 256).
     grad_weight = torch.zeros_like(weight, dtype=torch.float32) if grad_weight_needed else weight.new_empty(0)
@@ -366,16 +414,24 @@ def _linear_op(hidden: Tensor, weight: Tensor, labels: Tensor, z_loss: float, ig
 @_linear_op.register_fake
 def _linear_fake(hidden, weight, labels, z_loss, ignore_index, chunk_size, grad_hidden_needed, grad_weight_needed):
     scalars = [hidden.new_empty((), dtype=torch.float32) for _ in range(6)]
-    grad_hidden = (torch.empty_like(hidden, memory_format=torch.contiguous_format) if grad_hidden_needed
-                   else hidden.new_empty(0))
+    grad_hidden = (
+        torch.empty_like(hidden, memory_format=torch.contiguous_format) if grad_hidden_needed else hidden.new_empty(0)
+    )
     weight_grad_dtype = torch.float32 if _gradients_at_sum_scale(hidden.dtype) else weight.dtype
-    return (*scalars, grad_hidden,
-            torch.empty_like(weight, dtype=weight_grad_dtype) if grad_weight_needed else weight.new_empty(0))
+    return (
+        *scalars,
+        grad_hidden,
+        torch.empty_like(weight, dtype=weight_grad_dtype) if grad_weight_needed else weight.new_empty(0),
+    )
 
 
 def _linear_setup_context(ctx, inputs, output) -> None:
     hidden, weight, labels, z_loss, ignore_index, _, grad_hidden_needed, grad_weight_needed = inputs
-    ctx.sum_scale, ctx.hidden_dtype, ctx.weight_dtype = _gradients_at_sum_scale(hidden.dtype), hidden.dtype, weight.dtype
+    ctx.sum_scale, ctx.hidden_dtype, ctx.weight_dtype = (
+        _gradients_at_sum_scale(hidden.dtype),
+        hidden.dtype,
+        weight.dtype,
+    )
     n_valid = (labels != ignore_index).sum().clamp(min=1) if ctx.sum_scale else None
     ctx.save_for_backward(output[6], output[7], n_valid)
     ctx.z_loss, ctx.needed = z_loss, (grad_hidden_needed, grad_weight_needed)
@@ -414,9 +470,11 @@ _linear_op.register_autograd(_linear_backward, setup_context=_linear_setup_conte
 
 
 @_linear_op.register_vmap
-def _linear_vmap(info, in_dims, hidden, weight, labels, z_loss, ignore_index, chunk_size, grad_hidden_needed,
-                 grad_weight_needed):
+def _linear_vmap(
+    info, in_dims, hidden, weight, labels, z_loss, ignore_index, chunk_size, grad_hidden_needed, grad_weight_needed
+):
     """Each member has its own LM head, so members do not fold into rows: one launch each."""
+
     def member(t: Tensor, dim: Optional[int], k: int) -> Tensor:
         return t.select(dim, k) if dim is not None else t
 
@@ -424,8 +482,18 @@ def _linear_vmap(info, in_dims, hidden, weight, labels, z_loss, ignore_index, ch
     per_member = []
     for k in range(info.batch_size):
         h, w = member(hidden, in_dims[0], k), member(weight, in_dims[1], k)
-        per_member.append(_linear_op(h, w, member(labels, in_dims[2], k), z_loss, ignore_index, chunk_size,
-                                     grad_enabled and h.requires_grad, grad_enabled and w.requires_grad))
+        per_member.append(
+            _linear_op(
+                h,
+                w,
+                member(labels, in_dims[2], k),
+                z_loss,
+                ignore_index,
+                chunk_size,
+                grad_enabled and h.requires_grad,
+                grad_enabled and w.requires_grad,
+            )
+        )
     return tuple(torch.stack(outputs) for outputs in zip(*per_member)), (0,) * 8
 
 
@@ -479,7 +547,13 @@ def fused_linear_cross_entropy(
     hidden, weight = _autocast_like_linear(hidden, weight)
     grad_enabled = torch.is_grad_enabled()
     outputs = _linear_op(
-        hidden, weight, labels, float(z_loss), int(ignore_index), int(chunk_size),
-        grad_enabled and hidden.requires_grad, grad_enabled and weight.requires_grad,
+        hidden,
+        weight,
+        labels,
+        float(z_loss),
+        int(ignore_index),
+        int(chunk_size),
+        grad_enabled and hidden.requires_grad,
+        grad_enabled and weight.requires_grad,
     )[:6]
     return _pack(*outputs)

@@ -16,7 +16,12 @@ from torch import Tensor
 
 
 def attention(
-    q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, scale: Optional[float] = None,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    causal: bool = True,
+    scale: Optional[float] = None,
     return_lse: bool = False,
 ) -> tuple[Tensor, ...]:
     """Causal softmax attention that also returns the max attention logit.
@@ -66,8 +71,9 @@ def cross_entropy(
     logits: (N, V) any float dtype (computed in fp32); labels: (N,) int64.
     Returns ``(ce, z_term, stats)``: ce = mean(lse - logit[label]), z_term = z_loss * mean(lse^2),
     both scalars with gradients, and stats = {logit_mean, logit_max, lse_mean, lse_max} (detached
-    fp32 scalars over the valid rows; lse is log Z, whose drift from 0 is output-logit divergence). With no valid row both losses are 0, not NaN, and logit_max
-    is NaN (there is no largest logit to report).
+    fp32 scalars over the valid rows; lse is log Z, whose drift from 0 is output-logit
+    divergence). With no valid row both losses are 0, not NaN, and logit_max is NaN (there is no
+    largest logit to report).
     """
     logits = logits.float()
     valid = labels != ignore_index

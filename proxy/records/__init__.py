@@ -44,10 +44,10 @@ be copied home and reported without any live process or wandb.
 from proxy.records.files import *  # noqa: F401,F403 - the package is the contract's one import
 from proxy.records.files import __all__ as _files
 from proxy.records.keys import *  # noqa: F401,F403
+from proxy.records.keys import attn_layer_key  # noqa: F401
 from proxy.records.reader import *  # noqa: F401,F403
 from proxy.records.reader import __all__ as _reader
 from proxy.records.writer import *  # noqa: F401,F403
 from proxy.records.writer import __all__ as _writer
-from proxy.records.keys import attn_layer_key  # noqa: F401
 
 __all__ = [*_files, *_reader, *_writer]

@@ -73,8 +73,10 @@ def _plain_part(name: str, where: Path) -> None:
 def _real_folder(path: Path, what: str) -> None:
     """UnsafePathError if ``path`` is a link or exists as something other than a folder."""
     if path.is_symlink():
-        raise UnsafePathError(f"{path} is a link (to {os.readlink(path)}); proxy writes {what} only into "
-                              "real folders: remove the link, or name a real folder")
+        raise UnsafePathError(
+            f"{path} is a link (to {os.readlink(path)}); proxy writes {what} only into "
+            "real folders: remove the link, or name a real folder"
+        )
     if path.exists() and not path.is_dir():
         raise UnsafePathError(f"{path} is not a folder; proxy cannot write {what} into it")
 
@@ -303,8 +305,16 @@ def _yaml_loader() -> type:
     return Loader
 
 
-def check_plain(value: Any, where: str, *, interpolations: bool = False, limit: int = YAML_MAX_VALUES,
-                budget: Optional[list[int]] = None, depth: int = 0, key: str = "") -> None:
+def check_plain(
+    value: Any,
+    where: str,
+    *,
+    interpolations: bool = False,
+    limit: int = YAML_MAX_VALUES,
+    budget: Optional[list[int]] = None,
+    depth: int = 0,
+    key: str = "",
+) -> None:
     """StoredFileError unless ``value`` is plain data: at most ``limit`` values (an alias counted
     each time it is used), :data:`MAX_DEPTH` levels, string keys, integers a float can hold, and
     no ``${...}`` interpolation anywhere unless ``interpolations`` (stored configs are data: proxy
@@ -321,20 +331,30 @@ def check_plain(value: Any, where: str, *, interpolations: bool = False, limit: 
             raise StoredFileError(f"{where}: {name} holds an integer of {len(str(abs(value)))} digits")
     elif isinstance(value, str):
         if INTERPOLATION in value and not interpolations:
-            raise StoredFileError(f"{where}: {name} holds an interpolation ({value[:80]!r}); stored files are "
-                                  "data and proxy never resolves them")
+            raise StoredFileError(
+                f"{where}: {name} holds an interpolation ({value[:80]!r}); stored files are "
+                "data and proxy never resolves them"
+            )
     elif isinstance(value, dict):
         for k, v in value.items():
             if not isinstance(k, str):
                 raise StoredFileError(f"{where}: a key under {name} is a {type(k).__name__}, not a string")
             if INTERPOLATION in k and not interpolations:
                 raise StoredFileError(f"{where}: the key {k[:80]!r} holds an interpolation")
-            check_plain(v, where, interpolations=interpolations, limit=limit, budget=budget, depth=depth + 1,
-                        key=f"{key}.{k}" if key else k)
+            check_plain(
+                v,
+                where,
+                interpolations=interpolations,
+                limit=limit,
+                budget=budget,
+                depth=depth + 1,
+                key=f"{key}.{k}" if key else k,
+            )
     elif isinstance(value, list):
         for i, v in enumerate(value):
-            check_plain(v, where, interpolations=interpolations, limit=limit, budget=budget, depth=depth + 1,
-                        key=f"{key}[{i}]")
+            check_plain(
+                v, where, interpolations=interpolations, limit=limit, budget=budget, depth=depth + 1, key=f"{key}[{i}]"
+            )
     elif value is not None and not isinstance(value, (bool, float)):
         raise StoredFileError(f"{where}: {name} is a {type(value).__name__}, not plain data")
 
@@ -370,8 +390,9 @@ def load_state(path: str | Path, map_location: Any = "cpu") -> Any:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
         if exc.errno == errno.ELOOP:
-            raise StateFileError(f"{path}: refused, a link (proxy reads only the files of the folder itself)",
-                                 torn=False) from None
+            raise StateFileError(
+                f"{path}: refused, a link (proxy reads only the files of the folder itself)", torn=False
+            ) from None
         raise StateFileError(f"{path}: unreadable ({exc.strerror})", torn=True) from None
     try:
         with os.fdopen(fd, "rb") as f:
@@ -386,8 +407,9 @@ def load_state(path: str | Path, map_location: Any = "cpu") -> Any:
     except (EOFError, RuntimeError, ValueError, OSError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0].split(". ")[0]
         size = path.stat().st_size if path.exists() else 0
-        raise StateFileError(f"{path}: unreadable ({size} bytes; {type(exc).__name__}: {first[:160]})",
-                             torn=True) from None
+        raise StateFileError(
+            f"{path}: unreadable ({size} bytes; {type(exc).__name__}: {first[:160]})", torn=True
+        ) from None
 
 
 def confined(root: str | Path, name: str) -> Path:

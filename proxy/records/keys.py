@@ -89,5 +89,3 @@ SKIP_STEP = "skip_step"  # a remedy dropped the step's update
 ROLLBACK = "rollback"  # a remedy restored a snapshot (fields: restore_step, data_position)
 ZCLIP = "zclip"  # a remedy clipped the gradients (fields: z, clipped_to)
 SPIKE_KIT = "spike_kit"  # spike capture saved a kit (field: path, relative to the run dir)
-
-

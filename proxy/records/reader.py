@@ -14,10 +14,32 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
-from proxy.records.files import (StoredFileError, UnsafePathError, _first_line, open_untrusted, plain_json,
-                                 read_json, read_yaml)
-from proxy.records.keys import (CHECKPOINTS, CONFIG, EVENT, KITS_DIR, METRICS, ROLLBACK, ROLLBACK_DIR, STATE_NAME,
-                                STATUSES, STEP, SUMMARY, TENSORBOARD_DIR, UNKNOWN, UNREADABLE, WANDB_DIR)
+from proxy.records.files import (
+    StoredFileError,
+    UnsafePathError,
+    _first_line,
+    open_untrusted,
+    plain_json,
+    read_json,
+    read_yaml,
+)
+from proxy.records.keys import (
+    CHECKPOINTS,
+    CONFIG,
+    EVENT,
+    KITS_DIR,
+    METRICS,
+    ROLLBACK,
+    ROLLBACK_DIR,
+    STATE_NAME,
+    STATUSES,
+    STEP,
+    SUMMARY,
+    TENSORBOARD_DIR,
+    UNKNOWN,
+    UNREADABLE,
+    WANDB_DIR,
+)
 
 LINE_MAX_BYTES = 16 << 20  # one metrics row: a few kB (a 100-layer model's per-parameter statistics: ~1 MB)
 MAX_STEP = 10**12  # more optimizer steps than any run takes
@@ -266,5 +288,17 @@ def latest_checkpoint(run_dir: str | Path) -> Optional[Path]:
     return ckpts[-1] if ckpts else None
 
 
-__all__ = ["LINE_MAX_BYTES", "MAX_STEP", "Branch", "Run", "checkpoints", "find_runs", "is_run_dir",
-           "latest_checkpoint", "load_run", "split_branches", "state_files", "state_step"]
+__all__ = [
+    "LINE_MAX_BYTES",
+    "MAX_STEP",
+    "Branch",
+    "Run",
+    "checkpoints",
+    "find_runs",
+    "is_run_dir",
+    "latest_checkpoint",
+    "load_run",
+    "split_branches",
+    "state_files",
+    "state_step",
+]

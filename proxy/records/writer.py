@@ -16,8 +16,22 @@ from pathlib import Path
 from typing import Any, Optional
 
 from proxy.records.files import UnsafePathError, _clean, atomic_write_bytes, open_untrusted, read_json, write_json
-from proxy.records.keys import (CHECKPOINTS, CONFIG, ERROR_FILE, EVENT, KITS_DIR, LOCK_FILE, METRICS, ROLLBACK_DIR,
-                                START_ERROR_FILE, STEP, SUMMARY, TENSORBOARD_DIR, TOKENIZER_FILE, WANDB_DIR)
+from proxy.records.keys import (
+    CHECKPOINTS,
+    CONFIG,
+    ERROR_FILE,
+    EVENT,
+    KITS_DIR,
+    LOCK_FILE,
+    METRICS,
+    ROLLBACK_DIR,
+    START_ERROR_FILE,
+    STEP,
+    SUMMARY,
+    TENSORBOARD_DIR,
+    TOKENIZER_FILE,
+    WANDB_DIR,
+)
 from proxy.records.reader import checkpoints, is_run_dir
 
 # Room kept for the record of a failure: the lock file holds this many bytes while the run
@@ -67,14 +81,19 @@ class RunLock:
         except BlockingIOError:
             holder = os.pread(fd, 64, 0).split(b"\n")[0].decode(errors="replace").strip() or "unknown"
             os.close(fd)
-            raise RunDirBusy(f"{self.dir} is being written by another process (pid {holder}); "
-                             "wait for it, or give this run its own out_dir") from None
+            raise RunDirBusy(
+                f"{self.dir} is being written by another process (pid {holder}); "
+                "wait for it, or give this run its own out_dir"
+            ) from None
         except OSError as exc:
             if exc.errno not in (errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
                 os.close(fd)
                 raise
-            warnings.warn(f"{self.dir}: this file system has no flock ({exc.strerror}); running without "
-                          "the one-writer lock", RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                f"{self.dir}: this file system has no flock ({exc.strerror}); running without the one-writer lock",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         self._pid_line = f"{os.getpid()}\n".encode()
         os.ftruncate(fd, 0)
         os.pwrite(fd, self._pid_line, 0)
@@ -104,8 +123,20 @@ class RunLock:
 
 
 # what a run directory holds that the program writes into or deletes from: none may be a link
-WRITTEN_NAMES = (LOCK_FILE, SUMMARY, METRICS, CONFIG, ERROR_FILE, START_ERROR_FILE, CHECKPOINTS, ROLLBACK_DIR,
-                 KITS_DIR, TOKENIZER_FILE, TENSORBOARD_DIR, WANDB_DIR)
+WRITTEN_NAMES = (
+    LOCK_FILE,
+    SUMMARY,
+    METRICS,
+    CONFIG,
+    ERROR_FILE,
+    START_ERROR_FILE,
+    CHECKPOINTS,
+    ROLLBACK_DIR,
+    KITS_DIR,
+    TOKENIZER_FILE,
+    TENSORBOARD_DIR,
+    WANDB_DIR,
+)
 
 
 def check_no_links(run_dir: str | Path) -> None:
@@ -114,8 +145,10 @@ def check_no_links(run_dir: str | Path) -> None:
     run_dir = Path(run_dir)
     links = [name for name in WRITTEN_NAMES if (run_dir / name).is_symlink()]
     if links:
-        raise UnsafePathError(f"{run_dir}: {', '.join(links)} {'is a link' if len(links) == 1 else 'are links'}; "
-                              "proxy writes only into real files and folders of the run dir")
+        raise UnsafePathError(
+            f"{run_dir}: {', '.join(links)} {'is a link' if len(links) == 1 else 'are links'}; "
+            "proxy writes only into real files and folders of the run dir"
+        )
 
 
 def holds_run(run_dir: str | Path) -> bool:
@@ -245,5 +278,14 @@ class NullRecord(RunRecord):
         pass
 
 
-__all__ = ["RESERVE_BYTES", "WRITTEN_NAMES", "NullRecord", "RunDirBusy", "RunDirError", "RunLock", "RunRecord",
-           "check_no_links", "holds_run"]
+__all__ = [
+    "RESERVE_BYTES",
+    "WRITTEN_NAMES",
+    "NullRecord",
+    "RunDirBusy",
+    "RunDirError",
+    "RunLock",
+    "RunRecord",
+    "check_no_links",
+    "holds_run",
+]

@@ -22,11 +22,31 @@ Every run found is listed: failed, diverged and still-running runs are reported,
     build.py     build_report() (collect_report() + write_report()) and the proxy-report command line
 """
 
-from proxy.report.build import (ReportError, ReportResult, build_report, collect_report, default_out_dir, main,
-                                write_report)
+from proxy.report.build import (
+    ReportError,
+    ReportResult,
+    build_report,
+    collect_report,
+    default_out_dir,
+    main,
+    write_report,
+)
 from proxy.report.figures import SpikeMarks
 from proxy.report.headline import Claim, Headline, VerdictSummary
 from proxy.report.tables import RunRow, SensitivityRow
 
-__all__ = ["Claim", "Headline", "ReportError", "ReportResult", "RunRow", "SensitivityRow", "SpikeMarks",
-           "VerdictSummary", "build_report", "collect_report", "default_out_dir", "main", "write_report"]
+__all__ = [
+    "Claim",
+    "Headline",
+    "ReportError",
+    "ReportResult",
+    "RunRow",
+    "SensitivityRow",
+    "SpikeMarks",
+    "VerdictSummary",
+    "build_report",
+    "collect_report",
+    "default_out_dir",
+    "main",
+    "write_report",
+]

@@ -23,8 +23,22 @@ from typing import Any, Optional, Sequence
 
 from proxy import analysis
 from proxy.analysis import SpikeOptions
-from proxy.records import (COMPLETED, EVENT, FAILED, INTERRUPTED, RUNNING, STATUS_DIVERGED, STEP, UNKNOWN, UNREADABLE,
-                           atomic_write_text, find_runs, load_run, output_dir, terminal_text)
+from proxy.records import (
+    COMPLETED,
+    EVENT,
+    FAILED,
+    INTERRUPTED,
+    RUNNING,
+    STATUS_DIVERGED,
+    STEP,
+    UNKNOWN,
+    UNREADABLE,
+    atomic_write_text,
+    find_runs,
+    load_run,
+    output_dir,
+    terminal_text,
+)
 from proxy.report.document import Block, Figure, Heading, Items, Paragraph, Table, fmt, to_html, to_markdown
 from proxy.report.figures import CAPTIONS, SpikeMarks, draw_figures
 from proxy.report.headline import Headline, VerdictSummary, headline_of
@@ -103,12 +117,35 @@ def _run_table(rows: list[RunRow]) -> Table:
 
 
 def _sensitivity_blocks(sensitivity: list[SensitivityRow], lr_range: Optional[tuple[float, float]]) -> list[Block]:
-    headers = ["variant", "LR sensitivity", "best LR", "best loss", "runs", "diverged", "failed", "params",
-               "loss@init", "LR: loss", "note"]
-    rows = [[row.variant, row.sensitivity, row.best_lr, row.best_loss, row.n_runs, row.n_diverged, row.n_failed,
-             row.n_params, row.loss_at_init,
-             "; ".join(f"{lr:g}: {loss:.4g}" for lr, loss in zip(row.lrs, row.losses)), row.note]
-            for row in sensitivity]
+    headers = [
+        "variant",
+        "LR sensitivity",
+        "best LR",
+        "best loss",
+        "runs",
+        "diverged",
+        "failed",
+        "params",
+        "loss@init",
+        "LR: loss",
+        "note",
+    ]
+    rows = [
+        [
+            row.variant,
+            row.sensitivity,
+            row.best_lr,
+            row.best_loss,
+            row.n_runs,
+            row.n_diverged,
+            row.n_failed,
+            row.n_params,
+            row.loss_at_init,
+            "; ".join(f"{lr:g}: {loss:.4g}" for lr, loss in zip(row.lrs, row.losses)),
+            row.note,
+        ]
+        for row in sensitivity
+    ]
     return [
         Heading("LR sensitivity"),
         Paragraph(
@@ -125,14 +162,29 @@ def _sensitivity_blocks(sensitivity: list[SensitivityRow], lr_range: Optional[tu
 def _single_lr_blocks(sensitivity: list[SensitivityRow]) -> list[Block]:
     return [
         Heading("Variants"),
-        Paragraph("Each variant was trained at a single LR, so there is no LR sensitivity to compute "
-                  "(it needs an LR sweep). Final loss = final val loss (train loss when no eval), "
-                  "averaged over the variant's runs (seeds)."),
-        Table(["variant", "LR", "final loss", "runs", "diverged", "failed", "params", "loss@init", "note"],
-              [[row.variant, row.lrs[0] if row.lrs else None, row.losses[0] if row.losses else None,
-                row.n_runs, row.n_diverged, row.n_failed, row.n_params, row.loss_at_init,
-                "; ".join(n for n in row.note.split("; ") if n != SINGLE_LR_NOTE)]
-               for row in sensitivity], wrap=("note",)),
+        Paragraph(
+            "Each variant was trained at a single LR, so there is no LR sensitivity to compute "
+            "(it needs an LR sweep). Final loss = final val loss (train loss when no eval), "
+            "averaged over the variant's runs (seeds)."
+        ),
+        Table(
+            ["variant", "LR", "final loss", "runs", "diverged", "failed", "params", "loss@init", "note"],
+            [
+                [
+                    row.variant,
+                    row.lrs[0] if row.lrs else None,
+                    row.losses[0] if row.losses else None,
+                    row.n_runs,
+                    row.n_diverged,
+                    row.n_failed,
+                    row.n_params,
+                    row.loss_at_init,
+                    "; ".join(n for n in row.note.split("; ") if n != SINGLE_LR_NOTE),
+                ]
+                for row in sensitivity
+            ],
+            wrap=("note",),
+        ),
     ]
 
 
@@ -165,8 +217,10 @@ def _runs_blocks(tables: Tables, spikes: SpikeOptions) -> list[Block]:
     if tables.constant:
         blocks.append(Paragraph("Every run: " + ", ".join(tables.constant) + ". Runs are named by what varies."))
     return blocks + [
-        Paragraph(f"Final loss = final val loss (train loss when no eval). "
-                  f"Spike score{source.get(spikes, '')}: % of logged points {spikes.describe()}."),
+        Paragraph(
+            f"Final loss = final val loss (train loss when no eval). "
+            f"Spike score{source.get(spikes, '')}: % of logged points {spikes.describe()}."
+        ),
         _run_table(tables.runs),
     ]
 
@@ -177,11 +231,14 @@ def _events_blocks(events: list[tuple[str, dict]]) -> list[Block]:
     blocks: list[Block] = [Heading("Events")]
     shown = events[:MAX_EVENT_ROWS]
     if len(events) > len(shown):
-        blocks.append(Paragraph(f"First {len(shown)} of {len(events)} events (all are in each run's "
-                                "metrics.jsonl)."))
-    blocks.append(Table([*EVENT_COLUMNS, "details"],
-                        [[name, *(e.get(k) for k in EVENT_COLUMNS[1:]), _event_details(e)] for name, e in shown],
-                        wrap=("details",)))
+        blocks.append(Paragraph(f"First {len(shown)} of {len(events)} events (all are in each run's metrics.jsonl)."))
+    blocks.append(
+        Table(
+            [*EVENT_COLUMNS, "details"],
+            [[name, *(e.get(k) for k in EVENT_COLUMNS[1:]), _event_details(e)] for name, e in shown],
+            wrap=("details",),
+        )
+    )
     return blocks
 
 
@@ -192,8 +249,10 @@ def _blocks(result: ReportResult) -> list[Block]:
     counts = Counter(row.status for row in tables.runs)
     blocks: list[Block] = [
         *result.headline.blocks(),
-        Paragraph(f"{len(tables.runs)} runs from {', '.join(str(p) for p in result.paths)}; "
-                  f"generated {time.strftime('%Y-%m-%d %H:%M:%S')}."),
+        Paragraph(
+            f"{len(tables.runs)} runs from {', '.join(str(p) for p in result.paths)}; "
+            f"generated {time.strftime('%Y-%m-%d %H:%M:%S')}."
+        ),
         Paragraph("Status: " + ", ".join(f"{n} {status}" for status, n in sorted(counts.items())) + "."),
         *_incomplete_blocks(tables.runs),
     ]
@@ -209,8 +268,9 @@ def _blocks(result: ReportResult) -> list[Block]:
     if curves:
         blocks += [Heading("Curves over steps"), Paragraph(f"Red circles: {result.marks.describe()}.")]
         blocks += [figure(name) for name in curves]
-    blocks += _events_blocks([(row.label, e) for _, members in tables.groups for row, run in members
-                              for e in run.events])
+    blocks += _events_blocks(
+        [(row.label, e) for _, members in tables.groups for row, run in members for e in run.events]
+    )
     if result.notes:
         blocks += [Heading("Notes"), Items(result.notes)]
     return blocks
@@ -290,8 +350,9 @@ def write_report(result: ReportResult, verdict: Optional[VerdictSummary] = None)
     return result
 
 
-def build_report(paths: Sequence[str | Path] | str | Path, out_dir: Optional[str | Path] = None,
-                 **options: Any) -> ReportResult:
+def build_report(
+    paths: Sequence[str | Path] | str | Path, out_dir: Optional[str | Path] = None, **options: Any
+) -> ReportResult:
     """Read every run directory at or below ``paths`` and write the report into ``out_dir``:
     :func:`collect_report` with the same keyword options, then :func:`write_report`.
 
@@ -307,25 +368,45 @@ def build_report(paths: Sequence[str | Path] | str | Path, out_dir: Optional[str
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="proxy-report",
-        description="Build an instability report (report.html, report.md, figures/, runs.csv) "
-        "from run directories.",
+        description="Build an instability report (report.html, report.md, figures/, runs.csv) from run directories.",
     )
-    p.add_argument("paths", nargs="+", metavar="PATH",
-                   help="run directories, multirun directories, or folders holding them")
+    p.add_argument(
+        "paths", nargs="+", metavar="PATH", help="run directories, multirun directories, or folders holding them"
+    )
     p.add_argument("--out", metavar="DIR", help="output folder (default: <first PATH>/report)")
     p.add_argument("--title", default="proxy instability report")
-    p.add_argument("--lr-range", nargs=2, type=float, metavar=("LOW", "HIGH"),
-                   help="LR sensitivity over these LRs only (inclusive)")
+    p.add_argument(
+        "--lr-range",
+        nargs=2,
+        type=float,
+        metavar=("LOW", "HIGH"),
+        help="LR sensitivity over these LRs only (inclusive)",
+    )
     d = analysis.OLMO2_SPIKES
-    p.add_argument("--spike-sigma", type=float, default=d.sigma,
-                   help=f"spike threshold in std (default {d.sigma:g}, OLMo 2; OLMo-core: 6)")
-    p.add_argument("--spike-window", type=int, default=d.window,
-                   help=f"rolling window in logged points (default {d.window}; OLMo-core: 128)")
+    p.add_argument(
+        "--spike-sigma",
+        type=float,
+        default=d.sigma,
+        help=f"spike threshold in std (default {d.sigma:g}, OLMo 2; OLMo-core: 6)",
+    )
+    p.add_argument(
+        "--spike-window",
+        type=int,
+        default=d.window,
+        help=f"rolling window in logged points (default {d.window}; OLMo-core: 128)",
+    )
     p.add_argument("--one-sided", action="store_true", help="count only upward excursions (OLMo-core)")
-    p.add_argument("--spike-min-history", type=int, default=d.min_history,
-                   help=f"points with fewer predecessors are not scored (default {d.min_history})")
-    p.add_argument("--mark-warmup", action="store_true",
-                   help="circle spikes during warm-up too (default: not before schedule.warmup_steps)")
+    p.add_argument(
+        "--spike-min-history",
+        type=int,
+        default=d.min_history,
+        help=f"points with fewer predecessors are not scored (default {d.min_history})",
+    )
+    p.add_argument(
+        "--mark-warmup",
+        action="store_true",
+        help="circle spikes during warm-up too (default: not before schedule.warmup_steps)",
+    )
     return p
 
 
@@ -339,8 +420,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         lr_range = tuple(args.lr_range) if args.lr_range else None
         marks = SpikeMarks(spikes, skip_warmup=not args.mark_warmup)
-        result = build_report(args.paths, args.out, spikes=spikes, marks=marks, lr_range=lr_range,
-                              title=args.title)
+        result = build_report(args.paths, args.out, spikes=spikes, marks=marks, lr_range=lr_range, title=args.title)
     except (ReportError, OSError, ValueError) as exc:  # ValueError: UnsafePathError (an output folder that is a link)
         print(f"proxy-report: error: {terminal_text(exc)}", file=sys.stderr)
         return 2
@@ -351,5 +431,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
-__all__ = ["ReportError", "ReportResult", "build_report", "collect_report", "default_out_dir", "main",
-           "write_report"]
+__all__ = ["ReportError", "ReportResult", "build_report", "collect_report", "default_out_dir", "main", "write_report"]

@@ -203,8 +203,9 @@ def _html_table(table: Table) -> list[str]:
     headers = [str(h) for h in table.headers]
     status_col: Optional[int] = headers.index("status") if "status" in headers else None
     classes = [_cell_class(h, table) for h in headers]
-    out = ['<div class="scroll"><table><tr>'
-           + "".join(f"<th{c}>{esc(h)}</th>" for h, c in zip(headers, classes)) + "</tr>"]
+    out = [
+        '<div class="scroll"><table><tr>' + "".join(f"<th{c}>{esc(h)}</th>" for h, c in zip(headers, classes)) + "</tr>"
+    ]
     for row in table.rows:
         css = f' class="{esc(str(row[status_col]))}"' if status_col is not None else ""
         tds = "".join(f"<td{c}>{esc(fmt(v))}</td>" for v, c in zip(row, classes))
@@ -270,14 +271,33 @@ def to_html(title: str, blocks: Sequence[Block], base_dir: str | Path) -> str:
             width = png_css_width(raw)
             size = f' width="{width}"' if width else ""
             data = base64.b64encode(raw).decode("ascii")
-            out.append(f'<figure><img alt="{esc(block.caption)}"{size} src="data:image/png;base64,{data}">'
-                       f"<figcaption>{esc(block.caption)}</figcaption></figure>")
+            out.append(
+                f'<figure><img alt="{esc(block.caption)}"{size} src="data:image/png;base64,{data}">'
+                f"<figcaption>{esc(block.caption)}</figcaption></figure>"
+            )
         else:
             raise TypeError(f"not a document block: {block!r}")
     out.append("</body></html>")
     return "\n".join(out)
 
 
-__all__ = ["Block", "CSS", "CSS_DPI", "Callout", "Figure", "Heading", "Items", "Paragraph", "Quote", "Table", "csv_cell",
-           "fmt", "markdown_callout", "markdown_table", "md_text", "png_css_width", "to_html",
-           "to_markdown"]
+__all__ = [
+    "Block",
+    "CSS",
+    "CSS_DPI",
+    "Callout",
+    "Figure",
+    "Heading",
+    "Items",
+    "Paragraph",
+    "Quote",
+    "Table",
+    "csv_cell",
+    "fmt",
+    "markdown_callout",
+    "markdown_table",
+    "md_text",
+    "png_css_width",
+    "to_html",
+    "to_markdown",
+]

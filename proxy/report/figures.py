@@ -30,8 +30,22 @@ from matplotlib.lines import Line2D
 
 from proxy import analysis
 from proxy.analysis import SpikeOptions
-from proxy.records import (ATTN_MAX_LOGIT_LAYER, EVENT, GRAD_NORM, GRAD_RMS, OUTPUT_LOGIT_MEAN, OUTPUT_LSE_MEAN,
-                           PARAM_NORM, STEP, TRAIN_LOSS, UPDATE_RMS, VAL_LOSS, Branch, Run, atomic_write_bytes)
+from proxy.records import (
+    ATTN_MAX_LOGIT_LAYER,
+    EVENT,
+    GRAD_NORM,
+    GRAD_RMS,
+    OUTPUT_LOGIT_MEAN,
+    OUTPUT_LSE_MEAN,
+    PARAM_NORM,
+    STEP,
+    TRAIN_LOSS,
+    UPDATE_RMS,
+    VAL_LOSS,
+    Branch,
+    Run,
+    atomic_write_bytes,
+)
 from proxy.report.document import fmt
 from proxy.report.tables import BLOWN_UP, RunRow, SensitivityRow, Tables, finite, layer_index, layer_keys
 
@@ -55,8 +69,11 @@ class SpikeMarks:
 
     def describe(self) -> str:
         text = f"points {self.detector.describe()}"
-        return text + (", after warm-up (steps before schedule.warmup_steps not marked)"
-                       if self.skip_warmup else ", warm-up included")
+        return text + (
+            ", after warm-up (steps before schedule.warmup_steps not marked)"
+            if self.skip_warmup
+            else ", warm-up included"
+        )
 
 
 def warmup_steps(run: Run) -> int:
@@ -92,8 +109,10 @@ def short_labels(labels: Sequence[str]) -> dict[str, str]:
     ending among the keys the labels use: what tells the variants apart, no more."""
     items = {label: [item.partition("=") for item in label.split(", ")] for label in labels}
     short = _shortest_endings(key for parts in items.values() for key, sep, _ in parts if sep)
-    return {label: ", ".join(f"{short[key]}={value}" if sep else key for key, sep, value in parts)
-            for label, parts in items.items()}
+    return {
+        label: ", ".join(f"{short[key]}={value}" if sep else key for key, sep, value in parts)
+        for label, parts in items.items()
+    }
 
 
 def wrap(text: str, width_in: float, fontsize: float = TITLE_FONTSIZE) -> str:
@@ -151,7 +170,12 @@ def _event_branch(run: Run, event: dict[str, Any]) -> Optional[Branch]:
 
 
 def _mark_events(
-    ax: Any, run: Run, key: str, steps: Sequence[int], values: Sequence[float], kinds: dict[str, str],
+    ax: Any,
+    run: Run,
+    key: str,
+    steps: Sequence[int],
+    values: Sequence[float],
+    kinds: dict[str, str],
     color: Any,
 ) -> None:
     """Put each event (remedy action) on the run's curve of ``key``: at its trigger value when it
@@ -211,8 +235,14 @@ def _series_panels(
             for branch in run.abandoned:  # steps a rollback threw away, then re-ran
                 b_steps, b_values = branch.series(key)
                 marked["abandoned"] |= bool(b_steps)
-                ax.plot(b_steps, [v if (finite(v) and (v > 0 or not log_y)) else np.nan for v in b_values],
-                        color=color, linewidth=0.9, linestyle=":", alpha=0.8)
+                ax.plot(
+                    b_steps,
+                    [v if (finite(v) and (v > 0 or not log_y)) else np.nan for v in b_values],
+                    color=color,
+                    linewidth=0.9,
+                    linestyle=":",
+                    alpha=0.8,
+                )
             if overlay:
                 o_steps, o_values = run.series(overlay)
                 ax.plot(o_steps, o_values, color=color, linestyle="--", linewidth=1, marker=".", markersize=4)
@@ -341,8 +371,12 @@ def _layer_grid(
             ax.set_yscale("log")
             for row, run in sorted(members, key=lambda m: m[0].lr or 0):
                 steps, values = series(run, column)
-                ax.plot(steps, [v if finite(v) and v > 0 else np.nan for v in values],
-                        color=palette.color(row.lr), linewidth=1.2)
+                ax.plot(
+                    steps,
+                    [v if finite(v) and v > 0 else np.nan for v in values],
+                    color=palette.color(row.lr),
+                    linewidth=1.2,
+                )
             ax.grid(alpha=0.3)
             ax.set_title(wrap(f"{titles[label]} | {column}", LAYER_PANEL_WIDTH), fontsize=TITLE_FONTSIZE)
             if r == len(groups) - 1:
@@ -357,9 +391,10 @@ def _attention_figure(groups: Groups, palette: _Palette) -> Optional[Figure]:
     layers = sorted({k for _, members in groups for _, run in members for k in layer_keys(run)}, key=layer_index)
     if not layers:
         return None
-    names = {f"layer {key[len(ATTN_MAX_LOGIT_LAYER):]}": key for key in layers}
-    return _layer_grid(groups, palette, list(names), lambda run, column: run.series(names[column]),
-                       "max attention logit")
+    names = {f"layer {key[len(ATTN_MAX_LOGIT_LAYER) :]}": key for key in layers}
+    return _layer_grid(
+        groups, palette, list(names), lambda run, column: run.series(names[column]), "max attention logit"
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -396,7 +431,7 @@ def layer_series(run: Run, prefix: str, combine: Callable[[Sequence[float]], flo
         per_layer: dict[str, list[float]] = {}
         for key, value in row.items():
             if key.startswith(prefix) and isinstance(value, (int, float)):
-                per_layer.setdefault(layer_of(key[len(prefix):])[1], []).append(float(value))
+                per_layer.setdefault(layer_of(key[len(prefix) :])[1], []).append(float(value))
         for layer, values in per_layer.items():
             steps, combined = out.setdefault(layer, ([], []))
             steps.append(row[STEP])
@@ -408,8 +443,13 @@ def _parameter_figure(
     groups: Groups, palette: _Palette, prefix: str, combine: Callable[[Sequence[float]], float], ylabel: str
 ) -> Optional[Figure]:
     per_run = {id(run): layer_series(run, prefix, combine) for _, members in groups for _, run in members}
-    params = {key[len(prefix):] for _, members in groups for _, run in members
-              for key in run.keys() if key.startswith(prefix)}
+    params = {
+        key[len(prefix) :]
+        for _, members in groups
+        for _, run in members
+        for key in run.keys()
+        if key.startswith(prefix)
+    }
     if not params:
         return None
     columns = [name for _, name in sorted({layer_of(p) for p in params})]
@@ -434,13 +474,19 @@ def _lr_figure(sensitivity: list[SensitivityRow], variant_colors: dict[str, Any]
         ax.plot(row.lrs, row.losses, marker="o", color=color, label=label)
         blown = [(lr, loss) for lr, loss in zip(row.lrs, row.losses) if lr in row.blown_up_lrs]
         if blown:
-            ax.plot(*zip(*blown), linestyle="none", marker="X", markersize=11, color=color,
-                    markeredgecolor="black")
+            ax.plot(*zip(*blown), linestyle="none", marker="X", markersize=11, color=color, markeredgecolor="black")
     inits = [row.loss_at_init for row in rows if row.loss_at_init is not None]
     if inits:
         ax.axhline(statistics.median(inits), color="gray", linestyle=":", label="loss at init")
-    ax.plot([], [], linestyle="none", marker="X", color="gray", markeredgecolor="black",
-            label="diverged / failed (counts as loss at init)")
+    ax.plot(
+        [],
+        [],
+        linestyle="none",
+        marker="X",
+        color="gray",
+        markeredgecolor="black",
+        label="diverged / failed (counts as loss at init)",
+    )
     ax.set_xscale("log")
     ax.set_xlabel("peak learning rate")
     ax.set_ylabel("final loss, min(loss, loss at init)")
@@ -453,8 +499,7 @@ def _lr_figure(sensitivity: list[SensitivityRow], variant_colors: dict[str, Any]
 # Every figure of a report
 # --------------------------------------------------------------------------------------------
 CAPTIONS = {
-    "lr_vs_loss": "Final loss vs peak LR, one line per variant; "
-    "X: diverged or failed (plotted at the loss at init).",
+    "lr_vs_loss": "Final loss vs peak LR, one line per variant; X: diverged or failed (plotted at the loss at init).",
     "loss": "Train loss (solid) and val loss (dashed) per variant, one line per LR. Red circles: "
     "loss spikes; X: end of a diverged/failed run; other markers: trainer events.",
     "attn_max_logit": "Max attention logit per layer (log scale), one line per LR.",
@@ -491,8 +536,9 @@ def _draw_figures(tables: Tables, marks: SpikeMarks, folder: Path) -> tuple[dict
     palette = _Palette(row.lr for row in rows)
     kinds = {
         k: EVENT_MARKERS[i % len(EVENT_MARKERS)]
-        for i, k in enumerate(sorted({str(e.get(EVENT)) for _, members in groups for _, r in members
-                                      for e in r.events}))
+        for i, k in enumerate(
+            sorted({str(e.get(EVENT)) for _, members in groups for _, r in members for e in r.events})
+        )
     }
     variant_colors = {label: f"C{i % 10}" for i, (label, _) in enumerate(groups)}
     inits = [row.loss_at_init for row in rows if finite(row.loss_at_init)]
@@ -500,9 +546,7 @@ def _draw_figures(tables: Tables, marks: SpikeMarks, folder: Path) -> tuple[dict
     swept = any(len(row.lrs) > 1 for row in sensitivity)  # an LR curve to draw
     candidates = {
         "lr_vs_loss": _lr_figure(sensitivity, variant_colors) if swept else None,
-        "loss": _series_panels(
-            TRAIN_LOSS, groups, palette, marks, kinds, "loss", overlay=VAL_LOSS, ylim_top=loss_top
-        ),
+        "loss": _series_panels(TRAIN_LOSS, groups, palette, marks, kinds, "loss", overlay=VAL_LOSS, ylim_top=loss_top),
         "attn_max_logit": _attention_figure(groups, palette),
         "output_logit_mean": _series_panels(OUTPUT_LOGIT_MEAN, groups, palette, None, kinds, "output logit mean"),
         "output_log_z": _series_panels(OUTPUT_LSE_MEAN, groups, palette, None, kinds, "log Z"),

@@ -95,14 +95,14 @@ class VariantNumbers:
     n_blown_up: int = 0  # diverged or failed, at any LR
 
     def status_text(self) -> str:
-        return ", ".join(f"{n} {status}" if sum(self.statuses.values()) > 1 else status
-                         for status, n in self.statuses.most_common())
+        return ", ".join(
+            f"{n} {status}" if sum(self.statuses.values()) > 1 else status for status, n in self.statuses.most_common()
+        )
 
     def at_lr_text(self) -> str:
         parts = [self.status_text()] if self.statuses else []
         parts += [f"final loss {num(self.final_loss)}"] if self.final_loss is not None else []
-        parts += ([f"peak attention logit {num(self.attn_logit_peak)}"]
-                  if self.attn_logit_peak is not None else [])
+        parts += [f"peak attention logit {num(self.attn_logit_peak)}"] if self.attn_logit_peak is not None else []
         return f"at LR {self.at_lr:g}: " + ", ".join(parts) if self.at_lr is not None and parts else ""
 
     def line(self) -> str:
@@ -207,8 +207,7 @@ class Headline:
         """The headline as console lines (proxy-demo)."""
         lines = [self.lead, *(f"  {line}" for line in self.variants)]
         if self.verdict is not None:
-            lines += [f"{self.verdict.title()}: {self.verdict.lead()}",
-                      *(f"  {item}" for item in self.verdict.items())]
+            lines += [f"{self.verdict.title()}: {self.verdict.lead()}", *(f"  {item}" for item in self.verdict.items())]
         return lines
 
 
@@ -234,5 +233,16 @@ def headline_of(tables: Tables, verdict: Optional[VerdictSummary] = None) -> Hea
     return Headline(lead, [n.line() for n in numbers], verdict)
 
 
-__all__ = ["Claim", "Headline", "MAX_COMPACT", "VariantNumbers", "VerdictSummary", "compact_comparison",
-           "compared_names", "headline_of", "num", "top_lr", "variant_numbers"]
+__all__ = [
+    "Claim",
+    "Headline",
+    "MAX_COMPACT",
+    "VariantNumbers",
+    "VerdictSummary",
+    "compact_comparison",
+    "compared_names",
+    "headline_of",
+    "num",
+    "top_lr",
+    "variant_numbers",
+]

@@ -18,8 +18,21 @@ from typing import Any, Optional, Sequence
 from proxy import analysis
 from proxy.analysis import SpikeOptions
 from proxy.config import type_errors
-from proxy.records import (ATTN_MAX_LOGIT, ATTN_MAX_LOGIT_LAYER, COMPLETED, EVENT, FAILED, GRAD_NORM,
-                           OUTPUT_LOGIT_MEAN, STATUS_DIVERGED, STEP, TRAIN_LOSS, VAL_LOSS, Run, atomic_write_text)
+from proxy.records import (
+    ATTN_MAX_LOGIT,
+    ATTN_MAX_LOGIT_LAYER,
+    COMPLETED,
+    EVENT,
+    FAILED,
+    GRAD_NORM,
+    OUTPUT_LOGIT_MEAN,
+    STATUS_DIVERGED,
+    STEP,
+    TRAIN_LOSS,
+    VAL_LOSS,
+    Run,
+    atomic_write_text,
+)
 from proxy.report.document import csv_cell
 
 FINISHED = (COMPLETED, STATUS_DIVERGED, FAILED)  # runs that are points of an LR curve
@@ -188,14 +201,10 @@ def run_row(run: Run, spikes: SpikeOptions) -> tuple[RunRow, tuple[str, ...]]:
         loss_at_init=_loss_at_init(run),
         final_train_loss=_first(_number(s.get("final_train_loss")), train[-1] if train else None),
         final_val_loss=_first(_number(s.get("final_val_loss")), val[-1] if val else None),
-        best_val_loss=_first(
-            _number(s.get("best_val_loss")), min((v for v in val if finite(v)), default=None)
-        ),
+        best_val_loss=_first(_number(s.get("best_val_loss")), min((v for v in val if finite(v)), default=None)),
         max_attn_logit_peak=_first(_number(s.get("max_attn_logit_peak")), analysis.peak(attn)),
         max_attn_logit_final=_first(_number(s.get("max_attn_logit_final")), analysis.last_finite(attn)),
-        output_logit_mean_final=_first(
-            _number(s.get("output_logit_mean_final")), analysis.last_finite(out_mean)
-        ),
+        output_logit_mean_final=_first(_number(s.get("output_logit_mean_final")), analysis.last_finite(out_mean)),
         spike_score_loss=analysis.spike_score(train, spikes) if train else None,
         spike_score_grad_norm=analysis.spike_score(grad_norm, spikes) if grad_norm else None,
         diverged_at_step=_integer(s.get("diverged_at_step")),
@@ -254,9 +263,7 @@ def sensitivity_row(
         blown.append(row.status in BLOWN_UP)
     sizes = Counter(row.n_params for row, _ in members if row.n_params)
     if len(sizes) > 1:
-        notes.append(
-            f"runs of different sizes share these overrides: {', '.join(map(str, sorted(sizes)))} params"
-        )
+        notes.append(f"runs of different sizes share these overrides: {', '.join(map(str, sorted(sizes)))} params")
     n_params = sizes.most_common(1)
     out = SensitivityRow(
         variant=label,
@@ -307,8 +314,12 @@ class Tables:
     constant: tuple[str, ...] = ()  # what every run has, left out of the run labels (run_labels)
 
 
-def run_labels(rows: Sequence[RunRow], variants: Sequence[tuple[str, ...]],
-               labels: dict[tuple[str, ...], str], shared: tuple[str, ...]) -> tuple[list[str], tuple[str, ...]]:
+def run_labels(
+    rows: Sequence[RunRow],
+    variants: Sequence[tuple[str, ...]],
+    labels: dict[tuple[str, ...], str],
+    shared: tuple[str, ...],
+) -> tuple[list[str], tuple[str, ...]]:
     """Name each run by what varies across the runs only: its variant label (when there is more
     than one variant), ``lr=`` and ``seed=`` (when they vary). Returns the names, in the order of
     ``rows``, and what every run has in common (stated once above the runs table). Runs that
@@ -339,8 +350,7 @@ def run_labels(rows: Sequence[RunRow], variants: Sequence[tuple[str, ...]],
     return [unique(name, row) for name, row in zip(names, rows)], tuple(constant)
 
 
-def tabulate(runs: Sequence[Run], spikes: SpikeOptions,
-             lr_range: Optional[tuple[float, float]] = None) -> Tables:
+def tabulate(runs: Sequence[Run], spikes: SpikeOptions, lr_range: Optional[tuple[float, float]] = None) -> Tables:
     """Reduce loaded runs to the report's tables."""
     pairs = [(*run_row(run, spikes), run) for run in map(usable, runs)]
     labels, shared = analysis.variant_labels([variant for _, variant, _ in pairs])

@@ -123,8 +123,9 @@ class SpikeCapture(StepObserver):
         if self.open is None and self.kits_written >= self.cfg.max_kits:
             return  # nothing more to capture: stop paying for copies
         snapshot = self._snapshot(run, step)
-        batch = _Batch(step, run.data_position, inputs.detach().to("cpu", copy=True),
-                       labels.detach().to("cpu", copy=True))
+        batch = _Batch(
+            step, run.data_position, inputs.detach().to("cpu", copy=True), labels.detach().to("cpu", copy=True)
+        )
         self.batches.append(batch)
         if self.open is not None:
             if step == self.open.after_step:
@@ -132,12 +133,16 @@ class SpikeCapture(StepObserver):
             else:
                 self.open.batches.append(batch)
 
-    def on_step_end(self, run: ObservedRun, step: int, loss: float, grad_norm: float,
-                    event: Optional[Event]) -> None:
+    def on_step_end(self, run: ObservedRun, step: int, loss: float, grad_norm: float, event: Optional[Event]) -> None:
         if not run.dist.is_main:
             return
-        row = {"step": step, "lr": run.lr, "loss": loss, "grad_norm": grad_norm,
-               "event": event.kind if event is not None else None}
+        row = {
+            "step": step,
+            "lr": run.lr,
+            "loss": loss,
+            "grad_norm": grad_norm,
+            "event": event.kind if event is not None else None,
+        }
         self.trace.append(row)
         if self.open is not None:
             self.open.meta["trace"].append(row)
@@ -147,8 +152,7 @@ class SpikeCapture(StepObserver):
             self.detector.accept(*watched)
             self._say_when_armed(step)
             return
-        found = {"step": step, "trigger": spike.trigger, "value": spike.value,
-                 "threshold": spike.threshold}
+        found = {"step": step, "trigger": spike.trigger, "value": spike.value, "threshold": spike.threshold}
         if self._can_open():
             self._open_kit(run, found, event)
         else:
@@ -160,12 +164,19 @@ class SpikeCapture(StepObserver):
         if self._armed_said is None:
             self._armed_said = False
             if history < self.cfg.min_history:
-                log.info("spike capture on: the detector needs %d accepted steps of history and cannot "
-                         "fire before then (only a non-finite loss or grad norm is caught)", self.cfg.min_history)
+                log.info(
+                    "spike capture on: the detector needs %d accepted steps of history and cannot "
+                    "fire before then (only a non-finite loss or grad norm is caught)",
+                    self.cfg.min_history,
+                )
         if not self._armed_said and history >= self.cfg.min_history:
             self._armed_said = True
-            log.info("spike capture armed at step %d (%s baseline, %g sigma)", step,
-                     SpikeBaseline(self.cfg.baseline).value, self.cfg.sigma)
+            log.info(
+                "spike capture armed at step %d (%s baseline, %g sigma)",
+                step,
+                SpikeBaseline(self.cfg.baseline).value,
+                self.cfg.sigma,
+            )
 
     def close(self, run: ObservedRun) -> None:
         if not run.dist.is_main:
@@ -178,10 +189,13 @@ class SpikeCapture(StepObserver):
             loss = _forward_loss(run, held) if held is not None else math.nan
             if self.trace and self.trace[-1]["step"] == step:
                 self.trace.pop()  # replaced by the row that names the divergence
-            found = {"step": step, "trigger": DIVERGED, "value": loss,
-                     "threshold": divergence_bound(run.cfg.train, run.loss_at_init)}
-            row = {"step": step, "lr": run.lr, "loss": loss, "grad_norm": math.nan,
-                   "event": DIVERGED}
+            found = {
+                "step": step,
+                "trigger": DIVERGED,
+                "value": loss,
+                "threshold": divergence_bound(run.cfg.train, run.loss_at_init),
+            }
+            row = {"step": step, "lr": run.lr, "loss": loss, "grad_norm": math.nan, "event": DIVERGED}
             self.trace.append(row)
             if self.open is not None:
                 self.open.meta["trace"].append(row)
@@ -191,20 +205,25 @@ class SpikeCapture(StepObserver):
                 self._note_later_spike(found)
         if self.open is not None:
             end = "diverged" if run.outcome == DIVERGED else "ended"
-            self._close_kit(None, reason=f"the run {end} at step {self._last_step}, before step "
-                                         f"{self.open.after_step}")
+            self._close_kit(None, reason=f"the run {end} at step {self._last_step}, before step {self.open.after_step}")
         elif self._later_dirty:
             write_json(self.last_kit / KIT_JSON, self.last_meta)
 
     # -- internals ----------------------------------------------------------------------------
     def _can_open(self) -> bool:
-        return (self.open is None and bool(self.states) and self.kits_written is not None
-                and self.kits_written < self.cfg.max_kits)
+        return (
+            self.open is None
+            and bool(self.states)
+            and self.kits_written is not None
+            and self.kits_written < self.cfg.max_kits
+        )
 
     def _watched(self, loss: float, grad_norm: float) -> tuple[Optional[float], Optional[float]]:
         trigger = CaptureTrigger(self.cfg.trigger)
-        return (loss if trigger != CaptureTrigger.grad_norm else None,
-                grad_norm if trigger != CaptureTrigger.loss else None)
+        return (
+            loss if trigger != CaptureTrigger.grad_norm else None,
+            grad_norm if trigger != CaptureTrigger.loss else None,
+        )
 
     def _snapshot(self, run: ObservedRun, step: int) -> _Snapshot:
         """Copy the state at the start of ``step`` into the ring, reusing the evicted slot's buffers."""
@@ -227,10 +246,13 @@ class SpikeCapture(StepObserver):
             "format": KIT_FORMAT,
             **found,
             "remedy_event": dict(event) if event is not None else None,
-            "detector": {"baseline": SpikeBaseline(self.cfg.baseline).value, "sigma": self.cfg.sigma,
-                         "window": self.cfg.window,
-                         "min_history": self.cfg.min_history,
-                         "watching": CaptureTrigger(self.cfg.trigger).value},
+            "detector": {
+                "baseline": SpikeBaseline(self.cfg.baseline).value,
+                "sigma": self.cfg.sigma,
+                "window": self.cfg.window,
+                "min_history": self.cfg.min_history,
+                "watching": CaptureTrigger(self.cfg.trigger).value,
+            },
             "states": {"before": _state_meta(before), "at": _state_meta(at), "after": None},
             "trace": list(self.trace),
             "later_spikes": [],
@@ -275,8 +297,7 @@ class SpikeCapture(StepObserver):
     def _timeline_broke(self, run: ObservedRun, step: int) -> None:
         """The loop jumped (a rollback): states and batches held belong to another trajectory."""
         if self.open is not None:
-            self._close_kit(None, reason=f"a rollback at step {self._last_step} rewound the run "
-                                         f"to step {step}")
+            self._close_kit(None, reason=f"a rollback at step {self._last_step} rewound the run to step {step}")
         self.states.clear()
         self.batches.clear()
         self.trace.clear()

@@ -34,8 +34,17 @@ from hydra.types import RunMode
 from proxy.analysis import run_name_from
 from proxy.config import CONF_DIR, Config, ConfigError, register_configs, to_config
 from proxy.data import DataError
-from proxy.records import (ERROR_FILE, INTERRUPTED, START_ERROR_FILE, RunDirError, StateFileError, StoredFileError,
-                           UnsafePathError, terminal_block, terminal_text)
+from proxy.records import (
+    ERROR_FILE,
+    INTERRUPTED,
+    START_ERROR_FILE,
+    RunDirError,
+    StateFileError,
+    StoredFileError,
+    UnsafePathError,
+    terminal_block,
+    terminal_text,
+)
 from proxy.train.ensemble import sweep_requested
 from proxy.train.estimate import announce
 from proxy.train.ledger import RunDirTaken
@@ -83,12 +92,19 @@ def one_line(text: str) -> str:
     gives its message without the hint about HYDRA_FULL_ERROR."""
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     if any(ln.startswith("Traceback (most recent call last)") for ln in lines):
-        causes = [ln for ln in lines if not ln.startswith(("File ", "Traceback", "^", "~"))
-                  and ":" in ln and ln.split(":", 1)[0].replace(".", "").replace("_", "").isalnum()]
+        causes = [
+            ln
+            for ln in lines
+            if not ln.startswith(("File ", "Traceback", "^", "~"))
+            and ":" in ln
+            and ln.split(":", 1)[0].replace(".", "").replace("_", "").isalnum()
+        ]
         denied = next((m for m in map(_DENIED.search, causes) if m), None)
         if denied:  # under "Unable to configure handler 'file'": the folder Hydra logs into
-            return (f"cannot write {denied.group('path')}: {denied.group('why')} (proxy-train writes its log "
-                    "and .hydra/ into hydra.run.dir: give it a writable folder)")
+            return (
+                f"cannot write {denied.group('path')}: {denied.group('why')} (proxy-train writes its log "
+                "and .hydra/ into hydra.run.dir: give it a writable folder)"
+            )
         return causes[-1] if causes else lines[-1]
     lines = [ln for ln in lines if "HYDRA_FULL_ERROR" not in ln and not ln.startswith("object_type")]
     return " ".join(lines)
@@ -131,8 +147,10 @@ def _linked_hydra_files(argv: list[str]) -> Optional[str]:
     links = list(dict.fromkeys(links))
     if links:
         shown = ", ".join(str(p) for p in links[:3]) + (f" and {len(links) - 3} more" if len(links) > 3 else "")
-        return (f"{shown} {'is a link' if len(links) == 1 else 'are links'}; Hydra would write its log and "
-                "config through it: remove the link, or give Hydra another folder")
+        return (
+            f"{shown} {'is a link' if len(links) == 1 else 'are links'}; Hydra would write its log and "
+            "config through it: remove the link, or give Hydra another folder"
+        )
     return None
 
 
@@ -153,8 +171,11 @@ def _refuse_linked_log() -> None:
     for handler in logging.getLogger().handlers:
         name = getattr(handler, "baseFilename", None)
         if name and os.path.islink(name):
-            print(f"error: {terminal_text(name)} is a link; Hydra would append the run's log to what it points "
-                  "at: remove it, or give hydra.run.dir another folder", file=sys.stderr)
+            print(
+                f"error: {terminal_text(name)} is a link; Hydra would append the run's log to what it points "
+                "at: remove it, or give hydra.run.dir another folder",
+                file=sys.stderr,
+            )
             sys.exit(2)
 
 
@@ -200,8 +221,9 @@ def _hydra_task(dcfg) -> Optional[float]:
         print(f"error: {terminal_text(exc)}", file=sys.stderr)
         sys.exit(2)
     except Exception as exc:  # recorded as failed in summary.json, traceback in error.txt
-        print(terminal_text(f"error: run failed: {type(exc).__name__}: {exc}{_traceback_hint(run_dir)}"),
-              file=sys.stderr)
+        print(
+            terminal_text(f"error: run failed: {type(exc).__name__}: {exc}{_traceback_hint(run_dir)}"), file=sys.stderr
+        )
         if not multirun:
             sys.exit(1)
         return None  # a multirun goes on to its next job
@@ -212,8 +234,9 @@ def _hydra_task(dcfg) -> Optional[float]:
     return summary.get("final_val_loss")
 
 
-def _continue_stored(cfg: Config, run_dir: Path, overrides: tuple[str, ...]
-                     ) -> tuple[Config, tuple[str, ...], Optional[str]]:
+def _continue_stored(
+    cfg: Config, run_dir: Path, overrides: tuple[str, ...]
+) -> tuple[Config, tuple[str, ...], Optional[str]]:
     """train.resume=true: the config, overrides and name of the run stored in ``run_dir``, with
     only what this command's overrides set (proxy/train/resume.py); the run's ledger then checks
     that nothing changed that a resume may not change."""
@@ -243,10 +266,13 @@ def _stop_interrupted(summary: dict, run_dir: Path, members: Optional[list[dict]
         if members is None:
             how = resume_command(run_dir)
         else:
-            how = (f"each member on its own, e.g. {resume_command(run_dir / members[0]['ensemble']['label'])} "
-                   f"({len(members)} members interrupted)")
-        print(f"interrupted by {signame} at step {summary.get('steps_completed')}; continue with: {how}",
-              file=sys.stderr)
+            how = (
+                f"each member on its own, e.g. {resume_command(run_dir / members[0]['ensemble']['label'])} "
+                f"({len(members)} members interrupted)"
+            )
+        print(
+            f"interrupted by {signame} at step {summary.get('steps_completed')}; continue with: {how}", file=sys.stderr
+        )
     sys.exit(code)
 
 

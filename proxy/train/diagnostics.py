@@ -21,9 +21,20 @@ import torch
 from torch import Tensor, nn
 
 from proxy.model import GPT, TOKEN_CLASSES, ModelOutput
-from proxy.records import (ATTN_MAX_LOGIT, GRAD_RMS, GROWTH_ACTIVATION, GROWTH_ACTIVATION_FROM_EMBEDDING,
-                           GROWTH_GRADIENT, GROWTH_GRADIENT_FROM_EMBEDDING, MFU, OUTPUT, PARAM_NORM, TOKENS_PER_S,
-                           UPDATE_RMS, attn_layer_key)
+from proxy.records import (
+    ATTN_MAX_LOGIT,
+    GRAD_RMS,
+    GROWTH_ACTIVATION,
+    GROWTH_ACTIVATION_FROM_EMBEDDING,
+    GROWTH_GRADIENT,
+    GROWTH_GRADIENT_FROM_EMBEDDING,
+    MFU,
+    OUTPUT,
+    PARAM_NORM,
+    TOKENS_PER_S,
+    UPDATE_RMS,
+    attn_layer_key,
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -39,7 +50,7 @@ def forward_stats(out: ModelOutput) -> dict[str, float]:
         return stats
     device = tensors[0].device
     values = torch.stack([t.to(device).float().reshape(()) for t in tensors]).tolist()  # one device->host copy
-    maxima, output = values[: len(per_layer)], values[len(per_layer):]
+    maxima, output = values[: len(per_layer)], values[len(per_layer) :]
     for i, value in enumerate(maxima):
         stats[attn_layer_key(i)] = value
     if maxima:
@@ -96,8 +107,11 @@ class UpdateTracker:
 
     def before(self) -> None:
         params = [p.detach() for p in self.model.parameters()]
-        if self._buffers is None or [b.shape for b in self._buffers] != [p.shape for p in params] \
-                or any(b.dtype != p.dtype or b.device != p.device for b, p in zip(self._buffers, params)):
+        if (
+            self._buffers is None
+            or [b.shape for b in self._buffers] != [p.shape for p in params]
+            or any(b.dtype != p.dtype or b.device != p.device for b, p in zip(self._buffers, params))
+        ):
             self._buffers = [torch.empty_like(p) for p in params]
         torch._foreach_copy_(self._buffers, params)
         self._armed = True
@@ -111,9 +125,9 @@ class UpdateTracker:
         params = [p.detach() for _, p in named]
         torch._foreach_sub_(self._buffers, params)  # before - after: the update's norm, no new memory
         values = _norms(self._buffers + params)
-        update_norms, param_norms = values[: len(params)], values[len(params):]
+        update_norms, param_norms = values[: len(params)], values[len(params) :]
         stats: dict[str, float] = {}
-        for (name, p), update, norm in zip(named, update_norms, param_norms):
+        for (name, p), update in zip(named, update_norms):
             lr = lr_of.get(id(p), 0.0)
             stats[UPDATE_RMS + name] = _rms(update, p.numel()) / lr if lr > 0 else 0.0
         stats.update({PARAM_NORM + name: norm for (name, _), norm in zip(named, param_norms)})
@@ -219,9 +233,12 @@ def growth_exponents(model: GPT, idx: Tensor, labels: Tensor) -> dict[str, float
     def exponent(a: Tensor, b: Tensor) -> float:
         return math.log(mean_norm(b) / mean_norm(a)) / n_layers
 
-    result = {GROWTH_ACTIVATION: exponent(first, last), GROWTH_GRADIENT: exponent(first.grad, last.grad),
-              GROWTH_ACTIVATION_FROM_EMBEDDING: exponent(embedded, last),
-              GROWTH_GRADIENT_FROM_EMBEDDING: exponent(embedded.grad, last.grad)}
+    result = {
+        GROWTH_ACTIVATION: exponent(first, last),
+        GROWTH_GRADIENT: exponent(first.grad, last.grad),
+        GROWTH_ACTIVATION_FROM_EMBEDDING: exponent(embedded, last),
+        GROWTH_GRADIENT_FROM_EMBEDDING: exponent(embedded.grad, last.grad),
+    }
     model.zero_grad(set_to_none=True)
     return result
 

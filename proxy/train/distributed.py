@@ -41,8 +41,10 @@ def _export_slurm_env() -> None:
     if "RANK" in os.environ or int(os.environ.get("SLURM_NTASKS", "1")) <= 1:
         return
     if os.environ.get("SUBMITIT_EXECUTOR") != "slurm":
-        raise RuntimeError("several SLURM tasks but no torchrun and no submitit job: launch with "
-                           "hydra/launcher=slurm_ddp or wrap the command in torchrun")
+        raise RuntimeError(
+            "several SLURM tasks but no torchrun and no submitit job: launch with "
+            "hydra/launcher=slurm_ddp or wrap the command in torchrun"
+        )
     from submitit.helpers import TorchDistributedEnvironment
 
     TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
@@ -63,8 +65,7 @@ def setup(info: DistInfo, device: torch.device) -> None:
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(backend=backend, rank=info.rank, world_size=info.world_size,
-                            timeout=timedelta(minutes=10))
+    dist.init_process_group(backend=backend, rank=info.rank, world_size=info.world_size, timeout=timedelta(minutes=10))
 
 
 def teardown() -> None:

@@ -61,11 +61,23 @@ class Engine(Protocol):
 
     def schedule(self, step: int) -> list[float]: ...
 
-    def compute(self, step: int, lrs: list[float], x: Tensor, y: Tensor, remedies: Sequence[Optional[Remedy]],
-                active: Sequence[bool], *, collect: bool, measure: bool, data_position: int) -> Computed: ...
+    def compute(
+        self,
+        step: int,
+        lrs: list[float],
+        x: Tensor,
+        y: Tensor,
+        remedies: Sequence[Optional[Remedy]],
+        active: Sequence[bool],
+        *,
+        collect: bool,
+        measure: bool,
+        data_position: int,
+    ) -> Computed: ...
 
-    def apply(self, computed: Computed, update: Sequence[bool], active: Sequence[bool],
-              measure: bool) -> list[dict[str, float]]: ...
+    def apply(
+        self, computed: Computed, update: Sequence[bool], active: Sequence[bool], measure: bool
+    ) -> list[dict[str, float]]: ...
 
     def statistics(self, computed: Computed) -> list[dict[str, float]]: ...
 
@@ -90,8 +102,15 @@ class SingleEngine:
 
     n_members = 1
 
-    def __init__(self, cfg: Config, model: nn.Module, optimizer: torch.optim.Optimizer, forward: Callable,
-                 autocast: Callable[[], ContextManager], device: torch.device):
+    def __init__(
+        self,
+        cfg: Config,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        forward: Callable,
+        autocast: Callable[[], ContextManager],
+        device: torch.device,
+    ):
         self.cfg, self.model, self.optimizer = cfg, model, optimizer
         self.forward, self.autocast, self.device = forward, autocast, device
         self.stepper = TrainStep(cfg, model, optimizer, forward, autocast, device)
@@ -100,14 +119,27 @@ class SingleEngine:
     def schedule(self, step: int) -> list[float]:
         return [self.stepper.schedule(step)]
 
-    def compute(self, step: int, lrs: list[float], x: Tensor, y: Tensor, remedies: Sequence[Optional[Remedy]],
-                active: Sequence[bool], *, collect: bool, measure: bool, data_position: int) -> Computed:
-        r = self.stepper.compute(step, lrs[0], x, y, remedies[0], collect_stats=collect, measure_grads=measure,
-                                 data_position=data_position)
+    def compute(
+        self,
+        step: int,
+        lrs: list[float],
+        x: Tensor,
+        y: Tensor,
+        remedies: Sequence[Optional[Remedy]],
+        active: Sequence[bool],
+        *,
+        collect: bool,
+        measure: bool,
+        data_position: int,
+    ) -> Computed:
+        r = self.stepper.compute(
+            step, lrs[0], x, y, remedies[0], collect_stats=collect, measure_grads=measure, data_position=data_position
+        )
         return Computed([r.lr], [r.loss], [r.grad_norm], [r.event], [r.grad_stats], r.collect, r.out, [r])
 
-    def apply(self, computed: Computed, update: Sequence[bool], active: Sequence[bool],
-              measure: bool) -> list[dict[str, float]]:
+    def apply(
+        self, computed: Computed, update: Sequence[bool], active: Sequence[bool], measure: bool
+    ) -> list[dict[str, float]]:
         self.stepper.apply(computed.results[0], self.updates if measure else None)  # skips on its event
         return [self.updates.after() if measure else {}]
 

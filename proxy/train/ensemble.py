@@ -116,8 +116,11 @@ def member_specs(cfg: Config, overrides: Sequence[str] = ()) -> list[MemberSpec]
         values = {"optim.lr": float(lr), "train.seed": int(seed), "optim.weight_decay": float(wd)}
         own = [(short, key, values[key]) for swept, _, short, key in axes if swept]
         label = ",".join(f"{short}={value!r}" for short, _, value in own)
-        specs.append(MemberSpec(label, float(lr), int(seed), float(wd),
-                                tuple(kept + [f"{key}={value!r}" for _, key, value in own])))
+        specs.append(
+            MemberSpec(
+                label, float(lr), int(seed), float(wd), tuple(kept + [f"{key}={value!r}" for _, key, value in own])
+            )
+        )
     return specs
 
 
@@ -144,8 +147,10 @@ def member_run_name(spec: MemberSpec, run_name: Optional[str], overrides: Sequen
 def check_supported(cfg: Config) -> None:
     """Refuse, in one line, what an ensemble cannot do (see the module docstring)."""
     if RemedyKind(cfg.remedy.kind) == RemedyKind.rollback:
-        raise ConfigError("remedy.kind=rollback is not supported with sweep.*: a rollback rewinds the batch stream "
-                          "the members share; run the sweep as a Hydra multirun instead")
+        raise ConfigError(
+            "remedy.kind=rollback is not supported with sweep.*: a rollback rewinds the batch stream "
+            "the members share; run the sweep as a Hydra multirun instead"
+        )
     if distributed.from_env().enabled:
         raise ConfigError("sweep.* trains its members in one process; do not start it with torchrun or several tasks")
 
@@ -186,32 +191,47 @@ class StackedGPT:
         self._mapped: dict[tuple, Any] = {}
 
     # -- forward -----------------------------------------------------------------------------
-    def _member_forward(self, params: dict[str, Tensor], idx: Tensor, labels: Tensor, *, z_loss: float,
-                        ignore_index: int, collect_stats: bool):
-        out = functional_call(self.base, params, (idx, labels), dict(
-            z_loss=z_loss, ignore_index=ignore_index, collect_stats=collect_stats))
+    def _member_forward(
+        self,
+        params: dict[str, Tensor],
+        idx: Tensor,
+        labels: Tensor,
+        *,
+        z_loss: float,
+        ignore_index: int,
+        collect_stats: bool,
+    ):
+        out = functional_call(
+            self.base,
+            params,
+            (idx, labels),
+            dict(z_loss=z_loss, ignore_index=ignore_index, collect_stats=collect_stats),
+        )
         maxima = [m for m in out.attn_max_logits if m is not None]  # vmap returns tensors only
         return out.loss, out.ce_loss, out.z_loss, maxima, dict(out.output_stats)
 
     def _mapped_forward(self, z_loss: float, ignore_index: int, collect_stats: bool):
         key = (z_loss, ignore_index, collect_stats, self.compile)
         if key not in self._mapped:
-            fn = functools.partial(self._member_forward, z_loss=z_loss, ignore_index=ignore_index,
-                                   collect_stats=collect_stats)
+            fn = functools.partial(
+                self._member_forward, z_loss=z_loss, ignore_index=ignore_index, collect_stats=collect_stats
+            )
             # parameters are mapped over, the batch is shared; "different" keeps any future dropout
             # independent per member instead of failing
             mapped = vmap(fn, in_dims=(0, None, None), randomness="different")
             self._mapped[key] = torch.compile(mapped) if self.compile else mapped
         return self._mapped[key]
 
-    def __call__(self, idx: Tensor, labels: Tensor, *, z_loss: float = 0.0, ignore_index: int = -100,
-                 collect_stats: bool = False) -> StackedOutput:
+    def __call__(
+        self, idx: Tensor, labels: Tensor, *, z_loss: float = 0.0, ignore_index: int = -100, collect_stats: bool = False
+    ) -> StackedOutput:
         with warnings.catch_warnings():
             # CPU sdpa has no vmap batching rule: torch loops over members (correct, slower) and says so
             # on every call; once is enough (it is in the docs and in the run log)
             warnings.filterwarnings("ignore", message=".*_scaled_dot_product_flash_attention_for_cpu.*")
             loss, ce, z, maxima, stats = self._mapped_forward(z_loss, ignore_index, collect_stats)(
-                self.params, idx, labels)
+                self.params, idx, labels
+            )
         return StackedOutput(loss, ce, z, list(maxima), dict(stats))
 
     # -- memory layout -----------------------------------------------------------------------
@@ -231,6 +251,7 @@ class StackedGPT:
             def hook(grad: Tensor) -> None:
                 if is_dense(grad):
                     arrived[name] = grad.stride()
+
             return hook
 
         handles = [p.register_hook(remember(name)) for name, p in self.params.items()]
@@ -299,9 +320,16 @@ class StackedEngine:
     (proxy/train/ensemble_optim.py). Each member is initialised exactly as a standalone run with
     its seed, so member k follows the standalone run up to the rounding of batched matmuls."""
 
-    def __init__(self, configs: Sequence[Config], vocab_size: int, device: torch.device,
-                 autocast: Callable[[], ContextManager], compile: bool, probe: tuple[Tensor, Tensor],
-                 mark: Callable[[GPT], Any]):
+    def __init__(
+        self,
+        configs: Sequence[Config],
+        vocab_size: int,
+        device: torch.device,
+        autocast: Callable[[], ContextManager],
+        compile: bool,
+        probe: tuple[Tensor, Tensor],
+        mark: Callable[[GPT], Any],
+    ):
         cfg = configs[0]
         self.cfg, self.configs, self.device, self.autocast = cfg, list(configs), device, autocast
         self.n_members = len(configs)
@@ -317,9 +345,13 @@ class StackedEngine:
         # a tiny forward/backward before any record exists: it fixes the parameter layouts (and a
         # backend that cannot run here fails now, not after the records are open)
         self.model.adopt_gradient_layouts(probe[0][:2, :16], probe[1][:2, :16], autocast)
-        self.optimizer = StackedAdamW(self.model.params, param_rules(self.model.base, cfg.optim),
-                                      [c.optim.lr for c in configs], [c.optim.weight_decay for c in configs],
-                                      cfg.optim)
+        self.optimizer = StackedAdamW(
+            self.model.params,
+            param_rules(self.model.base, cfg.optim),
+            [c.optim.lr for c in configs],
+            [c.optim.weight_decay for c in configs],
+            cfg.optim,
+        )
         self._multiplier = 0.0
         self._before: Optional[dict[str, Tensor]] = None
 
@@ -329,24 +361,35 @@ class StackedEngine:
         self._multiplier = schedule_multiplier(step, cfg.train.steps, cfg.schedule)
         return [c.optim.lr * self._multiplier for c in self.configs]  # as proxy.optim.apply_lr returns
 
-    def compute(self, step: int, lrs: list[float], x: Tensor, y: Tensor, remedies: Sequence[Optional[Remedy]],
-                active: Sequence[bool], *, collect: bool, measure: bool, data_position: int) -> Computed:
+    def compute(
+        self,
+        step: int,
+        lrs: list[float],
+        x: Tensor,
+        y: Tensor,
+        remedies: Sequence[Optional[Remedy]],
+        active: Sequence[bool],
+        *,
+        collect: bool,
+        measure: bool,
+        data_position: int,
+    ) -> Computed:
         cfg = self.cfg
         with self.autocast():
-            out = self.model(x, y, z_loss=cfg.loss.z_loss, ignore_index=cfg.loss.ignore_index,
-                             collect_stats=collect)
+            out = self.model(x, y, z_loss=cfg.loss.z_loss, ignore_index=cfg.loss.ignore_index, collect_stats=collect)
         out.loss.sum().backward()
         names = [n for n, p in self.model.params.items() if p.grad is not None]
         grads = self.model.grads()
         rms = [_per_member(g, "rms") for g in grads] if measure else []  # before clipping
         norms = member_grad_norms(grads)
-        thresholds = [r.clip_threshold(cfg.optim.grad_clip) if r is not None else cfg.optim.grad_clip
-                      for r in remedies]
+        thresholds = [r.clip_threshold(cfg.optim.grad_clip) if r is not None else cfg.optim.grad_clip for r in remedies]
         clip_members_(grads, norms, thresholds)
         values = torch.stack([out.ce_loss.detach().float(), norms, *rms]).tolist()  # one sync
         losses, grad_norms = values[0], values[1]
-        grad_stats = [{GRAD_RMS + n: values[2 + i][k] for i, n in enumerate(names)} if measure else {}
-                      for k in range(self.n_members)]
+        grad_stats = [
+            {GRAD_RMS + n: values[2 + i][k] for i, n in enumerate(names)} if measure else {}
+            for k in range(self.n_members)
+        ]
         events: list[Optional[Event]] = []
         for k, remedy in enumerate(remedies):
             if remedy is None or not active[k]:
@@ -356,8 +399,9 @@ class StackedEngine:
             events.append(remedy.after_backward(step, losses[k], grad_norms[k], views, data_position))
         return Computed(lrs, losses, grad_norms, events, grad_stats, collect, out)
 
-    def apply(self, computed: Computed, update: Sequence[bool], active: Sequence[bool],
-              measure: bool) -> list[dict[str, float]]:
+    def apply(
+        self, computed: Computed, update: Sequence[bool], active: Sequence[bool], measure: bool
+    ) -> list[dict[str, float]]:
         """The update of the members in ``update``; an active member left out (its step was
         skipped) keeps its parameters, moments and step count; an inactive one never moves again."""
         moving = [u and a for u, a in zip(update, active)]
@@ -376,8 +420,7 @@ class StackedEngine:
             columns[PARAM_NORM + n] = _per_member(p.detach(), "norm")
         keys = list(columns)
         values = torch.stack([columns[k] for k in keys]).tolist()  # one sync
-        return [{key: values[i][k] for i, key in enumerate(keys)} if moving[k] else {}
-                for k in range(self.n_members)]
+        return [{key: values[i][k] for i, key in enumerate(keys)} if moving[k] else {} for k in range(self.n_members)]
 
     def statistics(self, computed: Computed) -> list[dict[str, float]]:
         if not computed.collect:
@@ -386,8 +429,14 @@ class StackedEngine:
         keys = list(columns)
         values = torch.stack([columns[k].to(self.device) for k in keys]).tolist() if keys else []
         # a NaN output statistic: no label counted in the batch (diagnostics.forward_stats)
-        return [{key: values[i][k] for i, key in enumerate(keys)
-                 if not (key.startswith(OUTPUT) and math.isnan(values[i][k]))} for k in range(self.n_members)]
+        return [
+            {
+                key: values[i][k]
+                for i, key in enumerate(keys)
+                if not (key.startswith(OUTPUT) and math.isnan(values[i][k]))
+            }
+            for k in range(self.n_members)
+        ]
 
     def loss_parts(self, computed: Computed) -> list[tuple[float, float]]:
         out = computed.out
@@ -446,6 +495,7 @@ class StackedEngine:
 
     def flops_per_token(self, seq_len: int) -> float:
         return self.model.base.flops_per_token(seq_len) * self.n_members  # MFU of the whole ensemble
+
 
 def _forward_stats(out: StackedOutput) -> dict[str, Tensor]:
     """diagnostics.forward_stats per member: (K,) columns under the standalone keys."""

@@ -219,8 +219,9 @@ class StackedAdamW:
             self._scratch = torch.empty(2 * self._scratch_size, dtype=t.dtype, device=t.device)
         return self._scratch.as_strided(t.shape, t.stride(), slot * self._scratch_size)
 
-    def _decay_factors(self, rule: ParamRule, lrs: list[float], multiplier: float,
-                       active: Sequence[bool]) -> list[float] | None:
+    def _decay_factors(
+        self, rule: ParamRule, lrs: list[float], multiplier: float, active: Sequence[bool]
+    ) -> list[float] | None:
         """``1 - decay`` per member (1 for members with no decay), or None when nobody decays."""
         if not rule.decay or not any(wd != 0 and on for wd, on in zip(self.weight_decays, active)):
             return None

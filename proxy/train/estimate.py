@@ -55,22 +55,28 @@ class Estimate:
 
     def describe(self) -> str:
         minutes = self.seconds / 60
-        return (f"~{minutes:.1f} min ({self.tokens / 1e6:.1f}M tokens x {self.members} member(s), "
-                f"{self.step_s * 1e3:.1f} ms/step at an assumed {100 * self.mfu:.0f}% MFU)")
+        return (
+            f"~{minutes:.1f} min ({self.tokens / 1e6:.1f}M tokens x {self.members} member(s), "
+            f"{self.step_s * 1e3:.1f} ms/step at an assumed {100 * self.mfu:.0f}% MFU)"
+        )
 
 
 def non_embedding_params(cfg: Config) -> int:
     m = cfg.model
-    return 12 * m.n_layers * m.d_model ** 2
+    return 12 * m.n_layers * m.d_model**2
 
 
-def estimate(cfg: Config, gpu: str = "H200", vocab_size: Optional[int] = None,
-             members: Optional[int] = None, compiled: Optional[bool] = None) -> Estimate:
+def estimate(
+    cfg: Config,
+    gpu: str = "H200",
+    vocab_size: Optional[int] = None,
+    members: Optional[int] = None,
+    compiled: Optional[bool] = None,
+) -> Estimate:
     """The device time of one run (or one ensemble: K members at once) of ``cfg`` on ``gpu``."""
     m, t = cfg.model, cfg.train
     vocab = vocab_size or m.vocab_size or (cfg.data.synthetic.vocab_size if cfg.data.source == "synthetic" else 50304)
-    k = members or max(1, len(cfg.sweep.lrs or [0]) * len(cfg.sweep.seeds or [0])
-                       * len(cfg.sweep.weight_decays or [0]))
+    k = members or max(1, len(cfg.sweep.lrs or [0]) * len(cfg.sweep.seeds or [0]) * len(cfg.sweep.weight_decays or [0]))
     compiled = (str(t.compile).lower() != "false") if compiled is None else compiled
     n = non_embedding_params(cfg)
     per_token = 6 * (n + vocab * m.d_model) + 12 * m.n_layers * m.d_model * t.seq_len / 2
@@ -122,8 +128,11 @@ def sweep_jobs(overrides: Sequence[str]) -> list[list[str]]:
     axes = []
     for override in parser.parse_overrides(lines):
         key = override.get_key_element()
-        values = list(override.sweep_string_iterator()) if override.is_sweep_override() else [
-            override.get_value_element_as_str()]
+        values = (
+            list(override.sweep_string_iterator())
+            if override.is_sweep_override()
+            else [override.get_value_element_as_str()]
+        )
         axes.append([f"{key}={v}" for v in values])
     jobs = [[]]
     for axis in axes:
@@ -154,8 +163,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         est = estimate(job_config(job), args.gpu)
         total += est.seconds
         print(f"{est.seconds / 60:7.1f} min  {','.join(o for o in job if not o.startswith('+experiment'))}")
-    print(f"{total / 60:7.1f} min  in all: {len(jobs)} job(s) one after another on one {args.gpu} (estimate; "
-          "benchmarks/gpu_check.py measures the real rates)")
+    print(
+        f"{total / 60:7.1f} min  in all: {len(jobs)} job(s) one after another on one {args.gpu} (estimate; "
+        "benchmarks/gpu_check.py measures the real rates)"
+    )
     return 0
 
 

@@ -37,11 +37,40 @@ import torch
 from omegaconf import OmegaConf
 
 from proxy.config import Config, ConfigError, as_dict
-from proxy.records import (ATTN_MAX_LOGIT, CHECKPOINTS, CONFIG, ERROR_FILE, FAILED, GRAD_NORM, KITS_DIR, LR,
-                           OUTPUT_LOGIT_MEAN, REMEDY, ROLLBACK_DIR, RUNNING, START_ERROR_FILE, SUMMARY, TOKENS,
-                           TRAIN_LOSS, TRAIN_TOTAL_LOSS, TRAIN_Z_LOSS, UNKNOWN, NullRecord, RunLock, RunRecord,
-                           StateFileError, atomic_write_text, check_no_links,
-                           checkpoints, holds_run, load_state, read_json, remove_temporaries, save_state, state_step)
+from proxy.records import (
+    ATTN_MAX_LOGIT,
+    CHECKPOINTS,
+    CONFIG,
+    ERROR_FILE,
+    FAILED,
+    GRAD_NORM,
+    KITS_DIR,
+    LR,
+    OUTPUT_LOGIT_MEAN,
+    REMEDY,
+    ROLLBACK_DIR,
+    RUNNING,
+    START_ERROR_FILE,
+    SUMMARY,
+    TOKENS,
+    TRAIN_LOSS,
+    TRAIN_TOTAL_LOSS,
+    TRAIN_Z_LOSS,
+    UNKNOWN,
+    NullRecord,
+    RunLock,
+    RunRecord,
+    StateFileError,
+    atomic_write_text,
+    check_no_links,
+    checkpoints,
+    holds_run,
+    load_state,
+    read_json,
+    remove_temporaries,
+    save_state,
+    state_step,
+)
 from proxy.train.remedies import Event
 from proxy.train.resume import ResumeCheck, accumulate, check_resume, runtime_changes, trained_config
 from proxy.train.runtime import ATTN_MAX_LOGIT_PEAK, summary_fields
@@ -57,16 +86,32 @@ class RunDirTaken(ConfigError):
     """A fresh run asked to write into a directory that already holds a run."""
 
 
-def step_row(*, tokens: int, loss: float, z_loss: float, total_loss: float, lr: float,
-             grad_norm: float) -> dict[str, float]:
+def step_row(
+    *, tokens: int, loss: float, z_loss: float, total_loss: float, lr: float, grad_norm: float
+) -> dict[str, float]:
     """The scalars every train row has, under the contract's keys (standalone and ensemble)."""
-    return {TOKENS: tokens, TRAIN_LOSS: loss, TRAIN_Z_LOSS: z_loss, TRAIN_TOTAL_LOSS: total_loss, LR: lr,
-            GRAD_NORM: grad_norm}
+    return {
+        TOKENS: tokens,
+        TRAIN_LOSS: loss,
+        TRAIN_Z_LOSS: z_loss,
+        TRAIN_TOTAL_LOSS: total_loss,
+        LR: lr,
+        GRAD_NORM: grad_norm,
+    }
 
 
-def checkpoint_state(*, model: dict, optimizer: dict, step: int, data_position: int, tokens: int,
-                     loss_at_init: Optional[float], remedy: dict, record_lines: int,
-                     config: Optional[dict] = None) -> dict[str, Any]:
+def checkpoint_state(
+    *,
+    model: dict,
+    optimizer: dict,
+    step: int,
+    data_position: int,
+    tokens: int,
+    loss_at_init: Optional[float],
+    remedy: dict,
+    record_lines: int,
+    config: Optional[dict] = None,
+) -> dict[str, Any]:
     """The one checkpoint format (loads with ``torch.load(weights_only=True)``): the state at the
     start of ``step``, how many metrics.jsonl lines the run had written by then, and the config it
     was trained with (what a resume is compared with: an edited config.yaml cannot slip through)."""
@@ -86,8 +131,17 @@ def checkpoint_state(*, model: dict, optimizer: dict, step: int, data_position: 
 
 
 class RunLedger:
-    def __init__(self, cfg: Config, run_dir: str | Path, run_name: str, sweep_id: Optional[str] = None, *,
-                 resume: bool = False, main: bool = True, concurrent_wandb: bool = False):
+    def __init__(
+        self,
+        cfg: Config,
+        run_dir: str | Path,
+        run_name: str,
+        sweep_id: Optional[str] = None,
+        *,
+        resume: bool = False,
+        main: bool = True,
+        concurrent_wandb: bool = False,
+    ):
         self.cfg, self.dir, self.run_name, self.sweep_id, self.main = cfg, Path(run_dir), run_name, sweep_id, main
         self.resume, self.concurrent_wandb = resume, concurrent_wandb
         self.lock = RunLock(self.dir)
@@ -124,8 +178,10 @@ class RunLedger:
         self.existed = holds_run(self.dir)
         if self.existed and not self.resume:
             status = _previous_status(self.dir)
-            raise RunDirTaken(f"{self.dir} already holds a run (status {status}): continue it with "
-                              "train.resume=true, or give this run another out_dir")
+            raise RunDirTaken(
+                f"{self.dir} already holds a run (status {status}): continue it with "
+                "train.resume=true, or give this run another out_dir"
+            )
         self._sweep_temporaries()
 
     def _sweep_temporaries(self) -> None:
@@ -178,15 +234,31 @@ class RunLedger:
         metrics.jsonl back to it (its first ``lines`` lines). Up to here nothing but the lock
         file was written."""
         cfg = self.cfg
-        self.sinks = open_sinks(cfg, self.dir, self.run_name, self.sweep_id, main=self.main,
-                                concurrent=self.concurrent_wandb, resume_step=resume_step)
+        self.sinks = open_sinks(
+            cfg,
+            self.dir,
+            self.run_name,
+            self.sweep_id,
+            main=self.main,
+            concurrent=self.concurrent_wandb,
+            resume_step=resume_step,
+        )
         self.record = (RunRecord if self.main else NullRecord)(self.dir, resume=self.resume)
         if resume_step is not None:
             self.record.truncate_after(resume_step - 1, lines)
             self._set_aside_newer(resume_step)
 
-    def start(self, *, overrides: tuple[str, ...], n_params: int, n_params_non_embedding: int,
-              device: torch.device, data: dict, lr: float, **extra: Any) -> None:
+    def start(
+        self,
+        *,
+        overrides: tuple[str, ...],
+        n_params: int,
+        n_params_non_embedding: int,
+        device: torch.device,
+        data: dict,
+        lr: float,
+        **extra: Any,
+    ) -> None:
         """Write config.yaml and mark the run running; the wall clock starts (or, on resume,
         goes on from the recorded wall time)."""
         if self.record is None:
@@ -223,8 +295,7 @@ class RunLedger:
         changes train.resume_override forced, kept over every resume."""
         now = {"device": str(device), "backends": backends or {}, "threads": threads}
         previous = {key: self.summary.get(key) for key in now if self.summary.get(key) is not None}
-        fields: dict[str, Any] = {"resumed_with": {**self.resume_check.resumed_with,
-                                                   **runtime_changes(previous, now)}}
+        fields: dict[str, Any] = {"resumed_with": {**self.resume_check.resumed_with, **runtime_changes(previous, now)}}
         if self.resume_check.forced or self.summary.get("resume_override"):
             fields["resume_override"] = accumulate(self.summary.get("resume_override"), self.resume_check.forced)
         return fields
@@ -246,7 +317,7 @@ class RunLedger:
 
     def track_loss(self, loss: float) -> None:
         """A step's train loss, of which the last ``train.log_every`` make final_train_loss."""
-        self.recent_losses = (self.recent_losses + [loss])[-self.cfg.train.log_every:]
+        self.recent_losses = (self.recent_losses + [loss])[-self.cfg.train.log_every :]
 
     def event(self, step: int, kind: str, **fields: Any) -> None:
         """An event row (a divergence, a spike kit, ...)."""
@@ -264,8 +335,7 @@ class RunLedger:
         if not self.main:
             return None
         path = self.dir / CHECKPOINTS / CHECKPOINT_NAME.format(step=step)
-        save_state(path, checkpoint_state(step=step, record_lines=self.record.lines, config=as_dict(self.cfg),
-                                          **state))
+        save_state(path, checkpoint_state(step=step, record_lines=self.record.lines, config=as_dict(self.cfg), **state))
         for old in checkpoints(self.dir)[: -max(1, self.cfg.train.keep_checkpoints)]:
             old.unlink()
         return path
@@ -291,12 +361,29 @@ class RunLedger:
                 path.unlink()
 
     # -- the end -------------------------------------------------------------------------------
-    def finish(self, status: str, *, steps: int, tokens: int, diverged_at: Optional[int] = None,
-               final_val: Optional[float] = None, **extra: Any) -> dict[str, Any]:
+    def finish(
+        self,
+        status: str,
+        *,
+        steps: int,
+        tokens: int,
+        diverged_at: Optional[int] = None,
+        final_val: Optional[float] = None,
+        **extra: Any,
+    ) -> dict[str, Any]:
         """The final summary (status completed | diverged | interrupted), wandb closed, the
         record closed, the lock released."""
-        fields = summary_fields(status, steps, tokens, time.time() - self._clock, self.recent_losses,
-                                self.stats_seen, self.summary.get("best_val_loss"), diverged_at, final_val)
+        fields = summary_fields(
+            status,
+            steps,
+            tokens,
+            time.time() - self._clock,
+            self.recent_losses,
+            self.stats_seen,
+            self.summary.get("best_val_loss"),
+            diverged_at,
+            final_val,
+        )
         self.record.update(**fields, **extra)
         self.sinks.summary(fields)
         self.sinks.finish(failed=status == FAILED)

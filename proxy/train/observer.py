@@ -51,8 +51,7 @@ class StepObserver:
     def on_batch(self, run: ObservedRun, step: int, inputs: Tensor, labels: Tensor) -> None:
         pass
 
-    def on_step_end(self, run: ObservedRun, step: int, loss: float, grad_norm: float,
-                    event: Optional[Event]) -> None:
+    def on_step_end(self, run: ObservedRun, step: int, loss: float, grad_norm: float, event: Optional[Event]) -> None:
         pass
 
     def close(self, run: ObservedRun) -> None:

@@ -61,8 +61,14 @@ class Event(Mapping):
     __slots__ = ("_fields",)
 
     def __init__(self, step: int, kind: str, trigger: str, value: float, threshold: float, **extra: Any):
-        self._fields = {"step": int(step), "kind": kind, "trigger": trigger, "value": float(value),
-                        "threshold": float(threshold), **extra}
+        self._fields = {
+            "step": int(step),
+            "kind": kind,
+            "trigger": trigger,
+            "value": float(value),
+            "threshold": float(threshold),
+            **extra,
+        }
 
     def __getitem__(self, key: str) -> Any:
         return self._fields[key]
@@ -116,17 +122,20 @@ class Restored:
 class Remedy(ABC):
     """What the trainer asks of a remedy, in the order of one step (see the module doc)."""
 
-    def before_step(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    data_position: int, extra_state: Any = None) -> None:
-        """At the start of ``step``, before its batch is drawn."""
+    def before_step(
+        self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, data_position: int, extra_state: Any = None
+    ) -> None:
+        """At the start of ``step``, before its batch is drawn (most remedies: nothing)."""
+        return None
 
     def clip_threshold(self, grad_clip: float) -> float:
         """The fixed clipping applied before :meth:`after_backward` sees the grad norm."""
         return grad_clip
 
     @abstractmethod
-    def after_backward(self, step: int, loss: Number, grad_norm: Number, params: list[Tensor],
-                       data_position: Optional[int] = None) -> Optional[Event]:
+    def after_backward(
+        self, step: int, loss: Number, grad_norm: Number, params: list[Tensor], data_position: Optional[int] = None
+    ) -> Optional[Event]:
         """The step's numbers (grad norm before any clipping by the remedy, ``data_position`` the
         next unread batch); an event if the remedy acts, else None."""
 
@@ -135,7 +144,8 @@ class Remedy(ABC):
         raise RuntimeError(f"{type(self).__name__} never rewinds")
 
     def close(self) -> None:
-        """The run has ended: release what the remedy holds (files, memory)."""
+        """The run has ended: release what the remedy holds (files, memory), if anything."""
+        return None
 
     @abstractmethod
     def state_dict(self) -> dict[str, Any]: ...
@@ -176,8 +186,13 @@ class SpikeDetector:
     TREND_WINDOW = 32  # the local trend: recent enough to follow the early descent
     MIN_SCALE = 0.01  # log units: a perfectly smooth series still needs a ~6% jump at 6 sigma
 
-    def __init__(self, sigma: float = 6.0, window: int = 128, min_history: int = 20,
-                 baseline: SpikeBaseline | str = SpikeBaseline.trend):
+    def __init__(
+        self,
+        sigma: float = 6.0,
+        window: int = 128,
+        min_history: int = 20,
+        baseline: SpikeBaseline | str = SpikeBaseline.trend,
+    ):
         if sigma <= 0 or window < 2 or not 2 <= min_history <= window:
             raise ValueError(
                 f"SpikeDetector: need sigma > 0 and 2 <= min_history <= window, got sigma={sigma}, "
@@ -200,7 +215,7 @@ class SpikeDetector:
             mean = math.fsum(values) / len(values)
             var = math.fsum((v - mean) ** 2 for v in values) / len(values)
             return mean + self.sigma * math.sqrt(var)
-        return self._trend_bar(list(values)[-self.TREND_WINDOW:])
+        return self._trend_bar(list(values)[-self.TREND_WINDOW :])
 
     def _trend_bar(self, recent: list[float]) -> float:
         logs = [math.log(v) for v in recent]
@@ -258,20 +273,19 @@ class SkipStep(Remedy):
         self.detector = _detector(cfg)
         self.skipped = 0
 
-    def after_backward(self, step: int, loss: Number, grad_norm: Number, params: list[Tensor],
-                       data_position: Optional[int] = None) -> Optional[Event]:
+    def after_backward(
+        self, step: int, loss: Number, grad_norm: Number, params: list[Tensor], data_position: Optional[int] = None
+    ) -> Optional[Event]:
         return self.check(step, loss, grad_norm)
 
-    def check(self, step: int, loss: Optional[Number],
-              grad_norm: Optional[Number]) -> Optional[Event]:
+    def check(self, step: int, loss: Optional[Number], grad_norm: Optional[Number]) -> Optional[Event]:
         """A ``skip_step`` event if this step must not be applied; else None (and remember it)."""
         spike = self.detector.test(loss, grad_norm)
         if spike is None:
             self.detector.accept(loss, grad_norm)
             return None
         self.skipped += 1
-        return make_event(step, SKIP_STEP, spike.trigger, spike.value, spike.threshold,
-                          skipped=self.skipped)
+        return make_event(step, SKIP_STEP, spike.trigger, spike.value, spike.threshold, skipped=self.skipped)
 
     def state_dict(self) -> dict[str, Any]:
         return {"detector": self.detector.state_dict(), "skipped": self.skipped}
@@ -343,16 +357,19 @@ class Rollback(Remedy):
         self.skipped = 0
         self._pending: Optional[tuple[Snapshot, int]] = None  # (target, data position to go on from)
 
-    def before_step(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    data_position: int, extra_state: Any = None) -> None:
+    def before_step(
+        self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, data_position: int, extra_state: Any = None
+    ) -> None:
         self.maybe_snapshot(step, model, optimizer, data_position, extra_state)
 
-    def after_backward(self, step: int, loss: Number, grad_norm: Number, params: list[Tensor],
-                       data_position: Optional[int] = None) -> Optional[Event]:
+    def after_backward(
+        self, step: int, loss: Number, grad_norm: Number, params: list[Tensor], data_position: Optional[int] = None
+    ) -> Optional[Event]:
         return self.check(step, loss, grad_norm, data_position)
 
-    def maybe_snapshot(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-                       data_position: int, extra_state: Any = None) -> bool:
+    def maybe_snapshot(
+        self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, data_position: int, extra_state: Any = None
+    ) -> bool:
         """Snapshot the state at the start of ``step`` if it is due; True when one was taken."""
         if step % self.every or (self.snapshots and self.snapshots[-1].step >= step):
             return False  # not due, or already held (the loop came back here after a restore)
@@ -377,8 +394,9 @@ class Rollback(Remedy):
             self._discard(self.snapshots.popleft())
         return True
 
-    def check(self, step: int, loss: Optional[Number], grad_norm: Optional[Number],
-              data_position: Optional[int] = None) -> Optional[Event]:
+    def check(
+        self, step: int, loss: Optional[Number], grad_norm: Optional[Number], data_position: Optional[int] = None
+    ) -> Optional[Event]:
         """A ``rollback`` event (then call :meth:`restore`), a ``skip_step`` event, or None.
 
         ``data_position``: the next unread batch (the spiking batch's index + 1), below which a
@@ -392,15 +410,21 @@ class Rollback(Remedy):
         if target is None or self.rollbacks >= self.max_rollbacks:
             self.skipped += 1
             reason = "no snapshot old enough" if target is None else "rollback budget spent"
-            return make_event(step, SKIP_STEP, spike.trigger, spike.value, spike.threshold,
-                              reason=reason)
+            return make_event(step, SKIP_STEP, spike.trigger, spike.value, spike.threshold, reason=reason)
         resume_at = target.data_position + self.skip_batches
         if data_position is not None:
             resume_at = max(resume_at, int(data_position))
         self._pending = (target, resume_at)
-        return make_event(step, ROLLBACK, spike.trigger, spike.value, spike.threshold,
-                          restore_step=target.step, data_position=resume_at,
-                          rollbacks=self.rollbacks + 1)
+        return make_event(
+            step,
+            ROLLBACK,
+            spike.trigger,
+            spike.value,
+            spike.threshold,
+            restore_step=target.step,
+            data_position=resume_at,
+            rollbacks=self.rollbacks + 1,
+        )
 
     def restore(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> Restored:
         """Put the snapshot chosen by the last ``rollback`` event back into model and optimizer."""
@@ -417,8 +441,7 @@ class Rollback(Remedy):
             self._discard(self.snapshots.pop())  # taken on the abandoned trajectory
         snap.data_position = resume_at  # rolling back here again skips further still
         self.rollbacks += 1
-        return Restored(step=snap.step, data_position=resume_at,
-                        extra_state=copy.deepcopy(state["extra"]))
+        return Restored(step=snap.step, data_position=resume_at, extra_state=copy.deepcopy(state["extra"]))
 
     def _discard(self, snap: Snapshot) -> None:
         if snap.path is not None:
@@ -434,10 +457,17 @@ class Rollback(Remedy):
     def state_dict(self) -> dict[str, Any]:
         """Counters, detector history and, on disk, the snapshot files for a checkpoint (memory
         snapshots are not saved: a resumed run takes new ones)."""
-        listed = [{"step": s.step, "data_position": s.data_position, "file": s.path.name}
-                  for s in self.snapshots if s.path is not None]
-        return {"detector": self.detector.state_dict(), "rollbacks": self.rollbacks,
-                "skipped": self.skipped, "snapshots": listed}
+        listed = [
+            {"step": s.step, "data_position": s.data_position, "file": s.path.name}
+            for s in self.snapshots
+            if s.path is not None
+        ]
+        return {
+            "detector": self.detector.state_dict(),
+            "rollbacks": self.rollbacks,
+            "skipped": self.skipped,
+            "snapshots": listed,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Counters, detector and the disk snapshots a checkpoint lists. The list comes from a
@@ -514,8 +544,14 @@ class ZClip(Remedy):
     update, no event): clipping cannot repair it, and the trainer's divergence check sees it.
     """
 
-    def __init__(self, alpha: float = 0.97, z_threshold: float = 2.5, warmup_steps: int = 25,
-                 max_norm: float = 0.0, eps: float = 1e-6):
+    def __init__(
+        self,
+        alpha: float = 0.97,
+        z_threshold: float = 2.5,
+        warmup_steps: int = 25,
+        max_norm: float = 0.0,
+        eps: float = 1e-6,
+    ):
         if not 0.0 < alpha < 1.0 or z_threshold <= 0 or warmup_steps < 0 or max_norm < 0:
             raise ValueError(
                 "ZClip: need 0 < alpha < 1, z_threshold > 0, warmup_steps >= 0, max_norm >= 0; "
@@ -535,8 +571,9 @@ class ZClip(Remedy):
     def clip_threshold(self, grad_clip: float) -> float:
         return 0.0  # ZClip sees the raw norm; optim.grad_clip is its fixed cap (max_norm)
 
-    def after_backward(self, step: int, loss: Number, grad_norm: Number, params: list[Tensor],
-                       data_position: Optional[int] = None) -> Optional[Event]:
+    def after_backward(
+        self, step: int, loss: Number, grad_norm: Number, params: list[Tensor], data_position: Optional[int] = None
+    ) -> Optional[Event]:
         return self.clip(params, grad_norm, step)
 
     def clip(self, params: Iterable[Tensor], grad_norm: Number, step: int) -> Optional[Event]:
@@ -554,9 +591,10 @@ class ZClip(Remedy):
             std = math.sqrt(self.var)
             z = (norm - self.mean) / (std + self.eps)
             if z > self.z_threshold:
-                target = self.mean + (self.z_threshold ** 2 / z) * std
-                event = make_event(step, ZCLIP, "grad_norm", norm,
-                                   self.mean + self.z_threshold * std, z=z, clipped_to=target)
+                target = self.mean + (self.z_threshold**2 / z) * std
+                event = make_event(
+                    step, ZCLIP, "grad_norm", norm, self.mean + self.z_threshold * std, z=z, clipped_to=target
+                )
             self._update(target)
         bound = min(target, self.max_norm) if self.max_norm > 0 else target
         if bound < norm:
@@ -588,8 +626,9 @@ class ZClip(Remedy):
 # --------------------------------------------------------------------------------------------
 # Factory
 # --------------------------------------------------------------------------------------------
-def build_remedy(cfg: RemedyConfig, grad_clip: float = 0.0,
-                 snapshot_dir: Optional[Union[str, Path]] = None) -> Optional[Remedy]:
+def build_remedy(
+    cfg: RemedyConfig, grad_clip: float = 0.0, snapshot_dir: Optional[Union[str, Path]] = None
+) -> Optional[Remedy]:
     """The remedy ``cfg.kind`` names, or None. ``grad_clip`` is ZClip's fixed cap;
     ``snapshot_dir`` holds a rollback's disk snapshots (the trainer: ``<run_dir>/rollback``)."""
     kind = RemedyKind(cfg.kind)

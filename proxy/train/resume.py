@@ -37,12 +37,23 @@ log = logging.getLogger("proxy.train")
 # resumed_with), train.eval_batches (it changes what val/loss means), train.diverge_* (when a run
 # counts as diverged), data.path (other data), experiment (the study the run belongs to).
 RESUME_MAY_CHANGE: tuple[str, ...] = (
-    "out_dir", "run_name",  # where the record is, what the report calls the run
-    "train.resume", "train.resume_override",  # this command's own switches
-    "train.device", "train.compile", "model.attention", "model.loss_impl",  # where, which kernels
-    "train.log_every", "train.stats_every", "train.eval_every",  # how often it is measured
-    "train.ckpt_every", "train.keep_checkpoints", "train.save_final",  # which states are kept
-    "train.progress", "wandb.", "tensorboard.",  # where it is shown
+    "out_dir",
+    "run_name",  # where the record is, what the report calls the run
+    "train.resume",
+    "train.resume_override",  # this command's own switches
+    "train.device",
+    "train.compile",
+    "model.attention",
+    "model.loss_impl",  # where, which kernels
+    "train.log_every",
+    "train.stats_every",
+    "train.eval_every",  # how often it is measured
+    "train.ckpt_every",
+    "train.keep_checkpoints",
+    "train.save_final",  # which states are kept
+    "train.progress",
+    "wandb.",
+    "tensorboard.",  # where it is shown
     "capture.",  # spike kits: they only watch
 )
 # keys that may only grow
@@ -131,8 +142,9 @@ def trained_config(path: Path, state: dict) -> Optional[dict]:
     return as_dict(stored_config(state["config"], path))
 
 
-def check_resume(run_dir: Path, cfg: Config, trained: Optional[dict] = None, source: str = CONFIG,
-                 absent_ok: bool = False) -> ResumeCheck:
+def check_resume(
+    run_dir: Path, cfg: Config, trained: Optional[dict] = None, source: str = CONFIG, absent_ok: bool = False
+) -> ResumeCheck:
     """Compare ``cfg`` with the config the run was trained with: ``trained`` (what its
     checkpoint carries, named ``source``), else the run's stored config.yaml. Raise
     ResumeRefused (one line) where it differs beyond :data:`RESUME_MAY_CHANGE` and
@@ -147,8 +159,10 @@ def check_resume(run_dir: Path, cfg: Config, trained: Optional[dict] = None, sou
             trained = load_stored_config(run_dir)
         except ConfigError as exc:
             if not override:
-                raise ResumeRefused(f"cannot compare this resume with the stored run: {exc} "
-                                    f"({OVERRIDE_KEY}=true resumes with this config)") from None
+                raise ResumeRefused(
+                    f"cannot compare this resume with the stored run: {exc} "
+                    f"({OVERRIDE_KEY}=true resumes with this config)"
+                ) from None
             return ResumeCheck(forced={CONFIG: [f"unreadable: {exc}", None]})
     changes = {k: v for k, v in config_changes(trained, as_dict(cfg)).items() if k not in COMMAND_KEYS}
     allowed = {k: v for k, v in changes.items() if may_change(k, *v)}
@@ -157,12 +171,16 @@ def check_resume(run_dir: Path, cfg: Config, trained: Optional[dict] = None, sou
         where = f"the run's stored {CONFIG}" if source == CONFIG else f"the config {source} was trained with"
         edited = _edited(run_dir, trained, refused) if source != CONFIG else []
         if edited:  # retyping nothing would continue from the edited file: say what to put back
-            advice = (f"{CONFIG} was edited after that checkpoint ({', '.join(edited)}): put it back as the "
-                      f"checkpoint has it, or add {OVERRIDE_KEY}=true to train on with the edited values "
-                      "(recorded in the summary)")
+            advice = (
+                f"{CONFIG} was edited after that checkpoint ({', '.join(edited)}): put it back as the "
+                f"checkpoint has it, or add {OVERRIDE_KEY}=true to train on with the edited values "
+                "(recorded in the summary)"
+            )
         else:
-            advice = (f"give train.resume=true out_dir=... alone to continue the stored run, or add "
-                      f"{OVERRIDE_KEY}=true to change them anyway (recorded in the summary)")
+            advice = (
+                f"give train.resume=true out_dir=... alone to continue the stored run, or add "
+                f"{OVERRIDE_KEY}=true to change them anyway (recorded in the summary)"
+            )
         raise ResumeRefused(f"resume refused: this config differs from {where} in {describe(refused)}; {advice}")
     _warn_if_schedule_stretches(cfg, allowed)
     return ResumeCheck(resumed_with=allowed, forced=refused)
@@ -182,8 +200,14 @@ def _edited(run_dir: Path, trained: dict, refused: Changes) -> list[str]:
 def _warn_if_schedule_stretches(cfg: Config, allowed: Changes) -> None:
     if "train.steps" in allowed and Schedule(cfg.schedule.name) != Schedule.constant:
         old, new = allowed["train.steps"]
-        log.warning("resume: train.steps %s -> %s: the %s schedule now decays over %s steps, so the LR "
-                    "from here on is not the stored plan's", old, new, Schedule(cfg.schedule.name).value, new)
+        log.warning(
+            "resume: train.steps %s -> %s: the %s schedule now decays over %s steps, so the LR "
+            "from here on is not the stored plan's",
+            old,
+            new,
+            Schedule(cfg.schedule.name).value,
+            new,
+        )
 
 
 def runtime_changes(previous: dict, now: dict) -> Changes:

@@ -18,9 +18,16 @@ import torch
 
 from proxy.config import Config, ConfigError, LossImpl, TrainConfig
 from proxy.model import attention_backend
+from proxy.records import (
+    ATTN_MAX_LOGIT,
+    GRAD_NORM,
+    LR,
+    OUTPUT_LOGIT_MEAN,
+    TOKENS_PER_S,
+    TRAIN_LOSS,
+    VAL_LOSS,
+)
 from proxy.train.diagnostics import RARE_BELOW, class_counts, token_classes
-from proxy.records import (ATTN_MAX_LOGIT, GRAD_NORM, INTERRUPTED, LR, OUTPUT_LOGIT_MEAN, TOKENS_PER_S, TRAIN_LOSS,
-                           VAL_LOSS)
 
 ATTN_MAX_LOGIT_PEAK = "attn/max_logit_peak"  # not a metric: the summary's running peak
 
@@ -139,8 +146,7 @@ class StopSignals:
         return False
 
 
-def divergence_reason(loss: float, grad_norm: float, loss_at_init: Optional[float],
-                      t: TrainConfig) -> Optional[str]:
+def divergence_reason(loss: float, grad_norm: float, loss_at_init: Optional[float], t: TrainConfig) -> Optional[str]:
     """Why a step counts as diverged under the ``train.diverge_*`` rules, or None."""
     if not (math.isfinite(loss) and math.isfinite(grad_norm)):
         return f"non-finite {'loss' if not math.isfinite(loss) else 'grad norm'}"
@@ -158,9 +164,17 @@ def divergence_bound(t: TrainConfig, loss_at_init: Optional[float]) -> float:
     return min(bounds, default=math.nan)
 
 
-def summary_fields(status: str, steps: int, tokens: int, wall_time_s: float, recent_losses: list[float],
-                   stats_seen: dict[str, float], previous_best: Optional[float],
-                   diverged_at: Optional[int] = None, final_val: Optional[float] = None) -> dict[str, Any]:
+def summary_fields(
+    status: str,
+    steps: int,
+    tokens: int,
+    wall_time_s: float,
+    recent_losses: list[float],
+    stats_seen: dict[str, float],
+    previous_best: Optional[float],
+    diverged_at: Optional[int] = None,
+    final_val: Optional[float] = None,
+) -> dict[str, Any]:
     """The summary.json fields every finished run has (standalone or an ensemble member)."""
     losses = [v for v in recent_losses if math.isfinite(v)]
     fields = dict(
@@ -215,8 +229,7 @@ class ProgressBar:
         if any(_is_console_handler(h) for h in logging.getLogger().handlers):
             self._redirect = logging_redirect_tqdm()
             self._redirect.__enter__()
-        self.bar = tqdm(desc=name[:40], initial=initial, total=total, dynamic_ncols=True, leave=False,
-                        disable=False)
+        self.bar = tqdm(desc=name[:40], initial=initial, total=total, dynamic_ncols=True, leave=False, disable=False)
         self.fields: dict[str, str] = {}
 
     @property

@@ -50,10 +50,15 @@ class TrainStep:
     """The step of one model: ``model`` owns the parameters, ``forward`` runs it (the model
     itself, or its DDP / compiled wrapper)."""
 
-    def __init__(self, cfg: Config, model: nn.Module, optimizer: torch.optim.Optimizer,
-                 forward: Optional[Callable] = None,
-                 autocast: Callable[[], ContextManager] = contextlib.nullcontext,
-                 device: Optional[torch.device] = None):
+    def __init__(
+        self,
+        cfg: Config,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        forward: Optional[Callable] = None,
+        autocast: Callable[[], ContextManager] = contextlib.nullcontext,
+        device: Optional[torch.device] = None,
+    ):
         self.cfg, self.model, self.optimizer = cfg, model, optimizer
         self.forward = forward if forward is not None else model
         self.autocast = autocast
@@ -64,9 +69,18 @@ class TrainStep:
         cfg = self.cfg
         return apply_lr(self.optimizer, schedule_multiplier(step, cfg.train.steps, cfg.schedule))
 
-    def compute(self, step: int, lr: float, x: Tensor, y: Tensor, remedy: Optional[Remedy] = None, *,
-                collect_stats: bool = False, measure_grads: bool = False,
-                data_position: Optional[int] = None) -> StepResult:
+    def compute(
+        self,
+        step: int,
+        lr: float,
+        x: Tensor,
+        y: Tensor,
+        remedy: Optional[Remedy] = None,
+        *,
+        collect_stats: bool = False,
+        measure_grads: bool = False,
+        data_position: Optional[int] = None,
+    ) -> StepResult:
         """Forward, backward, clip and ``remedy``'s verdict; the update is not applied yet.
 
         ``data_position``: the next unread batch (a rollback never resumes before it). Without a
@@ -74,8 +88,9 @@ class TrainStep:
         """
         cfg = self.cfg
         with self.autocast():
-            out = self.forward(x, y, z_loss=cfg.loss.z_loss, ignore_index=cfg.loss.ignore_index,
-                               collect_stats=collect_stats)
+            out = self.forward(
+                x, y, z_loss=cfg.loss.z_loss, ignore_index=cfg.loss.ignore_index, collect_stats=collect_stats
+            )
         out.loss.backward()
         grad_stats = diagnostics.grad_stats(self.model) if measure_grads else {}
         params = list(self.model.parameters())

@@ -48,8 +48,7 @@ class Sink(Protocol):
 
 
 class WandbSink:
-    def __init__(self, cfg: Config, run_dir: Path, run_name: str, group: Optional[str],
-                 concurrent: bool = False):
+    def __init__(self, cfg: Config, run_dir: Path, run_name: str, group: Optional[str], concurrent: bool = False):
         self.run = None
         if cfg.wandb.mode == WandbMode.disabled:
             return
@@ -92,8 +91,10 @@ class WandbSink:
             self.run = None
 
 
-TENSORBOARD_MISSING = ("tensorboard.enabled=true needs the tensorboard package: "
-                       "pip install 'proxy[tensorboard]' (or pip install tensorboard)")
+TENSORBOARD_MISSING = (
+    "tensorboard.enabled=true needs the tensorboard package: "
+    "pip install 'proxy[tensorboard]' (or pip install tensorboard)"
+)
 
 
 class TensorBoardSink:
@@ -117,8 +118,11 @@ class TensorBoardSink:
 
     def summary(self, fields: dict[str, Any]) -> None:
         lines = [f"| {k} | {v} |" for k, v in fields.items() if _is_number(v) or isinstance(v, str)]
-        self.writer.add_text("summary", "\n".join(["| field | value |", "| --- | --- |", *lines]),
-                             global_step=fields.get("steps_completed"))
+        self.writer.add_text(
+            "summary",
+            "\n".join(["| field | value |", "| --- | --- |", *lines]),
+            global_step=fields.get("steps_completed"),
+        )
 
     def finish(self, failed: bool = False) -> None:
         self.writer.close()
@@ -133,8 +137,15 @@ class LogSink:
     the console): the start, each eval's val loss, the end; and at the end of a run of a
     multirun, the sweep's line (runs done of N, ETA: proxy/train/sweep_status.py)."""
 
-    def __init__(self, run_name: str, run_dir: Path, steps_planned: int, resume_step: Optional[int] = None,
-                 sweep_dir: Optional[Path] = None, concurrent: bool = False):
+    def __init__(
+        self,
+        run_name: str,
+        run_dir: Path,
+        steps_planned: int,
+        resume_step: Optional[int] = None,
+        sweep_dir: Optional[Path] = None,
+        concurrent: bool = False,
+    ):
         self.name, self.dir, self.steps = run_name, run_dir, steps_planned
         self.resume_step, self.sweep_dir = resume_step, sweep_dir
         self.prefix = f"{run_name}: " if concurrent else ""  # an ensemble's members log side by side
@@ -167,8 +178,10 @@ def start_line(name: str, run_dir: Path, summary: dict[str, Any], resume_step: O
     params = summary.get("n_params")
     size = f"{params / 1e6:.2f}M params" if _is_number(params) else "? params"
     head = f"start {name}" if resume_step is None else f"resume {name} at step {resume_step}"
-    return (f"{head}: {size} on {summary.get('device', '?')}, {summary.get('steps_planned', '?')} steps at "
-            f"lr {summary.get('lr', '?')} -> {run_dir}")
+    return (
+        f"{head}: {size} on {summary.get('device', '?')}, {summary.get('steps_planned', '?')} steps at "
+        f"lr {summary.get('lr', '?')} -> {run_dir}"
+    )
 
 
 def end_line(name: str, fields: dict[str, Any]) -> str:
@@ -210,14 +223,30 @@ class Sinks:
             sink.finish(failed=failed)
 
 
-def open_sinks(cfg: Config, run_dir: Path, run_name: str, group: Optional[str], *, main: bool = True,
-               concurrent: bool = False, resume_step: Optional[int] = None) -> Sinks:
+def open_sinks(
+    cfg: Config,
+    run_dir: Path,
+    run_name: str,
+    group: Optional[str],
+    *,
+    main: bool = True,
+    concurrent: bool = False,
+    resume_step: Optional[int] = None,
+) -> Sinks:
     """The sinks ``cfg`` asks for. Only the main process of a data-parallel run has any: the
     other ranks' rows are the same numbers. ConfigError (one line) where a package is missing."""
     if not main:
         return Sinks([])
-    sinks: list[Sink] = [LogSink(run_name, Path(run_dir), cfg.train.steps, resume_step,
-                                 sweep_status.current_sweep_dir(), concurrent=concurrent)]
+    sinks: list[Sink] = [
+        LogSink(
+            run_name,
+            Path(run_dir),
+            cfg.train.steps,
+            resume_step,
+            sweep_status.current_sweep_dir(),
+            concurrent=concurrent,
+        )
+    ]
     if cfg.tensorboard.enabled:
         sinks.append(TensorBoardSink(run_dir, resume_step))
     if cfg.wandb.mode != WandbMode.disabled:

@@ -40,18 +40,48 @@ from proxy.config import Config, ConfigError, to_config
 from proxy.data import build_source
 from proxy.model import build_model
 from proxy.optim import build_optimizer
-from proxy.records import (COMPLETED, DIVERGED, ENSEMBLE_TOKENS_PER_S, ERROR_FILE, INTERRUPTED, ROLLBACK_DIR,
-                           TOKENS, TOKENS_PER_S, TRAIN_LOSS, VAL_LOSS, RunDirError, atomic_write_text)
+from proxy.records import (
+    COMPLETED,
+    DIVERGED,
+    ENSEMBLE_TOKENS_PER_S,
+    ERROR_FILE,
+    INTERRUPTED,
+    ROLLBACK_DIR,
+    TOKENS,
+    TOKENS_PER_S,
+    TRAIN_LOSS,
+    VAL_LOSS,
+    RunDirError,
+    atomic_write_text,
+)
 from proxy.train import diagnostics, distributed
 from proxy.train.capture import SpikeCapture
 from proxy.train.engine import Computed, Engine, SingleEngine
-from proxy.train.ensemble import (MemberSpec, StackedEngine, check_supported, member_config, member_run_name,
-                                  member_specs, sweep_requested)
+from proxy.train.ensemble import (
+    MemberSpec,
+    StackedEngine,
+    check_supported,
+    member_config,
+    member_run_name,
+    member_specs,
+    sweep_requested,
+)
 from proxy.train.ledger import RunDirTaken, RunLedger, step_row
 from proxy.train.observer import StepObserver
 from proxy.train.remedies import Event, Remedy, build_remedy
-from proxy.train.runtime import (Diverged, Interrupted, StopSignals, autocast_for, backends, divergence_reason,
-                                 mark_token_classes, progress_bar, resolve_device, show_row, wants_compile)
+from proxy.train.runtime import (
+    Diverged,
+    Interrupted,
+    StopSignals,
+    autocast_for,
+    backends,
+    divergence_reason,
+    mark_token_classes,
+    progress_bar,
+    resolve_device,
+    show_row,
+    wants_compile,
+)
 
 log = logging.getLogger("proxy.train")
 
@@ -143,8 +173,10 @@ class Trainer:
         self.dist = distributed.from_env()
         self.device = resolve_device(cfg.train.device, self.dist.local_rank)
         if cfg.train.batch_size % self.dist.world_size:
-            raise ConfigError(f"train.batch_size={cfg.train.batch_size} (the global batch) is not divisible "
-                              f"by the {self.dist.world_size} data-parallel processes")
+            raise ConfigError(
+                f"train.batch_size={cfg.train.batch_size} (the global batch) is not divisible "
+                f"by the {self.dist.world_size} data-parallel processes"
+            )
         distributed.setup(self.dist, self.device)
         info.run_dir = Path(distributed.broadcast(str(info.run_dir)))  # rank 0's directory
         self.run_dir = info.run_dir
@@ -193,8 +225,15 @@ class Trainer:
             self.token_classes = mark_token_classes(model, self.source, self.cfg)
             return self.token_classes
 
-        return StackedEngine(configs, self.source.vocab_size, self.device, self.autocast,
-                             wants_compile(self.cfg, self.device), self.batch("train", 0), mark)
+        return StackedEngine(
+            configs,
+            self.source.vocab_size,
+            self.device,
+            self.autocast,
+            wants_compile(self.cfg, self.device),
+            self.batch("train", 0),
+            mark,
+        )
 
     def _member(self, k: int, spec: Optional[MemberSpec]) -> Member:
         cfg, info = self.cfg, self.info
@@ -206,8 +245,15 @@ class Trainer:
             name = member_run_name(spec, info.run_name or cfg.run_name, info.overrides)
             overrides = spec.overrides
         sweep_id = info.sweep_id if spec is None else (info.sweep_id or info.run_dir.name)
-        ledger = RunLedger(member_cfg, run_dir, name, sweep_id, resume=cfg.train.resume, main=self.dist.is_main,
-                           concurrent_wandb=spec is not None)
+        ledger = RunLedger(
+            member_cfg,
+            run_dir,
+            name,
+            sweep_id,
+            resume=cfg.train.resume,
+            main=self.dist.is_main,
+            concurrent_wandb=spec is not None,
+        )
         snapshot_dir = run_dir / ROLLBACK_DIR  # disk snapshots; one folder per rank under DDP
         if self.dist.world_size > 1:
             snapshot_dir = snapshot_dir / f"rank_{self.dist.rank}"
@@ -248,8 +294,9 @@ class Trainer:
 
     # -- data ----------------------------------------------------------------------------------
     def batch(self, split: str, index: int) -> tuple[Tensor, Tensor]:
-        x, y = self.source.batch(split, index, self.local_batch, self.cfg.train.seq_len,
-                                 rank=self.dist.rank, world_size=self.dist.world_size)
+        x, y = self.source.batch(
+            split, index, self.local_batch, self.cfg.train.seq_len, rank=self.dist.rank, world_size=self.dist.world_size
+        )
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
     def _val_batches(self) -> Iterator[tuple[Tensor, Tensor]]:
@@ -269,8 +316,13 @@ class Trainer:
         cfg = self.cfg
         solo = None if self.sweep else self.members[0]
         if solo is not None and solo.remedy is not None:
-            solo.remedy.before_step(step, self.engine.member_module(0), self.engine.member_optimizer(0),
-                                    self.data_position, extra_state=(solo.tokens, solo.loss_at_init))
+            solo.remedy.before_step(
+                step,
+                self.engine.member_module(0),
+                self.engine.member_optimizer(0),
+                self.data_position,
+                extra_state=(solo.tokens, solo.loss_at_init),
+            )
         lrs = self.lrs = self.engine.schedule(step)
         x, y = self.batch("train", self.data_position)
         for member in self._active():
@@ -280,8 +332,17 @@ class Trainer:
 
         collect = logging_step and (cfg.train.stats_every == 0 or step % cfg.train.stats_every == 0)
         active = [m.active for m in self.members]
-        c = self.engine.compute(step, lrs, x, y, [m.remedy for m in self.members], active, collect=collect,
-                                measure=logging_step, data_position=self.data_position)
+        c = self.engine.compute(
+            step,
+            lrs,
+            x,
+            y,
+            [m.remedy for m in self.members],
+            active,
+            collect=collect,
+            measure=logging_step,
+            data_position=self.data_position,
+        )
         for member in self._active():
             k = member.index
             try:
@@ -301,8 +362,7 @@ class Trainer:
         for member in self._active():
             member.tokens += self.tokens_per_step
         self.throughput.add(self.tokens_per_step)
-        updates = self.engine.apply(c, [not c.skips(k) for k in range(len(self.members))], moving,
-                                    measure=logging_step)
+        updates = self.engine.apply(c, [not c.skips(k) for k in range(len(self.members))], moving, measure=logging_step)
         if solo is not None and c.events[0] is not None and c.events[0].rewinds:
             # the spike's own row ends the abandoned branch, then the event marks where the
             # branch ends: the reader (records.split_branches) relies on that order
@@ -336,8 +396,16 @@ class Trainer:
             row.update(stats[k])
             row.update(batch_info)
             z_loss, total_loss = parts[k]
-            row.update(step_row(tokens=member.tokens, loss=c.losses[k], z_loss=z_loss, total_loss=total_loss,
-                                lr=c.lrs[k], grad_norm=c.grad_norms[k]))
+            row.update(
+                step_row(
+                    tokens=member.tokens,
+                    loss=c.losses[k],
+                    z_loss=z_loss,
+                    total_loss=total_loss,
+                    lr=c.lrs[k],
+                    grad_norm=c.grad_norms[k],
+                )
+            )
             row.update(perf)
             rows[k] = row
         return rows
@@ -377,9 +445,14 @@ class Trainer:
     def save_checkpoint(self, member: Member) -> Optional[Path]:
         state = self.engine.member_state(member.index)
         return member.ledger.save_checkpoint(
-            self.step, model=state["model"], optimizer=state["optimizer"], data_position=self.data_position,
-            tokens=member.tokens, loss_at_init=member.loss_at_init,
-            remedy=member.remedy.state_dict() if member.remedy is not None else {})
+            self.step,
+            model=state["model"],
+            optimizer=state["optimizer"],
+            data_position=self.data_position,
+            tokens=member.tokens,
+            loss_at_init=member.loss_at_init,
+            remedy=member.remedy.state_dict() if member.remedy is not None else {},
+        )
 
     def save_checkpoints(self) -> dict[int, Optional[Path]]:
         return {m.index: self.save_checkpoint(m) for m in self._active()}
@@ -427,8 +500,13 @@ class Trainer:
             log.warning("run interrupted by %s at step %d", interrupted, self.step)
             for member in self._active():
                 checkpoint = checkpoints.get(member.index)
-                self._finish(member, INTERRUPTED, steps=self.step, interrupted_by=str(interrupted),
-                             checkpoint=str(checkpoint) if checkpoint else None)
+                self._finish(
+                    member,
+                    INTERRUPTED,
+                    steps=self.step,
+                    interrupted_by=str(interrupted),
+                    checkpoint=str(checkpoint) if checkpoint else None,
+                )
             return self.summaries()
         if self._active():
             final = self.evaluate()
@@ -507,13 +585,17 @@ class Trainer:
                 path, state, skipped = member.ledger.read_checkpoint(self.device)
                 lines[member.index] = self.restore_checkpoint(member, path, state)
                 positions.add((state["step"], state["data_position"]))
-                resumed[member.index] = {"resumed_from": str(path), **({"skipped_checkpoints": skipped}
-                                                                      if skipped else {})}
+                resumed[member.index] = {
+                    "resumed_from": str(path),
+                    **({"skipped_checkpoints": skipped} if skipped else {}),
+                }
                 rng = state
             if len(positions) > 1:
-                raise CheckpointError(f"{self.info.run_dir}: the members' newest checkpoints are at different steps "
-                                      f"({', '.join(str(s) for s, _ in sorted(positions))}); resume each on its own")
-            (self.step, self.data_position), = positions
+                raise CheckpointError(
+                    f"{self.info.run_dir}: the members' newest checkpoints are at different steps "
+                    f"({', '.join(str(s) for s, _ in sorted(positions))}); resume each on its own"
+                )
+            ((self.step, self.data_position),) = positions
             torch.set_rng_state(rng["rng_cpu"].cpu())
             if rng.get("rng_cuda") and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all([s.cpu() for s in rng["rng_cuda"]])
@@ -523,13 +605,23 @@ class Trainer:
         n_params = self.engine.member_module(0).n_params()  # type: ignore[operator]
         n_params_non_embedding = self.engine.member_module(0).n_params(non_embedding=True)  # type: ignore[operator]
         for member in self.members:
-            ensemble = {} if member.spec is None else {"ensemble": {
-                "members": len(self.members), "index": member.index, "label": member.spec.label}}
-            member.ledger.start(overrides=member.overrides, n_params=n_params,
-                                n_params_non_embedding=n_params_non_embedding, device=self.device,
-                                data=self.source.describe(), lr=member.cfg.optim.lr,
-                                backends=backends(member.cfg, self.device), token_classes=self.token_classes,
-                                **ensemble, **resumed[member.index])
+            ensemble = (
+                {}
+                if member.spec is None
+                else {"ensemble": {"members": len(self.members), "index": member.index, "label": member.spec.label}}
+            )
+            member.ledger.start(
+                overrides=member.overrides,
+                n_params=n_params,
+                n_params_non_embedding=n_params_non_embedding,
+                device=self.device,
+                data=self.source.describe(),
+                lr=member.cfg.optim.lr,
+                backends=backends(member.cfg, self.device),
+                token_classes=self.token_classes,
+                **ensemble,
+                **resumed[member.index],
+            )
             if self.dist.is_main:
                 self.source.save(member.run_dir)  # what decodes the run's checkpoints (a BPE tokenizer)
 
@@ -537,13 +629,22 @@ class Trainer:
         for observer in member.observers:
             observer.close(self._view(member))
 
-    def _finish(self, member: Member, status: str, *, steps: int, diverged_at: Optional[int] = None,
-                final_val: Optional[float] = None, **extra: Any) -> dict[str, Any]:
+    def _finish(
+        self,
+        member: Member,
+        status: str,
+        *,
+        steps: int,
+        diverged_at: Optional[int] = None,
+        final_val: Optional[float] = None,
+        **extra: Any,
+    ) -> dict[str, Any]:
         member.active = False
         if member.remedy is not None and status != INTERRUPTED:
             member.remedy.close()  # e.g. disk snapshots: of no use once the run has ended for good
-        return member.ledger.finish(status, steps=steps, tokens=member.tokens, diverged_at=diverged_at,
-                                    final_val=final_val, **extra)
+        return member.ledger.finish(
+            status, steps=steps, tokens=member.tokens, diverged_at=diverged_at, final_val=final_val, **extra
+        )
 
     def fail(self, exc: BaseException) -> None:
         """Record a crash in every member still running, and for a sweep the traceback in the
@@ -569,8 +670,9 @@ class Trainer:
 # --------------------------------------------------------------------------------------------
 # Python API (the Hydra entry, proxy/train/cli.py, routes here)
 # --------------------------------------------------------------------------------------------
-def _train(cfg: Config | dict, run_dir: str | Path, run_name: Optional[str], sweep_id: Optional[str],
-           overrides: Sequence[str]) -> list[dict[str, Any]]:
+def _train(
+    cfg: Config | dict, run_dir: str | Path, run_name: Optional[str], sweep_id: Optional[str], overrides: Sequence[str]
+) -> list[dict[str, Any]]:
     cfg = to_config(cfg) if not isinstance(cfg, Config) else cfg
     run_dir = Path(run_dir)
     info = RunInfo(run_dir, run_name or cfg.run_name or run_dir.name, sweep_id, tuple(overrides))
@@ -587,8 +689,13 @@ def _train(cfg: Config | dict, run_dir: str | Path, run_name: Optional[str], swe
         distributed.teardown()
 
 
-def train(cfg: Config | dict, run_dir: str | Path, run_name: Optional[str] = None,
-          sweep_id: Optional[str] = None, overrides: Sequence[str] = ()) -> dict[str, Any]:
+def train(
+    cfg: Config | dict,
+    run_dir: str | Path,
+    run_name: Optional[str] = None,
+    sweep_id: Optional[str] = None,
+    overrides: Sequence[str] = (),
+) -> dict[str, Any]:
     """Train one run into ``run_dir`` and return its summary. Never raises on divergence."""
     cfg = to_config(cfg) if not isinstance(cfg, Config) else cfg
     if sweep_requested(cfg):
@@ -596,8 +703,13 @@ def train(cfg: Config | dict, run_dir: str | Path, run_name: Optional[str] = Non
     return _train(cfg, run_dir, run_name, sweep_id, overrides)[0]
 
 
-def train_ensemble(cfg: Config | dict, run_dir: str | Path, run_name: Optional[str] = None,
-                   sweep_id: Optional[str] = None, overrides: Sequence[str] = ()) -> list[dict[str, Any]]:
+def train_ensemble(
+    cfg: Config | dict,
+    run_dir: str | Path,
+    run_name: Optional[str] = None,
+    sweep_id: Optional[str] = None,
+    overrides: Sequence[str] = (),
+) -> list[dict[str, Any]]:
     """Train every member of ``cfg.sweep`` into ``run_dir/<label>`` and return their summaries.
 
     As :func:`train`: never raises on divergence (a diverged member is a result); a crash marks

@@ -1,6 +1,7 @@
 """Protocol 1's figure: gradient RMS and Adam update size against the LR, per eps.
 
-    python experiments/adam_epsilon/protocol1/figure.py runs/adam_epsilon/<date> [--out experiments/adam_epsilon/results]
+    python experiments/adam_epsilon/protocol1/figure.py runs/adam_epsilon/<date> \
+        [--out experiments/adam_epsilon/results]
 
 The generic report plots losses and logits over steps; Wortsman et al.'s §3.4 figure is instead
 the gradient RMS of one layer (averaged over the end of training) against the LR, with the eps
@@ -50,10 +51,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for eps in sorted({eps for _, eps in curves if eps >= 1e-9}):
         ax_grad.axhline(eps, color="grey", ls=":", lw=1)
         ax_grad.annotate(f"eps={eps:g}", (ax_grad.get_xlim()[0], eps), fontsize=7, va="bottom", color="grey")
-    ax_grad.set(xscale="log", yscale="log", xlabel="peak LR", ylabel="gradient RMS (end of training)",
-                title=f"{verdict.LAYER}: gradient RMS")
-    ax_update.set(xscale="log", xlabel="peak LR", ylabel="update RMS / LR",
-                  title="size of m / (sqrt(v) + eps)")
+    ax_grad.set(
+        xscale="log",
+        yscale="log",
+        xlabel="peak LR",
+        ylabel="gradient RMS (end of training)",
+        title=f"{verdict.LAYER}: gradient RMS",
+    )
+    ax_update.set(xscale="log", xlabel="peak LR", ylabel="update RMS / LR", title="size of m / (sqrt(v) + eps)")
     ax_grad.legend(fontsize=7)
     (args.out / "figures").mkdir(parents=True, exist_ok=True)
     path = args.out / "figures" / "grad_rms_vs_lr.png"

@@ -45,7 +45,7 @@ def tail_mean(run: Run, key: str) -> Optional[float]:
     values = [v for v in values if math.isfinite(v)]
     if not values:
         return None
-    tail = values[-max(1, int(len(values) * TAIL_FRACTION)):]
+    tail = values[-max(1, int(len(values) * TAIL_FRACTION)) :]
     return statistics.fmean(tail)
 
 
@@ -88,8 +88,11 @@ def judge(report: ReportResult, runs: list[Run]) -> Verdict:
             verdict.check(f"{model}: eps 1e-8 runs at two LRs or more", False, f"LRs: {lrs}")
         else:
             low, high = _mean(grad[(model, 1e-8, lrs[0])]), _mean(grad[(model, 1e-8, lrs[-1])])
-            verdict.check(f"{model}: gradient RMS of {LAYER} falls as the LR grows (eps 1e-8)", high < low,
-                          f"{high:.3g} at LR {lrs[-1]:g} vs {low:.3g} at LR {lrs[0]:g}")
+            verdict.check(
+                f"{model}: gradient RMS of {LAYER} falls as the LR grows (eps 1e-8)",
+                high < low,
+                f"{high:.3g} at LR {lrs[-1]:g} vs {low:.3g} at LR {lrs[0]:g}",
+            )
 
         top = max((k[2] for k in update if k[0] == model and k[1] in (1e-6, 1e-15)), default=None)
         big, tiny = update.get((model, 1e-6, top)), update.get((model, 1e-15, top))
@@ -100,6 +103,7 @@ def judge(report: ReportResult, runs: list[Run]) -> Verdict:
         verdict.numbers[f"update_ratio_eps1e-6_vs_1e-15/{model}/lr={top:g}"] = ratio
         verdict.check(
             f"{model}: at LR {top:g} eps 1e-6 shrinks the update (update RMS < {SHRINK} x eps 1e-15's)",
-            ratio < SHRINK, f"ratio {ratio:.3g} (grad RMS {_mean(grad.get((model, 1e-6, top), [])) or float('nan'):.3g})",
+            ratio < SHRINK,
+            f"ratio {ratio:.3g} (grad RMS {_mean(grad.get((model, 1e-6, top), [])) or float('nan'):.3g})",
         )
     return verdict

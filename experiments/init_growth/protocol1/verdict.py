@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from proxy.analysis import OLMO2_SPIKES, OLMO_CORE_SPIKES, spike_score
 from proxy import records
+from proxy.analysis import OLMO2_SPIKES, OLMO_CORE_SPIKES, spike_score
 from proxy.records import Run
 from proxy.report import ReportResult
 from proxy.verdict import Verdict
@@ -47,8 +47,16 @@ class GrowthRow:
 
 def read_rows(path: Path) -> list[GrowthRow]:
     with path.open(newline="") as f:
-        return [GrowthRow(arch=r["arch"], init=r["init"], width=int(r["width"]), activation=float(r["activation"]),
-                          gradient=float(r["gradient"])) for r in csv.DictReader(f)]
+        return [
+            GrowthRow(
+                arch=r["arch"],
+                init=r["init"],
+                width=int(r["width"]),
+                activation=float(r["activation"]),
+                gradient=float(r["gradient"]),
+            )
+            for r in csv.DictReader(f)
+        ]
 
 
 def _growth_csv(report: ReportResult) -> Optional[Path]:
@@ -61,8 +69,11 @@ def _growth_csv(report: ReportResult) -> Optional[Path]:
 def _judge_growth(verdict: Verdict, report: ReportResult) -> None:
     path = _growth_csv(report)
     if path is None:
-        verdict.check("growth exponents at init were measured", False,
-                      "no growth_exponents.csv: protocol 1's measure.py output is missing")
+        verdict.check(
+            "growth exponents at init were measured",
+            False,
+            "no growth_exponents.csv: protocol 1's measure.py output is missing",
+        )
         return
     rows = read_rows(path)
     archs = {r.arch for r in rows}
@@ -72,8 +83,10 @@ def _judge_growth(verdict: Verdict, report: ReportResult) -> None:
     for r in rows:
         verdict.numbers[f"growth/{r.arch}/{r.init}/d{r.width}"] = f"act {r.activation:+.4f}, grad {r.gradient:+.4f}"
     for key in ("activation", "gradient"):
-        worst = {init: max((abs(getattr(r, key)) for r in rows if r.arch == arch and r.init == init), default=None)
-                 for init in ("normal", "scaled")}
+        worst = {
+            init: max((abs(getattr(r, key)) for r in rows if r.arch == arch and r.init == init), default=None)
+            for init in ("normal", "scaled")
+        }
         if None in worst.values():
             verdict.check(f"{key} growth measured for both inits ({arch})", False, f"max abs λ: {worst}")
             continue
@@ -97,7 +110,10 @@ def _init_of(run: Run) -> Optional[str]:
 def judge(report: ReportResult, runs: list[Run]) -> Verdict:
     verdict = Verdict(
         finding="init_growth",
-        source="OLMo 2 (arXiv 2501.00656) §3.2: N(0, 0.02) init keeps growth exponents near 0; grad-norm spike score 0.40 -> 0.03",
+        source=(
+            "OLMo 2 (arXiv 2501.00656) §3.2: N(0, 0.02) init keeps growth exponents near 0; "
+            "grad-norm spike score 0.40 -> 0.03"
+        ),
     )
     _judge_growth(verdict, report)
 
@@ -116,9 +132,15 @@ def judge(report: ReportResult, runs: list[Run]) -> Verdict:
     normal = _mean(scores.get("normal", {}).get("olmo_core", []))
     scaled = _mean(scores.get("scaled", {}).get("olmo_core", []))
     if normal is None or scaled is None:
-        verdict.check("training runs with init=normal and init=scaled logged the grad norm", False,
-                      f"inits found: {sorted(scores)}")
+        verdict.check(
+            "training runs with init=normal and init=scaled logged the grad norm",
+            False,
+            f"inits found: {sorted(scores)}",
+        )
     else:
-        verdict.check("in training: grad-norm spike score (6σ/128) lower with init=normal than scaled",
-                      normal < scaled, f"{normal:.3g}% normal vs {scaled:.3g}% scaled (mean over LRs)")
+        verdict.check(
+            "in training: grad-norm spike score (6σ/128) lower with init=normal than scaled",
+            normal < scaled,
+            f"{normal:.3g}% normal vs {scaled:.3g}% scaled (mean over LRs)",
+        )
     return verdict

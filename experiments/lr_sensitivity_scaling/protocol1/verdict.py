@@ -42,16 +42,28 @@ def judge(report: ReportResult, runs: list[Run]) -> Verdict:
     v = Verdict(finding="LR sensitivity scales with size", source="Wortsman et al. 2023, Sec. 3.1 (Fig. 1)")
     base, fixed = _ladder(report, BASE), _ladder(report, FIXED)
     b = list(base.values())
-    v.check("no interventions: LR sensitivity non-decreasing with width, largest > smallest",
-            all(x <= y for x, y in zip(b, b[1:])) and b[-1] > b[0], _fmt(base))
+    v.check(
+        "no interventions: LR sensitivity non-decreasing with width, largest > smallest",
+        all(x <= y for x, y in zip(b, b[1:])) and b[-1] > b[0],
+        _fmt(base),
+    )
     shared = [d for d in base if d in fixed]
-    v.check("QK-norm + z-loss: lower LR sensitivity at every width",
-            bool(shared) and all(fixed[d] < base[d] for d in shared),
-            "; ".join(f"d={d}: {fixed[d]:.3f} vs {base[d]:.3f}" for d in shared))
+    v.check(
+        "QK-norm + z-loss: lower LR sensitivity at every width",
+        bool(shared) and all(fixed[d] < base[d] for d in shared),
+        "; ".join(f"d={d}: {fixed[d]:.3f} vs {base[d]:.3f}" for d in shared),
+    )
     lo, hi = shared[0], shared[-1]
     growth_base, growth_fixed = base[hi] - base[lo], fixed[hi] - fixed[lo]
-    v.check(f"QK-norm + z-loss: sensitivity grows less from d={lo} to d={hi}",
-            growth_fixed < growth_base, f"+{growth_fixed:.3f} with vs +{growth_base:.3f} without")
-    v.numbers.update({"lr_sensitivity_none": {str(d): s for d, s in base.items()},
-                      "lr_sensitivity_qknorm_zloss": {str(d): s for d, s in fixed.items()}})
+    v.check(
+        f"QK-norm + z-loss: sensitivity grows less from d={lo} to d={hi}",
+        growth_fixed < growth_base,
+        f"+{growth_fixed:.3f} with vs +{growth_base:.3f} without",
+    )
+    v.numbers.update(
+        {
+            "lr_sensitivity_none": {str(d): s for d, s in base.items()},
+            "lr_sensitivity_qknorm_zloss": {str(d): s for d, s in fixed.items()},
+        }
+    )
     return v

@@ -57,11 +57,16 @@ def judge(report: ReportResult, runs: list[Run]) -> Verdict:
     m_plain, m_mid, m_z = _last(plain, MEAN), _at_mid(plain, MEAN), _last(zl, MEAN)
     lse_z = _last(zl, LSE)
 
-    v.check(f"no z-loss, LR {lr}: final mean output logit <= {STRONGLY_NEGATIVE:g} and still falling",
-            m_plain <= STRONGLY_NEGATIVE and m_plain < m_mid,
-            f"{m_mid:.3g} at mid-training -> {m_plain:.3g} at the end")
-    v.check("z-loss 1e-4: final mean output logit at most half as negative",
-            m_z > m_plain / 2 if m_plain < 0 else False, f"{m_z:.3g} with vs {m_plain:.3g} without")
+    v.check(
+        f"no z-loss, LR {lr}: final mean output logit <= {STRONGLY_NEGATIVE:g} and still falling",
+        m_plain <= STRONGLY_NEGATIVE and m_plain < m_mid,
+        f"{m_mid:.3g} at mid-training -> {m_plain:.3g} at the end",
+    )
+    v.check(
+        "z-loss 1e-4: final mean output logit at most half as negative",
+        m_z > m_plain / 2 if m_plain < 0 else False,
+        f"{m_z:.3g} with vs {m_plain:.3g} without",
+    )
     v.check("z-loss 1e-4: log Z ends within 1 nat of 0", abs(lse_z) <= 1.0, f"final log Z {lse_z:.3g}")
 
     for run in runs:

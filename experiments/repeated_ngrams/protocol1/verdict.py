@@ -21,8 +21,8 @@ from typing import Any, Optional
 
 import numpy as np
 
-from proxy.analysis import OLMO2_SPIKES, OLMO_CORE_SPIKES, spike_score
 from proxy import records
+from proxy.analysis import OLMO2_SPIKES, OLMO_CORE_SPIKES, spike_score
 from proxy.records import Run
 from proxy.report import ReportResult
 from proxy.verdict import Verdict
@@ -83,19 +83,29 @@ def judge(report: ReportResult, runs: list[Run]) -> Verdict:
     needed = ("clean+nofilter", "inject+nofilter", "inject+filter")
     missing = [g for g in needed if g not in groups]
     if missing:
-        verdict.check("the sweep has clean, injected and injected+filtered runs with a grad-norm series",
-                      False, f"missing: {', '.join(missing)}")
+        verdict.check(
+            "the sweep has clean, injected and injected+filtered runs with a grad-norm series",
+            False,
+            f"missing: {', '.join(missing)}",
+        )
         return verdict
     clean, dirty, masked = (score(g) for g in needed)
     if clean is None or dirty is None or masked is None:
-        verdict.check(f"runs are long enough to score spikes (> {OLMO_CORE_SPIKES.min_history} logged steps)",
-                      False, f"longest grad-norm series: {max(len(r.series(GRAD_NORM)[1]) for r in runs)} points")
+        verdict.check(
+            f"runs are long enough to score spikes (> {OLMO_CORE_SPIKES.min_history} logged steps)",
+            False,
+            f"longest grad-norm series: {max(len(r.series(GRAD_NORM)[1]) for r in runs)} points",
+        )
         return verdict
 
-    verdict.check("injection raises the grad-norm spike score (6σ/128, one-sided)", dirty > clean,
-                  f"{dirty:.3g}% with injection vs {clean:.3g}% clean")
-    verdict.check("masking repeated n-grams lowers it", masked < dirty,
-                  f"{masked:.3g}% masked vs {dirty:.3g}% unmasked")
+    verdict.check(
+        "injection raises the grad-norm spike score (6σ/128, one-sided)",
+        dirty > clean,
+        f"{dirty:.3g}% with injection vs {clean:.3g}% clean",
+    )
+    verdict.check(
+        "masking repeated n-grams lowers it", masked < dirty, f"{masked:.3g}% masked vs {dirty:.3g}% unmasked"
+    )
 
     ratio_dirty = _injected_step_ratio(groups["inject+nofilter"])
     ratio_masked = _injected_step_ratio(groups["inject+filter"])
@@ -107,8 +117,11 @@ def judge(report: ReportResult, runs: list[Run]) -> Verdict:
         f"steps carrying a planted run have a larger grad norm (ratio > {MIN_GRAD_RATIO}) and the filter masked them",
         ratio_dirty is not None and ratio_dirty > MIN_GRAD_RATIO and masked_tokens > 0,
         f"ratio {ratio_dirty if ratio_dirty is None else f'{ratio_dirty:.3g}'} unmasked "
-        f"({ratio_masked if ratio_masked is None else f'{ratio_masked:.3g}'} masked); {masked_tokens:.0f} tokens masked",
+        f"({ratio_masked if ratio_masked is None else f'{ratio_masked:.3g}'} masked); "
+        f"{masked_tokens:.0f} tokens masked",
     )
-    verdict.notes = ("Spike scores count rare events; with one seed per group a difference of one or two "
-                     "spikes is within noise (the gpu preset uses 3 seeds).")
+    verdict.notes = (
+        "Spike scores count rare events; with one seed per group a difference of one or two "
+        "spikes is within noise (the gpu preset uses 3 seeds)."
+    )
     return verdict

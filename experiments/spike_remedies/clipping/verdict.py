@@ -38,8 +38,10 @@ from proxy.verdict import Verdict
 ARMS = ("none", "fixed", "zclip")
 DETECTOR = OLMO_CORE_SPIKES
 REPORT_SPIKES = OLMO_CORE_SPIKES  # the report beside the verdict scores spikes as the verdict does
-SOURCE = ("ZClip (Kumar et al. 2025, arXiv 2504.02507): z-score adaptive clipping reduces loss spikes and "
-          "trains at least as well as fixed-threshold clipping at high LR")
+SOURCE = (
+    "ZClip (Kumar et al. 2025, arXiv 2504.02507): z-score adaptive clipping reduces loss spikes and "
+    "trains at least as well as fixed-threshold clipping at high LR"
+)
 
 
 def _cell(run: Run) -> Optional[tuple[str, float, int]]:
@@ -92,7 +94,7 @@ def judge(report: ReportResult, runs: list[Run]) -> Verdict:
     lrs = sorted({lr for _, lr, _ in cells})
     for arm in ARMS:
         for lr in lrs:
-            mine = [r for (a, l, _), r in sorted(cells.items()) if a == arm and l == lr]
+            mine = [r for (a, rate, _), r in sorted(cells.items()) if a == arm and rate == lr]
             label = f"{arm}/lr={lr:g}"
             v.numbers[f"loss_spike_score/{label}"] = spread(loss_spike_score(r) for r in mine).describe(".3g")
             v.numbers[f"grad_norm_spike_score/{label}"] = spread(grad_spike_score(r) for r in mine).describe(".3g")
@@ -102,24 +104,38 @@ def judge(report: ReportResult, runs: list[Run]) -> Verdict:
                 v.numbers[f"zclip_events_per_run/{label}"] = spread(clip_events(r) for r in mine).describe(".3g")
 
     def unstable(lr: float) -> bool:
-        mine = [r for (a, l, _), r in cells.items() if a == "none" and l == lr]
+        mine = [r for (a, rate, _), r in cells.items() if a == "none" and rate == lr]
         return bool(mine) and all(r.status == records.STATUS_DIVERGED or loss_spike_score(r) > 0 for r in mine)
 
     hot = [lr for lr in lrs if unstable(lr)]
-    v.check("the design shows the instability: at some LR every seed without clipping spikes or diverges",
-            bool(hot), f"unstable LRs: {', '.join(f'{lr:g}' for lr in hot) or 'none'} (of {', '.join(f'{lr:g}' for lr in lrs)})")
+    v.check(
+        "the design shows the instability: at some LR every seed without clipping spikes or diverges",
+        bool(hot),
+        f"unstable LRs: {', '.join(f'{lr:g}' for lr in hot) or 'none'} (of {', '.join(f'{lr:g}' for lr in lrs)})",
+    )
     if not hot:
         return v
     fewer = _paired(cells, "fixed", "zclip", hot, loss_spike_score)
-    v.check("ZClip has fewer loss spikes than fixed clipping (score fixed - zclip > 0)", fewer.clears(+1),
-            fewer.describe(".3g"))
+    v.check(
+        "ZClip has fewer loss spikes than fixed clipping (score fixed - zclip > 0)",
+        fewer.clears(+1),
+        fewer.describe(".3g"),
+    )
     better = _paired(cells, "fixed", "zclip", hot, final_loss)
     v.check("ZClip trains at least as well (final loss fixed - zclip > 0)", better.clears(+1), better.describe(".3f"))
-    div = {arm: sum(r.status == records.STATUS_DIVERGED for (a, l, _), r in cells.items() if a == arm and l in hot)
-           for arm in ARMS}
-    v.check("ZClip diverges no more often than fixed clipping", div["zclip"] <= div["fixed"],
-            f"diverged at the unstable LRs: zclip {div['zclip']}, fixed {div['fixed']}, none {div['none']}")
-    v.numbers["fixed_vs_none/loss_spike_score (none - fixed)"] = _paired(cells, "none", "fixed", hot,
-                                                                        loss_spike_score).describe(".3g")
-    v.numbers["fixed_vs_none/final_loss (none - fixed)"] = _paired(cells, "none", "fixed", hot, final_loss).describe(".3f")
+    div = {
+        arm: sum(r.status == records.STATUS_DIVERGED for (a, rate, _), r in cells.items() if a == arm and rate in hot)
+        for arm in ARMS
+    }
+    v.check(
+        "ZClip diverges no more often than fixed clipping",
+        div["zclip"] <= div["fixed"],
+        f"diverged at the unstable LRs: zclip {div['zclip']}, fixed {div['fixed']}, none {div['none']}",
+    )
+    v.numbers["fixed_vs_none/loss_spike_score (none - fixed)"] = _paired(
+        cells, "none", "fixed", hot, loss_spike_score
+    ).describe(".3g")
+    v.numbers["fixed_vs_none/final_loss (none - fixed)"] = _paired(cells, "none", "fixed", hot, final_loss).describe(
+        ".3f"
+    )
     return v

@@ -43,8 +43,10 @@ ARMS = ("clean", "none", "skip_step")
 AFTER = 25  # steps after a poison step over which its harm is measured
 SIGMA, WINDOW = 6.0, 128  # OLMo-core's skip-step detector
 MIN_HARM = 0.01  # nats
-SOURCE = ("OLMo-core SkipStepOptimizer / llm.c: skip the update of a step whose loss or grad norm is a "
-          "6σ outlier over the last 128 steps, so an isolated bad batch does no harm")
+SOURCE = (
+    "OLMo-core SkipStepOptimizer / llm.c: skip the update of a step whose loss or grad norm is a "
+    "6σ outlier over the last 128 steps, so an isolated bad batch does no harm"
+)
 
 
 def arm_of(run: Run) -> Optional[str]:
@@ -78,8 +80,11 @@ def harm(run: Run, clean: Run, events: list[int]) -> float:
     reference = dict(zip(*clean.series(records.VAL_LOSS)))
     per_event = []
     for p in events:
-        excess = [v - reference[s] for s, v in zip(*run.series(records.VAL_LOSS))
-                  if p < s <= p + AFTER and s in reference and math.isfinite(v)]
+        excess = [
+            v - reference[s]
+            for s, v in zip(*run.series(records.VAL_LOSS))
+            if p < s <= p + AFTER and s in reference and math.isfinite(v)
+        ]
         if excess:
             per_event.append(max(excess))
     return statistics.fmean(per_event) if per_event else math.nan
@@ -102,28 +107,38 @@ def judge(report: ReportResult, runs: list[Run]) -> Verdict:
     z = {s: [z_at(r, p) for p in events] for s, r in sorted(none.items())}
     above = {s: sum(x > SIGMA for x in zs) for s, zs in z.items()}
     v.numbers["grad_norm_z_at_poison_steps/none"] = {str(s): [round(x, 1) for x in zs] for s, zs in z.items()}
-    v.check(f"isolated spikes: the grad norm at >= 3/4 of poison steps is > {SIGMA:g}σ above the last {WINDOW} "
-            "steps, in every seed (no remedy)",
-            bool(events) and all(n >= 0.75 * len(events) for n in above.values()),
-            "; ".join(f"seed {s}: {n} of {len(events)}" for s, n in above.items()))
+    v.check(
+        f"isolated spikes: the grad norm at >= 3/4 of poison steps is > {SIGMA:g}σ above the last {WINDOW} "
+        "steps, in every seed (no remedy)",
+        bool(events) and all(n >= 0.75 * len(events) for n in above.values()),
+        "; ".join(f"seed {s}: {n} of {len(events)}" for s, n in above.items()),
+    )
 
     seeds = sorted(set(none) & set(skip) & set(clean))
     h_none = spread(harm(none[s], clean[s], events) for s in seeds)
     h_skip = spread(harm(skip[s], clean[s], events) for s in seeds)
     v.numbers["harm_per_event/none"] = h_none.describe(".4f")
     v.numbers["harm_per_event/skip_step"] = h_skip.describe(".4f")
-    v.check(f"the poison harms the unprotected run (harm per event > 0, mean >= {MIN_HARM} nats)",
-            h_none.clears(+1) and h_none.mean >= MIN_HARM, h_none.describe(".4f"))
+    v.check(
+        f"the poison harms the unprotected run (harm per event > 0, mean >= {MIN_HARM} nats)",
+        h_none.clears(+1) and h_none.mean >= MIN_HARM,
+        h_none.describe(".4f"),
+    )
     cut = spread(a - b for a, b in zip(h_none.values, h_skip.values))
-    v.check("skip-step cuts the harm per event (none - skip_step > 0) and at least halves it",
-            cut.clears(+1) and h_skip.mean <= 0.5 * h_none.mean,
-            f"{cut.describe('.4f')}; skip_step {h_skip.mean:.4f} vs none {h_none.mean:.4f}")
+    v.check(
+        "skip-step cuts the harm per event (none - skip_step > 0) and at least halves it",
+        cut.clears(+1) and h_skip.mean <= 0.5 * h_none.mean,
+        f"{cut.describe('.4f')}; skip_step {h_skip.mean:.4f} vs none {h_none.mean:.4f}",
+    )
 
-    skips = {s: [int(e["step"]) for e in r.events if e.get(records.EVENT) == records.SKIP_STEP]
-             for s, r in sorted(skip.items())}
+    skips = {
+        s: [int(e["step"]) for e in r.events if e.get(records.EVENT) == records.SKIP_STEP]
+        for s, r in sorted(skip.items())
+    }
     v.numbers["skips_at_poison_steps"] = {str(s): sum(x in events for x in xs) for s, xs in skips.items()}
     v.numbers["skips_elsewhere"] = {str(s): sum(x not in events for x in xs) for s, xs in skips.items()}
     for arm, mine in (("none", none), ("skip_step", skip)):
         v.numbers[f"final_val_minus_clean/{arm}"] = spread(
-            mine[s].summary["final_val_loss"] - clean[s].summary["final_val_loss"] for s in seeds).describe(".4f")
+            mine[s].summary["final_val_loss"] - clean[s].summary["final_val_loss"] for s in seeds
+        ).describe(".4f")
     return v

@@ -54,8 +54,10 @@ from proxy.verdict import Verdict
 SURROUND = 2  # the "batches surrounding the spike": N - SURROUND ... the end of the kit
 SKIP_OFFSET = 10_000  # fresh batches for rollback + skip, this many positions on
 MIN_KITS, MIN_SEEDS = 6, 3
-SOURCE = ("PaLM (arXiv 2204.02311) §5.1: the batches surrounding a spike, trained on from an earlier "
-          "checkpoint, did not spike; restarting earlier and skipping batches prevented recurrence")
+SOURCE = (
+    "PaLM (arXiv 2204.02311) §5.1: the batches surrounding a spike, trained on from an earlier "
+    "checkpoint, did not spike; restarting earlier and skipping batches prevented recurrence"
+)
 
 
 @dataclass
@@ -113,19 +115,33 @@ def replay_kit(path: Path) -> KitReplays:
     steps = [s for s in kit.steps if s >= start]
     same = replay(kit, variant="same")
     surrounding = [kit.batch(s) for s in steps if s >= kit.step - SURROUND]
-    earlier = (replay(kit, surrounding, variant="earlier", until=start + len(surrounding) - 1)
-               if len(surrounding) < len(steps) else None)
+    earlier = (
+        replay(kit, surrounding, variant="earlier", until=start + len(surrounding) - 1)
+        if len(surrounding) < len(steps)
+        else None
+    )
     fresh = fresh_batches(kit, steps, SKIP_OFFSET)
     skip = replay(kit, fresh, variant="skip") if fresh is not None else None
     s_same, p_same = respikes(kit, same)
     s_earlier, p_earlier = respikes(kit, earlier) if earlier is not None else (None, math.nan)
     s_skip, p_skip = respikes(kit, skip) if skip is not None else (None, math.nan)
     return KitReplays(
-        kit=str(path), arm=str(override_value(run.overrides, "clip") or "?"),
-        lr=float(run.config_value("optim.lr") or math.nan), seed=int(run.config_value("train.seed") or 0),
-        step=kit.step, trigger=kit.trigger, threshold=float(kit.meta["threshold"]),
-        older_by=(kit.step - SURROUND) - start, same_bitwise=_bitwise(kit, same), same=s_same,
-        earlier=s_earlier, skip=s_skip, peak_same=p_same, peak_earlier=p_earlier, peak_skip=p_skip)
+        kit=str(path),
+        arm=str(override_value(run.overrides, "clip") or "?"),
+        lr=float(run.config_value("optim.lr") or math.nan),
+        seed=int(run.config_value("train.seed") or 0),
+        step=kit.step,
+        trigger=kit.trigger,
+        threshold=float(kit.meta["threshold"]),
+        older_by=(kit.step - SURROUND) - start,
+        same_bitwise=_bitwise(kit, same),
+        same=s_same,
+        earlier=s_earlier,
+        skip=s_skip,
+        peak_same=p_same,
+        peak_earlier=p_earlier,
+        peak_skip=p_skip,
+    )
 
 
 def find_kit_dirs(roots: Sequence[Path]) -> list[Path]:
@@ -140,20 +156,33 @@ def _rate(flags: list[Optional[bool]]) -> tuple[int, int]:
 def judge(results: list[KitReplays]) -> Verdict:
     v = Verdict(finding="spike_remedies/replay", source=SOURCE)
     seeds = sorted({r.seed for r in results})
-    v.check("mechanics: every 'same' replay re-spikes and matches the run bitwise",
-            bool(results) and all(r.same and r.same_bitwise for r in results),
-            f"{sum(r.same and r.same_bitwise for r in results)} of {len(results)} kits")
-    v.check(f"enough spikes: >= {MIN_KITS} kits from >= {MIN_SEEDS} seeds",
-            len(results) >= MIN_KITS and len(seeds) >= MIN_SEEDS, f"{len(results)} kits, seeds {seeds}")
-    for name, claim in (("earlier", "PaLM's ablation: the surrounding batches from an earlier state re-spike "
-                                    "in fewer than half of the kits (at most half per seed)"),
-                        ("skip", "PaLM's remedy: rollback + skip re-spikes in fewer than half of the kits "
-                                 "(at most half per seed)")):
+    v.check(
+        "mechanics: every 'same' replay re-spikes and matches the run bitwise",
+        bool(results) and all(r.same and r.same_bitwise for r in results),
+        f"{sum(r.same and r.same_bitwise for r in results)} of {len(results)} kits",
+    )
+    v.check(
+        f"enough spikes: >= {MIN_KITS} kits from >= {MIN_SEEDS} seeds",
+        len(results) >= MIN_KITS and len(seeds) >= MIN_SEEDS,
+        f"{len(results)} kits, seeds {seeds}",
+    )
+    for name, claim in (
+        (
+            "earlier",
+            "PaLM's ablation: the surrounding batches from an earlier state re-spike "
+            "in fewer than half of the kits (at most half per seed)",
+        ),
+        ("skip", "PaLM's remedy: rollback + skip re-spikes in fewer than half of the kits (at most half per seed)"),
+    ):
         pooled = _rate([getattr(r, name) for r in results])
         per_seed = {s: _rate([getattr(r, name) for r in results if r.seed == s]) for s in seeds}
         ok = pooled[1] > 0 and 2 * pooled[0] < pooled[1] and all(2 * k <= n for k, n in per_seed.values() if n)
-        v.check(claim, ok, f"{pooled[0]} of {pooled[1]} re-spiked; per seed "
-                + ", ".join(f"{s}: {k}/{n}" for s, (k, n) in per_seed.items()))
+        v.check(
+            claim,
+            ok,
+            f"{pooled[0]} of {pooled[1]} re-spiked; per seed "
+            + ", ".join(f"{s}: {k}/{n}" for s, (k, n) in per_seed.items()),
+        )
         v.numbers[f"respike_rate/{name}"] = f"{pooled[0]}/{pooled[1]}"
     by_arm = defaultdict(list)
     for r in results:
@@ -185,10 +214,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     verdict = judge(results)
     out = args.out or args.runs[0]
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "verdict.md", verdict.to_markdown() + "\n" + "\n".join(markdown_table(
-        ["kit", "arm", "LR", "seed", "step", "trigger", "older by", "same", "earlier", "skip"],
-        [[Path(r.kit).name, r.arm, r.lr, r.seed, r.step, r.trigger, r.older_by, r.same, r.earlier, r.skip]
-         for r in results])))
+    atomic_write_text(
+        out / "verdict.md",
+        verdict.to_markdown()
+        + "\n"
+        + "\n".join(
+            markdown_table(
+                ["kit", "arm", "LR", "seed", "step", "trigger", "older by", "same", "earlier", "skip"],
+                [
+                    [Path(r.kit).name, r.arm, r.lr, r.seed, r.step, r.trigger, r.older_by, r.same, r.earlier, r.skip]
+                    for r in results
+                ],
+            )
+        ),
+    )
     write_json(out / "verdict.json", verdict.to_json())
     table = io.StringIO(newline="")
     writer = csv.DictWriter(table, fieldnames=list(asdict(results[0])) if results else ["kit"])

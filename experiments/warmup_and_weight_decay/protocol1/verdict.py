@@ -38,11 +38,15 @@ def judge(report: ReportResult, runs: list[Run]) -> Verdict:
     short, long = warmups[0], warmups[-1]
     for form in ("coupled", "independent"):
         s_short, s_long = grid.get((form, short), math.nan), grid.get((form, long), math.nan)
-        v.check(f"{form} decay: warmup {long} less LR-sensitive than warmup {short}",
-                s_long < s_short, f"{s_long:.3f} vs {s_short:.3f}")
+        v.check(
+            f"{form} decay: warmup {long} less LR-sensitive than warmup {short}",
+            s_long < s_short,
+            f"{s_long:.3f} vs {s_short:.3f}",
+        )
     for warmup in (short, long):
         s_c, s_i = grid.get(("coupled", warmup), math.nan), grid.get(("independent", warmup), math.nan)
-        v.check(f"warmup {warmup}: independent decay less LR-sensitive than coupled",
-                s_i < s_c, f"{s_i:.3f} vs {s_c:.3f}")
+        v.check(
+            f"warmup {warmup}: independent decay less LR-sensitive than coupled", s_i < s_c, f"{s_i:.3f} vs {s_c:.3f}"
+        )
     v.numbers.update({f"lr_sensitivity/{form}/warmup_{w}": s for (form, w), s in sorted(grid.items())})
     return v
