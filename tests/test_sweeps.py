@@ -48,7 +48,8 @@ def test_every_sweep_point_of_a_preset_is_a_valid_config(preset: str) -> None:
     cfg = composed([f"+experiment={preset}"])
     # the report groups and titles by the experiment name; a finding's lab/gpu scales share it
     # (an earlier protocol's preset keeps its name with _p<N>: it reproduces a committed result)
-    assert re.sub(r"_p\d+$", "", preset) in (cfg.experiment, f"{cfg.experiment}_lab", f"{cfg.experiment}_gpu")
+    kinds = ("", "_lab", "_gpu", "_lease")  # _lease: sized for one GPU lease (benchmarks/science/queue.yaml)
+    assert re.sub(r"_p\d+$", "", preset) in tuple(f"{cfg.experiment}{kind}" for kind in kinds)
     params = dict(cfg.hydra.sweeper.params)
     lr_sweep = preset == "demo" or preset.endswith("lr_sweep")
     grid = [float(v) for v in str(params["optim.lr"]).split(",")] if "optim.lr" in params else list(cfg.sweep.lrs)
