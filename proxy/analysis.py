@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Hashable, Iterable, Optional, Sequence
+from typing import Hashable, Iterable, Optional, Sequence, TypeGuard
 
 import numpy as np
 
@@ -139,7 +139,7 @@ def spike_score(values: Sequence[float] | np.ndarray, options: SpikeOptions = OL
 # --------------------------------------------------------------------------------------------
 # LR sensitivity
 # --------------------------------------------------------------------------------------------
-def _is_number(value: Optional[float]) -> bool:
+def _is_number(value: object) -> TypeGuard[float]:
     return value is not None and isinstance(value, (int, float)) and math.isfinite(value)
 
 
@@ -147,10 +147,12 @@ def _per_run(value: float | Sequence[float], n: int, what: str) -> list[float]:
     values = [value] * n if not isinstance(value, (list, tuple, np.ndarray)) else list(value)
     if len(values) != n:
         raise ValueError(f"{n} runs but {len(values)} values of {what}")
+    numbers: list[float] = []
     for v in values:
         if not _is_number(v):
             raise ValueError(f"{what} must be a finite number, got {v!r}")
-    return [float(v) for v in values]
+        numbers.append(float(v))
+    return numbers
 
 
 def clipped_losses(
@@ -165,8 +167,7 @@ def clipped_losses(
     if len(flags) != len(losses):
         raise ValueError(f"{len(losses)} losses but {len(flags)} diverged flags")
     return [
-        init if bad or not _is_number(loss) else min(float(loss), init)  # type: ignore[arg-type]
-        for loss, init, bad in zip(losses, inits, flags)
+        init if bad or not _is_number(loss) else min(float(loss), init) for loss, init, bad in zip(losses, inits, flags)
     ]
 
 

@@ -17,7 +17,7 @@ import secrets
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
@@ -532,7 +532,8 @@ def to_config(cfg: Any) -> Config:
             obj = cfg
         else:
             merged = OmegaConf.merge(OmegaConf.structured(Config), cfg)
-            obj = OmegaConf.to_object(merged)
+            # merged onto the structured Config, so to_object builds a Config instance
+            obj = cast(Config, OmegaConf.to_object(merged))
     except OmegaConfBaseException as exc:  # unknown key, wrong type, bad enum value
         raise ConfigError(_one_line(exc)) from None
     return validate(obj)
@@ -555,7 +556,7 @@ def stored_config(tree: Any, where: str | Path) -> Config:
         raise ConfigError(f"{where}: {exc}") from None
 
 
-def type_errors(tree: Any, schema: type = None, key: str = "") -> Optional[str]:  # type: ignore[assignment]
+def type_errors(tree: Any, schema: Optional[type] = None, key: str = "") -> Optional[str]:
     """Where a stored config (a run dir's config.yaml, as plain data) holds a value of another
     type than today's schema declares for its key: ``"train.seed holds a dict, not an int"``, or
     None. Keys the schema does not know (a run of an older proxy) are not checked."""
@@ -578,7 +579,7 @@ def type_errors(tree: Any, schema: type = None, key: str = "") -> Optional[str]:
         if value is None and len(options) < len(typing.get_args(expected) or [0, 0]):
             continue  # Optional[...] holding None
         kind = typing.get_origin(options[0]) or options[0]
-        if dataclasses.is_dataclass(kind):
+        if isinstance(kind, type) and dataclasses.is_dataclass(kind):
             found = type_errors(value, kind, here)
             if found:
                 return found

@@ -55,6 +55,9 @@ def make_norm(kind: Norm | QKNorm, dim: int, eps: float) -> nn.Module:
 class Rotary(nn.Module):
     """Rotates pairs (x[i], x[i + d/2]) of each head by position-dependent angles."""
 
+    cos: Tensor  # buffers, registered in __init__
+    sin: Tensor
+
     def __init__(self, head_dim: int, max_seq_len: int, theta: float):
         super().__init__()
         inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
@@ -116,14 +119,15 @@ class CausalSelfAttention(nn.Module):
         self.backend = cfg.attention
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
-        self.q_norm = self.k_norm = None
+        self.q_norm: Optional[nn.Module] = None
+        self.k_norm: Optional[nn.Module] = None
         if cfg.qk_norm != QKNorm.off:  # per head: normalises each head's d_head vector
             self.q_norm = make_norm(cfg.qk_norm, self.head_dim, cfg.norm_eps)
             self.k_norm = make_norm(cfg.qk_norm, self.head_dim, cfg.norm_eps)
 
     def forward(self, x: Tensor, rotary: Rotary, collect_stats: bool) -> tuple[Tensor, Optional[Tensor]]:
         q, k, v = rearrange(self.qkv(x), "b t (three h d) -> three b h t d", three=3, h=self.n_heads)
-        if self.q_norm is not None:
+        if self.q_norm is not None and self.k_norm is not None:  # both set, or neither
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = rotary(q), rotary(k)
 
@@ -274,13 +278,13 @@ class GPT(nn.Module):
     def set_token_classes(self, codes: Sequence[int]) -> None:
         """Mark each token id never (0), rare (1) or frequent (2) in the training data; the
         statistics then report each class's mean logit (output/logit_mean_<class>)."""
-        codes = torch.as_tensor(codes, dtype=torch.long).reshape(-1)
-        if codes.numel() < self.vocab_size:  # ids beyond the data's vocabulary never occur
-            codes = torch.cat([codes, codes.new_zeros(self.vocab_size - codes.numel())])
+        code_of = torch.as_tensor(codes, dtype=torch.long).reshape(-1)
+        if code_of.numel() < self.vocab_size:  # ids beyond the data's vocabulary never occur
+            code_of = torch.cat([code_of, code_of.new_zeros(self.vocab_size - code_of.numel())])
         device = self.lm_head.weight.device
         self.token_classes = []
         for code, name in enumerate(TOKEN_CLASSES):
-            ids = torch.nonzero(codes[: self.vocab_size] == code).reshape(-1).to(device)
+            ids = torch.nonzero(code_of[: self.vocab_size] == code).reshape(-1).to(device)
             if ids.numel():
                 self.register_buffer(f"token_class_{name}", ids, persistent=False)
                 self.token_classes.append(name)

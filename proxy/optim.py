@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional, Protocol, overload
 
 import torch
 from torch import Tensor, nn
@@ -77,8 +77,15 @@ class AdamW(torch.optim.Optimizer):
         super().add_param_group(param_group)
         _check_group(self.param_groups[-1])
 
+    # the overloads torch.optim.Optimizer.step declares: a closure's loss is returned as given
+    @overload
+    def step(self, closure: None = None) -> None: ...
+
+    @overload
+    def step(self, closure: Callable[[], float]) -> float: ...
+
     @torch.no_grad()
-    def step(self, closure: Optional[Callable[[], Tensor]] = None) -> Optional[Tensor]:
+    def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -320,7 +327,15 @@ def clip_grad_norm(params: Iterable[Tensor], max_norm: float) -> Tensor:
     return total
 
 
-def scale_grads(params: Iterable[Tensor], factor: float | Tensor) -> None:
+class HasGrad(Protocol):
+    """What scale_grads (and a remedy) uses of a parameter: its gradient, if any. A tensor, or a
+    stand-in holding a view of one (a sweep member's slice of a stacked parameter)."""
+
+    @property
+    def grad(self) -> Optional[Tensor]: ...
+
+
+def scale_grads(params: Iterable[HasGrad], factor: float | Tensor) -> None:
     """Multiply every gradient by ``factor`` in place (used by the ZClip remedy)."""
     grads = [p.grad for p in params if p.grad is not None]
     if grads:

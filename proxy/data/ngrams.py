@@ -43,8 +43,8 @@ def find_repeated_ngrams(
         raise ValueError(f"need 1 <= min_period <= max_period, got {min_period}, {max_period}")
     if min_repeats < 2:
         raise ValueError(f"min_repeats={min_repeats} must be >= 2 (one copy is not a repeat)")
-    is_numpy = isinstance(tokens, np.ndarray)
-    x = torch.from_numpy(np.ascontiguousarray(tokens)) if is_numpy else tokens
+    # isinstance inline (not through a flag) so that each constraint of ArrayOrTensor narrows
+    x = torch.from_numpy(np.ascontiguousarray(tokens)) if isinstance(tokens, np.ndarray) else tokens
     if x.ndim == 0 or x.dtype.is_floating_point or x.dtype == torch.bool:
         raise ValueError(f"tokens must be an integer array of shape (..., T), got {x.dtype} {tuple(x.shape)}")
     rows = x.reshape(-1, x.shape[-1])
@@ -63,7 +63,9 @@ def find_repeated_ngrams(
         mask[candidates, p:] |= long_run  # copies 2..k
         mask[candidates, :-p] |= long_run  # the first copy: the run shifted back by p
     mask = mask.reshape(x.shape)
-    return mask.numpy() if is_numpy else mask
+    if isinstance(tokens, np.ndarray):
+        return mask.numpy()
+    return mask
 
 
 def _runs_at_least(match: torch.Tensor, min_length: int) -> torch.Tensor:

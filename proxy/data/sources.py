@@ -358,6 +358,8 @@ def load_memmap(cfg: DataConfig) -> ArraySource:
     folder = path if path.is_dir() else path.parent
     meta = _read_meta(folder / META_FILE)
     dtype = resolve_dtype(cfg.dtype, meta, folder / META_FILE)
+    train: np.ndarray  # a memmap, or a view of one (split_tail)
+    val: np.ndarray
     if path.is_dir():
         train_file = path / "train.bin"
         if not train_file.is_file():

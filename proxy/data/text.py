@@ -9,7 +9,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import BinaryIO, Optional, Sequence
 
 import numpy as np
 
@@ -39,7 +39,7 @@ class Document(bytes):
         return doc
 
 
-def check_text(path: Path, data: bytes) -> None:
+def check_text(path: str | Path, data: bytes) -> None:
     """DataError naming ``path`` unless ``data`` is text, whatever the tokenizer: no NUL byte
     (the byte tokenizer's document separator, and the mark of a binary file), valid UTF-8 (the
     offset of the first bad byte named), and at most :data:`CONTROL_LIMIT` of its first MiB
@@ -212,7 +212,11 @@ def prepare(
     out = output_dir(out_dir, what="prepared data")
     for name, ids in (("train.bin", train), ("val.bin", val)):
         array = np.ascontiguousarray(ids.astype(TOKEN_DTYPES[dtype]))
-        atomic_write(out / name, lambda f, a=array: f.write(memoryview(a).cast("B")))
+
+        def write_array(f: BinaryIO, a: np.ndarray = array) -> None:
+            f.write(a.data.cast("B"))  # a.data: memoryview(a)
+
+        atomic_write(out / name, write_array)
     meta = {
         "vocab_size": tok.vocab_size,
         "dtype": dtype,

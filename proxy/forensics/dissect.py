@@ -332,6 +332,7 @@ def replays(
                     pairs += [(row["grad_norm"], grad_norm)] if row["event"] != "diverged" else []
             verdict.bitwise = bool(pairs) and all(_same_float(a, b) for a, b in pairs)
             if kit.has_state("after") and r.steps and r.steps[-1] + 1 == kit.state_step("after"):
+                assert r.training is not None  # replay() returns with its final state
                 verdict.after_state_equal = states_equal(r.training.model.state_dict(), kit.state("after")["model"])
         verdicts.append(verdict)
     if kit.meta.get("world_size", 1) > 1:
@@ -602,7 +603,7 @@ def _replay_section(insp: Inspection) -> list[Block]:
 
 
 def _curvature_section(insp: Inspection) -> list[Block]:
-    probes = [p for p in (insp.pre, insp.spike) if p.sharpness is not None]
+    probes = [(p, p.sharpness) for p in (insp.pre, insp.spike) if p.sharpness is not None]
     if not probes:
         return []
     md: list[Block] = [
@@ -617,14 +618,14 @@ def _curvature_section(insp: Inspection) -> list[Block]:
         [
             p.state,
             _g(p.lr),
-            _g(p.sharpness.sharpness),
-            _g(p.sharpness.gd_threshold),
-            _g(p.sharpness.gd_ratio),
-            _g(p.sharpness.preconditioned),
-            _g(p.sharpness.adam_threshold),
-            _g(p.sharpness.adam_ratio),
+            _g(sharp.sharpness),
+            _g(sharp.gd_threshold),
+            _g(sharp.gd_ratio),
+            _g(sharp.preconditioned),
+            _g(sharp.adam_threshold),
+            _g(sharp.adam_ratio),
         ]
-        for p in probes
+        for p, sharp in probes
     ]
     header = ["state", "η", "λmax(H)", "2/η", "ratio", "λmax(P⁻¹H)", "(2+2β₁)/((1−β₁)η)", "ratio"]
     return md + [Table(header, rows)]

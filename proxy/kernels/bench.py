@@ -78,7 +78,13 @@ def measure(step: Callable[[], None], inputs: list[Tensor]) -> dict:
         step()  # warm-up
         for t in inputs:
             t.grad = None
-        ms = time_ms(lambda: (step(), [setattr(t, "grad", None) for t in inputs]), device)
+
+        def step_and_clear() -> None:
+            step()
+            for t in inputs:
+                t.grad = None
+
+        ms = time_ms(step_and_clear, device)
         return {"ms": round(ms, 4), "peak_mib": None}
     import triton.testing
 
@@ -150,28 +156,35 @@ def bench_attention(
 
     from proxy.kernels.flash_attention import flash_attention
 
-    device = torch.device(device)
+    dev = torch.device(device)
     batch, heads = max(1, tokens // seq), max(1, width // head_dim)
     shape = (batch, heads, seq, head_dim)
-    q, k, v = (torch.randn(shape, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
-    grad_out = torch.randn(shape, device=device, dtype=dtype)
+    q, k, v = (torch.randn(shape, device=dev, dtype=dtype, requires_grad=True) for _ in range(3))
+    grad_out = torch.randn(shape, device=dev, dtype=dtype)
 
     def sdpa_flash() -> Tensor:
-        backend = SDPBackend.FLASH_ATTENTION if device.type == "cuda" else SDPBackend.MATH
+        backend = SDPBackend.FLASH_ATTENTION if dev.type == "cuda" else SDPBackend.MATH
         with sdpa_kernel(backend):
             return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
-    implementations = {"triton": lambda: flash_attention(q, k, v)[0], "sdpa_flash": sdpa_flash}
+    def forward_backward(forward: Callable[[], Tensor]) -> Callable[[], None]:
+        return lambda: forward().backward(grad_out)
+
+    implementations: dict[str, Callable[[], Tensor]] = {
+        "triton": lambda: flash_attention(q, k, v)[0],
+        "sdpa_flash": sdpa_flash,
+    }
     forward_flops = 4 * batch * heads * seq * seq * head_dim / 2  # causal: half the score matrix
-    row = {"seq": seq, "head_dim": head_dim, "batch": batch, "heads": heads, "results": {}}
+    results: dict[str, dict] = {}
+    row = {"seq": seq, "head_dim": head_dim, "batch": batch, "heads": heads, "results": results}
     for name, forward in implementations.items():
-        result = measure(lambda forward=forward: forward().backward(grad_out), [q, k, v])
+        result = measure(forward_backward(forward), [q, k, v])
         if result["ms"] is not None:
             with torch.no_grad():
-                result["forward_ms"] = round(time_ms(forward, device), 4)
+                result["forward_ms"] = round(time_ms(forward, dev), 4)
             result["forward_tflops"] = round(forward_flops / result["forward_ms"] / 1e9, 1)
             result["tflops"] = round(3.5 * forward_flops / result["ms"] / 1e9, 1)  # bwd ~ 2.5x fwd
-        row["results"][name] = result
+        results[name] = result
     with torch.no_grad():
         row["max_abs_diff_vs_sdpa"] = (implementations["triton"]() - sdpa_flash()).abs().max().item()
     return row
@@ -205,9 +218,10 @@ def bench_cross_entropy(
     if liger_ce is not None:
         liger = liger_ce(lse_square_scale=Z_LOSS)
         implementations["liger"] = lambda: first(liger(logits, labels))
-    row = {"tokens": tokens, "vocab": vocab, "results": {}}
+    results: dict[str, dict] = {}
+    row = {"tokens": tokens, "vocab": vocab, "results": results}
     for name, loss_fn in implementations.items():
-        row["results"][name] = measure(backward_step(loss_fn), [logits])
+        results[name] = measure(backward_step(loss_fn), [logits])
     return row
 
 
@@ -241,9 +255,10 @@ def bench_linear_cross_entropy(
     if liger_linear is not None:
         liger = liger_linear(lse_square_scale=Z_LOSS)
         implementations["liger"] = lambda: first(liger(weight, hidden, labels))
-    row = {"tokens": tokens, "vocab": vocab, "hidden_dim": hidden_dim, "results": {}}
+    results: dict[str, dict] = {}
+    row = {"tokens": tokens, "vocab": vocab, "hidden_dim": hidden_dim, "results": results}
     for name, loss_fn in implementations.items():
-        row["results"][name] = measure(backward_step(loss_fn), [hidden, weight])
+        results[name] = measure(backward_step(loss_fn), [hidden, weight])
     return row
 
 

@@ -194,7 +194,9 @@ def _gradients_at_sum_scale(dtype: torch.dtype) -> bool:
     return dtype == torch.float16
 
 
-def _summarise(rows: RowStatistics, valid: Tensor, n_valid: Tensor, z_loss: float) -> tuple[Tensor, ...]:
+def _summarise(
+    rows: RowStatistics, valid: Tensor, n_valid: Tensor, z_loss: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(ce, z_term, logit_mean, logit_max, lse_mean, lse_max) from the per-row vectors, like the
     reference: over the rows that count; the maxima are NaN when no row counts (every label ignored)."""
     ce = rows.loss.sum() / n_valid
@@ -252,7 +254,7 @@ def _rows_op(
     gradient into the logits' own storage (decided by fused_cross_entropy)."""
     rows = _empty_row_statistics(logits.shape[0], logits.device)
     _row_statistics_into(logits, labels, rows, ignore_index)
-    return tuple(rows)
+    return rows.loss, rows.lse, rows.max, rows.mean
 
 
 @_rows_op.register_fake
@@ -541,7 +543,7 @@ def fused_linear_cross_entropy(
     _check_labels(labels, hidden.shape[0], weight.shape[0], ignore_index, hidden.device)
     labels = labels.contiguous()  # the kernels read label i at offset i
     if chunk_size is None:
-        chunk_size = default_chunk_size(*hidden.shape, weight.shape[0])
+        chunk_size = default_chunk_size(hidden.shape[0], hidden.shape[1], weight.shape[0])
     elif int(chunk_size) < 1:
         raise ValueError(f"chunk_size must be a positive number of rows, got {chunk_size}")
     hidden, weight = _autocast_like_linear(hidden, weight)

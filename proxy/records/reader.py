@@ -153,7 +153,7 @@ def split_branches(rows: Iterable[dict[str, Any]]) -> tuple[list[dict], list[dic
     return metrics, events, abandoned
 
 
-def is_run_dir(path: Path) -> bool:
+def is_run_dir(path: str | Path) -> bool:
     """A run directory has a summary.json, or at least a metrics.jsonl (its summary was lost)."""
     return (Path(path) / SUMMARY).is_file() or (Path(path) / METRICS).is_file()
 

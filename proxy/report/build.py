@@ -297,18 +297,18 @@ def collect_report(
     ``out_dir``/figures; the documents are written by :func:`write_report`."""
     if lr_range is not None and not 0 < lr_range[0] <= lr_range[1]:
         raise ReportError(f"lr_range={lr_range} must be two LRs with 0 < low <= high")
-    paths = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
-    if not paths:
+    roots = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
+    if not roots:
         raise ReportError("no path given")
-    for path in paths:
+    for path in roots:
         if not path.exists():
             raise ReportError(f"no such path: {path}")
     spikes = spikes or analysis.OLMO2_SPIKES
     marks = marks or SpikeMarks(spikes)
-    run_dirs = find_runs(paths)
+    run_dirs = find_runs(roots)
     if not run_dirs:
-        raise ReportError(f"no run directories (with summary.json) under {', '.join(map(str, paths))}")
-    out = output_dir(out_dir if out_dir is not None else default_out_dir(paths[0]), what="the report")
+        raise ReportError(f"no run directories (with summary.json) under {', '.join(map(str, roots))}")
+    out = output_dir(out_dir if out_dir is not None else default_out_dir(roots[0]), what="the report")
 
     tables = tabulate([load_run(d) for d in run_dirs], spikes, lr_range)
     figures, notes = draw_figures(tables, marks, output_dir(out, FIGURES_DIR, what="the report's figures"))
@@ -329,7 +329,7 @@ def collect_report(
         headline=headline_of(tables),
         marks=marks,
         tables=tables,
-        paths=tuple(paths),
+        paths=tuple(roots),
         lr_range=lr_range,
         title=title,
     )

@@ -19,7 +19,7 @@ import textwrap
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional, Sequence
 
 import matplotlib
 import numpy as np
@@ -48,6 +48,9 @@ from proxy.records import (
 )
 from proxy.report.document import fmt
 from proxy.report.tables import BLOWN_UP, RunRow, SensitivityRow, Tables, finite, layer_index, layer_keys
+
+if TYPE_CHECKING:
+    from matplotlib.typing import RcKeyType  # matplotlib >= 3.8; a name for annotations only
 
 MAX_LAYER_PANELS = 6
 FIGURE_DPI = 200  # 2x the 100 DPI the figures are laid out for: sharp on HiDPI screens
@@ -519,7 +522,7 @@ CAPTIONS = {
 
 
 # Run names, overrides and parameter names come from run dirs: text, never matplotlib math ("$\\x$")
-LITERAL_TEXT = {"text.parse_math": False}
+LITERAL_TEXT: dict[RcKeyType, bool] = {"text.parse_math": False}
 
 
 def draw_figures(tables: Tables, marks: SpikeMarks, folder: Path) -> tuple[dict[str, Path], list[str]]:

@@ -13,7 +13,7 @@ import statistics
 from collections import Counter
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, TypeGuard
 
 from proxy import analysis
 from proxy.analysis import SpikeOptions
@@ -109,7 +109,7 @@ class SensitivityRow:
 # --------------------------------------------------------------------------------------------
 # Reading runs
 # --------------------------------------------------------------------------------------------
-def finite(value: Any) -> bool:
+def finite(value: object) -> TypeGuard[float]:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
@@ -247,7 +247,10 @@ def sensitivity_row(
         notes.append(f"{n_excluded} run(s) not finished or without an LR left off the curve")
     known_inits = [row.loss_at_init for row, _ in on_curve if finite(row.loss_at_init)]
     fallback = statistics.median(known_inits) if known_inits else None
-    lrs, losses, inits, blown = [], [], [], []
+    lrs: list[float] = []
+    losses: list[Optional[float]] = []
+    inits: list[float] = []
+    blown: list[bool] = []
     for row, run in on_curve:
         init = row.loss_at_init if finite(row.loss_at_init) else fallback
         if init is None:
@@ -257,6 +260,7 @@ def sensitivity_row(
         if init is None:
             notes.append(f"{row.name}: loss at init unknown, left off the curve")
             continue
+        assert row.lr is not None  # on_curve keeps only the rows with an LR
         lrs.append(row.lr)
         losses.append(row.final_loss)
         inits.append(init)

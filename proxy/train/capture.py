@@ -207,6 +207,8 @@ class SpikeCapture(StepObserver):
             end = "diverged" if run.outcome == DIVERGED else "ended"
             self._close_kit(None, reason=f"the run {end} at step {self._last_step}, before step {self.open.after_step}")
         elif self._later_dirty:
+            # only a spike noted in the newest kit's meta sets it: that kit was written
+            assert self.last_kit is not None and self.last_meta is not None
             write_json(self.last_kit / KIT_JSON, self.last_meta)
 
     # -- internals ----------------------------------------------------------------------------
@@ -239,6 +241,7 @@ class SpikeCapture(StepObserver):
         return snapshot
 
     def _open_kit(self, run: ObservedRun, found: dict[str, Any], event: Optional[Event]) -> None:
+        assert self.kits_written is not None  # called after _can_open(), which needs the count
         step = found["step"]
         path = output_dir(run.run_dir, KITS_DIR, f"step_{step:07d}", what="a spike kit")
         before, at = self.states[0], self.states[-1]
@@ -279,6 +282,7 @@ class SpikeCapture(StepObserver):
 
     def _close_kit(self, after: Optional[_Snapshot], reason: Optional[str]) -> None:
         kit, self.open = self.open, None
+        assert kit is not None  # called only while a kit is open
         if after is not None:
             save_state(kit.path / STATE_FILES["after"], after.state)
             kit.meta["states"]["after"] = _state_meta(after)

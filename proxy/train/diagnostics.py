@@ -233,11 +233,14 @@ def growth_exponents(model: GPT, idx: Tensor, labels: Tensor) -> dict[str, float
     def exponent(a: Tensor, b: Tensor) -> float:
         return math.log(mean_norm(b) / mean_norm(a)) / n_layers
 
+    # the hooks retained the gradients of activations the loss depends on: backward filled them
+    embedded_grad, first_grad, last_grad = embedded.grad, first.grad, last.grad
+    assert embedded_grad is not None and first_grad is not None and last_grad is not None
     result = {
         GROWTH_ACTIVATION: exponent(first, last),
-        GROWTH_GRADIENT: exponent(first.grad, last.grad),
+        GROWTH_GRADIENT: exponent(first_grad, last_grad),
         GROWTH_ACTIVATION_FROM_EMBEDDING: exponent(embedded, last),
-        GROWTH_GRADIENT_FROM_EMBEDDING: exponent(embedded.grad, last.grad),
+        GROWTH_GRADIENT_FROM_EMBEDDING: exponent(embedded_grad, last_grad),
     }
     model.zero_grad(set_to_none=True)
     return result

@@ -27,9 +27,10 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, ContextManager, Iterable, Optional, Protocol, Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from proxy.config import Config
+from proxy.model import GPT
 from proxy.train import diagnostics, distributed
 from proxy.train.remedies import Event, Remedy
 from proxy.train.step import StepResult, TrainStep
@@ -89,7 +90,7 @@ class Engine(Protocol):
 
     def load_member_state(self, k: int, state: dict[str, Any]) -> None: ...
 
-    def member_module(self, k: int) -> nn.Module: ...
+    def member_module(self, k: int) -> GPT: ...
 
     def member_optimizer(self, k: int) -> torch.optim.Optimizer: ...
 
@@ -105,7 +106,7 @@ class SingleEngine:
     def __init__(
         self,
         cfg: Config,
-        model: nn.Module,
+        model: GPT,
         optimizer: torch.optim.Optimizer,
         forward: Callable,
         autocast: Callable[[], ContextManager],
@@ -172,7 +173,7 @@ class SingleEngine:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
 
-    def member_module(self, k: int) -> nn.Module:
+    def member_module(self, k: int) -> GPT:
         return self.model
 
     def member_optimizer(self, k: int) -> torch.optim.Optimizer:

@@ -104,7 +104,7 @@ def member_specs(cfg: Config, overrides: Sequence[str] = ()) -> list[MemberSpec]
     which is what the report groups variants and reads LRs from.
     """
     sw = cfg.sweep
-    axes = [  # (swept?, values, directory key, override key)
+    axes: list[tuple[bool, Sequence[float], str, str]] = [  # (swept?, values, directory key, override key)
         (bool(sw.lrs), list(sw.lrs) or [cfg.optim.lr], "lr", "optim.lr"),
         (bool(sw.seeds), list(sw.seeds) or [cfg.train.seed], "seed", "train.seed"),
         (bool(sw.weight_decays), list(sw.weight_decays) or [cfg.optim.weight_decay], "wd", "optim.weight_decay"),

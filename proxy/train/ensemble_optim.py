@@ -192,6 +192,7 @@ class StackedAdamW:
             bias2_t = torch.tensor(bias2_sqrt, device=device, dtype=dtype) if len(set(bias2_sqrt)) > 1 else None
             for name in names:
                 p, g = self.params[name], self.params[name].grad
+                assert g is not None  # by_rule holds only the parameters that have a gradient
                 m, v = self.exp_avg[name], self.exp_avg_sq[name]
                 saved = [(k, m[k].clone(), v[k].clone()) for k in kept]  # a skip leaves the moments as they were
                 if frozen is not None:  # a selection, not a product: NaN * 0 is NaN

@@ -134,7 +134,7 @@ def sweep_jobs(overrides: Sequence[str]) -> list[list[str]]:
             else [override.get_value_element_as_str()]
         )
         axes.append([f"{key}={v}" for v in values])
-    jobs = [[]]
+    jobs: list[list[str]] = [[]]
     for axis in axes:
         jobs = [job + [choice] for job in jobs for choice in axis]
     return jobs

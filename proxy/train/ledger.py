@@ -157,6 +157,18 @@ class RunLedger:
     def summary(self) -> dict[str, Any]:
         return self.record.summary if self.record is not None else {}
 
+    @property
+    def _open_record(self) -> RunRecord:
+        """The record, for what writes to it: only after open() (start() opens it if need be)."""
+        assert self.record is not None, "the run ledger is not open"
+        return self.record
+
+    @property
+    def _open_sinks(self) -> Sinks:
+        """wandb, TensorBoard, the log: opened with the record."""
+        assert self.sinks is not None, "the run ledger is not open"
+        return self.sinks
+
     # -- start ---------------------------------------------------------------------------------
     def claim(self) -> None:
         """Take the directory (its lock; RunDirBusy if another process writes it). A fresh run
@@ -269,7 +281,7 @@ class RunLedger:
         resumed = self._resume_fields(device, extra.get("backends"), threads) if self.resume else {}
         if self.main:
             atomic_write_text(self.dir / CONFIG, OmegaConf.to_yaml(OmegaConf.create(as_dict(cfg))))
-        self.record.update(
+        self._open_record.update(
             status=RUNNING,
             run_name=self.run_name,
             sweep_id=self.sweep_id,
@@ -287,7 +299,7 @@ class RunLedger:
             **extra,
         )
         self._clock = time.time() - previous_wall
-        self.sinks.started(self.summary)
+        self._open_sinks.started(self.summary)
 
     def _resume_fields(self, device: torch.device, backends: Optional[dict], threads: dict) -> dict[str, Any]:
         """What this resume changed: the config keys it may change, and where the run now
@@ -301,13 +313,13 @@ class RunLedger:
         return fields
 
     def update(self, **fields: Any) -> None:
-        self.record.update(**fields)
+        self._open_record.update(**fields)
 
     # -- rows and events -----------------------------------------------------------------------
     def log(self, step: int, row: dict[str, Any]) -> None:
         """One metrics row (and wandb); remembers the statistics the summary reports."""
-        self.record.log(step, row)
-        self.sinks.log(step, row)
+        self._open_record.log(step, row)
+        self._open_sinks.log(step, row)
         if ATTN_MAX_LOGIT in row:
             peak = max(self.stats_seen.get(ATTN_MAX_LOGIT_PEAK, -math.inf), row[ATTN_MAX_LOGIT])
             self.stats_seen[ATTN_MAX_LOGIT_PEAK] = peak
@@ -321,12 +333,12 @@ class RunLedger:
 
     def event(self, step: int, kind: str, **fields: Any) -> None:
         """An event row (a divergence, a spike kit, ...)."""
-        self.record.event(step, kind, **fields)
+        self._open_record.event(step, kind, **fields)
 
     def remedy_event(self, event: Event) -> None:
         """A remedy's action: an event row, and a ``remedy/<kind>`` mark in wandb."""
-        self.record.event(event.step, event.kind, **event.record_fields())
-        self.sinks.log(event.step, {REMEDY + event.kind: 1})
+        self._open_record.event(event.step, event.kind, **event.record_fields())
+        self._open_sinks.log(event.step, {REMEDY + event.kind: 1})
 
     # -- checkpoints ---------------------------------------------------------------------------
     def save_checkpoint(self, step: int, **state: Any) -> Optional[Path]:
@@ -335,7 +347,9 @@ class RunLedger:
         if not self.main:
             return None
         path = self.dir / CHECKPOINTS / CHECKPOINT_NAME.format(step=step)
-        save_state(path, checkpoint_state(step=step, record_lines=self.record.lines, config=as_dict(self.cfg), **state))
+        save_state(
+            path, checkpoint_state(step=step, record_lines=self._open_record.lines, config=as_dict(self.cfg), **state)
+        )
         for old in checkpoints(self.dir)[: -max(1, self.cfg.train.keep_checkpoints)]:
             old.unlink()
         return path
@@ -384,9 +398,9 @@ class RunLedger:
             diverged_at,
             final_val,
         )
-        self.record.update(**fields, **extra)
-        self.sinks.summary(fields)
-        self.sinks.finish(failed=status == FAILED)
+        self._open_record.update(**fields, **extra)
+        self._open_sinks.summary(fields)
+        self._open_sinks.finish(failed=status == FAILED)
         self.release()
         return self.summary
 

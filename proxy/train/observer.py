@@ -30,21 +30,51 @@ from proxy.train.remedies import Event, Remedy
 
 
 class ObservedRun(Protocol):
-    cfg: Config
-    run_dir: Path
-    dist: DistInfo
-    device: torch.device
-    autocast: Callable[[], ContextManager]
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
-    remedy: Optional[Remedy]
-    source: Any  # proxy.data.TokenSource
-    ledger: RunLedger
-    data_position: int  # the next train batch to read
-    lr: float  # the base LR of the step in progress (the schedule times the peak LR)
-    loss_at_init: Optional[float]
-    outcome: Optional[str]  # None while the loop runs
-    diverged_at: Optional[int]
+    # read-only (properties): what an observer may read; only the loop changes the run
+    @property
+    def cfg(self) -> Config: ...
+
+    @property
+    def run_dir(self) -> Path: ...
+
+    @property
+    def dist(self) -> DistInfo: ...
+
+    @property
+    def device(self) -> torch.device: ...
+
+    @property
+    def autocast(self) -> Callable[[], ContextManager]: ...
+
+    @property
+    def model(self) -> nn.Module: ...
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer: ...
+
+    @property
+    def remedy(self) -> Optional[Remedy]: ...
+
+    @property
+    def source(self) -> Any: ...  # proxy.data.TokenSource
+
+    @property
+    def ledger(self) -> RunLedger: ...
+
+    @property
+    def data_position(self) -> int: ...  # the next train batch to read
+
+    @property
+    def lr(self) -> float: ...  # the base LR of the step in progress (the schedule times the peak LR)
+
+    @property
+    def loss_at_init(self) -> Optional[float]: ...
+
+    @property
+    def outcome(self) -> Optional[str]: ...  # None while the loop runs
+
+    @property
+    def diverged_at(self) -> Optional[int]: ...
 
 
 class StepObserver:

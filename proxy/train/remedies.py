@@ -37,14 +37,14 @@ from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional, Union
+from typing import Any, Iterable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from proxy.config import RemedyConfig, RemedyKind, SnapshotStorage, SpikeBaseline
-from proxy.optim import scale_grads
+from proxy.optim import HasGrad, scale_grads
 from proxy.records import ROLLBACK, SKIP_STEP, STATE_NAME, ZCLIP, UnsafePathError, confined, load_state, save_state
 
 Number = Union[float, int, Tensor]
@@ -134,7 +134,7 @@ class Remedy(ABC):
 
     @abstractmethod
     def after_backward(
-        self, step: int, loss: Number, grad_norm: Number, params: list[Tensor], data_position: Optional[int] = None
+        self, step: int, loss: Number, grad_norm: Number, params: Sequence[HasGrad], data_position: Optional[int] = None
     ) -> Optional[Event]:
         """The step's numbers (grad norm before any clipping by the remedy, ``data_position`` the
         next unread batch); an event if the remedy acts, else None."""
@@ -200,7 +200,7 @@ class SpikeDetector:
             )
         self.sigma, self.window, self.min_history = sigma, window, min_history
         self.baseline = SpikeBaseline(baseline)
-        self.history = {name: deque(maxlen=window) for name in self.SERIES}
+        self.history: dict[str, deque[float]] = {name: deque(maxlen=window) for name in self.SERIES}
 
     @property
     def armed(self) -> bool:
@@ -274,7 +274,7 @@ class SkipStep(Remedy):
         self.skipped = 0
 
     def after_backward(
-        self, step: int, loss: Number, grad_norm: Number, params: list[Tensor], data_position: Optional[int] = None
+        self, step: int, loss: Number, grad_norm: Number, params: Sequence[HasGrad], data_position: Optional[int] = None
     ) -> Optional[Event]:
         return self.check(step, loss, grad_norm)
 
@@ -316,6 +316,7 @@ class Snapshot:
             return self.state
         # a file on disk is untrusted like every other: tensors and plain containers only (the
         # RNG states are stored as such, see _rng_state)
+        assert self.path is not None  # a snapshot holds its state in memory or names its file
         return load_state(self.path)
 
 
@@ -363,7 +364,7 @@ class Rollback(Remedy):
         self.maybe_snapshot(step, model, optimizer, data_position, extra_state)
 
     def after_backward(
-        self, step: int, loss: Number, grad_norm: Number, params: list[Tensor], data_position: Optional[int] = None
+        self, step: int, loss: Number, grad_norm: Number, params: Sequence[HasGrad], data_position: Optional[int] = None
     ) -> Optional[Event]:
         return self.check(step, loss, grad_norm, data_position)
 
@@ -384,6 +385,7 @@ class Rollback(Remedy):
         }
         snap = Snapshot(step=step, data_position=int(data_position))
         if self.on_disk:
+            assert self.directory is not None  # __init__ refuses disk storage without a directory
             self.directory.mkdir(parents=True, exist_ok=True)
             snap.path = self.directory / f"step_{step:07d}.pt"
             save_state(snap.path, state)  # atomic: a crash mid-write leaves no torn snapshot behind
@@ -476,6 +478,7 @@ class Rollback(Remedy):
         touched: a checkpoint must not be able to point the cleanup at another file."""
         listed = []
         if self.on_disk:
+            assert self.directory is not None  # __init__ refuses disk storage without a directory
             if self.directory.is_symlink():
                 raise UnsafePathError(f"{self.directory} is a link; snapshots live in a real folder of the run dir")
             for item in state.get("snapshots", []):
@@ -572,11 +575,11 @@ class ZClip(Remedy):
         return 0.0  # ZClip sees the raw norm; optim.grad_clip is its fixed cap (max_norm)
 
     def after_backward(
-        self, step: int, loss: Number, grad_norm: Number, params: list[Tensor], data_position: Optional[int] = None
+        self, step: int, loss: Number, grad_norm: Number, params: Sequence[HasGrad], data_position: Optional[int] = None
     ) -> Optional[Event]:
         return self.clip(params, grad_norm, step)
 
-    def clip(self, params: Iterable[Tensor], grad_norm: Number, step: int) -> Optional[Event]:
+    def clip(self, params: Iterable[HasGrad], grad_norm: Number, step: int) -> Optional[Event]:
         """Clip the gradients of ``params`` (whose global norm is ``grad_norm``) if needed.
 
         Returns a ``zclip`` event when the z-score test fired (not for the fixed cap alone).
@@ -588,6 +591,7 @@ class ZClip(Remedy):
         if self.mean is None:
             self._warm_up(norm)
         else:
+            assert self.var is not None  # set together with the mean
             std = math.sqrt(self.var)
             z = (norm - self.mean) / (std + self.eps)
             if z > self.z_threshold:
@@ -611,6 +615,7 @@ class ZClip(Remedy):
 
     def _update(self, norm: float) -> None:
         # exponentially weighted mean and variance, updated together (Finch 2009)
+        assert self.mean is not None and self.var is not None  # only called once warmed up
         diff = norm - self.mean
         self.mean += (1 - self.alpha) * diff
         self.var = self.alpha * (self.var + (1 - self.alpha) * diff * diff)

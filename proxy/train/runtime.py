@@ -12,7 +12,7 @@ import multiprocessing
 import signal
 import sys
 import threading
-from typing import Any, Callable, ContextManager, Optional
+from typing import Any, Callable, ContextManager, Literal, Optional
 
 import torch
 
@@ -119,7 +119,7 @@ class StopSignals:
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.signum: Optional[int] = None
         self._previous: dict[int, Any] = {}
 
@@ -139,7 +139,7 @@ class StopSignals:
         if self.signum is not None:
             raise Interrupted(self.signum)
 
-    def __exit__(self, *exc: Any) -> bool:
+    def __exit__(self, *exc: Any) -> Literal[False]:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()

@@ -100,7 +100,7 @@ def sweep_progress(sweep_dir: Path, now: Optional[float] = None) -> Optional[Swe
     marker = sweep_dir / MULTIRUN_FILE
     if not marker.is_file():
         return None
-    done, statuses = 0, Counter()
+    done, statuses = 0, Counter[str]()
     for job in sorted(p for p in sweep_dir.iterdir() if p.is_dir()):
         job_statuses = _job_statuses(job)
         if job_statuses and RUNNING not in job_statuses:

@@ -26,7 +26,7 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Any, Optional, Protocol
+from typing import Any, Optional, Protocol, TypeGuard
 
 from proxy.config import Config, ConfigError, WandbMode, as_dict
 from proxy.records import COMPLETED, DIVERGED, STEP, TENSORBOARD_DIR, TRAIN_LOSS, VAL_LOSS, WANDB_DIR, WANDB_STEP
@@ -128,7 +128,7 @@ class TensorBoardSink:
         self.writer.close()
 
 
-def _is_number(value: Any) -> bool:
+def _is_number(value: object) -> TypeGuard[float]:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 

@@ -602,8 +602,8 @@ class Trainer:
             for member in self.members:
                 member.ledger.open(resume_step=self.step, lines=lines[member.index])
                 log.info("resumed %s at step %d", resumed[member.index]["resumed_from"], self.step)
-        n_params = self.engine.member_module(0).n_params()  # type: ignore[operator]
-        n_params_non_embedding = self.engine.member_module(0).n_params(non_embedding=True)  # type: ignore[operator]
+        n_params = self.engine.member_module(0).n_params()
+        n_params_non_embedding = self.engine.member_module(0).n_params(non_embedding=True)
         for member in self.members:
             ensemble = (
                 {}
