@@ -523,10 +523,64 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
+def schema_keys(schema: Optional[type] = None, prefix: str = "") -> list[str]:
+    """Every dotted key of the schema (sections and leaves): what a command line may set."""
+    schema = schema or Config
+    keys = []
+    for f in dataclasses.fields(schema):
+        key = f"{prefix}{f.name}"
+        keys.append(key)
+        kind = _field_dataclass(schema, f.name)
+        if kind is not None:
+            keys += schema_keys(kind, key + ".")
+    return keys
+
+
+def _field_dataclass(schema: type, name: str) -> Optional[type]:
+    import typing
+
+    hint = typing.get_type_hints(schema)[name]
+    return hint if dataclasses.is_dataclass(hint) and isinstance(hint, type) else None
+
+
+def unknown_keys(tree: Any, schema: Optional[type] = None, prefix: str = "") -> list[str]:
+    """The dotted keys of ``tree`` the schema does not have (a ``+optim.lrr=...`` typo)."""
+    schema = schema or Config
+    if not isinstance(tree, dict):
+        return []
+    names = {f.name for f in dataclasses.fields(schema)}
+    found = []
+    for key, value in tree.items():
+        if key not in names:
+            found.append(f"{prefix}{key}")
+            continue
+        kind = _field_dataclass(schema, str(key))
+        if kind is not None:
+            found += unknown_keys(value, kind, f"{prefix}{key}.")
+    return found
+
+
+def did_you_mean(key: str) -> str:
+    """`` (did you mean optim.lr?)`` for the schema key closest to ``key``, or nothing."""
+    import difflib
+
+    close = difflib.get_close_matches(key, schema_keys(), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
 def to_config(cfg: Any) -> Config:
-    """Turn a DictConfig (from Hydra) or a plain dict into a validated ``Config``."""
+    """Turn a DictConfig (from Hydra) or a plain dict into a validated ``Config``. A key the
+    schema does not have is refused in one line, with the closest key it does have."""
     from omegaconf.errors import OmegaConfBaseException
 
+    if not isinstance(cfg, Config):
+        tree = OmegaConf.to_container(cfg, resolve=False) if isinstance(cfg, DictConfig) else cfg
+        unknown = unknown_keys(tree)
+        if unknown:
+            raise ConfigError(
+                f"unknown key {unknown[0]}{did_you_mean(unknown[0])}: proxy's schema has no such "
+                "key, and a run would silently ignore it"
+            )
     try:
         if isinstance(cfg, Config):
             obj = cfg
@@ -666,8 +720,11 @@ __all__ = [
     "as_dict",
     "from_dict",
     "register_configs",
+    "did_you_mean",
+    "schema_keys",
     "stored_config",
     "to_config",
     "type_errors",
+    "unknown_keys",
     "validate",
 ]

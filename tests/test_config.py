@@ -1,5 +1,7 @@
 """Bad configuration fails before any training, with one line that names the key."""
 
+import os
+
 import pytest
 from omegaconf import OmegaConf
 
@@ -45,3 +47,29 @@ def test_long_override_lists_give_run_directories_the_file_system_accepts():
     assert len(a.encode()) <= MAX_DIRNAME_BYTES and len(b.encode()) <= MAX_DIRNAME_BYTES
     assert a != b and a.startswith("train.key_0=") and short_dirname(long_a) == a  # unique, stable
     assert len(short_dirname("é" * 300).encode()) <= MAX_DIRNAME_BYTES  # never splits a character
+
+
+def test_a_key_the_schema_does_not_have_is_refused_with_the_closest_one():
+    with pytest.raises(ConfigError, match=r"unknown key optim\.lrr \(did you mean optim\.lr\?\)"):
+        to_config({"optim": {"lrr": 3e-3}})
+    with pytest.raises(ConfigError, match=r"unknown key trian \(did you mean train\?\)"):
+        to_config({"trian": {"steps": 3}})
+
+
+@pytest.mark.parametrize("typo", ["optim.lrr=3e-3", "+optim.lrr=3e-3"])
+def test_a_typo_on_the_command_line_never_trains(tmp_path, typo):
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "proxy.train", "model=tiny", typo, "train.steps=2"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "WANDB_MODE": "disabled"},
+    )
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert "unknown key optim.lrr (did you mean optim.lr?)" in lines[0]
+    assert not list(tmp_path.rglob("summary.json"))  # nothing trained

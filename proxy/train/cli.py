@@ -32,7 +32,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 
 from proxy.analysis import run_name_from
-from proxy.config import CONF_DIR, Config, ConfigError, register_configs, to_config
+from proxy.config import CONF_DIR, Config, ConfigError, did_you_mean, register_configs, to_config
 from proxy.data import DataError
 from proxy.records import (
     ERROR_FILE,
@@ -107,7 +107,12 @@ def one_line(text: str) -> str:
             )
         return causes[-1] if causes else lines[-1]
     lines = [ln for ln in lines if "HYDRA_FULL_ERROR" not in ln and not ln.startswith("object_type")]
-    return " ".join(lines)
+    text = " ".join(lines)
+    unknown = re.search(r"Could not override '([\w.]+)'\..*not in '", text)
+    if unknown:  # Hydra's advice (append it with +) would train with the typo ignored
+        key = unknown.group(1)
+        return f"unknown key {key}{did_you_mean(key)}: proxy's schema has no such key"
+    return text
 
 
 # an OSError of a folder that cannot be written, as a traceback prints it
