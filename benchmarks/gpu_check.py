@@ -1,11 +1,11 @@
-"""The device check: every question a GPU must answer, in one run of at most 8 minutes.
+"""The device check: every question a GPU must answer, in one run of under 9 minutes (525 s of caps).
 
     python -m benchmarks.gpu_check [--out DIR] [--parts 1 2 3 4 5] [--cap PART=SECONDS ...]  # GPU
     python -m benchmarks.gpu_check --dry-run --out /tmp/check                                 # CPU
 
 GPU time is rare (about 15 minutes on one H200 when a session is lent one), so this one script
 answers everything the CPU cannot, each part in its own process under its own time cap (a hang
-or a broken CUDA context in one part leaves the others' results; the caps sum to 420 s, which
+or a broken CUDA context in one part leaves the others' results; the caps sum to 525 s, which
 leaves a lease time to rerun one part), and writes its results after every part:
 ``gpu-check-<device>-<date>-<HHMMSS>[-parts-N]`` ``.json`` and ``.md`` in benchmarks/results/ (or
 --out). A part records each check, table row and phase time as it is made, so a part that raises

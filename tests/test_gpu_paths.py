@@ -113,6 +113,8 @@ def test_device_time_estimates_of_a_preset():
     assert e.seconds < 21 * solo.seconds
     narrowed = sweep_jobs(["+experiment=attention_logit_growth_gpu", "model=5m"])
     assert {frozenset(j) for j in narrowed} == {frozenset(j) for j in jobs if "model=5m" in j}  # the command line wins
+    swept = sweep_jobs(["model=tiny", "model.d_model=64,128"])  # a sweep typed on the command line
+    assert sorted(j[-1] for j in swept) == ["model.d_model=128", "model.d_model=64"]
     if not torch.cuda.is_available():
         assert announce(one) is None  # nothing to announce without a GPU
 

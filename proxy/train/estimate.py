@@ -118,13 +118,18 @@ def sweep_jobs(overrides: Sequence[str]) -> list[list[str]]:
 
     GlobalHydra.instance().clear()
     register_configs()
+    parser = OverridesParser.create()
+    # composing needs one value per key: a swept key (model.d_model=512,1024) takes part in the
+    # expansion below, not in the composition that reads the preset's own sweeper params
+    fixed = [
+        o for o, parsed in zip(overrides, parser.parse_overrides(list(overrides))) if not parsed.is_sweep_override()
+    ]
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(config_name="config", overrides=list(overrides), return_hydra_config=True)
+        cfg = compose(config_name="config", overrides=fixed, return_hydra_config=True)
     params = dict(cfg.hydra.sweeper.params or {})
     given = {o.split("=", 1)[0].lstrip("+~"): o for o in overrides}
     lines = [f"{key}={value}" for key, value in params.items() if key.lstrip("+~") not in given]
     lines += [o for o in overrides]
-    parser = OverridesParser.create()
     axes = []
     for override in parser.parse_overrides(lines):
         key = override.get_key_element()
