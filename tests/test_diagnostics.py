@@ -81,3 +81,21 @@ def test_forward_statistics_in_one_copy():
     )
     assert diagnostics.forward_stats(empty) == {}
     assert not math.isnan(stats[ATTN_MAX_LOGIT])
+
+
+@pytest.mark.parametrize(
+    "name, peak",
+    [
+        ("NVIDIA H100 80GB HBM3", 989e12),
+        ("NVIDIA H100 PCIe", 756e12),
+        ("NVIDIA H100 NVL", 835e12),
+        ("NVIDIA H200", 989e12),
+        ("NVIDIA H200 NVL", 835e12),
+        ("NVIDIA A100-SXM4-80GB", 312e12),
+        ("NVIDIA GeForce RTX 4090", None),
+    ],
+)
+def test_peak_flops_by_the_name_the_driver_reports(name, peak):
+    from proxy.train.diagnostics import peak_flops_of
+
+    assert peak_flops_of(name) == peak  # a card not listed is unknown, not guessed

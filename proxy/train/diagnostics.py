@@ -158,14 +158,32 @@ def class_counts(codes: np.ndarray) -> dict[str, int]:
 # Throughput
 # --------------------------------------------------------------------------------------------
 # dense bf16 peak FLOP/s, for MFU (spec-sheet numbers, SXM parts)
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
+# Dense bf16 tensor-core peaks from NVIDIA's data sheets (the sparsity figures halved), matched in
+# this order against the name the driver reports (case ignored): the PCIe and NVL cards before
+# the SXM part whose name is the bare model ("NVIDIA H100 80GB HBM3"). A card not listed has no
+# peak: its MFU is not reported rather than guessed.
+PEAK_FLOPS: tuple[tuple[str, float], ...] = (
+    ("H100 PCIE", 756e12),
+    ("H100 NVL", 835e12),
+    ("H200 NVL", 835e12),
+    ("H100", 989e12),  # SXM
+    ("H200", 989e12),  # SXM
+    ("A100", 312e12),
+    ("L40S", 362e12),
+    ("A10", 125e12),
+)
+
+
+def peak_flops_of(name: str) -> Optional[float]:
+    """The dense bf16 peak of the GPU a driver names ``name``; None for a card not listed."""
+    upper = name.upper()
+    return next((flops for pattern, flops in PEAK_FLOPS if pattern in upper), None)
 
 
 def peak_flops(device: torch.device) -> Optional[float]:
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+    return peak_flops_of(torch.cuda.get_device_name(device))
 
 
 class Throughput:

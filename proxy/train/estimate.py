@@ -29,10 +29,11 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 from proxy.config import CONF_DIR, Config
-from proxy.train.diagnostics import PEAK_FLOPS
+from proxy.train.diagnostics import peak_flops_of
 
 STARTUP_S = 20.0
 COMPILE_S = 40.0
+SLOWEST_H100 = 756e12  # H100 PCIe, dense bf16 (proxy.train.diagnostics.PEAK_FLOPS)
 LAUNCH_S_PER_TENSOR = 1e-4  # one fused kernel launch per parameter tensor and step, roughly
 
 
@@ -82,7 +83,7 @@ def estimate(
     per_token = 6 * (n + vocab * m.d_model) + 12 * m.n_layers * m.d_model * t.seq_len / 2
     tokens_per_step = t.batch_size * t.seq_len
     evals = t.steps // t.eval_every + 1
-    peak = next((v for name, v in PEAK_FLOPS.items() if name in gpu.upper()), PEAK_FLOPS["H100"])
+    peak = peak_flops_of(gpu) or SLOWEST_H100  # a card not listed: a lead, not a measurement
     mfu = mfu_for(n, compiled)
     step_flops = k * tokens_per_step * per_token
     eval_flops = evals * t.eval_batches * step_flops / 3  # forward only
@@ -160,7 +161,7 @@ def job_config(job: Sequence[str]) -> Config:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m proxy.train.estimate", description=__doc__.splitlines()[0])
     parser.add_argument("overrides", nargs="*", help="as for proxy-train -m, e.g. +experiment=<preset>")
-    parser.add_argument("--gpu", default="H200", help="a name in proxy.train.diagnostics.PEAK_FLOPS")
+    parser.add_argument("--gpu", default="H200", help="a GPU name, as in proxy.train.diagnostics.PEAK_FLOPS")
     args = parser.parse_args(argv)
     total = 0.0
     jobs = sweep_jobs(args.overrides)
