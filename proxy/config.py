@@ -182,6 +182,9 @@ class OptimConfig:
     decay_embeddings: bool = False  # OLMo 2: no weight decay on embeddings
     decay_norms: bool = False
     grad_clip: float = 1.0  # global norm; 0 disables clipping
+    # StableAdamW (Wortsman et al. 2023b): per tensor, the step's LR over max(1, RMS_t), RMS_t =
+    # sqrt(mean(g^2 / v_hat)): AdaFactor-style update clipping, where Adam's second moment lags
+    update_clip: bool = False
     mup: bool = False  # muParam (simple): per-layer LR x base_fan_in / fan_in
     mup_base_fan_in: int = 64
 

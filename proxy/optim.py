@@ -58,6 +58,7 @@ class AdamW(torch.optim.Optimizer):
         eps: float = 1e-8,
         weight_decay: float = 0.0,
         weight_decay_mode: str | WeightDecayMode = "coupled",
+        update_clip: bool = False,
     ):
         defaults = dict(
             lr=lr,
@@ -66,8 +67,13 @@ class AdamW(torch.optim.Optimizer):
             weight_decay=weight_decay,
             weight_decay_mode=_mode_name(weight_decay_mode),
             lr_scale=1.0,
+            update_clip=bool(update_clip),
         )
         super().__init__(params, defaults)
+        # RMS_t of each parameter's last step (a 0-dim tensor, id(param) -> value), measured when
+        # ``measure_rms`` is set (the trainer's logging steps) or update clipping needs it
+        self.measure_rms = False
+        self.last_rms: dict[int, Tensor] = {}
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         # A group's peak LR defaults to its own starting LR, so AdamW(params, lr=x) alone works.
@@ -129,6 +135,9 @@ class AdamW(torch.optim.Optimizer):
         torch._foreach_mul_(exp_avg_sqs, beta2)
         torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
 
+        clip = bool(group.get("update_clip", False))
+        rms = self._rms(params, grads, exp_avg_sqs, steps, beta2, eps) if clip or self.measure_rms else []
+
         # theta <- theta - lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps): the same order of
         # operations as torch.optim.AdamW, which is what makes the two agree bitwise
         neg_step_sizes = [-(lr / (1 - beta1**s)) for s in steps]
@@ -136,7 +145,31 @@ class AdamW(torch.optim.Optimizer):
         denoms = torch._foreach_sqrt(exp_avg_sqs)
         torch._foreach_div_(denoms, bc2_sqrts)
         torch._foreach_add_(denoms, eps)
+        if clip:  # StableAdamW: the step's LR over max(1, RMS_t), per tensor (no host sync)
+            for denom, r in zip(denoms, rms):
+                denom.mul_(r.clamp(min=1.0))
         torch._foreach_addcdiv_(params, exp_avgs, denoms, neg_step_sizes)
+
+    def _rms(
+        self,
+        params: list[Tensor],
+        grads: list[Tensor],
+        exp_avg_sqs: list[Tensor],
+        steps: list[int],
+        beta2: float,
+        eps: float,
+    ) -> list[Tensor]:
+        """RMS_t = sqrt(mean(g^2 / v_hat)) per tensor, v_hat the bias-corrected second moment after
+        this step's update, floored at eps^2 (Wortsman et al. 2023b, StableAdamW): far above 1
+        when the gradient outgrew what Adam's second moment has seen."""
+        v_hat = torch._foreach_div(exp_avg_sqs, [1 - beta2**s for s in steps])
+        torch._foreach_clamp_min_(v_hat, eps * eps)
+        ratio = torch._foreach_mul(grads, grads)
+        torch._foreach_div_(ratio, v_hat)
+        rms = [r.float().mean().sqrt() for r in ratio]
+        for p, r in zip(params, rms):
+            self.last_rms[id(p)] = r
+        return rms
 
 
 def _mode_name(mode: str | WeightDecayMode) -> str:
@@ -236,6 +269,7 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> AdamW:
         eps=cfg.eps,
         weight_decay=cfg.weight_decay,
         weight_decay_mode=cfg.weight_decay_mode,
+        update_clip=cfg.update_clip,
     )
 
 

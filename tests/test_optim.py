@@ -313,3 +313,46 @@ def test_clip_zero_only_measures_and_small_norms_are_untouched():
     assert clip_grad_norm([p, q], 1.0).item() == pytest.approx(5.0)
     assert clip_grad_norm([p, q], 0.0).item() == pytest.approx(1.0, rel=1e-5)
     assert clip_grad_norm([nn.Parameter(torch.zeros(2))], 1.0).item() == 0.0  # no grads at all
+
+
+def test_update_clipping_caps_each_tensors_step_where_the_second_moment_lags():
+    """StableAdamW (Wortsman et al. 2023b): after steps of small gradients, a gradient 100x larger
+    makes Adam's step several times the LR (beta1 = 0 here, so the step is g / sqrt(v_hat) alone);
+    update clipping divides the LR by RMS_t = sqrt(mean(g^2 / v_hat)), so the step stays about the
+    LR, and RMS_t is what is logged."""
+    from proxy.optim import AdamW
+
+    def run(update_clip: bool) -> tuple[float, float]:
+        torch.manual_seed(0)
+        p = torch.nn.Parameter(torch.zeros(256))
+        opt = AdamW([p], lr=1e-3, betas=(0.0, 0.999), eps=1e-8, update_clip=update_clip)
+        for _ in range(50):
+            p.grad = torch.randn(256) * 1e-3
+            opt.step()
+        opt.measure_rms = True
+        p.grad = torch.randn(256) * 1e-1  # the gradient outgrows what v has seen
+        before = p.detach().clone()
+        opt.step()
+        step_rms = float((p.detach() - before).pow(2).mean().sqrt()) / 1e-3
+        return step_rms, float(opt.last_rms[id(p)])
+
+    plain, rms = run(False)
+    clipped, rms_clipped = run(True)
+    assert rms > 5 and rms == pytest.approx(rms_clipped)  # the same RMS_t, measured either way
+    assert plain > 3 and clipped < 1.5 and clipped == pytest.approx(plain / rms, rel=0.05)
+
+
+def test_update_clipping_off_is_the_plain_adamw_bit_for_bit():
+    from proxy.optim import AdamW
+
+    torch.manual_seed(0)
+    a, b = torch.nn.Parameter(torch.randn(64)), torch.nn.Parameter(torch.randn(64))
+    b.data.copy_(a.data)
+    opt_a, opt_b = AdamW([a], lr=1e-2), AdamW([b], lr=1e-2, update_clip=False)
+    opt_b.measure_rms = True  # measuring must not change the step
+    for _ in range(5):
+        g = torch.randn(64)
+        a.grad, b.grad = g.clone(), g.clone()
+        opt_a.step()
+        opt_b.step()
+    assert torch.equal(a, b)

@@ -57,6 +57,8 @@ OUTPUT_LOGIT_MEAN_BY_CLASS = "output/logit_mean_"  # + never | rare | frequent (
 GRAD_RMS = "grad_rms/"  # + parameter name; before clipping
 UPDATE_RMS = "update_rms/"  # + parameter name; RMS of the applied update / its LR
 PARAM_NORM = "param_norm/"  # + parameter name
+ADAM_RMS = "adam_rms/"  # + parameter name: RMS_t = sqrt(mean(g^2 / v_hat)) of the step (Wortsman et al. 2023b)
+ADAM_RMS_MAX = "optim/adam_rms_max"  # the largest RMS_t over the parameters
 TOKENS_PER_S = "perf/tokens_per_s"
 MFU = "perf/mfu"
 ENSEMBLE_TOKENS_PER_S = "perf/ensemble_tokens_per_s"  # an ensemble's members together

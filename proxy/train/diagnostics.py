@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Iterable, Optional
+from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -22,6 +22,8 @@ from torch import Tensor, nn
 
 from proxy.model import GPT, TOKEN_CLASSES, ModelOutput
 from proxy.records import (
+    ADAM_RMS,
+    ADAM_RMS_MAX,
     ATTN_MAX_LOGIT,
     GRAD_RMS,
     GROWTH_ACTIVATION,
@@ -131,7 +133,23 @@ class UpdateTracker:
             lr = lr_of.get(id(p), 0.0)
             stats[UPDATE_RMS + name] = _rms(update, p.numel()) / lr if lr > 0 else 0.0
         stats.update({PARAM_NORM + name: norm for (name, _), norm in zip(named, param_norms)})
+        stats.update(adam_rms(self.optimizer, named))
         return stats
+
+
+def adam_rms(optimizer: Any, named: Sequence[tuple[str, Tensor]]) -> dict[str, float]:
+    """Each parameter's RMS_t of the last step (``adam_rms/<name>``) and the largest
+    (``optim/adam_rms_max``), where the optimizer measured them (proxy.optim.AdamW with
+    ``measure_rms``): Wortsman et al. 2023b's predictor of a loss spike 1-8 steps ahead."""
+    last = getattr(optimizer, "last_rms", {})
+    measured = [(name, last[id(p)]) for name, p in named if id(p) in last]
+    if not measured:
+        return {}
+    values = torch.stack([r.float() for _, r in measured]).tolist()  # one sync
+    stats = {ADAM_RMS + name: value for (name, _), value in zip(measured, values)}
+    stats[ADAM_RMS_MAX] = max(values)
+    last.clear()  # what the next logging step reads is that step's
+    return stats
 
 
 # --------------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from torch import Tensor
 
 from proxy.config import Config
 from proxy.model import GPT
+from proxy.optim import AdamW
 from proxy.train import diagnostics, distributed
 from proxy.train.remedies import Event, Remedy
 from proxy.train.step import StepResult, TrainStep
@@ -107,7 +108,7 @@ class SingleEngine:
         self,
         cfg: Config,
         model: GPT,
-        optimizer: torch.optim.Optimizer,
+        optimizer: AdamW,
         forward: Callable,
         autocast: Callable[[], ContextManager],
         device: torch.device,
@@ -141,6 +142,7 @@ class SingleEngine:
     def apply(
         self, computed: Computed, update: Sequence[bool], active: Sequence[bool], measure: bool
     ) -> list[dict[str, float]]:
+        self.optimizer.measure_rms = measure  # RMS_t on logging steps
         self.stepper.apply(computed.results[0], self.updates if measure else None)  # skips on its event
         return [self.updates.after() if measure else {}]
 

@@ -66,7 +66,16 @@ from proxy.analysis import run_name_from
 from proxy.config import Config, ConfigError, RemedyKind, SweepConfig
 from proxy.model import GPT, build_model
 from proxy.optim import apply_lr, build_optimizer, schedule_multiplier
-from proxy.records import ATTN_MAX_LOGIT, GRAD_RMS, OUTPUT, PARAM_NORM, UPDATE_RMS, attn_layer_key
+from proxy.records import (
+    ADAM_RMS,
+    ADAM_RMS_MAX,
+    ATTN_MAX_LOGIT,
+    GRAD_RMS,
+    OUTPUT,
+    PARAM_NORM,
+    UPDATE_RMS,
+    attn_layer_key,
+)
 from proxy.train import distributed
 from proxy.train.engine import Computed
 from proxy.train.ensemble_optim import StackedAdamW, clip_members_, is_dense, member_grad_norms, param_rules
@@ -405,6 +414,7 @@ class StackedEngine:
         """The update of the members in ``update``; an active member left out (its step was
         skipped) keeps its parameters, moments and step count; an inactive one never moves again."""
         moving = [u and a for u, a in zip(update, active)]
+        self.optimizer.measure_rms = measure
         before = {n: p.detach().clone() for n, p in self.model.params.items()} if measure and any(moving) else None
         if any(moving):
             self.optimizer.step(self._multiplier, active, skipped=[a and not m for a, m in zip(active, moving)])
@@ -418,6 +428,11 @@ class StackedEngine:
             columns[UPDATE_RMS + n] = torch.where(lrs > 0, rms / lrs, torch.zeros_like(rms))
         for n, p in self.model.params.items():
             columns[PARAM_NORM + n] = _per_member(p.detach(), "norm")
+        measured = {n: r for n, r in self.optimizer.last_rms.items() if n in self.model.params}
+        columns.update({ADAM_RMS + n: r for n, r in measured.items()})
+        if measured:
+            columns[ADAM_RMS_MAX] = torch.stack(list(measured.values())).amax(dim=0)
+        self.optimizer.last_rms.clear()
         keys = list(columns)
         values = torch.stack([columns[k] for k in keys]).tolist()  # one sync
         return [{key: values[i][k] for i, key in enumerate(keys)} if moving[k] else {} for k in range(self.n_members)]

@@ -134,6 +134,9 @@ class StackedAdamW:
         self.weight_decays = [float(v) for v in weight_decays]
         self.beta1, self.beta2, self.eps = cfg.beta1, cfg.beta2, cfg.eps
         self.coupled = WeightDecayMode(cfg.weight_decay_mode) == WeightDecayMode.coupled
+        self.update_clip = bool(cfg.update_clip)  # StableAdamW, per member and tensor (proxy.optim.AdamW)
+        self.measure_rms = False
+        self.last_rms: dict[str, Tensor] = {}  # (K,) RMS_t of each parameter's last step, where measured
         self.step_counts = [0] * len(self.peak_lrs)  # per member: a skipped step does not count
         # moments keep the parameter's memory layout (proxy/train/ensemble.py may store weights
         # transposed), so every elementwise op below runs on matching strides
@@ -171,6 +174,7 @@ class StackedAdamW:
         moved = {self.step_counts[k] for k, on in enumerate(moving) if on} or {1}
         counts = [c if on and len(moved) > 1 else min(moved) for c, on in zip(self.step_counts, moving)]
         bias1 = [1 - self.beta1**c for c in counts]
+        bias2 = [1 - self.beta2**c for c in counts]
         bias2_sqrt = [(1 - self.beta2**c) ** 0.5 for c in counts]
         kept = [k for k, s in enumerate(skipped) if s and active[k]]
         frozen = None
@@ -207,12 +211,23 @@ class StackedAdamW:
                 else:
                     denom.div_(as_member_column(bias2_t, denom.ndim))
                 denom.add_(self.eps)
+                if self.update_clip or self.measure_rms:
+                    rms = self._rms(g, v, torch.tensor(bias2, device=device, dtype=dtype))
+                    self.last_rms[name] = rms
+                    if self.update_clip:  # the step's LR over max(1, RMS_t), per member and tensor
+                        denom.mul_(as_member_column(rms.clamp(min=1.0).to(dtype), denom.ndim))
                 # (step * m) / denom, the order torch's addcdiv uses in proxy.optim.AdamW
                 scaled = torch.mul(m, as_member_column(neg_steps_t, m.ndim), out=self._scratch_like(m, 1))
                 p.addcdiv_(scaled, denom)
                 for k, m_k, v_k in saved:
                     m[k].copy_(m_k)
                     v[k].copy_(v_k)
+
+    def _rms(self, g: Tensor, v: Tensor, bias2: Tensor) -> Tensor:
+        """Each member's RMS_t = sqrt(mean(g^2 / v_hat)) of one stacked tensor (proxy.optim.AdamW._rms)."""
+        v_hat = (v / as_member_column(bias2, v.ndim)).clamp_(min=self.eps * self.eps)
+        ratio = (g * g).div_(v_hat).float()
+        return ratio.mean(dim=tuple(range(1, ratio.ndim))).sqrt() if ratio.ndim > 1 else ratio.sqrt()
 
     def _scratch_like(self, t: Tensor, slot: int) -> Tensor:
         """A scratch tensor with ``t``'s shape and strides (``t`` is dense, maybe permuted)."""
