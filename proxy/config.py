@@ -342,6 +342,11 @@ class TrainConfig:
     # (and not in a worker process of a parallel launcher) | true | false
     progress: str = "auto"
     stats_every: int = 0  # 0: attention/output statistics every log step
+    # the loss of one fixed held-out sample (the first probe_batches eval batches, the same every
+    # time, no optimizer touched), every probe_every steps (0: never): probe/loss, the series in
+    # which a loss spike (rise and recovery) is told from noise and from a collapse (proxy/spikes.py)
+    probe_every: int = 0
+    probe_batches: int = 8
 
 
 @dataclass
@@ -507,6 +512,8 @@ def validate(cfg: Config) -> Config:
     _validate_capture(cfg.capture)
     for key in ("steps", "batch_size", "seq_len", "log_every", "eval_every", "eval_batches"):
         _positive(getattr(t, key), f"train.{key}")
+    _positive(t.probe_every, "train.probe_every", allow_zero=True)
+    _positive(t.probe_batches, "train.probe_batches")
     if t.seq_len > m.max_seq_len:
         raise ConfigError(f"train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
     if t.dtype not in ("auto", "fp32", "bf16"):

@@ -19,7 +19,8 @@ LAYERS = {
     "config": 0,
     "records": 0,
     "analysis": 0,
-    "kernels": 0,  # the contract
+    "kernels": 0,
+    "spikes": 0,  # the contract
     "model": 1,
     "optim": 1,
     "data": 1,
@@ -33,7 +34,7 @@ LAYERS = {
 # within the contract layer: config registers analysis' run-dir naming with OmegaConf and reads stored
 # configs through the records' readers of untrusted files; the kernel benchmark writes its result
 # through the records' one writer
-CONTRACT_EDGES = {("config", "analysis"), ("config", "records"), ("kernels", "records")}
+CONTRACT_EDGES = {("config", "analysis"), ("config", "records"), ("kernels", "records"), ("spikes", "config")}
 
 
 def module_name(path: Path) -> str:

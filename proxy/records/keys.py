@@ -43,6 +43,7 @@ TRAIN_LOSS = "train/loss"  # cross-entropy of the step's batch (mean over ranks)
 TRAIN_Z_LOSS = "train/z_loss"
 TRAIN_TOTAL_LOSS = "train/total_loss"  # what backward() saw: ce + z-loss
 VAL_LOSS = "val/loss"
+PROBE_LOSS = "probe/loss"  # the loss of one fixed held-out sample, every train.probe_every steps
 LR = "optim/lr"  # the base (peak-scaled) LR of the step
 GRAD_NORM = "optim/grad_norm"  # global norm before clipping
 ATTN_MAX_LOGIT = "attn/max_logit"  # max over layers

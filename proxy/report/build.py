@@ -93,6 +93,8 @@ RUN_COLUMNS = (
     ("spike % loss", "spike_score_loss"),
     ("spike % grad norm", "spike_score_grad_norm"),
     ("events", "events"),
+    ("loss spikes", "loss_spikes"),
+    ("collapses", "loss_collapses"),
     ("steps", None),
     ("final train", "final_train_loss"),
     ("final val", "final_val_loss"),

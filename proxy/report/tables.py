@@ -26,6 +26,7 @@ from proxy.records import (
     FAILED,
     GRAD_NORM,
     OUTPUT_LOGIT_MEAN,
+    PROBE_LOSS,
     STATUS_DIVERGED,
     STEP,
     TRAIN_LOSS,
@@ -34,6 +35,7 @@ from proxy.records import (
     atomic_write_text,
 )
 from proxy.report.document import csv_cell
+from proxy.spikes import loss_spikes
 
 FINISHED = (COMPLETED, STATUS_DIVERGED, FAILED)  # runs that are points of an LR curve
 BLOWN_UP = (STATUS_DIVERGED, FAILED)  # count as the loss at init (Wortsman et al.)
@@ -67,6 +69,8 @@ class RunRow:
     spike_score_grad_norm: Optional[float]
     diverged_at_step: Optional[int]
     events: dict[str, int] = field(default_factory=dict)
+    loss_spikes: Optional[int] = None  # on probe/loss (proxy/spikes.py): rise and recovery
+    loss_collapses: Optional[int] = None  # ... a rise that did not come back
     n_params: Optional[int] = None
     n_params_non_embedding: Optional[int] = None
     tokens: Optional[int] = None
@@ -188,6 +192,7 @@ def run_row(run: Run, spikes: SpikeOptions) -> tuple[RunRow, tuple[str, ...]]:
     _, grad_norm = run.series(GRAD_NORM)
     _, out_mean = run.series(OUTPUT_LOGIT_MEAN)
     last_step = max((row[STEP] for row in run.metrics), default=None)
+    spike_counts = _loss_spike_counts(run)
     row = RunRow(
         name=run.name,
         path=str(run.path),
@@ -208,6 +213,8 @@ def run_row(run: Run, spikes: SpikeOptions) -> tuple[RunRow, tuple[str, ...]]:
         spike_score_loss=analysis.spike_score(train, spikes) if train else None,
         spike_score_grad_norm=analysis.spike_score(grad_norm, spikes) if grad_norm else None,
         diverged_at_step=_integer(s.get("diverged_at_step")),
+        loss_spikes=spike_counts[0],
+        loss_collapses=spike_counts[1],
         events=dict(Counter(str(e.get(EVENT)) for e in run.events)),
         n_params=_integer(s.get("n_params")),
         n_params_non_embedding=_integer(s.get("n_params_non_embedding")),
@@ -218,6 +225,16 @@ def run_row(run: Run, spikes: SpikeOptions) -> tuple[RunRow, tuple[str, ...]]:
         error=run.error if run.error is not None else s.get("error"),
     )
     return row, variant
+
+
+def _loss_spike_counts(run: Run) -> tuple[Optional[int], Optional[int]]:
+    """(spikes, collapses) of the run's probe/loss series; (None, None) where it logged none."""
+    steps, values = run.series(PROBE_LOSS)
+    if not steps:
+        return None, None
+    found = loss_spikes(steps, values)
+    spikes = sum(s.kind == "spike" for s in found)
+    return spikes, len(found) - spikes
 
 
 def _vocab_size(run: Run) -> Optional[int]:

@@ -47,6 +47,7 @@ from proxy.records import (
     KITS_DIR,
     LR,
     OUTPUT_LOGIT_MEAN,
+    PROBE_LOSS,
     REMEDY,
     ROLLBACK_DIR,
     RUNNING,
@@ -65,18 +66,21 @@ from proxy.records import (
     check_no_links,
     checkpoints,
     holds_run,
+    load_run,
     load_state,
     read_json,
     remove_temporaries,
     save_state,
     state_step,
 )
+from proxy.spikes import loss_spikes
 from proxy.train.remedies import Event
 from proxy.train.resume import ResumeCheck, accumulate, check_resume, runtime_changes, trained_config
 from proxy.train.runtime import ATTN_MAX_LOGIT_PEAK, summary_fields
 from proxy.train.tracking import Sinks, open_sinks
 
 CHECKPOINT_NAME = "step_{step:07d}.pt"
+MAX_LISTED = 50  # loss-spike steps a summary lists
 CHECKPOINT_KEYS = ("model", "optimizer", "step", "data_position", "tokens", "loss_at_init", "rng_cpu")
 
 log = logging.getLogger("proxy.train")
@@ -398,11 +402,25 @@ class RunLedger:
             diverged_at,
             final_val,
         )
+        if self.cfg.train.probe_every and self.main:
+            fields.update(self._loss_spikes())
         self._open_record.update(**fields, **extra)
         self._open_sinks.summary(fields)
         self._open_sinks.finish(failed=status == FAILED)
         self.release()
         return self.summary
+
+    def _loss_spikes(self) -> dict[str, Any]:
+        """The loss spikes and collapses of the run's probe/loss series as kept (a resume's and a
+        rollback's record included): proxy/spikes.py's one definition."""
+        steps, values = load_run(self.dir).series(PROBE_LOSS)
+        found = loss_spikes(steps, values)
+        spikes = [s for s in found if s.kind == "spike"]
+        return {
+            "loss_spikes": len(spikes),
+            "loss_collapses": len(found) - len(spikes),
+            "loss_spike_steps": [s.step for s in spikes][:MAX_LISTED],
+        }
 
     def fail(self, exc: BaseException, steps: int, text: Optional[str] = None) -> None:
         """A crash. Once the record is open: status failed with the error in the summary, then

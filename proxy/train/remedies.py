@@ -43,11 +43,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from proxy.config import RemedyConfig, RemedyKind, SnapshotStorage, SpikeBaseline
+from proxy.config import RemedyConfig, RemedyKind, SnapshotStorage
 from proxy.optim import HasGrad, scale_grads
 from proxy.records import ROLLBACK, SKIP_STEP, STATE_NAME, ZCLIP, UnsafePathError, confined, load_state, save_state
-
-Number = Union[float, int, Tensor]
+from proxy.spikes import Number, Spike, SpikeDetector
 
 
 # --------------------------------------------------------------------------------------------
@@ -157,104 +156,6 @@ class Remedy(ABC):
 # --------------------------------------------------------------------------------------------
 # Spike detection (shared by skip-step and rollback)
 # --------------------------------------------------------------------------------------------
-@dataclass
-class Spike:
-    trigger: str  # "loss" | "grad_norm"
-    value: float
-    threshold: float  # mean + sigma * std of the window; nan when too little history
-
-
-class SpikeDetector:
-    """One-sided rolling spike test on the loss and on the grad norm.
-
-    Each series keeps its last ``window`` *accepted* values; once ``min_history`` are in, a value
-    is a spike when it exceeds the bar of its ``baseline``:
-
-    - ``trend`` (default): fit a straight line to the logs of the last ``TREND_WINDOW`` values,
-      predict the next, and scale its residuals robustly (1.4826 x MAD, at least ``MIN_SCALE``):
-      the bar is ``exp(prediction + sigma * scale)``. A loss or grad norm still falling steeply
-      early in a run is its own baseline, so a 3x jump at step 40 is seen, where a window mean
-      still holding the descent sits far above it.
-    - ``mean``: ``mean + sigma * std`` (population std) of the window: OLMo-core's
-      SkipStepOptimizer (6 sigma over 128 steps), kept exactly as published.
-
-    A non-finite value is always a spike, history or not: it is the largest spike there is.
-    Spikes are not added to the history, so one bad step cannot raise the bar for the next.
-    """
-
-    SERIES = ("loss", "grad_norm")
-    TREND_WINDOW = 32  # the local trend: recent enough to follow the early descent
-    MIN_SCALE = 0.01  # log units: a perfectly smooth series still needs a ~6% jump at 6 sigma
-
-    def __init__(
-        self,
-        sigma: float = 6.0,
-        window: int = 128,
-        min_history: int = 20,
-        baseline: SpikeBaseline | str = SpikeBaseline.trend,
-    ):
-        if sigma <= 0 or window < 2 or not 2 <= min_history <= window:
-            raise ValueError(
-                f"SpikeDetector: need sigma > 0 and 2 <= min_history <= window, got sigma={sigma}, "
-                f"window={window}, min_history={min_history}"
-            )
-        self.sigma, self.window, self.min_history = sigma, window, min_history
-        self.baseline = SpikeBaseline(baseline)
-        self.history: dict[str, deque[float]] = {name: deque(maxlen=window) for name in self.SERIES}
-
-    @property
-    def armed(self) -> bool:
-        """Whether both series hold enough history for a finite bar."""
-        return all(len(v) >= self.min_history for v in self.history.values())
-
-    def threshold(self, series: str) -> float:
-        values = self.history[series]
-        if len(values) < self.min_history:
-            return math.nan
-        if self.baseline == SpikeBaseline.mean or any(v <= 0 for v in values):
-            mean = math.fsum(values) / len(values)
-            var = math.fsum((v - mean) ** 2 for v in values) / len(values)
-            return mean + self.sigma * math.sqrt(var)
-        return self._trend_bar(list(values)[-self.TREND_WINDOW :])
-
-    def _trend_bar(self, recent: list[float]) -> float:
-        logs = [math.log(v) for v in recent]
-        n = len(logs)
-        xs = range(n)
-        x_mean, y_mean = (n - 1) / 2, math.fsum(logs) / n
-        sxx = math.fsum((x - x_mean) ** 2 for x in xs)
-        slope = math.fsum((x - x_mean) * (y - y_mean) for x, y in zip(xs, logs)) / sxx
-        fitted = [y_mean + slope * (x - x_mean) for x in xs]
-        residuals = sorted(abs(y - f) for y, f in zip(logs, fitted))
-        mad = residuals[n // 2] if n % 2 else 0.5 * (residuals[n // 2 - 1] + residuals[n // 2])
-        scale = max(1.4826 * mad, self.MIN_SCALE)
-        prediction = y_mean + slope * (n - x_mean)
-        return math.exp(prediction + self.sigma * scale)
-
-    def test(self, loss: Optional[Number], grad_norm: Optional[Number]) -> Optional[Spike]:
-        """The first series (loss, then grad norm) that spikes, or None. Changes nothing."""
-        for series, raw in zip(self.SERIES, (loss, grad_norm)):
-            if raw is None:
-                continue
-            value = float(raw)
-            bar = self.threshold(series)
-            if not math.isfinite(value) or value > bar:  # nan bar (no history): only non-finite
-                return Spike(series, value, bar)
-        return None
-
-    def accept(self, loss: Optional[Number], grad_norm: Optional[Number]) -> None:
-        for series, raw in zip(self.SERIES, (loss, grad_norm)):
-            if raw is not None:
-                self.history[series].append(float(raw))
-
-    def state_dict(self) -> dict[str, Any]:
-        return {name: list(values) for name, values in self.history.items()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        for name in self.SERIES:
-            self.history[name] = deque(state.get(name, []), maxlen=self.window)
-
-
 def _detector(cfg: RemedyConfig) -> SpikeDetector:
     return SpikeDetector(cfg.spike_sigma, cfg.spike_window, cfg.spike_min_history, cfg.spike_baseline)
 

@@ -46,6 +46,7 @@ from proxy.records import (
     ENSEMBLE_TOKENS_PER_S,
     ERROR_FILE,
     INTERRUPTED,
+    PROBE_LOSS,
     ROLLBACK_DIR,
     TOKENS,
     TOKENS_PER_S,
@@ -528,6 +529,8 @@ class Trainer:
             step = self.step
             if step % t.eval_every == 0:
                 self._log_eval(step, progress)
+            if t.probe_every and step % t.probe_every == 0:
+                self._log_probe(step)
             logging_step = step % t.log_every == 0 or step == t.steps - 1
             rows = self.train_step(step, logging_step)  # advances self.step (a rollback rewinds it)
             for k, row in rows.items():
@@ -546,6 +549,13 @@ class Trainer:
             member.ledger.log(step, {VAL_LOSS: val})
         if not self.sweep and self.members[0].active:
             show_row(progress, {VAL_LOSS: values[0]})
+
+    def _log_probe(self, step: int) -> None:
+        """Each member's loss on the fixed held-out sample, before this step's update."""
+        batches = (self.batch("val", i) for i in range(self.cfg.train.probe_batches))
+        values = self.engine.evaluate(batches, self.cfg.loss.ignore_index)
+        for member in self._active():
+            member.ledger.log(step, {PROBE_LOSS: values[member.index]})
 
     def _show(self, progress, rows: dict[int, dict[str, float]]) -> None:
         if progress is None:
