@@ -186,13 +186,15 @@ class Trainer:
         self.autocast = autocast_for(cfg, self.device)
 
         specs: list[Optional[MemberSpec]] = list(member_specs(cfg, info.overrides)) if sweep else [None]
+        # each member's config, as a standalone run of it would have it (built once: engine and ledger)
+        configs = [member_config(cfg, spec, info.run_dir) if spec is not None else cfg for spec in specs]
         first_dir = info.run_dir / specs[0].label if specs[0] is not None else info.run_dir
         torch.manual_seed(cfg.train.seed)  # a sweep seeds each member again as it builds it
         random.seed(cfg.train.seed)
         # a resume reads the run's own files back (tokenizer.json: the ids the run was trained on)
         self.source = build_source(cfg.data, run_dir=first_dir if cfg.train.resume else None)
         self.source.check_seq_len(cfg.train.seq_len)  # before any run dir is claimed
-        self.engine: Engine = self._sweep_engine(specs) if sweep else self._single_engine()
+        self.engine: Engine = self._sweep_engine(configs) if sweep else self._single_engine()
         self.flops = self.engine.flops_per_token(cfg.train.seq_len)
 
         # the state a checkpoint restores, shared by the members (they read the same batches)
@@ -200,7 +202,7 @@ class Trainer:
         self.data_position = 0  # the index of the next train batch
         self.lrs: list[float] = []  # each member's base LR at the step in progress
         self.stop = StopSignals()
-        self.members = [self._member(k, spec) for k, spec in enumerate(specs)]
+        self.members = [self._member(k, spec, member_cfg) for k, (spec, member_cfg) in enumerate(zip(specs, configs))]
         self.throughput = diagnostics.Throughput(self.flops, self.device)
 
     # -- building ------------------------------------------------------------------------------
@@ -219,9 +221,7 @@ class Trainer:
             forward = torch.compile(forward)  # type: ignore[assignment]
         return SingleEngine(cfg, model, optimizer, forward, self.autocast, self.device)
 
-    def _sweep_engine(self, specs: Sequence[Optional[MemberSpec]]) -> StackedEngine:
-        configs = [member_config(self.cfg, spec, self.info.run_dir) for spec in specs if spec is not None]
-
+    def _sweep_engine(self, configs: Sequence[Config]) -> StackedEngine:
         def mark(model: nn.Module) -> Any:
             self.token_classes = mark_token_classes(model, self.source, self.cfg)
             return self.token_classes
@@ -236,12 +236,11 @@ class Trainer:
             mark,
         )
 
-    def _member(self, k: int, spec: Optional[MemberSpec]) -> Member:
+    def _member(self, k: int, spec: Optional[MemberSpec], member_cfg: Config) -> Member:
         cfg, info = self.cfg, self.info
         if spec is None:
-            member_cfg, run_dir, name, overrides = cfg, info.run_dir, info.run_name, info.overrides
+            run_dir, name, overrides = info.run_dir, info.run_name, info.overrides
         else:
-            member_cfg = member_config(cfg, spec, info.run_dir)
             run_dir = info.run_dir / spec.label
             name = member_run_name(spec, info.run_name or cfg.run_name, info.overrides)
             overrides = spec.overrides
