@@ -138,7 +138,7 @@ def measure(
                 rate = loop_tokens_per_s(Path(tmp) / f"{mode}-{rep}", lrs, ensemble=mode == "vectorized")
                 best_loop[mode] = max(best_loop[mode], rate)
                 losses[mode] = final
-        n_params = load_run(Path(tmp) / "vectorized-0" / f"lr={lrs[0]!r}").summary["n_params"]
+        n_params = load_run(Path(tmp) / "vectorized-0" / f"lr={lrs[0]!r}").summary.n_params
     tokens = args.members * args.steps * args.batch_size * args.seq_len
     diffs = [abs(a - b) / abs(b) for a, b in zip(losses["vectorized"], losses["sequential"])]
     return {

@@ -105,12 +105,12 @@ def curve_points(runs: Sequence[Run], group: Callable[[Run], Optional[Hashable]]
     LR or a loss at init are left out: a crash is not a divergence."""
     points = []
     for run in runs:
-        key, lr, init = group(run), run.config_value("optim.lr"), run.summary.get("loss_at_init")
+        key, lr, init = group(run), run.config_value("optim.lr"), run.summary.loss_at_init
         if run.status not in (COMPLETED, STATUS_DIVERGED) or key is None:
             continue
         if not isinstance(lr, (int, float)) or not isinstance(init, (int, float)):
             continue
-        loss = run.summary.get("final_val_loss")
+        loss = run.summary.final_val_loss
         points.append(
             CurvePoint(
                 group=key,

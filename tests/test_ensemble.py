@@ -18,6 +18,7 @@ from proxy.config import Config, ConfigError, OptimConfig, as_dict, register_con
 from proxy.model import build_model
 from proxy.optim import apply_lr, build_optimizer, clip_grad_norm
 from proxy.records import find_runs, load_run
+from proxy.records.summary import field_names as summary_fields
 from proxy.train import train
 from proxy.train.ensemble import member_specs
 from proxy.train.ensemble_optim import ParamRule, StackedAdamW, clip_members_, member_grad_norms, param_rules
@@ -162,6 +163,8 @@ def test_members_write_standard_run_records(tmp_path):
         assert run.summary["run_name"] == f"model.qk_norm=rmsnorm,optim.lr={lr!r}"
         assert set(run.summary) - set(solo.summary) == {"ensemble"}
         assert set(solo.summary) - set(run.summary) == set()
+        assert set(run.summary) <= set(summary_fields())  # every field written is declared, with its type
+        assert run.summary.lr == lr and run.summary.overrides == ("model.qk_norm=rmsnorm", f"optim.lr={lr!r}")
         assert [r["step"] for r in run.metrics] == [r["step"] for r in solo.metrics]
         for ours, theirs in zip(run.metrics, solo.metrics):
             assert set(ours) - set(theirs) <= {"perf/ensemble_tokens_per_s"}

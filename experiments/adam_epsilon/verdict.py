@@ -66,10 +66,10 @@ def tail_mean(run: Run, key: str) -> Optional[float]:
 
 def final_loss(run: Run) -> float:
     """The final val loss, capped at the loss at init; NaN when the run has no loss at init."""
-    init = run.summary.get("loss_at_init")
+    init = run.summary.loss_at_init
     if not isinstance(init, (int, float)):
         return math.nan
-    return clipped_losses([run.summary.get("final_val_loss")], init, [run.status == "diverged"])[0]
+    return clipped_losses([run.summary.final_val_loss], init, [run.status == "diverged"])[0]
 
 
 def loglog_slope(widths: list[float], values: list[float]) -> float:

@@ -129,6 +129,6 @@ def judge(report: ReportResult, runs: list[Run]) -> Verdict:
             ).describe()
         v.numbers[f"mean_row_norm/{tag}"] = analysis.spread(_last(r, ROW) for r in seeds.values()).describe()
         v.numbers[f"final_val_loss/{tag}"] = analysis.spread(
-            r.summary.get("final_val_loss") or math.nan for r in seeds.values()
+            r.summary.final_val_loss or math.nan for r in seeds.values()
         ).describe()
     return v

@@ -113,7 +113,7 @@ def judge(report: ReportResult, runs: list[Run]) -> Verdict:
                 if any(x is not None for x in values)
                 else "not scored"
             )
-        losses = [x for r in runs_g if isinstance(x := r.summary.get("final_val_loss"), (int, float))]
+        losses = [x for r in runs_g if (x := r.summary.final_val_loss) is not None]
         v.numbers[f"final_val_loss/{g}"] = spread(losses).describe(".4f") if losses else "n/a"
 
     clean_masked = {

@@ -133,7 +133,7 @@ def condition_of(run: Run) -> Optional[str]:
 
 def non_embedding_params(run: Run) -> Optional[int]:
     """From the run's summary (the model's own count), else 12 L d^2 from its config."""
-    n = run.summary.get("n_params_non_embedding")
+    n = run.summary.n_params_non_embedding
     if isinstance(n, (int, float)) and n > 0:
         return int(n)
     layers, width = run.config_value("model.n_layers"), run.config_value("model.d_model")
@@ -427,7 +427,7 @@ def _context(
     for c, by_size in sorted(cells.items()):
         for n, by_seed in by_size.items():
             runs = [s.run for s in by_seed.values()]
-            finals = [x for r in runs if isinstance(x := r.summary.get("final_val_loss"), (int, float))]
+            finals = [x for r in runs if (x := r.summary.final_val_loss) is not None]
             losses[f"{c}/{labels[n]}"] = spread(finals).describe(".4g")
             peaks = [p for r in runs if (p := peak(r.series(ATTN_MAX_LOGIT)[1])) is not None]
             logits[f"{c}/{labels[n]}"] = f"{statistics.median(peaks):.3g}" if peaks else "not logged"

@@ -116,7 +116,7 @@ def damage(run: Run, clean: Run, window: tuple[int, int]) -> Optional[float]:
 
 
 def final_excess(run: Run, clean: Run) -> Optional[float]:
-    a, b = run.summary.get("final_val_loss"), clean.summary.get("final_val_loss")
+    a, b = run.summary.final_val_loss, clean.summary.final_val_loss
     return a - b if isinstance(a, (int, float)) and isinstance(b, (int, float)) else None
 
 
@@ -149,7 +149,7 @@ def arm_table(runs: list[Run]) -> tuple[dict[str, dict[str, Any]], Optional[tupl
             "seeds": sorted(seeds, key=str),
             "damage": {s: damage(r, clean[s], window) for s, r in paired.items()} if window else {},
             "final_excess": {s: final_excess(r, clean[s]) for s, r in paired.items()},
-            "final_val": [r.summary.get("final_val_loss") for r in seeds.values()],
+            "final_val": [r.summary.final_val_loss for r in seeds.values()],
             "spike_grad_norm": [spike_score(r.series(GRAD_NORM)[1], OLMO_CORE_SPIKES) for r in seeds.values()],
             "spike_loss": [spike_score(r.series(TRAIN)[1], OLMO_CORE_SPIKES) for r in seeds.values()],
             "actions": [

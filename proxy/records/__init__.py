@@ -34,6 +34,8 @@ The contract, one concern per module:
                folders, and the readers of untrusted files (bounded, no link followed, no
                interpolation resolved, states with weights_only=True)
     writer.py  the one-writer lock and :class:`RunRecord` (summary and metrics)
+    summary.py :class:`Summary`, summary.json's fields with their types (what a reader gets and
+               ``train()`` returns)
     reader.py  :func:`load_run`: what the report and the verdicts read
 
 The trainer writes through the ledger (proxy/train/ledger.py), which writes through
@@ -47,7 +49,8 @@ from proxy.records.keys import *  # noqa: F401,F403
 from proxy.records.keys import attn_layer_key  # noqa: F401
 from proxy.records.reader import *  # noqa: F401,F403
 from proxy.records.reader import __all__ as _reader
+from proxy.records.summary import Summary
 from proxy.records.writer import *  # noqa: F401,F403
 from proxy.records.writer import __all__ as _writer
 
-__all__ = [*_files, *_reader, *_writer]
+__all__ = [*_files, *_reader, *_writer, "Summary"]

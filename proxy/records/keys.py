@@ -48,6 +48,7 @@ LR = "optim/lr"  # the base (peak-scaled) LR of the step
 GRAD_NORM = "optim/grad_norm"  # global norm before clipping
 ATTN_MAX_LOGIT = "attn/max_logit"  # max over layers
 ATTN_MAX_LOGIT_LAYER = "attn/max_logit/layer_"  # + layer index
+ATTN_MAX_LOGIT_PEAK = "attn/max_logit_peak"  # not a metric: the ledger's running peak (summary: max_attn_logit_peak)
 OUTPUT = "output/"  # + a statistic of the output logits:
 OUTPUT_LOGIT_MEAN = "output/logit_mean"
 OUTPUT_LOGIT_MAX = "output/logit_max"

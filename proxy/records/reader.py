@@ -32,19 +32,17 @@ from proxy.records.keys import (
     ROLLBACK,
     ROLLBACK_DIR,
     STATE_NAME,
-    STATUSES,
     STEP,
     SUMMARY,
     TENSORBOARD_DIR,
-    UNKNOWN,
     UNREADABLE,
     WANDB_DIR,
 )
+from proxy.records.summary import Summary
 
 LINE_MAX_BYTES = 16 << 20  # one metrics row: a few kB (a 100-layer model's per-parameter statistics: ~1 MB)
 MAX_STEP = 10**12  # more optimizer steps than any run takes
 HYDRA_DIR = ".hydra"
-TEXT_FIELDS = ("run_name", "sweep_id", "error", "experiment", "status")  # summary fields that must be strings
 
 
 @dataclass
@@ -72,7 +70,7 @@ class Run:
     """
 
     path: Path
-    summary: dict[str, Any]
+    summary: Summary
     config: dict[str, Any]
     metrics: list[dict[str, Any]] = field(default_factory=list)
     events: list[dict[str, Any]] = field(default_factory=list)
@@ -81,18 +79,18 @@ class Run:
 
     @property
     def status(self) -> str:
-        return UNREADABLE if self.error is not None else self.summary.get("status", UNKNOWN)
+        return UNREADABLE if self.error is not None else self.summary.status
 
     @property
     def name(self) -> str:
-        return self.summary.get("run_name") or self.path.name
+        return self.summary.run_name or self.path.name
 
     @property
     def overrides(self) -> list[str]:
         """The run's command-line overrides: from its summary, else (a run whose summary was
         lost) from Hydra's .hydra/overrides.yaml beside it."""
-        if self.summary.get("overrides") is not None:
-            return [str(o) for o in self.summary["overrides"]]
+        if self.summary.overrides is not None:
+            return list(self.summary.overrides)
         hydra = self.path / HYDRA_DIR / "overrides.yaml"
         if self.error is None and hydra.is_file():
             try:
@@ -182,19 +180,10 @@ def find_runs(paths: Iterable[str | Path]) -> list[Path]:
 # --------------------------------------------------------------------------------------------
 # load_run: every file checked, one bad run dir unreadable rather than a report brought down
 # --------------------------------------------------------------------------------------------
-def _summary(path: Path) -> dict[str, Any]:
+def _summary(path: Path) -> Summary:
     if not (path / SUMMARY).exists() and not (path / SUMMARY).is_symlink():
-        return {"status": UNKNOWN}
-    summary = read_json(path / SUMMARY)
-    for key in TEXT_FIELDS:
-        if summary.get(key) is not None and not isinstance(summary[key], str):
-            raise StoredFileError(f"{path / SUMMARY}: {key} is a {type(summary[key]).__name__}, not a string")
-    if summary.get("status", UNKNOWN) not in (*STATUSES, UNKNOWN):
-        raise StoredFileError(f"{path / SUMMARY}: status {str(summary['status'])[:40]!r} is not one proxy writes")
-    overrides = summary.get("overrides")
-    if overrides is not None and not (isinstance(overrides, list) and all(isinstance(o, str) for o in overrides)):
-        raise StoredFileError(f"{path / SUMMARY}: overrides is not a list of strings")
-    return summary
+        return Summary()
+    return Summary.of(read_json(path / SUMMARY), str(path / SUMMARY))
 
 
 def _config(path: Path) -> dict[str, Any]:
@@ -256,7 +245,7 @@ def load_run(path: str | Path) -> Run:
         config = _config(path)
         rows = _metric_rows(path)
     except (StoredFileError, UnsafePathError, OSError, RecursionError) as exc:
-        return Run(path=path, summary={}, config={}, error=_first_line(exc))
+        return Run(path=path, summary=Summary(), config={}, error=_first_line(exc))
     metrics, events, abandoned = split_branches(rows)
     return Run(path=path, summary=summary, config=config, metrics=metrics, events=events, abandoned=abandoned)
 

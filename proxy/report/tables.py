@@ -32,6 +32,7 @@ from proxy.records import (
     TRAIN_LOSS,
     VAL_LOSS,
     Run,
+    Summary,
     atomic_write_text,
 )
 from proxy.report.document import csv_cell
@@ -147,7 +148,7 @@ def layer_keys(run: Run) -> list[str]:
 
 def _loss_at_init(run: Run) -> Optional[float]:
     """Summary value, else the val (or train) loss logged at step 0."""
-    value = _number(run.summary.get("loss_at_init"))
+    value = run.summary.loss_at_init
     if value is not None:
         return value
     for key in (VAL_LOSS, TRAIN_LOSS):
@@ -164,13 +165,13 @@ def usable(run: Run) -> Run:
     if run.error is not None:
         return run
     reason = type_errors(run.config)
-    for where, value in (("its summary's lr", run.summary.get("lr")), ("optim.lr", run.config_value("optim.lr"))):
+    for where, value in (("its summary's lr", run.summary.lr), ("optim.lr", run.config_value("optim.lr"))):
         number = _number(value)
         if reason is None and value is not None and (number is None or not (math.isfinite(number) and number > 0)):
             reason = f"{where} ({str(value)[:40]}) is not a positive finite number"
     if reason is None:
         return run
-    return Run(path=run.path, summary={}, config={}, error=f"{run.path}: {reason}")
+    return Run(path=run.path, summary=Summary(), config={}, error=f"{run.path}: {reason}")
 
 
 def run_row(run: Run, spikes: SpikeOptions) -> tuple[RunRow, tuple[str, ...]]:
@@ -179,7 +180,7 @@ def run_row(run: Run, spikes: SpikeOptions) -> tuple[RunRow, tuple[str, ...]]:
     overrides = run.overrides
     variant = analysis.variant_of(overrides)
     lr = _first(
-        _number(s.get("lr")),
+        s.lr,
         _number(run.config_value("optim.lr")),
         _number(analysis.override_value(overrides, "optim.lr")),
     )
@@ -201,28 +202,28 @@ def run_row(run: Run, spikes: SpikeOptions) -> tuple[RunRow, tuple[str, ...]]:
         lr=lr,
         seed=_integer(run.config_value("train.seed")),
         status=str(run.status),
-        steps_completed=_first(_integer(s.get("steps_completed")), last_step),
-        steps_planned=_first(_integer(s.get("steps_planned")), _integer(run.config_value("train.steps"))),
+        steps_completed=_first(s.steps_completed, last_step),
+        steps_planned=_first(s.steps_planned, _integer(run.config_value("train.steps"))),
         loss_at_init=_loss_at_init(run),
-        final_train_loss=_first(_number(s.get("final_train_loss")), train[-1] if train else None),
-        final_val_loss=_first(_number(s.get("final_val_loss")), val[-1] if val else None),
-        best_val_loss=_first(_number(s.get("best_val_loss")), min((v for v in val if finite(v)), default=None)),
-        max_attn_logit_peak=_first(_number(s.get("max_attn_logit_peak")), analysis.peak(attn)),
-        max_attn_logit_final=_first(_number(s.get("max_attn_logit_final")), analysis.last_finite(attn)),
-        output_logit_mean_final=_first(_number(s.get("output_logit_mean_final")), analysis.last_finite(out_mean)),
+        final_train_loss=_first(s.final_train_loss, train[-1] if train else None),
+        final_val_loss=_first(s.final_val_loss, val[-1] if val else None),
+        best_val_loss=_first(s.best_val_loss, min((v for v in val if finite(v)), default=None)),
+        max_attn_logit_peak=_first(s.max_attn_logit_peak, analysis.peak(attn)),
+        max_attn_logit_final=_first(s.max_attn_logit_final, analysis.last_finite(attn)),
+        output_logit_mean_final=_first(s.output_logit_mean_final, analysis.last_finite(out_mean)),
         spike_score_loss=analysis.spike_score(train, spikes) if train else None,
         spike_score_grad_norm=analysis.spike_score(grad_norm, spikes) if grad_norm else None,
-        diverged_at_step=_integer(s.get("diverged_at_step")),
+        diverged_at_step=s.diverged_at_step,
         loss_spikes=spike_counts[0],
         loss_collapses=spike_counts[1],
         events=dict(Counter(str(e.get(EVENT)) for e in run.events)),
-        n_params=_integer(s.get("n_params")),
-        n_params_non_embedding=_integer(s.get("n_params_non_embedding")),
-        tokens=_integer(s.get("tokens")),
-        wall_time_s=_number(s.get("wall_time_s")),
-        sweep_id=s.get("sweep_id"),
-        experiment=_first(s.get("experiment"), run.config_value("experiment")),
-        error=run.error if run.error is not None else s.get("error"),
+        n_params=s.n_params,
+        n_params_non_embedding=s.n_params_non_embedding,
+        tokens=s.tokens,
+        wall_time_s=s.wall_time_s,
+        sweep_id=s.sweep_id,
+        experiment=_first(s.experiment, run.config_value("experiment")),
+        error=run.error if run.error is not None else s.error,
     )
     return row, variant
 

@@ -41,6 +41,7 @@ from proxy.records import (
     RunDirError,
     StateFileError,
     StoredFileError,
+    Summary,
     UnsafePathError,
     terminal_block,
     terminal_text,
@@ -211,8 +212,8 @@ def _hydra_task(dcfg) -> Optional[float]:
         if sweep_requested(cfg):  # sweep.lrs=[...]: K members vectorized in this one process
             members = train_ensemble(cfg, run_dir, name, sweep_id, overrides)
             for member in members:
-                print(terminal_text(f"{member['status']}: {member.get('run_name')}"))
-            interrupted = [m for m in members if m["status"] == INTERRUPTED]
+                print(terminal_text(f"{member.status}: {member.run_name}"))
+            interrupted = [m for m in members if m.status == INTERRUPTED]
             if interrupted:
                 _stop_interrupted(interrupted[0], run_dir, members=interrupted)
             return None
@@ -232,11 +233,11 @@ def _hydra_task(dcfg) -> Optional[float]:
         if not multirun:
             sys.exit(1)
         return None  # a multirun goes on to its next job
-    if summary["status"] == INTERRUPTED:
+    if summary.status == INTERRUPTED:
         _stop_interrupted(summary, run_dir)
     if int(os.environ.get("RANK", "0")) == 0:
-        print(terminal_text(f"{summary['status']}: {name} -> {summary.get('run_dir', run_dir)}"))
-    return summary.get("final_val_loss")
+        print(terminal_text(f"{summary.status}: {name} -> {run_dir}"))
+    return summary.final_val_loss
 
 
 def _continue_stored(
@@ -262,22 +263,20 @@ def _traceback_hint(run_dir: Path) -> str:
     return ""
 
 
-def _stop_interrupted(summary: dict, run_dir: Path, members: Optional[list[dict]] = None) -> None:
+def _stop_interrupted(summary: Summary, run_dir: Path, members: Optional[list[Summary]] = None) -> None:
     """One line on how to go on, then the signal's exit code (a multirun stops too). An
     ensemble's members resume one by one, each as the standalone run it is."""
-    signame = str(summary.get("interrupted_by", "SIGINT"))
+    signame = summary.interrupted_by or "SIGINT"
     code = 128 + int(getattr(signal, signame, signal.SIGINT))
     if int(os.environ.get("RANK", "0")) == 0:  # a resume continues the stored config: no override to retype
         if members is None:
             how = resume_command(run_dir)
         else:
             how = (
-                f"each member on its own, e.g. {resume_command(run_dir / members[0]['ensemble']['label'])} "
+                f"each member on its own, e.g. {resume_command(run_dir / (members[0].ensemble or {})['label'])} "
                 f"({len(members)} members interrupted)"
             )
-        print(
-            f"interrupted by {signame} at step {summary.get('steps_completed')}; continue with: {how}", file=sys.stderr
-        )
+        print(f"interrupted by {signame} at step {summary.steps_completed}; continue with: {how}", file=sys.stderr)
     sys.exit(code)
 
 

@@ -39,6 +39,7 @@ from omegaconf import OmegaConf
 from proxy.config import Config, ConfigError, as_dict
 from proxy.records import (
     ATTN_MAX_LOGIT,
+    ATTN_MAX_LOGIT_PEAK,
     CHECKPOINTS,
     CONFIG,
     ERROR_FILE,
@@ -76,7 +77,7 @@ from proxy.records import (
 from proxy.spikes import loss_spikes
 from proxy.train.remedies import Event
 from proxy.train.resume import ResumeCheck, accumulate, check_resume, runtime_changes, trained_config
-from proxy.train.runtime import ATTN_MAX_LOGIT_PEAK, summary_fields
+from proxy.train.runtime import summary_fields
 from proxy.train.tracking import Sinks, open_sinks
 
 CHECKPOINT_NAME = "step_{step:07d}.pt"

@@ -25,7 +25,7 @@ from typing import Any, Iterable, Optional
 
 from proxy.analysis import parse_override
 from proxy.config import Config, ConfigError, Schedule, as_dict, stored_config, to_config
-from proxy.records import CONFIG, SUMMARY, StoredFileError, UnsafePathError, checkpoints, read_json, read_yaml
+from proxy.records import CONFIG, SUMMARY, StoredFileError, Summary, UnsafePathError, checkpoints, read_json, read_yaml
 
 log = logging.getLogger("proxy.train")
 
@@ -284,18 +284,15 @@ def continue_stored(fresh: Config, defaults: Config, run_dir: Path, overrides: t
         if key in new:
             _set(stored, key, new[key])
     summary = _stored_summary(run_dir)
-    stored_overrides = summary.get("overrides")
-    if not (isinstance(stored_overrides, list) and all(isinstance(o, str) for o in stored_overrides)):
-        stored_overrides = []
-    name = summary.get("run_name") if isinstance(summary.get("run_name"), str) else None
-    return Continued(to_config(stored), merge_overrides(stored_overrides, overrides), name)
+    return Continued(to_config(stored), merge_overrides(list(summary.overrides or ()), overrides), summary.run_name)
 
 
-def _stored_summary(run_dir: Path) -> dict:
+def _stored_summary(run_dir: Path) -> Summary:
+    """The run's summary; an empty one where it cannot be read (the ledger's checks say why)."""
     try:
-        return read_json(Path(run_dir) / SUMMARY)
+        return Summary.of(read_json(Path(run_dir) / SUMMARY), str(Path(run_dir) / SUMMARY))
     except (OSError, ValueError):
-        return {}
+        return Summary()
 
 
 __all__ = [

@@ -20,6 +20,7 @@ from proxy.config import Config, ConfigError, LossImpl, TrainConfig
 from proxy.model import attention_backend
 from proxy.records import (
     ATTN_MAX_LOGIT,
+    ATTN_MAX_LOGIT_PEAK,
     GRAD_NORM,
     LR,
     OUTPUT_LOGIT_MEAN,
@@ -28,8 +29,6 @@ from proxy.records import (
     VAL_LOSS,
 )
 from proxy.train.diagnostics import RARE_BELOW, class_counts, token_classes
-
-ATTN_MAX_LOGIT_PEAK = "attn/max_logit_peak"  # not a metric: the summary's running peak
 
 log = logging.getLogger("proxy.train")
 

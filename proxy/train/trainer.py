@@ -53,6 +53,7 @@ from proxy.records import (
     TRAIN_LOSS,
     VAL_LOSS,
     RunDirError,
+    Summary,
     atomic_write_text,
 )
 from proxy.train import diagnostics, distributed
@@ -681,7 +682,7 @@ class Trainer:
 # --------------------------------------------------------------------------------------------
 def _train(
     cfg: Config | dict, run_dir: str | Path, run_name: Optional[str], sweep_id: Optional[str], overrides: Sequence[str]
-) -> list[dict[str, Any]]:
+) -> list[Summary]:
     cfg = to_config(cfg) if not isinstance(cfg, Config) else cfg
     run_dir = Path(run_dir)
     info = RunInfo(run_dir, run_name or cfg.run_name or run_dir.name, sweep_id, tuple(overrides))
@@ -689,7 +690,7 @@ def _train(
         info.run_name = run_name or cfg.run_name  # type: ignore[assignment]  # members derive theirs
     trainer = Trainer(cfg, info)
     try:
-        return trainer.run()
+        return [Summary.of(summary) for summary in trainer.run()]
     except Exception as exc:
         trainer.fail(exc)
         raise
@@ -704,7 +705,7 @@ def train(
     run_name: Optional[str] = None,
     sweep_id: Optional[str] = None,
     overrides: Sequence[str] = (),
-) -> dict[str, Any]:
+) -> Summary:
     """Train one run into ``run_dir`` and return its summary. Never raises on divergence."""
     cfg = to_config(cfg) if not isinstance(cfg, Config) else cfg
     if sweep_requested(cfg):
@@ -718,7 +719,7 @@ def train_ensemble(
     run_name: Optional[str] = None,
     sweep_id: Optional[str] = None,
     overrides: Sequence[str] = (),
-) -> list[dict[str, Any]]:
+) -> list[Summary]:
     """Train every member of ``cfg.sweep`` into ``run_dir/<label>`` and return their summaries.
 
     As :func:`train`: never raises on divergence (a diverged member is a result); a crash marks

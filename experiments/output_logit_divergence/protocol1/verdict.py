@@ -27,7 +27,7 @@ STRONGLY_NEGATIVE = -10.0
 
 
 def _override(run: Run, key: str) -> Optional[str]:
-    return override_value(run.summary.get("overrides") or [], key)
+    return override_value(run.overrides, key)
 
 
 def _last(run: Run, key: str) -> float:
@@ -73,5 +73,5 @@ def judge(report: ReportResult, runs: list[Run]) -> Verdict:
         tag = f"z{_override(run, 'loss.z_loss')}_lr{_override(run, 'optim.lr')}"
         v.numbers[f"logit_mean_final/{tag}"] = _last(run, MEAN)
         v.numbers[f"log_z_final/{tag}"] = _last(run, LSE)
-        v.numbers[f"final_loss/{tag}"] = run.summary.get("final_val_loss")
+        v.numbers[f"final_loss/{tag}"] = run.summary.final_val_loss
     return v

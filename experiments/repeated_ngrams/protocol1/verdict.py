@@ -77,7 +77,7 @@ def judge(report: ReportResult, runs: list[Run]) -> Verdict:
         verdict.numbers[f"spike_score_grad_norm/{group}"] = score(group)
         verdict.numbers[f"spike_score_grad_norm_olmo2/{group}"] = score(group, OLMO2_SPIKES)
         verdict.numbers[f"runs/{group}"] = len(groups[group])
-        losses = [v for r in groups[group] if isinstance(v := r.summary.get("final_val_loss"), (int, float))]
+        losses = [v for r in groups[group] if (v := r.summary.final_val_loss) is not None]
         verdict.numbers[f"final_val_loss/{group}"] = _mean(losses)
 
     needed = ("clean+nofilter", "inject+nofilter", "inject+filter")

@@ -64,10 +64,10 @@ def grad_spike_score(run: Run) -> float:
 
 
 def final_loss(run: Run) -> float:
-    init = run.summary.get("loss_at_init")
+    init = run.summary.loss_at_init
     if not isinstance(init, (int, float)):
         return math.nan
-    return clipped_losses([run.summary.get("final_val_loss")], init, [run.status == records.STATUS_DIVERGED])[0]
+    return clipped_losses([run.summary.final_val_loss], init, [run.status == records.STATUS_DIVERGED])[0]
 
 
 def clip_events(run: Run) -> int:

@@ -139,6 +139,11 @@ def judge(report: ReportResult, runs: list[Run]) -> Verdict:
     v.numbers["skips_elsewhere"] = {str(s): sum(x not in events for x in xs) for s, xs in skips.items()}
     for arm, mine in (("none", none), ("skip_step", skip)):
         v.numbers[f"final_val_minus_clean/{arm}"] = spread(
-            mine[s].summary["final_val_loss"] - clean[s].summary["final_val_loss"] for s in seeds
+            _difference(mine[s].summary.final_val_loss, clean[s].summary.final_val_loss) for s in seeds
         ).describe(".4f")
     return v
+
+
+def _difference(a: Optional[float], b: Optional[float]) -> float:
+    """a - b, nan where either run recorded no value."""
+    return math.nan if a is None or b is None else a - b
