@@ -199,18 +199,27 @@ class ScheduleConfig:
 
 
 @dataclass
+class DetectorConfig:
+    """The online spike detector (proxy/spikes.py: SpikeDetector), the one definition of "this
+    step's loss or grad norm is a spike" that the remedies (``remedy.detector``), spike capture
+    (``capture.detector``) and a run's loss-spike count use. It looks at the last ``window``
+    accepted values once ``min_history`` are in. baseline=trend (default): value > the local
+    log-linear trend of the last 32 values + sigma robust residual scales (MAD), so the steep early
+    descent does not hide a spike; baseline=mean: value > mean + sigma * std (OLMo-core's
+    SkipStepOptimizer: 6 sigma over 128 steps, as published)."""
+
+    baseline: SpikeBaseline = SpikeBaseline.trend
+    sigma: float = 6.0
+    window: int = 128
+    min_history: int = 20
+
+
+@dataclass
 class RemedyConfig:
     """What the trainer does about a spike (proxy/train/remedies.py). One remedy per run."""
 
     kind: RemedyKind = RemedyKind.none
-    # spike detector shared by skip_step and rollback, over the last `window` accepted steps once
-    # `min_history` are in. baseline=trend (default): value > the local log-linear trend of the last
-    # 32 steps + sigma robust residual scales (MAD), so the steep early descent does not hide a
-    # spike; baseline=mean: value > mean + sigma * std (OLMo-core: 6 sigma, 128 steps, as published)
-    spike_baseline: SpikeBaseline = SpikeBaseline.trend
-    spike_sigma: float = 6.0
-    spike_window: int = 128
-    spike_min_history: int = 20
+    detector: DetectorConfig = field(default_factory=DetectorConfig)  # what skip_step and rollback call a spike
     # a run whose remedy skips this many steps in a row (skip_step, or rollback without an old
     # enough snapshot) ends as diverged: the remedy has not saved it; 0 = never. Raise it above
     # the length of a known bad stretch, or a detector that catches every bad batch trips it.
@@ -251,12 +260,7 @@ class CaptureConfig:
 
     enabled: bool = False
     trigger: CaptureTrigger = CaptureTrigger.any
-    # the detector (proxy.train.remedies.SpikeDetector) over the last `window` non-spike steps,
-    # once `min_history` are in (defaults as the remedy's detector; see RemedyConfig)
-    baseline: SpikeBaseline = SpikeBaseline.trend
-    sigma: float = 6.0
-    window: int = 128
-    min_history: int = 20
+    detector: DetectorConfig = field(default_factory=DetectorConfig)  # what capture calls a spike
     steps_before: int = 4  # K: the kit's earliest state is from the start of step N - K
     steps_after: int = 2  # the "after" state is from the start of step N + steps_after
     max_kits: int = 2  # per run; later spikes are counted in the last kit's kit.json
@@ -425,16 +429,18 @@ def _positive(value: float, key: str, allow_zero: bool = False) -> None:
         raise ConfigError(f"{key}={value} must be {bound}")
 
 
+def _validate_detector(d: DetectorConfig, key: str) -> None:
+    _positive(d.sigma, f"{key}.sigma")
+    if not 2 <= d.min_history <= d.window:
+        raise ConfigError(f"{key}.min_history={d.min_history} must be in [2, {key}.window={d.window}]")
+
+
 def _validate_remedy(r: RemedyConfig) -> None:
-    _positive(r.spike_sigma, "remedy.spike_sigma")
-    for key in ("spike_window", "spike_min_history", "rollback_every", "rollback_keep"):
+    _validate_detector(r.detector, "remedy.detector")
+    for key in ("rollback_every", "rollback_keep"):
         _positive(getattr(r, key), f"remedy.{key}")
     for key in ("rollback_min_age", "rollback_skip_batches", "rollback_max", "zclip_warmup", "max_consecutive_skips"):
         _positive(getattr(r, key), f"remedy.{key}", allow_zero=True)
-    if not 2 <= r.spike_min_history <= r.spike_window:
-        raise ConfigError(
-            f"remedy.spike_min_history={r.spike_min_history} must be in [2, remedy.spike_window={r.spike_window}]"
-        )
     # right after a snapshot the oldest kept one is (keep - 1) * every steps back
     reach = (r.rollback_keep - 1) * r.rollback_every
     if reach < r.rollback_min_age:
@@ -448,11 +454,9 @@ def _validate_remedy(r: RemedyConfig) -> None:
 
 
 def _validate_capture(c: CaptureConfig) -> None:
-    _positive(c.sigma, "capture.sigma")
+    _validate_detector(c.detector, "capture.detector")
     for key in ("steps_before", "steps_after", "max_kits"):
         _positive(getattr(c, key), f"capture.{key}")
-    if not 2 <= c.min_history <= c.window:
-        raise ConfigError(f"capture.min_history={c.min_history} must be in [2, capture.window={c.window}]")
 
 
 def _validate_sweep(sw: SweepConfig) -> None:
@@ -578,6 +582,37 @@ def did_you_mean(key: str) -> str:
     return f" (did you mean {close[0]}?)" if close else ""
 
 
+# keys an older proxy wrote, and where they live now: a stored config (a run dir, a checkpoint,
+# a kit) is read with them moved; a command line that uses one is told the new name
+RENAMED_KEYS = {
+    **{f"remedy.spike_{k}": f"remedy.detector.{k}" for k in ("baseline", "sigma", "window", "min_history")},
+    **{f"capture.{k}": f"capture.detector.{k}" for k in ("baseline", "sigma", "window", "min_history")},
+}
+
+
+def renamed(tree: dict[str, Any]) -> dict[str, Any]:
+    """A stored config tree with :data:`RENAMED_KEYS` moved to their new place (a copy; the new
+    key wins where both are present)."""
+    import copy
+
+    tree = copy.deepcopy(tree)
+    for old, new in RENAMED_KEYS.items():
+        *head, leaf = old.split(".")
+        parent = tree
+        for part in head:
+            parent = parent.get(part) if isinstance(parent, dict) else None  # type: ignore[assignment]
+        if not isinstance(parent, dict) or leaf not in parent:
+            continue
+        value = parent.pop(leaf)
+        *new_head, new_leaf = new.split(".")
+        node = tree
+        for part in new_head:
+            node = node.setdefault(part, {}) if isinstance(node, dict) else node
+        if isinstance(node, dict):
+            node.setdefault(new_leaf, value)
+    return tree
+
+
 def to_config(cfg: Any) -> Config:
     """Turn a DictConfig (from Hydra) or a plain dict into a validated ``Config``. A key the
     schema does not have is refused in one line, with the closest key it does have."""
@@ -586,6 +621,8 @@ def to_config(cfg: Any) -> Config:
     if not isinstance(cfg, Config):
         tree = OmegaConf.to_container(cfg, resolve=False) if isinstance(cfg, DictConfig) else cfg
         unknown = unknown_keys(tree)
+        if unknown and unknown[0] in RENAMED_KEYS:
+            raise ConfigError(f"{unknown[0]} is now {RENAMED_KEYS[unknown[0]]} (renamed in proxy 2026-12)")
         if unknown:
             raise ConfigError(
                 f"unknown key {unknown[0]}{did_you_mean(unknown[0])}: proxy's schema has no such "
@@ -615,7 +652,7 @@ def stored_config(tree: Any, where: str | Path) -> Config:
     if not isinstance(tree, dict):
         raise ConfigError(f"{where}: the config is a {type(tree).__name__}, not a mapping")
     try:
-        return to_config(tree)
+        return to_config(renamed(tree))
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from None
 

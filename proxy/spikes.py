@@ -15,7 +15,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence, Union
 
-from proxy.config import SpikeBaseline
+from proxy.config import DetectorConfig, SpikeBaseline
 
 Number = Union[float, int, Any]  # a Python number, or a 0-dim tensor (float() reads it)
 
@@ -64,6 +64,11 @@ class SpikeDetector:
         self.sigma, self.window, self.min_history = sigma, window, min_history
         self.baseline = SpikeBaseline(baseline)
         self.history: dict[str, deque[float]] = {name: deque(maxlen=window) for name in self.SERIES}
+
+    @classmethod
+    def of(cls, cfg: DetectorConfig) -> SpikeDetector:
+        """The detector a config's ``remedy.detector`` / ``capture.detector`` describes."""
+        return cls(cfg.sigma, cfg.window, cfg.min_history, cfg.baseline)
 
     @property
     def armed(self) -> bool:
@@ -121,9 +126,7 @@ class SpikeDetector:
 # --------------------------------------------------------------------------------------------
 # Loss spikes: rise and recovery, told apart from a collapse
 # --------------------------------------------------------------------------------------------
-LOSS_SPIKE_SIGMA = 6.0  # the remedies' default bar (OLMo-core's sigma), on the trend/MAD baseline
-LOSS_SPIKE_WINDOW = 128
-LOSS_SPIKE_MIN_HISTORY = 20
+LOSS_SPIKE_DETECTOR = DetectorConfig()  # the remedies' default detector: 6 sigma on the trend/MAD baseline
 LOSS_SPIKE_RECOVERY = 100  # steps (of the series) within which a spike comes back under its bar
 
 
@@ -143,24 +146,22 @@ class LossSpike:
 def loss_spikes(
     steps: Sequence[int],
     values: Sequence[float],
-    sigma: float = LOSS_SPIKE_SIGMA,
-    window: int = LOSS_SPIKE_WINDOW,
-    min_history: int = LOSS_SPIKE_MIN_HISTORY,
+    detector: DetectorConfig = LOSS_SPIKE_DETECTOR,
     recovery: int = LOSS_SPIKE_RECOVERY,
 ) -> list[LossSpike]:
     """The excursions of a loss series (a fixed held-out batch's loss, logged every step) past
     :class:`SpikeDetector`'s trend bar. An excursion that falls back under the bar it crossed
     within ``recovery`` points is a spike; one that does not, a collapse (after which the
     detector starts over from the new level). Values during an excursion never enter the history."""
-    detector = SpikeDetector(sigma, window, min_history)
+    online = SpikeDetector.of(detector)
     found: list[LossSpike] = []
     i, n = 0, len(values)
     while i < n:
         value = float(values[i])
-        hit = detector.test(value, None)
+        hit = online.test(value, None)
         if hit is None or not math.isfinite(hit.threshold):
             if math.isfinite(value):
-                detector.accept(value, None)
+                online.accept(value, None)
             i += 1
             continue
         bar, start = hit.threshold, i
@@ -180,11 +181,11 @@ def loss_spikes(
             )
         )
         if back is None:  # a new level: judge what follows against itself
-            detector = SpikeDetector(sigma, window, min_history)
+            online = SpikeDetector.of(detector)
             i = end
         else:
             i = back
     return found
 
 
-__all__ = ["LOSS_SPIKE_RECOVERY", "LOSS_SPIKE_SIGMA", "LossSpike", "Number", "Spike", "SpikeDetector", "loss_spikes"]
+__all__ = ["LOSS_SPIKE_DETECTOR", "LOSS_SPIKE_RECOVERY", "LossSpike", "Number", "Spike", "SpikeDetector", "loss_spikes"]

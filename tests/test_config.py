@@ -5,7 +5,7 @@ import os
 import pytest
 from omegaconf import OmegaConf
 
-from proxy.config import Config, ConfigError, as_dict, from_dict, to_config
+from proxy.config import Config, ConfigError, as_dict, from_dict, schema_keys, to_config
 
 
 def test_defaults_validate_and_round_trip():
@@ -73,3 +73,21 @@ def test_a_typo_on_the_command_line_never_trains(tmp_path, typo):
     assert result.returncode == 2 and len(lines) == 1, result.stderr
     assert "unknown key optim.lrr (did you mean optim.lr?)" in lines[0]
     assert not list(tmp_path.rglob("summary.json"))  # nothing trained
+
+
+def test_the_detector_settings_live_once_and_old_names_are_moved_or_told():
+    from proxy.config import RENAMED_KEYS, stored_config
+
+    cfg = to_config({"remedy": {"detector": {"sigma": 3.0}}, "capture": {"detector": {"window": 40}}})
+    assert cfg.remedy.detector.sigma == 3.0 and cfg.capture.detector.window == 40
+    assert cfg.capture.detector.sigma == 6.0 and cfg.remedy.detector.window == 128  # the same defaults
+    # a stored config of an older proxy (a run dir, a checkpoint, a kit) reads with its keys moved
+    old = {"remedy": {"kind": "skip_step", "spike_sigma": 3.0, "spike_window": 32}, "capture": {"min_history": 7}}
+    moved = stored_config(old, "run/config.yaml")
+    assert (moved.remedy.detector.sigma, moved.remedy.detector.window) == (3.0, 32)
+    assert moved.capture.detector.min_history == 7
+    assert old["remedy"]["spike_sigma"] == 3.0  # the tree read is not changed
+    # a command line that uses an old name is told the new one
+    with pytest.raises(ConfigError, match=r"^remedy.spike_sigma is now remedy.detector.sigma"):
+        to_config({"remedy": {"spike_sigma": 3.0}})
+    assert set(RENAMED_KEYS.values()) <= set(schema_keys())

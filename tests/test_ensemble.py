@@ -320,7 +320,7 @@ SPIKY = dict(
 @pytest.mark.parametrize(
     "remedy, kind",
     [
-        (dict(kind="skip_step", spike_sigma=3.0, spike_window=10, spike_min_history=5), "skip_step"),
+        (dict(kind="skip_step", detector=dict(sigma=3.0, window=10, min_history=5)), "skip_step"),
         (dict(kind="zclip", zclip_z=2.0, zclip_warmup=5), "zclip"),
     ],
 )
@@ -345,7 +345,12 @@ def test_each_member_runs_its_own_remedy_as_its_standalone_run(tmp_path, remedy,
 
 def test_each_member_captures_its_own_spike_kits(tmp_path):
     capture = dict(
-        enabled=True, trigger="loss", sigma=5.0, window=10, min_history=5, steps_before=2, steps_after=2, max_kits=1
+        enabled=True,
+        trigger="loss",
+        detector=dict(sigma=5.0, window=10, min_history=5),
+        steps_before=2,
+        steps_after=2,
+        max_kits=1,
     )
     train_ensemble(tiny_cfg(sweep=dict(lrs=[3e-3, 1e-2]), capture=capture, **SPIKY), tmp_path / "sweep")
     solo = tiny_cfg(capture=capture, **SPIKY)

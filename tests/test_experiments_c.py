@@ -174,7 +174,7 @@ def test_spike_remedies_study_end_to_end(tmp_path: Path) -> None:
         "data.inject.start_step=10",
         "data.inject.end_step=20",
         "data.inject.fraction=0.5",
-        "remedy.spike_min_history=5",
+        "remedy.detector.min_history=5",
         "remedy.rollback_every=5",
         "remedy.rollback_min_age=5",
         "remedy.rollback_skip_batches=10",

@@ -53,9 +53,7 @@ def spike_cfg(**capture):
     cap = dict(
         enabled=True,
         trigger="loss",
-        sigma=5.0,
-        window=20,
-        min_history=10,
+        detector=dict(sigma=5.0, window=20, min_history=10),
         steps_before=BEFORE,
         steps_after=AFTER,
         max_kits=1,
@@ -137,7 +135,9 @@ def test_a_divergence_is_captured_when_the_run_stops(tmp_path):
         tiny_cfg(
             optim=dict(lr=3.0),
             train=dict(steps=30, eval_every=1000),
-            capture=dict(enabled=True, trigger="loss", window=20, min_history=15, steps_before=2, max_kits=1),
+            capture=dict(
+                enabled=True, trigger="loss", detector=dict(window=20, min_history=15), steps_before=2, max_kits=1
+            ),
         )
     )
     summary, _ = run_with_capture(tmp_path / "div", cfg)
@@ -157,7 +157,7 @@ def test_a_divergence_is_captured_when_the_run_stops(tmp_path):
 @pytest.mark.parametrize(
     "override, needle",
     [
-        ({"min_history": 1}, "capture.min_history=1"),
+        ({"detector": {"min_history": 1}}, "capture.detector.min_history=1"),
         ({"steps_before": 0}, "capture.steps_before=0"),
         ({"max_kits": 0}, "capture.max_kits=0"),
         ({"trigger": "lossy"}, "trigger"),

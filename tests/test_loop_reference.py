@@ -28,7 +28,7 @@ VOLATILE_PREFIX = ("perf/",)
 
 
 def _hair_trigger(kind: str, **extra: Any) -> dict:
-    return dict(kind=kind, spike_sigma=0.5, spike_window=5, spike_min_history=3, **extra)
+    return dict(kind=kind, detector=dict(sigma=0.5, window=5, min_history=3), **extra)
 
 
 CASES: dict[str, dict] = {

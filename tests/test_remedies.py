@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from proxy.config import ConfigError, RemedyConfig, RemedyKind, to_config
+from proxy.config import ConfigError, DetectorConfig, RemedyConfig, RemedyKind, SpikeBaseline, to_config
 from proxy.optim import AdamW, clip_grad_norm
 from proxy.train.remedies import Rollback, SkipStep, SpikeDetector, ZClip, build_remedy
 
@@ -20,9 +20,8 @@ STEADY = [1.0, 1.1] * 10
 
 def detector_cfg(**kw) -> RemedyConfig:
     # OLMo-core's published mean + sigma * std: the numbers below are worked out for it
-    return RemedyConfig(
-        **{"spike_baseline": "mean", "spike_sigma": 6.0, "spike_window": 20, "spike_min_history": 10, **kw}
-    )
+    detector = DetectorConfig(baseline=SpikeBaseline.mean, sigma=6.0, window=20, min_history=kw.pop("min_history", 10))
+    return RemedyConfig(detector=detector, **kw)
 
 
 # --------------------------------------------------------------------------------------------
@@ -276,7 +275,7 @@ def test_rollback_on_disk_needs_a_folder():
 def test_rollback_without_an_old_enough_snapshot_skips_the_step():
     model = nn.Linear(2, 1)
     opt = AdamW(model.parameters(), lr=1e-3)
-    rb = Rollback(rollback_cfg(spike_min_history=2))
+    rb = Rollback(rollback_cfg(min_history=2))
     for step in range(3):
         rb.maybe_snapshot(step, model, opt, step)
         assert rb.check(step, 1.0 + 0.1 * (step % 2), 1.0) is None

@@ -248,8 +248,8 @@ def test_remedy_claims_end_to_end(tmp_path: Path) -> None:
         "train.seed=0",
         "optim.lr=0.3",
         *small,
-        "capture.sigma=2",
-        "capture.min_history=5",
+        "capture.detector.sigma=2",
+        "capture.detector.min_history=5",
         "capture.steps_before=6",
         "capture.max_kits=1",
         f"hydra.sweep.dir={clip_dir}",
@@ -277,7 +277,7 @@ def test_remedy_claims_end_to_end(tmp_path: Path) -> None:
         "data.inject.end_step=51",
         "data.inject.every=10",
         "data.inject.max_period=1",
-        "remedy.spike_min_history=5",
+        "remedy.detector.min_history=5",
         f"hydra.sweep.dir={iso_dir}",
     ]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)

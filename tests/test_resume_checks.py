@@ -260,8 +260,8 @@ def test_a_long_override_list_names_its_directory_by_whole_overrides_and_records
         *(
             f"remedy.{k}={v}"
             for k, v in [
-                ("spike_sigma", "6.00000000000001"),
-                ("spike_window", 128),
+                ("detector.sigma", "6.00000000000001"),
+                ("detector.window", 128),
                 ("rollback_every", 10),
                 ("rollback_keep", 3),
                 ("rollback_max", 5),

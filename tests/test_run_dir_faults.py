@@ -98,7 +98,7 @@ def resume_cfg(**sections) -> dict:
 # Security
 # ============================================================================================
 def test_a_planted_pickle_in_rollback_snapshots_never_runs(tmp_path):
-    from proxy.config import RemedyConfig
+    from proxy.config import DetectorConfig, RemedyConfig
     from proxy.model import build_model
     from proxy.optim import build_optimizer
 
@@ -108,8 +108,7 @@ def test_a_planted_pickle_in_rollback_snapshots_never_runs(tmp_path):
         rollback_every=2,
         rollback_keep=3,
         rollback_min_age=2,
-        spike_min_history=3,
-        spike_window=5,
+        detector=DetectorConfig(min_history=3, window=5),
     )
     model = build_model(to_config({}).model, 64)
     optimizer = build_optimizer(model, to_config({}).optim)

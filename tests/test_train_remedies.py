@@ -11,7 +11,7 @@ from tests.test_train import tiny_cfg
 
 def _hair_trigger(kind: str, **extra) -> dict:
     """A detector so sensitive (0.5 sigma over 5 steps) that ordinary noise sets it off."""
-    return dict(kind=kind, spike_sigma=0.5, spike_window=5, spike_min_history=3, **extra)
+    return dict(kind=kind, detector=dict(sigma=0.5, window=5, min_history=3), **extra)
 
 
 def test_skip_step_events_and_skipped_updates(tmp_path):
@@ -90,7 +90,7 @@ def test_rollback_from_disk_snapshots_resumes_bitwise_after_a_crash(tmp_path, mo
 
     def cfg(**train_extra):
         remedy = _rollback(rollback_storage="disk", rollback_max=10)
-        remedy.update(spike_baseline="mean", spike_sigma=1.5, spike_window=10, spike_min_history=5)
+        remedy.update(detector=dict(baseline="mean", sigma=1.5, window=10, min_history=5))
         return tiny_cfg(
             remedy=remedy, train=dict(steps=40, log_every=1, ckpt_every=5, keep_checkpoints=10, **train_extra)
         )

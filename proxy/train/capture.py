@@ -99,7 +99,7 @@ class SpikeCapture(StepObserver):
 
     def __init__(self, cfg: CaptureConfig):
         self.cfg = cfg
-        self.detector = SpikeDetector(cfg.sigma, cfg.window, cfg.min_history, cfg.baseline)
+        self.detector = SpikeDetector.of(cfg.detector)
         self.states: deque[_Snapshot] = deque()
         self.batches: deque[_Batch] = deque(maxlen=cfg.steps_before + 1)
         self.trace: deque[dict[str, Any]] = deque(maxlen=cfg.steps_before + 1)
@@ -163,19 +163,19 @@ class SpikeCapture(StepObserver):
         history = min(len(v) for v in self.detector.history.values())
         if self._armed_said is None:
             self._armed_said = False
-            if history < self.cfg.min_history:
+            if history < self.cfg.detector.min_history:
                 log.info(
                     "spike capture on: the detector needs %d accepted steps of history and cannot "
                     "fire before then (only a non-finite loss or grad norm is caught)",
-                    self.cfg.min_history,
+                    self.cfg.detector.min_history,
                 )
-        if not self._armed_said and history >= self.cfg.min_history:
+        if not self._armed_said and history >= self.cfg.detector.min_history:
             self._armed_said = True
             log.info(
                 "spike capture armed at step %d (%s baseline, %g sigma)",
                 step,
-                SpikeBaseline(self.cfg.baseline).value,
-                self.cfg.sigma,
+                SpikeBaseline(self.cfg.detector.baseline).value,
+                self.cfg.detector.sigma,
             )
 
     def close(self, run: ObservedRun) -> None:
@@ -250,10 +250,10 @@ class SpikeCapture(StepObserver):
             **found,
             "remedy_event": dict(event) if event is not None else None,
             "detector": {
-                "baseline": SpikeBaseline(self.cfg.baseline).value,
-                "sigma": self.cfg.sigma,
-                "window": self.cfg.window,
-                "min_history": self.cfg.min_history,
+                "baseline": SpikeBaseline(self.cfg.detector.baseline).value,
+                "sigma": self.cfg.detector.sigma,
+                "window": self.cfg.detector.window,
+                "min_history": self.cfg.detector.min_history,
                 "watching": CaptureTrigger(self.cfg.trigger).value,
             },
             "states": {"before": _state_meta(before), "at": _state_meta(at), "after": None},

@@ -157,7 +157,7 @@ class Remedy(ABC):
 # Spike detection (shared by skip-step and rollback)
 # --------------------------------------------------------------------------------------------
 def _detector(cfg: RemedyConfig) -> SpikeDetector:
-    return SpikeDetector(cfg.spike_sigma, cfg.spike_window, cfg.spike_min_history, cfg.spike_baseline)
+    return SpikeDetector.of(cfg.detector)
 
 
 # --------------------------------------------------------------------------------------------
