@@ -328,7 +328,9 @@ class TrainConfig:
     seq_len: int = 128
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    dtype: str = "auto"  # auto (fp32 on CPU, bf16 autocast on CUDA) | fp32 | bf16
+    # auto (fp32 on CPU, bf16 autocast on CUDA) | fp32 | bf16 | fp64 (parameters, optimizer state and
+    # every computation in float64: the control that tells a precision artefact from a dynamical one)
+    dtype: str = "auto"
     compile: str = "auto"  # auto (on for CUDA) | true | false
     log_every: int = 10
     eval_every: int = 100
@@ -520,8 +522,8 @@ def validate(cfg: Config) -> Config:
     _positive(t.probe_batches, "train.probe_batches")
     if t.seq_len > m.max_seq_len:
         raise ConfigError(f"train.seq_len={t.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
-    if t.dtype not in ("auto", "fp32", "bf16"):
-        raise ConfigError(f"train.dtype={t.dtype!r} must be one of auto, fp32, bf16")
+    if t.dtype not in ("auto", "fp32", "bf16", "fp64"):
+        raise ConfigError(f"train.dtype={t.dtype!r} must be one of auto, fp32, bf16, fp64")
     if str(t.compile).lower() not in ("auto", "true", "false"):
         raise ConfigError(f"train.compile={t.compile!r} must be auto, true or false")
     if not (t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:")):

@@ -191,3 +191,20 @@ def test_cli_missing_data_file_is_one_clear_line(tmp_path):
     assert result.returncode == 2
     lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "nope.bin" in lines[0], result.stderr
+
+
+def test_fp64_runs_every_computation_in_float64_from_the_same_init(tmp_path):
+    """train.dtype=fp64, the precision control: parameters and Adam's state are float64 (the
+    init is fp32's, upcast), and on a healthy run it follows the fp32 run to fp32's rounding."""
+    from proxy.records import load_state
+
+    fp32 = train(tiny_cfg(train=dict(steps=10, log_every=1)), tmp_path / "fp32")
+    fp64 = train(tiny_cfg(train=dict(steps=10, log_every=1, dtype="fp64")), tmp_path / "fp64")
+    state = load_state(latest_checkpoint(tmp_path / "fp64"))
+    assert {t.dtype for t in state["model"].values() if t.is_floating_point()} == {torch.float64}
+    moments = [t for s in state["optimizer"]["state"].values() for t in s.values() if torch.is_tensor(t)]
+    assert {t.dtype for t in moments if t.is_floating_point() and t.dim() > 0} == {torch.float64}
+    assert fp64.backends is not None and fp64.backends["dtype"] == "fp64"
+    a, b = load_run(tmp_path / "fp32").series("train/loss")[1], load_run(tmp_path / "fp64").series("train/loss")[1]
+    assert a != b and max(abs(x - y) for x, y in zip(a, b)) < 1e-4
+    assert fp64.final_val_loss != fp32.final_val_loss

@@ -26,7 +26,7 @@ from proxy.optim import AdamW, build_optimizer
 from proxy.records import KITS_DIR, StateFileError, StoredFileError, load_state, read_json
 from proxy.train.capture import BATCHES_FILE, KIT_FORMAT, KIT_JSON, STATE_FILES, find_kits
 from proxy.train.remedies import Remedy, build_remedy
-from proxy.train.runtime import autocast_for
+from proxy.train.runtime import autocast_for, param_dtype
 from proxy.train.step import StepResult, TrainStep
 
 
@@ -210,7 +210,7 @@ def restore(
     device = torch.device(device)
     state = kit.state(name)
     with torch.random.fork_rng(devices=[]):  # building draws an init we overwrite at once
-        model = build_model(cfg.model, int(kit.meta["vocab_size"])).to(device)
+        model = build_model(cfg.model, int(kit.meta["vocab_size"])).to(device, param_dtype(cfg))
     model.load_state_dict(state["model"])
     optimizer = build_optimizer(model, cfg.optim)
     optimizer.load_state_dict(state["optimizer"])

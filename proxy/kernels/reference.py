@@ -15,6 +15,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+def at_least_fp32(t: Tensor) -> Tensor:
+    """``t`` in fp32, or as it is if it is already fp64 (a train.dtype=fp64 run stays fp64)."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 def attention(
     q: Tensor,
     k: Tensor,
@@ -32,14 +37,14 @@ def attention(
     the natural-log log-sum-exp of each query row's scores, (batch, heads, seq_q) fp32, detached.
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    scores = torch.matmul(at_least_fp32(q), at_least_fp32(k).transpose(-1, -2)) * scale
     if causal:
         t_q, t_k = scores.shape[-2], scores.shape[-1]
         mask = torch.ones(t_q, t_k, dtype=torch.bool, device=q.device).tril(t_k - t_q)
         scores = scores.masked_fill(~mask, float("-inf"))
     max_logit = scores.detach().amax(dim=(-2, -1))
     probs = torch.softmax(scores, dim=-1)
-    out = torch.matmul(probs, v.float()).to(q.dtype)
+    out = torch.matmul(probs, at_least_fp32(v)).to(q.dtype)
     if return_lse:
         return out, max_logit, torch.logsumexp(scores.detach(), dim=-1)
     return out, max_logit
@@ -68,14 +73,14 @@ def cross_entropy(
 ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
     """Mean cross-entropy and the z-loss term over the labels that are not ``ignore_index``.
 
-    logits: (N, V) any float dtype (computed in fp32); labels: (N,) int64.
+    logits: (N, V) any float dtype (computed in fp32, fp64 input in fp64); labels: (N,) int64.
     Returns ``(ce, z_term, stats)``: ce = mean(lse - logit[label]), z_term = z_loss * mean(lse^2),
     both scalars with gradients, and stats = {logit_mean, logit_max, lse_mean, lse_max} (detached
     fp32 scalars over the valid rows; lse is log Z, whose drift from 0 is output-logit
     divergence). With no valid row both losses are 0, not NaN, and logit_max is NaN (there is no
     largest logit to report).
     """
-    logits = logits.float()
+    logits = at_least_fp32(logits)
     valid = labels != ignore_index
     n_valid = valid.sum().clamp(min=1)
     lse = torch.logsumexp(logits, dim=-1)

@@ -80,6 +80,7 @@ from proxy.train import distributed
 from proxy.train.engine import Computed
 from proxy.train.ensemble_optim import StackedAdamW, clip_members_, is_dense, member_grad_norms, param_rules
 from proxy.train.remedies import Event, Remedy
+from proxy.train.runtime import param_dtype
 
 log = logging.getLogger("proxy.ensemble")
 
@@ -346,7 +347,7 @@ class StackedEngine:
         for member_cfg in configs:  # each exactly as a standalone run would build it
             torch.manual_seed(member_cfg.train.seed)
             random.seed(member_cfg.train.seed)
-            models.append(build_model(member_cfg.model, vocab_size))
+            models.append(build_model(member_cfg.model, vocab_size).to(param_dtype(member_cfg)))
         for model in models:  # every member (stack_module_state stacks the buffers too)
             self.token_classes = mark(model)
         self.model = StackedGPT(models, device, compile=compile)

@@ -51,9 +51,15 @@ def autocast_for(cfg: Config, device: torch.device) -> Callable[[], ContextManag
     dtype = cfg.train.dtype
     if dtype == "auto":
         dtype = "bf16" if device.type == "cuda" else "fp32"
-    if dtype == "fp32":
+    if dtype in ("fp32", "fp64"):
         return contextlib.nullcontext
     return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def param_dtype(cfg: Config) -> torch.dtype:
+    """The dtype of the parameters and the optimizer state: float64 under train.dtype=fp64,
+    else float32 (bf16 is autocast: the parameters stay fp32)."""
+    return torch.float64 if cfg.train.dtype == "fp64" else torch.float32
 
 
 def wants_compile(cfg: Config, device: torch.device) -> bool:

@@ -79,6 +79,7 @@ from proxy.train.runtime import (
     backends,
     divergence_reason,
     mark_token_classes,
+    param_dtype,
     progress_bar,
     resolve_device,
     show_row,
@@ -209,7 +210,7 @@ class Trainer:
     # -- building ------------------------------------------------------------------------------
     def _single_engine(self) -> SingleEngine:
         cfg = self.cfg
-        model = build_model(cfg.model, self.source.vocab_size).to(self.device)
+        model = build_model(cfg.model, self.source.vocab_size).to(self.device, param_dtype(cfg))
         self.token_classes = mark_token_classes(model, self.source, cfg)
         optimizer = build_optimizer(model, cfg.optim)
         forward: nn.Module = model
