@@ -257,11 +257,39 @@ class Spread:
         signed = [direction * v for v in self.values]
         return all(v > 0 for v in signed) and direction * self.mean > z * self.sem
 
+    def interval(self) -> tuple[float, float]:
+        """The two-sided 95% Student-t interval of the mean (nan with fewer than 2 seeds)."""
+        if self.n < 2:
+            return math.nan, math.nan
+        half = t_quantile_975(self.n - 1) * self.sem
+        return self.mean - half, self.mean + half
+
     def describe(self, fmt: str = ".3g") -> str:
         if not self.values:
             return "no seeds"
         spread = f" ± {self.std:{fmt}} (sd over {self.n} seeds)" if self.n > 1 else " (1 seed)"
         return f"{self.mean:{fmt}}{spread}"
+
+
+# the 0.975 quantile of Student's t by degrees of freedom (two-sided 95%); 1.96 past 30
+_T_975: tuple[float, ...] = (
+    *(12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131),
+    *(2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042),
+)
+
+
+def t_quantile_975(df: int) -> float:
+    return _T_975[df - 1] if 1 <= df <= len(_T_975) else 1.96
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval (95% at z = 1.96) of a proportion; (nan, nan) for n = 0."""
+    if n == 0:
+        return math.nan, math.nan
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def spread(values: Iterable[float]) -> Spread:

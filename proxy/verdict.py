@@ -54,21 +54,45 @@ class Check:
     passed: bool
 
 
+NOT_TESTABLE = "NOT TESTABLE AT THIS SCALE"
+
+
 @dataclass
 class Verdict:
+    """A finding judged by criteria committed before its run. Three outcomes: REPRODUCED (every
+    check holds), NOT REPRODUCED, and NOT TESTABLE AT THIS SCALE: a design check (:meth:`design`)
+    failed, so the run could not show the effect either way, and ``would_test`` says what
+    would (scale, steps, compute). Design checks are decided before the claim is judged."""
+
     finding: str
     source: str  # the paper and section the claim comes from
     checks: list[Check] = field(default_factory=list)
     numbers: dict[str, Any] = field(default_factory=dict)
     notes: str = ""
+    design_checks: list[Check] = field(default_factory=list)
+    would_test: str = ""  # where a design check failed: the scale, steps and compute that would test it
+
+    @property
+    def testable(self) -> bool:
+        return all(c.passed for c in self.design_checks)
 
     @property
     def reproduced(self) -> bool:
-        return bool(self.checks) and all(c.passed for c in self.checks)
+        return self.testable and bool(self.checks) and all(c.passed for c in self.checks)
 
     @property
     def label(self) -> str:
+        if not self.testable:
+            return NOT_TESTABLE
         return "REPRODUCED" if self.reproduced else "NOT REPRODUCED"
+
+    def design(self, claim: str, passed: bool, measured: str, would_test: str) -> bool:
+        """A design check: can this run show the effect at all? If not, the verdict is NOT
+        TESTABLE AT THIS SCALE and ``would_test`` says what would test it."""
+        self.design_checks.append(Check(f"design: {claim}", measured, bool(passed)))
+        if not passed:
+            self.would_test = "; ".join(x for x in (self.would_test, would_test) if x)
+        return bool(passed)
 
     def check(self, claim: str, passed: bool, measured: str) -> bool:
         self.checks.append(Check(claim, measured, bool(passed)))
@@ -79,9 +103,11 @@ class Verdict:
             Paragraph(f"Source: {self.source}"),
             Table(
                 ["claim", "measured", "holds"],
-                [[c.claim, c.measured, "yes" if c.passed else "no"] for c in self.checks],
+                [[c.claim, c.measured, "yes" if c.passed else "no"] for c in [*self.design_checks, *self.checks]],
             ),
         ]
+        if self.would_test:
+            blocks.append(Paragraph(f"What would test it: {self.would_test}"))
         if self.numbers:
             blocks += [Paragraph("Numbers:"), Items([f"`{k}`: {_fmt(v)}" for k, v in self.numbers.items()])]
         if self.notes:
@@ -94,7 +120,9 @@ class Verdict:
     def summary(self) -> VerdictSummary:
         """What the report shows at its top: the label and each claim."""
         return VerdictSummary(
-            self.finding, self.label, tuple(Claim(c.claim, c.measured, c.passed) for c in self.checks)
+            self.finding,
+            self.label,
+            tuple(Claim(c.claim, c.measured, c.passed) for c in [*self.design_checks, *self.checks]),
         )
 
 

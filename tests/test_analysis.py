@@ -211,3 +211,14 @@ def test_seed_curves_give_one_sensitivity_per_seed_and_group() -> None:
     b0 = curves["b"][0]
     assert b0.curve == {1e-3: 3.0, 1e-2: 6.0} and not b0.bracketed
     assert b0.sensitivity == pytest.approx(1.5)
+
+
+def test_seed_interval_and_proportion_interval_match_textbook_values() -> None:
+    from proxy.analysis import spread, wilson_interval
+
+    low, high = spread([1.0, 2.0, 3.0]).interval()  # mean 2, sd 1, sem 1/sqrt(3), t(2) = 4.303
+    assert math.isclose(low, 2 - 4.303 / math.sqrt(3)) and math.isclose(high, 2 + 4.303 / math.sqrt(3))
+    assert all(math.isnan(x) for x in spread([1.0]).interval())
+    low, high = wilson_interval(8, 10)  # 0.8 of 10: (0.490, 0.943)
+    assert round(low, 3) == 0.49 and round(high, 3) == 0.943
+    assert wilson_interval(0, 5)[0] == 0.0
