@@ -1,0 +1,80 @@
+"""experiments/loss_spikes: the verdict's arms, its design check (NOT TESTABLE AT THIS SCALE) and
+its criteria, on run records built here (the study itself runs in experiments/, not in tests)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from proxy.records import ADAM_RMS_MAX, PROBE_LOSS, Run, Summary
+from proxy.verdict import NOT_TESTABLE, Verdict, load_module
+
+STUDY = load_module(Path(__file__).resolve().parents[1] / "experiments" / "loss_spikes")
+ARM_CONFIG = {
+    "none": {},
+    "beta2_095": {"beta2": 0.95},
+    "beta2_0999": {"beta2": 0.999},
+    "update_clip": {"update_clip": True},
+    "grad_clip": {"grad_clip": 1.0},
+    "fp64": {"dtype": "fp64"},
+}
+
+
+def fake_run(arm: str, seed: int, probe: list[float], rms: list[float]) -> Run:
+    optim = {"beta2": 0.99, "grad_clip": 0.0, "update_clip": False, **ARM_CONFIG[arm]}
+    train = {"seed": seed, "dtype": optim.pop("dtype", "auto")}
+    rows = [{"step": s, PROBE_LOSS: p, ADAM_RMS_MAX: r} for s, (p, r) in enumerate(zip(probe, rms))]
+    return Run(Path(f"/runs/{arm}/{seed}"), Summary(status="completed"), {"optim": optim, "train": train}, rows)
+
+
+def settled(n: int, level: float = 1e-3) -> list[float]:
+    """A loss that falls to ``level`` by step 200 and stays there (with a little noise)."""
+    return [max(level, 6.0 * 0.97**s) * (1 + 0.02 * ((s * 7919) % 5 - 2) / 2) for s in range(n)]
+
+
+def with_spike(series: list[float], at: int, peak: float) -> list[float]:
+    out = list(series)
+    for i, factor in enumerate((0.3, 1.0, 0.5, 0.1, 0.02)):
+        out[at + i] = max(out[at + i], peak * factor)
+    return out
+
+
+def test_each_arm_is_told_by_what_the_run_was_trained_with():
+    for arm in STUDY.ARMS:
+        assert STUDY.arm_of(fake_run(arm, 0, [1.0], [0.1])) == arm
+
+
+def test_a_run_that_never_reaches_the_low_noise_phase_is_not_testable_and_no_claim_is_judged():
+    runs = [fake_run(arm, s, [3.0] * 400, [0.5] * 400) for arm in STUDY.ARMS for s in range(3)]
+    verdict: Verdict = STUDY.judge(None, runs)
+    assert verdict.label == NOT_TESTABLE and not verdict.reproduced
+    assert verdict.checks == [] and "long enough" in verdict.would_test
+    assert "design:" in verdict.to_markdown() and NOT_TESTABLE in verdict.to_markdown()
+
+
+@pytest.mark.parametrize("rms_before_spike, f_passes", [(5.0, True), (0.5, False)])
+def test_spikes_preceded_by_rms_are_told_from_chance(rms_before_spike, f_passes):
+    n, at = 900, 600
+    runs = []
+    for arm in STUDY.ARMS:
+        for s in range(3):
+            rms = [0.3] * n
+            probe = settled(n)
+            if arm in ("none", "beta2_0999", "fp64", "grad_clip") or (arm == "beta2_095" and s == 0):
+                probe = with_spike(probe, at, 0.5)
+                rms[at - 3] = rms_before_spike
+            runs.append(fake_run(arm, s, probe, rms))
+    verdict = STUDY.judge(None, runs)
+
+    def held(prefix: str) -> bool:
+        (check,) = [c for c in verdict.checks if c.claim.startswith(prefix)]
+        return check.passed
+
+    assert verdict.testable
+    assert held("spikes (rise and recovery) in every seed of the spiking arm")
+    assert held("RMS_t > 1 in the 8 steps before most spikes") is f_passes
+    assert held("the spikes are not a float32 artefact")
+    assert held("gradient clipping (global norm 1.0) does not")
+    assert held("update clipping")  # no excursion with it, one per seed without
+    assert not held("the rate of excursions grows with beta2")  # 0.95 < 0.99 = 0.999: not ordered
