@@ -444,7 +444,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     import datetime as dt
 
-    from benchmarks.gpu_check import versions
+    from benchmarks.gpu_check.supervisor import versions
 
     started = time.monotonic()
     deadline = started + args.budget - args.reserve_s

@@ -101,9 +101,7 @@ def judge(report: ReportResult, runs: list[Run]) -> Verdict:
 
     # -- reported numbers -----------------------------------------------------------------------
     for arm in ARMS:
-        counts = spread(len(found[arm][s]) for s in seeds)
-        low, high = counts.interval()
-        v.numbers[f"excursions/{arm}"] = f"{counts.describe('.2f')}; 95% t interval [{low:.2f}, {high:.2f}]"
+        v.numbers[f"excursions/{arm}"] = spread(len(found[arm][s]) for s in seeds).describe(".2f")
         v.numbers[f"events/{arm}"] = {
             str(s): [f"{e.kind}@{e.step} peak {e.peak:.3g}" for e in found[arm][s]] for s in seeds
         }

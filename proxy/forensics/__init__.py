@@ -2,8 +2,10 @@
 
 replay.py     read a kit, restore one of its states, replay its steps with the trainer's own
               step function (bitwise on CPU)
-dissect.py    proxy-inspect: where in the model, which data, does it come back, is it an
-              optimizer instability
+dissect.py    the dissection: where in the model, which data, does it come back, is it an
+              optimizer instability (inspect_kit -> Inspection)
+dissect_report.py  its report: report.md, figures, inspect.json
+inspect_cli.py     proxy-inspect, the command line
 curvature.py  sharpness and Adam's preconditioned sharpness by Lanczos (edge of stability)
 edge.py       the trajectory into a spike: both sharpnesses against 2/eta and 38/eta, the
               Adam update's bimodality and its cosine with descent, step by step

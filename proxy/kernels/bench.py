@@ -13,7 +13,7 @@ code usually writes it, plus the compiled reference with exactly our outputs.
 Results go to a table on stdout and to JSON (default benchmarks/results/kernels-<device>-<date>.json)
 with the device, date and versions. Without CUDA it says so, smoke-tests the references on CPU
 and exits 0. The functions take a device, a dtype and sizes, so the device check
-(benchmarks/gpu_check.py) reuses them, and its dry run takes them on a CPU at tiny sizes.
+(benchmarks/gpu_check/) reuses them, and its dry run takes them on a CPU at tiny sizes.
 """
 
 from __future__ import annotations

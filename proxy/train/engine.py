@@ -18,7 +18,7 @@ one entry per member in every answer:
 step a spike kit's replay repeats bit for bit; data parallelism and torch.compile wrap its
 forward. :class:`proxy.train.ensemble.StackedEngine` (K > 1) maps one GPT over member-stacked
 parameters. A standalone run is the single engine's one member, so its records are what they
-were before the loop was shared (tests/test_loop_reference.py).
+were before the loop was shared (tests/train/test_loop_reference.py).
 """
 
 from __future__ import annotations

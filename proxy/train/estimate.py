@@ -13,7 +13,7 @@ as it starts. The model is deliberately simple, and says so:
     floor     = kernel launches per step: ~0.1 ms per layer and parameter tensor, 3x without compile
     + startup (building, first compilation: ~20 s, +40 s compiled)
 
-These are leads, not measurements. The device check (benchmarks/gpu_check.py parts 3 and 4) on an
+These are leads, not measurements. The device check (benchmarks/gpu_check/ parts 3 and 4) on an
 H200 (2026-12-04) measured 124m at 39.4 % MFU compiled and 24.2 % eager (this model: 40 %, 20 %);
 eager 1m-20m models trained at 0.5-0.6x the modelled rate alone and 0.3-0.45x as 8-member
 ensembles (the floor below is too low for them). Their compiled rate is not measured yet; calibrate
@@ -171,7 +171,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"{est.seconds / 60:7.1f} min  {','.join(o for o in job if not o.startswith('+experiment'))}")
     print(
         f"{total / 60:7.1f} min  in all: {len(jobs)} job(s) one after another on one {args.gpu} (estimate; "
-        "benchmarks/gpu_check.py measures the real rates)"
+        "benchmarks/gpu_check/ measures the real rates)"
     )
     return 0
 

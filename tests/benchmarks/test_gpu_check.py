@@ -1,4 +1,4 @@
-"""The device check (benchmarks/gpu_check.py) on a CPU: the same script the GPU runs, at tiny
+"""The device check (benchmarks/gpu_check/) on a CPU: the same script the GPU runs, at tiny
 shapes with the kernels interpreted, so its first contact with a GPU cannot fail for a reason a
 CPU can show."""
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import gpu_check
+from benchmarks.gpu_check import processes, supervisor
 from tests.test_train import ROOT
 
 
@@ -43,17 +43,17 @@ def test_the_dry_run_runs_every_part_and_writes_its_results(tmp_path):
 
 
 def test_a_part_over_its_cap_is_recorded_and_the_check_goes_on(monkeypatch):
-    name, what, gpu_cap, _ = gpu_check.PARTS[4]
-    monkeypatch.setitem(gpu_check.PARTS, 4, (name, what, gpu_cap, 1))  # one second: the child cannot finish
-    part = gpu_check.launch_part(4, dry_run=True)
+    name, what, gpu_cap, _ = supervisor.PARTS[4]
+    monkeypatch.setitem(supervisor.PARTS, 4, (name, what, gpu_cap, 1))  # one second: the child cannot finish
+    part = supervisor.launch_part(4, dry_run=True)
     assert part["status"] == "timeout" and "cap of 1 s" in part["error"]
     assert part["part"] == 4 and part["cap_s"] == 1
 
 
 def test_without_a_gpu_the_real_check_says_so(capsys):
-    if gpu_check.torch.cuda.is_available():
+    if supervisor.torch.cuda.is_available():
         pytest.skip("a GPU is here")
-    assert gpu_check.main([]) == 2
+    assert supervisor.main([]) == 2
     assert "--dry-run" in capsys.readouterr().err
 
 
@@ -64,9 +64,9 @@ def test_a_part_that_raises_keeps_what_it_had_measured(monkeypatch, tmp_path):
         with rec.phase("the step that breaks"):
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
-    monkeypatch.setitem(gpu_check.PART_FUNCTIONS, 2, part)
+    monkeypatch.setitem(supervisor.PART_FUNCTIONS, 2, part)
     path = tmp_path / "result.json"
-    assert gpu_check.run_part(2, dry_run=True, result_path=path) == 1
+    assert supervisor.run_part(2, dry_run=True, result_path=path) == 1
     result = json.loads(path.read_text())
     assert result["status"] == "failed" and "illegal memory access" in result["error"]
     assert [c["check"] for c in result["checks"]] == ["measured before the failure"]
@@ -77,11 +77,11 @@ def test_a_part_that_raises_keeps_what_it_had_measured(monkeypatch, tmp_path):
 
 def test_a_rerun_of_some_parts_writes_beside_the_full_record():
     when = dt.datetime(2026, 12, 5, 14, 3, 9)
-    full = gpu_check.result_stem("NVIDIA H200", when, [1, 2, 3, 4, 5])
+    full = supervisor.result_stem("NVIDIA H200", when, [1, 2, 3, 4, 5])
     assert full == "gpu-check-nvidia-h200-2026-12-05-140309"
-    rerun = gpu_check.result_stem("NVIDIA H200", when, [3])  # even within the same second
+    rerun = supervisor.result_stem("NVIDIA H200", when, [3])  # even within the same second
     assert rerun == full + "-parts-3"
-    assert gpu_check.result_stem("NVIDIA H200", when + dt.timedelta(minutes=7), [1, 2, 3, 4, 5]) != full
+    assert supervisor.result_stem("NVIDIA H200", when + dt.timedelta(minutes=7), [1, 2, 3, 4, 5]) != full
 
 
 def _gone(pid: int) -> bool:
@@ -103,10 +103,10 @@ def test_a_command_over_its_cap_takes_its_descendants_with_it(tmp_path, own_grou
         "time.sleep(60)\n"
     )
     with pytest.raises(subprocess.TimeoutExpired):
-        gpu_check.run_capped([sys.executable, "-c", script], dict(os.environ), timeout=4, own_group=own_group)
+        processes.run_capped([sys.executable, "-c", script], dict(os.environ), timeout=4, own_group=own_group)
     grandchild = int(pid_file.read_text())
     deadline = time.time() + 5
     while not _gone(grandchild) and time.time() < deadline:
         time.sleep(0.1)
     assert _gone(grandchild)
-    assert not gpu_check._LIVE_GROUPS
+    assert not processes._LIVE_GROUPS

@@ -177,7 +177,7 @@ def test_a_refused_checkpoint_is_named_in_one_line_without_torchs_hint(completed
 
 @pytest.mark.parametrize("planted", ["batches.pt", "state_before.pt"])
 def test_a_planted_pickle_in_a_spike_kit_is_refused_in_one_line(tmp_path, planted):
-    from proxy.forensics.dissect import main as inspect_main
+    from proxy.forensics.inspect_cli import main as inspect_main
     from proxy.train.capture import BATCHES_FILE, KIT_FORMAT, KIT_JSON
 
     kit = tmp_path / "run" / "spike_kits" / "step_0000040"
@@ -204,7 +204,7 @@ def test_a_planted_pickle_in_a_spike_kit_is_refused_in_one_line(tmp_path, plante
     plant_payload(kit / planted, marker)
     before = snapshot_of(tmp_path / "run")
     result = subprocess.run(
-        [sys.executable, "-m", "proxy.forensics.dissect", str(kit), "--no-replay", "--lanczos-iters=0"],
+        [sys.executable, "-m", "proxy.forensics.inspect_cli", str(kit), "--no-replay", "--lanczos-iters=0"],
         capture_output=True,
         text=True,
         timeout=300,
@@ -225,7 +225,7 @@ def test_a_foreign_kit_json_is_one_line(tmp_path):
     kit.mkdir()
     (kit / KIT_JSON).write_text(json.dumps({"format": KIT_FORMAT, "config": tiny_cfg(), "step": 40}))
     result = subprocess.run(
-        [sys.executable, "-m", "proxy.forensics.dissect", str(kit)], capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "proxy.forensics.inspect_cli", str(kit)], capture_output=True, text=True, timeout=300
     )
     lines = error_lines(result)
     assert result.returncode == 2 and len(lines) == 1 and "lacks" in lines[0] and "states" in lines[0], result.stderr

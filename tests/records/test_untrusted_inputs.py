@@ -169,7 +169,7 @@ def kit_run(tmp_path_factory) -> Path:
 
 def _inspect(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "proxy.forensics.dissect", *args, "--no-replay", "--lanczos-iters=0"],
+        [sys.executable, "-m", "proxy.forensics.inspect_cli", *args, "--no-replay", "--lanczos-iters=0"],
         capture_output=True,
         text=True,
         timeout=600,
@@ -756,7 +756,7 @@ def test_a_kit_never_reads_the_data_path_it_names(tmp_path, kit_run):
     meta["config"]["data"].update(source="text", path=str(fifo))
     (kit / "kit.json").write_text(json.dumps(meta))
     result = subprocess.run(
-        [sys.executable, "-m", "proxy.forensics.dissect", str(kit), "--lanczos-iters=0"],
+        [sys.executable, "-m", "proxy.forensics.inspect_cli", str(kit), "--lanczos-iters=0"],
         capture_output=True,
         text=True,
         timeout=300,

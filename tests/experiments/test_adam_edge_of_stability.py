@@ -12,8 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from proxy.forensics import curvature, dissect, find_kits, load_kit, restore, trainer_step
-from proxy.forensics.dissect import main as inspect_main
+from proxy.forensics import curvature, dissect_report, find_kits, load_kit, restore, trainer_step
 from proxy.forensics.edge import (
     Crossing,
     EdgeStep,
@@ -23,6 +22,7 @@ from proxy.forensics.edge import (
     first_crossing,
     reference_config,
 )
+from proxy.forensics.inspect_cli import main as inspect_main
 from proxy.records import read_json, write_json
 from proxy.verdict import load_script
 from tests.test_forensics import BEFORE, SPIKE_STEP, run_with_capture, single_thread, spike_cfg  # noqa: F401
@@ -238,7 +238,7 @@ def test_study_end_to_end(run_dir, tmp_path, capsys):
 def test_inspect_edge_writes_the_section_and_figure(kit, tmp_path, capsys, monkeypatch):
     # the per-parameter update histograms (test_inspect's) take ~10 s of matplotlib on a busy CPU:
     # drawn here with the cheap sequence figure instead, since only the edge section matters
-    monkeypatch.setattr(dissect, "_update_figure", dissect._sequence_figure)
+    monkeypatch.setattr(dissect_report, "_update_figure", dissect_report._sequence_figure)
     out = tmp_path / "inspect"
     assert inspect_main([str(kit.path), "--out", str(out), "--no-replay", "--lanczos-iters", str(ITERS), "--edge"]) == 0
     assert "edge of stability:" in capsys.readouterr().out

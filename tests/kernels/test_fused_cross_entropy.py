@@ -232,7 +232,7 @@ def test_linear_cross_entropy_in_fp16_takes_a_loss_scale():
     value, 65504): the op must apply that scale in fp32, and must not form p / N in fp16 in the
     forward, where it underflows (below 6e-8) before the scale arrives. Before the fix this gave
     NaN here; the underflow itself needs N x V > 3e7 to cost much (the first H200 run: 1-2 % error in
-    grad_hidden at N = 8192, V = 32k-128k), beyond the interpreter, so benchmarks/gpu_check.py
+    grad_hidden at N = 8192, V = 32k-128k), beyond the interpreter, so benchmarks/gpu_check/
     measures it on the device. Output rows share a direction, as they come to in training."""
     n_rows, vocab, hidden_dim = 128, 1024, 16
     gen = torch.Generator().manual_seed(5)

@@ -8,7 +8,9 @@ import torch
 from proxy.config import to_config
 from proxy.data import build_source
 from proxy.forensics import curvature, find_kits, load_kit
-from proxy.forensics.dissect import batch_sequence_stats, bimodality_coefficient, inspect_kit, main, write_report
+from proxy.forensics.dissect import batch_sequence_stats, bimodality_coefficient, inspect_kit
+from proxy.forensics.dissect_report import write_report
+from proxy.forensics.inspect_cli import main
 from proxy.model import build_model
 from proxy.optim import AdamW
 from tests.test_forensics import SPIKE_STEP, run_with_capture, single_thread, spike_cfg  # noqa: F401

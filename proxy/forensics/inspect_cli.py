@@ -1,0 +1,124 @@
+"""``proxy-inspect KIT [KIT ...]``: dissect spike kits (proxy/forensics/dissect.py) and write each
+one's report (proxy/forensics/dissect_report.py)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from proxy.config import ConfigError
+from proxy.data import DataError
+from proxy.forensics.dissect import OUT_DIR, inspect_kit, ngram_settings
+from proxy.forensics.dissect_report import summary_lines, write_report
+from proxy.forensics.replay import (
+    KitError,
+    find_kits,
+    load_kit,
+)
+from proxy.records import UnsafePathError, output_dir, terminal_text
+
+_DESCRIPTION = "Dissect a spike kit: proxy-inspect KIT (or a run directory: every kit in it)."
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``proxy-inspect KIT [KIT ...]``: a kit directory, or a run directory (all its kits)."""
+    parser = argparse.ArgumentParser(prog="proxy-inspect", description=_DESCRIPTION)
+    parser.add_argument("paths", nargs="+", help="spike kit or run directory")
+    parser.add_argument("--out", help="report directory (default: <kit>/inspect; one kit only)")
+    parser.add_argument("--device", default="cpu", help="cpu (bitwise replays of CPU runs) or cuda")
+    parser.add_argument("--no-replay", action="store_true", help="skip the replays")
+    parser.add_argument(
+        "--lanczos-iters", type=int, default=20, help="Hessian-vector products per eigenvalue; 0 skips the curvature"
+    )
+    parser.add_argument(
+        "--edge",
+        action="store_true",
+        help="Adam's edge of stability over every step "
+        "from the pre-spike state to the spike (two Lanczos runs per step; edge.png)",
+    )
+    parser.add_argument(
+        "--edge-batches",
+        type=int,
+        default=0,
+        help="with --edge: the eigenvalues of the loss over "
+        "the run's first N held-out batches, the same at every step (default 0: each step's batch)",
+    )
+    parser.add_argument(
+        "--ngram-repeats",
+        type=int,
+        default=None,
+        help="min repeats for a repeated n-gram (default: from the kit's config)",
+    )
+    parser.add_argument(
+        "--data",
+        default=None,
+        metavar="PATH",
+        help="the text file or memmap folder a text/memmap run was trained on (a kit's own "
+        "data.path is never read): needed for the replays on fresh batches",
+    )
+    args = parser.parse_args(argv)
+    try:
+        found = [(Path(p), k) for p in args.paths for k in _kits_at(Path(p))]
+        kits = [k for _, k in found]
+        if args.out and len(kits) > 1:
+            raise KitError(f"--out takes one kit, {len(kits)} found")
+        if args.lanczos_iters < 0:
+            raise KitError(f"--lanczos-iters={args.lanczos_iters} must be >= 0")
+        if args.edge and args.lanczos_iters == 0:
+            raise KitError("--edge needs the curvature: --lanczos-iters must be >= 1")
+        if args.edge_batches < 0 or (args.edge_batches and not args.edge):
+            raise KitError(f"--edge-batches={args.edge_batches} must be >= 0, and needs --edge")
+        if args.device.startswith("cuda") and not torch.cuda.is_available():
+            raise KitError(f"--device {args.device}: no CUDA device is available")
+    except (KitError, ConfigError, DataError, OSError, UnsafePathError) as exc:
+        print(f"error: {terminal_text(exc)}", file=sys.stderr)
+        return 2
+    failed = 0
+    for named, path in found:  # one kit that cannot be inspected does not stop the others
+        try:
+            _inspect_one(args, named, path)
+        except (KitError, ConfigError, DataError, OSError, UnsafePathError) as exc:
+            print(f"error: {terminal_text(exc)}", file=sys.stderr)
+            failed += 1
+        except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as exc:  # a kit proxy did not write
+            print(terminal_text(f"error: {path}: cannot be inspected ({type(exc).__name__}: {exc})"), file=sys.stderr)
+            failed += 1
+    return 2 if failed else 0
+
+
+def _inspect_one(args: argparse.Namespace, named: Path, path: Path) -> None:
+    # every folder from the one named down to the report must be real: no output through a link
+    out = (
+        Path(args.out)
+        if args.out
+        else output_dir(named, *path.relative_to(named).parts, OUT_DIR, what="the inspection")
+    )
+    kit = load_kit(path)
+    kit.data_path = args.data
+    ngram = ngram_settings(kit)
+    if args.ngram_repeats is not None:
+        ngram["min_repeats"] = args.ngram_repeats
+    insp = inspect_kit(
+        kit, args.device, not args.no_replay, args.lanczos_iters, ngram, edge=args.edge, edge_batches=args.edge_batches
+    )
+    report = write_report(insp, out)
+    print(terminal_text(f"{path}: report -> {report}"))
+    for line in summary_lines(insp):
+        print(f"  {terminal_text(line)}")
+
+
+def _kits_at(path: Path) -> list[Path]:
+    if not path.exists():
+        raise KitError(f"no such path: {path}")
+    kits = find_kits(path)
+    if not kits:
+        raise KitError(f"{path} holds no spike kit (no kit.json, no spike_kits/step_*/)")
+    return kits
+
+
+if __name__ == "__main__":
+    sys.exit(main())
