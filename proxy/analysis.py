@@ -267,8 +267,12 @@ class Spread:
     def describe(self, fmt: str = ".3g") -> str:
         if not self.values:
             return "no seeds"
-        spread = f" ± {self.std:{fmt}} (sd over {self.n} seeds)" if self.n > 1 else " (1 seed)"
-        return f"{self.mean:{fmt}}{spread}"
+        if self.n < 2:
+            return f"{self.mean:{fmt}} (1 seed)"
+        low, high = self.interval()
+        return (
+            f"{self.mean:{fmt}} ± {self.std:{fmt}} (sd over {self.n} seeds; 95% t interval [{low:{fmt}}, {high:{fmt}}])"
+        )
 
 
 # the 0.975 quantile of Student's t by degrees of freedom (two-sided 95%); 1.96 past 30

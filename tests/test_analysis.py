@@ -184,7 +184,8 @@ def test_spread_clears_only_a_consistent_effect_beyond_two_standard_errors() -> 
     assert not spread([0.3, float("nan"), 0.3]).clears(+1)
     s = spread([1.0, 2.0, 3.0])
     assert (s.mean, s.std, s.sem) == pytest.approx((2.0, 1.0, 1.0 / math.sqrt(3)))
-    assert "± 1 (sd over 3 seeds)" in s.describe() and spread([]).describe() == "no seeds"
+    assert s.describe() == "2 ± 1 (sd over 3 seeds; 95% t interval [-0.484, 4.48])"
+    assert spread([]).describe() == "no seeds"
 
 
 def test_best_is_inside_needs_three_points_and_an_interior_minimum() -> None:

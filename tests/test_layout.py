@@ -141,3 +141,13 @@ def test_console_scripts_resolve():
     for name, target in scripts.items():
         module, _, attr = target.partition(":")
         assert callable(getattr(importlib.import_module(module), attr)), name
+
+
+def test_the_tests_mirror_the_package():
+    """Each proxy/ subpackage has its tests in tests/<subpackage>/; the other test folders are the
+    studies' (experiments/) and the device scripts' (benchmarks/); fixtures hold data only."""
+    subpackages = {p.parent.name for p in PACKAGE.glob("*/__init__.py")}
+    folders = {p.name for p in (ROOT / "tests").iterdir() if p.is_dir() and p.name != "__pycache__"}
+    assert subpackages <= folders, f"no tests folder for {sorted(subpackages - folders)}"
+    assert folders <= subpackages | {"experiments", "benchmarks", "fixtures"}, sorted(folders - subpackages)
+    assert not list((ROOT / "tests" / "fixtures").rglob("*.py"))

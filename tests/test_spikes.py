@@ -10,8 +10,8 @@ import random
 from proxy.report import build_report
 from proxy.spikes import LossSpike, loss_spikes
 from proxy.train import train
-from tests.test_report import make_run
-from tests.test_train import tiny_cfg
+from tests.report.test_build import make_run
+from tests.train.test_trainer import tiny_cfg
 
 
 def series(n: int = 300, seed: int = 0) -> list[float]:

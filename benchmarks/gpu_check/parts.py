@@ -160,8 +160,8 @@ def _kernel_test_suite(s: Setting) -> dict[str, Any]:
         "-x",
         "-p",
         "no:cacheprovider",
-        "tests/test_kernels_attention.py",
-        "tests/test_kernels_cross_entropy.py",
+        "tests/kernels/test_flash_attention.py",
+        "tests/kernels/test_fused_cross_entropy.py",
     ]
     try:
         out, err, code = run_capped(cmd, env, timeout=timeout)

@@ -96,7 +96,7 @@ RUN_COLUMNS = (
     ("loss spikes", "loss_spikes"),
     ("collapses", "loss_collapses"),
     ("steps", None),
-    ("final train", "final_train_loss"),
+    ("final train (mean)", "final_train_loss"),
     ("final val", "final_val_loss"),
     ("loss@init", "loss_at_init"),
     ("max attn logit final", "max_attn_logit_final"),
@@ -220,7 +220,10 @@ def _runs_blocks(tables: Tables, spikes: SpikeOptions) -> list[Block]:
         blocks.append(Paragraph("Every run: " + ", ".join(tables.constant) + ". Runs are named by what varies."))
     return blocks + [
         Paragraph(
-            f"Final loss = final val loss (train loss when no eval). "
+            f"Final loss = final val loss (train loss when no eval). Final train (mean) = the mean train "
+            f"loss of the run's last train.log_every steps (summary.json final_train_loss), not the last "
+            f"step's, which the log's lines show. Loss spikes and collapses are counted on probe/loss "
+            f"(train.probe_every; proxy/spikes.py). "
             f"Spike score{source.get(spikes, '')}: % of logged points {spikes.describe()}."
         ),
         _run_table(tables.runs),

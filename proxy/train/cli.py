@@ -185,6 +185,41 @@ def _refuse_linked_log() -> None:
             sys.exit(2)
 
 
+HYDRA_ONLY = (".hydra", "train.log")  # what Hydra writes in a run folder before the job starts
+HYDRA_FILES = ("config.yaml", "hydra.yaml", "overrides.yaml")  # in .hydra/
+
+
+def _drop_hydra_leftovers(run_dir: Path) -> None:
+    """Remove the folder Hydra made for a run whose config was refused, where it holds nothing
+    but Hydra's own files and an empty log (so nothing of anyone's is lost: a folder with any
+    other file, a link or a written log is left as it is)."""
+    try:
+        entries = {p.name: p for p in run_dir.iterdir()}
+        if not entries or set(entries) - set(HYDRA_ONLY) or any(p.is_symlink() for p in entries.values()):
+            return
+        hydra = entries.get(".hydra")
+        if hydra is not None:
+            inside = list(hydra.iterdir())
+            if not hydra.is_dir() or any(p.is_symlink() or p.name not in HYDRA_FILES for p in inside):
+                return
+        log_file = entries.get("train.log")
+        if log_file is not None and (not log_file.is_file() or log_file.stat().st_size > 0):
+            return
+        for handler in list(logging.getLogger().handlers):  # Hydra's file handler on train.log
+            if getattr(handler, "baseFilename", None) == str(log_file and log_file.resolve()):
+                handler.close()
+                logging.getLogger().removeHandler(handler)
+        if hydra is not None:
+            for p in hydra.iterdir():
+                p.unlink()
+            hydra.rmdir()
+        if log_file is not None:
+            log_file.unlink()
+        run_dir.rmdir()
+    except OSError:  # someone else's folder, or one that changed under us: left as it is
+        return
+
+
 def _hydra_task(dcfg) -> Optional[float]:
     if _gate is not None:
         _gate.release()
@@ -202,6 +237,8 @@ def _hydra_task(dcfg) -> Optional[float]:
             cfg, overrides, stored_name = _continue_stored(cfg, run_dir, overrides)
     except ConfigError as exc:
         print(f"error: {terminal_text(exc)}", file=sys.stderr)
+        if not multirun:  # the config is checked before anything of the run is written: nor is Hydra's
+            _drop_hydra_leftovers(Path(hc.runtime.output_dir))
         sys.exit(2)
     sweep_id = Path(hc.sweep.dir).name if multirun else None
     name = cfg.run_name or stored_name or run_name_from(overrides)

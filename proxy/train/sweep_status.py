@@ -6,7 +6,10 @@ workers, SLURM tasks sharing a file system): the number of jobs planned comes fr
 ``multirun.yaml`` (the basic sweeper's grid: its params and the command-line overrides), a job
 is done when every run record under its folder has left ``running``, and the sweep started when
 Hydra wrote ``multirun.yaml``. The ETA assumes the remaining jobs take as long as the done ones
-did, at the same parallelism.
+did, over as many jobs at a time as are running when it is said.
+
+When the multirun ends, :class:`SweepEnd` (a Hydra callback, conf/config.yaml) prints the sweep
+folder, how its runs ended and the next command: the report, or the finding's verdict.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from proxy.records import RUNNING, STATUSES, SUMMARY, UNKNOWN, read_json
 
@@ -29,6 +32,8 @@ class SweepProgress:
     planned: Optional[int]  # None: not a grid this module can count
     statuses: Counter
     elapsed_s: float
+    running: int = 0  # jobs started and not done
+    job_s: Optional[float] = None  # the mean wall time of a done job (its longest run record)
 
     def line(self) -> str:
         of = f"/{self.planned}" if self.planned else ""
@@ -36,8 +41,16 @@ class SweepProgress:
         text = f"sweep: {self.done}{of} runs done" + (f" ({counts})" if counts else "")
         text += f", {duration(self.elapsed_s)} elapsed"
         if self.planned and 0 < self.done < self.planned:
-            text += f", ETA {duration(self.elapsed_s / self.done * (self.planned - self.done))}"
+            text += f", ETA {duration(self.eta_s())}"
         return text
+
+    def eta_s(self) -> float:
+        """The remaining jobs at the done jobs' mean time, as many at a time as run now plus the
+        slot the last done job freed (1 under the sequential launcher, n_jobs under joblib)."""
+        assert self.planned is not None
+        per_job = self.job_s if self.job_s is not None else self.elapsed_s / max(1, self.done)
+        at_a_time = max(1, self.running + 1)
+        return per_job * (self.planned - self.done) / at_a_time
 
 
 def duration(seconds: float) -> str:
@@ -81,17 +94,22 @@ def planned_jobs(sweep_dir: Path) -> Optional[int]:
         return None
 
 
-def _job_statuses(job_dir: Path) -> list[str]:
-    """The statuses of the run records of one job: its own, or its ensemble members' (one level down)."""
+def _job_statuses(job_dir: Path) -> tuple[list[str], Optional[float]]:
+    """The statuses of the run records of one job (its own, or its ensemble members', one level
+    down) and the longest wall time among them."""
     summaries = [job_dir / SUMMARY] if (job_dir / SUMMARY).is_file() else sorted(job_dir.glob(f"*/{SUMMARY}"))
-    statuses = []
+    statuses, walls = [], []
     for path in summaries:
         try:
-            status = read_json(path).get("status", UNKNOWN)
+            stored = read_json(path)
         except (OSError, ValueError):  # being rewritten, or torn: not done yet
-            status = RUNNING
+            stored = {"status": RUNNING}
+        status = stored.get("status", UNKNOWN)
         statuses.append(status if status in (*STATUSES, UNKNOWN) else UNKNOWN)  # a foreign file: no text of it
-    return statuses
+        wall = stored.get("wall_time_s")
+        if isinstance(wall, (int, float)) and not isinstance(wall, bool) and wall >= 0:
+            walls.append(float(wall))
+    return statuses, max(walls, default=None)
 
 
 def sweep_progress(sweep_dir: Path, now: Optional[float] = None) -> Optional[SweepProgress]:
@@ -100,15 +118,20 @@ def sweep_progress(sweep_dir: Path, now: Optional[float] = None) -> Optional[Swe
     marker = sweep_dir / MULTIRUN_FILE
     if not marker.is_file():
         return None
-    done, statuses = 0, Counter[str]()
+    done, running, statuses, walls = 0, 0, Counter[str](), []
     for job in sorted(p for p in sweep_dir.iterdir() if p.is_dir()):
-        job_statuses = _job_statuses(job)
+        job_statuses, wall = _job_statuses(job)
         if job_statuses and RUNNING not in job_statuses:
             done += 1
             statuses.update(job_statuses)
+            if wall is not None:
+                walls.append(wall)
+        elif job_statuses:
+            running += 1
     elapsed = (now if now is not None else time.time()) - marker.stat().st_mtime
     planned = planned_jobs(sweep_dir)
-    return SweepProgress(min(done, planned) if planned else done, planned, statuses, elapsed)
+    job_s = sum(walls) / len(walls) if walls and len(walls) == done else None
+    return SweepProgress(min(done, planned) if planned else done, planned, statuses, elapsed, running, job_s)
 
 
 _last_done: dict[Path, int] = {}  # per sweep, what this process last reported
@@ -124,4 +147,55 @@ def new_line(sweep_dir: Path) -> Optional[str]:
     return progress.line()
 
 
-__all__ = ["SweepProgress", "current_sweep_dir", "duration", "new_line", "planned_jobs", "sweep_progress"]
+def next_command(sweep_dir: Path, experiment: Optional[str], root: Optional[Path] = None) -> str:
+    """What to run on a finished sweep: the finding's verdict where ``experiments/<experiment>/``
+    has one (run from the repository), else the report."""
+    root = root if root is not None else Path.cwd()
+    if experiment and (root / "experiments" / experiment / "verdict.py").is_file():
+        return f"proxy-verdict experiments/{experiment} {sweep_dir}"
+    return f"proxy-report {sweep_dir}"
+
+
+def end_lines(sweep_dir: Path, experiment: Optional[str], root: Optional[Path] = None) -> list[str]:
+    """What a finished multirun prints: where it is, how its runs ended, what to run next."""
+    progress = sweep_progress(sweep_dir)
+    lines = [f"sweep folder: {sweep_dir}"]
+    if progress is not None:
+        lines.append(progress.line().split(", ETA")[0])
+    lines.append(f"next: {next_command(sweep_dir, experiment, root)}")
+    return lines
+
+
+try:
+    from hydra.experimental.callback import Callback as _HydraCallback
+except ImportError:  # the device image has no Hydra: nothing there ends a multirun
+    _HydraCallback = object  # type: ignore[assignment, misc]
+
+
+class SweepEnd(_HydraCallback):
+    """Hydra callback (conf/config.yaml, hydra.callbacks): at the end of a multirun, the sweep
+    folder and the next command, so nobody digs the date out of a run path."""
+
+    def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
+        from proxy.records import terminal_text
+
+        try:
+            sweep_dir = Path(str(config.hydra.sweep.dir))
+            experiment = config.get("experiment")
+        except Exception:  # a config without these keys: nothing to say
+            return
+        for line in end_lines(sweep_dir, str(experiment) if experiment else None):
+            print(terminal_text(line), flush=True)
+
+
+__all__ = [
+    "SweepEnd",
+    "end_lines",
+    "next_command",
+    "SweepProgress",
+    "current_sweep_dir",
+    "duration",
+    "new_line",
+    "planned_jobs",
+    "sweep_progress",
+]

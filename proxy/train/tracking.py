@@ -158,7 +158,7 @@ class LogSink:
         if TRAIN_LOSS in row:
             self.train_loss = row[TRAIN_LOSS]
         if VAL_LOSS in row:
-            train = f" (train loss {self.train_loss:.4f})" if self.train_loss is not None else ""
+            train = f" (last logged train loss {self.train_loss:.4f})" if self.train_loss is not None else ""
             log.info("%sstep %d/%d: val loss %.4f%s", self.prefix, step, self.steps, row[VAL_LOSS], train)
 
     def summary(self, fields: dict[str, Any]) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks.gpu_check import processes, supervisor
-from tests.test_train import ROOT
+from tests.train.test_trainer import ROOT
 
 
 @pytest.mark.slow

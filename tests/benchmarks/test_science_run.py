@@ -13,7 +13,7 @@ import pytest
 
 from benchmarks.science_run import Study, load_queue, plan, predict
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def science(tmp_path: Path, *args: str) -> dict:

@@ -25,9 +25,9 @@ from proxy.forensics.edge import (
 from proxy.forensics.inspect_cli import main as inspect_main
 from proxy.records import read_json, write_json
 from proxy.verdict import load_script
-from tests.test_forensics import BEFORE, SPIKE_STEP, run_with_capture, single_thread, spike_cfg  # noqa: F401
+from tests.forensics.test_capture_and_replay import BEFORE, SPIKE_STEP, run_with_capture, single_thread, spike_cfg  # noqa: F401
 
-STUDY = Path(__file__).resolve().parents[1] / "experiments" / "adam_edge_of_stability" / "study.py"
+STUDY = Path(__file__).resolve().parents[2] / "experiments" / "adam_edge_of_stability" / "study.py"
 ITERS = 3  # Hessian-vector products per eigenvalue: enough for the plumbing, cheap on a busy CPU
 
 
@@ -254,7 +254,7 @@ def test_inspect_edge_writes_the_section_and_figure(kit, tmp_path, capsys, monke
 
 
 def test_lab_preset_is_the_unprotected_clipping_arm_with_a_long_history():
-    from tests.test_remedy_claims import composed, point
+    from tests.experiments.test_spike_remedy_claims import composed, point
 
     cfg = composed(["+experiment=adam_edge_of_stability_lab"])
     params = {k: str(v) for k, v in cfg.hydra.sweeper.params.items()}

@@ -20,7 +20,7 @@ from proxy.config import register_configs
 from proxy.records import RunRecord, write_json
 from proxy.verdict import judge_runs
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 EXPERIMENTS = REPO / "experiments"
 FINDINGS = ("attention_logit_growth", "output_logit_divergence", "lr_sensitivity_scaling", "warmup_and_weight_decay")
 VERDICTS = FINDINGS + (

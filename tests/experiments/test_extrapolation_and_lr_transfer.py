@@ -15,7 +15,7 @@ from proxy.config import register_configs
 from proxy.records import RunRecord, write_json
 from proxy.verdict import judge_runs, load_script
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 EXPERIMENTS = REPO / "experiments"
 L0 = math.log(512)
 LRS = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)

@@ -23,7 +23,7 @@ from proxy.config import register_configs
 from proxy.records import RunRecord, write_json
 from proxy.verdict import judge_runs
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 EXPERIMENTS = REPO / "experiments"
 FINDINGS = ("init_growth", "repeated_ngrams", "adam_epsilon")
 STEPS = 200

@@ -10,7 +10,7 @@ import pytest
 from proxy.records import ADAM_RMS_MAX, PROBE_LOSS, Run, Summary
 from proxy.verdict import NOT_TESTABLE, Verdict, load_module
 
-STUDY = load_module(Path(__file__).resolve().parents[1] / "experiments" / "loss_spikes")
+STUDY = load_module(Path(__file__).resolve().parents[2] / "experiments" / "loss_spikes")
 ARM_CONFIG = {
     "none": {},
     "beta2_095": {"beta2": 0.95},

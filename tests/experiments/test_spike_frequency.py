@@ -21,7 +21,7 @@ from proxy.config import register_configs, to_config
 from proxy.records import RunRecord, find_runs, load_run, write_json
 from proxy.verdict import judge_runs, load_script
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 FINDING = REPO / "experiments" / "spike_frequency"
 SIZES = {"tiny": (2, 64, 99_000), "1m": (6, 128, 1_180_000), "5m": (6, 256, 4_720_000)}  # layers, width, N
 CONDITIONS = ("plain", "ngrams", "qknorm")

@@ -22,7 +22,7 @@ from proxy.config import register_configs, to_config
 from proxy.records import RunRecord, write_json
 from proxy.verdict import judge_runs
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 FINDING = REPO / "experiments" / "spike_remedies"
 ARMS = ("clean", "none", "skip_step", "rollback", "zclip", "mask")
 START, END, STEPS = 150, 200, 400

@@ -18,7 +18,7 @@ from proxy.config import register_configs, to_config
 from proxy.records import RunRecord, write_json
 from proxy.verdict import judge_runs, load_script
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 FINDING = REPO / "experiments" / "spike_remedies"
 L0 = math.log(512)
 

@@ -21,7 +21,7 @@ from proxy.forensics import (
 )
 from proxy.records import load_run
 from proxy.train import RunInfo, Trainer
-from tests.test_train import tiny_cfg
+from tests.train.test_trainer import tiny_cfg
 
 SPIKE_STEP = 30  # the injection window opens here
 BEFORE, AFTER = 3, 2

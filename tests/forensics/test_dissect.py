@@ -13,8 +13,8 @@ from proxy.forensics.dissect_report import write_report
 from proxy.forensics.inspect_cli import main
 from proxy.model import build_model
 from proxy.optim import AdamW
-from tests.test_forensics import SPIKE_STEP, run_with_capture, single_thread, spike_cfg  # noqa: F401
-from tests.test_train import tiny_cfg
+from tests.forensics.test_capture_and_replay import SPIKE_STEP, run_with_capture, single_thread, spike_cfg  # noqa: F401
+from tests.train.test_trainer import tiny_cfg
 
 
 def _quadratic(n: int = 24, seed: int = 0):

@@ -17,7 +17,7 @@ from einops import rearrange
 from proxy import kernels
 from proxy.kernels import reference
 from proxy.kernels.flash_attention import flash_attention
-from tests.kernel_device import DEVICE
+from tests.kernels.device import DEVICE
 
 TOLERANCE = {  # (atol, rtol) for outputs and gradients of unit-scale inputs
     torch.float32: (2e-5, 1e-4),

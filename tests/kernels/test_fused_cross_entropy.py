@@ -15,7 +15,7 @@ import torch
 from proxy import kernels
 from proxy.kernels import reference
 from proxy.kernels.fused_cross_entropy import fused_cross_entropy, fused_linear_cross_entropy
-from tests.kernel_device import DEVICE
+from tests.kernels.device import DEVICE
 
 N_ROWS, VOCAB, HIDDEN = 24, 300, 32
 Z_LOSS = 1e-2

@@ -36,9 +36,9 @@ from proxy.report import build_report
 from proxy.train import train
 from proxy.train.ledger import RunDirTaken
 from proxy.train.remedies import Rollback
-from tests.test_train import tiny_cfg
+from tests.train.test_trainer import tiny_cfg
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class Payload:
@@ -238,7 +238,7 @@ def test_a_resume_that_cannot_start_leaves_the_run_as_it_was(completed_run, monk
     import wandb
 
     before = snapshot_of(completed_run)
-    # an incompatible config, forced past the config check (tests/test_resume_checks.py) to the checkpoint's
+    # an incompatible config, forced past the config check (tests/train/test_resume.py) to the checkpoint's
     incompatible = resume_cfg(model=dict(n_layers=3))
     incompatible["train"]["resume_override"] = True
     with pytest.raises(ConfigError, match="cannot resume from it") as info:

@@ -44,11 +44,11 @@ from proxy.report import main as report_main
 from proxy.report.document import Items, Paragraph, Table, csv_cell, md_text, to_markdown
 from proxy.train import train
 from proxy.train.ledger import RunDirTaken
-from tests.test_report import make_run
-from tests.test_run_dir_faults import cli, error_lines, resume_cfg, snapshot_of
-from tests.test_train import tiny_cfg
+from tests.records.test_run_dir_faults import cli, error_lines, resume_cfg, snapshot_of
+from tests.report.test_build import make_run
+from tests.train.test_trainer import tiny_cfg
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SECRET = "hunter2-do-not-leak"
 BOMB = textwrap.dedent("""\
     a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]
@@ -160,7 +160,7 @@ def test_verdict_files_planted_as_links_are_replaced(tmp_path, victim):
 
 @pytest.fixture(scope="module")
 def kit_run(tmp_path_factory) -> Path:
-    from tests.test_forensics import run_with_capture, spike_cfg
+    from tests.forensics.test_capture_and_replay import run_with_capture, spike_cfg
 
     run_dir = tmp_path_factory.mktemp("kit") / "spike"
     run_with_capture(run_dir, spike_cfg())
@@ -569,7 +569,7 @@ FULL_DISK = """
 import json, sys
 from pathlib import Path
 from proxy.train import train
-from tests.test_train import tiny_cfg
+from tests.train.test_trainer import tiny_cfg
 run_dir = Path(sys.argv[1]) / "run"
 error = None
 try:

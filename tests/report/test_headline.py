@@ -2,7 +2,7 @@
 runs named by what varies, tables that scroll, figures whose legends never cover a title, sharp
 PNGs, the per-layer statistics the trainer logs, and spike marks that leave warm-up out.
 
-Run directories are hand-made through proxy.records (tests/test_report.py's make_run and a
+Run directories are hand-made through proxy.records (tests/report/test_build.py's make_run and a
 smaller writer here); no training.
 """
 
@@ -28,7 +28,7 @@ from proxy.report.document import Callout, Table, markdown_callout, png_css_widt
 from proxy.report.headline import compared_names, num
 from proxy.report.tables import RunRow, run_labels, tabulate
 from proxy.verdict import judge_runs
-from tests.test_report import make_run
+from tests.report.test_build import make_run
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import pytest
 
 from proxy.records import load_run
 from proxy.train import train
-from tests.test_train import tiny_cfg
+from tests.train.test_trainer import tiny_cfg
 
 ARGS = [
     "train.steps=12",

@@ -24,7 +24,7 @@ from proxy.train.ensemble import member_specs
 from proxy.train.ensemble_optim import ParamRule, StackedAdamW, clip_members_, member_grad_norms, param_rules
 from proxy.train.trainer import train_ensemble
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(autouse=True)

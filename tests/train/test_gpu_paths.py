@@ -15,7 +15,7 @@ from proxy.config import register_configs, to_config
 from proxy.model import build_model
 from proxy.train import train
 from proxy.train.runtime import backends
-from tests.test_train import ROOT, tiny_cfg
+from tests.train.test_trainer import ROOT, tiny_cfg
 
 
 @pytest.fixture(autouse=True)

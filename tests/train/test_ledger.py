@@ -15,7 +15,7 @@ from proxy.config import to_config
 from proxy.records import ENSEMBLE_ONLY_FIELDS, ENSEMBLE_ONLY_KEYS, SKIP_STEP, WANDB_STEP, latest_checkpoint, load_run
 from proxy.train import RunInfo, Trainer, train, train_ensemble
 from proxy.train.remedies import Event, Remedy
-from tests.test_train import tiny_cfg
+from tests.train.test_trainer import tiny_cfg
 
 
 def keys(run) -> tuple[set[str], set[str]]:

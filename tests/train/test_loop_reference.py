@@ -1,7 +1,7 @@
 """Standalone runs are what they were: the records of four CPU runs, committed before the training
 loop was rewritten as one loop for one run or K members (issue 28), checked value for value.
 
-The references were written by ``python -m tests.test_loop_reference --write`` (one thread,
+The references were written by ``python -m tests.train.test_loop_reference --write`` (one thread,
 torch's CPU build) and hold metrics.jsonl and summary.json less what a clock or a path sets
 (timestamps, wall time, tokens/s, the run's name). Bit for bit holds on the machine that wrote
 them (same torch version, CPU capability and thread count: meta.json); elsewhere the rounding of
@@ -20,9 +20,9 @@ import pytest
 import torch
 
 from proxy.train import train
-from tests.test_train import tiny_cfg
+from tests.train.test_trainer import tiny_cfg
 
-DATA = Path(__file__).parent / "data" / "loop_reference"
+DATA = Path(__file__).resolve().parents[1] / "fixtures" / "loop_reference"
 VOLATILE_SUMMARY = ("started_at", "updated_at", "wall_time_s", "run_name", "threads")
 VOLATILE_PREFIX = ("perf/",)
 
@@ -101,5 +101,5 @@ def write_references() -> None:
 
 if __name__ == "__main__":
     if sys.argv[1:] != ["--write"]:
-        sys.exit("usage: python -m tests.test_loop_reference --write")
+        sys.exit("usage: python -m tests.train.test_loop_reference --write")
     write_references()

@@ -6,7 +6,7 @@ import pytest
 
 from proxy.records import load_run
 from proxy.train import train
-from tests.test_train import tiny_cfg
+from tests.train.test_trainer import tiny_cfg
 
 
 def _hair_trigger(kind: str, **extra) -> dict:

@@ -20,8 +20,8 @@ from proxy.config import ConfigError, to_config
 from proxy.records import checkpoints, load_run
 from proxy.train import train, train_ensemble
 from proxy.train.resume import RESUME_MAY_CHANGE, ResumeRefused, may_change, merge_overrides, touched_keys
-from tests.test_run_dir_faults import snapshot_of
-from tests.test_train import tiny_cfg
+from tests.records.test_run_dir_faults import snapshot_of
+from tests.train.test_trainer import tiny_cfg
 
 # a short run for the CLI: 20 steps, checkpoints at 10 and 20
 CLI_RUN = (

@@ -18,7 +18,7 @@ from proxy.config import register_configs, to_config
 from proxy.demo import demo_command, headline
 from proxy.report import build_report
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONF = ROOT / "conf"
 PRESETS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 TINY = [

@@ -19,7 +19,7 @@ from proxy.records import ROLLBACK, STEP, TENSORBOARD_DIR, RunRecord, load_run
 from proxy.train import runtime, sweep_status, train
 from proxy.train.tracking import LogSink, TensorBoardSink, end_line
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def tiny_cfg(**train_keys) -> dict:
@@ -243,7 +243,7 @@ def test_log_sink_lines(caplog, tmp_path):
     assert caplog.messages == [
         f"start lr=0.1: 0.12M params on cpu, 6 steps at lr 0.1 -> {tmp_path}",
         "step 0/6: val loss 6.2500",
-        "step 3/6: val loss 5.1250 (train loss 5.5000)",
+        "step 3/6: val loss 5.1250 (last logged train loss 5.5000)",
         "end lr=0.1: completed after 6 steps, val loss 4.5000, 1m15s",
     ]
     assert (
@@ -279,8 +279,36 @@ def test_sweep_line_counts_done_runs_of_the_grid_and_estimates_the_rest(tmp_path
     progress = sweep_status.sweep_progress(tmp_path / "s")
     assert progress.done == 2 and progress.planned == 4
     line = progress.line()
-    assert line.startswith("sweep: 2/4 runs done (1 completed, 1 diverged), 1m4") and line.endswith("ETA 1m40s")
+    # 50 s a job so far, 2 jobs left, 2 at a time (the one running and the slot just freed)
+    assert line.startswith("sweep: 2/4 runs done (1 completed, 1 diverged), 1m4") and line.endswith("ETA 50s")
     assert sweep_status.sweep_progress(tmp_path / "nothing_here") is None
+
+
+def test_the_eta_counts_the_jobs_that_run_at_once_and_the_done_jobs_own_times(tmp_path):
+    # joblib with 2 workers, 8 jobs of ~60 s: at the first job's end (61 s in) another runs
+    sweep = tmp_path / "s"
+    write_sweep(sweep, [["completed"], ["running"]], started_s_ago=61)
+    (sweep / "0_job" / "summary.json").write_text(json.dumps({"status": "completed", "wall_time_s": 60.0}))
+    config = OmegaConf.load(sweep / "multirun.yaml")
+    config.hydra.sweeper.params = {"model.qk_norm": "off,layernorm,rmsnorm,qknorm"}
+    (sweep / "multirun.yaml").write_text(OmegaConf.to_yaml(config))
+    progress = sweep_status.sweep_progress(sweep)
+    assert (progress.done, progress.planned, progress.running, progress.job_s) == (1, 8, 1, 60.0)
+    assert progress.line().endswith("ETA 3m30s")  # 7 jobs x 60 s / 2 at a time (the old rule said 7m07s)
+    # sequential (nothing else running): the jobs one after another
+    (sweep / "1_job" / "summary.json").write_text(json.dumps({"status": "completed", "wall_time_s": 60.0}))
+    assert sweep_status.sweep_progress(sweep).line().endswith("ETA 6m00s")
+
+
+def test_a_finished_multirun_says_where_it_is_and_what_to_run_next(tmp_path):
+    write_sweep(tmp_path / "s", [["completed"], ["diverged"], ["completed"], ["completed"]], started_s_ago=30)
+    (tmp_path / "experiments" / "found").mkdir(parents=True)
+    (tmp_path / "experiments" / "found" / "verdict.py").write_text("")
+    lines = sweep_status.end_lines(tmp_path / "s", "found", root=tmp_path)
+    assert lines[0] == f"sweep folder: {tmp_path / 's'}"
+    assert lines[1].startswith("sweep: 4/4 runs done (3 completed, 1 diverged)") and "ETA" not in lines[1]
+    assert lines[2] == f"next: proxy-verdict experiments/found {tmp_path / 's'}"
+    assert sweep_status.end_lines(tmp_path / "s", None, root=tmp_path)[2] == f"next: proxy-report {tmp_path / 's'}"
 
 
 def test_sweep_line_is_said_once_per_finished_job(tmp_path):
@@ -313,3 +341,5 @@ def test_multirun_train_log_has_the_key_lines_and_the_sweep_line(tmp_path):
     assert "sweep: 1/2 runs done (1 completed)" in first and ", ETA " in first
     assert "sweep: 2/2 runs done (2 completed)" in second
     assert "sweep: 2/2 runs done" in result.stdout
+    assert f"sweep folder: {tmp_path / 'sweep'}" in result.stdout  # the multirun's end (hydra.callbacks)
+    assert f"next: proxy-report {tmp_path / 'sweep'}" in result.stdout

@@ -13,7 +13,7 @@ from proxy.config import Config, as_dict
 from proxy.records import latest_checkpoint, load_run
 from proxy.train import train
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def tiny_cfg(**sections) -> dict:
@@ -175,15 +175,17 @@ def test_cli_multirun_two_by_two(tmp_path):
         ("model.d_model=66", "model.d_model=66"),
         ("optim.lr=-1", "optim.lr"),
         ("model=huge", "model"),
+        ("train.steps=-5", "train.steps"),
     ],
 )
 def test_cli_bad_config_is_one_clear_line(tmp_path, override, needle):
-    result = cli(override, "train.steps=2", cwd=tmp_path)
+    result = cli("train.steps=2", override, cwd=tmp_path)
     assert result.returncode == 2
     lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("error:") and needle in lines[0]
-    assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").rglob("metrics.jsonl"))
+    # refused before anything is written: no run folder, not even Hydra's .hydra/ and an empty log
+    assert not [p for p in (tmp_path / "runs").rglob("*") if p.is_file()]
 
 
 def test_cli_missing_data_file_is_one_clear_line(tmp_path):
