@@ -85,6 +85,45 @@ def rms_before(rms: dict[int, float], step: int) -> float:
     return max(found) if found else math.nan
 
 
+def check_rms_before(
+    v: Verdict,
+    by_arm: dict[str, dict[int, Run]],
+    picked: dict[tuple[str, int], list[LossSpike]],
+    onsets: dict[str, dict[int, Optional[int]]],
+    what: str,
+) -> None:
+    """The RMS_t criterion on the ``picked`` excursions of each (arm, seed): the fraction f with
+    max RMS_t > 1 in the LEAD steps before the crossing is >= 0.5 and its Wilson 95% lower bound
+    is above g, the same fraction over every probe step after the low-noise onset of those runs."""
+    hits, total, control_hits, control_total = 0, 0, 0, 0
+    before: dict[str, list[float]] = {}
+    for (arm, s), events in picked.items():
+        run = by_arm[arm][s]
+        steps, values = run.series(ADAM_RMS_MAX)
+        rms = dict(zip(steps, values))
+        got = [rms_before(rms, e.step) for e in events]
+        before[f"{arm}/{s}"] = [round(x, 2) for x in got]
+        hits += sum(x > 1 for x in got)
+        total += len(got)
+        start = onsets[arm][s]
+        if start is None:
+            continue
+        window = [rms_before(rms, p) for p in run.series(PROBE_LOSS)[0] if p > start + LEAD]
+        control_hits += sum(x > 1 for x in window)
+        control_total += len(window)
+    f = hits / total if total else math.nan
+    g = control_hits / control_total if control_total else math.nan
+    low, high = wilson_interval(hits, total)
+    v.numbers[f"rms_t_before_{what.replace(' ', '_')}"] = before
+    v.check(
+        f"RMS_t > 1 in the {LEAD} steps before most {what} (f >= 0.5), more often than before a random step "
+        "(Wilson 95% lower bound of f > g)",
+        total > 0 and f >= 0.5 and low > g,
+        f"f = {hits}/{total} = {f:.2f} (95% [{low:.2f}, {high:.2f}]); random steps g = {control_hits}/"
+        f"{control_total} = {g:.2f}",
+    )
+
+
 def judge(report: ReportResult, runs: list[Run]) -> Verdict:
     v = Verdict(finding="loss_spikes", source=SOURCE)
     by_arm: dict[str, dict[int, Run]] = defaultdict(dict)
@@ -144,36 +183,8 @@ def judge(report: ReportResult, runs: list[Run]) -> Verdict:
     )
 
     # -- 3. RMS_t > 1 precedes spikes, against every step as a control ----------------------------
-    hits, total, control_hits, control_total = 0, 0, 0, 0
-    before: dict[str, list[float]] = {}
-    for arm in NO_REMEDY:
-        for s in seeds:
-            run = by_arm[arm][s]
-            steps, values = run.series(ADAM_RMS_MAX)
-            rms = dict(zip(steps, values))
-            spikes = [e for e in found[arm][s] if e.kind == "spike"]
-            got = [rms_before(rms, e.step) for e in spikes]
-            before[f"{arm}/{s}"] = [round(x, 2) for x in got]
-            hits += sum(x > 1 for x in got)
-            total += len(got)
-            start = onsets[arm][s]
-            if start is None:
-                continue
-            probe_steps = [p for p in run.series(PROBE_LOSS)[0] if p > start + LEAD]
-            window = [rms_before(rms, p) for p in probe_steps]
-            control_hits += sum(x > 1 for x in window)
-            control_total += len(window)
-    f = hits / total if total else math.nan
-    g = control_hits / control_total if control_total else math.nan
-    low, high = wilson_interval(hits, total)
-    v.numbers["rms_t_before_spikes"] = before
-    v.check(
-        f"RMS_t > 1 in the {LEAD} steps before most spikes (f >= 0.5), more often than before a random step "
-        "(Wilson 95% lower bound of f > g)",
-        total > 0 and f >= 0.5 and low > g,
-        f"f = {hits}/{total} = {f:.2f} (95% [{low:.2f}, {high:.2f}]); random steps g = {control_hits}/"
-        f"{control_total} = {g:.2f}",
-    )
+    pick = {(arm, s): [e for e in found[arm][s] if e.kind == "spike"] for arm in NO_REMEDY for s in seeds}
+    check_rms_before(v, by_arm, pick, onsets, "spikes")
 
     # -- 4. update clipping removes them, gradient clipping does not ------------------------------
     fewer = [len(found["update_clip"][s]) < len(found["none"][s]) for s in seeds]

@@ -35,8 +35,8 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
-from proxy.analysis import spread, wilson_interval
-from proxy.records import ADAM_RMS_MAX, PROBE_LOSS, Run
+from proxy.analysis import spread
+from proxy.records import PROBE_LOSS, Run
 from proxy.report import ReportResult
 from proxy.verdict import Verdict, load_module
 
@@ -97,34 +97,8 @@ def judge(report: ReportResult, runs: list[Run]) -> Verdict:
         return v
 
     # -- 1. RMS_t > 1 before the large excursions, against every step ---------------------------
-    hits, total, control_hits, control_total = 0, 0, 0, 0
-    before: dict[str, list[float]] = {}
-    for arm in ARMS:
-        for s in SEEDS:
-            run = by_arm[arm][s]
-            steps, values = run.series(ADAM_RMS_MAX)
-            rms = dict(zip(steps, values))
-            got = [P1.rms_before(rms, e.step) for e in found[arm][s] if e.peak >= LARGE]
-            before[f"{arm}/{s}"] = [round(x, 2) for x in got]
-            hits += sum(x > 1 for x in got)
-            total += len(got)
-            start = onsets[arm][s]
-            if start is None:
-                continue
-            window = [P1.rms_before(rms, p) for p in run.series(PROBE_LOSS)[0] if p > start + P1.LEAD]
-            control_hits += sum(x > 1 for x in window)
-            control_total += len(window)
-    f = hits / total if total else math.nan
-    g = control_hits / control_total if control_total else math.nan
-    low, high = wilson_interval(hits, total)
-    v.numbers["rms_t_before_large_excursions"] = before
-    v.check(
-        f"RMS_t > 1 in the {P1.LEAD} steps before most large excursions (f >= 0.5), more often than before a "
-        "random step (Wilson 95% lower bound of f > g)",
-        total > 0 and f >= 0.5 and low > g,
-        f"f = {hits}/{total} = {f:.2f} (95% [{low:.2f}, {high:.2f}]); random steps g = {control_hits}/"
-        f"{control_total} = {g:.2f}",
-    )
+    pick = {(arm, s): [e for e in found[arm][s] if e.peak >= LARGE] for arm in ARMS for s in SEEDS}
+    P1.check_rms_before(v, by_arm, pick, onsets, "large excursions")
 
     # -- 2. update clipping shrinks them ----------------------------------------------------------
     clipped = [largest_peak(by_arm["update_clip"][s]) for s in SEEDS]
