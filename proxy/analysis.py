@@ -447,8 +447,10 @@ def short_dirname(name: str, parts: Sequence[str] = ()) -> str:
 
 def run_dirname(overrides: Iterable[str]) -> str:
     """A multirun job's directory name (after ``<job number>_``): its variant overrides sorted
-    and ","-joined as Hydra's ``override_dirname`` would, cut by :func:`short_dirname`."""
-    kept = sorted(str(o) for o in overrides if is_variant_override(str(o)))
+    and ","-joined as Hydra's ``override_dirname`` would, cut by :func:`short_dirname`. A "/" in
+    a value (``+experiment=spike_remedies/lab``, ``data.path=...``) becomes "-": one folder per job,
+    not a tree (the run's summary keeps the overrides as typed)."""
+    kept = sorted(str(o).replace("/", "-") for o in overrides if is_variant_override(str(o)))
     return short_dirname(",".join(kept), kept)
 
 

@@ -223,3 +223,10 @@ def test_seed_interval_and_proportion_interval_match_textbook_values() -> None:
     low, high = wilson_interval(8, 10)  # 0.8 of 10: (0.490, 0.943)
     assert round(low, 3) == 0.49 and round(high, 3) == 0.943
     assert wilson_interval(0, 5)[0] == 0.0
+
+
+def test_a_job_folder_is_one_folder_even_when_a_value_holds_a_slash() -> None:
+    from proxy.analysis import run_dirname
+
+    name = run_dirname(["+experiment=spike_remedies/lab", "optim.lr=0.01", "data.path=/data/x"])
+    assert "/" not in name and name == "+experiment=spike_remedies-lab,data.path=-data-x,optim.lr=0.01"

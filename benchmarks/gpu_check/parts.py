@@ -477,7 +477,7 @@ VERDICT_S = 20  # the part's cap keeps this much of itself for proxy-verdict
 
 def part_finding(s: Setting, rec: Recorder) -> None:
     finding = "attention_logit_growth"
-    preset = f"{finding}_lab" if s.dry_run else f"{finding}_gpu"
+    preset = f"{finding}/lab" if s.dry_run else f"{finding}/gpu"
     shrink = (
         [
             "train.steps=4",

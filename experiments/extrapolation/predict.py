@@ -14,7 +14,7 @@ experiments/lr_sensitivity_scaling, widths 32/64/128 at 2 layers, two recipes, 6
 
 ``python experiments/extrapolation/predict.py [--ladder runs.csv] [--d-model 256]`` writes
 predictions.json and predictions.md beside this file (or --out). The verdict (verdict.py) compares
-them with the next size's runs (conf/experiment/extrapolation_lab.yaml).
+them with the next size's runs (conf/experiment/extrapolation/lab.yaml).
 """
 
 from __future__ import annotations

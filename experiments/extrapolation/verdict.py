@@ -2,7 +2,7 @@
 instabilities of larger models can be predicted from how small-model quantities scale).
 
 ``predictions.json`` beside this file was written by predict.py from the committed size ladder
-(widths 32/64/128) BEFORE the next size (d_model=256, conf/experiment/extrapolation_lab.yaml:
+(widths 32/64/128) BEFORE the next size (d_model=256, conf/experiment/extrapolation/lab.yaml:
 the ladder's protocol, one width more) was run. This verdict measures that size the same way and
 compares. Criteria, written with the predictions:
 

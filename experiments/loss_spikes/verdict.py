@@ -2,7 +2,7 @@
 Bai et al. 2025, arXiv 2506.04805), protocol 1 (experiments/loss_spikes/README.md), criteria
 committed before the run.
 
-Runs: conf/experiment/loss_spikes_lab.yaml, six arms (conf/loss_spike_arm/) x 3 seeds. A run's
+Runs: conf/experiment/loss_spikes/lab.yaml, six arms (conf/loss_spike_arm/) x 3 seeds. A run's
 **excursions** are what proxy/spikes.py's one definition finds on its ``probe/loss`` series (the
 loss of one fixed held-out batch before every step's update): a **spike** rises past the trend/MAD
 bar (6 sigma) and comes back under it within 100 steps, a **collapse** does not come back.

@@ -2,7 +2,7 @@
 "μParam (simple)" scales each linear layer's LR by base_fan_in / fan_in; the optimal LR then
 stays fixed as width grows, while under the standard parameterization it falls).
 
-The sweep (conf/experiment/lr_transfer_lab.yaml) crosses widths with ``optim.mup`` false/true;
+The sweep (conf/experiment/lr_transfer/lab.yaml) crosses widths with ``optim.mup`` false/true;
 every (parameterization, width) job trains an LR grid x 3 seeds as one ensemble. Per seed and
 curve, the **optimal LR** is the vertex of a parabola through the best grid LR and its two
 neighbours in log10 LR (the grid's spacing is half a decade, so the vertex resolves the optimum

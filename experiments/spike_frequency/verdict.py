@@ -1,7 +1,7 @@
 """Verdict: do larger models spike more often? (OLMo 2, arXiv 2501.00656, observes that larger
 models show loss and grad-norm spikes more often; whether a simplified setup shows it is open.)
 
-The sweep (conf/experiment/spike_frequency_lab.yaml, _gpu.yaml) crosses a size ladder (``model``)
+The sweep (conf/experiment/spike_frequency/lab.yaml, gpu.yaml) crosses a size ladder (``model``)
 with three conditions (``+spike_condition=plain|ngrams|qknorm``, conf/spike_condition/); every
 (condition, size) job trains 3 seeds as one ensemble, on the same data stream, at one LR and for
 the same number of steps, with the loss and the grad norm logged every step.
@@ -235,7 +235,7 @@ def what_would_settle_it(slope: Spread, rates_all_zero: bool, span_ln: float, n_
     """One sentence: the scale (seeds, ladder, steps) that would settle the question for one
     condition, from the measured per-seed slopes."""
     gpu = (
-        "the GPU preset (conf/experiment/spike_frequency_gpu.yaml: 5m -> 124m, 4000 scored steps "
+        "the GPU preset (conf/experiment/spike_frequency/gpu.yaml: 5m -> 124m, 4000 scored steps "
         "per run) is the next test"
     )
     if rates_all_zero:

@@ -1,6 +1,6 @@
 """How long will it take? A run's device time, estimated before it starts.
 
-    python -m proxy.train.estimate +experiment=attention_logit_growth_gpu [overrides ...] [--gpu H200]
+    python -m proxy.train.estimate +experiment=attention_logit_growth/gpu [overrides ...] [--gpu H200]
 
 prints each job of the preset's sweep and the total; ``proxy-train`` prints a run's own estimate
 as it starts. The model is deliberately simple, and says so:

@@ -63,7 +63,7 @@ def _queue(tmp_path: Path, steps: int) -> Path:
     queue = tmp_path / "queue.yaml"
     study = Study(
         "long",
-        "attention_logit_growth_lease",
+        "attention_logit_growth/lease",
         "experiments/attention_logit_growth",
         dry_run=[
             "model=tiny",
@@ -119,7 +119,7 @@ def test_predictions_use_a_measured_rate_where_the_table_has_one(kind, expected)
     rates = json.loads((ROOT / "benchmarks" / "science" / "rates.json").read_text())
     study = Study(
         "s",
-        "attention_logit_growth_lease",
+        "attention_logit_growth/lease",
         "experiments/attention_logit_growth",
         dry_run=[
             "model=5m",

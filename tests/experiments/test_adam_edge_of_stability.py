@@ -256,11 +256,11 @@ def test_inspect_edge_writes_the_section_and_figure(kit, tmp_path, capsys, monke
 def test_lab_preset_is_the_unprotected_clipping_arm_with_a_long_history():
     from tests.experiments.test_spike_remedy_claims import composed, point
 
-    cfg = composed(["+experiment=adam_edge_of_stability_lab"])
+    cfg = composed(["+experiment=adam_edge_of_stability/lab"])
     params = {k: str(v) for k, v in cfg.hydra.sweeper.params.items()}
     assert params == {"+clip": "none", "optim.lr": "0.1,0.3", "train.seed": "0,1,2"}
-    c = point("adam_edge_of_stability_lab", "+clip=none", "optim.lr=0.3", "train.seed=2")
-    base = point("spike_remedies_clipping_lab", "+clip=none", "optim.lr=0.3", "train.seed=2")
+    c = point("adam_edge_of_stability/lab", "+clip=none", "optim.lr=0.3", "train.seed=2")
+    base = point("spike_remedies/clipping_lab", "+clip=none", "optim.lr=0.3", "train.seed=2")
     assert c.capture.enabled and c.capture.steps_before == 100 and c.capture.max_kits == 1
     assert c.optim.grad_clip == 0.0 and c.remedy.kind == base.remedy.kind
     # everything that shapes the trajectory is the clipping study's: only the capture window differs

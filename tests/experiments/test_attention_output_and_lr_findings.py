@@ -38,7 +38,7 @@ STEPS = 40
 def test_presets_compose(finding: str, scale: str) -> None:
     register_configs()
     with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=[f"+experiment={finding}_{scale}"], return_hydra_config=True)
+        cfg = compose("config", overrides=[f"+experiment={finding}/{scale}"], return_hydra_config=True)
     assert cfg.experiment == finding
     assert str(cfg.hydra.sweep.dir).startswith(f"runs/{finding}/")
     # the LR grid is swept: as Hydra jobs, or (GPU presets) as one vectorized ensemble per job
@@ -112,7 +112,7 @@ def _verdict(finding: str, root: Path, tmp_path: Path):
 
 
 def attention_sweep_p1(root: Path, reproduces: bool) -> Path:
-    exp = {"+experiment": "attention_logit_growth_lab_p1"}
+    exp = {"+experiment": "attention_logit_growth/lab_p1"}
     for lr, loss, peak in [(1e-2, 3.6, 30.0), (3e-1, 5.0, 7e5)]:
         make_run(root, {**exp, "model.qk_norm": "off"}, lr=lr, final_loss=loss, attn_peak=peak if reproduces else 40.0)
     for lr, loss, peak in [(1e-2, 3.6, 20.0), (3e-1, 3.7, 45.0)]:
@@ -121,7 +121,7 @@ def attention_sweep_p1(root: Path, reproduces: bool) -> Path:
 
 
 def output_sweep_p1(root: Path, reproduces: bool) -> Path:
-    exp = {"+experiment": "output_logit_divergence_lab_p1"}
+    exp = {"+experiment": "output_logit_divergence/lab_p1"}
     make_run(
         root,
         {**exp, "loss.z_loss": 0.0},
@@ -135,7 +135,7 @@ def output_sweep_p1(root: Path, reproduces: bool) -> Path:
 
 
 def scaling_sweep_p1(root: Path, reproduces: bool) -> Path:
-    exp = {"+experiment": "lr_sensitivity_scaling_lab_p1"}
+    exp = {"+experiment": "lr_sensitivity_scaling/lab_p1"}
     for i, width in enumerate((32, 128)):
         top = 3.6 + (0.8 * i if reproduces else -0.3 * i)  # loss at the highest LR grows with width
         for recipe, worst in (("none", top), ("qknorm_zloss", 3.55)):
@@ -145,7 +145,7 @@ def scaling_sweep_p1(root: Path, reproduces: bool) -> Path:
 
 
 def warmup_sweep_p1(root: Path, reproduces: bool) -> Path:
-    exp = {"+experiment": "warmup_and_weight_decay_lab_p1"}
+    exp = {"+experiment": "warmup_and_weight_decay/lab_p1"}
     worst = {("coupled", 5): 5.0, ("coupled", 100): 4.2, ("independent", 5): 4.4, ("independent", 100): 3.8}
     for (form, warmup), top in worst.items():
         if not reproduces and warmup == 100:
@@ -201,7 +201,7 @@ def warmup_sweep(root: Path, reproduces: bool, best_lr: float = 1e-2) -> Path:
                 loss = 3.4 + (a + jitter) * math.log10(lr / best_lr) ** 2
                 curve_member(
                     root,
-                    {"+experiment": "warmup_and_weight_decay_lab", "+wd": form, "schedule.warmup_steps": warmup},
+                    {"+experiment": "warmup_and_weight_decay/lab", "+wd": form, "schedule.warmup_steps": warmup},
                     {"schedule": {"warmup_steps": warmup}},
                     lr=lr,
                     seed=seed,
@@ -225,7 +225,7 @@ def scaling_sweep(root: Path, reproduces: bool, best_lr: float = 1e-2, flat_grow
                     loss = 3.4 + (a + jitter) * math.log10(lr / best_lr) ** 2
                     curve_member(
                         root,
-                        {"+experiment": "lr_sensitivity_scaling_lab", "+stability": recipe, "model.d_model": width},
+                        {"+experiment": "lr_sensitivity_scaling/lab", "+stability": recipe, "model.d_model": width},
                         {"model": {"d_model": width}},
                         lr=lr,
                         seed=seed,
@@ -259,7 +259,7 @@ def output_member(
     class_means: tuple[float, float, float] = (-9.0, -6.0, 1.0),
 ) -> Path:
     """A member of protocol 2's ensembles: log Z from lse[0] after warmup to lse[1] at the end."""
-    items = ["+experiment=output_logit_divergence_lab", f"+output_arm={arm}", f"optim.lr={lr!r}", f"train.seed={seed}"]
+    items = ["+experiment=output_logit_divergence/lab", f"+output_arm={arm}", f"optim.lr={lr!r}", f"train.seed={seed}"]
     run_dir = root / f"arm={arm}" / f"lr={lr!r},seed={seed}"
     write_json(
         run_dir / "config.yaml",
@@ -321,7 +321,7 @@ def attention_sweep(root: Path, reproduces: bool, held_past_mark: bool = False) 
             ):
                 curve_member(
                     root,
-                    {"+experiment": "attention_logit_growth_lab", "model.qk_norm": norm},
+                    {"+experiment": "attention_logit_growth/lab", "model.qk_norm": norm},
                     {"model": {"qk_norm": norm, "d_model": 64}},
                     lr=lr,
                     seed=seed,
@@ -363,7 +363,7 @@ def test_attention_verdict_wants_every_run_past_the_mark_to_fail(tmp_path: Path)
 
 def test_attention_p1_verdict_counts_a_diverged_top_lr_as_degraded(tmp_path: Path) -> None:
     root = tmp_path / "sweep"
-    exp = {"+experiment": "attention_logit_growth_lab_p1"}
+    exp = {"+experiment": "attention_logit_growth/lab_p1"}
     make_run(root, {**exp, "model.qk_norm": "off"}, lr=1e-2, final_loss=3.6, attn_peak=30.0)
     make_run(root, {**exp, "model.qk_norm": "off"}, lr=3e-1, final_loss=None, attn_peak=1e5)
     make_run(root, {**exp, "model.qk_norm": "layernorm"}, lr=1e-2, final_loss=3.6, attn_peak=20.0)
@@ -391,7 +391,7 @@ def test_attention_study_end_to_end(tmp_path: Path) -> None:
         "-m",
         "proxy.train",
         "-m",
-        "+experiment=attention_logit_growth_lab",
+        "+experiment=attention_logit_growth/lab",
         "train.steps=4",
         "train.log_every=1",
         "train.eval_every=2",

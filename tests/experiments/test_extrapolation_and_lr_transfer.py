@@ -48,8 +48,8 @@ def member(root: Path, overrides: dict, config: dict, *, lr: float, seed: int, l
 # Extrapolation
 # --------------------------------------------------------------------------------------------
 def test_extrapolation_preset_is_the_ladder_protocol_one_width_on() -> None:
-    ladder = composed(["+experiment=lr_sensitivity_scaling_lab"])
-    nxt = composed(["+experiment=extrapolation_lab"])
+    ladder = composed(["+experiment=lr_sensitivity_scaling/lab"])
+    nxt = composed(["+experiment=extrapolation/lab"])
     assert nxt.experiment == "extrapolation" and str(nxt.hydra.sweeper.params["model.d_model"]) == "256"
     for key in ("train", "sweep", "schedule", "optim", "model"):
         a, b = dict(ladder[key]), dict(nxt[key])
@@ -90,7 +90,7 @@ def extrapolated_sweep(root: Path, pred: dict, right: bool) -> Path:
                 peak = pred["logit"][f"{recipe}/lr={lr:g}"]["predicted"] * (1 if right else 10)
                 member(
                     root,
-                    {"+experiment": "extrapolation_lab", "+stability": recipe, "model.d_model": 256},
+                    {"+experiment": "extrapolation/lab", "+stability": recipe, "model.d_model": 256},
                     {"model": {"d_model": 256}},
                     lr=lr,
                     seed=seed,
@@ -117,7 +117,7 @@ TRANSFER_LRS = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
 
 
 def test_lr_transfer_preset_crosses_widths_with_mup() -> None:
-    cfg = composed(["+experiment=lr_transfer_lab"])
+    cfg = composed(["+experiment=lr_transfer/lab"])
     params = cfg.hydra.sweeper.params
     assert str(params["optim.mup"]) == "false,true" and str(params["model.d_model"]) == "32,64,128,256"
     assert list(cfg.sweep.lrs) == list(TRANSFER_LRS) and list(cfg.sweep.seeds) == [0, 1, 2]
@@ -136,7 +136,7 @@ def transfer_sweep(root: Path, transfers: bool) -> Path:
                     loss = 3.5 + 0.4 * (math.log10(lr) - centre) ** 2
                     member(
                         root,
-                        {"+experiment": "lr_transfer_lab", "optim.mup": str(mup).lower(), "model.d_model": width},
+                        {"+experiment": "lr_transfer/lab", "optim.mup": str(mup).lower(), "model.d_model": width},
                         {"model": {"d_model": width}, "optim": {"mup": mup}},
                         lr=lr,
                         seed=seed,

@@ -34,7 +34,7 @@ STEPS = 200
 def test_presets_compose(finding: str, scale: str) -> None:
     register_configs()
     with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=[f"+experiment={finding}_{scale}"], return_hydra_config=True)
+        cfg = compose("config", overrides=[f"+experiment={finding}/{scale}"], return_hydra_config=True)
     assert cfg.experiment == finding
     assert str(cfg.hydra.sweep.dir).startswith(f"runs/{finding}")
     assert cfg.hydra.sweeper.params  # a grid, not a single run
@@ -436,7 +436,7 @@ def test_repeated_ngrams_study_end_to_end(tmp_path: Path) -> None:
         "-m",
         "proxy.train",
         "-m",
-        "+experiment=repeated_ngrams_lab",
+        "+experiment=repeated_ngrams/lab",
         "train.steps=12",
         "train.eval_every=6",
         "train.eval_batches=1",

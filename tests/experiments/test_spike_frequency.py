@@ -42,7 +42,7 @@ def verdict_module():
 # Presets
 # --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
-    "preset,sizes", [("spike_frequency_lab", "tiny,1m,5m"), ("spike_frequency_gpu", "5m,20m,85m,124m")]
+    "preset,sizes", [("spike_frequency/lab", "tiny,1m,5m"), ("spike_frequency/gpu", "5m,20m,85m,124m")]
 )
 def test_presets_sweep_sizes_by_condition_with_seed_ensembles(preset: str, sizes: str) -> None:
     cfg = composed([f"+experiment={preset}"])
@@ -75,10 +75,10 @@ def test_presets_sweep_sizes_by_condition_with_seed_ensembles(preset: str, sizes
 def test_gpu_preset_has_an_estimate_per_job() -> None:
     from proxy.train.estimate import estimate, job_config, sweep_jobs
 
-    jobs = sweep_jobs(["+experiment=spike_frequency_gpu"])
+    jobs = sweep_jobs(["+experiment=spike_frequency/gpu"])
     assert len(jobs) == 12
     total = sum(estimate(job_config(job), "H200").seconds for job in jobs) / 60
-    header = (REPO / "conf/experiment/spike_frequency_gpu.yaml").read_text()
+    header = (REPO / "conf/experiment/spike_frequency/gpu.yaml").read_text()
     assert f"~{total:.0f} min on one H200" in header  # the header states the modelled time
 
 
@@ -89,7 +89,7 @@ def spiky_run(root: Path, job: int, condition: str, model: str, seed: int, spike
     """One ensemble member: grad norm ~ 1 +- 0.05 and loss ~ 3.5 +- 0.02 every step, with
     ``spikes`` isolated spikes (grad norm +10, loss +1) spread over the scored steps 1000-1999."""
     layers, width, n = SIZES[model]
-    overrides = ["+experiment=spike_frequency_lab", f"+spike_condition={condition}", f"model={model}"]
+    overrides = ["+experiment=spike_frequency/lab", f"+spike_condition={condition}", f"model={model}"]
     run_dir = root / f"{job}_{','.join(sorted(overrides))}" / f"lr=0.03,seed={seed}"
     write_json(
         run_dir / "config.yaml",
@@ -203,7 +203,7 @@ def test_shrunken_preset_trains_and_is_judged(tmp_path: Path, monkeypatch: pytes
             "-m",
             "proxy.train",
             "-m",
-            "+experiment=spike_frequency_lab",
+            "+experiment=spike_frequency/lab",
             f"hydra.sweep.dir={sweep}",
             "model=tiny",
             "model.d_model=16,32",

@@ -37,13 +37,13 @@ def composed(overrides: list[str]):
 
 @pytest.mark.parametrize("scale", ["lab", "gpu"])
 def test_presets_compose_and_each_arm_sets_what_it_names(scale: str) -> None:
-    cfg = composed([f"+experiment=spike_remedies_{scale}"])
+    cfg = composed([f"+experiment=spike_remedies/{scale}"])
     assert cfg.experiment == "spike_remedies"
     assert str(cfg.hydra.sweep.dir).startswith("runs/spike_remedies")
     assert str(cfg.hydra.sweeper.params["+arm"]).split(",") == list(ARMS)
     assert cfg.train.save_final is False
     for arm in ARMS:
-        point = composed([f"+experiment=spike_remedies_{scale}", f"+arm={arm}", "train.seed=2"])
+        point = composed([f"+experiment=spike_remedies/{scale}", f"+arm={arm}", "train.seed=2"])
         c = to_config({k: v for k, v in point.items() if k != "hydra"})
         assert c.data.inject.enabled is (arm != "clean")
         assert c.data.ngram_filter.enabled is (arm == "mask")
@@ -162,7 +162,7 @@ def test_spike_remedies_study_end_to_end(tmp_path: Path) -> None:
         "-m",
         "proxy.train",
         "-m",
-        "+experiment=spike_remedies_lab",
+        "+experiment=spike_remedies/lab",
         "train.seed=0",
         "train.steps=40",
         "train.eval_every=5",

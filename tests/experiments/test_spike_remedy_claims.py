@@ -36,11 +36,11 @@ def point(preset: str, *overrides: str):
 
 
 def test_clipping_preset_arms() -> None:
-    cfg = composed(["+experiment=spike_remedies_clipping_lab"])
+    cfg = composed(["+experiment=spike_remedies/clipping_lab"])
     assert str(cfg.hydra.sweeper.params["+clip"]).split(",") == ["none", "fixed", "zclip"]
     expect = {"none": (0.0, "none"), "fixed": (1.0, "none"), "zclip": (0.0, "zclip")}
     for arm, (clip, kind) in expect.items():
-        c = point("spike_remedies_clipping_lab", f"+clip={arm}", "train.seed=1")
+        c = point("spike_remedies/clipping_lab", f"+clip={arm}", "train.seed=1")
         assert (c.optim.grad_clip, c.remedy.kind.value) == (clip, kind)
         assert c.model.qk_norm.value == "off" and c.loss.z_loss == 0.0 and c.capture.enabled
         assert c.data.seed == 1 and c.train.log_every == 1
@@ -49,8 +49,8 @@ def test_clipping_preset_arms() -> None:
 @pytest.mark.parametrize(
     "preset, expected",
     [
-        ("spike_remedies_isolated_lab_p1", [150, 200, 250, 300, 350]),
-        ("spike_remedies_isolated_lab", [200, 350, 500, 650]),  # protocol 2: events > 128 steps apart
+        ("spike_remedies/isolated_lab_p1", [150, 200, 250, 300, 350]),
+        ("spike_remedies/isolated_lab", [200, 350, 500, 650]),  # protocol 2: events > 128 steps apart
     ],
 )
 def test_isolated_preset_plants_single_batches(preset: str, expected: list[int]) -> None:
@@ -70,7 +70,7 @@ def test_isolated_preset_plants_single_batches(preset: str, expected: list[int])
     events = verdict.poison_steps(Fake())
     assert events == expected
     assert all(p + verdict.AFTER < c.train.steps for p in events)  # each event's harm window fits
-    if preset == "spike_remedies_isolated_lab":  # no detector window before an event holds an earlier one
+    if preset == "spike_remedies/isolated_lab":  # no detector window before an event holds an earlier one
         assert all(b - a > verdict.WINDOW for a, b in zip(events, events[1:]))
 
 
@@ -244,7 +244,7 @@ def test_remedy_claims_end_to_end(tmp_path: Path) -> None:
         "-m",
         "proxy.train",
         "-m",
-        "+experiment=spike_remedies_clipping_lab",
+        "+experiment=spike_remedies/clipping_lab",
         "train.seed=0",
         "optim.lr=0.3",
         *small,
@@ -270,7 +270,7 @@ def test_remedy_claims_end_to_end(tmp_path: Path) -> None:
         "-m",
         "proxy.train",
         "-m",
-        "+experiment=spike_remedies_isolated_lab",
+        "+experiment=spike_remedies/isolated_lab",
         "train.seed=0",
         *small,
         "data.inject.start_step=30",

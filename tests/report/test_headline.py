@@ -188,7 +188,7 @@ def test_verdict_heads_the_report_proxy_verdict_writes(sweep: Path, tmp_path: Pa
 # Figures: short titles, legends clear of titles, per-layer statistics
 # --------------------------------------------------------------------------------------------
 LONG = [
-    ["+experiment=repeated_ngrams_lab", f"data.inject.enabled={a}", f"data.ngram_filter.enabled={b}"]
+    ["+experiment=repeated_ngrams/lab", f"data.inject.enabled={a}", f"data.ngram_filter.enabled={b}"]
     for a in (False, True)
     for b in (False, True)
 ]

@@ -100,7 +100,7 @@ def test_auto_attention_on_a_cpu_is_the_reference_and_is_recorded(tmp_path):
 def test_device_time_estimates_of_a_preset():
     from proxy.train.estimate import announce, estimate, job_config, sweep_jobs
 
-    jobs = sweep_jobs(["+experiment=attention_logit_growth_gpu"])
+    jobs = sweep_jobs(["+experiment=attention_logit_growth/gpu"])
     assert len(jobs) == 6  # model x qk_norm; the LR grid is each job's ensemble
     one = job_config(jobs[0])
     assert len(one.sweep.lrs) == 7 and len(one.sweep.seeds) == 3
@@ -111,7 +111,7 @@ def test_device_time_estimates_of_a_preset():
     # an ensemble of K small models costs less than K runs of one (the GPU is launch-bound there)
     solo = estimate(one, "H200", members=1)
     assert e.seconds < 21 * solo.seconds
-    narrowed = sweep_jobs(["+experiment=attention_logit_growth_gpu", "model=5m"])
+    narrowed = sweep_jobs(["+experiment=attention_logit_growth/gpu", "model=5m"])
     assert {frozenset(j) for j in narrowed} == {frozenset(j) for j in jobs if "model=5m" in j}  # the command line wins
     swept = sweep_jobs(["model=tiny", "model.d_model=64,128"])  # a sweep typed on the command line
     assert sorted(j[-1] for j in swept) == ["model.d_model=128", "model.d_model=64"]

@@ -20,7 +20,7 @@ from proxy.report import build_report
 
 ROOT = Path(__file__).resolve().parents[2]
 CONF = ROOT / "conf"
-PRESETS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+PRESETS = sorted(str(p.relative_to(CONF / "experiment").with_suffix("")) for p in (CONF / "experiment").rglob("*.yaml"))
 TINY = [
     "train.steps=24",
     "train.batch_size=4",
@@ -40,21 +40,31 @@ def composed(overrides: list[str], hydra_config: bool = True):
 
 
 def test_required_presets_exist() -> None:
-    assert {"demo", "qk_norm_lr_sweep", "z_loss_lr_sweep"} <= set(PRESETS)
+    assert {"demo", "lr_sweep/qk_norm", "lr_sweep/z_loss"} <= set(PRESETS)
 
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_every_sweep_point_of_a_preset_is_a_valid_config(preset: str) -> None:
     cfg = composed([f"+experiment={preset}"])
-    # the report groups and titles by the experiment name; a finding's lab/gpu scales share it
-    # (an earlier protocol's preset keeps its name with _p<N>: it reproduces a committed result)
-    kinds = ("", "_lab", "_gpu", "_lease")  # _lease: sized for one GPU lease (benchmarks/science/queue.yaml)
-    assert re.sub(r"_p\d+$", "", preset) in tuple(f"{cfg.experiment}{kind}" for kind in kinds)
+    # presets are grouped per study, conf/experiment/<study>/<scale>.yaml: lab, gpu, lease (sized for
+    # one GPU lease, benchmarks/science/queue.yaml), a sub-study's <part>_<scale>, and an earlier
+    # protocol's with _p<N> (it reproduces a committed result). The report groups and titles by the
+    # experiment name, which a study's scales share.
+    study, _, scale = preset.rpartition("/")
+    scale = re.sub(r"_p\d+$", "", scale)
+    lr_sweep = preset == "demo" or study == "lr_sweep"
+    if study == "lr_sweep":  # the LR-sweep recipes of the README: one preset each
+        assert cfg.experiment == f"{scale}_lr_sweep"
+    elif study:
+        part, _, kind = scale.rpartition("_")
+        assert (kind or scale) in ("lab", "gpu", "lease"), f"{preset}: a scale is lab, gpu or lease"
+        assert cfg.experiment == (f"{study}_{part}" if part else study)
+    else:
+        assert preset == cfg.experiment == "demo"
     params = dict(cfg.hydra.sweeper.params)
-    lr_sweep = preset == "demo" or preset.endswith("lr_sweep")
     grid = [float(v) for v in str(params["optim.lr"]).split(",")] if "optim.lr" in params else list(cfg.sweep.lrs)
     assert grid or not lr_sweep, "an LR-sweep preset sweeps optim.lr (jobs) or sweep.lrs (ensembles)"
-    assert str(cfg.hydra.sweep.dir).startswith(f"runs/{cfg.experiment}")
+    assert str(cfg.hydra.sweep.dir).startswith((f"runs/{cfg.experiment}", f"runs/{study}/"))
     # each value of each swept key composes and validates (typos and bad enum values fail here)
     for key, values in params.items():
         for value in str(values).split(","):
@@ -76,14 +86,14 @@ def test_demo_preset_is_qk_norm_off_vs_on_on_the_tiny_model() -> None:
 
 
 def test_sizes_are_swept_where_promised() -> None:
-    params = dict(composed(["+experiment=qk_norm_lr_sweep"]).hydra.sweeper.params)
+    params = dict(composed(["+experiment=lr_sweep/qk_norm"]).hydra.sweeper.params)
     assert set(str(params["model"]).split(",")) == {"tiny", "1m"}
     # a size picked on the command line replaces the preset's model
-    assert composed(["+experiment=qk_norm_lr_sweep", "model=5m"]).model.name == "5m"
+    assert composed(["+experiment=lr_sweep/qk_norm", "model=5m"]).model.name == "5m"
 
 
 def test_slurm_launcher_settings() -> None:
-    cfg = composed(["hydra/launcher=slurm", "+experiment=qk_norm_lr_sweep", "hydra.launcher.partition=a100"])
+    cfg = composed(["hydra/launcher=slurm", "+experiment=lr_sweep/qk_norm", "hydra.launcher.partition=a100"])
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
     assert launcher.partition == "a100"

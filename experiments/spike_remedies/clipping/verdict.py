@@ -2,7 +2,7 @@
 2025, arXiv 2504.02507: z-score clipping "reduces loss spikes" and trains at least as well as a fixed
 threshold at high learning rates).
 
-The sweep (conf/experiment/spike_remedies_clipping_lab.yaml) runs the tiny model without
+The sweep (conf/experiment/spike_remedies/clipping_lab.yaml) runs the tiny model without
 qk-layernorm or z-loss at high LRs, where attention logits grow and training is unstable, with
 three arms (conf/clip/): ``none`` (no clipping), ``fixed`` (global norm 1.0) and ``zclip``
 (z-score clipping alone), each with several seeds. Per run: the loss spike score (OLMo-core's

@@ -4,8 +4,8 @@ keeps a rare bad batch from harming the model.
 
 The sweep plants a few single poison batches (every row carries 32 back-to-back copies of a 1-4
 token n-gram: ``data.inject`` with ``fraction: 1.0``) into otherwise clean training of the tiny
-model. Protocol 1 (conf/experiment/spike_remedies_isolated_lab_p1.yaml, results/isolated/) put the
-events 50 steps apart; protocol 2 (spike_remedies_isolated_lab.yaml, results/isolated/protocol2/)
+model. Protocol 1 (conf/experiment/spike_remedies/isolated_lab_p1.yaml, results/isolated/) put the
+events 50 steps apart; protocol 2 (spike_remedies/isolated_lab.yaml, results/isolated/protocol2/)
 puts them 150 steps apart, beyond the detector's 128-step window, and is judged by these same
 criteria, unchanged. Both designs have three
 arms (conf/arm/): ``clean`` (no poison), ``none`` and ``skip_step`` (default 6σ/128), each with
