@@ -318,6 +318,12 @@ def sensitivity_row(
                 out.sensitivity = value
                 out.best_lr = min(inside, key=inside.__getitem__)
                 out.best_loss = inside[out.best_lr]
+                if len(inside) >= 3 and not analysis.best_is_inside(inside):
+                    edge = "lowest" if out.best_lr == min(inside) else "highest"
+                    notes.append(
+                        f"best LR {out.best_lr:g} is the grid's {edge}: the optimum may lie outside it, and the "
+                        "sensitivity depends on the grid (extend it past the optimum)"
+                    )
             if len(inside) == 1:
                 notes.append(SINGLE_LR_NOTE)
     out.note = "; ".join(notes)

@@ -313,3 +313,16 @@ def test_resume_truncates_by_position_when_steps_repeat(tmp_path: Path) -> None:
     run = load_run(run_dir)
     assert run.series("train/loss")[0] == [0, 1, 2, 3, 4, 5, 6]
     assert run.series("train/loss")[1][-1] == 0.0 and len(run.abandoned) == 2
+
+
+def test_an_optimum_on_the_grids_edge_is_flagged_beside_its_sensitivity(tmp_path: Path) -> None:
+    root = tmp_path / "multirun"
+    for i, (lr, loss) in enumerate(((1e-3, 3.5), (1e-2, 3.2), (1e-1, 3.0))):  # still falling at the top LR
+        make_run(root, str(i), lr=lr, qk_norm="off", final_loss=loss)
+    for i, (lr, loss) in enumerate(((1e-3, 3.5), (1e-2, 3.0), (1e-1, 3.2))):  # bracketed
+        make_run(root, str(10 + i), lr=lr, qk_norm="layernorm", final_loss=loss)
+    result = build_report([root], tmp_path / "rep")
+    edge, inside = result.sensitivity_of("model.qk_norm=off"), result.sensitivity_of("model.qk_norm=layernorm")
+    assert edge.sensitivity is not None and "best LR 0.1 is the grid's highest" in edge.note
+    assert "grid's" not in inside.note
+    assert "best LR 0.1 is the grid's highest" in result.markdown.read_text()
