@@ -197,23 +197,20 @@ def _drop_hydra_leftovers(run_dir: Path) -> None:
         entries = {p.name: p for p in run_dir.iterdir()}
         if not entries or set(entries) - set(HYDRA_ONLY) or any(p.is_symlink() for p in entries.values()):
             return
-        hydra = entries.get(".hydra")
-        if hydra is not None:
-            inside = list(hydra.iterdir())
-            if not hydra.is_dir() or any(p.is_symlink() or p.name not in HYDRA_FILES for p in inside):
-                return
-        log_file = entries.get("train.log")
+        hydra, log_file = entries.get(".hydra"), entries.get("train.log")
+        if hydra is not None and any(p.is_symlink() or p.name not in HYDRA_FILES for p in hydra.iterdir()):
+            return  # (a .hydra that is not a folder raises NotADirectoryError: left as it is)
         if log_file is not None and (not log_file.is_file() or log_file.stat().st_size > 0):
             return
-        for handler in list(logging.getLogger().handlers):  # Hydra's file handler on train.log
-            if getattr(handler, "baseFilename", None) == str(log_file and log_file.resolve()):
-                handler.close()
-                logging.getLogger().removeHandler(handler)
         if hydra is not None:
             for p in hydra.iterdir():
                 p.unlink()
             hydra.rmdir()
         if log_file is not None:
+            for handler in list(logging.getLogger().handlers):  # Hydra's file handler on train.log
+                if getattr(handler, "baseFilename", None) == str(log_file.resolve()):
+                    handler.close()
+                    logging.getLogger().removeHandler(handler)
             log_file.unlink()
         run_dir.rmdir()
     except OSError:  # someone else's folder, or one that changed under us: left as it is

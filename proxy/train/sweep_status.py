@@ -35,12 +35,12 @@ class SweepProgress:
     running: int = 0  # jobs started and not done
     job_s: Optional[float] = None  # the mean wall time of a done job (its longest run record)
 
-    def line(self) -> str:
+    def line(self, eta: bool = True) -> str:
         of = f"/{self.planned}" if self.planned else ""
         counts = ", ".join(f"{n} {status}" for status, n in sorted(self.statuses.items()))
         text = f"sweep: {self.done}{of} runs done" + (f" ({counts})" if counts else "")
         text += f", {duration(self.elapsed_s)} elapsed"
-        if self.planned and 0 < self.done < self.planned:
+        if eta and self.planned and 0 < self.done < self.planned:
             text += f", ETA {duration(self.eta_s())}"
         return text
 
@@ -161,7 +161,7 @@ def end_lines(sweep_dir: Path, experiment: Optional[str], root: Optional[Path] =
     progress = sweep_progress(sweep_dir)
     lines = [f"sweep folder: {sweep_dir}"]
     if progress is not None:
-        lines.append(progress.line().split(", ETA")[0])
+        lines.append(progress.line(eta=False))
     lines.append(f"next: {next_command(sweep_dir, experiment, root)}")
     return lines
 

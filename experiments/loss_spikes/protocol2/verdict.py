@@ -42,6 +42,7 @@ from proxy.verdict import Verdict, load_module
 
 P1 = load_module(Path(__file__).resolve().parents[1])  # protocol 1's arms, definitions and helpers
 ARMS = ("none", "beta2_095", "beta2_0999", "update_clip")
+NO_CLIP = ("beta2_095", "none", "beta2_0999")  # beta2 0.95, 0.99, 0.999
 SEEDS = (3, 4, 5)
 LARGE = P1.LARGE
 SETTLE = 20  # steps after the low-noise onset before the largest rise is looked for
@@ -123,6 +124,3 @@ def judge(report: ReportResult, runs: list[Run]) -> Verdict:
         f"0.999 - 0.95: {diff.describe('.2f')}",
     )
     return v
-
-
-NO_CLIP = ("beta2_095", "none", "beta2_0999")
