@@ -6,6 +6,7 @@ one entry per member in every answer:
     schedule(step)                     set the step's LR; each member's base LR
     compute(step, lrs, x, y, ...)      forward, backward, gradient RMS (logging steps), each
                                        member's clipping and its remedy's verdict: a Computed
+                                       (read=False: loss and norm stay on the device)
     ---- the loop decides: observers look, divergence is checked, skip events counted ----
     apply(computed, update, measure)   the optimizer step for the members whose update goes
                                        ahead; their update RMS and parameter norms if measured
@@ -43,13 +44,15 @@ class Computed:
     member that no longer trains (diverged) are meaningless."""
 
     lrs: list[float]  # base LR (the schedule times the member's peak LR)
-    losses: list[float]  # cross-entropy of the batch (mean over ranks)
-    grad_norms: list[float]  # global norm before clipping
+    losses: list[float]  # cross-entropy of the batch (mean over ranks); [] where not read back
+    grad_norms: list[float]  # global norm before clipping; [] where not read back
     events: list[Optional[Event]]  # what each member's remedy did
     grad_stats: list[dict[str, float]]  # grad_rms/<param> on logging steps
     collect: bool  # the forward pass collected attention / output statistics
     out: Any = None  # the forward's output (ModelOutput, or StackedOutput for K > 1)
     results: list[StepResult] = field(default_factory=list)  # the single engine's StepResult
+    loss_t: Optional[Tensor] = None  # (K,) fp32 on the device: the losses before any read-back
+    grad_norm_t: Optional[Tensor] = None  # (K,) fp32 on the device
 
     def skips(self, k: int) -> bool:
         event = self.events[k]
@@ -75,6 +78,7 @@ class Engine(Protocol):
         collect: bool,
         measure: bool,
         data_position: int,
+        read: bool = True,
     ) -> Computed: ...
 
     def apply(
@@ -133,11 +137,24 @@ class SingleEngine:
         collect: bool,
         measure: bool,
         data_position: int,
+        read: bool = True,
     ) -> Computed:
         r = self.stepper.compute(
-            step, lrs[0], x, y, remedies[0], collect_stats=collect, measure_grads=measure, data_position=data_position
+            step,
+            lrs[0],
+            x,
+            y,
+            remedies[0],
+            collect_stats=collect,
+            measure_grads=measure,
+            data_position=data_position,
+            read=read,
         )
-        return Computed([r.lr], [r.loss], [r.grad_norm], [r.event], [r.grad_stats], r.collect, r.out, [r])
+        assert r.loss_t is not None and r.grad_norm_t is not None
+        losses, norms = ([r.loss], [r.grad_norm]) if read else ([], [])
+        return Computed(
+            [r.lr], losses, norms, [r.event], [r.grad_stats], r.collect, r.out, [r], r.loss_t[None], r.grad_norm_t[None]
+        )
 
     def apply(
         self, computed: Computed, update: Sequence[bool], active: Sequence[bool], measure: bool

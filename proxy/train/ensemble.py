@@ -383,6 +383,7 @@ class StackedEngine:
         collect: bool,
         measure: bool,
         data_position: int,
+        read: bool = True,
     ) -> Computed:
         cfg = self.cfg
         with self.autocast():
@@ -394,7 +395,13 @@ class StackedEngine:
         norms = member_grad_norms(grads)
         thresholds = [r.clip_threshold(cfg.optim.grad_clip) if r is not None else cfg.optim.grad_clip for r in remedies]
         clip_members_(grads, norms, thresholds)
-        values = torch.stack([out.ce_loss.detach().float(), norms, *rms]).tolist()  # one sync
+        loss_t = out.ce_loss.detach().float()
+        if not read:  # nothing waits for the device (proxy/train/watch.py); no remedy to judge
+            if any(r is not None for r in remedies):
+                raise ValueError("StackedEngine.compute(read=False): a remedy judges read-back values")
+            nothing: list[dict[str, float]] = [{} for _ in range(self.n_members)]
+            return Computed(lrs, [], [], [None] * self.n_members, nothing, collect, out, [], loss_t, norms)
+        values = torch.stack([loss_t, norms, *rms]).tolist()  # one sync
         losses, grad_norms = values[0], values[1]
         grad_stats = [
             {GRAD_RMS + n: values[2 + i][k] for i, n in enumerate(names)} if measure else {}
@@ -407,7 +414,7 @@ class StackedEngine:
                 continue
             views = [_MemberGrad(p.grad[k] if p.grad is not None else None) for p in self.model.params.values()]
             events.append(remedy.after_backward(step, losses[k], grad_norms[k], views, data_position))
-        return Computed(lrs, losses, grad_norms, events, grad_stats, collect, out)
+        return Computed(lrs, losses, grad_norms, events, grad_stats, collect, out, [], loss_t, norms)
 
     def apply(
         self, computed: Computed, update: Sequence[bool], active: Sequence[bool], measure: bool

@@ -43,6 +43,7 @@ RESUME_MAY_CHANGE: tuple[str, ...] = (
     "train.resume_override",  # this command's own switches
     "train.device",
     "train.compile",
+    "train.check_every_step",
     "model.attention",
     "model.loss_impl",  # where, which kernels
     "train.log_every",

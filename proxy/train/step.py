@@ -18,6 +18,7 @@ model over stacked members with its own optimizer; it shares the ledger and the 
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, ContextManager, Optional
 
@@ -34,12 +35,14 @@ from proxy.train.remedies import Event, Remedy
 class StepResult:
     step: int
     lr: float
-    loss: float  # cross-entropy of the batch (mean over ranks)
-    grad_norm: float  # global norm before clipping
+    loss: float  # cross-entropy of the batch (mean over ranks); nan where not read back
+    grad_norm: float  # global norm before clipping; nan where not read back
     out: Any  # the forward pass's proxy.model.ModelOutput
     event: Optional[Event] = None  # what the remedy did, if anything
     collect: bool = False  # whether the forward pass collected statistics
     grad_stats: dict[str, float] = field(default_factory=dict)  # grad_rms/<param>, if measured
+    loss_t: Optional[Tensor] = None  # the loss and norm as device tensors (0-dim fp32)
+    grad_norm_t: Optional[Tensor] = None
 
     @property
     def skips_update(self) -> bool:
@@ -80,11 +83,14 @@ class TrainStep:
         collect_stats: bool = False,
         measure_grads: bool = False,
         data_position: Optional[int] = None,
+        read: bool = True,
     ) -> StepResult:
         """Forward, backward, clip and ``remedy``'s verdict; the update is not applied yet.
 
         ``data_position``: the next unread batch (a rollback never resumes before it). Without a
         remedy nothing is judged and the gradients are clipped at ``optim.grad_clip``.
+        ``read=False`` leaves the loss and norm on the device (``loss_t``, ``grad_norm_t``; the
+        floats nan): nothing waits for the device (proxy/train/watch.py). A remedy needs them read.
         """
         cfg = self.cfg
         with self.autocast():
@@ -95,10 +101,16 @@ class TrainStep:
         grad_stats = diagnostics.grad_stats(self.model) if measure_grads else {}
         params = list(self.model.parameters())
         clip = remedy.clip_threshold(cfg.optim.grad_clip) if remedy is not None else cfg.optim.grad_clip
-        grad_norm = float(clip_grad_norm(params, clip))  # of the rank-averaged gradients
+        norm_t = clip_grad_norm(params, clip)  # of the rank-averaged gradients
+        loss_t = out.ce_loss.detach().float()
+        if not read:
+            if remedy is not None:
+                raise ValueError("TrainStep.compute(read=False): a remedy judges read-back values")
+            return StepResult(step, lr, math.nan, math.nan, out, None, collect_stats, grad_stats, loss_t, norm_t)
+        grad_norm = float(norm_t)
         loss = distributed.mean(out.ce_loss.item(), self.device)
         event = remedy.after_backward(step, loss, grad_norm, params, data_position) if remedy is not None else None
-        return StepResult(step, lr, loss, grad_norm, out, event, collect_stats, grad_stats)
+        return StepResult(step, lr, loss, grad_norm, out, event, collect_stats, grad_stats, loss_t, norm_t)
 
     def apply(self, result: StepResult, updates: Optional[diagnostics.UpdateTracker] = None) -> bool:
         """Take the optimizer step unless the remedy said skip; ``updates`` measures it.

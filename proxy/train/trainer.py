@@ -85,6 +85,7 @@ from proxy.train.runtime import (
     show_row,
     wants_compile,
 )
+from proxy.train.watch import DivergenceWatch, Settled, wants_watch
 
 log = logging.getLogger("proxy.train")
 
@@ -206,6 +207,16 @@ class Trainer:
         self.stop = StopSignals()
         self.members = [self._member(k, spec, member_cfg) for k, (spec, member_cfg) in enumerate(zip(specs, configs))]
         self.throughput = diagnostics.Throughput(self.flops, self.device)
+        # the divergence rule judged on the device between logging steps (proxy/train/watch.py)
+        self.watch: Optional[DivergenceWatch] = None
+        if wants_watch(
+            cfg,
+            self.device,
+            remedies=any(m.remedy is not None for m in self.members),
+            observers=any(m.observers for m in self.members),
+            distributed=self.dist.enabled,
+        ):
+            self.watch = DivergenceWatch(len(self.members), self.device)
 
     # -- building ------------------------------------------------------------------------------
     def _single_engine(self) -> SingleEngine:
@@ -333,6 +344,7 @@ class Trainer:
         self.data_position += 1
 
         collect = logging_step and (cfg.train.stats_every == 0 or step % cfg.train.stats_every == 0)
+        read = logging_step or self.watch is None
         active = [m.active for m in self.members]
         c = self.engine.compute(
             step,
@@ -344,7 +356,20 @@ class Trainer:
             collect=collect,
             measure=logging_step,
             data_position=self.data_position,
+            read=read,
         )
+        if not read:  # judged on the device, read back at the next settle
+            assert self.watch is not None and c.loss_t is not None and c.grad_norm_t is not None
+            bounds = self.watch.bounds(cfg, [m.loss_at_init for m in self.members])
+            self.watch.observe(step, c.loss_t, c.grad_norm_t, bounds)
+            moving = [m.active for m in self.members]
+            for member in self._active():
+                member.tokens += self.tokens_per_step
+            self.throughput.add(self.tokens_per_step)
+            self.engine.apply(c, moving, moving, measure=False)
+            self.step = step + 1
+            return {}
+        self.settle()  # the steps before this one, before this one is judged
         for member in self._active():
             k = member.index
             try:
@@ -411,6 +436,26 @@ class Trainer:
             row.update(perf)
             rows[k] = row
         return rows
+
+    def settle(self) -> None:
+        """Read back what the device judged since the last settle (proxy/train/watch.py): a member
+        that broke the divergence rule at step s ends diverged at s, as a per-step check ends it;
+        the others' train losses go to their ledgers. Every step before ``self.step`` is done."""
+        if self.watch is None or not self.watch.pending:
+            return
+        settled: Settled = self.watch.settle()
+        for member in self._active():
+            k = member.index
+            for loss in settled.losses[k]:
+                member.ledger.track_loss(loss)
+            first = settled.first_bad[k]
+            if first is None:
+                continue
+            member.tokens -= (self.step - first) * self.tokens_per_step  # the steps past s never counted
+            reason = divergence_reason(
+                settled.loss_at[k], settled.grad_norm_at[k], member.loss_at_init, member.cfg.train
+            )
+            self._diverged(member, Diverged(first, reason or "diverged"))
 
     def _judge_event(self, member: Member, step: int, event: Optional[Event]) -> None:
         """Record the remedy's event (a rollback after its step's row) and count skips in a row."""
@@ -489,6 +534,7 @@ class Trainer:
                     self._loop(progress)
             except Interrupted as i:
                 interrupted = i
+                self.settle()  # a member that diverged before the signal ends diverged
             ended = True
         finally:
             if progress is not None:
@@ -528,6 +574,10 @@ class Trainer:
         while self.step < t.steps and self._active():
             self._check_stop()  # SIGINT / SIGTERM: stop here, between two steps
             step = self.step
+            if step % t.eval_every == 0 or (t.probe_every and step % t.probe_every == 0):
+                self.settle()  # no diverged member is evaluated
+                if not self._active():
+                    break
             if step % t.eval_every == 0:
                 self._log_eval(step, progress)
             if t.probe_every and step % t.probe_every == 0:
@@ -538,7 +588,9 @@ class Trainer:
                 self.members[k].ledger.log(step, row)
             self._show(progress, rows)
             if t.ckpt_every and self.step % t.ckpt_every == 0 and 0 < self.step < t.steps and self._active():
+                self.settle()
                 self.save_checkpoints()
+        self.settle()  # the loop's last step logs (and settles); an emptied ensemble may stop earlier
 
     def _log_eval(self, step: int, progress) -> None:
         values = self.evaluate()
