@@ -270,6 +270,7 @@ class GPT(nn.Module):
                 z_loss=z_loss,
                 ignore_index=ignore_index,
                 use_triton=self.cfg.loss_impl == LossImpl.triton,
+                stats=collect_stats,
             )
         out.loss, out.ce_loss, out.z_loss, out.output_stats = ce + z, ce, z, {**stats, **row_stats}
         return out

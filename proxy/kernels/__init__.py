@@ -1,6 +1,7 @@
 """Kernels that return instability statistics as by-products, and their dispatch.
 
-Files: ``reference.py`` (plain PyTorch, the ground truth and the CPU path),
+Files: ``reference.py`` (plain PyTorch, the ground truth and the CPU path; its cross-entropy runs
+as ``torch_cross_entropy.py``, the same numbers with a backward in fewer passes),
 ``flash_attention.py`` and ``fused_cross_entropy.py`` (Triton, each kernel beside its launch
 wrapper), ``bench.py`` (``python -m proxy.kernels.bench``, GPU speed and memory).
 
@@ -23,7 +24,7 @@ from typing import Optional
 
 from torch import Tensor
 
-from proxy.kernels import reference
+from proxy.kernels import reference, torch_cross_entropy
 
 
 def triton_runs_on(t: Tensor) -> bool:
@@ -55,12 +56,14 @@ def cross_entropy(
     z_loss: float = 0.0,
     ignore_index: int = -100,
     use_triton: bool = False,
+    stats: bool = True,
 ):
+    """``stats=False``: the plain-PyTorch path skips the logit statistics (the kernel's are free)."""
     if use_triton and triton_runs_on(logits):
         from proxy.kernels.fused_cross_entropy import fused_cross_entropy
 
         return fused_cross_entropy(logits, labels, z_loss=z_loss, ignore_index=ignore_index)
-    return reference.cross_entropy(logits, labels, z_loss=z_loss, ignore_index=ignore_index)
+    return torch_cross_entropy.cross_entropy(logits, labels, z_loss=z_loss, ignore_index=ignore_index, stats=stats)
 
 
 def linear_cross_entropy(
