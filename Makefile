@@ -14,7 +14,7 @@ TRITON_VERSION  ?= 3.7.1
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 PIP             := $(PY) -m pip install -q --disable-pip-version-check
 
-.PHONY: install torch demo lint test test-fast bench clean
+.PHONY: install torch demo lint test test-fast test-pins bench clean
 
 install: $(STAMP)
 
@@ -59,8 +59,23 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -n 2 -m "not slow" tests
 
+# The device image's pins (torch 2.11 / triton 3.6, older than the project's): the kernel tests
+# under the Triton interpreter and the device scripts' dry runs (science queue, device check) in a
+# second venv. Run before stopping whenever a kernel, the science run or the device check changed.
+PINS_VENV    ?= .venv-pins
+PINS_TORCH   ?= 2.11.0
+PINS_TRITON  ?= 3.6.0
+test-pins:
+	@test -x $(PINS_VENV)/bin/python || $(PYTHON) -m venv $(PINS_VENV)
+	@$(PINS_VENV)/bin/python -c "import torch, sys; sys.exit(torch.__version__.split('+')[0] != '$(PINS_TORCH)')" \
+		2>/dev/null || $(MAKE) --no-print-directory torch VENV=$(PINS_VENV) TORCH_VERSION=$(PINS_TORCH)
+	@# triton 3.6's interpreter reads a scalar with int() of a 1-element array, which numpy 2.4 refuses
+	$(PINS_VENV)/bin/python -m pip install -q --disable-pip-version-check "triton==$(PINS_TRITON)" "numpy<2.4" -e '.[dev]'
+	$(PINS_VENV)/bin/python -c "import torch, triton; print('pins: torch', torch.__version__, 'triton', triton.__version__)"
+	$(PINS_VENV)/bin/python -m pytest -q -n 2 -p no:cacheprovider tests/kernels tests/benchmarks
+
 bench: $(STAMP)
 	$(PY) -m benchmarks.trainer_speed
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) $(PINS_VENV) runs
