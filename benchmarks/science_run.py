@@ -77,6 +77,7 @@ class Job:
     tokens_per_step: int
     compiled: bool
     modelled_s: float  # proxy.train.estimate's model
+    fixed_s: float = 0.0  # of which startup and first compilation (no calibration applies to them)
 
     @property
     def member_tokens(self) -> int:
@@ -112,7 +113,7 @@ def plan(study: Study, dry_run: bool, gpu: str) -> list[Job]:
         compiled = str(cfg.train.compile).lower() == "true" or (
             str(cfg.train.compile).lower() == "auto" and gpu != "cpu" and cfg.train.device != "cpu"
         )
-        modelled = estimate(cfg, gpu if gpu != "cpu" else "H100", members=members, compiled=compiled).seconds
+        est = estimate(cfg, gpu if gpu != "cpu" else "H100", members=members, compiled=compiled)
         jobs.append(
             Job(
                 [o for o in job if not o.startswith("+experiment=")],
@@ -121,7 +122,8 @@ def plan(study: Study, dry_run: bool, gpu: str) -> list[Job]:
                 cfg.train.steps,
                 cfg.train.batch_size * cfg.train.seq_len,
                 compiled,
-                modelled,
+                est.seconds,
+                est.fixed_s,
             )
         )
     return jobs
@@ -144,7 +146,7 @@ def predict(jobs: list[Job], rates: dict[str, Any], kind: str) -> tuple[float, s
             how.add("measured rate")
         else:
             calibration = device["calibration"]["ensemble" if job.members > 1 else "single"]
-            total += job.modelled_s / calibration
+            total += (job.modelled_s - job.fixed_s) / calibration + job.fixed_s  # the rate is calibrated
             how.add(f"model / calibration {calibration:g}")
     return total, ", ".join(sorted(how))
 

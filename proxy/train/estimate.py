@@ -11,7 +11,10 @@ as it starts. The model is deliberately simple, and says so:
     MFU       = 40% for a model that fills the GPU (>= 50M parameters), falling with size to 5% at
                 1M (small matrices leave the tensor cores idle); halved without compile
     floor     = kernel launches per step: ~0.1 ms per layer and parameter tensor, 3x without compile
-    + startup (building, first compilation: ~20 s, +40 s compiled)
+    + a logging step's host sync and statistics: ~5 ms each (every train.log_every steps)
+    + the probes' forward passes (train.probe_every), as the evaluations'
+    + startup (building, first compilation: ~20 s, +40 s compiled; ``fixed_s``, which a calibration
+      of the step rate leaves alone)
 
 These are leads, not measurements. The device check (benchmarks/gpu_check/ parts 3 and 4) on an
 H200 (2026-12-04) measured 124m at 39.4 % MFU compiled and 24.2 % eager (this model: 40 %, 20 %);
@@ -35,6 +38,7 @@ STARTUP_S = 20.0
 COMPILE_S = 40.0
 SLOWEST_H100 = 756e12  # H100 PCIe, dense bf16 (proxy.train.diagnostics.PEAK_FLOPS)
 LAUNCH_S_PER_TENSOR = 1e-4  # one fused kernel launch per parameter tensor and step, roughly
+LOG_S_PER_STEP = 5e-3  # a logging step: one host sync and the statistics' small kernels (a lead)
 
 
 def mfu_for(n_params: float, compiled: bool) -> float:
@@ -53,6 +57,7 @@ class Estimate:
     mfu: float
     step_s: float
     members: int
+    fixed_s: float = 0.0  # startup and first compilation, in ``seconds``
 
     def describe(self) -> str:
         minutes = self.seconds / 60
@@ -86,13 +91,16 @@ def estimate(
     peak = peak_flops_of(gpu) or SLOWEST_H100  # a card not listed: a lead, not a measurement
     mfu = mfu_for(n, compiled)
     step_flops = k * tokens_per_step * per_token
-    eval_flops = evals * t.eval_batches * step_flops / 3  # forward only
+    probes = t.steps // t.probe_every if t.probe_every else 0
+    eval_flops = (evals * t.eval_batches + probes * t.probe_batches) * step_flops / 3  # forward only
     tensors = 4 + 8 * m.n_layers  # parameter tensors: launches per step scale with them
     floor = tensors * LAUNCH_S_PER_TENSOR * (1 if compiled else 3)
     step_s = max(step_flops / (peak * mfu), floor)
-    seconds = t.steps * step_s + eval_flops / (peak * mfu) + STARTUP_S + (COMPILE_S if compiled else 0.0)
+    logged = t.steps // t.log_every + 1
+    fixed = STARTUP_S + (COMPILE_S if compiled else 0.0)
+    seconds = t.steps * step_s + logged * LOG_S_PER_STEP + eval_flops / (peak * mfu) + fixed
     flops = t.steps * step_flops + eval_flops
-    return Estimate(seconds, k * t.steps * tokens_per_step, flops, mfu, step_s, k)
+    return Estimate(seconds, k * t.steps * tokens_per_step, flops, mfu, step_s, k, fixed)
 
 
 def announce(cfg: Config) -> Optional[str]:

@@ -42,9 +42,12 @@ def test_the_committed_queue_plans_and_predicts():
 
 def test_a_dry_run_trains_judges_and_packs_what_comes_back(tmp_path):
     record = science(tmp_path, "--budget", "300", "--probe-s", "60")
-    first, second = record["studies"]  # a study split in two parts, both trained here
-    for part in (first, second):
+    for part in record["studies"]:  # every queued part, each trained here
         assert part["status"] == "completed" and part["member_tokens"] == part["planned_member_tokens"]
+    studies = {part["name"]: part for part in record["studies"]}
+    # a study split in two parts, judged once both have trained
+    first, second = studies["attention_logit_growth_85m_off"], studies["attention_logit_growth_85m_layernorm"]
+    assert studies["loss_spikes_20m_update_clip"]["verdict"]
     assert first["verdict_note"].startswith("to be judged with attention_logit_growth_85m_layernorm")
     assert second["verdict"]  # judged on the device, over both parts
     assert [row["model"] for row in record["probe"]["rows"]] == ["tiny", "tiny"]

@@ -78,3 +78,50 @@ def test_spikes_preceded_by_rms_are_told_from_chance(rms_before_spike, f_passes)
     assert held("gradient clipping (global norm 1.0) does not")
     assert held("update clipping")  # no excursion with it, one per seed without
     assert not held("the rate of excursions grows with beta2")  # 0.95 < 0.99 = 0.999: not ordered
+
+
+# --------------------------------------------------------------------------------------------
+# Protocol 3: 20m on a GPU, held against protocol 2's committed tiny runs
+# --------------------------------------------------------------------------------------------
+P3 = load_module(Path(__file__).resolve().parents[2] / "experiments" / "loss_spikes" / "protocol3")
+
+
+def run_20m(arm: str, seed: int, probe: list[float], rms: list[float]) -> Run:
+    run = fake_run(arm, seed, probe, rms)
+    return Run(run.path, run.summary, {**run.config, "model": {"name": "20m"}}, run.metrics)
+
+
+def test_protocol3_reads_tiny_from_protocol2s_committed_verdict():
+    assert P3.tiny_large_excursions() == {3: 1, 4: 1, 5: 1}  # 1.64, 4.47, 3.91 nats, all before step 1000
+
+
+@pytest.mark.parametrize("spikes_per_run, more", [(3, True), (1, False)])
+def test_protocol3_judges_size_rms_and_update_clipping(spikes_per_run, more):
+    n = 1000
+    runs = []
+    for s in P3.SEEDS:
+        probe, rms = settled(n), [0.3] * n
+        for i in range(spikes_per_run):
+            at = 300 + 200 * i
+            probe = with_spike(probe, at, 2.0)
+            rms[at - 2] = 6.0
+        runs.append(run_20m("none", s, probe, rms))
+        runs.append(run_20m("update_clip", s, with_spike(settled(n), 500, 0.05), [0.3] * n))
+    runs.append(fake_run("none", 3, settled(n), [0.3] * n))  # a tiny run: not protocol 3's
+    verdict = P3.judge(None, runs)
+
+    def held(prefix: str) -> bool:
+        (check,) = [c for c in verdict.checks if c.claim.startswith(prefix)]
+        return check.passed
+
+    assert verdict.testable
+    assert held("larger models spike more") is more
+    assert held("RMS_t > 1 in the 8 steps before most large excursions")
+    assert held("update clipping shrinks the largest rise")
+    assert verdict.reproduced is more
+
+
+def test_protocol3_without_the_low_noise_phase_is_not_testable():
+    runs = [run_20m(arm, s, [3.0] * 600, [0.5] * 600) for arm in P3.ARMS for s in P3.SEEDS]
+    verdict = P3.judge(None, runs)
+    assert verdict.label == NOT_TESTABLE and verdict.checks == []
