@@ -17,8 +17,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from proxy.config import register_configs
-from proxy.records import RunRecord, write_json
-from proxy.verdict import judge_runs
+from proxy.records import Run, RunRecord, Summary, write_json
+from proxy.verdict import NOT_TESTABLE, judge_runs, load_module
 
 REPO = Path(__file__).resolve().parents[2]
 EXPERIMENTS = REPO / "experiments"
@@ -438,3 +438,41 @@ def test_curve_points_leave_out_runs_that_did_not_finish(tmp_path: Path) -> None
     runs = [load_run(p.parent) for p in root.rglob("summary.json")]
     points = curve_points(runs, lambda run: run.config_value("schedule.warmup_steps"))
     assert len(points) == 4 * 3 * len(WARMUP_LRS) and all(p.seed in (0, 1, 2) for p in points)
+
+
+# --------------------------------------------------------------------------------------------
+# Output logit divergence, protocol 3: protocol 2 behind a design check
+# --------------------------------------------------------------------------------------------
+OUTPUT_P3 = load_module(REPO / "experiments" / "output_logit_divergence" / "protocol3")
+
+
+def p3_member(arm: str, lr: float, seed: int, steps: int, params: int, lse_end: float) -> Run:
+    rows = [{"step": s, "output/lse_mean": 8.0 + (lse_end - 8.0) * s / steps} for s in range(0, steps + 1, steps // 20)]
+    summary = Summary(status="completed", n_params_non_embedding=params, overrides=[f"+output_arm={arm}"])
+    config = {"optim": {"lr": lr}, "train": {"seed": seed, "steps": steps}, "schedule": {"warmup_steps": 50}}
+    return Run(Path(f"/runs/{arm}/{lr}/{seed}"), summary, config, rows)
+
+
+def test_output_p3_says_not_testable_for_the_labs_design_and_judges_nothing():
+    runs = [
+        p3_member(a, lr, s, 800, 98_688, 9.0)
+        for a in ("none", "z_loss", "coupled_wd")
+        for lr in (1e-2, 1e-1)
+        for s in range(3)
+    ]
+    verdict = OUTPUT_P3.judge(None, runs)
+    assert verdict.label == NOT_TESTABLE and verdict.checks == [] and "15000 steps" in verdict.would_test
+    assert len(verdict.design_checks) == 2 and not any(c.passed for c in verdict.design_checks)
+
+
+def test_output_p3_judges_protocol_2s_criteria_where_the_design_can_show_the_drift():
+    ends = {"none": -6.0, "z_loss": 0.2, "coupled_wd": 3.0}
+    runs = [
+        p3_member(a, lr, s, 15_000, 4_718_592, ends[a] if lr == 1e-1 else 7.0)
+        for a in ends
+        for lr in (1e-2, 1e-1)
+        for s in range(3)
+    ]
+    verdict = OUTPUT_P3.judge(None, runs)
+    assert verdict.testable and len(verdict.checks) == 4
+    assert verdict.label != NOT_TESTABLE
