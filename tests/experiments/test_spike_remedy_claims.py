@@ -16,7 +16,7 @@ from hydra.core.global_hydra import GlobalHydra
 
 from proxy.config import register_configs, to_config
 from proxy.records import RunRecord, write_json
-from proxy.verdict import judge_runs, load_script
+from proxy.verdict import NOT_TESTABLE, judge_runs, load_script
 
 REPO = Path(__file__).resolve().parents[2]
 FINDING = REPO / "experiments" / "spike_remedies"
@@ -116,8 +116,9 @@ def clipping_sweep(root: Path, reproduces: bool) -> Path:
 def test_clipping_verdict(tmp_path: Path, reproduces: bool) -> None:
     verdict = judge_runs(FINDING / "clipping", [clipping_sweep(tmp_path / "sweep", reproduces)], tmp_path / "r")
     assert verdict.reproduced is reproduces, verdict.to_markdown()
+    assert [c.passed for c in verdict.design_checks] == [True]
     passed = [c.passed for c in verdict.checks]
-    assert passed == ([True] * 4 if reproduces else [True, False, False, True])
+    assert passed == ([True] * 3 if reproduces else [False, False, True])
     assert verdict.numbers["diverged/none/lr=0.3"] == "1 of 3"
 
 
@@ -127,7 +128,9 @@ def test_clipping_verdict_needs_an_unstable_regime(tmp_path: Path) -> None:
         for arm in ("none", "fixed", "zclip"):
             clip_run(root, arm, 0.01, seed, spikes=0, final=3.6)
     verdict = judge_runs(FINDING / "clipping", [root], tmp_path / "r")
-    assert not verdict.reproduced and len(verdict.checks) == 1 and "unstable LRs: none" in verdict.checks[0].measured
+    assert verdict.label == NOT_TESTABLE and verdict.checks == [] and "loss_spikes" in verdict.would_test
+    (design,) = verdict.design_checks
+    assert not design.passed and "unstable LRs: none" in design.measured
 
 
 # --------------------------------------------------------------------------------------------
@@ -257,7 +260,7 @@ def test_remedy_claims_end_to_end(tmp_path: Path) -> None:
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     verdict = judge_runs(FINDING / "clipping", [clip_dir], tmp_path / "rc")
-    assert verdict.checks and "unstable LRs" in verdict.checks[0].measured
+    assert verdict.design_checks and "unstable LRs" in verdict.design_checks[0].measured
     study = load_script(FINDING / "replay" / "study.py")
     assert study.main([str(clip_dir), "--arms", "none,fixed,zclip", "--out", str(tmp_path / "rr")]) == 0
     replays = (tmp_path / "rr" / "replays.csv").read_text().splitlines()
