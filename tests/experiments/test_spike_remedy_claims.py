@@ -15,7 +15,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
 from proxy.config import register_configs, to_config
-from proxy.records import RunRecord, write_json
+from proxy.records import Run, RunRecord, Summary, write_json
 from proxy.verdict import NOT_TESTABLE, judge_runs, load_script
 
 REPO = Path(__file__).resolve().parents[2]
@@ -287,3 +287,43 @@ def test_remedy_claims_end_to_end(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr[-2000:]
     verdict = judge_runs(FINDING / "isolated", [iso_dir], tmp_path / "ri")
     assert len(verdict.checks) == 3 and verdict.numbers["poison_steps"] == [30, 40, 50]
+
+
+# --------------------------------------------------------------------------------------------
+# ZClip, protocol 2: on the loss-spike organism
+# --------------------------------------------------------------------------------------------
+CLIP_P2 = load_script(FINDING / "clipping" / "protocol2" / "verdict.py")
+
+
+def organism_run(arm: str, seed: int, spikes: list[tuple[int, float]], n: int = 1200) -> Run:
+    probe = [max(1e-3, 6.0 * 0.97**s) for s in range(n)]
+    for at, peak in spikes:
+        for i, factor in enumerate((0.3, 1.0, 0.5, 0.1, 0.02)):
+            probe[at + i] = max(probe[at + i], peak * factor)
+    optim = {"beta2": 0.99, "grad_clip": 1.0 if arm == "grad_clip" else 0.0, "update_clip": False}
+    config = {
+        "optim": optim,
+        "train": {"seed": seed, "dtype": "auto"},
+        "remedy": {"kind": arm if arm == "zclip" else "none"},
+    }
+    rows = [{"step": s, "probe/loss": p} for s, p in enumerate(probe)]
+    return Run(Path(f"/runs/{arm}/{seed}"), Summary(status="completed"), config, rows)
+
+
+@pytest.mark.parametrize("zclip_peak, holds", [(0.3, True), (3.0, False)])
+def test_clipping_protocol2_judges_zclip_on_loss_spikes(zclip_peak, holds):
+    runs = []
+    for s in CLIP_P2.SEEDS:
+        runs.append(organism_run("none", s, [(600, 4.0)]))
+        runs.append(organism_run("grad_clip", s, [(600, 2.0), (900, 1.0)]))
+        runs.append(organism_run("zclip", s, [(600, zclip_peak)]))
+    verdict = CLIP_P2.judge(None, runs)
+    assert verdict.testable
+    assert [c.passed for c in verdict.checks][:2] == [True, holds]
+    assert verdict.reproduced is holds
+
+
+def test_clipping_protocol2_without_unclipped_spikes_is_not_testable():
+    runs = [organism_run(arm, s, []) for arm in CLIP_P2.ARMS for s in CLIP_P2.SEEDS]
+    verdict = CLIP_P2.judge(None, runs)
+    assert verdict.label == NOT_TESTABLE and verdict.checks == []
