@@ -1,10 +1,13 @@
 """``proxy-inspect KIT [KIT ...]``: dissect spike kits (proxy/forensics/dissect.py) and write each
-one's report (proxy/forensics/dissect_report.py)."""
+one's report (proxy/forensics/dissect_report.py). ``proxy-inspect --series DIR [DIR ...]`` (or DIRs
+that hold Hugging Face checkpoints, found without the flag): measure a checkpoint series
+(proxy/forensics/series.py) and write its report (proxy/forensics/series_report.py)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -19,9 +22,15 @@ from proxy.forensics.replay import (
     find_kits,
     load_kit,
 )
+from proxy.forensics.series import is_hf_checkpoint
 from proxy.records import UnsafePathError, output_dir, terminal_text
 
-_DESCRIPTION = "Dissect a spike kit: proxy-inspect KIT (or a run directory: every kit in it)."
+_DESCRIPTION = (
+    "Dissect a spike kit: proxy-inspect KIT (or a run directory: every kit in it). Measure a checkpoint series: "
+    "proxy-inspect --series CKPT CKPT ... (Hugging Face safetensors folders, a folder of them, or a proxy run's "
+    "checkpoints)."
+)
+SERIES_OUT = "inspect-series"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -60,7 +69,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         help="the text file or memmap folder a text/memmap run was trained on (a kit's own "
         "data.path is never read): needed for the replays on fresh batches",
     )
+    parser.add_argument(
+        "--series",
+        action="store_true",
+        help="read the paths as one checkpoint series (found without the flag where they hold Hugging Face "
+        "checkpoints; needed for a proxy run's checkpoints/)",
+    )
+    parser.add_argument("--mark", nargs="*", default=(), metavar="CKPT", help="checkpoints to mark in the figures")
     args = parser.parse_args(argv)
+    if args.series or all(_holds_hf(Path(p)) for p in args.paths):
+        return _series(args)
     try:
         found = [(Path(p), k) for p in args.paths for k in _kits_at(Path(p))]
         kits = [k for _, k in found]
@@ -109,6 +127,53 @@ def _inspect_one(args: argparse.Namespace, named: Path, path: Path) -> None:
     print(terminal_text(f"{path}: report -> {report}"))
     for line in summary_lines(insp):
         print(f"  {terminal_text(line)}")
+
+
+def _holds_hf(path: Path) -> bool:
+    """A Hugging Face checkpoint folder, or a folder of them."""
+    if is_hf_checkpoint(path):
+        return True
+    return path.is_dir() and not find_kits(path) and any(is_hf_checkpoint(p) for p in path.iterdir() if p.is_dir())
+
+
+def _series(args: argparse.Namespace) -> int:
+    """Measure one checkpoint series; its report in --out (default: <first path>/inspect-series)."""
+    from tqdm import tqdm
+
+    from proxy.forensics.series import SeriesError, find_series, measure, planned_bytes
+    from proxy.forensics.series_report import summary_lines as series_lines
+    from proxy.forensics.series_report import write_series_report
+
+    paths = [Path(p) for p in args.paths]
+    try:
+        checkpoints = find_series(paths)
+        out = output_dir(args.out, what="the series report") if args.out else output_dir(paths[0], SERIES_OUT)
+        cache = output_dir(out, "series-cache", what="the series cache")
+        total = planned_bytes(checkpoints)
+        print(
+            f"{len(checkpoints)} checkpoints, {len(checkpoints[0].shapes)} tensors each: reading up to "
+            f"{total / 1e9:.2f} GB (q / k / gains twice, for the logit bounds); done items resume from {cache}",
+            file=sys.stderr,
+        )
+        started = time.perf_counter()
+        with tqdm(total=total, unit="B", unit_scale=True, disable=None, desc="series") as bar:
+            result = measure(checkpoints, cache, progress=bar.update)
+        seconds = time.perf_counter() - started
+        report = write_series_report(result, out, args.mark)
+    except (SeriesError, OSError, UnsafePathError) as exc:
+        print(f"error: {terminal_text(exc)}", file=sys.stderr)
+        return 2
+    rate = result.bytes_read / seconds / 1e6 if seconds > 0 and result.bytes_read else 0.0
+    resumed = f", {result.resumed} items from the cache" if result.resumed else ""
+    print(
+        terminal_text(
+            f"series: report -> {report} ({result.bytes_read / 1e9:.2f} GB read in {seconds:.1f} s, "
+            f"{rate:.0f} MB/s{resumed})"
+        )
+    )
+    for line in series_lines(result):
+        print(f"  {terminal_text(line)}")
+    return 0
 
 
 def _kits_at(path: Path) -> list[Path]:

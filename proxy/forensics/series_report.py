@@ -1,0 +1,192 @@
+"""The report of a checkpoint series (proxy/forensics/series.py): ``series.md`` with its figures and
+``series.json``, through the project's one document writer and one file writer."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Sequence
+
+from proxy.forensics.series import SeriesResult, iter_transitions, role_of
+from proxy.records import atomic_write_text, save_figure, write_json
+from proxy.report.document import Block, Figure, Heading, Items, Paragraph, Table, to_markdown
+
+UPDATES_FIGURE = "series_updates.png"
+BOUNDS_FIGURE = "series_logit_bound.png"
+
+
+def _g(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, (int, float)) and math.isfinite(value) else "-"
+
+
+def top_moving(result: SeriesResult, transition: int, n: int = 10) -> list[dict[str, Any]]:
+    """The tensors with the largest relative update ||dW|| / ||W|| at one transition, largest first."""
+    rows = [t for t in result.tensors if t["relative_update"] and math.isfinite(t["relative_update"][transition])]
+    rows.sort(key=lambda t: -t["relative_update"][transition])
+    return rows[:n]
+
+
+def by_group(result: SeriesResult) -> dict[str, list[float]]:
+    """Mean relative update per layer type ('attention q/k', 'mlp', ...) at each transition."""
+    groups: dict[str, list[list[float]]] = defaultdict(list)
+    for t in result.tensors:
+        groups[role_of(t["name"]).group].append(t["relative_update"])
+    out = {}
+    for group, series in sorted(groups.items()):
+        columns = list(zip(*series))
+        out[group] = [sum(c) / len(c) for c in columns]
+    return out
+
+
+def bound_jumps(result: SeriesResult) -> list[tuple[int, int, float]]:
+    """(layer, transition, ratio) of the largest rise of each layer's logit bound, largest first."""
+    jumps = []
+    for b in result.bounds:
+        ratios = [b["max"][i + 1] / b["max"][i] if b["max"][i] > 0 else math.nan for i in range(len(b["max"]) - 1)]
+        finite = [(r, i) for i, r in enumerate(ratios) if math.isfinite(r)]
+        if finite:
+            r, i = max(finite)
+            jumps.append((b["layer"], i, r))
+    return sorted(jumps, key=lambda j: -j[2])
+
+
+def summary_lines(result: SeriesResult) -> list[str]:
+    lines = [f"{len(result.checkpoints)} checkpoints, {len(result.tensors)} tensors"]
+    for i, name in iter_transitions(result):
+        top = top_moving(result, i, 1)
+        if top:
+            lines.append(f"{name}: largest relative update {top[0]['name']} ({_g(top[0]['relative_update'][i])})")
+    jumps = bound_jumps(result)
+    if jumps:
+        layer, i, r = jumps[0]
+        _, name = list(iter_transitions(result))[i]
+        lines.append(f"largest rise of an attention-logit bound: layer {layer}, x{r:.3g} at {name}")
+    elif result.qk_norm:
+        lines.append("attention-logit bound: none (the model has QK-norm, which caps the logits)")
+    return lines
+
+
+def write_series_report(result: SeriesResult, out: Path, marks: Sequence[str] = ()) -> Path:
+    """series.md, series.json and the figures in ``out`` (a folder output_dir made)."""
+    figures = [_save(_updates_figure(result, marks), out / UPDATES_FIGURE)]
+    if result.bounds:
+        figures.append(_save(_bounds_figure(result, marks), out / BOUNDS_FIGURE))
+    blocks: list[Block] = [Items(summary_lines(result))]
+    blocks += [
+        Heading("Checkpoints"),
+        Table(
+            ["#", "checkpoint", "step", "GB"],
+            [[str(i), c["label"], str(c["step"]), f"{c['bytes'] / 1e9:.2f}"] for i, c in enumerate(result.checkpoints)],
+        ),
+        Heading("Largest relative updates per transition (||dW|| / ||W||)"),
+    ]
+    for i, name in iter_transitions(result):
+        rows = [
+            [t["name"], _g(t["relative_update"][i]), _g(t["update"][i]), _g(t["cosine"][i])]
+            for t in top_moving(result, i)
+        ]
+        blocks += [
+            Paragraph(f"**{name}**"),
+            Table(["tensor", "relative update", "||dW||", "cosine with the update before"], rows),
+        ]
+    groups = by_group(result)
+    transitions = [name for _, name in iter_transitions(result)]
+    blocks += [
+        Heading("Mean relative update per layer type"),
+        Table(["layer type", *transitions], [[g, *map(_g, v)] for g, v in groups.items()]),
+    ]
+    rows_section = [t for t in result.tensors if "top_rows" in t]
+    if rows_section:
+        blocks.append(Heading("Embedding and LM-head rows that moved most (token id: ||d row||)"))
+        for t in rows_section:
+            moved = [
+                [name, ", ".join(f"{i}: {v:.3g}" for i, v in t["top_rows"][k])] for k, name in iter_transitions(result)
+            ]
+            blocks += [Paragraph(f"`{t['name']}`"), Table(["transition", "rows"], moved)]
+    if result.bounds:
+        blocks += [
+            Heading("Attention-logit bound per layer (max over heads)"),
+            Paragraph(
+                "s(W_q^h diag g) s(W_k^h diag g) d / sqrt(d_head): no input of the pre-norm block can give a larger "
+                "logit (proxy/forensics/series.py)."
+            ),
+            Table(
+                ["layer", *[c["label"] for c in result.checkpoints]],
+                [[str(b["layer"]), *map(_g, b["max"])] for b in result.bounds],
+            ),
+        ]
+    elif result.qk_norm:
+        blocks.append(Paragraph("No attention-logit bound: the model has QK-norm, which caps the logits."))
+    blocks += [Heading("Figures")] + [Figure(f.name) for f in figures]
+    write_json(out / "series.json", _as_json(result))
+    atomic_write_text(out / "series.md", to_markdown("Checkpoint series", blocks))
+    return out / "series.md"
+
+
+def _as_json(result: SeriesResult) -> dict[str, Any]:
+    return {
+        "checkpoints": result.checkpoints,
+        "tensors": result.tensors,
+        "logit_bounds": result.bounds,
+        "qk_norm": result.qk_norm,
+        "by_layer_type": by_group(result),
+    }
+
+
+def _marked(ax, result: SeriesResult, marks: Sequence[str], offset: float) -> None:
+    labels = [c["label"] for c in result.checkpoints]
+    for mark in marks:
+        if mark in labels:
+            ax.axvline(labels.index(mark) - offset, color="tab:red", alpha=0.4, linestyle="--")
+
+
+def _updates_figure(result: SeriesResult, marks: Sequence[str]):
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    for group, values in by_group(result).items():
+        ax.plot(range(len(values)), values, marker="o", label=group)
+    names = [name for _, name in iter_transitions(result)]
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=7)
+    ax.set_yscale("log")
+    ax.set_ylabel("mean ||dW|| / ||W||")
+    _marked(ax, result, marks, 1.0)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def _bounds_figure(result: SeriesResult, marks: Sequence[str]):
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    jumps = {layer for layer, _, _ in bound_jumps(result)[:5]}
+    for b in result.bounds:
+        shown = b["layer"] in jumps
+        ax.plot(
+            range(len(b["max"])),
+            b["max"],
+            color=None if shown else "0.75",
+            label=f"layer {b['layer']}" if shown else None,
+            linewidth=1.5 if shown else 0.8,
+        )
+    labels = [c["label"] for c in result.checkpoints]
+    ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=7)
+    ax.set_yscale("log")
+    ax.set_ylabel("attention-logit bound")
+    _marked(ax, result, marks, 0.0)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    save_figure(fig, path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+__all__ = ["by_group", "bound_jumps", "summary_lines", "top_moving", "write_series_report"]
