@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from typing import Optional
+from typing import Callable, Optional, Sequence
 
 from proxy.analysis import spread, wilson_interval
 from proxy.records import ADAM_RMS_MAX, PROBE_LOSS, Run
@@ -66,6 +66,23 @@ def arm_of(run: Run) -> Optional[str]:
     if (run.config_value("optim.grad_clip") or 0) > 0:
         return "grad_clip"
     return {0.95: "beta2_095", 0.99: "none", 0.999: "beta2_0999"}.get(run.config_value("optim.beta2"))
+
+
+def runs_by_arm(
+    runs: list[Run],
+    arms: Sequence[str],
+    seeds: Sequence[int],
+    arm: Callable[[Run], Optional[str]] = arm_of,
+    keep: Callable[[Run], bool] = lambda run: True,
+) -> tuple[dict[str, dict[int, Run]], list[str]]:
+    """{arm: {seed: run}} of the readable runs of ``arms`` x ``seeds`` (``keep``: which runs count),
+    and the arms that lack a seed (protocols 3 on, and the clipping study's protocol 2)."""
+    by_arm: dict[str, dict[int, Run]] = defaultdict(dict)
+    for run in runs:
+        name, seed = arm(run), run.config_value("train.seed")
+        if name in arms and seed in seeds and run.error is None and keep(run):
+            by_arm[name][int(seed)] = run
+    return by_arm, [a for a in arms if sorted(by_arm.get(a, {})) != sorted(seeds)]
 
 
 def excursions(run: Run) -> list[LossSpike]:

@@ -272,7 +272,7 @@ def _figures(insp: Inspection, out: Path) -> list[Path]:
         if insp.edge is not None:
             figures.append(edge_figure(insp.edge))
             names.append(EDGE_FIGURE)
-        return [_save_fig(fig, out / name) for fig, name in zip(figures, names)]
+        return [save_fig(fig, out / name) for fig, name in zip(figures, names)]
 
 
 def _replay_figure(insp: Inspection):
@@ -343,7 +343,8 @@ def _sequence_figure(insp: Inspection):
     return fig
 
 
-def _save_fig(fig, path: Path) -> Path:
+def save_fig(fig, path: Path) -> Path:
+    """A matplotlib figure as a PNG through the one writer, then closed."""
     import matplotlib.pyplot as plt
 
     save_figure(fig, path, dpi=110)

@@ -8,8 +8,9 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Sequence
 
+from proxy.forensics.dissect_report import save_fig
 from proxy.forensics.series import SeriesResult, iter_transitions, role_of
-from proxy.records import atomic_write_text, save_figure, write_json
+from proxy.records import atomic_write_text, write_json
 from proxy.report.document import Block, Figure, Heading, Items, Paragraph, Table, to_markdown
 
 UPDATES_FIGURE = "series_updates.png"
@@ -69,9 +70,9 @@ def summary_lines(result: SeriesResult) -> list[str]:
 
 def write_series_report(result: SeriesResult, out: Path, marks: Sequence[str] = ()) -> Path:
     """series.md, series.json and the figures in ``out`` (a folder output_dir made)."""
-    figures = [_save(_updates_figure(result, marks), out / UPDATES_FIGURE)]
+    figures = [save_fig(_updates_figure(result, marks), out / UPDATES_FIGURE)]
     if result.bounds:
-        figures.append(_save(_bounds_figure(result, marks), out / BOUNDS_FIGURE))
+        figures.append(save_fig(_bounds_figure(result, marks), out / BOUNDS_FIGURE))
     blocks: list[Block] = [Items(summary_lines(result))]
     blocks += [
         Heading("Checkpoints"),
@@ -147,12 +148,8 @@ def _updates_figure(result: SeriesResult, marks: Sequence[str]):
     fig, ax = plt.subplots(figsize=(7, 3.5))
     for group, values in by_group(result).items():
         ax.plot(range(len(values)), values, marker="o", label=group)
-    names = [name for _, name in iter_transitions(result)]
-    ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=7)
-    ax.set_yscale("log")
-    ax.set_ylabel("mean ||dW|| / ||W||")
+    _finish(ax, [name for _, name in iter_transitions(result)], "mean ||dW|| / ||W||")
     _marked(ax, result, marks, 1.0)
-    ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
 
@@ -171,22 +168,17 @@ def _bounds_figure(result: SeriesResult, marks: Sequence[str]):
             label=f"layer {b['layer']}" if shown else None,
             linewidth=1.5 if shown else 0.8,
         )
-    labels = [c["label"] for c in result.checkpoints]
-    ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=7)
-    ax.set_yscale("log")
-    ax.set_ylabel("attention-logit bound")
+    _finish(ax, [c["label"] for c in result.checkpoints], "attention-logit bound")
     _marked(ax, result, marks, 0.0)
-    ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
 
 
-def _save(fig, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    save_figure(fig, path, dpi=110)
-    plt.close(fig)
-    return path
+def _finish(ax, ticks: Sequence[str], ylabel: str) -> None:
+    ax.set_xticks(range(len(ticks)), ticks, rotation=30, ha="right", fontsize=7)
+    ax.set_yscale("log")
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=7)
 
 
 __all__ = ["by_group", "bound_jumps", "summary_lines", "top_moving", "write_series_report"]

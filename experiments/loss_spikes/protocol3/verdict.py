@@ -34,7 +34,6 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections import defaultdict
 from pathlib import Path
 
 from proxy.analysis import spread
@@ -76,12 +75,7 @@ def tiny_large_excursions(path: Path = TINY) -> dict[int, int]:
 
 def judge(report: ReportResult, runs: list[Run]) -> Verdict:
     v = Verdict(finding="loss_spikes/protocol3", source=SOURCE)
-    by_arm: dict[str, dict[int, Run]] = defaultdict(dict)
-    for run in runs:
-        arm, seed = P1.arm_of(run), run.config_value("train.seed")
-        if arm in ARMS and seed in SEEDS and run.error is None and run.config_value("model.name") == MODEL:
-            by_arm[arm][int(seed)] = run
-    missing = [a for a in ARMS if sorted(by_arm.get(a, {})) != list(SEEDS)]
+    by_arm, missing = P1.runs_by_arm(runs, ARMS, SEEDS, keep=lambda run: run.config_value("model.name") == MODEL)
     if missing:
         v.check(f"the sweep has the {MODEL} arms {', '.join(ARMS)} with seeds {SEEDS}", False, f"short: {missing}")
         return v

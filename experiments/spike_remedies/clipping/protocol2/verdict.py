@@ -31,7 +31,6 @@ Reported, not judged: each arm against none, excursions per run with steps and p
 from __future__ import annotations
 
 import math
-from collections import defaultdict
 from pathlib import Path
 from typing import Optional
 
@@ -74,12 +73,7 @@ def clip_events(run: Run) -> int:
 
 def judge(report: ReportResult, runs: list[Run]) -> Verdict:
     v = Verdict(finding="spike_remedies/clipping, protocol 2 (on loss spikes)", source=SOURCE)
-    by_arm: dict[str, dict[int, Run]] = defaultdict(dict)
-    for run in runs:
-        arm, seed = arm_of(run), run.config_value("train.seed")
-        if arm is not None and seed in SEEDS and run.error is None:
-            by_arm[arm][int(seed)] = run
-    missing = [a for a in ARMS if sorted(by_arm.get(a, {})) != list(SEEDS)]
+    by_arm, missing = P1.runs_by_arm(runs, ARMS, SEEDS, arm=arm_of)
     if missing:
         v.check(f"the sweep has the arms {', '.join(ARMS)} with seeds {SEEDS}", False, f"short: {missing}")
         return v
