@@ -52,12 +52,13 @@ def bound_jumps(result: SeriesResult) -> list[tuple[int, int, float]]:
     return sorted(jumps, key=lambda j: -j[2])
 
 
-def summary_lines(result: SeriesResult) -> list[str]:
+def summary_lines(result: SeriesResult, transitions: int = 3) -> list[str]:
+    """What the terminal shows: the ``transitions`` updates with the largest relative update of a
+    tensor (largest first, each with its tensor) and the largest rise of a logit bound."""
     lines = [f"{len(result.checkpoints)} checkpoints, {len(result.tensors)} tensors"]
-    for i, name in iter_transitions(result):
-        top = top_moving(result, i, 1)
-        if top:
-            lines.append(f"{name}: largest relative update {top[0]['name']} ({_g(top[0]['relative_update'][i])})")
+    tops = [(top[0], i, name) for i, name in iter_transitions(result) for top in [top_moving(result, i, 1)] if top]
+    for t, i, name in sorted(tops, key=lambda x: -x[0]["relative_update"][x[1]])[:transitions]:
+        lines.append(f"{name}: largest relative update {t['name']} ({_g(t['relative_update'][i])})")
     jumps = bound_jumps(result)
     if jumps:
         layer, i, r = jumps[0]
@@ -148,7 +149,8 @@ def _updates_figure(result: SeriesResult, marks: Sequence[str]):
     fig, ax = plt.subplots(figsize=(7, 3.5))
     for group, values in by_group(result).items():
         ax.plot(range(len(values)), values, marker="o", label=group)
-    _finish(ax, [name for _, name in iter_transitions(result)], "mean ||dW|| / ||W||")
+    labels = [c["label"] for c in result.checkpoints]
+    _finish(ax, [f"→ {b}" for b in labels[1:]], "mean ||dW|| / ||W|| (update into each checkpoint)")
     _marked(ax, result, marks, 1.0)
     fig.tight_layout()
     return fig
@@ -174,8 +176,10 @@ def _bounds_figure(result: SeriesResult, marks: Sequence[str]):
     return fig
 
 
-def _finish(ax, ticks: Sequence[str], ylabel: str) -> None:
-    ax.set_xticks(range(len(ticks)), ticks, rotation=30, ha="right", fontsize=7)
+def _finish(ax, ticks: Sequence[str], ylabel: str, most: int = 12) -> None:
+    every = max(1, math.ceil(len(ticks) / most))  # a long series: every k-th label
+    shown = range(0, len(ticks), every)
+    ax.set_xticks(list(shown), [ticks[i] for i in shown], rotation=30, ha="right", fontsize=7)
     ax.set_yscale("log")
     ax.set_ylabel(ylabel)
     ax.legend(fontsize=7)
