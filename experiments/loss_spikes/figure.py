@@ -6,7 +6,8 @@ One column per arm (verdict.ARMS), seed 0 of each (``--seed`` for another): top,
 (log scale) with each excursion proxy/spikes.py finds marked (circle: a spike that came back,
 cross: a collapse); bottom, the largest per-tensor RMS_t of each step (Wortsman et al. 2023b's
 predictor), the line at 1 where Adam's second moment has fallen behind the gradient. Writes
-``figures/loss_spikes.png`` under ``--out``.
+``figures/loss_spikes.png`` under ``--out``. ``--verdict DIR``: the arms of another study run on
+this organism (experiments/spike_remedies/clipping/protocol2).
 """
 
 from __future__ import annotations
@@ -25,13 +26,17 @@ HERE = Path(__file__).resolve().parent
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    seed = 0
+    seed, finding = 0, HERE
     if "--seed" in argv:  # figure_inputs parses the common arguments; the seed is this figure's own
         at = argv.index("--seed")
         seed = int(argv[at + 1])
         del argv[at : at + 2]
+    if "--verdict" in argv:  # another study's arms on this organism (it names ARMS, arm_of, excursions)
+        at = argv.index("--verdict")
+        finding = Path(argv[at + 1])
+        del argv[at : at + 2]
     try:
-        args, verdict, runs = figure_inputs(__doc__, HERE, argv)
+        args, verdict, runs = figure_inputs(__doc__, finding, argv)
     except FileNotFoundError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -46,6 +46,7 @@ ARMS = ("none", "grad_clip", "zclip")
 SEEDS = (6, 7, 8)
 LARGE = P1.LARGE
 FINAL_STEPS = 200
+excursions = P1.excursions  # what the loss-spike study's figure marks (experiments/loss_spikes/figure.py)
 SOURCE = (
     "ZClip (Kumar et al. 2025, arXiv 2504.02507): z-score adaptive clipping reduces loss spikes and trains at "
     "least as well as fixed-threshold clipping; judged on the loss-spike organism (experiments/loss_spikes)"
