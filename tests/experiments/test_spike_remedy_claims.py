@@ -327,3 +327,18 @@ def test_clipping_protocol2_without_unclipped_spikes_is_not_testable():
     runs = [organism_run(arm, s, []) for arm in CLIP_P2.ARMS for s in CLIP_P2.SEEDS]
     verdict = CLIP_P2.judge(None, runs)
     assert verdict.label == NOT_TESTABLE and verdict.checks == []
+
+
+SKIP = load_script(FINDING / "skip_on_spikes" / "verdict.py")
+
+
+@pytest.mark.parametrize("skip_peak, holds", [(0.05, True), (5.0, False)])
+def test_skip_on_spikes_judges_skip_step_against_no_remedy(skip_peak, holds):
+    def run(arm: str, seed: int, peak: float) -> Run:
+        base = organism_run("none", seed, [(600, peak)])
+        remedy = {"kind": "skip_step" if arm == "skip_step" else "none"}
+        return Run(base.path.with_name(f"{arm}-{seed}"), base.summary, {**base.config, "remedy": remedy}, base.metrics)
+
+    runs = [run("none", s, 4.0) for s in SKIP.SEEDS] + [run("skip_step", s, skip_peak) for s in SKIP.SEEDS]
+    verdict = SKIP.judge(None, runs)
+    assert verdict.testable and [c.passed for c in verdict.checks][:2] == [holds, holds]

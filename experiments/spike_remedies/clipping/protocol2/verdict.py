@@ -34,18 +34,17 @@ import math
 from pathlib import Path
 from typing import Optional
 
-from proxy.analysis import spread
-from proxy.records import PROBE_LOSS, Run
+from proxy.records import Run
 from proxy.report import ReportResult
-from proxy.verdict import Verdict, load_module
+from proxy.verdict import Verdict, load_script
 
-SPIKES = Path(__file__).resolve().parents[3] / "loss_spikes"
-P1 = load_module(SPIKES)  # the loss-spike study's definitions
-P2 = load_module(SPIKES / "protocol2")  # the largest rise
+ORGANISM = load_script(Path(__file__).resolve().parents[2] / "organism.py")  # what the organism studies share
+P1 = ORGANISM.P1
 ARMS = ("none", "grad_clip", "zclip")
 SEEDS = (6, 7, 8)
-LARGE = P1.LARGE
-FINAL_STEPS = 200
+LARGE = ORGANISM.LARGE
+FINAL_STEPS = ORGANISM.FINAL_STEPS
+final_log_loss = ORGANISM.final_log_loss
 excursions = P1.excursions  # what the loss-spike study's figure marks (experiments/loss_spikes/figure.py)
 SOURCE = (
     "ZClip (Kumar et al. 2025, arXiv 2504.02507): z-score adaptive clipping reduces loss spikes and trains at "
@@ -62,12 +61,6 @@ def arm_of(run: Run) -> Optional[str]:
     return arm if arm in ("none", "grad_clip") else None
 
 
-def final_log_loss(run: Run) -> float:
-    """Mean log10 probe loss over the last FINAL_STEPS logged steps (nan without a probe)."""
-    values = [v for v in run.series(PROBE_LOSS)[1] if math.isfinite(v) and v > 0][-FINAL_STEPS:]
-    return sum(math.log10(v) for v in values) / len(values) if values else math.nan
-
-
 def clip_events(run: Run) -> int:
     return sum(1 for e in run.events if e.get("event") == "zclip")
 
@@ -78,42 +71,16 @@ def judge(report: ReportResult, runs: list[Run]) -> Verdict:
     if missing:
         v.check(f"the sweep has the arms {', '.join(ARMS)} with seeds {SEEDS}", False, f"short: {missing}")
         return v
-    found = {arm: {s: P1.excursions(r) for s, r in seeds.items()} for arm, seeds in by_arm.items()}
-    large = {arm: [sum(e.peak >= LARGE for e in found[arm][s]) for s in SEEDS] for arm in ARMS}
-    rise = {arm: [P2.largest_peak(by_arm[arm][s]) for s in SEEDS] for arm in ARMS}
-    final = {arm: [final_log_loss(by_arm[arm][s]) for s in SEEDS] for arm in ARMS}
-    for arm in ARMS:
-        v.numbers[f"events/{arm}"] = {
-            str(s): [f"{e.kind}@{e.step} peak {e.peak:.3g}" for e in found[arm][s]] for s in SEEDS
-        }
-        v.numbers[f"large_excursions/{arm}"] = large[arm]
-        v.numbers[f"largest_rise/{arm}"] = [round(x, 4) for x in rise[arm]]
-        v.numbers[f"final_log10_probe_loss/{arm}"] = spread(final[arm]).describe(".2f")
+    m = ORGANISM.Arms.of(by_arm, SEEDS)
+    large, rise = m.large, m.rise
+    m.report(v, ARMS)
     v.numbers["zclip_events_per_run"] = [clip_events(by_arm["zclip"][s]) for s in SEEDS]
     for arm in ("grad_clip", "zclip"):
-        v.numbers[f"{arm}_minus_none/final_log10_probe_loss"] = spread(
-            a - b for a, b in zip(final[arm], final["none"])
-        ).describe(".2f")
-
-    onsets = {arm: {s: P1.onset(r) for s, r in seeds.items()} for arm, seeds in by_arm.items()}
-    v.numbers["low_noise_onset"] = {arm: {str(s): o for s, o in x.items()} for arm, x in onsets.items()}
-    v.design(
-        f"the unclipped arm reaches the low-noise phase (probe loss < {P1.LOW_NOISE} nats) by step {P1.ONSET_BY} "
-        "in every seed",
-        all(o is not None and o <= P1.ONSET_BY for o in onsets["none"].values()),
-        f"onset steps {list(onsets['none'].values())}",
-        "a run long enough to reach the low-noise phase",
-    )
-    v.design(
-        f"the unclipped arm has a large loss spike (peak >= {LARGE} nats) in >= 2 of 3 seeds",
-        sum(n >= 1 for n in large["none"]) >= 2,
-        f"large excursions per seed {large['none']}",
-        "more seeds or longer runs, so that loss spikes occur without clipping",
-    )
-    if not v.testable:
+        v.numbers[f"{arm}_minus_none/final_log10_probe_loss"] = m.minus(arm, "none").describe(".2f")
+    if not m.design(v, "none", "unclipped", "without clipping"):
         return v
 
-    fewer = spread(large["zclip"]).mean < spread(large["grad_clip"]).mean
+    fewer = sum(large["zclip"]) < sum(large["grad_clip"])  # the same seeds: fewer on average
     v.check(
         "ZClip has fewer loss spikes than fixed clipping: fewer large excursions on average, more in no seed",
         fewer and all(z <= f for z, f in zip(large["zclip"], large["grad_clip"])),
@@ -125,7 +92,7 @@ def judge(report: ReportResult, runs: list[Run]) -> Verdict:
         f"largest rise: zclip {[round(x, 3) for x in rise['zclip']]} vs fixed "
         f"{[round(x, 3) for x in rise['grad_clip']]} (none {[round(x, 3) for x in rise['none']]})",
     )
-    worse = spread(z - f for z, f in zip(final["zclip"], final["grad_clip"]))
+    worse = m.minus("zclip", "grad_clip")
     v.check(
         f"ZClip trains at least as well: final loss (mean log10 probe loss, last {FINAL_STEPS} steps) zclip - fixed "
         "not above 0 beyond 2 SE",
