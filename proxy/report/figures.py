@@ -142,8 +142,10 @@ class _Palette:
             return "tab:blue"
         return self.cmap(0.05 + 0.8 * float(self.norm(lr)))
 
-    def handles(self) -> list[Line2D]:
-        return [Line2D([], [], color=self.color(lr), label=f"lr {lr:g}") for lr in self.lrs]
+    def handles(self, per_seed: bool = False) -> list[Line2D]:
+        """One legend entry per LR; ``per_seed``: a panel draws several runs (seeds) at one LR."""
+        tail = " (a line per seed)" if per_seed else ""
+        return [Line2D([], [], color=self.color(lr), label=f"lr {lr:g}{tail}") for lr in self.lrs]
 
 
 EVENT_MARKERS = ("v", "^", "s", "D", "P", "*", "h", "<", ">")
@@ -287,7 +289,8 @@ def _series_panels(
         bottom, top = axes.flat[0].get_ylim()
         if top > ylim_top > bottom:
             axes.flat[0].set_ylim(bottom, ylim_top)
-    _legend(fig, palette, kinds, marked["spike"], marked["blown"], overlay, marked["abandoned"])
+    per_seed = any(len([r for r, _ in members if r.lr == lr]) > 1 for _, members in groups for lr in palette.lrs)
+    _legend(fig, palette, kinds, marked["spike"], marked["blown"], overlay, marked["abandoned"], per_seed)
     return fig
 
 
@@ -299,8 +302,9 @@ def _legend(
     blown: bool,
     overlay: Optional[str] = None,
     abandoned: bool = False,
+    per_seed: bool = False,
 ) -> None:
-    handles = palette.handles()
+    handles = palette.handles(per_seed)
     if overlay:
         handles.append(Line2D([], [], color="gray", linestyle="--", marker=".", label=overlay))
     if abandoned:
@@ -480,7 +484,15 @@ def _lr_figure(sensitivity: list[SensitivityRow], variant_colors: dict[str, Any]
             ax.plot(*zip(*blown), linestyle="none", marker="X", markersize=11, color=color, markeredgecolor="black")
     inits = [row.loss_at_init for row in rows if row.loss_at_init is not None]
     if inits:
-        ax.axhline(statistics.median(inits), color="gray", linestyle=":", label="loss at init")
+        init = statistics.median(inits)
+        losses = [x for row in rows for x in row.losses if finite(x)]
+        if losses and max(losses) < init:  # the curves get the axis; the loss at init stays named
+            low, high = min(losses), max(losses)
+            pad = 0.08 * (high - low) if high > low else 0.05 * abs(high) or 0.05
+            ax.set_ylim(low - pad, high + pad)
+            ax.plot([], [], color="gray", linestyle=":", label=f"loss at init {init:.3g} (above the axis)")
+        else:
+            ax.axhline(init, color="gray", linestyle=":", label="loss at init")
     ax.plot(
         [],
         [],

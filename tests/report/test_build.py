@@ -326,3 +326,36 @@ def test_an_optimum_on_the_grids_edge_is_flagged_beside_its_sensitivity(tmp_path
     assert edge.sensitivity is not None and "best LR 0.1 is the grid's highest" in edge.note
     assert "grid's" not in inside.note
     assert "best LR 0.1 is the grid's highest" in result.markdown.read_text()
+
+
+def test_the_lr_figure_gives_the_curves_the_axis_and_names_the_loss_at_init() -> None:
+    from proxy.report.figures import _lr_figure
+    from proxy.report.tables import SensitivityRow
+
+    row = SensitivityRow("v", "", None, [1e-3, 1e-2, 1e-1], [3.6, 3.4, 3.9], [], 6.2, 1e-2, 3.4, 0.2, 3, 0, 0, 0)
+    fig = _lr_figure([row], {"v": "C0"})
+    assert fig is not None
+    low, high = fig.axes[0].get_ylim()
+    assert high < 4.1 and low > 3.3  # not stretched to 6.2
+    assert any("loss at init 6.2 (above the axis)" in t.get_text() for t in fig.legends[0].texts)
+    blown = SensitivityRow("v", "", None, [1e-3, 1e-2], [3.6, 6.2], [1e-2], 6.2, 1e-3, 3.6, 1.3, 2, 1, 0, 0)
+    assert _lr_figure([blown], {"v": "C0"}).axes[0].get_ylim()[1] > 6.2  # a run at the loss at init shows it
+
+
+def test_a_legend_says_when_each_seed_is_its_own_line(tmp_path: Path) -> None:
+    from proxy.analysis import SpikeOptions
+    from proxy.records import load_run
+    from proxy.report.figures import _Palette, _series_panels
+    from proxy.report.tables import tabulate
+
+    def legend(names: list[str], lrs: list[float]) -> list[str]:
+        root = tmp_path / "-".join(names)
+        for name, lr in zip(names, lrs):
+            make_run(root, name, lr=lr, qk_norm="off", final_loss=3.0)
+        tables = tabulate([load_run(p) for p in sorted(root.iterdir())], SpikeOptions())
+        palette = _Palette(row.lr for row in tables.runs)
+        fig = _series_panels("train/loss", tables.groups, palette, None, {}, "loss")
+        return [t.get_text() for t in fig.legends[0].texts]
+
+    assert "lr 0.001 (a line per seed)" in legend(["a", "b"], [1e-3, 1e-3])  # two runs at one LR
+    assert "lr 0.001" in legend(["c", "d"], [1e-3, 1e-2])
