@@ -161,7 +161,10 @@ class Checkpoint:
     files: dict[str, Path]  # tensor name -> the file holding it
     shapes: dict[str, tuple[int, ...]]
     nbytes: dict[str, int]
-    state: Optional[dict[str, Tensor]] = None  # a proxy checkpoint, read whole (lab models are small)
+    # a proxy checkpoint's model weights, read whole and held for the whole measurement: a lab
+    # series of N checkpoints of a P-parameter model holds 4 N P bytes (39 x 164k here; 20m runs
+    # want tens of checkpoints at most)
+    state: Optional[dict[str, Tensor]] = None
     _handles: dict[Path, Any] = field(default_factory=dict, repr=False)
 
     def read(self, name: str) -> Tensor:
