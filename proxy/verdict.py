@@ -71,6 +71,7 @@ class Verdict:
     notes: str = ""
     design_checks: list[Check] = field(default_factory=list)
     would_test: str = ""  # where a design check failed: the scale, steps and compute that would test it
+    code: list[str] = field(default_factory=list)  # the commits the judged runs trained with (runs.csv code_commit)
 
     @property
     def testable(self) -> bool:
@@ -112,6 +113,8 @@ class Verdict:
             blocks += [Paragraph("Numbers:"), Items([f"`{k}`: {_fmt(v)}" for k, v in self.numbers.items()])]
         if self.notes:
             blocks.append(Paragraph(self.notes))
+        if self.code:
+            blocks.append(Paragraph(f"Runs trained with proxy at: {', '.join(self.code)}"))
         return to_markdown(f"{self.finding}: **{self.label}**", blocks).rstrip("\n") + "\n"
 
     def to_json(self) -> dict[str, Any]:
@@ -225,6 +228,7 @@ def judge_runs(
     except BaseException:
         write_report(result)  # the report still lands, without a verdict
         raise
+    verdict.code = sorted({row.code_commit or "unrecorded" for row in result.runs})
     write_report(result, verdict.summary())
     atomic_write_text(out / "verdict.json", json.dumps(verdict.to_json(), indent=2, default=str) + "\n")
     atomic_write_text(out / "verdict.md", verdict.to_markdown())

@@ -42,6 +42,7 @@ class Summary(Mapping[str, Any]):
     updated_at: Optional[float] = None
     data: Optional[dict[str, Any]] = None  # the data source's description
     threads: Optional[dict[str, Any]] = None  # torch's thread settings (bitwise results need the same)
+    code: Optional[dict[str, Any]] = None  # the proxy source: {commit, dirty} of its git checkout
     backends: Optional[dict[str, Any]] = None  # the resolved attention / cross-entropy backends
     token_classes: Optional[dict[str, Any]] = None
     ensemble: Optional[dict[str, Any]] = None  # an ensemble member's place: members, index, label

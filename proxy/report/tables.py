@@ -78,6 +78,7 @@ class RunRow:
     wall_time_s: Optional[float] = None
     sweep_id: Optional[str] = None
     experiment: Optional[str] = None
+    code_commit: Optional[str] = None  # the commit it trained with, 12 digits, "+dirty" with local changes
     error: Optional[str] = None
     label: str = ""  # the run's name in the report: what varies across the runs (run_labels)
 
@@ -223,9 +224,19 @@ def run_row(run: Run, spikes: SpikeOptions) -> tuple[RunRow, tuple[str, ...]]:
         wall_time_s=s.wall_time_s,
         sweep_id=s.sweep_id,
         experiment=_first(s.experiment, run.config_value("experiment")),
+        code_commit=code_commit(s.code),
         error=run.error if run.error is not None else s.error,
     )
     return row, variant
+
+
+def code_commit(code: Optional[dict[str, Any]]) -> Optional[str]:
+    """A summary's ``code`` as one cell: 12 digits of the commit, "+dirty" where proxy/ or conf/
+    had uncommitted changes; None for a run that recorded none (older runs, a copied tree)."""
+    commit = (code or {}).get("commit")
+    if not isinstance(commit, str) or not commit:
+        return None
+    return commit[:12] + ("+dirty" if (code or {}).get("dirty") else "")
 
 
 def _loss_spike_counts(run: Run) -> tuple[Optional[int], Optional[int]]:

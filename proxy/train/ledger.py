@@ -77,7 +77,7 @@ from proxy.records import (
 from proxy.spikes import loss_spikes
 from proxy.train.remedies import Event
 from proxy.train.resume import ResumeCheck, accumulate, check_resume, runtime_changes, trained_config
-from proxy.train.runtime import summary_fields
+from proxy.train.runtime import code_version, summary_fields
 from proxy.train.tracking import Sinks, open_sinks
 
 CHECKPOINT_NAME = "step_{step:07d}.pt"
@@ -300,6 +300,7 @@ class RunLedger:
             started_at=self.summary.get("started_at", time.time()),
             data=data,
             threads=threads,  # results are bitwise only at the same thread count (README)
+            code=code_version() or None,  # the commit it trains with; a resume's change is in resumed_with
             **resumed,
             **extra,
         )
@@ -307,10 +308,11 @@ class RunLedger:
         self._open_sinks.started(self.summary)
 
     def _resume_fields(self, device: torch.device, backends: Optional[dict], threads: dict) -> dict[str, Any]:
-        """What this resume changed: the config keys it may change, and where the run now
-        executes (device, resolved backends, threads), against the stored summary; and the
+        """What this resume changed: the config keys it may change, and where and with what code
+        the run now executes (device, resolved backends, threads, commit), against the stored
+        summary; and the
         changes train.resume_override forced, kept over every resume."""
-        now = {"device": str(device), "backends": backends or {}, "threads": threads}
+        now = {"device": str(device), "backends": backends or {}, "threads": threads, "code": code_version() or None}
         previous = {key: self.summary.get(key) for key in now if self.summary.get(key) is not None}
         fields: dict[str, Any] = {"resumed_with": {**self.resume_check.resumed_with, **runtime_changes(previous, now)}}
         if self.resume_check.forced or self.summary.get("resume_override"):

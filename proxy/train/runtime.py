@@ -6,10 +6,12 @@ ensemble so the two cannot disagree.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import multiprocessing
 import signal
+import subprocess
 import sys
 import threading
 from typing import Any, Callable, ContextManager, Literal, Optional
@@ -149,6 +151,30 @@ class StopSignals:
             signal.signal(sig, handler)
         self._previous.clear()
         return False
+
+
+@functools.lru_cache(maxsize=1)
+def code_version() -> dict[str, Any]:
+    """The proxy source a run trains with, for its summary (``code``): the git commit of the
+    checkout proxy is imported from and whether its training code (proxy/, conf/) had uncommitted
+    changes; ``{}`` where proxy is not a git checkout (an installed package, a copied tree). One
+    ``git`` call per process."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+
+    def git(*args: str) -> Optional[str]:
+        try:
+            done = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    if not commit:
+        return {}
+    status = git("status", "--porcelain", "--untracked-files=no", "--", "proxy", "conf")
+    return {"commit": commit, "dirty": bool(status)} if status is not None else {"commit": commit}
 
 
 def divergence_reason(loss: float, grad_norm: float, loss_at_init: Optional[float], t: TrainConfig) -> Optional[str]:

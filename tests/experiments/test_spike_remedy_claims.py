@@ -120,6 +120,7 @@ def test_clipping_verdict(tmp_path: Path, reproduces: bool) -> None:
     passed = [c.passed for c in verdict.checks]
     assert passed == ([True] * 3 if reproduces else [False, False, True])
     assert verdict.numbers["diverged/none/lr=0.3"] == "1 of 3"
+    assert verdict.code == ["unrecorded"]  # records written here carry no commit; the verdict says so
 
 
 def test_clipping_verdict_needs_an_unstable_regime(tmp_path: Path) -> None:

@@ -210,3 +210,19 @@ def test_fp64_runs_every_computation_in_float64_from_the_same_init(tmp_path):
     a, b = load_run(tmp_path / "fp32").series("train/loss")[1], load_run(tmp_path / "fp64").series("train/loss")[1]
     assert a != b and max(abs(x - y) for x, y in zip(a, b)) < 1e-4
     assert fp64.final_val_loss != fp32.final_val_loss
+
+
+def test_a_run_records_the_commit_it_trained_with_and_the_report_shows_it(tmp_path):
+    from proxy.report import build_report
+
+    root = Path(__file__).resolve().parents[2]
+    head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True)
+    summary = train(tiny_cfg(train=dict(steps=4)), tmp_path / "run")
+    if head.returncode != 0:  # not a git checkout (a copied tree): nothing to record
+        assert summary.code is None
+        return
+    assert summary.code["commit"] == head.stdout.strip() and isinstance(summary.code["dirty"], bool)
+    result = build_report([tmp_path / "run"], tmp_path / "report")
+    cell = result.runs[0].code_commit
+    assert cell.startswith(head.stdout.strip()[:12]) and (cell.endswith("+dirty") is summary.code["dirty"])
+    assert "code_commit" in (tmp_path / "report" / "runs.csv").read_text().splitlines()[0]
