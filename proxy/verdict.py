@@ -42,7 +42,7 @@ from proxy.records import (
 )
 from proxy.report import Claim, VerdictSummary, collect_report, default_out_dir, write_report
 from proxy.report.document import Block, Items, Paragraph, Table, to_markdown
-from proxy.report.tables import usable
+from proxy.report.tables import code_commit, usable
 
 
 @dataclass
@@ -228,7 +228,7 @@ def judge_runs(
     except BaseException:
         write_report(result)  # the report still lands, without a verdict
         raise
-    verdict.code = sorted({row.code_commit or "unrecorded" for row in result.runs})
+    verdict.code = sorted({code_commit(run.summary.code) or "unrecorded" for run in runs})
     write_report(result, verdict.summary())
     atomic_write_text(out / "verdict.json", json.dumps(verdict.to_json(), indent=2, default=str) + "\n")
     atomic_write_text(out / "verdict.md", verdict.to_markdown())

@@ -23,7 +23,7 @@ from proxy.train import train
 from tests.train.test_trainer import tiny_cfg
 
 DATA = Path(__file__).resolve().parents[1] / "fixtures" / "loop_reference"
-VOLATILE_SUMMARY = ("started_at", "updated_at", "wall_time_s", "run_name", "threads")
+VOLATILE_SUMMARY = ("started_at", "updated_at", "wall_time_s", "run_name", "threads", "code")
 VOLATILE_PREFIX = ("perf/",)
 
 

@@ -214,8 +214,10 @@ def test_fp64_runs_every_computation_in_float64_from_the_same_init(tmp_path):
 
 def test_a_run_records_the_commit_it_trained_with_and_the_report_shows_it(tmp_path):
     from proxy.report import build_report
+    from proxy.train.runtime import code_version
 
     root = Path(__file__).resolve().parents[2]
+    code_version.cache_clear()  # HEAD now, not when this process first asked
     head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True)
     summary = train(tiny_cfg(train=dict(steps=4)), tmp_path / "run")
     if head.returncode != 0:  # not a git checkout (a copied tree): nothing to record
