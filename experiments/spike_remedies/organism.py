@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from proxy.analysis import spread
 from proxy.records import PROBE_LOSS, Run
@@ -27,10 +27,30 @@ def final_log_loss(run: Run) -> float:
     return sum(math.log10(v) for v in values) / len(values) if values else math.nan
 
 
+def events(run: Run, kind: str) -> int:
+    """How many ``kind`` events (a remedy's: zclip, skip_step) the run recorded."""
+    return sum(1 for e in run.events if e.get("event") == kind)
+
+
+def collect(
+    v: Verdict, runs: list[Run], arms: Sequence[str], seeds: Sequence[int], arm: Callable[[Run], Optional[str]]
+) -> Optional["Arms"]:
+    """The runs of ``arms`` x ``seeds`` measured and reported into ``v``; None (and a failed check
+    naming what is short) where the sweep lacks an arm or a seed."""
+    by_arm, missing = P1.runs_by_arm(runs, arms, seeds, arm=arm)
+    if missing:
+        v.check(f"the sweep has the arms {', '.join(arms)} with seeds {tuple(seeds)}", False, f"short: {missing}")
+        return None
+    measured = Arms.of(by_arm, seeds)
+    measured.report(v, arms)
+    return measured
+
+
 @dataclass
 class Arms:
     """Per arm, per seed (in ``seeds`` order): excursions, large ones, largest rise, final loss."""
 
+    runs: dict[str, dict[int, Run]]
     seeds: Sequence[int]
     found: dict[str, dict[int, list[Any]]]
     large: dict[str, list[int]]
@@ -42,6 +62,7 @@ class Arms:
     def of(cls, by_arm: dict[str, dict[int, Run]], seeds: Sequence[int]) -> "Arms":
         found = {arm: {s: P1.excursions(r) for s, r in runs.items()} for arm, runs in by_arm.items()}
         return cls(
+            by_arm,
             seeds,
             found,
             {arm: [sum(e.peak >= LARGE for e in found[arm][s]) for s in seeds] for arm in by_arm},

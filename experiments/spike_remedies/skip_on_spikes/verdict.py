@@ -54,19 +54,16 @@ def arm_of(run: Run) -> Optional[str]:
 
 
 def skipped(run: Run) -> int:
-    return sum(1 for e in run.events if e.get("event") == "skip_step")
+    return ORGANISM.events(run, "skip_step")
 
 
 def judge(report: ReportResult, runs: list[Run]) -> Verdict:
     v = Verdict(finding="spike_remedies/skip_on_spikes", source=SOURCE)
-    by_arm, missing = P1.runs_by_arm(runs, ARMS, SEEDS, arm=arm_of)
-    if missing:
-        v.check(f"the sweep has the arms {', '.join(ARMS)} with seeds {SEEDS}", False, f"short: {missing}")
+    m = ORGANISM.collect(v, runs, ARMS, SEEDS, arm_of)
+    if m is None:
         return v
-    m = ORGANISM.Arms.of(by_arm, SEEDS)
-    m.report(v, ARMS)
-    v.numbers["skipped_steps_per_run"] = [skipped(by_arm["skip_step"][s]) for s in SEEDS]
-    v.numbers["status/skip_step"] = [by_arm["skip_step"][s].status for s in SEEDS]
+    v.numbers["skipped_steps_per_run"] = [skipped(m.runs["skip_step"][s]) for s in SEEDS]
+    v.numbers["status/skip_step"] = [m.runs["skip_step"][s].status for s in SEEDS]
     if not m.design(v, "none", "no-remedy", "without a remedy"):
         return v
 

@@ -62,19 +62,16 @@ def arm_of(run: Run) -> Optional[str]:
 
 
 def clip_events(run: Run) -> int:
-    return sum(1 for e in run.events if e.get("event") == "zclip")
+    return ORGANISM.events(run, "zclip")
 
 
 def judge(report: ReportResult, runs: list[Run]) -> Verdict:
     v = Verdict(finding="spike_remedies/clipping, protocol 2 (on loss spikes)", source=SOURCE)
-    by_arm, missing = P1.runs_by_arm(runs, ARMS, SEEDS, arm=arm_of)
-    if missing:
-        v.check(f"the sweep has the arms {', '.join(ARMS)} with seeds {SEEDS}", False, f"short: {missing}")
+    m = ORGANISM.collect(v, runs, ARMS, SEEDS, arm_of)
+    if m is None:
         return v
-    m = ORGANISM.Arms.of(by_arm, SEEDS)
     large, rise = m.large, m.rise
-    m.report(v, ARMS)
-    v.numbers["zclip_events_per_run"] = [clip_events(by_arm["zclip"][s]) for s in SEEDS]
+    v.numbers["zclip_events_per_run"] = [clip_events(m.runs["zclip"][s]) for s in SEEDS]
     for arm in ("grad_clip", "zclip"):
         v.numbers[f"{arm}_minus_none/final_log10_probe_loss"] = m.minus(arm, "none").describe(".2f")
     if not m.design(v, "none", "unclipped", "without clipping"):
