@@ -113,6 +113,9 @@ class CaptureTrigger(str, Enum):
     any = "any"  # a spike in the loss or in the grad norm
     loss = "loss"
     grad_norm = "grad_norm"
+    # probe/loss (train.probe_every): the loss of one fixed held-out sample, where a loss spike is
+    # told from batch noise (proxy/spikes.py); the kit's step N is the first whose start state shows it
+    probe = "probe"
 
 
 class DataSource(str, Enum):
@@ -520,6 +523,10 @@ def validate(cfg: Config) -> Config:
     _validate_remedy(cfg.remedy)
     _validate_sweep(cfg.sweep)
     _validate_capture(cfg.capture)
+    if cfg.capture.enabled and CaptureTrigger(cfg.capture.trigger) == CaptureTrigger.probe and t.probe_every != 1:
+        raise ConfigError(
+            f"capture.trigger=probe watches probe/loss at every step: set train.probe_every=1 (it is {t.probe_every})"
+        )
     for key in ("steps", "batch_size", "seq_len", "log_every", "eval_every", "eval_batches"):
         _positive(getattr(t, key), f"train.{key}")
     _positive(t.probe_every, "train.probe_every", allow_zero=True)

@@ -4,7 +4,9 @@ LLM360 released K2 checkpoints from before and during its loss spikes; PaLM foun
 replaying the spiking batches from an earlier state did not spike again. Both need the same
 thing: the state from a little before the spike and the batches that followed. With
 ``capture.enabled`` the trainer keeps them in memory and, when its own spike detector fires
-(:class:`proxy.train.remedies.SpikeDetector` on the loss and/or the grad norm), writes::
+(:class:`proxy.train.remedies.SpikeDetector` on the loss and/or the grad norm, or with
+``capture.trigger=probe`` on ``probe/loss``, the loss of a fixed held-out sample where a loss
+spike stands clear of batch noise), writes::
 
     <run_dir>/spike_kits/step_<N>/
         kit.json           trigger, value, threshold, the per-step trace (lr, loss, grad norm,
@@ -108,6 +110,7 @@ class SpikeCapture(StepObserver):
         self.last_meta: Optional[dict[str, Any]] = None
         self._later_dirty = False  # last_meta has later spikes not yet on disk
         self.kits_written: Optional[int] = None  # counted on first use (a resumed run has some)
+        self._probe_spike: Optional[dict[str, Any]] = None  # trigger=probe: seen at a step's start
         self._last_step: Optional[int] = None
         self._armed_said: Optional[bool] = None  # None: nothing said yet
 
@@ -146,21 +149,40 @@ class SpikeCapture(StepObserver):
         self.trace.append(row)
         if self.open is not None:
             self.open.meta["trace"].append(row)
-        watched = self._watched(loss, grad_norm)
-        spike = self.detector.test(*watched)
-        if spike is None:
-            self.detector.accept(*watched)
-            self._say_when_armed(step)
-            return
-        found = {"step": step, "trigger": spike.trigger, "value": spike.value, "threshold": spike.threshold}
+        if CaptureTrigger(self.cfg.trigger) == CaptureTrigger.probe:
+            found_at_start, self._probe_spike = self._probe_spike, None
+            if found_at_start is None:
+                self._say_when_armed(step)
+                return
+            found = found_at_start  # the kit's step N: its start state (snapshotted in on_batch) shows it
+        else:
+            watched = self._watched(loss, grad_norm)
+            spike = self.detector.test(*watched)
+            if spike is None:
+                self.detector.accept(*watched)
+                self._say_when_armed(step)
+                return
+            found = {"step": step, "trigger": spike.trigger, "value": spike.value, "threshold": spike.threshold}
         if self._can_open():
             self._open_kit(run, found, event)
         else:
             self._note_later_spike(found)
 
+    def on_probe(self, run: ObservedRun, step: int, value: float) -> None:
+        """trigger=probe: test probe/loss (measured at the start of ``step``, before its batch); a
+        spike opens its kit at this step's end, when the ring holds this step's start state."""
+        if not run.dist.is_main or CaptureTrigger(self.cfg.trigger) != CaptureTrigger.probe:
+            return
+        spike = self.detector.test(value, None)
+        if spike is None:
+            self.detector.accept(value, None)
+            return
+        self._probe_spike = {"step": step, "trigger": "probe_loss", "value": spike.value, "threshold": spike.threshold}
+
     def _say_when_armed(self, step: int) -> None:
         """Log that capture is on but blind until the detector has its history, then when it sees."""
-        history = min(len(v) for v in self.detector.history.values())
+        watched = ["loss"] if CaptureTrigger(self.cfg.trigger) == CaptureTrigger.probe else list(self.detector.history)
+        history = min(len(self.detector.history[name]) for name in watched)
         if self._armed_said is None:
             self._armed_said = False
             if history < self.cfg.detector.min_history:

@@ -84,5 +84,9 @@ class StepObserver:
     def on_step_end(self, run: ObservedRun, step: int, loss: float, grad_norm: float, event: Optional[Event]) -> None:
         pass
 
+    def on_probe(self, run: ObservedRun, step: int, value: float) -> None:
+        """probe/loss measured at the start of ``step`` (before its batch and update)."""
+        pass
+
     def close(self, run: ObservedRun) -> None:
         pass

@@ -609,6 +609,8 @@ class Trainer:
         values = self.engine.evaluate(batches, self.cfg.loss.ignore_index)
         for member in self._active():
             member.ledger.log(step, {PROBE_LOSS: values[member.index]})
+            for observer in member.observers:  # spike capture with capture.trigger=probe
+                observer.on_probe(self._view(member), step, values[member.index])
 
     def _show(self, progress, rows: dict[int, dict[str, float]]) -> None:
         if progress is None:

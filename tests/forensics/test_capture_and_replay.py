@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from proxy.config import ConfigError, to_config
+from proxy.config import ConfigError, as_dict, to_config
 from proxy.forensics import (
     BATCHES_FILE,
     KIT_JSON,
@@ -195,3 +195,35 @@ def test_load_kit_rejects_what_is_not_a_kit(tmp_path):
     (tmp_path / BATCHES_FILE).write_text("not a tensor file")
     with pytest.raises(KitError, match="batches.pt: (unreadable|refused)"):
         load_kit(tmp_path)
+
+
+def test_a_probe_loss_spike_opens_a_kit_at_the_step_whose_start_shows_it(tmp_path, monkeypatch):
+    """capture.trigger=probe watches probe/loss (a loss spike stands clear of batch noise there);
+    the probe at step N is measured before N's batch, so the kit's 'at' state is N's start."""
+    cfg = as_dict(spike_cfg())
+    cfg["capture"]["trigger"] = "probe"
+    cfg["train"].update(probe_every=1, probe_batches=1)
+    cfg["data"]["inject"]["enabled"] = False
+    original = Trainer._log_probe
+
+    def probe(self, step):  # the held-out loss jumps at SPIKE_STEP only
+        evaluate = self.engine.evaluate
+        if step == SPIKE_STEP:
+            self.engine.evaluate = lambda batches, ignore: [v + 10.0 for v in evaluate(batches, ignore)]
+        try:
+            original(self, step)
+        finally:
+            self.engine.evaluate = evaluate
+
+    monkeypatch.setattr(Trainer, "_log_probe", probe)
+    run_with_capture(tmp_path / "run", to_config(cfg))
+    (kit,) = find_kits(tmp_path / "run")
+    meta = json.loads((kit / "kit.json").read_text())
+    assert kit.name == f"step_{SPIKE_STEP:07d}" and meta["trigger"] == "probe_loss"
+    assert meta["detector"]["watching"] == "probe" and meta["value"] > meta["threshold"]
+    assert meta["states"]["at"]["step"] == SPIKE_STEP and meta["states"]["before"]["step"] == SPIKE_STEP - BEFORE
+
+
+def test_a_probe_trigger_needs_a_probe_every_step():
+    with pytest.raises(ConfigError, match="train.probe_every=1"):
+        to_config(tiny_cfg(capture=dict(enabled=True, trigger="probe"), train=dict(probe_every=5)))
