@@ -22,7 +22,7 @@ from proxy.forensics.edge import (
 )
 from proxy.records import atomic_write_text, output_dir, save_figure, write_json
 from proxy.report.document import Block, Figure, Heading, Items, Paragraph, Quote, Table, to_markdown
-from proxy.report.figures import LITERAL_TEXT
+from proxy.report.figures import LITERAL_TEXT, plain_log_ticks
 
 
 def _g(value: float) -> str:
@@ -344,9 +344,10 @@ def _sequence_figure(insp: Inspection):
 
 
 def save_fig(fig, path: Path) -> Path:
-    """A matplotlib figure as a PNG through the one writer, then closed."""
+    """A matplotlib figure as a PNG through the one writer (log axes with plain-text ticks), then closed."""
     import matplotlib.pyplot as plt
 
+    plain_log_ticks(fig)
     save_figure(fig, path, dpi=110)
     plt.close(fig)
     return path

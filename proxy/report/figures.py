@@ -582,12 +582,45 @@ def _draw_figures(tables: Tables, marks: SpikeMarks, folder: Path) -> tuple[dict
     return figures, notes
 
 
+_SUPERSCRIPT = str.maketrans("-0123456789", "⁻⁰¹²³⁴⁵⁶⁷⁸⁹")
+
+
+def _power_label(value: float, _: Any = None) -> str:
+    """A log axis's tick as plain text: 10⁻³ at a power of ten, the number elsewhere."""
+    if value <= 0 or not math.isfinite(value):
+        return ""
+    exponent = math.log10(value)
+    if abs(exponent - round(exponent)) < 1e-9:
+        return "1" if round(exponent) == 0 else "10" + str(round(exponent)).translate(_SUPERSCRIPT)
+    return f"{value:g}"
+
+
+def plain_log_ticks(fig: Any) -> None:
+    """Log axes labelled without mathtext: matplotlib writes their ticks as ``$10^{-3}$``, which
+    :data:`LITERAL_TEXT` (run-dir text is never parsed as math) would print raw. Minor ticks are
+    labelled only where an axis spans less than a decade (as matplotlib does)."""
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    for ax in fig.axes:
+        for axis, scale, limits in (
+            (ax.yaxis, ax.get_yscale(), ax.get_ylim()),
+            (ax.xaxis, ax.get_xscale(), ax.get_xlim()),
+        ):
+            if scale != "log":
+                continue
+            axis.set_major_formatter(FuncFormatter(_power_label))
+            low, high = sorted(limits)
+            narrow = low > 0 and high / low < 10
+            axis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}") if narrow else NullFormatter())
+
+
 def save_png(fig: Figure, path: Path, dpi: int = FIGURE_DPI) -> None:
     """``fig`` as a PNG at ``dpi``, reduced to a 256-colour palette (a third of the bytes of a
     full-colour PNG, the same to the eye: line plots use few colours; the quantizer that keeps
-    each pixel closest, so a lone red spike circle stays red)."""
+    each pixel closest, so a lone red spike circle stays red). Log axes get plain-text ticks."""
     from PIL import Image  # matplotlib's own dependency
 
+    plain_log_ticks(fig)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=dpi)
     image = Image.open(buffer).convert("RGB")

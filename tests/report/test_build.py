@@ -359,3 +359,22 @@ def test_a_legend_says_when_each_seed_is_its_own_line(tmp_path: Path) -> None:
 
     assert "lr 0.001 (a line per seed)" in legend(["a", "b"], [1e-3, 1e-3])  # two runs at one LR
     assert "lr 0.001" in legend(["c", "d"], [1e-3, 1e-2])
+
+
+def test_log_axes_are_labelled_without_mathtext(tmp_path: Path) -> None:
+    """Run-dir text is drawn literally (no math), so a log axis's ticks must not be mathtext."""
+    import matplotlib
+    from matplotlib.figure import Figure
+
+    from proxy.report.figures import LITERAL_TEXT, plain_log_ticks
+
+    with matplotlib.rc_context(LITERAL_TEXT):
+        fig = Figure()
+        ax = fig.subplots()
+        ax.plot([1, 2, 3], [1e-4, 1e-1, 10.0])
+        ax.set_yscale("log")
+        plain_log_ticks(fig)
+        fig.canvas.draw()
+        labels = [t.get_text() for t in ax.get_yticklabels() if t.get_text()]
+    assert labels and not any("$" in t or "mathdefault" in t for t in labels)
+    assert "10⁻³" in labels and "1" in labels
