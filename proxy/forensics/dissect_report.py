@@ -348,6 +348,10 @@ def save_fig(fig, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     plain_log_ticks(fig)
+    from matplotlib.layout_engine import ConstrainedLayoutEngine
+
+    if not isinstance(fig.get_layout_engine(), ConstrainedLayoutEngine):  # laid out with the longer labels: again
+        fig.tight_layout()
     save_figure(fig, path, dpi=110)
     plt.close(fig)
     return path
