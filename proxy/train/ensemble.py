@@ -80,7 +80,7 @@ from proxy.train import distributed
 from proxy.train.engine import Computed
 from proxy.train.ensemble_optim import StackedAdamW, clip_members_, is_dense, member_grad_norms, param_rules
 from proxy.train.remedies import Event, Remedy
-from proxy.train.runtime import param_dtype
+from proxy.train.runtime import param_dtype, values_on
 
 log = logging.getLogger("proxy.ensemble")
 
@@ -431,7 +431,7 @@ class StackedEngine:
             return [{} for _ in range(self.n_members)]
         columns: dict[str, Tensor] = {}
         for n, p in self.model.params.items():
-            lrs = torch.tensor(self.optimizer.lrs(n, self._multiplier), device=self.device)
+            lrs = values_on(self.optimizer.lrs(n, self._multiplier), self.device)
             rms = _per_member(p.detach() - before[n], "rms")
             columns[UPDATE_RMS + n] = torch.where(lrs > 0, rms / lrs, torch.zeros_like(rms))
         for n, p in self.model.params.items():

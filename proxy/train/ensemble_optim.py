@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from proxy.config import OptimConfig, WeightDecayMode
 from proxy.optim import build_optimizer
+from proxy.train.runtime import values_on
 
 
 @dataclass(frozen=True)
@@ -94,7 +95,7 @@ def clip_members_(grads: Sequence[Tensor], norms: Tensor, max_norm: float | Sequ
     if len(set(bounds)) == 1:
         scale = torch.clamp(bounds[0] / (norms + 1e-6), max=1.0)
     else:
-        limit = torch.tensor(bounds, device=norms.device, dtype=norms.dtype)
+        limit = values_on(bounds, norms.device, norms.dtype)
         scale = torch.where(limit > 0, torch.clamp(limit / (norms + 1e-6), max=1.0), torch.ones_like(norms))
     for g in grads:
         g.mul_(as_member_column(scale, g.ndim))
@@ -180,7 +181,7 @@ class StackedAdamW:
         frozen = None
         if not all(moving):
             device = next(iter(self.params.values())).device
-            frozen = torch.tensor([not on for on in moving], device=device)
+            frozen = values_on([not on for on in moving], device)
 
         by_rule: dict[ParamRule, list[str]] = {}
         for name, p in self.params.items():
@@ -191,9 +192,9 @@ class StackedAdamW:
             decay = self._decay_factors(rule, lrs, multiplier, moving)
             neg_steps = [-(lr / b1) for lr, b1 in zip(lrs, bias1)]
             device, dtype = self.params[names[0]].device, self.params[names[0]].dtype
-            neg_steps_t = torch.tensor(neg_steps, device=device, dtype=dtype)
-            decay_t = torch.tensor(decay, device=device, dtype=dtype) if decay is not None else None
-            bias2_t = torch.tensor(bias2_sqrt, device=device, dtype=dtype) if len(set(bias2_sqrt)) > 1 else None
+            neg_steps_t = values_on(neg_steps, device, dtype)
+            decay_t = values_on(decay, device, dtype) if decay is not None else None
+            bias2_t = values_on(bias2_sqrt, device, dtype) if len(set(bias2_sqrt)) > 1 else None
             for name in names:
                 p, g = self.params[name], self.params[name].grad
                 assert g is not None  # by_rule holds only the parameters that have a gradient
@@ -212,7 +213,7 @@ class StackedAdamW:
                     denom.div_(as_member_column(bias2_t, denom.ndim))
                 denom.add_(self.eps)
                 if self.update_clip or self.measure_rms:
-                    rms = self._rms(g, v, torch.tensor(bias2, device=device, dtype=dtype))
+                    rms = self._rms(g, v, values_on(bias2, device, dtype))
                     self.last_rms[name] = rms
                     if self.update_clip:  # the step's LR over max(1, RMS_t), per member and tensor
                         denom.mul_(as_member_column(rms.clamp(min=1.0).to(dtype), denom.ndim))

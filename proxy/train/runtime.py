@@ -14,9 +14,10 @@ import signal
 import subprocess
 import sys
 import threading
-from typing import Any, Callable, ContextManager, Literal, Optional
+from typing import Any, Callable, ContextManager, Literal, Optional, Sequence
 
 import torch
+from torch import Tensor
 
 from proxy.config import Config, ConfigError, LossImpl, TrainConfig
 from proxy.model import attention_backend
@@ -175,6 +176,20 @@ def code_version() -> dict[str, Any]:
         return {}
     status = git("status", "--porcelain", "--untracked-files=no", "--", "proxy", "conf")
     return {"commit": commit, "dirty": bool(status)} if status is not None else {"commit": commit}
+
+
+def to_device(t: Tensor, device: torch.device) -> Tensor:
+    """A host tensor on ``device`` without making the host wait for the device: a copy from
+    pageable memory synchronises the CUDA stream, one from pinned memory does not (the caching
+    host allocator keeps the buffer until the copy is done)."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+def values_on(values: Sequence[float | bool], device: torch.device, dtype: Optional[torch.dtype] = None) -> Tensor:
+    """A short per-member list (LRs, bounds, masks) as a tensor on ``device``, through :func:`to_device`."""
+    return to_device(torch.tensor(list(values), dtype=dtype), device)
 
 
 def divergence_reason(loss: float, grad_norm: float, loss_at_init: Optional[float], t: TrainConfig) -> Optional[str]:

@@ -83,6 +83,7 @@ from proxy.train.runtime import (
     progress_bar,
     resolve_device,
     show_row,
+    to_device,
     wants_compile,
 )
 from proxy.train.watch import DivergenceWatch, Settled, wants_watch
@@ -310,7 +311,7 @@ class Trainer:
         x, y = self.source.batch(
             split, index, self.local_batch, self.cfg.train.seq_len, rank=self.dist.rank, world_size=self.dist.world_size
         )
-        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        return to_device(x, self.device), to_device(y, self.device)
 
     def _val_batches(self) -> Iterator[tuple[Tensor, Tensor]]:
         return (self.batch("val", i) for i in range(self.cfg.train.eval_batches))
@@ -344,7 +345,7 @@ class Trainer:
         self.data_position += 1
 
         collect = logging_step and (cfg.train.stats_every == 0 or step % cfg.train.stats_every == 0)
-        read = logging_step or self.watch is None
+        read = logging_step or not self._defers()
         active = [m.active for m in self.members]
         c = self.engine.compute(
             step,
@@ -436,6 +437,11 @@ class Trainer:
             row.update(perf)
             rows[k] = row
         return rows
+
+    def _defers(self) -> bool:
+        """Whether this step's divergence rule may wait on the device: a watch, and nothing that
+        reads every step's values (a remedy or an observer set after the trainer was built)."""
+        return self.watch is not None and not any(m.remedy is not None or m.observers for m in self._active())
 
     def settle(self) -> None:
         """Read back what the device judged since the last settle (proxy/train/watch.py): a member
@@ -717,6 +723,10 @@ class Trainer:
         import traceback
 
         text = traceback.format_exc()
+        try:  # a member that diverged before the crash, still pending on the device, ends diverged
+            self.settle()
+        except Exception as err:  # the device may be what failed: the crash is recorded all the same
+            log.error("could not read back the pending divergence checks: %s", err)
         if self.sweep and self.dist.is_main and not isinstance(exc, (RunDirTaken, RunDirError)):
             try:  # a refused start writes nowhere it was refused
                 atomic_write_text(self.info.run_dir / ERROR_FILE, text)

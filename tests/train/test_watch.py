@@ -89,3 +89,46 @@ def test_a_sweep_member_diverging_between_logging_steps_matches_a_per_step_check
     for label in ("lr=0.001", "lr=1e+30", "lr=0.003"):
         assert record(tmp_path / "deferred" / label) == record(tmp_path / "per_step" / label), label
     assert load_run(tmp_path / "deferred" / "lr=1e+30").summary.diverged_at_step == 1
+
+
+def test_a_crash_after_a_pending_divergence_still_records_the_divergence(tmp_path, monkeypatch):
+    cfg = dict(optim=dict(lr=3.0, grad_clip=0.0), schedule=dict(warmup_steps=0))
+    per_step = train(
+        tiny_cfg(**cfg, train=dict(steps=40, log_every=7, eval_every=20, check_every_step=True)), tmp_path / "per_step"
+    )
+    crash_at = per_step.diverged_at_step + 1
+    assert crash_at % 7 != 0  # still before the next read-back
+    train_step = Trainer.train_step
+
+    def crashing(self, step, logging_step):
+        if step == crash_at:
+            raise RuntimeError("a kernel failed")
+        return train_step(self, step, logging_step)
+
+    monkeypatch.setattr(Trainer, "train_step", crashing)
+    try:
+        train(tiny_cfg(**cfg, train=dict(steps=40, log_every=7, eval_every=20)), tmp_path / "deferred")
+    except RuntimeError:
+        pass
+    deferred = load_run(tmp_path / "deferred").summary
+    assert (deferred.status, deferred.diverged_at_step, deferred.tokens) == (
+        "diverged",
+        per_step.diverged_at_step,
+        per_step.tokens,
+    )
+
+
+def test_a_remedy_set_after_the_trainer_was_built_reads_every_step(tmp_path):
+    from proxy.config import RemedyConfig, to_config
+    from proxy.train import RunInfo
+    from proxy.train.remedies import build_remedy
+
+    cfg = to_config(tiny_cfg(train=dict(steps=12, log_every=4)))
+    trainer = Trainer(cfg, RunInfo(tmp_path / "run", "run"))
+    assert trainer.watch is not None  # built without a remedy
+    trainer.remedy = build_remedy(RemedyConfig(kind="skip_step"))
+    try:
+        (summary,) = trainer.run()
+    finally:
+        trainer.release()
+    assert summary["status"] == "completed"
