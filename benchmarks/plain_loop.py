@@ -30,10 +30,10 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 from torch import Tensor, nn
 
-from proxy.config import Config, as_dict, to_config
+from benchmarks.trainer_speed import config_for as trainer_config
+from proxy.config import Config
 from proxy.data import build_source
 from proxy.records import atomic_write_text
 from proxy.train import RunInfo, Trainer
@@ -132,12 +132,8 @@ def proxy_step(cfg: Config, run_dir: Path) -> tuple[Callable[[int], None], int, 
 
 
 def config_for(model: str, batch: int, seq_len: int, attention: str = "naive") -> Config:
-    preset = OmegaConf.load(ROOT / "conf" / "model" / f"{model}.yaml")
-    base = as_dict(Config())
-    base["model"].update(OmegaConf.to_container(preset))  # type: ignore[arg-type]
-    base["model"]["attention"] = attention
-    base["train"].update(batch_size=batch, seq_len=seq_len, compile="false", progress="false", device="cpu")
-    return to_config(base)
+    """benchmarks/trainer_speed.py's config, eager on the CPU, with this attention."""
+    return trainer_config(model, False, batch, seq_len, "cpu", attention)
 
 
 def timed(step: Callable[[int], None], start: int, steps: int, tokens_per_step: int) -> float:

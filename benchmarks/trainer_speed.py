@@ -28,10 +28,11 @@ from proxy.train import RunInfo, Trainer
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def config_for(model: str, compile_: bool, batch: int, seq_len: int, device: str) -> Config:
+def config_for(model: str, compile_: bool, batch: int, seq_len: int, device: str, attention: str = "auto") -> Config:
     preset = OmegaConf.load(ROOT / "conf" / "model" / f"{model}.yaml")
     base = as_dict(Config())
     base["model"].update(OmegaConf.to_container(preset))
+    base["model"]["attention"] = attention
     base["train"].update(
         batch_size=batch,
         seq_len=seq_len,

@@ -305,7 +305,7 @@ def organism_run(arm: str, seed: int, spikes: list[tuple[int, float]], n: int = 
     config = {
         "optim": optim,
         "train": {"seed": seed, "dtype": "auto"},
-        "remedy": {"kind": arm if arm == "zclip" else "none"},
+        "remedy": {"kind": arm if arm in ("zclip", "skip_step") else "none"},
     }
     rows = [{"step": s, "probe/loss": p} for s, p in enumerate(probe)]
     return Run(Path(f"/runs/{arm}/{seed}"), Summary(status="completed"), config, rows)
@@ -335,11 +335,7 @@ SKIP = load_script(FINDING / "skip_on_spikes" / "verdict.py")
 
 @pytest.mark.parametrize("skip_peak, holds", [(0.05, True), (5.0, False)])
 def test_skip_on_spikes_judges_skip_step_against_no_remedy(skip_peak, holds):
-    def run(arm: str, seed: int, peak: float) -> Run:
-        base = organism_run("none", seed, [(600, peak)])
-        remedy = {"kind": "skip_step" if arm == "skip_step" else "none"}
-        return Run(base.path.with_name(f"{arm}-{seed}"), base.summary, {**base.config, "remedy": remedy}, base.metrics)
-
-    runs = [run("none", s, 4.0) for s in SKIP.SEEDS] + [run("skip_step", s, skip_peak) for s in SKIP.SEEDS]
+    runs = [organism_run("none", s, [(600, 4.0)]) for s in SKIP.SEEDS]
+    runs += [organism_run("skip_step", s, [(600, skip_peak)]) for s in SKIP.SEEDS]
     verdict = SKIP.judge(None, runs)
     assert verdict.testable and [c.passed for c in verdict.checks][:2] == [holds, holds]
