@@ -243,13 +243,16 @@ def trainer_step(
 
 @dataclass
 class Replay:
-    """What a replay did, step by step; ``training`` holds the final state."""
+    """What a replay did, step by step; ``training`` holds the final state. ``probe_losses`` (when
+    a held-out batch was given) is its loss at the start of each step, before the step's update,
+    as the trainer measures probe/loss."""
 
     variant: str
     steps: list[int] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
     grad_norms: list[float] = field(default_factory=list)
     events: list[Optional[str]] = field(default_factory=list)
+    probe_losses: list[float] = field(default_factory=list)
     training: Optional[Training] = None
 
 
@@ -261,17 +264,23 @@ def replay(
     device: str | torch.device = "cpu",
     use_remedy: bool = True,
     until: Optional[int] = None,
+    probe: Optional[tuple[Tensor, Tensor]] = None,
+    training: Optional[Training] = None,
 ) -> Replay:
-    """Re-run the kit's steps from state ``start`` with ``batches`` (default: the recorded ones),
-    through step ``until`` (default: the last recorded batch)."""
-    t = restore(kit, start, device)
-    steps = [s for s in kit.steps if s >= t.step and (until is None or s <= until)]
+    """Re-run steps from state ``start`` (or from ``training``, a state already restored and
+    perhaps changed) through step ``until``: the recorded batches by default; given ``batches``,
+    one per step from the state's step on, as many as given (past the kit's window too, with
+    :func:`fresh_batches`). ``probe`` (a held-out batch, :func:`held_out_batch`) adds its loss at
+    each step's start to the result."""
+    t = training if training is not None else restore(kit, start, device)
     if batches is None:
+        steps = [s for s in kit.steps if s >= t.step]
         batches = [kit.batch(s) for s in steps]
-    if len(batches) < len(steps):
-        raise KitError(f"replay '{variant}': {len(batches)} batches for {len(steps)} steps")
+    steps = [t.step + i for i in range(len(batches)) if until is None or t.step + i <= until]
     result = Replay(variant)
     for step, (x, y) in zip(steps, batches):
+        if probe is not None:
+            result.probe_losses.append(held_out_loss(t, probe))
         r = trainer_step(t, x, y, use_remedy=use_remedy)
         result.steps.append(step)
         result.losses.append(r.loss)
@@ -281,12 +290,28 @@ def replay(
     return result
 
 
+@torch.no_grad()
+def held_out_loss(t: Training, batch: tuple[Tensor, Tensor]) -> float:
+    """The model's mean cross-entropy on ``batch`` in eval mode, as the trainer's evaluation and
+    probe compute it (proxy/train/engine.py); the model is left in train mode."""
+    x, y = batch
+    t.model.eval()
+    try:
+        with t.autocast():
+            out = t.model(x.to(t.device), y.to(t.device), ignore_index=t.cfg.loss.ignore_index)
+        return float(out.ce_loss.item())
+    finally:
+        t.model.train()
+
+
 def fresh_batches(
     kit: Kit, steps: Sequence[int], offset: int, notes: Optional[list[str]] = None
 ) -> Optional[list[tuple[Tensor, Tensor]]]:
     """For each of ``steps``, the train batch ``offset`` positions further on in the run's data
-    stream (what a rollback that skips data would feed instead); None, with a note, when the
-    data source cannot be opened here."""
+    stream (``offset=0``: the batch the run read at that step; a rollback that skips data reads
+    further on). A step past the kit's window continues the stream one batch per step from the
+    kit's last batch, as a run without rollbacks reads it. None, with a note, when the data source
+    cannot be opened here."""
     try:
         source = kit_source(kit)
     except KitError as exc:
@@ -294,8 +319,10 @@ def fresh_batches(
             notes.append(f"no fresh batches: {exc}")
         return None
     by_step = dict(zip(kit.steps, kit.batches["data_positions"].tolist()))
+    last = max(by_step)
     rows, seq_len = kit.batches["inputs"].shape[1:]
-    return [source.batch("train", by_step[s] + offset, rows, seq_len) for s in steps]
+    positions = [by_step[s] if s in by_step else by_step[last] + (s - last) for s in steps]
+    return [source.batch("train", p + offset, rows, seq_len) for p in positions]
 
 
 def kit_source(kit: Kit) -> TokenSource:
@@ -352,6 +379,8 @@ __all__ = [
     "replay",
     "restore",
     "fresh_batches",
+    "held_out_batch",
+    "held_out_loss",
     "states_equal",
     "trainer_step",
 ]

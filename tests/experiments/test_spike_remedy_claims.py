@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
@@ -225,6 +226,71 @@ def test_replay_study_judge() -> None:
     assert not bad.reproduced and not bad.checks[2].passed and bad.checks[3].passed
     few = study.judge(replay_results(study, [False] * 3, [False] * 3))
     assert not few.reproduced and not few.checks[1].passed
+
+
+def loss_spike_replays(protocol2, first: dict[str, list], restart_loss: float = 1e-3, bitwise: bool = True):
+    """Five studied spikes (seeds 20-24) whose replays first reach 0.1 nats at ``first[variant][i]``."""
+    return [
+        protocol2.KitReplays(
+            run=f"r{i}",
+            seed=20 + i,
+            kit=f"step_{300 + i:07d}",
+            crossing=300 + i,
+            peak_step=305 + i,
+            peak=3.0,
+            kit_step=300 + i,
+            restart_step=250 + i,
+            restart_loss=restart_loss,
+            same_bitwise=bitwise,
+            first={k: first[k][i] for k in ("same", "earlier", "skip", "nudged")},
+            peaks={},
+            later_large=1,
+            later_steps=1500,
+        )
+        for i in range(5)
+    ]
+
+
+def test_replay_protocol2_judges_palm_and_k2_apart() -> None:
+    """PaLM's two claims and K2's one are judged in two verdicts behind the same design checks."""
+    protocol2 = load_script(FINDING / "replay" / "protocol2.py")
+    none = [None] * 5
+    palm_like = {"same": [0] * 5, "earlier": none, "skip": [None, None, None, 40, None], "nudged": [0, 0, 2, None, 0]}
+    palm, k2 = protocol2.judge(loss_spike_replays(protocol2, palm_like), {})
+    assert palm.reproduced and k2.reproduced, palm.to_markdown() + k2.to_markdown()
+    adam_like = {"same": [0] * 5, "earlier": none, "skip": [12, 30, None, 8, 51], "nudged": none}
+    palm, k2 = protocol2.judge(loss_spike_replays(protocol2, adam_like), {})
+    assert palm.testable and not palm.reproduced and palm.checks[0].passed and not palm.checks[1].passed
+    assert k2.testable and not k2.reproduced
+    assert "0.15 (5 large excursions in 7500 steps" in str(palm.numbers)  # 1 - (1 - 1/1500)^250
+    late = protocol2.judge(loss_spike_replays(protocol2, palm_like, restart_loss=0.05), {})
+    assert all(v.label == NOT_TESTABLE for v in late)  # no restart state in the low-noise phase
+    broken = protocol2.judge(loss_spike_replays(protocol2, palm_like, bitwise=False), {})
+    assert all(v.label == NOT_TESTABLE and not v.checks for v in broken)
+
+
+def test_replay_protocol2_nudges_every_weight_one_ulp() -> None:
+    protocol2 = load_script(FINDING / "replay" / "protocol2.py")
+    model = torch.nn.Linear(64, 32)
+    before = [p.detach().clone() for p in model.parameters()]
+    protocol2.nudge(model)
+    for old, new in zip(before, model.parameters()):
+        moved = torch.where(
+            new > old,
+            torch.nextafter(old, torch.full_like(old, math.inf)),
+            torch.nextafter(old, torch.full_like(old, -math.inf)),
+        )
+        assert torch.equal(new, moved) and (new != old).all()
+        assert 0.3 < (new > old).float().mean() < 0.7  # both directions
+
+
+def test_replay_protocol2_preset() -> None:
+    cfg = composed(["+experiment=spike_remedies/replay_lab"])
+    assert str(cfg.hydra.sweeper.params["train.seed"]).split(",") == ["20", "21", "22", "23", "24"]
+    run = point("spike_remedies/replay_lab", "train.seed=20")
+    assert run.capture.enabled and run.capture.trigger.value == "probe" and run.capture.steps_before == 50
+    assert run.train.probe_every == 1 and run.train.log_every == 1 and run.sweep.seeds == []
+    assert run.optim.lr == 1e-2 and run.optim.beta2 == 0.99 and run.optim.grad_clip == 0.0  # the organism's recipe
 
 
 @pytest.mark.slow

@@ -15,6 +15,8 @@ from proxy.forensics import (
     KitError,
     SpikeCapture,
     find_kits,
+    fresh_batches,
+    held_out_batch,
     load_kit,
     replay,
     states_equal,
@@ -227,3 +229,40 @@ def test_a_probe_loss_spike_opens_a_kit_at_the_step_whose_start_shows_it(tmp_pat
 def test_a_probe_trigger_needs_a_probe_every_step():
     with pytest.raises(ConfigError, match="train.probe_every=1"):
         to_config(tiny_cfg(capture=dict(enabled=True, trigger="probe"), train=dict(probe_every=5)))
+
+
+def test_a_replay_runs_past_the_kit_and_measures_the_probe_as_the_run_did(tmp_path, monkeypatch):
+    """Batches past the kit's window continue the run's data stream (fresh_batches, offset 0), and
+    the held-out loss at each step's start is the run's probe/loss: from the kit's earliest state,
+    a replay over the rest of the run reproduces every logged train loss, grad norm and probe loss
+    bit for bit; with an offset it reads other batches."""
+    cfg = as_dict(spike_cfg())
+    cfg["capture"]["trigger"] = "probe"
+    cfg["train"].update(steps=SPIKE_STEP + 15, log_every=1, probe_every=1, probe_batches=1)
+    cfg["data"]["inject"]["enabled"] = False
+    original = Trainer._log_probe
+
+    def probe(self, step):  # the capture detector sees a jump at SPIKE_STEP; the logged value is +10
+        evaluate = self.engine.evaluate
+        if step == SPIKE_STEP:
+            self.engine.evaluate = lambda batches, ignore: [v + 10.0 for v in evaluate(batches, ignore)]
+        try:
+            original(self, step)
+        finally:
+            self.engine.evaluate = evaluate
+
+    monkeypatch.setattr(Trainer, "_log_probe", probe)
+    run_with_capture(tmp_path / "run", to_config(cfg))
+    run = load_run(tmp_path / "run")
+    kit = load_kit(find_kits(tmp_path / "run")[0])
+    start = kit.state_step("before")
+    steps = list(range(start, SPIKE_STEP + 15))
+    assert steps[-1] > kit.steps[-1]  # the replay goes past the recorded window
+    r = replay(kit, fresh_batches(kit, steps, 0), probe=held_out_batch(kit, 1))
+    assert r.steps == steps
+    logged = {key: dict(zip(*run.series(key))) for key in ("train/loss", "optim/grad_norm", "probe/loss")}
+    assert r.losses == [logged["train/loss"][s] for s in steps]
+    assert r.grad_norms == [logged["optim/grad_norm"][s] for s in steps]
+    assert r.probe_losses == [logged["probe/loss"][s] - (10.0 if s == SPIKE_STEP else 0.0) for s in steps]
+    other = fresh_batches(kit, steps[:3], 500)
+    assert not torch.equal(other[0][0], fresh_batches(kit, steps[:1], 0)[0][0])
