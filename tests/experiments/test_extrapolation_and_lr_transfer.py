@@ -124,14 +124,15 @@ def test_lr_transfer_preset_crosses_widths_with_mup() -> None:
     assert cfg.optim.mup_base_fan_in == 32 and cfg.model.qk_norm == "layernorm" and cfg.loss.z_loss == 1e-4
 
 
-def transfer_sweep(root: Path, transfers: bool) -> Path:
+def transfer_sweep(root: Path, transfers: bool, seeds=range(3), mup_drift: float = 0.0) -> Path:
     """Loss parabolas in log10 LR: the standard optimum falls 0.3 decades per doubling of width;
-    the muP optimum stays at 10^-1.5 (``transfers``) or moves like the standard one."""
+    the muP optimum stays at 10^-1.5 (``transfers``; or moves ``mup_drift`` decades per doubling)
+    or moves like the standard one."""
     for mup in (False, True):
         for k, width in enumerate((32, 64, 128, 256)):
-            drop = 0.0 if (mup and transfers) else 0.3 * k
-            for seed in range(3):
-                centre = -1.5 - drop + 0.03 * (seed - 1)
+            drop = -mup_drift * k if (mup and transfers) else 0.3 * k
+            for seed in seeds:
+                centre = -1.5 - drop + 0.03 * (seed % 3 - 1)
                 for lr in TRANSFER_LRS:
                     loss = 3.5 + 0.4 * (math.log10(lr) - centre) ** 2
                     member(
@@ -152,3 +153,19 @@ def test_lr_transfer_verdict(tmp_path: Path, transfers: bool) -> None:
     assert verdict.reproduced is transfers, verdict.to_markdown()
     assert len(verdict.checks) == 4
     assert verdict.checks[0].passed  # every optimum (10^-1.5 ... 10^-2.4) lies inside 1e-3 ... 1
+
+
+@pytest.mark.parametrize(("drift", "p2_bound", "noise_bound"), [(0.0, True, True), (0.06, True, False)])
+def test_lr_transfer_protocol3_adds_a_bound_from_the_seed_noise(
+    tmp_path: Path, drift: float, p2_bound: bool, noise_bound: bool
+) -> None:
+    """Protocol 3 keeps protocol 2's four criteria on seeds 3-7 and adds |shift| < 0.10 decades: a
+    muP optimum that moves 0.18 decades passes the half-grid bound and fails the noise bound."""
+    sweep = transfer_sweep(tmp_path / "s", True, seeds=range(3, 8), mup_drift=drift)
+    verdict = judge_runs(EXPERIMENTS / "lr_transfer" / "protocol3", [sweep], tmp_path / "r")
+    claims = {c.claim.split(" (")[0]: c.passed for c in verdict.checks}
+    assert len(verdict.checks) == 6 and verdict.checks[4].passed  # seeds 3-7 present
+    assert verdict.checks[1].passed is p2_bound and verdict.checks[5].passed is noise_bound, claims
+    assert verdict.reproduced is noise_bound
+    if drift:
+        assert verdict.numbers["muP shift, seeds positive"] == "5 of 5"
