@@ -37,7 +37,16 @@ import numpy as np
 # Overrides that say where or how to run, not what is run (paths, resuming, progress bars,
 # logging): left out of run names, run directory names and variants. Prefixes: "wandb." covers
 # every wandb key. The one list; conf/config.yaml names run directories through run_dirname.
-NON_VARIANT_KEYS = ("out_dir", "run_name", "train.resume", "train.progress", "wandb.", "tensorboard.", "hydra.")
+NON_VARIANT_KEYS = (
+    "out_dir",
+    "run_name",
+    "train.resume",
+    "train.progress",
+    "wandb.",
+    "tensorboard.",
+    "hydra.",
+    "hydra/",
+)
 # Overrides that make the points of one LR-sensitivity curve rather than a different recipe.
 SWEEP_AXES = ("optim.lr", "train.seed")
 # File systems cap one path component at 255 bytes, which a long override list passes: longer
@@ -406,7 +415,7 @@ def variant_labels(variants: Sequence[tuple[str, ...]]) -> tuple[dict[tuple[str,
     labels = {}
     for variant in distinct:
         rest = [item for item in variant if item not in shared]
-        labels[variant] = ", ".join(rest) if rest else ("baseline" if len(distinct) > 1 else "defaults")
+        labels[variant] = ",".join(rest) if rest else ("baseline" if len(distinct) > 1 else "defaults")
     return labels, tuple(sorted(shared))
 
 
@@ -419,8 +428,10 @@ def is_variant_override(override: str) -> bool:
 
 
 def run_name_from(overrides: Iterable[str]) -> str:
-    """A run's name: its variant overrides in command-line order, ","-joined ("default": none)."""
-    return ",".join(o for o in overrides if is_variant_override(o)) or "default"
+    """A run's name: its variant overrides sorted and ","-joined ("default": none), spelled as
+    typed. The same spelling and order as its folder (:func:`run_dirname`, after ``<job>_``) and
+    as the report's label (which keeps only what varies across the runs shown)."""
+    return ",".join(sorted(o for o in overrides if is_variant_override(o))) or "default"
 
 
 def short_dirname(name: str, parts: Sequence[str] = ()) -> str:

@@ -230,3 +230,27 @@ def test_a_job_folder_is_one_folder_even_when_a_value_holds_a_slash() -> None:
 
     name = run_dirname(["+experiment=spike_remedies/lab", "optim.lr=0.01", "data.path=/data/x"])
     assert "/" not in name and name == "+experiment=spike_remedies-lab,data.path=-data-x,optim.lr=0.01"
+
+
+def test_a_run_has_one_name_its_folder_and_its_report_label_share() -> None:
+    """Whatever the command-line order, a run's name is its folder's name (after the job number),
+    and the report's label keeps a subset of the same parts in the same spelling."""
+    from types import SimpleNamespace
+
+    from proxy.analysis import run_dirname, run_name_from
+    from proxy.report.tables import run_labels
+
+    typed = ["optim.lr=0.003", "model.qk_norm=off", "train.log_every=1", "hydra/launcher=local"]
+    name = run_name_from(typed)
+    assert name == run_dirname(typed) == run_name_from(list(reversed(typed)))
+    assert name == "model.qk_norm=off,optim.lr=0.003,train.log_every=1"  # hydra/launcher is not part of it
+    rows = [
+        SimpleNamespace(path=f"/s/{i}_x", lr=lr, seed=seed)
+        for i, (lr, seed) in enumerate([(0.003, 0), (0.01, 0), (0.003, 1)])
+    ]
+    variants = [("model.qk_norm=off",), ("model.qk_norm=off",), ("model.qk_norm=layernorm",)]
+    labels = {("model.qk_norm=off",): "model.qk_norm=off", ("model.qk_norm=layernorm",): "model.qk_norm=layernorm"}
+    names, constant = run_labels(rows, variants, labels, ())  # type: ignore[arg-type]
+    assert names[0] == "model.qk_norm=off,optim.lr=0.003,train.seed=0" and constant == ()
+    row0 = run_name_from(["train.seed=0", "optim.lr=0.003", "model.qk_norm=off", "train.log_every=1"])
+    assert set(names[0].split(",")) <= set(row0.split(","))  # the label: parts of the name, as spelled

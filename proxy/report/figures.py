@@ -47,7 +47,7 @@ from proxy.records import (
     atomic_write_bytes,
 )
 from proxy.report.document import fmt
-from proxy.report.tables import BLOWN_UP, RunRow, SensitivityRow, Tables, finite, layer_index, layer_keys
+from proxy.report.tables import BLOWN_UP, LR_KEY, RunRow, SensitivityRow, Tables, finite, layer_index, layer_keys
 
 if TYPE_CHECKING:
     from matplotlib.typing import RcKeyType  # matplotlib >= 3.8; a name for annotations only
@@ -107,10 +107,14 @@ def _shortest_endings(keys: Iterable[str]) -> dict[str, str]:
     return short
 
 
+_OVERRIDE_SPLIT = re.compile(r",\s*(?=[+~]?[A-Za-z_][\w./-]*=)")  # a comma that starts another override
+
+
 def short_labels(labels: Sequence[str]) -> dict[str, str]:
-    """Variant labels ("a.b=x, c.d=y") with each override's key cut to its shortest unambiguous
-    ending among the keys the labels use: what tells the variants apart, no more."""
-    items = {label: [item.partition("=") for item in label.split(", ")] for label in labels}
+    """Variant labels ("a.b=x,c.d=y", the run name's spelling) as figure titles: each override's
+    key cut to its shortest unambiguous ending among the keys the labels use (what tells the
+    variants apart, no more), ", "-joined so that a long title can wrap."""
+    items = {label: [item.partition("=") for item in _OVERRIDE_SPLIT.split(label)] for label in labels}
     short = _shortest_endings(key for parts in items.values() for key, sep, _ in parts if sep)
     return {
         label: ", ".join(f"{short[key]}={value}" if sep else key for key, sep, value in parts)
@@ -145,7 +149,7 @@ class _Palette:
     def handles(self, per_seed: bool = False) -> list[Line2D]:
         """One legend entry per LR; ``per_seed``: a panel draws several runs (seeds) at one LR."""
         tail = " (a line per seed)" if per_seed else ""
-        return [Line2D([], [], color=self.color(lr), label=f"lr {lr:g}{tail}") for lr in self.lrs]
+        return [Line2D([], [], color=self.color(lr), label=f"{LR_KEY}={lr:g}{tail}") for lr in self.lrs]
 
 
 EVENT_MARKERS = ("v", "^", "s", "D", "P", "*", "h", "<", ">")
@@ -250,7 +254,9 @@ def _series_panels(
                 )
             if overlay:
                 o_steps, o_values = run.series(overlay)
-                ax.plot(o_steps, o_values, color=color, linestyle="--", linewidth=1, marker=".", markersize=4)
+                # a point per eval, no line between: a line drawn across the steps between evals
+                # reads as a loss that lags the train loss
+                ax.plot(o_steps, o_values, color=color, linestyle="none", marker="o", markersize=3)
             if marks and values:
                 finite_hits = [i for i in spike_marks(run, steps, values, marks) if finite(plot_values[i])]
                 marked["spike"] |= bool(finite_hits)
@@ -306,7 +312,9 @@ def _legend(
 ) -> None:
     handles = palette.handles(per_seed)
     if overlay:
-        handles.append(Line2D([], [], color="gray", linestyle="--", marker=".", label=overlay))
+        handles.append(
+            Line2D([], [], color="gray", linestyle="none", marker="o", markersize=3, label=f"{overlay} (at each eval)")
+        )
     if abandoned:
         handles.append(Line2D([], [], color="gray", linestyle=":", label="rolled back"))
     if spikes:
@@ -515,7 +523,7 @@ def _lr_figure(sensitivity: list[SensitivityRow], variant_colors: dict[str, Any]
 # --------------------------------------------------------------------------------------------
 CAPTIONS = {
     "lr_vs_loss": "Final loss vs peak LR, one line per variant; X: diverged or failed (plotted at the loss at init).",
-    "loss": "Train loss (solid) and val loss (dashed) per variant, one line per LR. Red circles: "
+    "loss": "Train loss (lines) and val loss (points, one per eval) per variant, one colour per LR. Red circles: "
     "loss spikes; X: end of a diverged/failed run; other markers: trainer events.",
     "attn_max_logit": "Max attention logit per layer (log scale), one line per LR.",
     "output_logit_mean": "Mean output logit per variant, one line per LR "

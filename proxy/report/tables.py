@@ -38,6 +38,7 @@ from proxy.records import (
 from proxy.report.document import csv_cell
 from proxy.spikes import loss_spikes
 
+LR_KEY, SEED_KEY = analysis.SWEEP_AXES  # a run label spells them as its name does
 FINISHED = (COMPLETED, STATUS_DIVERGED, FAILED)  # runs that are points of an LR curve
 BLOWN_UP = (STATUS_DIVERGED, FAILED)  # count as the loss at init (Wortsman et al.)
 SINGLE_LR_NOTE = "a single LR: sensitivity is 0 by construction"  # left out when no variant has more
@@ -53,7 +54,7 @@ class RunRow:
     name: str
     path: str
     variant: str  # short label (what tells this variant apart from the others)
-    overrides: str  # the variant's full overrides, ", "-joined
+    overrides: str  # the variant's full overrides, ","-joined (the run name's spelling)
     lr: Optional[float]
     seed: Optional[int]
     status: str
@@ -199,7 +200,7 @@ def run_row(run: Run, spikes: SpikeOptions) -> tuple[RunRow, tuple[str, ...]]:
         name=run.name,
         path=str(run.path),
         variant="",  # labelled once every variant is known
-        overrides=", ".join(variant),
+        overrides=",".join(variant),
         lr=lr,
         seed=_integer(run.config_value("train.seed")),
         status=str(run.status),
@@ -300,7 +301,7 @@ def sensitivity_row(
     n_params = sizes.most_common(1)
     out = SensitivityRow(
         variant=label,
-        overrides=", ".join(variant),
+        overrides=",".join(variant),
         n_params=n_params[0][0] if n_params else None,
         lrs=[],
         losses=[],
@@ -359,25 +360,27 @@ def run_labels(
     labels: dict[tuple[str, ...], str],
     shared: tuple[str, ...],
 ) -> tuple[list[str], tuple[str, ...]]:
-    """Name each run by what varies across the runs only: its variant label (when there is more
-    than one variant), ``lr=`` and ``seed=`` (when they vary). Returns the names, in the order of
-    ``rows``, and what every run has in common (stated once above the runs table). Runs that
-    nothing tells apart are named by their directory as well."""
+    """Name each run by what varies across the runs only, in its name's spelling and order
+    (proxy.analysis.run_name_from: sorted overrides, ","-joined): its variant label (when there is
+    more than one variant), ``optim.lr=`` and ``train.seed=`` (when they vary). Returns the names,
+    in the order of ``rows``, and what every run has in common (stated once above the runs
+    table). Runs that nothing tells apart are named by their directory as well."""
     several_variants = len(set(variants)) > 1
     lrs, seeds = [row.lr for row in rows], [row.seed for row in rows]
     constant = list(shared if several_variants else (variants[0] if variants else ()))
     if len(set(lrs)) == 1 and lrs[0] is not None:
-        constant.append(f"lr={lrs[0]:g}")
+        constant.append(f"{LR_KEY}={lrs[0]:g}")
     if len(set(seeds)) == 1 and seeds[0] is not None:
-        constant.append(f"seed={seeds[0]}")
+        constant.append(f"{SEED_KEY}={seeds[0]}")
     names = []
     for row, variant in zip(rows, variants):
-        parts = [labels[variant]] if several_variants else []
+        rest = [item for item in variant if item not in shared]
+        parts = (rest or [labels[variant]]) if several_variants else []  # labels[variant]: "baseline"
         if len(set(lrs)) > 1:
-            parts.append(f"lr={row.lr:g}" if row.lr is not None else "lr=?")
+            parts.append(f"{LR_KEY}={row.lr:g}" if row.lr is not None else f"{LR_KEY}=?")
         if len(set(seeds)) > 1:
-            parts.append(f"seed={row.seed}" if row.seed is not None else "seed=?")
-        names.append(", ".join(parts))
+            parts.append(f"{SEED_KEY}={row.seed}" if row.seed is not None else f"{SEED_KEY}=?")
+        names.append(",".join(sorted(parts)))
     counts = Counter(names)
 
     def unique(name: str, row: RunRow) -> str:
@@ -386,7 +389,7 @@ def run_labels(
         folder = Path(row.path).name
         return f"{name} [{folder}]" if name else folder
 
-    return [unique(name, row) for name, row in zip(names, rows)], tuple(constant)
+    return [unique(name, row) for name, row in zip(names, rows)], tuple(sorted(constant))
 
 
 def tabulate(runs: Sequence[Run], spikes: SpikeOptions, lr_range: Optional[tuple[float, float]] = None) -> Tables:

@@ -154,7 +154,7 @@ def test_report_files_and_run_table(sweep: Path, tmp_path: Path) -> None:
     md = result.markdown.read_text()
     assert "](figures/lr_vs_loss.png)" in md and "](figures/grad_norm.png)" in md
     assert md.count("| completed |") == 4
-    assert "| model.qk_norm=off, lr=0.01 | 40 | skip_step | grad_norm | 50 | 10 | action=skipped |" in md
+    assert "| model.qk_norm=off,optim.lr=0.01 | 40 | skip_step | grad_norm | 50 | 10 | action=skipped |" in md
 
 
 def test_report_lr_sensitivity_matches_hand_computation(sweep: Path, tmp_path: Path) -> None:
@@ -357,8 +357,8 @@ def test_a_legend_says_when_each_seed_is_its_own_line(tmp_path: Path) -> None:
         fig = _series_panels("train/loss", tables.groups, palette, None, {}, "loss")
         return [t.get_text() for t in fig.legends[0].texts]
 
-    assert "lr 0.001 (a line per seed)" in legend(["a", "b"], [1e-3, 1e-3])  # two runs at one LR
-    assert "lr 0.001" in legend(["c", "d"], [1e-3, 1e-2])
+    assert "optim.lr=0.001 (a line per seed)" in legend(["a", "b"], [1e-3, 1e-3])  # two runs at one LR
+    assert "optim.lr=0.001" in legend(["c", "d"], [1e-3, 1e-2])
 
 
 def test_log_axes_are_labelled_without_mathtext(tmp_path: Path) -> None:

@@ -96,20 +96,20 @@ def test_report_leads_with_the_headline_read_off_its_tables(sweep: Path, tmp_pat
 def test_runs_table_names_runs_by_what_varies_and_scrolls(sweep: Path, tmp_path: Path) -> None:
     result = build_report([sweep], tmp_path / "rep", lr_range=None)
     assert [row.label for row in result.runs][:3] == [
-        "model.qk_norm=off, lr=0.001",
-        "model.qk_norm=off, lr=0.01",
-        "model.qk_norm=off, lr=0.1",
+        "model.qk_norm=off,optim.lr=0.001",
+        "model.qk_norm=off,optim.lr=0.01",
+        "model.qk_norm=off,optim.lr=0.1",
     ]
     md = result.markdown.read_text()
     runs_md = md[md.index("## Runs\n") : md.index("## Curves")]
     # constant overrides stated once above the table, never in a row
-    assert "Every run: experiment=unit, seed=0." in runs_md
+    assert "Every run: experiment=unit, train.seed=0." in runs_md
     table = [line for line in runs_md.splitlines() if line.startswith("|")]
     assert table[0].startswith(
         "| run | status | final loss | max attn logit peak | spike % loss | spike % grad norm | events |"
     )
     assert all("experiment=unit" not in line and "seed" not in line for line in table)
-    assert "| model.qk_norm=layernorm, lr=0.1 | completed | 2.9 |" in runs_md
+    assert "| model.qk_norm=layernorm,optim.lr=0.1 | completed | 2.9 |" in runs_md
     # HTML: every table in its own sideways-scrolling box, the first column kept in view
     html = result.html.read_text()
     assert html.count('<div class="scroll"><table>') == html.count("<table>") >= 2
@@ -127,13 +127,13 @@ def test_run_labels_keep_only_what_varies() -> None:
 
     rows = [row("a", 0.1, 0), row("b", 0.3, 0), row("c", 0.3, 0)]
     variants = [("experiment=x", "model.qk_norm=off")] * 3
-    labels = {variants[0]: "experiment=x, model.qk_norm=off"}
+    labels = {variants[0]: "experiment=x,model.qk_norm=off"}
     names, constant = run_labels(rows, variants, labels, ())
     # one variant: its overrides are constant; LR varies; two runs nothing tells apart get their folder
-    assert constant == ("experiment=x", "model.qk_norm=off", "seed=0")
-    assert names == ["lr=0.1", "lr=0.3 [b]", "lr=0.3 [c]"]
+    assert constant == ("experiment=x", "model.qk_norm=off", "train.seed=0")
+    assert names == ["optim.lr=0.1", "optim.lr=0.3 [b]", "optim.lr=0.3 [c]"]
     names, constant = run_labels(rows[:1], variants[:1], labels, ())
-    assert names == ["a"] and "lr=0.1" in constant  # a lone run: its folder
+    assert names == ["a"] and "optim.lr=0.1" in constant  # a lone run: its folder
 
 
 # --------------------------------------------------------------------------------------------
@@ -250,7 +250,7 @@ def assert_titles_clear(fig: MplFigure) -> None:
 def test_long_variant_labels_are_shortened_and_never_covered(long_tables) -> None:
     short = figs.short_labels([label for label, _ in long_tables.groups])
     assert (
-        short["data.inject.enabled=False, data.ngram_filter.enabled=True"]
+        short["data.inject.enabled=False,data.ngram_filter.enabled=True"]
         == "inject.enabled=False, ngram_filter.enabled=True"
     )
     palette = figs._Palette(row.lr for row in long_tables.runs)

@@ -137,8 +137,8 @@ def test_cli_single_run_with_overrides(tmp_path):
     summary = json.loads((tmp_path / "single" / "summary.json").read_text())
     assert summary["status"] == "completed"
     assert (
-        summary["run_name"] == "model=tiny,optim.lr=3e-3,model.qk_norm=layernorm,train.steps=5,train.batch_size=2,"
-        "train.seq_len=16,train.eval_every=5,train.eval_batches=1,train.log_every=1"
+        summary["run_name"] == "model.qk_norm=layernorm,model=tiny,optim.lr=3e-3,train.batch_size=2,"
+        "train.eval_batches=1,train.eval_every=5,train.log_every=1,train.seq_len=16,train.steps=5"
     )
     assert (tmp_path / "single" / ".hydra" / "config.yaml").exists()
     assert "completed" in result.stdout
