@@ -14,7 +14,7 @@ TRITON_VERSION  ?= 3.7.1
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 PIP             := $(PY) -m pip install -q --disable-pip-version-check
 
-.PHONY: install torch demo lint test test-fast test-pins bench clean
+.PHONY: install torch demo lint test test-fast test-pins bench reproduce clean
 
 install: $(STAMP)
 
@@ -76,6 +76,13 @@ test-pins:
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.trainer_speed
+
+# Do the committed study results still come out of today's code? The cheapest job of each results
+# table, re-run and compared (experiments/reproduce.py); REPRODUCE_BUDGET: seconds of their committed
+# wall time (the quick ones first). Writes experiments/reproduction.md.
+REPRODUCE_BUDGET ?= 1500
+reproduce: $(STAMP)
+	$(PY) experiments/reproduce.py --budget $(REPRODUCE_BUDGET)
 
 clean:
 	rm -rf $(VENV) $(PINS_VENV) runs
