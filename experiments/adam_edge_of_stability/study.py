@@ -91,9 +91,11 @@ def kit_dirs(paths: Sequence[str | Path]) -> list[Path]:
     return sorted(found)
 
 
-def measure(path: Path, device: str, iterations: int, every: int, sharpness_batches: int = 0) -> KitResult:
+def measure(
+    path: Path, device: str, iterations: int, every: int, sharpness_batches: int = 0, mask_unseen: bool = False
+) -> KitResult:
     kit = load_kit(path)
-    traj = edge_trajectory(kit, device, iterations, every, sharpness_batches)
+    traj = edge_trajectory(kit, device, iterations, every, sharpness_batches, mask_unseen)
     cfg = kit.config
     return KitResult(
         kit=str(path),
@@ -366,6 +368,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         help="0: eigenvalues of each step's own batch loss; N: of the loss over the run's first N "
         "held-out batches, one fixed sample at every step (N times the cost)",
     )
+    parser.add_argument(
+        "--mask-unseen",
+        action="store_true",
+        help="leave coordinates Adam has never had a gradient for (v = 0) out of the preconditioned operator",
+    )
     args = parser.parse_args(argv)
     try:
         if args.iterations < 1 or args.every < 1 or args.sharpness_batches < 0:
@@ -378,7 +385,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise KitError(f"no spike kit under {', '.join(map(str, args.runs))}")
         results = []
         for path in paths:
-            results.append(measure(path, args.device, args.iterations, args.every, args.sharpness_batches))
+            results.append(
+                measure(path, args.device, args.iterations, args.every, args.sharpness_batches, args.mask_unseen)
+            )
             c = results[-1].crossing
             print(f"{path}: preconditioned ≥ 1 at {_crossed(c.adam)}, plain at {_crossed(c.gd)}")
     except KitError as exc:
@@ -392,6 +401,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             "iterations": args.iterations,
             "every": args.every,
             "sharpness_batches": args.sharpness_batches,
+            "mask_unseen": args.mask_unseen,
             "summary": numbers,
             "kits": [r.to_json() for r in results],
         },

@@ -21,6 +21,7 @@ P^-1/2 H P^-1/2, which has the same eigenvalues.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -183,12 +184,19 @@ def sharpness(
     return Sharpness(plain.top, adam.top, lr, bounds["gd"], bounds["adam"], max(plain.iterations, adam.iterations))
 
 
-def adam_preconditioner(optimizer: torch.optim.Optimizer, params: Sequence[Tensor]) -> Tensor:
+def adam_preconditioner(
+    optimizer: torch.optim.Optimizer, params: Sequence[Tensor], mask_unseen: bool = False
+) -> Tensor:
     """P = (sqrt(v_hat) + eps) / lr_scale per coordinate, flat in the order of ``params``.
 
     v_hat is the bias-corrected second moment held by the optimizer; lr_scale the group's muP
     factor (1.0 otherwise), so that eta * P^-1 is each coordinate's actual step. A parameter
     without optimizer state yet gets P = eps (Adam's first step is sign-like).
+
+    ``mask_unseen``: a coordinate whose v is exactly 0 (it has never had a gradient: the embedding
+    row of a token the run has not read) gets P = inf, i.e. it is left out of P^-1 H. Adam does
+    not move such a coordinate, but its P = eps would let any curvature there (a held-out batch
+    may hold the token) dominate lambda_max(P^-1 H) by a factor ~1/eps.
     """
     group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
     pieces = []
@@ -199,6 +207,8 @@ def adam_preconditioner(optimizer: torch.optim.Optimizer, params: Sequence[Tenso
         if "exp_avg_sq" in state:
             v_hat = state["exp_avg_sq"].double() / (1 - beta2 ** int(state["step"]))
             denom = v_hat.sqrt() + eps
+            if mask_unseen:
+                denom = torch.where(v_hat == 0, torch.full_like(denom, math.inf), denom)
         else:
             denom = torch.full(p.shape, eps, dtype=torch.float64, device=p.device)
         pieces.append((denom / group.get("lr_scale", 1.0)).reshape(-1))

@@ -151,6 +151,7 @@ class EdgeTrajectory:
     # whose loss the eigenvalues are of: 0 = each step's own batch; N = the run's first N held-out
     # batches, one fixed sample for every step (a stand-in for Cohen et al.'s full-batch loss)
     sharpness_batches: int = 0
+    mask_unseen: bool = False  # coordinates with v = 0 left out of P^-1 H
 
     @property
     def replays_run(self) -> bool:
@@ -174,7 +175,12 @@ class EdgeTrajectory:
 
 
 def edge_trajectory(
-    kit: Kit | str | Path, device: str = "cpu", iterations: int = 20, every: int = 1, sharpness_batches: int = 0
+    kit: Kit | str | Path,
+    device: str = "cpu",
+    iterations: int = 20,
+    every: int = 1,
+    sharpness_batches: int = 0,
+    mask_unseen: bool = False,
 ) -> EdgeTrajectory:
     """Replay ``kit`` from its "before" state through its spike step, measuring every ``every``-th
     step (counted from the first; the spike step always) before its update: the quantities of the
@@ -186,7 +192,9 @@ def edge_trajectory(
 
     ``sharpness_batches`` = N > 0 takes both eigenvalues of the loss over the run's first N held-out
     batches (:func:`proxy.forensics.replay.held_out_batch`), the same sample at every step, instead of
-    the step's own batch: N times the cost of each Hessian-vector product."""
+    the step's own batch: N times the cost of each Hessian-vector product. ``mask_unseen`` leaves
+    the coordinates Adam has never had a gradient for (v = 0) out of the preconditioned operator
+    (:func:`proxy.forensics.curvature.adam_preconditioner`)."""
     kit = kit if isinstance(kit, Kit) else load_kit(kit)
     if iterations < 1 or every < 1 or sharpness_batches < 0:
         raise ValueError(
@@ -211,6 +219,7 @@ def edge_trajectory(
         iterations=iterations,
         every=every,
         sharpness_batches=sharpness_batches,
+        mask_unseen=mask_unseen,
     )
     for step in steps:
         x, y = kit.batch(step)
@@ -231,7 +240,7 @@ def edge_trajectory(
         bounds = curvature.stability_thresholds(r.lr, traj.beta1)
         finite = math.isfinite(r.loss) and math.isfinite(r.grad_norm)
         if finite:
-            precond = curvature.adam_preconditioner(t.optimizer, params)  # P_t: v_t holds g_t
+            precond = curvature.adam_preconditioner(t.optimizer, params, mask_unseen)  # P_t: v_t holds g_t
             sh = batch_sharpness(reference, cfg, *(fixed if fixed is not None else (x, y)), precond, r.lr, iterations)
             plain, adam = sh.sharpness, sh.preconditioned
         else:

@@ -24,7 +24,7 @@ from proxy.forensics.edge import (
 )
 from proxy.forensics.inspect_cli import main as inspect_main
 from proxy.records import read_json, write_json
-from proxy.verdict import load_script
+from proxy.verdict import NOT_TESTABLE, load_script
 from tests.forensics.test_capture_and_replay import BEFORE, SPIKE_STEP, run_with_capture, single_thread, spike_cfg  # noqa: F401
 
 STUDY = Path(__file__).resolve().parents[2] / "experiments" / "adam_edge_of_stability" / "study.py"
@@ -272,3 +272,32 @@ def test_lab_preset_is_the_unprotected_clipping_arm_with_a_long_history():
         base.data,
         base.loss,
     )
+
+
+def _kit_result(seed: int, at_start: bool, before: bool, first: bool):
+    from types import SimpleNamespace
+
+    adam = SimpleNamespace(at_start=at_start, steps_before=8 if before else None)
+    crossing = SimpleNamespace(
+        adam=adam,
+        gd=SimpleNamespace(steps_before=0),
+        adam_before_spike=before,
+        adam_first=first,
+        max_adam_ratio=12.0,
+        max_gd_ratio=1.1,
+    )
+    return SimpleNamespace(seed=seed, crossing=crossing)
+
+
+def test_protocol3_judges_the_crossing_on_uncensored_kits_only():
+    protocol3 = load_script(STUDY.parent / "protocol3.py")
+    crossed = [_kit_result(s, False, True, True) for s in (20, 21, 23)] + [_kit_result(24, False, False, False)]
+    v = protocol3.judge(crossed)
+    assert v.reproduced and "3 of 4" in v.checks[0].measured, v.to_markdown()
+    late = [_kit_result(s, False, True, False) for s in (20, 21, 23, 24)]  # the plain ratio got there first
+    v = protocol3.judge(late)
+    assert v.testable and v.checks[0].passed and not v.checks[1].passed
+    censored = [_kit_result(s, True, True, True) for s in (20, 21)] + [
+        _kit_result(s, False, True, True) for s in (23, 24)
+    ]
+    assert protocol3.judge(censored).label == NOT_TESTABLE

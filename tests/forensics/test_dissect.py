@@ -57,6 +57,27 @@ def test_adam_preconditioner_is_sqrt_v_hat_plus_eps_over_the_lr_scale():
     assert torch.allclose(p, torch.cat([expected_w.reshape(-1), expected_b]).double(), rtol=1e-6)
 
 
+def test_masking_unseen_coordinates_keeps_a_never_trained_row_out_of_the_preconditioned_sharpness():
+    """An embedding-like table whose row 1 never gets a gradient (v = 0): a held-out loss that
+    touches it has curvature there, which P = eps would blow up by 1/eps; masked, the
+    preconditioned sharpness is that of the rows Adam has seen."""
+    table = torch.nn.Parameter(torch.ones(2, 3))
+    opt = AdamW([table], lr=1e-2, betas=(0.9, 0.95), eps=1e-8)
+    for _ in range(3):
+        opt.zero_grad()
+        (table[0] ** 2).sum().backward()  # training reads row 0 only
+        opt.step()
+    held_out = (table**2).sum()  # the held-out sample reads both rows: curvature 2 on each
+    plain = curvature.sharpness(held_out, [table], curvature.adam_preconditioner(opt, [table]), 1e-2, 0.9, 6)
+    held_out = (table**2).sum()
+    masked_p = curvature.adam_preconditioner(opt, [table], mask_unseen=True)
+    masked = curvature.sharpness(held_out, [table], masked_p, 1e-2, 0.9, 6)
+    assert torch.isinf(masked_p[3:]).all() and torch.isfinite(masked_p[:3]).all()
+    assert plain.preconditioned == pytest.approx(2 / 1e-8, rel=1e-3)  # row 1's eps dominates
+    row0 = 2 / float(masked_p[0])  # curvature 2 over row 0's sqrt(v_hat) + eps
+    assert masked.preconditioned == pytest.approx(row0, rel=1e-6) and masked.sharpness == pytest.approx(2.0)
+
+
 def test_bimodality_coefficient_separates_one_mode_from_two():
     g = torch.Generator().manual_seed(0)
     normal = torch.randn(100_000, generator=g)
