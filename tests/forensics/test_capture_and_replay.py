@@ -199,16 +199,16 @@ def test_load_kit_rejects_what_is_not_a_kit(tmp_path):
         load_kit(tmp_path)
 
 
-def test_a_probe_loss_spike_opens_a_kit_at_the_step_whose_start_shows_it(tmp_path, monkeypatch):
-    """capture.trigger=probe watches probe/loss (a loss spike stands clear of batch noise there);
-    the probe at step N is measured before N's batch, so the kit's 'at' state is N's start."""
+def probe_spike_cfg(monkeypatch, **train):
+    """A clean tiny run with capture watching probe/loss, whose logged probe loss (what the capture
+    detector sees) jumps by 10 nats at SPIKE_STEP only."""
     cfg = as_dict(spike_cfg())
     cfg["capture"]["trigger"] = "probe"
-    cfg["train"].update(probe_every=1, probe_batches=1)
+    cfg["train"].update(probe_every=1, probe_batches=1, **train)
     cfg["data"]["inject"]["enabled"] = False
     original = Trainer._log_probe
 
-    def probe(self, step):  # the held-out loss jumps at SPIKE_STEP only
+    def probe(self, step):
         evaluate = self.engine.evaluate
         if step == SPIKE_STEP:
             self.engine.evaluate = lambda batches, ignore: [v + 10.0 for v in evaluate(batches, ignore)]
@@ -218,7 +218,13 @@ def test_a_probe_loss_spike_opens_a_kit_at_the_step_whose_start_shows_it(tmp_pat
             self.engine.evaluate = evaluate
 
     monkeypatch.setattr(Trainer, "_log_probe", probe)
-    run_with_capture(tmp_path / "run", to_config(cfg))
+    return to_config(cfg)
+
+
+def test_a_probe_loss_spike_opens_a_kit_at_the_step_whose_start_shows_it(tmp_path, monkeypatch):
+    """capture.trigger=probe watches probe/loss (a loss spike stands clear of batch noise there);
+    the probe at step N is measured before N's batch, so the kit's 'at' state is N's start."""
+    run_with_capture(tmp_path / "run", probe_spike_cfg(monkeypatch))
     (kit,) = find_kits(tmp_path / "run")
     meta = json.loads((kit / "kit.json").read_text())
     assert kit.name == f"step_{SPIKE_STEP:07d}" and meta["trigger"] == "probe_loss"
@@ -236,23 +242,7 @@ def test_a_replay_runs_past_the_kit_and_measures_the_probe_as_the_run_did(tmp_pa
     the held-out loss at each step's start is the run's probe/loss: from the kit's earliest state,
     a replay over the rest of the run reproduces every logged train loss, grad norm and probe loss
     bit for bit; with an offset it reads other batches."""
-    cfg = as_dict(spike_cfg())
-    cfg["capture"]["trigger"] = "probe"
-    cfg["train"].update(steps=SPIKE_STEP + 15, log_every=1, probe_every=1, probe_batches=1)
-    cfg["data"]["inject"]["enabled"] = False
-    original = Trainer._log_probe
-
-    def probe(self, step):  # the capture detector sees a jump at SPIKE_STEP; the logged value is +10
-        evaluate = self.engine.evaluate
-        if step == SPIKE_STEP:
-            self.engine.evaluate = lambda batches, ignore: [v + 10.0 for v in evaluate(batches, ignore)]
-        try:
-            original(self, step)
-        finally:
-            self.engine.evaluate = evaluate
-
-    monkeypatch.setattr(Trainer, "_log_probe", probe)
-    run_with_capture(tmp_path / "run", to_config(cfg))
+    run_with_capture(tmp_path / "run", probe_spike_cfg(monkeypatch, steps=SPIKE_STEP + 15, log_every=1))
     run = load_run(tmp_path / "run")
     kit = load_kit(find_kits(tmp_path / "run")[0])
     start = kit.state_step("before")
