@@ -329,19 +329,55 @@ def open_proxy(path: Path) -> Checkpoint:
     return Checkpoint(path.stem, path, _step_of(path.stem), shape, {k: path for k in shapes}, shapes, nbytes, tensors)
 
 
+def open_kit(path: Path) -> list[Checkpoint]:
+    """A spike kit (proxy/train/capture.py) as a series of its states: before, at the spike and
+    after (those it has), each labelled with its step, so a lab spike gets the tables a released
+    series gets."""
+    from proxy.forensics.replay import STATE_FILES, KitError, load_kit
+
+    try:
+        kit = load_kit(path)
+    except KitError as exc:
+        raise SeriesError(str(exc)) from None
+    m = kit.config.model
+    states = [name for name in STATE_FILES if kit.has_state(name)]
+    found = []
+    for name in states:
+        try:
+            model = kit.state(name)["model"]
+        except KitError as exc:
+            raise SeriesError(str(exc)) from None
+        tensors = {k: v for k, v in model.items() if isinstance(v, Tensor) and v.is_floating_point()}
+        shape = Shape(
+            m.d_model, m.n_heads, m.n_heads, m.n_layers, int(tensors["embed.weight"].shape[0]), m.d_model // m.n_heads
+        )
+        shapes = {k: tuple(v.shape) for k, v in tensors.items()}
+        where = path / STATE_FILES[name]
+        _check_shapes(shapes, shape, {k: where for k in shapes})
+        nbytes = {k: v.numel() * v.element_size() for k, v in tensors.items()}
+        step = kit.state_step(name)
+        found.append(
+            Checkpoint(f"{name} (step {step})", where, step, shape, {k: where for k in shapes}, shapes, nbytes, tensors)
+        )
+    return found
+
+
 def is_hf_checkpoint(path: Path) -> bool:
     return path.is_dir() and (path / "config.json").is_file()
 
 
 def find_series(paths: Sequence[Path]) -> list[Checkpoint]:
     """The checkpoints ``paths`` name, in order: each a checkpoint folder, a folder of checkpoint
-    folders (ordered by the number in their names), or a proxy run (its checkpoints/step_*.pt)."""
+    folders (ordered by the number in their names), a proxy run (its checkpoints/step_*.pt), or a
+    spike kit (its before / at / after states)."""
     found: list[Checkpoint] = []
     for path in paths:
         if path.is_symlink():
             raise SeriesError(f"{path}: refused, a link")
         if is_hf_checkpoint(path):
             found.append(open_hf(path))
+        elif (path / "kit.json").is_file():
+            found += open_kit(path)
         elif (path / "checkpoints").is_dir():
             steps = sorted((path / "checkpoints").glob("step_*.pt"), key=lambda p: _step_of(p.stem) or 0)
             found += [open_proxy(p) for p in steps]

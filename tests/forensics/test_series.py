@@ -137,6 +137,21 @@ def test_a_lab_runs_checkpoints_are_a_series_with_the_same_numbers(tmp_path):
     assert [b["layer"] for b in result.bounds] == [0, 1] and all(len(b["max"]) == 3 for b in result.bounds)
 
 
+def test_a_spike_kit_is_a_series_of_its_three_states(tmp_path, capsys):
+    """A lab spike kit gets the released series' tables: before -> at -> after the spike."""
+    from tests.forensics.test_capture_and_replay import BEFORE, SPIKE_STEP, run_with_capture, spike_cfg
+
+    run_with_capture(tmp_path / "run", spike_cfg())
+    (kit,) = (tmp_path / "run" / "spike_kits").iterdir()
+    checkpoints = find_series([kit])
+    assert [c.step for c in checkpoints] == [SPIKE_STEP - BEFORE, SPIKE_STEP, SPIKE_STEP + 2]
+    assert checkpoints[0].label == f"before (step {SPIKE_STEP - BEFORE})"
+    result = measure(checkpoints)
+    assert [b["layer"] for b in result.bounds] == [0, 1] and all(len(b["max"]) == 3 for b in result.bounds)
+    assert inspect_main(["--series", str(kit), "--out", str(tmp_path / "out")]) == 0
+    assert "before (step" in (tmp_path / "out" / "series.md").read_text()
+
+
 # -- untrusted series: refused in one line naming the file ---------------------------------------
 def refused(paths: list[Path], capsys) -> str:
     assert inspect_main(["--series", *map(str, paths)]) == 2
