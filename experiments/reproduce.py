@@ -206,24 +206,37 @@ def _commit() -> str:
         return "unknown"
 
 
-def report(outcomes: list[Outcome], planned: int, wall: float) -> str:
+TITLE = "# Do the committed results still come out of today's code?"
+HEADER = ["| result | job re-run | then (s) | now (s) | outcome | runs |", "|---|---|---|---|---|---|"]
+
+
+def report(outcomes: list[Outcome], planned: int, wall: float, previous: str = "") -> str:
+    """The table, with ``previous`` (an earlier table, e.g. of a pass over other results) merged
+    in: its pass lines kept, its rows kept unless this pass re-ran the same result."""
     import torch
 
-    lines = [
-        "# Do the committed results still come out of today's code?",
-        "",
+    passes = [
+        line.removeprefix("- ")
+        for line in previous.splitlines()
+        if line.removeprefix("- ").startswith("`python experiments/reproduce.py`")
+    ]
+    rows = {line.split(" | ")[0]: line for line in previous.splitlines() if line.startswith("| ") and "---" not in line}
+    rows.pop(HEADER[0].split(" | ")[0], None)
+    passes.append(
         f"`python experiments/reproduce.py` on {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, proxy at "
         f"{_commit()}, torch {torch.__version__}, {platform.machine()} CPU ({os.cpu_count()} cores), "
-        f"one thread per job; {len(outcomes)} of {planned} tables' cheapest jobs, {wall / 60:.1f} min.",
-        "",
-        "| result | job re-run | then (s) | now (s) | outcome | runs |",
-        "|---|---|---|---|---|---|",
-    ]
+        f"one thread per job; {sum(o.status != 'not run' for o in outcomes)} of {planned} tables' cheapest "
+        f"jobs re-run, {wall / 60:.1f} min."
+    )
     for o in outcomes:
         table = o.job.table.parent.relative_to(HERE).as_posix()
+        key = f"| {table}"
+        if o.status == "not run" and key in rows:
+            continue  # an earlier pass ran it: keep that
         runs = "; ".join(f"{k}: {v}" for k, v in o.runs) if o.runs else o.detail
-        lines.append(f"| {table} | `{o.job.folder}` | {o.job.cost_s:.0f} | {o.wall_s:.0f} | **{o.status}** | {runs} |")
-    return "\n".join(lines) + "\n"
+        rows[key] = f"| {table} | `{o.job.folder}` | {o.job.cost_s:.0f} | {o.wall_s:.0f} | **{o.status}** | {runs} |"
+    body = [rows[k] for k in sorted(rows)]
+    return "\n".join([TITLE, "", *(f"- {line}" for line in passes), "", *HEADER, *body]) + "\n"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -254,7 +267,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         outcomes = list(pool.map(lambda ij: rerun(ij[1], args.work / stamp / str(ij[0])), enumerate(chosen)))
     outcomes += [Outcome(j, "not run", "past the budget") for j in jobs if j not in chosen]
-    text = report(outcomes, len(jobs), time.perf_counter() - start)
+    previous = args.out.read_text() if args.out.is_file() else ""
+    text = report(outcomes, len(jobs), time.perf_counter() - start, previous)
     args.out.write_text(text)
     print(text)
     return 0

@@ -52,3 +52,20 @@ def test_a_committed_job_re_run_today_is_the_same(tmp_path: Path) -> None:
     outcome = reproduce.rerun(job, tmp_path / "again")
     assert outcome.status == "same", outcome
     assert [status for _, status in outcome.runs] == ["same", "same"]
+
+
+def test_a_second_pass_keeps_the_first_ones_rows_and_replaces_what_it_re_ran(tmp_path: Path) -> None:
+    here = reproduce.HERE
+
+    def outcome(result: str, status: str, detail: str = ""):
+        job = reproduce.Job(here / result / "runs.csv", "0_x=1", ["x=1"], [], 10.0)
+        return reproduce.Outcome(job, status, detail)
+
+    first = reproduce.report([outcome("a/results", "same"), outcome("b/results", "not run", "past the budget")], 2, 60)
+    second = reproduce.report([outcome("b/results", "differs")], 1, 60, previous=first)
+    rows = [line for line in second.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert [row.split(" | ")[0] for row in rows] == ["| a/results", "| b/results"]
+    assert "**same**" in rows[0] and "**differs**" in rows[1]
+    assert second.count("`python experiments/reproduce.py` on") == 2
+    third = reproduce.report([outcome("a/results", "not run", "past the budget")], 1, 60, previous=second)
+    assert "**same**" in third  # a pass that did not run it keeps the earlier outcome
