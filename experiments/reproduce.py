@@ -17,7 +17,7 @@ A result marked ``differs`` is either re-run or read as "from an older version" 
 says which); the table this writes (``--out``, default experiments/reproduction.md) is committed
 with the date, the commit and the machine. Cheapest first, so a budget keeps the quick ones.
 
-``python experiments/reproduce.py [--only SUBSTR] [--budget SECONDS] [--jobs N] [--dry-run]``
+``python experiments/reproduce.py [--only SUBSTR ...] [--budget SECONDS] [--jobs N] [--dry-run]``
 """
 
 from __future__ import annotations
@@ -82,8 +82,24 @@ def current_preset(value: str) -> Optional[str]:
     return None
 
 
-def job_overrides(folder: str) -> tuple[list[str], str]:
-    """(overrides, why not) of a job folder name (proxy.analysis.run_dirname's spelling)."""
+def protocol1_era(table: Path) -> bool:
+    """Whether a results table predates its study's protocol 2: it sits in no ``protocolN``
+    folder while one of the folders above it, up to the study's ``results``, has ``protocol2``.
+    Its preset is then the one kept as ``<name>_p1`` where that exists."""
+    rel = table.relative_to(HERE).parts
+    if any(part.startswith("protocol") for part in rel):
+        return False
+    folder = table.parent
+    while folder != HERE and folder.name != "results":
+        if (folder / "protocol2").is_dir():
+            return True
+        folder = folder.parent
+    return (folder / "protocol2").is_dir()
+
+
+def job_overrides(folder: str, protocol1: bool = False) -> tuple[list[str], str]:
+    """(overrides, why not) of a job folder name (proxy.analysis.run_dirname's spelling);
+    ``protocol1``: the result predates protocol 2, so its preset is the ``_p1`` one if kept."""
     name = JOB_PREFIX.sub("", folder)
     if "~" in name.split(",")[-1]:
         return [], "its folder name was cut to a hash"
@@ -96,7 +112,7 @@ def job_overrides(folder: str) -> tuple[list[str], str]:
             key = RENAMED_KEYS[key]
             item = f"{key}={value}"
         if key.lstrip("+") == "experiment":
-            preset = current_preset(value)
+            preset = (protocol1 and current_preset(f"{value}_p1")) or current_preset(value)
             if preset is None:
                 return [], f"no preset {value} today"
             item = f"{key}={preset}"
@@ -132,7 +148,7 @@ def plan(tables: Sequence[Path]) -> list[Job]:
             continue
         costs = {f: max((_number(r.get("wall_time_s", "")) for r in rs), default=math.nan) for f, rs in by_job.items()}
         folder = min(by_job, key=lambda f: costs[f] if math.isfinite(costs[f]) else math.inf)
-        overrides, why = job_overrides(folder)
+        overrides, why = job_overrides(folder, protocol1_era(table))
         jobs.append(Job(table, folder, overrides, by_job[folder], costs[folder], why))
     return sorted(jobs, key=lambda j: j.cost_s if math.isfinite(j.cost_s) else math.inf)
 
@@ -241,14 +257,20 @@ def report(outcomes: list[Outcome], planned: int, wall: float, previous: str = "
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", default="", help="only the results whose path contains this")
+    parser.add_argument(
+        "--only", action="append", default=[], help="only the results whose path contains this (repeatable)"
+    )
     parser.add_argument("--budget", type=float, default=math.inf, help="seconds of committed wall time to re-run")
     parser.add_argument("--jobs", type=int, default=2, help="jobs at once (one thread each)")
     parser.add_argument("--dry-run", action="store_true", help="print the plan only")
     parser.add_argument("--work", type=Path, default=REPO / "runs" / "reproduce", help="where the re-runs go")
     parser.add_argument("--out", type=Path, default=HERE / "reproduction.md", help="the table written")
     args = parser.parse_args(argv)
-    tables = sorted(p for p in HERE.glob("**/results/**/runs.csv") if args.only in p.as_posix())
+    tables = sorted(
+        p
+        for p in HERE.glob("**/results/**/runs.csv")
+        if not args.only or any(part in p.relative_to(HERE).as_posix() for part in args.only)
+    )
     jobs = plan(tables)
     chosen, spent = [], 0.0
     for job in jobs:
