@@ -69,3 +69,16 @@ def test_a_second_pass_keeps_the_first_ones_rows_and_replaces_what_it_re_ran(tmp
     assert second.count("`python experiments/reproduce.py` on") == 2
     third = reproduce.report([outcome("a/results", "not run", "past the budget")], 1, 60, previous=second)
     assert "**same**" in third  # a pass that did not run it keeps the earlier outcome
+
+
+def test_a_result_older_than_its_studys_protocol_2_is_re_run_with_the_kept_protocol_1_preset() -> None:
+    here = reproduce.HERE
+    assert reproduce.protocol1_era(here / "adam_epsilon" / "results" / "runs.csv")
+    assert reproduce.protocol1_era(here / "adam_epsilon" / "results" / "investigation_d128" / "runs.csv")
+    assert reproduce.protocol1_era(here / "spike_remedies" / "results" / "isolated" / "runs.csv")
+    assert not reproduce.protocol1_era(here / "adam_epsilon" / "results" / "protocol2" / "runs.csv")
+    assert not reproduce.protocol1_era(here / "lr_transfer" / "results" / "runs.csv")  # no protocol 2 there
+    overrides, _ = reproduce.job_overrides("8_+experiment=adam_epsilon_lab,optim.lr=0.3", protocol1=True)
+    assert overrides[0] == "+experiment=adam_epsilon/lab_p1"
+    overrides, _ = reproduce.job_overrides("8_+experiment=spike_frequency_lab", protocol1=True)
+    assert overrides == ["+experiment=spike_frequency/lab"]  # no _p1 kept: today's
