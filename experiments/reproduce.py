@@ -86,8 +86,9 @@ def protocol1_era(table: Path) -> bool:
     """Whether a results table predates its study's protocol 2: it sits in no ``protocolN``
     folder while one of the folders above it, up to the study's ``results``, has ``protocol2``.
     Its preset is then the one kept as ``<name>_p1`` where that exists."""
-    rel = table.relative_to(HERE).parts
-    if any(part.startswith("protocol") for part in rel):
+    if not table.is_relative_to(HERE):
+        return False
+    if any(part.startswith("protocol") for part in table.relative_to(HERE).parts):
         return False
     folder = table.parent
     while folder != HERE and folder.name != "results":
@@ -222,6 +223,12 @@ def _commit() -> str:
         return "unknown"
 
 
+def _where(table: Path) -> str:
+    """A results table named by its folder, relative to experiments/ where it lies there."""
+    folder = table.parent
+    return folder.relative_to(HERE).as_posix() if folder.is_relative_to(HERE) else folder.as_posix()
+
+
 TITLE = "# Do the committed results still come out of today's code?"
 HEADER = ["| result | job re-run | then (s) | now (s) | outcome | runs |", "|---|---|---|---|---|---|"]
 
@@ -245,7 +252,7 @@ def report(outcomes: list[Outcome], planned: int, wall: float, previous: str = "
         f"jobs re-run, {wall / 60:.1f} min."
     )
     for o in outcomes:
-        table = o.job.table.parent.relative_to(HERE).as_posix()
+        table = _where(o.job.table)
         key = f"| {table}"
         if o.status == "not run" and key in rows:
             continue  # an earlier pass ran it: keep that
@@ -281,7 +288,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for job in jobs:
         mark = "run " if job in chosen else "skip"
         what = job.why_not or " ".join(job.overrides)
-        print(f"{mark} {job.cost_s:7.0f} s  {job.table.parent.relative_to(HERE)}: {what}")
+        print(f"{mark} {job.cost_s:7.0f} s  {_where(job.table)}: {what}")
     if args.dry_run:
         return 0
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d_%H-%M-%S")

@@ -28,6 +28,7 @@ trains as well as the best one; ``loss_at_init - best_loss`` is the worst possib
 from __future__ import annotations
 
 import math
+import re
 import warnings
 from dataclasses import dataclass
 from typing import Hashable, Iterable, Optional, Sequence, TypeGuard
@@ -427,6 +428,15 @@ def is_variant_override(override: str) -> bool:
     return not override.strip().lstrip("+~").startswith(NON_VARIANT_KEYS)
 
 
+_OVERRIDE_START = re.compile(r",\s*(?=[+~]?[A-Za-z_][\w./-]*=)")  # a comma that starts another override
+
+
+def split_overrides(text: str) -> list[str]:
+    """The overrides of a ","-joined run name or variant label (``a.b=x,c.d=[1,2]``): split at the
+    commas that start another override, so a list value keeps its commas; ", " is read too."""
+    return [item for item in _OVERRIDE_START.split(text) if item] if text else []
+
+
 def run_name_from(overrides: Iterable[str]) -> str:
     """A run's name: its variant overrides sorted and ","-joined ("default": none), spelled as
     typed. The same spelling and order as its folder (:func:`run_dirname`, after ``<job>_``) and
@@ -507,6 +517,7 @@ __all__ = [
     "per_lr_losses",
     "run_dirname",
     "run_name_from",
+    "split_overrides",
     "short_dirname",
     "spike_score",
     "uniform_loss",

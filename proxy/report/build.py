@@ -74,7 +74,7 @@ class ReportResult:
     def sensitivity_of(self, variant: str) -> SensitivityRow:
         """The row of a variant, by its label or by one of its overrides (``model.qk_norm=off``)."""
         for row in self.sensitivity:
-            if variant == row.variant or variant in row.overrides.split(", "):
+            if variant == row.variant or variant in analysis.split_overrides(row.overrides):
                 return row
         known = ", ".join(row.variant for row in self.sensitivity)
         raise KeyError(f"no variant {variant!r} in the report (variants: {known})")

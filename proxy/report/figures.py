@@ -107,14 +107,11 @@ def _shortest_endings(keys: Iterable[str]) -> dict[str, str]:
     return short
 
 
-_OVERRIDE_SPLIT = re.compile(r",\s*(?=[+~]?[A-Za-z_][\w./-]*=)")  # a comma that starts another override
-
-
 def short_labels(labels: Sequence[str]) -> dict[str, str]:
     """Variant labels ("a.b=x,c.d=y", the run name's spelling) as figure titles: each override's
     key cut to its shortest unambiguous ending among the keys the labels use (what tells the
     variants apart, no more), ", "-joined so that a long title can wrap."""
-    items = {label: [item.partition("=") for item in _OVERRIDE_SPLIT.split(label)] for label in labels}
+    items = {label: [item.partition("=") for item in analysis.split_overrides(label)] for label in labels}
     short = _shortest_endings(key for parts in items.values() for key, sep, _ in parts if sep)
     return {
         label: ", ".join(f"{short[key]}={value}" if sep else key for key, sep, value in parts)

@@ -18,7 +18,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
-from proxy.analysis import parse_override
+from proxy.analysis import parse_override, split_overrides
 from proxy.records import COMPLETED
 from proxy.report.document import Block, Callout
 from proxy.report.tables import BLOWN_UP, RunRow, SensitivityRow, Tables, finite
@@ -158,7 +158,7 @@ def top_lr(groups: Sequence[Sequence[RunRow]]) -> list[Optional[float]]:
 def compared_names(labels: Sequence[str]) -> str:
     """'model.qk_norm: off vs layernorm' when the variants differ in one key only, else the
     labels joined by 'vs'."""
-    parsed = [dict(parse_override(item) for item in label.split(", ")) for label in labels]
+    parsed = [dict(parse_override(item) for item in split_overrides(label)) for label in labels]
     keys = set(parsed[0]) if parsed else set()
     if len(parsed) > 1 and all(set(p) == keys for p in parsed):
         differing = [k for k in sorted(keys) if len({p[k] for p in parsed}) > 1]

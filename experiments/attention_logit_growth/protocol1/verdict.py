@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from typing import Optional
 
+from proxy.analysis import split_overrides
 from proxy.records import Run
 from proxy.report import ReportResult, RunRow
 from proxy.verdict import Verdict
@@ -26,7 +27,7 @@ DEGRADE_NATS = 0.3
 
 
 def _curve(report: ReportResult, override: str) -> list[RunRow]:
-    rows = [r for r in report.runs if override in r.overrides.split(", ") and r.lr is not None]
+    rows = [r for r in report.runs if override in split_overrides(r.overrides) and r.lr is not None]
     if not rows:
         raise ValueError(f"no runs with {override} in the sweep")
     return sorted(rows, key=lambda r: r.lr)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 
+from proxy.analysis import split_overrides
 from proxy.records import Run
 from proxy.report import ReportResult
 from proxy.verdict import Verdict
@@ -25,7 +26,7 @@ def _ladder(report: ReportResult, recipe: str) -> dict[int, float]:
     """d_model -> LR sensitivity of that recipe (NaN when not computable)."""
     ladder = {}
     for row in report.sensitivity:
-        items = [item.lstrip("+") for item in row.overrides.split(", ")]
+        items = [item.lstrip("+") for item in split_overrides(row.overrides)]
         widths = [int(item.split("=", 1)[1]) for item in items if item.startswith("model.d_model=")]
         if recipe in items and widths:
             ladder[widths[0]] = math.nan if row.sensitivity is None else float(row.sensitivity)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 
+from proxy.analysis import split_overrides
 from proxy.records import Run
 from proxy.report import ReportResult
 from proxy.verdict import Verdict
@@ -21,7 +22,7 @@ def _grid(report: ReportResult) -> dict[tuple[str, int], float]:
     """(decay form, warmup steps) -> LR sensitivity (NaN when not computable)."""
     grid = {}
     for row in report.sensitivity:
-        items = dict(item.lstrip("+").split("=", 1) for item in row.overrides.split(", ") if "=" in item)
+        items = dict(item.lstrip("+").split("=", 1) for item in split_overrides(row.overrides) if "=" in item)
         if "wd" in items and "schedule.warmup_steps" in items:
             key = (items["wd"], int(items["schedule.warmup_steps"]))
             grid[key] = math.nan if row.sensitivity is None else float(row.sensitivity)
