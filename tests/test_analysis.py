@@ -254,3 +254,15 @@ def test_a_run_has_one_name_its_folder_and_its_report_label_share() -> None:
     assert names[0] == "model.qk_norm=off,optim.lr=0.003,train.seed=0" and constant == ()
     row0 = run_name_from(["train.seed=0", "optim.lr=0.003", "model.qk_norm=off", "train.log_every=1"])
     assert set(names[0].split(",")) <= set(row0.split(","))  # the label: parts of the name, as spelled
+
+
+def test_a_joined_name_splits_back_into_its_overrides_list_values_whole() -> None:
+    from proxy.analysis import split_overrides
+
+    assert split_overrides("+experiment=x/lab,optim.lr=0.01,sweep.seeds=[3,4,5]") == [
+        "+experiment=x/lab",
+        "optim.lr=0.01",
+        "sweep.seeds=[3,4,5]",
+    ]
+    assert split_overrides("model.qk_norm=off, optim.lr=0.1") == ["model.qk_norm=off", "optim.lr=0.1"]  # older labels
+    assert split_overrides("baseline") == ["baseline"] and split_overrides("") == []
