@@ -41,8 +41,6 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 CONF = REPO / "conf" / "experiment"
 SAME, CLOSE = 1e-6, 1e-3  # relative tolerances: 6 significant digits; 0.1 %
-# a comma that starts another override (a list value such as sweep.seeds=[3,4,5] keeps its commas)
-OVERRIDE_SPLIT = re.compile(r",(?=[+~]?[A-Za-z_][\w./-]*=)")
 JOB_PREFIX = re.compile(r"^\d+_")
 
 
@@ -104,10 +102,11 @@ def job_overrides(folder: str, protocol1: bool = False) -> tuple[list[str], str]
     name = JOB_PREFIX.sub("", folder)
     if "~" in name.split(",")[-1]:
         return [], "its folder name was cut to a hash"
+    from proxy.analysis import split_overrides
     from proxy.config import RENAMED_KEYS
 
     overrides = []
-    for item in OVERRIDE_SPLIT.split(name):
+    for item in split_overrides(name):
         key, _, value = item.partition("=")
         if key in RENAMED_KEYS:  # a key an older proxy had: today's name, same value
             key = RENAMED_KEYS[key]

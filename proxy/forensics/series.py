@@ -306,6 +306,19 @@ def _check_shapes(shapes: dict[str, tuple[int, ...]], shape: Shape, files: dict[
             raise SeriesError(f"{files[name]}: {name} has shape {list(got)}, config.json implies {list(want)}")
 
 
+def _in_memory(label: str, path: Path, step: Optional[int], model: dict, d: int, heads: int, layers: int) -> Checkpoint:
+    """A checkpoint whose model state is already in memory (a proxy checkpoint or a kit state):
+    its floating-point tensors, checked against the shape the config gives."""
+    if "embed.weight" not in model:
+        raise SeriesError(f"{path}: not a proxy model state (no embed.weight)")
+    tensors = {k: v for k, v in model.items() if isinstance(v, Tensor) and v.is_floating_point()}
+    shape = Shape(d, heads, heads, layers, int(model["embed.weight"].shape[0]), d // heads)
+    shapes = {k: tuple(v.shape) for k, v in tensors.items()}
+    _check_shapes(shapes, shape, {k: path for k in shapes})
+    nbytes = {k: v.numel() * v.element_size() for k, v in tensors.items()}
+    return Checkpoint(label, path, step, shape, {k: path for k in shapes}, shapes, nbytes, tensors)
+
+
 def open_proxy(path: Path) -> Checkpoint:
     """One of a proxy run's checkpoints (``<run>/checkpoints/step_*.pt``), with the run's config."""
     run_dir = path.parent.parent
@@ -321,12 +334,7 @@ def open_proxy(path: Path) -> Checkpoint:
     d, heads, layers = int(m.get("d_model", 0)), int(m.get("n_heads", 0)), int(m.get("n_layers", 0))
     if min(d, heads, layers) <= 0:
         raise SeriesError(f"{run_dir / 'config.yaml'}: no model.d_model / n_heads / n_layers")
-    shape = Shape(d, heads, heads, layers, int(model["embed.weight"].shape[0]), d // heads)
-    tensors = {k: v for k, v in model.items() if isinstance(v, Tensor) and v.is_floating_point()}
-    shapes = {k: tuple(v.shape) for k, v in tensors.items()}
-    _check_shapes(shapes, shape, {k: path for k in shapes})
-    nbytes = {k: v.numel() * v.element_size() for k, v in tensors.items()}
-    return Checkpoint(path.stem, path, _step_of(path.stem), shape, {k: path for k in shapes}, shapes, nbytes, tensors)
+    return _in_memory(path.stem, path, _step_of(path.stem), model, d, heads, layers)
 
 
 def open_kit(path: Path) -> list[Checkpoint]:
@@ -340,25 +348,15 @@ def open_kit(path: Path) -> list[Checkpoint]:
     except KitError as exc:
         raise SeriesError(str(exc)) from None
     m = kit.config.model
-    states = [name for name in STATE_FILES if kit.has_state(name)]
     found = []
-    for name in states:
+    for name in (name for name in STATE_FILES if kit.has_state(name)):
         try:
             model = kit.state(name)["model"]
         except KitError as exc:
             raise SeriesError(str(exc)) from None
-        tensors = {k: v for k, v in model.items() if isinstance(v, Tensor) and v.is_floating_point()}
-        shape = Shape(
-            m.d_model, m.n_heads, m.n_heads, m.n_layers, int(tensors["embed.weight"].shape[0]), m.d_model // m.n_heads
-        )
-        shapes = {k: tuple(v.shape) for k, v in tensors.items()}
-        where = path / STATE_FILES[name]
-        _check_shapes(shapes, shape, {k: where for k in shapes})
-        nbytes = {k: v.numel() * v.element_size() for k, v in tensors.items()}
         step = kit.state_step(name)
-        found.append(
-            Checkpoint(f"{name} (step {step})", where, step, shape, {k: where for k in shapes}, shapes, nbytes, tensors)
-        )
+        where = path / STATE_FILES[name]
+        found.append(_in_memory(f"{name} (step {step})", where, step, model, m.d_model, m.n_heads, m.n_layers))
     return found
 
 
