@@ -180,14 +180,14 @@ def eps_sweep_p1(root: Path, reproduces: bool) -> Path:
     return root
 
 
-def eps_sweep(root: Path, reproduces: bool, seeds: int = 3, widths=(64, 128, 256)) -> Path:
+def eps_sweep(root: Path, reproduces: bool, seeds: int = 3, widths=(64, 128, 256), first_seed: int = 0) -> Path:
     """Protocol 2: a width ladder x eps {1e-15, 1e-6} x seeds at one LR. With ``reproduces`` the
     gradient RMS falls as d^-2 (from 2e-5 at d 64), so a large eps bites harder up the ladder;
     otherwise it stays at 1e-3, far above eps, at every width."""
     rng = np.random.default_rng(1)
     for width in widths:
         for eps in (1e-15, 1e-6):
-            for seed in range(seeds):
+            for seed in range(first_seed, first_seed + seeds):
                 jitter = 1.0 + 0.01 * rng.standard_normal()
                 grad_rms = (2e-5 * (64 / width) ** 2 if reproduces else 1e-3) * jitter
                 update = 0.2 / (1.0 + eps / grad_rms)  # m / (sqrt(v) + eps) with |m| ~ sqrt(v) ~ grad RMS
@@ -222,6 +222,18 @@ def test_adam_epsilon_verdict_needs_seeds_and_widths(tmp_path: Path) -> None:
         EXPERIMENTS / "adam_epsilon", [eps_sweep(tmp_path / "b", True, widths=(64, 128))], tmp_path / "rb"
     )
     assert not any(c.passed for c in two_seeds.checks + two_widths.checks)
+
+
+@pytest.mark.parametrize(("first_seed", "seeds_present"), [(3, True), (0, False)])
+def test_adam_epsilon_protocol3_wants_five_fresh_seeds(tmp_path: Path, first_seed: int, seeds_present: bool) -> None:
+    """Protocol 3 judges protocol 2's three criteria unchanged on seeds 3-7; seeds 0-4 (two already
+    seen) fail its seed check while protocol 2's criteria still pass."""
+    root = eps_sweep(tmp_path / "sweep", True, seeds=5, first_seed=first_seed)
+    verdict = judge_runs(EXPERIMENTS / "adam_epsilon" / "protocol3", [root], tmp_path / "report")
+    assert [c.passed for c in verdict.checks] == [True, True, True, seeds_present]
+    assert verdict.reproduced is seeds_present
+    assert verdict.numbers["penalty growth d256 minus d64, seeds positive"] == "5 of 5"
+    assert len(verdict.numbers["loss_penalty/d256 per seed (nats)"]) == 5
 
 
 @pytest.mark.parametrize("reproduces", [True, False])
