@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional
 
@@ -188,7 +189,7 @@ def curve_member(
     return run_dir
 
 
-def warmup_sweep(root: Path, reproduces: bool, best_lr: float = 1e-2) -> Path:
+def warmup_sweep(root: Path, reproduces: bool, best_lr: float = 1e-2, seeds: Sequence[int] = (0, 1, 2)) -> Path:
     """Protocol 2: a 2 x 2 of decay form x warmup, each an LR x 3-seed grid whose loss is a parabola
     in log LR around ``best_lr``; the curvature (LR sensitivity) is lower with the long warmup and
     with independent decay (or higher, when it does not reproduce)."""
@@ -196,7 +197,7 @@ def warmup_sweep(root: Path, reproduces: bool, best_lr: float = 1e-2) -> Path:
     if not reproduces:
         curvature[("coupled", 200)], curvature[("independent", 200)] = 0.6, 0.45
     for (form, warmup), a in curvature.items():
-        for seed, jitter in enumerate((0.0, 0.01, -0.01)):
+        for seed, jitter in zip(seeds, (0.0, 0.01, -0.01, 0.005, -0.005)):
             for lr in WARMUP_LRS:
                 loss = 3.4 + (a + jitter) * math.log10(lr / best_lr) ** 2
                 curve_member(
@@ -248,6 +249,16 @@ def test_warmup_verdict_wants_the_optimum_inside_the_grid(tmp_path: Path) -> Non
     bracket = verdict.checks[0]
     assert "brackets" in bracket.claim and not bracket.passed and "best LR 0.001" in bracket.measured
     assert not verdict.reproduced
+
+
+@pytest.mark.parametrize(("seeds", "fresh"), [((3, 4, 5, 6, 7), True), ((0, 1, 2, 3, 4), False)])
+def test_warmup_protocol3_wants_five_fresh_seeds(tmp_path: Path, seeds: tuple[int, ...], fresh: bool) -> None:
+    """Protocol 3: protocol 2's five criteria unchanged, on seeds 3-7; seeds 0-4 fail its seed check."""
+    sweep = warmup_sweep(tmp_path / "s", True, seeds=seeds)
+    verdict = _verdict("warmup_and_weight_decay/protocol3", sweep, tmp_path)
+    assert [c.passed for c in verdict.checks] == [True] * 5 + [fresh], verdict.to_markdown()
+    assert verdict.reproduced is fresh
+    assert verdict.numbers["warmup 5: S(coupled) - S(independent), seeds positive"] == "5 of 5"
 
 
 def output_member(
