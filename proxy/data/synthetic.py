@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 
@@ -145,8 +146,11 @@ class LanguageEntropy:
 
 
 def language_entropy(cfg: SyntheticConfig, seq_len: int = 128, n_sequences: int = 512) -> LanguageEntropy:
-    """Entropy figures of the synthetic language ``cfg`` (cached; ~0.1 s at the defaults)."""
-    return _language_entropy(_synthetic_key(cfg), seq_len, n_sequences)
+    """Entropy figures of the synthetic language ``cfg`` (cached; ~0.1 s at the defaults), the
+    deterministic sub-language included where it is mixed in."""
+    figures = _language_entropy(_synthetic_key(cfg), seq_len, n_sequences)
+    sub = Sublanguage.of(cfg)
+    return sub.mixed(figures) if sub is not None else figures
 
 
 @functools.lru_cache(maxsize=16)
@@ -184,8 +188,66 @@ def _hmm_from_key(key: tuple) -> HMM:
     return build_hmm(SyntheticConfig(**dict(zip(_SYNTHETIC_FIELDS, key))))
 
 
+def vocab_with_sublanguage(cfg: SyntheticConfig) -> int:
+    """The language's vocabulary: the HMM's tokens, then the sub-language's own when it is mixed in."""
+    return cfg.vocab_size + (cfg.sublanguage_tokens if cfg.sublanguage_fraction > 0 else 0)
+
+
+@dataclass(frozen=True)
+class Sublanguage:
+    """A deterministic language on token ids of its own: a fixed cycle through ``cycle`` (a seeded
+    permutation of ids vocab_size .. vocab_size + k - 1), entered at a random point. Its first
+    token names the row's language and its place in the cycle, so every later token is certain
+    (Bayes loss 0): gradients from these rows vanish as the model learns them, while the rest of
+    the loss stays at the HMM's level."""
+
+    cycle: np.ndarray  # (k,) token ids
+    fraction: float  # share of rows drawn from it
+
+    @classmethod
+    def of(cls, cfg: SyntheticConfig) -> Optional[Sublanguage]:
+        if cfg.sublanguage_fraction <= 0:
+            return None
+        rng = np.random.default_rng([cfg.seed, LANGUAGE_STREAM, 1])
+        return cls(cfg.vocab_size + rng.permutation(cfg.sublanguage_tokens), cfg.sublanguage_fraction)
+
+    def mix_into(self, tokens: np.ndarray, generators: list[np.random.Generator]) -> None:
+        """Replace, in place, the rows whose own generator draws below ``fraction`` (drawn after the
+        HMM's uniforms, so the other rows are the plain language's, bit for bit)."""
+        k, length = self.cycle.size, tokens.shape[1]
+        for i, g in enumerate(generators):
+            chosen, start = g.random() < self.fraction, int(g.integers(k))
+            if chosen:
+                tokens[i] = self.cycle[(start + np.arange(length)) % k]
+
+    def mixed(self, e: LanguageEntropy) -> LanguageEntropy:
+        """The mixture's figures from the HMM's: a row's first token tells the languages apart, and
+        the sub-language's later tokens are certain, so the conditional entropies (bigram, Bayes
+        loss, rate) scale by the HMM's share; the unigram entropy gains the mixing entropy and the
+        sub-language's ln k."""
+        f, k = self.fraction, self.cycle.size
+        mixing = -(f * math.log(f) + (1 - f) * math.log(1 - f))
+        return LanguageEntropy(
+            unigram_entropy=mixing + (1 - f) * e.unigram_entropy + f * math.log(k),
+            bigram_entropy=(1 - f) * e.bigram_entropy,
+            optimal_loss=(1 - f) * e.optimal_loss,
+            optimal_loss_stderr=(1 - f) * e.optimal_loss_stderr,
+            entropy_rate=(1 - f) * e.entropy_rate,
+            seq_len=e.seq_len,
+            n_sequences=e.n_sequences,
+        )
+
+
 def _check_synthetic(cfg: SyntheticConfig) -> None:
     checks = [
+        (
+            0 <= cfg.sublanguage_fraction < 1,
+            f"data.synthetic.sublanguage_fraction={cfg.sublanguage_fraction} must be in [0, 1)",
+        ),
+        (
+            cfg.sublanguage_tokens >= 2,
+            f"data.synthetic.sublanguage_tokens={cfg.sublanguage_tokens} must be >= 2",
+        ),
         (cfg.seed >= 0, f"data.synthetic.seed={cfg.seed} must be >= 0"),
         (cfg.vocab_size >= 2, f"data.synthetic.vocab_size={cfg.vocab_size} must be >= 2"),
         (cfg.n_states >= 2, f"data.synthetic.n_states={cfg.n_states} must be >= 2"),
@@ -212,23 +274,34 @@ class SyntheticSource(TokenSource):
 
     def __init__(self, cfg: DataConfig):
         super().__init__(cfg)
+        _check_synthetic(cfg.synthetic)
         self.hmm = _hmm_from_key(_synthetic_key(cfg.synthetic))
-        self.vocab_size = cfg.synthetic.vocab_size
+        self.sublanguage = Sublanguage.of(cfg.synthetic)
+        self.vocab_size = vocab_with_sublanguage(cfg.synthetic)
 
     def _rows(self, split: str, index: int, rows: np.ndarray, length: int, attempt: int = 0) -> np.ndarray:
-        uniforms = np.stack(
-            [row_generator(self.cfg.seed, split, index, int(r), attempt).random((2, length)) for r in rows]
-        )
-        return sample_hmm(self.hmm, uniforms)
+        generators = [row_generator(self.cfg.seed, split, index, int(r), attempt) for r in rows]
+        tokens = sample_hmm(self.hmm, np.stack([g.random((2, length)) for g in generators]))
+        if self.sublanguage is not None:
+            self.sublanguage.mix_into(tokens, generators)
+        return tokens
 
     def token_probabilities(self) -> np.ndarray:
-        """Exact: the stationary state distribution through the emission table."""
-        return self.hmm.stationary @ self.hmm.emission
+        """Exact: the stationary state distribution through the emission table (and the
+        sub-language's tokens, uniform over its cycle, at its share)."""
+        probs = self.hmm.stationary @ self.hmm.emission
+        if self.sublanguage is None:
+            return probs
+        f, k = self.sublanguage.fraction, self.sublanguage.cycle.size
+        return np.concatenate([(1 - f) * probs, np.full(k, f / k)])
 
     def _describe(self) -> dict:
         s = self.cfg.synthetic
         info = {name: getattr(s, name) for name in _SYNTHETIC_FIELDS if name != "vocab_size"}
         info["language_seed"] = info.pop("seed")
+        if self.sublanguage is not None:
+            info["sublanguage_fraction"] = s.sublanguage_fraction
+            info["sublanguage_tokens"] = s.sublanguage_tokens
         info.update(language_entropy(s).as_dict())
         info["units"] = "nats/token"
         return info

@@ -251,14 +251,20 @@ def _loss_spike_counts(run: Run) -> tuple[Optional[int], Optional[int]]:
 
 
 def _vocab_size(run: Run) -> Optional[int]:
-    return _first(
-        _integer(run.config_value("model.vocab_size")),
-        (
-            _integer(run.config_value("data.synthetic.vocab_size"))
-            if run.config_value("data.source") in (None, "synthetic")
-            else None
-        ),
-    )
+    return _first(_integer(run.config_value("model.vocab_size")), _synthetic_vocab_size(run))
+
+
+def _synthetic_vocab_size(run: Run) -> Optional[int]:
+    """The built-in language's vocabulary as the run's config names it (its mixed-in
+    sub-language's tokens included); None for other sources."""
+    if run.config_value("data.source") not in (None, "synthetic"):
+        return None
+    vocab = _integer(run.config_value("data.synthetic.vocab_size"))
+    fraction = run.config_value("data.synthetic.sublanguage_fraction")
+    extra = _integer(run.config_value("data.synthetic.sublanguage_tokens"))
+    if vocab is not None and isinstance(fraction, (int, float)) and fraction > 0 and extra is not None:
+        return vocab + extra
+    return vocab
 
 
 # --------------------------------------------------------------------------------------------

@@ -81,7 +81,9 @@ def estimate(
 ) -> Estimate:
     """The device time of one run (or one ensemble: K members at once) of ``cfg`` on ``gpu``."""
     m, t = cfg.model, cfg.train
-    vocab = vocab_size or m.vocab_size or (cfg.data.synthetic.vocab_size if cfg.data.source == "synthetic" else 50304)
+    synthetic = cfg.data.synthetic
+    synthetic_vocab = synthetic.vocab_size + (synthetic.sublanguage_tokens if synthetic.sublanguage_fraction > 0 else 0)
+    vocab = vocab_size or m.vocab_size or (synthetic_vocab if cfg.data.source == "synthetic" else 50304)
     k = members or max(1, len(cfg.sweep.lrs or [0]) * len(cfg.sweep.seeds or [0]) * len(cfg.sweep.weight_decays or [0]))
     compiled = (str(t.compile).lower() != "false") if compiled is None else compiled
     n = non_embedding_params(cfg)

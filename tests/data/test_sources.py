@@ -109,6 +109,37 @@ def test_sampler_draws_from_the_hmm():
     assert set(np.unique(tokens)) == set(np.flatnonzero(hmm.stationary @ hmm.emission))
 
 
+def test_a_deterministic_sublanguage_mixes_in_on_tokens_of_its_own():
+    """data.synthetic.sublanguage_fraction: that share of rows walks a fixed cycle through token
+    ids after the HMM's; the other rows are the plain language's bit for bit, and the figures
+    scale by the HMM's share (the sub-language costs nothing once its first token is seen)."""
+    plain_cfg = SyntheticConfig()
+    mixed_cfg = SyntheticConfig(sublanguage_fraction=0.25, sublanguage_tokens=16)
+    plain, mixed = build_source(DataConfig(synthetic=plain_cfg)), build_source(DataConfig(synthetic=mixed_cfg))
+    assert mixed.vocab_size == 512 + 16 and plain.vocab_size == 512
+    x_plain, _ = plain.batch("train", 3, 64, 32)
+    x_mixed, y_mixed = mixed.batch("train", 3, 64, 32)
+    sub = (x_mixed >= 512).any(1)
+    assert 8 <= int(sub.sum()) <= 24  # ~25 % of 64 rows
+    assert torch.equal(x_mixed[~sub], x_plain[~sub])
+    assert bool((x_mixed[sub] >= 512).all())  # a sub-language row is all its own tokens
+    # the successor of every sub-language token is one and the same token (a cycle)
+    pairs = {(int(a), int(b)) for row_x, row_y in zip(x_mixed[sub], y_mixed[sub]) for a, b in zip(row_x, row_y)}
+    successor = dict(pairs)
+    assert len(successor) == len(pairs) and sorted(successor) == sorted(successor.values())
+    assert len(successor) == 16
+    e, m = language_entropy(plain_cfg), language_entropy(mixed_cfg)
+    assert m.optimal_loss == pytest.approx(0.75 * e.optimal_loss)
+    assert m.bigram_entropy == pytest.approx(0.75 * e.bigram_entropy)
+    probs = mixed.token_probabilities()
+    assert probs.shape == (528,) and probs.sum() == pytest.approx(1.0)
+    # the unigram entropy of the mixed token distribution, computed directly
+    seen = probs[probs > 0]
+    assert m.unigram_entropy == pytest.approx(float(-(seen * np.log(seen)).sum()))
+    with pytest.raises(DataError, match="sublanguage_fraction=1.0 must be in"):
+        build_source(DataConfig(synthetic=SyntheticConfig(sublanguage_fraction=1.0)))
+
+
 def test_bad_synthetic_settings_are_one_line_errors():
     with pytest.raises(DataError, match="data.synthetic.transitions_per_state=9 must be in"):
         build_source(DataConfig(synthetic=SyntheticConfig(n_states=8, transitions_per_state=9)))
