@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from proxy.records import RUNNING, STATUSES, SUMMARY, UNKNOWN, read_json
+from proxy.records import CONFIG, RUNNING, STATUSES, SUMMARY, UNKNOWN, read_json
 
 MULTIRUN_FILE = "multirun.yaml"
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
@@ -147,11 +147,38 @@ def new_line(sweep_dir: Path) -> Optional[str]:
     return progress.line()
 
 
+VERDICT_MIN_SEEDS = 3  # the findings' verdicts judge an effect over seeds (proxy.analysis.Spread.clears)
+
+
+def sweep_seeds(sweep_dir: Path) -> set[int]:
+    """The training seeds of the sweep's runs, read from their stored configs (empty where none
+    says; a config that cannot be read is left out, not trusted)."""
+    from proxy.records import read_yaml
+
+    seeds = set()
+    for path in [*Path(sweep_dir).glob(f"*/{CONFIG}"), *Path(sweep_dir).glob(f"*/*/{CONFIG}")]:
+        try:
+            config = read_yaml(path)
+        except (OSError, ValueError):
+            continue
+        seed = (config.get("train") or {}).get("seed") if isinstance(config, dict) else None
+        if isinstance(seed, int) and not isinstance(seed, bool):
+            seeds.add(seed)
+    return seeds
+
+
 def next_command(sweep_dir: Path, experiment: Optional[str], root: Optional[Path] = None) -> str:
     """What to run on a finished sweep: the finding's verdict where ``experiments/<experiment>/``
-    has one (run from the repository), else the report."""
+    has one (run from the repository), else the report; the report first when the sweep has
+    fewer seeds than a verdict judges (a class's one-seed run), with the verdict's need said."""
     root = root if root is not None else Path.cwd()
     if experiment and (root / "experiments" / experiment / "verdict.py").is_file():
+        seeds = sweep_seeds(sweep_dir)
+        if 0 < len(seeds) < VERDICT_MIN_SEEDS:
+            return (
+                f"proxy-report {sweep_dir}  (curves and numbers; proxy-verdict experiments/{experiment} judges "
+                f"{VERDICT_MIN_SEEDS} seeds or more, this sweep has {len(seeds)})"
+            )
         return f"proxy-verdict experiments/{experiment} {sweep_dir}"
     return f"proxy-report {sweep_dir}"
 

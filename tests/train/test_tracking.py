@@ -309,6 +309,15 @@ def test_a_finished_multirun_says_where_it_is_and_what_to_run_next(tmp_path):
     assert lines[1].startswith("sweep: 4/4 runs done (3 completed, 1 diverged)") and "ETA" not in lines[1]
     assert lines[2] == f"next: proxy-verdict experiments/found {tmp_path / 's'}"
     assert sweep_status.end_lines(tmp_path / "s", None, root=tmp_path)[2] == f"next: proxy-report {tmp_path / 's'}"
+    # a class's one-seed run: the report first, and why not the verdict (it judges 3 seeds or more)
+    for job in (tmp_path / "s").iterdir():
+        if job.is_dir():
+            (job / "config.yaml").write_text("train:\n  seed: 0\n")
+    one_seed = sweep_status.end_lines(tmp_path / "s", "found", root=tmp_path)[2]
+    assert one_seed.startswith(f"next: proxy-report {tmp_path / 's'}") and "this sweep has 1" in one_seed
+    (tmp_path / "s" / "1_job" / "config.yaml").write_text("train:\n  seed: 1\n")
+    (tmp_path / "s" / "2_job" / "config.yaml").write_text("train:\n  seed: 2\n")
+    assert sweep_status.end_lines(tmp_path / "s", "found", root=tmp_path)[2].startswith("next: proxy-verdict")
 
 
 def test_sweep_line_is_said_once_per_finished_job(tmp_path):
