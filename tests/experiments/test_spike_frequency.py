@@ -85,24 +85,34 @@ def test_gpu_preset_has_an_estimate_per_job() -> None:
 # --------------------------------------------------------------------------------------------
 # The verdict on constructed sweeps
 # --------------------------------------------------------------------------------------------
-def spiky_run(root: Path, job: int, condition: str, model: str, seed: int, spikes: int, steps: int = 2000) -> Path:
+def spiky_run(
+    root: Path,
+    job: int,
+    condition: str,
+    model: str,
+    seed: int,
+    spikes: int,
+    steps: int = 2000,
+    lr: float = 0.03,
+    final_loss: float = 3.5,
+) -> Path:
     """One ensemble member: grad norm ~ 1 +- 0.05 and loss ~ 3.5 +- 0.02 every step, with
     ``spikes`` isolated spikes (grad norm +10, loss +1) spread over the scored steps 1000-1999."""
     layers, width, n = SIZES[model]
     overrides = ["+experiment=spike_frequency/lab", f"+spike_condition={condition}", f"model={model}"]
-    run_dir = root / f"{job}_{','.join(sorted(overrides))}" / f"lr=0.03,seed={seed}"
+    run_dir = root / f"{job}_{','.join(sorted(overrides))}" / f"lr={lr:g},seed={seed}"
     write_json(
         run_dir / "config.yaml",
         {
             "model": {"name": model, "n_layers": layers, "d_model": width},
-            "optim": {"lr": 0.03},
+            "optim": {"lr": lr},
             "train": {"seed": seed, "steps": steps, "log_every": 1},
         },
     )
     record = RunRecord(run_dir)
     record.update(
         status="running",
-        overrides=[*overrides, "optim.lr=0.03", f"train.seed={seed}"],
+        overrides=[*overrides, f"optim.lr={lr:g}", f"train.seed={seed}"],
         n_params_non_embedding=n,
         loss_at_init=math.log(512),
         steps_planned=steps,
@@ -119,7 +129,7 @@ def spiky_run(root: Path, job: int, condition: str, model: str, seed: int, spike
                 "train/loss": 3.5 + 0.02 * noise[step, 1] + (1.0 if spike else 0.0),
             },
         )
-    record.update(status="completed", final_val_loss=3.5, final_train_loss=3.5, steps_completed=steps)
+    record.update(status="completed", final_val_loss=final_loss, final_train_loss=final_loss, steps_completed=steps)
     record.close()
     return run_dir
 
@@ -186,6 +196,66 @@ def test_what_would_settle_it_counts_seeds_from_the_spread() -> None:
     assert "about 17 seeds" in text and "5.7x" in text
     assert "does not change" in settle(spread([0.0, 0.0, 0.0]), False, 3.9)
     assert "settled" in settle(spread([1.0, 1.2, 0.9]), False, 3.9)
+
+
+# --------------------------------------------------------------------------------------------
+# Protocol 2: each size at its own LR, five fresh seeds, design checks first
+# --------------------------------------------------------------------------------------------
+OWN_LR = {"tiny": 0.01, "1m": 0.003}
+RISING_P2 = {
+    "plain": [[1, 5], [2, 6], [1, 4], [2, 5], [1, 6]],
+    "ngrams": [[2, 6], [3, 7], [2, 5], [2, 6], [3, 8]],
+    "qknorm": [[0, 0], [0, 1], [1, 0], [0, 0], [0, 0]],
+}
+
+
+def own_lr_sweep(root: Path, lr_of: dict[str, float], collapsed: str = "") -> list:
+    """Protocol 2's sweep: tiny and 1m at their own LRs, seeds 3-7; ``collapsed``: a size whose
+    plain runs end at 5.0 nats (near the unigram entropy, as protocol 1's 1m did)."""
+    job = 0
+    for condition, per_seed in RISING_P2.items():
+        for k, model in enumerate(("tiny", "1m")):
+            for seed, row in zip(range(3, 8), per_seed):
+                final = 5.0 if (model == collapsed and condition == "plain") else 3.5
+                spiky_run(root, job, condition, model, seed, row[k], lr=lr_of[model], final_loss=final)
+            job += 1
+    return [load_run(p) for p in find_runs([root])]
+
+
+def test_protocol2_presets_bracket_then_train_each_size_at_its_lr() -> None:
+    bracket = composed(["+experiment=spike_frequency/lr_bracket"])
+    assert dict(bracket.hydra.sweeper.params) == {"model": "tiny,1m", "+spike_condition": "plain"}
+    assert list(bracket.sweep.lrs) == [1e-3, 3e-3, 1e-2, 3e-2] and list(bracket.sweep.seeds) == [10]
+    own = composed(["+experiment=spike_frequency/own_lr", "model=1m", "sweep.lrs=[0.003]"])
+    assert list(own.sweep.seeds) == [3, 4, 5, 6, 7] and list(own.sweep.lrs) == [0.003]
+    assert str(own.hydra.sweep.dir).startswith("runs/spike_frequency/own_lr_")
+    for preset in (bracket, own):  # the recipe is protocol 1's
+        assert preset.train.steps == 2000 and preset.train.batch_size == 4 and preset.train.log_every == 1
+
+
+def test_choose_lrs_takes_the_lowest_loss_inside_the_grid() -> None:
+    choose = load_script(FINDING / "protocol2" / "choose_lrs.py").choose
+    chosen, problems = choose({"tiny": {1e-3: 3.9, 3e-3: 3.6, 1e-2: 3.5, 3e-2: 3.6}, "1m": {1e-3: 3.7, 3e-2: 5.0}})
+    assert chosen == {"tiny": 1e-2} and len(problems) == 1 and problems[0].startswith("1m: best LR 0.001")
+
+
+@pytest.mark.parametrize(
+    ("ran_at", "collapsed", "testable"),
+    [(OWN_LR, "", True), (OWN_LR, "1m", False), ({"tiny": 0.01, "1m": 0.01}, "", False)],
+)
+def test_protocol2_decides_its_design_before_the_claim(
+    tmp_path: Path, ran_at: dict[str, float], collapsed: str, testable: bool
+) -> None:
+    """Each size must run at the LR the bracket chose (lrs.json), with seeds 3-7, and train there
+    (plain runs 1 nat under the unigram entropy); else NOT TESTABLE, whatever the spike counts."""
+    module = load_script(FINDING / "protocol2" / "verdict.py")
+    verdict = module.judge(None, own_lr_sweep(tmp_path, ran_at, collapsed), lrs=OWN_LR)
+    assert len(verdict.design_checks) == 3 and len(verdict.checks) == 5, verdict.to_markdown()
+    assert verdict.testable is testable and verdict.reproduced is testable
+    assert verdict.label == ("REPRODUCED" if testable else "NOT TESTABLE AT THIS SCALE")
+    assert all(c.passed for c in verdict.checks)  # the spike counts rise with size in every case
+    if collapsed:
+        assert "above the bar" in verdict.design_checks[2].measured
 
 
 # --------------------------------------------------------------------------------------------
