@@ -173,6 +173,17 @@ def check_grid_brackets(verdict: "Verdict", curves: dict, name: Callable[[Any], 
     )
 
 
+def check_seeds_in_every_curve(verdict: "Verdict", curves: dict, seeds: Sequence[int], curve: str) -> None:
+    """The check a rerun on fresh seeds adds: every group of ``curves`` (:func:`proxy.analysis.seed_curves`)
+    has each of ``seeds``; ``curve`` names what a group is, e.g. "(decay form, warmup) arm"."""
+    found = sorted({s for per_seed in curves.values() for s in per_seed})
+    verdict.check(
+        f"the sweep has seeds {', '.join(map(str, seeds))} in every {curve}",
+        bool(curves) and all(set(seeds) <= set(per_seed) for per_seed in curves.values()),
+        f"seeds found: {found}",
+    )
+
+
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"

@@ -25,7 +25,7 @@ from pathlib import Path
 from proxy.analysis import seed_curves, spread
 from proxy.records import Run
 from proxy.report import ReportResult
-from proxy.verdict import Verdict, curve_points, load_module
+from proxy.verdict import Verdict, check_seeds_in_every_curve, curve_points, load_module
 
 P2 = load_module(Path(__file__).resolve().parents[1])  # protocol 2: the criteria, unchanged
 SEEDS = (3, 4, 5, 6, 7)
@@ -37,12 +37,7 @@ def judge(report: ReportResult, runs: list[Run]) -> Verdict:
     v = P2.judge(report, runs)
     v.finding = "lr_transfer (protocol 3: protocol 2's criteria on 5 fresh seeds, and a bound from the seed noise)"
     curves = seed_curves(curve_points(runs, P2._arm))
-    found = sorted({s for per_seed in curves.values() for s in per_seed})
-    v.check(
-        f"the sweep has seeds {', '.join(map(str, SEEDS))} in every (parameterization, width) curve",
-        bool(curves) and all(set(SEEDS) <= set(per_seed) for per_seed in curves.values()),
-        f"seeds found: {found}",
-    )
+    check_seeds_in_every_curve(v, curves, SEEDS, "(parameterization, width) curve")
     widths = sorted({w for a, w in curves if a == "mup"})
     if len(widths) < 2:
         return v

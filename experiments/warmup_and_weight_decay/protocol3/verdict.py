@@ -21,7 +21,7 @@ from pathlib import Path
 from proxy.analysis import seed_curves
 from proxy.records import Run
 from proxy.report import ReportResult
-from proxy.verdict import Verdict, curve_points, load_module
+from proxy.verdict import Verdict, check_seeds_in_every_curve, curve_points, load_module
 
 P2 = load_module(Path(__file__).resolve().parents[1])  # protocol 2: the criteria, unchanged
 SEEDS = (3, 4, 5, 6, 7)
@@ -31,12 +31,7 @@ def judge(report: ReportResult, runs: list[Run]) -> Verdict:
     v = P2.judge(report, runs)
     v.finding = "warmup_and_weight_decay (protocol 3: protocol 2's criteria on 5 fresh seeds)"
     curves = seed_curves(curve_points(runs, P2._arm))
-    found = sorted({s for per_seed in curves.values() for s in per_seed})
-    v.check(
-        f"the sweep has seeds {', '.join(map(str, SEEDS))} in every (decay form, warmup) arm",
-        bool(curves) and all(set(SEEDS) <= set(per_seed) for per_seed in curves.values()),
-        f"seeds found: {found}",
-    )
+    check_seeds_in_every_curve(v, curves, SEEDS, "(decay form, warmup) arm")
     warmups = sorted({w for _, w in curves})
     if len(warmups) < 2:
         return v
