@@ -67,11 +67,14 @@ class Outcome:
 
 def current_preset(value: str) -> Optional[str]:
     """Today's name of a preset as a result recorded it: ``loss_spikes/lab`` as is, its folder
-    spelling ``loss_spikes-lab``, and the flat names of before 2026-12-05 (``loss_spikes_lab``,
-    ``spike_remedies_clipping_lab``) where one underscore is today's folder separator."""
+    spelling ``loss_spikes-lab``, the flat names of before 2026-12-05 (``loss_spikes_lab``,
+    ``spike_remedies_clipping_lab``) where one underscore is today's folder separator, and a lab
+    preset renamed to its ``_lab`` spelling (``spike_frequency/own_lr``)."""
     for candidate in (value, value.replace("-", "/")):
         if (CONF / f"{candidate}.yaml").is_file():
             return candidate
+        if (CONF / f"{candidate}_lab.yaml").is_file():  # a lab preset since named by the <part>_<scale> rule
+            return f"{candidate}_lab"
     parts = value.split("_")
     for i in range(1, len(parts)):
         candidate = "_".join(parts[:i]) + "/" + "_".join(parts[i:])

@@ -21,6 +21,7 @@ def test_a_job_folder_gives_todays_command() -> None:
     overrides, _ = reproduce.job_overrides("0_+experiment=spike_remedies-clipping_lab,remedy.spike_sigma=3")
     assert overrides == ["+experiment=spike_remedies/clipping_lab", "remedy.detector.sigma=3"]
     assert reproduce.current_preset("spike_remedies_clipping_lab") == "spike_remedies/clipping_lab"
+    assert reproduce.current_preset("spike_frequency-own_lr") == "spike_frequency/own_lr_lab"  # renamed to _lab
     assert reproduce.job_overrides("1_+experiment=gone_lab")[1] == "no preset gone_lab today"
     assert "hash" in reproduce.job_overrides("2_model.d_model=64,optim.lr=0.1~0123456789")[1]
 

@@ -223,10 +223,10 @@ def own_lr_sweep(root: Path, lr_of: dict[str, float], collapsed: str = "") -> li
 
 
 def test_protocol2_presets_bracket_then_train_each_size_at_its_lr() -> None:
-    bracket = composed(["+experiment=spike_frequency/lr_bracket"])
+    bracket = composed(["+experiment=spike_frequency/bracket_lab"])
     assert dict(bracket.hydra.sweeper.params) == {"model": "tiny,1m", "+spike_condition": "plain"}
     assert list(bracket.sweep.lrs) == [1e-3, 3e-3, 1e-2, 3e-2] and list(bracket.sweep.seeds) == [10]
-    own = composed(["+experiment=spike_frequency/own_lr", "model=1m", "sweep.lrs=[0.003]"])
+    own = composed(["+experiment=spike_frequency/own_lr_lab", "model=1m", "sweep.lrs=[0.003]"])
     assert list(own.sweep.seeds) == [3, 4, 5, 6, 7] and list(own.sweep.lrs) == [0.003]
     assert str(own.hydra.sweep.dir).startswith("runs/spike_frequency/own_lr_")
     for preset in (bracket, own):  # the recipe is protocol 1's

@@ -7,7 +7,7 @@ that side and the rule applied again; this script says so and writes nothing). W
 ``lrs.json`` beside this file: the chosen LR per size and the bracket's losses behind it, and
 prints the study's commands.
 
-    python experiments/spike_frequency/protocol2/choose_lrs.py runs/spike_frequency/lr_bracket_<date>
+    python experiments/spike_frequency/protocol2/choose_lrs.py runs/spike_frequency/bracket_lab_<date>
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"wrote {args.out}")
     for size, lr in sorted(chosen.items()):
         print(
-            f"OMP_NUM_THREADS=1 proxy-train -m +experiment=spike_frequency/own_lr model={size} "
+            f"OMP_NUM_THREADS=1 proxy-train -m +experiment=spike_frequency/own_lr_lab model={size} "
             f"'sweep.lrs=[{lr:g}]' hydra/launcher=local"
         )
     return 0
