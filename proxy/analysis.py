@@ -237,6 +237,9 @@ def lr_sensitivity(
 # --------------------------------------------------------------------------------------------
 # Effects across seeds, and grids that bracket their optimum (experiments/README.md's rules)
 # --------------------------------------------------------------------------------------------
+MIN_SEEDS = 3  # the fewest seeds an effect is judged on (Spread.clears)
+
+
 @dataclass(frozen=True)
 class Spread:
     """An effect measured once per seed: its mean, sample std and standard error."""
@@ -262,7 +265,7 @@ class Spread:
     def clears(self, direction: int = 1, z: float = 2.0) -> bool:
         """The effect holds: every seed's value has the claimed sign (``direction`` +1 or -1)
         and the mean is more than ``z`` standard errors from 0. Needs at least 3 seeds."""
-        if self.n < 3 or not all(math.isfinite(v) for v in self.values):
+        if self.n < MIN_SEEDS or not all(math.isfinite(v) for v in self.values):
             return False
         signed = [direction * v for v in self.values]
         return all(v > 0 for v in signed) and direction * self.mean > z * self.sem
@@ -502,6 +505,7 @@ __all__ = [
     "NON_VARIANT_KEYS",
     "SWEEP_AXES",
     "SpikeOptions",
+    "MIN_SEEDS",
     "Spread",
     "best_is_inside",
     "spread",

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 from proxy.config import CONF_DIR, Config
+from proxy.data.synthetic import vocab_with_sublanguage
 from proxy.train.diagnostics import peak_flops_of
 
 STARTUP_S = 20.0
@@ -81,9 +82,8 @@ def estimate(
 ) -> Estimate:
     """The device time of one run (or one ensemble: K members at once) of ``cfg`` on ``gpu``."""
     m, t = cfg.model, cfg.train
-    synthetic = cfg.data.synthetic
-    synthetic_vocab = synthetic.vocab_size + (synthetic.sublanguage_tokens if synthetic.sublanguage_fraction > 0 else 0)
-    vocab = vocab_size or m.vocab_size or (synthetic_vocab if cfg.data.source == "synthetic" else 50304)
+    synthetic = vocab_with_sublanguage(cfg.data.synthetic)
+    vocab = vocab_size or m.vocab_size or (synthetic if cfg.data.source == "synthetic" else 50304)
     k = members or max(1, len(cfg.sweep.lrs or [0]) * len(cfg.sweep.seeds or [0]) * len(cfg.sweep.weight_decays or [0]))
     compiled = (str(t.compile).lower() != "false") if compiled is None else compiled
     n = non_embedding_params(cfg)

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from proxy.records import CONFIG, RUNNING, STATUSES, SUMMARY, UNKNOWN, read_json
+from proxy.analysis import MIN_SEEDS
+from proxy.records import CONFIG, RUNNING, STATUSES, SUMMARY, UNKNOWN, read_json, read_yaml
 
 MULTIRUN_FILE = "multirun.yaml"
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
@@ -147,14 +148,9 @@ def new_line(sweep_dir: Path) -> Optional[str]:
     return progress.line()
 
 
-VERDICT_MIN_SEEDS = 3  # the findings' verdicts judge an effect over seeds (proxy.analysis.Spread.clears)
-
-
 def sweep_seeds(sweep_dir: Path) -> set[int]:
     """The training seeds of the sweep's runs, read from their stored configs (empty where none
     says; a config that cannot be read is left out, not trusted)."""
-    from proxy.records import read_yaml
-
     seeds = set()
     for path in [*Path(sweep_dir).glob(f"*/{CONFIG}"), *Path(sweep_dir).glob(f"*/*/{CONFIG}")]:
         try:
@@ -174,10 +170,10 @@ def next_command(sweep_dir: Path, experiment: Optional[str], root: Optional[Path
     root = root if root is not None else Path.cwd()
     if experiment and (root / "experiments" / experiment / "verdict.py").is_file():
         seeds = sweep_seeds(sweep_dir)
-        if 0 < len(seeds) < VERDICT_MIN_SEEDS:
+        if 0 < len(seeds) < MIN_SEEDS:
             return (
                 f"proxy-report {sweep_dir}  (curves and numbers; proxy-verdict experiments/{experiment} judges "
-                f"{VERDICT_MIN_SEEDS} seeds or more, this sweep has {len(seeds)})"
+                f"{MIN_SEEDS} seeds or more, this sweep has {len(seeds)})"
             )
         return f"proxy-verdict experiments/{experiment} {sweep_dir}"
     return f"proxy-report {sweep_dir}"
