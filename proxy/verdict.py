@@ -155,16 +155,22 @@ def curve_points(runs: Sequence[Run], group: Callable[[Run], Optional[Hashable]]
     return points
 
 
-def check_grid_brackets(verdict: "Verdict", curves: dict, name: Callable[[Any], str]) -> None:
-    """The criterion every LR-curve finding opens with: each (group, seed) curve of ``curves``
-    (:func:`proxy.analysis.seed_curves`) has its best LR strictly inside the grid; ``name`` labels
-    a group in the list of curves that do not."""
-    outside = [
+def unbracketed(curves: dict, name: Callable[[Any], str]) -> list[str]:
+    """The (group, seed) curves of ``curves`` (:func:`proxy.analysis.seed_curves`) whose best LR
+    sits on the grid's edge, each as "<name(group)>/seed <s> (best LR <lr>)"."""
+    return [
         f"{name(group)}/seed {s} (best LR {c.best_lr:g})"
         for group, seeds in sorted(curves.items())
         for s, c in seeds.items()
         if not c.bracketed
     ]
+
+
+def check_grid_brackets(verdict: "Verdict", curves: dict, name: Callable[[Any], str]) -> None:
+    """The criterion every LR-curve finding opens with: each (group, seed) curve of ``curves``
+    (:func:`proxy.analysis.seed_curves`) has its best LR strictly inside the grid; ``name`` labels
+    a group in the list of curves that do not."""
+    outside = unbracketed(curves, name)
     lrs = sorted({lr for seeds in curves.values() for c in seeds.values() for lr in c.curve})
     verdict.check(
         f"the LR grid {lrs[0]:g}-{lrs[-1]:g} brackets every curve's optimum (best LR strictly inside)",

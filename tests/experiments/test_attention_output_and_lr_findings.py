@@ -261,6 +261,44 @@ def test_warmup_protocol3_wants_five_fresh_seeds(tmp_path: Path, seeds: tuple[in
     assert verdict.numbers["warmup 5: S(coupled) - S(independent), seeds positive"] == "5 of 5"
 
 
+def warmup_ladder_sweep(root: Path, growth: float, best_lr: float = 1e-2) -> Path:
+    """Protocol 4: widths 32/64/128 x warmup {5, 100}, each an LR x seeds 3-7 grid whose loss is a
+    parabola in log LR around ``best_lr``; the long warmup's curvature is lower by 0.05 + ``growth``
+    per width step (0: the same warmup effect at every width)."""
+    for i, width in enumerate((32, 64, 128)):
+        for warmup, a in ((5, 0.4), (100, 0.35 - growth * i)):
+            for seed, jitter in zip((3, 4, 5, 6, 7), (0.0, 0.01, -0.01, 0.005, -0.005)):
+                for lr in WARMUP_LRS:
+                    curve_member(
+                        root,
+                        {
+                            "+experiment": "warmup_and_weight_decay/ladder_lab",
+                            "model.d_model": width,
+                            "schedule.warmup_steps": warmup,
+                        },
+                        {"model": {"d_model": width}, "schedule": {"warmup_steps": warmup}},
+                        lr=lr,
+                        seed=seed,
+                        final_loss=3.4 + (a + jitter * (1 + i)) * math.log10(lr / best_lr) ** 2,
+                    )
+    return root
+
+
+@pytest.mark.parametrize(("growth", "reproduced"), [(0.05, True), (0.0, False)])
+def test_warmup_protocol4_wants_the_effect_to_grow_with_width(tmp_path: Path, growth: float, reproduced: bool) -> None:
+    """Protocol 4: warmup helps at the widest model (both sweeps) and more with width (only one)."""
+    verdict = _verdict("warmup_and_weight_decay/protocol4", warmup_ladder_sweep(tmp_path / "s", growth), tmp_path)
+    assert verdict.testable and [c.passed for c in verdict.checks] == [True, reproduced], verdict.to_markdown()
+    assert verdict.reproduced is reproduced
+    assert verdict.numbers["warmup_effect/d128, seeds positive"] == "5 of 5"
+
+
+def test_warmup_protocol4_is_not_testable_when_an_optimum_sits_on_the_edge(tmp_path: Path) -> None:
+    verdict = _verdict("warmup_and_weight_decay/protocol4", warmup_ladder_sweep(tmp_path / "s", 0.05, 3e-1), tmp_path)
+    assert not verdict.testable and verdict.label == NOT_TESTABLE and not verdict.checks
+    assert "best LR 0.3" in verdict.design_checks[-1].measured
+
+
 def output_member(
     root: Path,
     arm: str,
