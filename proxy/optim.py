@@ -370,10 +370,19 @@ class HasGrad(Protocol):
 
 
 def scale_grads(params: Iterable[HasGrad], factor: float | Tensor) -> None:
-    """Multiply every gradient by ``factor`` in place (used by the ZClip remedy)."""
+    """Multiply every gradient by ``factor`` in place (used by the ZClip remedy). A tensor factor
+    (0-dim, on the gradients' device: no sync) is rounded to each gradient's dtype first, which
+    is what a Python number gets: the two give the same bits."""
     grads = [p.grad for p in params if p.grad is not None]
-    if grads:
-        torch._foreach_mul_(grads, factor)
+    if not isinstance(factor, Tensor):
+        if grads:
+            torch._foreach_mul_(grads, factor)
+        return
+    by_dtype: dict[torch.dtype, list[Tensor]] = defaultdict(list)
+    for g in grads:
+        by_dtype[g.dtype].append(g)
+    for dtype, group in by_dtype.items():
+        torch._foreach_mul_(group, factor.to(dtype))
 
 
 __all__ = [

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from proxy.config import Cooldown, OptimConfig, Schedule, ScheduleConfig, WeightDecayMode
-from proxy.optim import AdamW, apply_lr, build_optimizer, clip_grad_norm, schedule_multiplier
+from proxy.optim import AdamW, apply_lr, build_optimizer, clip_grad_norm, scale_grads, schedule_multiplier
 
 
 class RMSGain(nn.Module):
@@ -356,3 +356,20 @@ def test_update_clipping_off_is_the_plain_adamw_bit_for_bit():
         opt_a.step()
         opt_b.step()
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_scale_grads_by_a_device_factor_gives_the_bits_of_a_python_number(dtype: torch.dtype) -> None:
+    """ZClip scales by a 0-dim float64 tensor (no sync): the same bits as the host's float."""
+    torch.manual_seed(0)
+    factor = 0.3319113552570343
+    by_tensor = [nn.Parameter(torch.zeros(3, 5, dtype=dtype)) for _ in range(2)]
+    by_number = [nn.Parameter(torch.zeros(3, 5, dtype=dtype)) for _ in range(2)]
+    for a, b in zip(by_tensor, by_number):
+        a.grad = torch.randn(3, 5).to(dtype)
+        b.grad = a.grad.clone()
+    before = by_tensor[0].grad.clone()
+    scale_grads(by_tensor, torch.tensor(factor, dtype=torch.float64))
+    scale_grads(by_number, factor)
+    assert all(torch.equal(a.grad, b.grad) for a, b in zip(by_tensor, by_number))
+    assert not torch.equal(by_tensor[0].grad, before)  # it did scale

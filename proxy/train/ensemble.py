@@ -396,9 +396,12 @@ class StackedEngine:
         thresholds = [r.clip_threshold(cfg.optim.grad_clip) if r is not None else cfg.optim.grad_clip for r in remedies]
         clip_members_(grads, norms, thresholds)
         loss_t = out.ce_loss.detach().float()
-        if not read:  # nothing waits for the device (proxy/train/watch.py); no remedy to judge
-            if any(r is not None for r in remedies):
+        if not read:  # nothing waits for the device (proxy/train/watch.py); a device remedy judges there
+            if any(r is not None and not r.decides_on_device for r in remedies):
                 raise ValueError("StackedEngine.compute(read=False): a remedy judges read-back values")
+            for k, remedy in enumerate(remedies):
+                if remedy is not None and active[k]:
+                    remedy.defer(step, loss_t[k], norms[k], self._member_views(k))
             nothing: list[dict[str, float]] = [{} for _ in range(self.n_members)]
             return Computed(lrs, [], [], [None] * self.n_members, nothing, collect, out, [], loss_t, norms)
         values = torch.stack([loss_t, norms, *rms]).tolist()  # one sync
@@ -412,9 +415,13 @@ class StackedEngine:
             if remedy is None or not active[k]:
                 events.append(None)
                 continue
-            views = [_MemberGrad(p.grad[k] if p.grad is not None else None) for p in self.model.params.values()]
-            events.append(remedy.after_backward(step, losses[k], grad_norms[k], views, data_position))
+            judged = norms[k] if remedy.decides_on_device else grad_norms[k]  # a device remedy keeps its tensor
+            events.append(remedy.after_backward(step, losses[k], judged, self._member_views(k), data_position))
         return Computed(lrs, losses, grad_norms, events, grad_stats, collect, out, [], loss_t, norms)
+
+    def _member_views(self, k: int) -> list["_MemberGrad"]:
+        """Member k's gradients as a remedy sees a model's parameters."""
+        return [_MemberGrad(p.grad[k] if p.grad is not None else None) for p in self.model.params.values()]
 
     def apply(
         self, computed: Computed, update: Sequence[bool], active: Sequence[bool], measure: bool

@@ -15,8 +15,11 @@ Three remedies, one per run (``remedy.kind``):
   from an EMA of the grad-norm mean and variance. Event kind ``zclip``: the update goes ahead
   with the clipped gradients.
 
-All of them take plain floats (or 0-dim tensors, read once with ``float``): one host sync per
-step, which the trainer pays anyway to log and watch the loss.
+Skip-step and rollback take plain floats (or 0-dim tensors, read once with ``float``): one host
+sync per step, which the loop then pays to watch the loss. ZClip decides on the device
+(``decides_on_device``): between the loop's read-backs it judges each step with :meth:`Remedy.defer`
+and hands its events over with :meth:`Remedy.settle` (proxy/train/watch.py does the same for the
+divergence rule).
 
 Order in the loop (proxy/train/step.py and trainer.py)::
 
@@ -30,7 +33,6 @@ Order in the loop (proxy/train/step.py and trainer.py)::
 from __future__ import annotations
 
 import copy
-import math
 import random
 from abc import ABC, abstractmethod
 from collections import deque
@@ -130,6 +132,18 @@ class Remedy(ABC):
     def clip_threshold(self, grad_clip: float) -> float:
         """The fixed clipping applied before :meth:`after_backward` sees the grad norm."""
         return grad_clip
+
+    # A remedy that decides on the device (ZClip) can judge a step without reading it back: the
+    # loop then calls defer() on the steps it does not read and settle() when it next reads.
+    decides_on_device: bool = False
+
+    def defer(self, step: int, loss: Optional[Tensor], grad_norm: Tensor, params: Iterable[HasGrad]) -> None:
+        """Judge ``step`` from device tensors without waiting for the device."""
+        raise NotImplementedError(f"{type(self).__name__} decides on the host: it reads every step")
+
+    def settle(self) -> list[Event]:
+        """The events of the steps judged with :meth:`defer` since the last settle, in step order."""
+        return []
 
     @abstractmethod
     def after_backward(
@@ -446,7 +460,15 @@ class ZClip(Remedy):
     inflate the bound for the steps after it. ``max_norm`` > 0 is a fixed cap applied on top
     (``optim.grad_clip``), also during warmup. A non-finite norm is left alone (no statistics
     update, no event): clipping cannot repair it, and the trainer's divergence check sees it.
+
+    Decided on the device (issue 29): the statistics are float64 tensors beside the gradients,
+    the clip is a multiplication by a device factor (1 where nothing is clipped: exact), and each
+    step's test is kept as a row that :meth:`settle` reads back with the loop's next read-back.
+    :meth:`defer` judges a step without waiting for the device; :meth:`clip` judges it and reads
+    its event at once.
     """
+
+    decides_on_device = True
 
     def __init__(
         self,
@@ -464,9 +486,9 @@ class ZClip(Remedy):
             )
         self.alpha, self.z_threshold, self.warmup_steps = alpha, z_threshold, warmup_steps
         self.max_norm, self.eps = max_norm, eps
-        self.warmup_norms: list[float] = []
-        self.mean: Optional[float] = None
-        self.var: Optional[float] = None
+        self._stored: dict[str, Any] = {"warmup_norms": [], "mean": None, "var": None}  # until a device is known
+        self._t: Optional[dict[str, Tensor]] = None  # the state as device tensors
+        self._rows: list[tuple[int, Tensor]] = []  # (step, [fired, norm, threshold, z, clipped_to]) not yet read
 
     @classmethod
     def from_config(cls, cfg: RemedyConfig, max_norm: float = 0.0) -> "ZClip":
@@ -484,49 +506,109 @@ class ZClip(Remedy):
         """Clip the gradients of ``params`` (whose global norm is ``grad_norm``) if needed.
 
         Returns a ``zclip`` event when the z-score test fired (not for the fixed cap alone).
+        Reads the device back: steps judged with :meth:`defer` must be settled first.
         """
-        norm = float(grad_norm)
-        if not math.isfinite(norm):
-            return None
-        event, target = None, norm
-        if self.mean is None:
-            self._warm_up(norm)
-        else:
-            assert self.var is not None  # set together with the mean
-            std = math.sqrt(self.var)
-            z = (norm - self.mean) / (std + self.eps)
-            if z > self.z_threshold:
-                target = self.mean + (self.z_threshold**2 / z) * std
-                event = make_event(
-                    step, ZCLIP, "grad_norm", norm, self.mean + self.z_threshold * std, z=z, clipped_to=target
-                )
-            self._update(target)
-        bound = min(target, self.max_norm) if self.max_norm > 0 else target
-        if bound < norm:
-            scale_grads(params, bound / norm)
-        return event
+        params = list(params)
+        if not isinstance(grad_norm, Tensor):
+            grads = [p.grad for p in params if p.grad is not None]
+            grad_norm = torch.tensor(float(grad_norm), dtype=torch.float64, device=grads[0].device if grads else None)
+        if self._rows:
+            raise RuntimeError("ZClip.clip: steps judged on the device are not settled yet")
+        self.defer(step, None, grad_norm, params)
+        events = self.settle()
+        return events[0] if events else None
 
-    def _warm_up(self, norm: float) -> None:
-        self.warmup_norms.append(norm)
-        if len(self.warmup_norms) >= max(1, self.warmup_steps):
-            n = len(self.warmup_norms)
-            self.mean = math.fsum(self.warmup_norms) / n
-            self.var = math.fsum((v - self.mean) ** 2 for v in self.warmup_norms) / n
-            self.warmup_norms = []
+    def defer(self, step: int, loss: Optional[Tensor], grad_norm: Tensor, params: Iterable[HasGrad]) -> None:
+        """Judge ``step`` and clip on the device; nothing is read back (see :meth:`settle`)."""
+        t = self._state(grad_norm.device)
+        norm = grad_norm.detach().to(torch.float64)
+        finite = torch.isfinite(norm)
+        ready = t["ready"]
+        # warmup: the first max(1, warmup_steps) finite norms, then their plain mean and variance
+        n_warm = t["warm"].numel()
+        warming = finite & ~ready
+        slot = t["count"].clamp(max=n_warm - 1).view(1)
+        t["warm"].scatter_(0, slot, torch.where(warming, norm, t["warm"].gather(0, slot)).view(1))
+        t["count"] += warming.long()
+        now_ready = warming & (t["count"] >= n_warm)
+        warm_mean = t["warm"].sum() / n_warm
+        warm_var = ((t["warm"] - warm_mean) ** 2).sum() / n_warm
+        # the z-score test, on statistics that were ready before this step
+        mean, var = t["mean"], t["var"]
+        std = var.sqrt()
+        z = (norm - mean) / (std + self.eps)
+        fired = ready & finite & (z > self.z_threshold)
+        target = torch.where(fired, mean + (self.z_threshold**2 / z) * std, norm)
+        # exponentially weighted mean and variance, updated together (Finch 2009), with g*
+        diff = target - mean
+        moving = ready & finite
+        t["mean"] = torch.where(moving, mean + (1 - self.alpha) * diff, torch.where(now_ready, warm_mean, mean))
+        t["var"] = torch.where(
+            moving, self.alpha * (var + (1 - self.alpha) * diff * diff), torch.where(now_ready, warm_var, var)
+        )
+        t["ready"] = ready | now_ready
+        bound = torch.clamp(target, max=self.max_norm) if self.max_norm > 0 else target
+        factor = torch.where(finite & (bound < norm), bound / norm, torch.ones_like(norm))
+        scale_grads(params, factor)  # x * 1 is x: an unclipped step is untouched
+        threshold = mean + self.z_threshold * std
+        self._rows.append((step, torch.stack([fired.double(), norm, threshold, z, target])))
 
-    def _update(self, norm: float) -> None:
-        # exponentially weighted mean and variance, updated together (Finch 2009)
-        assert self.mean is not None and self.var is not None  # only called once warmed up
-        diff = norm - self.mean
-        self.mean += (1 - self.alpha) * diff
-        self.var = self.alpha * (self.var + (1 - self.alpha) * diff * diff)
+    def settle(self) -> list[Event]:
+        """The ``zclip`` events of the steps judged since the last settle, in step order (one read)."""
+        if not self._rows:
+            return []
+        steps = [s for s, _ in self._rows]
+        values = torch.stack([row for _, row in self._rows]).tolist()  # one sync
+        self._rows = []
+        return [
+            make_event(step, ZCLIP, "grad_norm", norm, threshold, z=z, clipped_to=target)
+            for step, (fired, norm, threshold, z, target) in zip(steps, values)
+            if fired
+        ]
+
+    def _state(self, device: torch.device) -> dict[str, Tensor]:
+        if self._t is None:
+            stored = self._stored
+            warm = torch.zeros(max(1, self.warmup_steps), dtype=torch.float64, device=device)
+            done = list(stored["warmup_norms"])[: warm.numel()]
+            warm[: len(done)] = torch.tensor(done, dtype=torch.float64)
+            self._t = {
+                "warm": warm,
+                "count": torch.tensor(len(done), device=device),
+                "ready": torch.tensor(stored["mean"] is not None, device=device),
+                "mean": torch.tensor(
+                    stored["mean"] if stored["mean"] is not None else 0.0, dtype=torch.float64, device=device
+                ),
+                "var": torch.tensor(
+                    stored["var"] if stored["var"] is not None else 0.0, dtype=torch.float64, device=device
+                ),
+            }
+        return self._t
+
+    # the state as numbers (each reads the device): the warmup's norms so far, then the statistics
+    @property
+    def warmup_norms(self) -> list[float]:
+        return self.state_dict()["warmup_norms"]
+
+    @property
+    def mean(self) -> Optional[float]:
+        return self.state_dict()["mean"]
+
+    @property
+    def var(self) -> Optional[float]:
+        return self.state_dict()["var"]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"warmup_norms": list(self.warmup_norms), "mean": self.mean, "var": self.var}
+        if self._t is None:
+            return {k: (list(v) if isinstance(v, list) else v) for k, v in self._stored.items()}
+        t = self._t
+        if bool(t["ready"]):
+            return {"warmup_norms": [], "mean": float(t["mean"]), "var": float(t["var"])}
+        return {"warmup_norms": t["warm"][: int(t["count"])].tolist(), "mean": None, "var": None}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.warmup_norms = list(state["warmup_norms"])
-        self.mean, self.var = state["mean"], state["var"]
+        self._stored = {"warmup_norms": list(state["warmup_norms"]), "mean": state["mean"], "var": state["var"]}
+        self._t, self._rows = None, []
 
 
 # --------------------------------------------------------------------------------------------

@@ -90,7 +90,8 @@ class TrainStep:
         ``data_position``: the next unread batch (a rollback never resumes before it). Without a
         remedy nothing is judged and the gradients are clipped at ``optim.grad_clip``.
         ``read=False`` leaves the loss and norm on the device (``loss_t``, ``grad_norm_t``; the
-        floats nan): nothing waits for the device (proxy/train/watch.py). A remedy needs them read.
+        floats nan): nothing waits for the device (proxy/train/watch.py). Only a remedy that
+        decides on the device (ZClip) may judge such a step; its event comes with its settle.
         """
         cfg = self.cfg
         with self.autocast():
@@ -105,11 +106,16 @@ class TrainStep:
         loss_t = out.ce_loss.detach().float()
         if not read:
             if remedy is not None:
-                raise ValueError("TrainStep.compute(read=False): a remedy judges read-back values")
+                if not remedy.decides_on_device:
+                    raise ValueError("TrainStep.compute(read=False): this remedy judges read-back values")
+                remedy.defer(step, loss_t, norm_t, params)
             return StepResult(step, lr, math.nan, math.nan, out, None, collect_stats, grad_stats, loss_t, norm_t)
         grad_norm = float(norm_t)
         loss = distributed.mean(out.ce_loss.item(), self.device)
-        event = remedy.after_backward(step, loss, grad_norm, params, data_position) if remedy is not None else None
+        event = None
+        if remedy is not None:
+            judged = norm_t if remedy.decides_on_device else grad_norm  # a device remedy keeps its tensor
+            event = remedy.after_backward(step, loss, judged, params, data_position)
         return StepResult(step, lr, loss, grad_norm, out, event, collect_stats, grad_stats, loss_t, norm_t)
 
     def apply(self, result: StepResult, updates: Optional[diagnostics.UpdateTracker] = None) -> bool:

@@ -91,6 +91,11 @@ from proxy.train.watch import DivergenceWatch, Settled, wants_watch
 log = logging.getLogger("proxy.train")
 
 
+def _reads_every_step(remedy: Optional[Remedy]) -> bool:
+    """Whether ``remedy`` needs every step's loss and norm on the host (skip-step, rollback)."""
+    return remedy is not None and not remedy.decides_on_device
+
+
 class CheckpointError(ConfigError):
     """A checkpoint that loads but cannot be resumed from (it does not fit this config)."""
 
@@ -213,7 +218,7 @@ class Trainer:
         if wants_watch(
             cfg,
             self.device,
-            remedies=any(m.remedy is not None for m in self.members),
+            remedies=any(_reads_every_step(m.remedy) for m in self.members),
             observers=any(m.observers for m in self.members),
             distributed=self.dist.enabled,
         ):
@@ -346,6 +351,8 @@ class Trainer:
 
         collect = logging_step and (cfg.train.stats_every == 0 or step % cfg.train.stats_every == 0)
         read = logging_step or not self._defers()
+        if read:
+            self.settle()  # the steps before this one, before this one is judged
         active = [m.active for m in self.members]
         c = self.engine.compute(
             step,
@@ -370,7 +377,6 @@ class Trainer:
             self.engine.apply(c, moving, moving, measure=False)
             self.step = step + 1
             return {}
-        self.settle()  # the steps before this one, before this one is judged
         for member in self._active():
             k = member.index
             try:
@@ -441,20 +447,24 @@ class Trainer:
     def _defers(self) -> bool:
         """Whether this step's divergence rule may wait on the device: a watch, and nothing that
         reads every step's values (a remedy or an observer set after the trainer was built)."""
-        return self.watch is not None and not any(m.remedy is not None or m.observers for m in self._active())
+        return self.watch is not None and not any(_reads_every_step(m.remedy) or m.observers for m in self._active())
 
     def settle(self) -> None:
         """Read back what the device judged since the last settle (proxy/train/watch.py): a member
         that broke the divergence rule at step s ends diverged at s, as a per-step check ends it;
-        the others' train losses go to their ledgers. Every step before ``self.step`` is done."""
+        the others' train losses go to their ledgers, and a device remedy's events (ZClip) up to
+        s to the member's. Every step before ``self.step`` is done."""
         if self.watch is None or not self.watch.pending:
             return
         settled: Settled = self.watch.settle()
         for member in self._active():
             k = member.index
+            first = settled.first_bad[k]
+            for event in member.remedy.settle() if member.remedy is not None else []:
+                if first is None or event.step <= first:  # the per-step order: the event, then the divergence
+                    self._judge_event(member, event.step, event)
             for loss in settled.losses[k]:
                 member.ledger.track_loss(loss)
-            first = settled.first_bad[k]
             if first is None:
                 continue
             member.tokens -= (self.step - first) * self.tokens_per_step  # the steps past s never counted

@@ -13,8 +13,9 @@ ends ``diverged`` at s with the same reason, its tokens and final train loss cou
 nothing of the steps it took past s (their updates happened on the device and are dropped with
 the member: a diverged run keeps no checkpoint). The steps between s and the next settle are
 the price (at most ``train.log_every``). ``train.check_every_step=true`` reads every step back
-instead; a remedy, a spike capture or data parallelism need every step's values on the host and
-choose that path themselves (:func:`wants_watch`).
+instead; skip-step and rollback, a spike capture or data parallelism need every step's values on
+the host and choose that path themselves (:func:`wants_watch`). ZClip decides on the device too
+(proxy/train/remedies.py): its events are read back with the same settle.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ from proxy.train.runtime import divergence_bound
 
 
 def wants_watch(cfg: Config, device: torch.device, *, remedies: bool, observers: bool, distributed: bool) -> bool:
-    """Whether the loop may judge divergence on the device (else it reads every step back)."""
+    """Whether the loop may judge divergence on the device (else it reads every step back).
+    ``remedies``: whether a member's remedy decides on the host (skip-step, rollback)."""
     if cfg.train.check_every_step or remedies or observers or distributed:
         return False
     return device.type in ("cpu", "cuda")  # float64 compares (MPS has none)

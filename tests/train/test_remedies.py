@@ -334,6 +334,68 @@ def test_zclip_hard_cap_applies_during_warmup_and_non_finite_norms_are_left_alon
     assert clone.state_dict() == zclip.state_dict()
 
 
+def zclip_reference(norms: list[float], alpha: float, z_thr: float, warmup: int, max_norm: float, eps: float = 1e-6):
+    """Kumar et al.'s ZClip in plain Python floats, step by step: (event or None, clip factor)."""
+    warm: list[float] = []
+    mean = var = None
+    out = []
+    for norm in norms:
+        fired, target = None, norm
+        if math.isfinite(norm):
+            if mean is None:
+                warm.append(norm)
+                if len(warm) >= max(1, warmup):
+                    mean = math.fsum(warm) / len(warm)
+                    var = math.fsum((v - mean) ** 2 for v in warm) / len(warm)
+            else:
+                std = math.sqrt(var)
+                z = (norm - mean) / (std + eps)
+                if z > z_thr:
+                    target = mean + (z_thr**2 / z) * std
+                    fired = (z, mean + z_thr * std, target)
+                diff = target - mean
+                mean, var = mean + (1 - alpha) * diff, alpha * (var + (1 - alpha) * diff * diff)
+        bound = min(target, max_norm) if max_norm > 0 else target
+        out.append((fired, bound / norm if math.isfinite(norm) and bound < norm else 1.0))
+    return out
+
+
+@pytest.mark.parametrize("max_norm", [0.0, 1.3])
+def test_zclip_decided_on_the_device_is_the_papers_rule_step_by_step(max_norm: float):
+    """Deferred steps (nothing read back) and read steps, settled in between, give the events and
+    clips of the rule in plain floats, on a noisy series with spikes and a non-finite norm."""
+    rng = np.random.default_rng(0)
+    norms = list(1.0 + 0.05 * rng.standard_normal(80))
+    for at, value in ((20, 3.0), (21, 2.5), (40, 8.0), (55, float("inf")), (70, 1.6)):
+        norms[at] = value
+    norms = [float(np.float32(v)) for v in norms]  # what a float32 norm tensor holds
+    expected = zclip_reference(norms, alpha=0.9, z_thr=2.0, warmup=8, max_norm=max_norm)
+    zclip = ZClip(alpha=0.9, z_threshold=2.0, warmup_steps=8, max_norm=max_norm)
+    events, factors = {}, []
+    for step, norm in enumerate(norms):
+        p = param_with_grad_norm(1.0)
+        if step % 7:  # judged on the device
+            zclip.defer(step, None, torch.tensor(norm, dtype=torch.float32).double(), [p])
+        else:
+            events.update({e.step: e for e in zclip.settle()})
+            event = zclip.clip([p], norm, step)
+            if event is not None:
+                events[step] = event
+        factors.append(p.grad.norm().item())
+    events.update({e.step: e for e in zclip.settle()})
+    fired = {step: f for step, (f, _) in enumerate(expected) if f is not None}
+    assert sorted(events) == sorted(fired) and {20, 40} <= set(fired)
+    for step, (z, threshold, target) in fired.items():
+        e = events[step]
+        assert (e["z"], e["threshold"], e["clipped_to"]) == (
+            pytest.approx(z, rel=1e-12),
+            pytest.approx(threshold, rel=1e-12),
+            pytest.approx(target, rel=1e-12),
+        )
+    assert factors == pytest.approx([f for _, f in expected], rel=1e-12)  # each step's clip (none at the inf)
+    assert factors[55] == 1.0 and min(factors) < 0.5
+
+
 # --------------------------------------------------------------------------------------------
 # Config and factory
 # --------------------------------------------------------------------------------------------

@@ -132,3 +132,23 @@ def test_a_remedy_set_after_the_trainer_was_built_reads_every_step(tmp_path):
     finally:
         trainer.release()
     assert summary["status"] == "completed"
+
+
+def test_zclip_decides_on_the_device_and_records_what_a_per_step_check_records(tmp_path, monkeypatch):
+    """ZClip between logging steps: no sync, and the same rows, events and summary as reading every
+    step back; its z-score test fires between logs (a low threshold after a short warmup)."""
+    remedy = dict(kind="zclip", zclip_warmup=3, zclip_z=0.5, zclip_alpha=0.8)
+    single = dict(remedy=remedy, train=dict(steps=16, log_every=5, eval_every=8))
+    sweep = dict(remedy=remedy, sweep=dict(lrs=[1e-3, 1e-2]), train=dict(steps=16, log_every=5, eval_every=8))
+    with syncs_on_quiet_steps(monkeypatch) as calls:
+        train(tiny_cfg(**single), tmp_path / "deferred")
+        train_ensemble(tiny_cfg(**sweep), tmp_path / "deferred_sweep")
+    assert calls == []
+    single["train"]["check_every_step"] = sweep["train"]["check_every_step"] = True
+    train(tiny_cfg(**single), tmp_path / "per_step")
+    train_ensemble(tiny_cfg(**sweep), tmp_path / "per_step_sweep")
+    deferred = record(tmp_path / "deferred")
+    assert deferred == record(tmp_path / "per_step")
+    assert any(e["event"] == "zclip" and e["step"] % 5 for e in deferred["events"])  # fired between logs
+    for label in ("lr=0.001", "lr=0.01"):
+        assert record(tmp_path / "deferred_sweep" / label) == record(tmp_path / "per_step_sweep" / label), label
