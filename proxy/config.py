@@ -329,6 +329,10 @@ class DataConfig:
     ngram_filter: NgramFilterConfig = field(default_factory=NgramFilterConfig)
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # the torch.compile modes that capture CUDA graphs
+
+
 @dataclass
 class TrainConfig:
     steps: int = 300
@@ -340,6 +344,10 @@ class TrainConfig:
     # every computation in float64: the control that tells a precision artefact from a dynamical one)
     dtype: str = "auto"
     compile: str = "auto"  # auto (on for CUDA) | true | false
+    # torch.compile's mode where compiled: default | reduce-overhead (CUDA graphs: the launch
+    # overhead of small models) | max-autotune | max-autotune-no-cudagraphs; the summary's
+    # backends record how often CUDA graphs were skipped (proxy/train/runtime.py)
+    compile_mode: str = "default"
     log_every: int = 10
     eval_every: int = 100
     eval_batches: int = 8
@@ -542,6 +550,8 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"train.dtype={t.dtype!r} must be one of auto, fp32, bf16, fp64")
     if str(t.compile).lower() not in ("auto", "true", "false"):
         raise ConfigError(f"train.compile={t.compile!r} must be auto, true or false")
+    if t.compile_mode not in COMPILE_MODES:
+        raise ConfigError(f"train.compile_mode={t.compile_mode!r} must be one of {', '.join(COMPILE_MODES)}")
     if not (t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:")):
         raise ConfigError(f"train.device={t.device!r} must be auto, cpu, cuda or cuda:N")
     if t.resume_override and not t.resume:

@@ -187,7 +187,7 @@ class StackedGPT:
     forward; its buffers, the rotary tables, are shared by all members).
     """
 
-    def __init__(self, models: Sequence[GPT], device: torch.device, compile: bool = False):
+    def __init__(self, models: Sequence[GPT], device: torch.device, compile_mode: Optional[str] = None):
         if not models:
             raise ValueError("StackedGPT needs at least one model")
         # stack while every member is still where it was built: moving the base first would leave
@@ -197,7 +197,7 @@ class StackedGPT:
         self.params: dict[str, Tensor] = {n: p.detach().to(device).requires_grad_() for n, p in params.items()}
         self.n_members = len(models)
         self.device = device
-        self.compile = compile
+        self.compile_mode = compile_mode  # torch.compile's mode, None: eager
         self._mapped: dict[tuple, Any] = {}
 
     # -- forward -----------------------------------------------------------------------------
@@ -221,7 +221,7 @@ class StackedGPT:
         return out.loss, out.ce_loss, out.z_loss, maxima, dict(out.output_stats)
 
     def _mapped_forward(self, z_loss: float, ignore_index: int, collect_stats: bool):
-        key = (z_loss, ignore_index, collect_stats, self.compile)
+        key = (z_loss, ignore_index, collect_stats, self.compile_mode)
         if key not in self._mapped:
             fn = functools.partial(
                 self._member_forward, z_loss=z_loss, ignore_index=ignore_index, collect_stats=collect_stats
@@ -229,7 +229,7 @@ class StackedGPT:
             # parameters are mapped over, the batch is shared; "different" keeps any future dropout
             # independent per member instead of failing
             mapped = vmap(fn, in_dims=(0, None, None), randomness="different")
-            self._mapped[key] = torch.compile(mapped) if self.compile else mapped
+            self._mapped[key] = torch.compile(mapped, mode=self.compile_mode) if self.compile_mode else mapped
         return self._mapped[key]
 
     def __call__(
@@ -265,13 +265,13 @@ class StackedGPT:
             return hook
 
         handles = [p.register_hook(remember(name)) for name, p in self.params.items()]
-        compile, self.compile = self.compile, False  # not worth a compilation for one tiny batch
+        mode, self.compile_mode = self.compile_mode, None  # not worth a compilation for one tiny batch
         try:
             with autocast():
                 out = self(idx, labels)
             out.loss.sum().backward()
         finally:
-            self.compile = compile
+            self.compile_mode = mode
             for handle in handles:
                 handle.remove()
         for name, p in list(self.params.items()):
@@ -336,7 +336,7 @@ class StackedEngine:
         vocab_size: int,
         device: torch.device,
         autocast: Callable[[], ContextManager],
-        compile: bool,
+        compile_mode: Optional[str],
         probe: tuple[Tensor, Tensor],
         mark: Callable[[GPT], Any],
     ):
@@ -350,7 +350,7 @@ class StackedEngine:
             models.append(build_model(member_cfg.model, vocab_size).to(param_dtype(member_cfg)))
         for model in models:  # every member (stack_module_state stacks the buffers too)
             self.token_classes = mark(model)
-        self.model = StackedGPT(models, device, compile=compile)
+        self.model = StackedGPT(models, device, compile_mode=compile_mode)
         del models
         # a tiny forward/backward before any record exists: it fixes the parameter layouts (and a
         # backend that cannot run here fails now, not after the records are open)
@@ -480,7 +480,9 @@ class StackedEngine:
         per_batch = []
         for x, y in batches:
             with self.autocast():
-                per_batch.append(self.model(x, y, ignore_index=ignore_index).ce_loss.float())
+                per_batch.append(
+                    self.model(x, y, ignore_index=ignore_index).ce_loss.float().clone()
+                )  # CUDA graphs reuse outputs
         self.model.base.train()
         totals = [0.0] * self.n_members
         for values in torch.stack(per_batch).tolist():  # one sync; summed in the standalone order

@@ -19,7 +19,7 @@ from typing import Any, Callable, ContextManager, Literal, Optional, Sequence
 import torch
 from torch import Tensor
 
-from proxy.config import Config, ConfigError, LossImpl, TrainConfig
+from proxy.config import CUDA_GRAPH_MODES, Config, ConfigError, LossImpl, TrainConfig
 from proxy.model import attention_backend
 from proxy.records import (
     ATTN_MAX_LOGIT,
@@ -70,17 +70,42 @@ def wants_compile(cfg: Config, device: torch.device) -> bool:
     return device.type == "cuda" if choice == "auto" else choice == "true"
 
 
+def uses_cuda_graphs(cfg: Config, device: torch.device) -> bool:
+    """Whether the run's compiled step captures CUDA graphs (train.compile_mode on a GPU)."""
+    return wants_compile(cfg, device) and device.type == "cuda" and cfg.train.compile_mode in CUDA_GRAPH_MODES
+
+
+def compiled(fn: Callable[..., Any], cfg: Config) -> Callable[..., Any]:
+    """``fn`` under torch.compile in the run's ``train.compile_mode``."""
+    return torch.compile(fn, mode=cfg.train.compile_mode)
+
+
+def cuda_graph_skips() -> int:
+    """How many compiled graphs inductor left out of CUDA graphs in this process (each skip is
+    logged with its reason under TORCH_LOGS=perf_hints); 0 before anything compiled."""
+    from torch._dynamo.utils import counters  # torch's own counter; private, read defensively
+
+    inductor: Any = counters.get("inductor") or {}
+    return int(inductor.get("cudagraph_skips", 0))
+
+
 def backends(cfg: Config, device: torch.device) -> dict[str, Any]:
     """What a run on ``device`` actually uses where the config says ``auto`` (the run record
-    keeps it: summary.json ``backends``)."""
+    keeps it: summary.json ``backends``). Compiled: the mode, and with CUDA graphs how many graphs
+    fell back to plain launches (``cuda_graph_skips``)."""
     m = cfg.model
     dtype = cfg.train.dtype if cfg.train.dtype != "auto" else ("bf16" if device.type == "cuda" else "fp32")
-    return {
+    out: dict[str, Any] = {
         "attention": attention_backend(m.attention, device.type, m.d_model // m.n_heads).value,
         "loss_impl": LossImpl(m.loss_impl).value,
         "dtype": dtype,
         "compile": wants_compile(cfg, device),
     }
+    if out["compile"]:
+        out["compile_mode"] = cfg.train.compile_mode
+    if uses_cuda_graphs(cfg, device):
+        out["cuda_graph_skips"] = cuda_graph_skips()
+    return out
 
 
 def mark_token_classes(model, source, cfg: Config) -> Optional[dict[str, Any]]:

@@ -77,6 +77,7 @@ from proxy.train.runtime import (
     StopSignals,
     autocast_for,
     backends,
+    compiled,
     divergence_reason,
     mark_token_classes,
     param_dtype,
@@ -84,6 +85,7 @@ from proxy.train.runtime import (
     resolve_device,
     show_row,
     to_device,
+    uses_cuda_graphs,
     wants_compile,
 )
 from proxy.train.watch import DivergenceWatch, Settled, wants_watch
@@ -213,6 +215,7 @@ class Trainer:
         self.stop = StopSignals()
         self.members = [self._member(k, spec, member_cfg) for k, (spec, member_cfg) in enumerate(zip(specs, configs))]
         self.throughput = diagnostics.Throughput(self.flops, self.device)
+        self.cuda_graphs = uses_cuda_graphs(cfg, self.device)
         # the divergence rule judged on the device between logging steps (proxy/train/watch.py)
         self.watch: Optional[DivergenceWatch] = None
         if wants_watch(
@@ -237,7 +240,7 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             forward = DistributedDataParallel(model, device_ids=ids)
         if wants_compile(cfg, self.device):
-            forward = torch.compile(forward)  # type: ignore[assignment]
+            forward = compiled(forward, cfg)  # type: ignore[assignment]
         return SingleEngine(cfg, model, optimizer, forward, self.autocast, self.device)
 
     def _sweep_engine(self, configs: Sequence[Config]) -> StackedEngine:
@@ -250,7 +253,7 @@ class Trainer:
             self.source.vocab_size,
             self.device,
             self.autocast,
-            wants_compile(self.cfg, self.device),
+            self.cfg.train.compile_mode if wants_compile(self.cfg, self.device) else None,
             self.batch("train", 0),
             mark,
         )
@@ -342,6 +345,8 @@ class Trainer:
                 self.data_position,
                 extra_state=(solo.tokens, solo.loss_at_init),
             )
+        if self.cuda_graphs:  # a new training step: the graphs' outputs of the last one may be reused
+            torch.compiler.cudagraph_mark_step_begin()
         lrs = self.lrs = self.engine.schedule(step)
         x, y = self.batch("train", self.data_position)
         for member in self._active():

@@ -11,7 +11,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from proxy.config import register_configs, to_config
+from proxy.config import ConfigError, register_configs, to_config
 from proxy.model import build_model
 from proxy.train import train
 from proxy.train.runtime import backends
@@ -60,7 +60,13 @@ def test_compile_and_bf16_autocast_train_like_eager_fp32(tmp_path):
     eager = train(tiny_cfg(train=dict(compile="false", dtype="fp32", **common)), tmp_path / "eager")
     fast = train(tiny_cfg(train=dict(compile="true", dtype="bf16", **common)), tmp_path / "compiled")
     assert fast["status"] == "completed"
-    assert fast["backends"] == {"attention": "naive", "loss_impl": "torch", "dtype": "bf16", "compile": True}
+    assert fast["backends"] == {
+        "attention": "naive",
+        "loss_impl": "torch",
+        "dtype": "bf16",
+        "compile": True,
+        "compile_mode": "default",
+    }
     assert fast["final_val_loss"] == pytest.approx(eager["final_val_loss"], rel=2e-3)
     assert fast["final_train_loss"] == pytest.approx(eager["final_train_loss"], rel=2e-3)
 
@@ -76,6 +82,7 @@ def test_the_default_config_resolves_to_the_fast_paths_on_cuda():
         "loss_impl": "torch",
         "dtype": "bf16",
         "compile": True,
+        "compile_mode": "default",
     }
     assert backends(cfg, torch.device("cpu")) == {
         "attention": "naive",
@@ -83,6 +90,13 @@ def test_the_default_config_resolves_to_the_fast_paths_on_cuda():
         "dtype": "fp32",
         "compile": False,
     }
+    # CUDA graphs: the mode is recorded, and how many graphs fell back to plain launches
+    graphs = to_config({"model": {"name": "124m"}, "train": {"compile_mode": "reduce-overhead"}})
+    assert backends(graphs, torch.device("cuda"))["compile_mode"] == "reduce-overhead"
+    assert backends(graphs, torch.device("cuda"))["cuda_graph_skips"] >= 0
+    assert "cuda_graph_skips" not in backends(graphs, torch.device("cpu"))  # no CUDA graphs on a CPU
+    with pytest.raises(ConfigError, match="train.compile_mode"):
+        to_config({"train": {"compile_mode": "fastest"}})
     wide = to_config({"model": {"d_model": 1024, "n_heads": 4}})  # head dim 256: beyond the kernel
     assert backends(wide, torch.device("cuda"))["attention"] == "sdpa"
 
