@@ -110,6 +110,60 @@ def test_extrapolation_verdict(tmp_path: Path, right: bool) -> None:
     assert len(verdict.checks) == 3
 
 
+def test_protocol2_bounds_come_from_the_committed_runs_and_the_preset_takes_fresh_seeds() -> None:
+    bounds = load_script(EXPERIMENTS / "extrapolation" / "protocol2" / "bounds.py")
+    p1 = bounds.p1
+    template = {"d_model": 64, "n_layers": 2, "n_heads": 4}
+    n_next = {
+        r: p1.params_non_embedding(256, {**template, "qk_norm": q})
+        for r, q in (("none", "off"), ("qknorm_zloss", "layernorm"))
+    }
+    fresh = bounds.bounds(p1.read_ladder(p1.LADDER), p1.read_ladder(bounds.D256_RUNS), n_next)
+    committed = json.loads((EXPERIMENTS / "extrapolation" / "protocol2" / "bounds.json").read_text())
+    for part in ("logit_log10", "sensitivity", "fresh_seeds"):
+        assert _close(fresh[part], committed[part]), part
+    # the bound is the noise: sd at d=256 over sqrt(5) with the prediction's standard error, times 2
+    e = committed["sensitivity"]["none"]
+    assert e["bound"] == pytest.approx(2 * math.sqrt(e["se_pred"] ** 2 + e["sd_at_256"] ** 2 / 5))
+    cfg = composed(["+experiment=extrapolation/fresh_lab"])
+    assert list(cfg.sweep.seeds) == committed["fresh_seeds"] and cfg.experiment == "extrapolation_fresh"
+
+
+def fresh_sweep(root: Path, b: dict, off: float = 0.0, seeds=(3, 4, 5, 6, 7)) -> Path:
+    """d=256 runs on fresh seeds whose log10 peaks and sensitivities sit at the protocol-2
+    predictions, moved by ``off`` bounds (0: on the prediction)."""
+    for recipe in ("none", "qknorm_zloss"):
+        e = b["sensitivity"][recipe]
+        target = e["predicted"] + off * e["bound"]
+        excess = [math.log10(lr / 1e-2) ** 2 for lr in LRS]
+        a = target / (sum(excess) / len(excess))
+        for seed in seeds:
+            for lr, x in zip(LRS, excess):
+                cell = b["logit_log10"][f"{recipe}/lr={lr:g}"]
+                member(
+                    root,
+                    {"+experiment": "extrapolation/fresh_lab", "+stability": recipe, "model.d_model": 256},
+                    {"model": {"d_model": 256}},
+                    lr=lr,
+                    seed=seed,
+                    loss=3.5 + a * x,
+                    max_logit=10 ** (cell["predicted"] + off * cell["bound"]),
+                )
+    return root
+
+
+@pytest.mark.parametrize(("off", "reproduced"), [(0.5, True), (1.5, False)])
+def test_extrapolation_protocol2_judges_against_the_noise_bounds(tmp_path: Path, off: float, reproduced: bool) -> None:
+    b = json.loads((EXPERIMENTS / "extrapolation" / "protocol2" / "bounds.json").read_text())
+    finding = EXPERIMENTS / "extrapolation" / "protocol2"
+    verdict = judge_runs(finding, [fresh_sweep(tmp_path / "s", b, off)], tmp_path / "r")
+    assert verdict.testable and [c.passed for c in verdict.checks][::2] == [reproduced, reproduced]
+    assert verdict.reproduced is reproduced, verdict.to_markdown()
+    # protocol 1's seeds are not fresh: not testable, nothing judged
+    seen = judge_runs(finding, [fresh_sweep(tmp_path / "seen", b, 0.0, seeds=(0, 1, 2))], tmp_path / "r2")
+    assert not seen.testable and not seen.checks
+
+
 # --------------------------------------------------------------------------------------------
 # LR transfer across width (muParam)
 # --------------------------------------------------------------------------------------------
