@@ -21,7 +21,7 @@ from hydra import compose, initialize_config_dir
 
 from proxy.config import register_configs
 from proxy.records import RunRecord, write_json
-from proxy.verdict import judge_runs
+from proxy.verdict import NOT_TESTABLE, judge_runs
 
 REPO = Path(__file__).resolve().parents[2]
 EXPERIMENTS = REPO / "experiments"
@@ -234,6 +234,22 @@ def test_adam_epsilon_protocol3_wants_five_fresh_seeds(tmp_path: Path, first_see
     assert verdict.reproduced is seeds_present
     assert verdict.numbers["penalty growth d256 minus d64, seeds positive"] == "5 of 5"
     assert len(verdict.numbers["loss_penalty/d256 per seed (nats)"]) == 5
+
+
+@pytest.mark.parametrize(
+    ("reproduces", "first_seed", "label"),
+    [(True, 3, "REPRODUCED"), (False, 3, NOT_TESTABLE), (True, 0, NOT_TESTABLE)],
+)
+def test_adam_epsilon_protocol4_judges_only_past_the_crossing(
+    tmp_path: Path, reproduces: bool, first_seed: int, label: str
+) -> None:
+    """Protocol 4 (the lease's d 256/512/1024): protocol 2's criteria once the gradient RMS has
+    reached 1e-6 at the widest model with seeds 3-5; a ladder whose gradient RMS stays at 1e-3, or
+    seeds already seen, is NOT TESTABLE and judges nothing."""
+    root = eps_sweep(tmp_path / "sweep", reproduces, widths=(256, 512, 1024), first_seed=first_seed)
+    verdict = judge_runs(EXPERIMENTS / "adam_epsilon" / "protocol4", [root], tmp_path / "report")
+    assert verdict.label == label, verdict.to_markdown()
+    assert len(verdict.checks) == (3 if label == "REPRODUCED" else 0)
 
 
 @pytest.mark.parametrize("reproduces", [True, False])
