@@ -21,7 +21,8 @@ ends or this command stops:
 After every step ``science-summary.json`` and ``.md`` are rewritten in --out (device, versions,
 each study's prediction, measured rate, seconds, status, verdict), and each study is packed as
 ``<study>.tar.gz`` (its run records without checkpoints, its report and verdict; metrics thinned
-if the archive would pass 16 MiB): at most 8 plain-named files come back from a lease.
+if the archive would pass 16 MiB; a split study's parts share one archive, rewritten as each part
+ends): at most 8 plain-named files come back from a lease.
 """
 
 from __future__ import annotations
@@ -286,14 +287,19 @@ def judge(study: Study, sweep_dirs: list[Path], cap: float, dry_run: bool) -> di
 # --------------------------------------------------------------------------------------------
 # What comes back: one archive per study, a summary
 # --------------------------------------------------------------------------------------------
-def pack(sweep_dir: Path, archive: Path) -> dict[str, Any]:
-    """``sweep_dir`` as a .tar.gz of run records, report and verdict (no checkpoints, no state
-    files), under MAX_FILE_BYTES: metrics rows thinned (every k-th kept, events and the last row
-    always) until it fits."""
+def archive_name(study: Study) -> str:
+    """The file a study comes back in: a split study's parts share their first part's archive."""
+    return f"{study.parts[0] if study.parts else study.name}.tar.gz"
+
+
+def pack(sweep_dirs: list[Path], archive: Path) -> dict[str, Any]:
+    """The ``sweep_dirs`` (a study, or every trained part of a split one) as one .tar.gz of run
+    records, report and verdict (no checkpoints, no state files), under MAX_FILE_BYTES: metrics
+    rows thinned (every k-th kept, events and the last row always) until it fits."""
     for keep_every in (1, 2, 4, 8, 16, 32, 64):
         buffer = io.BytesIO()
         with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
-            for path in sorted(sweep_dir.rglob("*")):
+            for sweep_dir, path in sorted((d, p) for d in sweep_dirs for p in d.rglob("*")):
                 relative = path.relative_to(sweep_dir)
                 if (
                     path.is_symlink()
@@ -516,7 +522,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             trained = {s["name"] for s in record["studies"] if s.get("member_tokens")}
             judged_here = all(p in trained or p == study.name for p in study.parts)  # else judged later
             verdict_s = args.verdict_s if judged_here else 0.0
-            if len(record["studies"]) > MAX_FILES - 2:
+            packed = {s["archive"] for s in record["studies"] if s.get("archive")}
+            if archive_name(study) not in packed and len(packed) >= MAX_FILES - 2:
                 entry["status"] = "not run: no file left to bring it back in"
             elif predicted + verdict_s > left:
                 entry["status"] = (
@@ -536,7 +543,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                         cap = min(args.verdict_s, max(1.0, deadline - time.monotonic()))
                         others = [Path(work) / p for p in study.parts if p != study.name]
                         entry.update(judge(study, [sweep_dir, *others], cap, args.dry_run))
-                    entry.update(pack(sweep_dir, args.out / f"{study.name}.tar.gz"))
+                    ran = {s["name"] for s in record["studies"] if s.get("member_tokens")}
+                    dirs = [Path(work) / p for p in (study.parts or [study.name]) if p in ran]
+                    entry.update(pack(dirs, args.out / archive_name(study)))  # a split study's parts together
                 if entry.get("member_tokens_per_s"):
                     job = jobs[0]
                     record["rates_measured"].append(

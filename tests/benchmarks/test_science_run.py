@@ -53,8 +53,11 @@ def test_a_dry_run_trains_judges_and_packs_what_comes_back(tmp_path):
     assert [row["model"] for row in record["probe"]["rows"]] == ["tiny", "tiny"]
     files = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert len(files) <= 8 and all(name.replace("-", "").replace("_", "").replace(".", "").isalnum() for name in files)
-    with tarfile.open(tmp_path / "out" / f"{second['name']}.tar.gz") as tar:
+    # a split study comes back as one archive, its first part's, holding every part
+    assert first["archive"] == second["archive"] == f"{first['name']}.tar.gz"
+    with tarfile.open(tmp_path / "out" / second["archive"]) as tar:
         names = tar.getnames()
+    assert {n.split("/")[0] for n in names} == {first["name"], second["name"]}
     assert not [n for n in names if n.endswith(".pt") or "/checkpoints/" in n]
     assert any(n.endswith("report/verdict.json") for n in names) and any(n.endswith("summary.json") for n in names)
     report = [n for n in names if n.endswith("report/report.md")]

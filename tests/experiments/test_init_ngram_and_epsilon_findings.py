@@ -20,7 +20,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from proxy.config import register_configs
-from proxy.records import RunRecord, write_json
+from proxy.records import GRAD_NORM, RunRecord, write_json
 from proxy.verdict import NOT_TESTABLE, judge_runs
 
 REPO = Path(__file__).resolve().parents[2]
@@ -250,6 +250,37 @@ def test_adam_epsilon_protocol4_judges_only_past_the_crossing(
     verdict = judge_runs(EXPERIMENTS / "adam_epsilon" / "protocol4", [root], tmp_path / "report")
     assert verdict.label == label, verdict.to_markdown()
     assert len(verdict.checks) == (3 if label == "REPRODUCED" else 0)
+
+
+def init_training_sweep(root: Path, scaled_spikes: int, steps: int = 2100, seeds=(3, 4, 5)) -> Path:
+    """Protocol 3's training half: init normal vs scaled x LR {3e-3, 1e-2} x seeds, the grad norm
+    logged every step; the scaled init's series carries ``scaled_spikes`` 30-sigma jumps after the
+    1000-step window, the normal init's none."""
+    for init in ("normal", "scaled"):
+        for lr in (3e-3, 1e-2):
+            for seed in seeds:
+                norms = noisy(seed * 7 + (init == "scaled"), n=steps)
+                if init == "scaled":
+                    for i in range(scaled_spikes):
+                        norms[1100 + 90 * i + seed] *= 1.6
+                config = {"optim": {"lr": lr}, "model": {"name": "20m", "init": init}, "train": {"seed": seed}}
+                make_run(root, f"init={init},lr={lr},seed={seed}", config, {GRAD_NORM: list(norms)})
+    return root
+
+
+@pytest.mark.parametrize(
+    ("scaled_spikes", "steps", "label"),
+    [(4, 2100, "REPRODUCED"), (0, 2100, NOT_TESTABLE), (4, 1500, NOT_TESTABLE)],
+)
+def test_init_growth_protocol3_judges_the_spike_score_only_where_it_can_show(
+    tmp_path: Path, scaled_spikes: int, steps: int, label: str
+) -> None:
+    """Spikes only with the scaled init: REPRODUCED; no spikes at all, or runs too short for
+    OLMo 2's 1000-point window: NOT TESTABLE, nothing judged."""
+    root = init_training_sweep(tmp_path / "sweep", scaled_spikes, steps)
+    verdict = judge_runs(EXPERIMENTS / "init_growth" / "protocol3", [root], tmp_path / "report")
+    assert verdict.label == label, verdict.to_markdown()
+    assert len(verdict.checks) == (1 if label == "REPRODUCED" else 0)
 
 
 @pytest.mark.parametrize("reproduces", [True, False])
