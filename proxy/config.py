@@ -285,6 +285,11 @@ class SyntheticConfig:
     # `sublanguage_tokens` token ids of their own (after vocab_size) from a random start. 0: none.
     sublanguage_fraction: float = 0.0
     sublanguage_tokens: int = 64
+    # Rare tokens inside the HMM (issue 30: rows of the embedding whose Adam second moment decays
+    # while they are absent): every state emits, with probability `rare_rate`, one of `rare_tokens`
+    # token ids of their own (after vocab_size), uniformly; still an HMM, so its figures stay exact.
+    rare_rate: float = 0.0
+    rare_tokens: int = 64
 
 
 @dataclass

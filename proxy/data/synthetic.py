@@ -74,9 +74,22 @@ def build_hmm(cfg: SyntheticConfig) -> HMM:
 
     transition = np.zeros((S, S))
     np.put_along_axis(transition, successors, np.broadcast_to(trans_p, (S, Kt)), axis=1)
+    if cfg.rare_rate > 0:  # after every draw: the language's structure is the plain one's
+        emitted, emit_p = _with_rare_tokens(emitted, emit_p, V, cfg.rare_tokens, cfg.rare_rate)
+        V += cfg.rare_tokens
     emission = np.zeros((S, V))
-    np.put_along_axis(emission, emitted, np.broadcast_to(emit_p, (S, Ke)), axis=1)
+    np.put_along_axis(emission, emitted, np.broadcast_to(emit_p, emitted.shape), axis=1)
     return HMM(_stationary(transition), successors, _cdf(trans_p), emitted, _cdf(emit_p), transition, emission)
+
+
+def _with_rare_tokens(
+    emitted: np.ndarray, emit_p: np.ndarray, vocab_size: int, k: int, rate: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Every state's emissions, by rank, followed by ``k`` rare token ids of their own (vocab_size
+    .. vocab_size + k - 1) at ``rate / k`` each, its own tokens scaled by 1 - rate: the ranks'
+    weights stay shared by all states, as the sampler needs."""
+    rare = np.broadcast_to(vocab_size + np.arange(k), (emitted.shape[0], k))
+    return np.concatenate([emitted, rare], axis=1), np.concatenate([(1 - rate) * emit_p, np.full(k, rate / k)])
 
 
 def _stationary(transition: np.ndarray) -> np.ndarray:
@@ -176,7 +189,16 @@ def _language_entropy(key: tuple, seq_len: int, n_sequences: int) -> LanguageEnt
     )
 
 
-_SYNTHETIC_FIELDS = ("seed", "vocab_size", "n_states", "zipf_exponent", "emissions_per_state", "transitions_per_state")
+_SYNTHETIC_FIELDS = (
+    "seed",
+    "vocab_size",
+    "n_states",
+    "zipf_exponent",
+    "emissions_per_state",
+    "transitions_per_state",
+    "rare_rate",
+    "rare_tokens",
+)
 
 
 def _synthetic_key(cfg: SyntheticConfig) -> tuple:
@@ -188,15 +210,21 @@ def _hmm_from_key(key: tuple) -> HMM:
     return build_hmm(SyntheticConfig(**dict(zip(_SYNTHETIC_FIELDS, key))))
 
 
-def vocab_with_sublanguage(cfg: SyntheticConfig) -> int:
-    """The language's vocabulary: the HMM's tokens, then the sub-language's own when it is mixed in."""
-    return cfg.vocab_size + (cfg.sublanguage_tokens if cfg.sublanguage_fraction > 0 else 0)
+def hmm_vocab(cfg: SyntheticConfig) -> int:
+    """The HMM's tokens: vocab_size, and its rare tokens when it emits them."""
+    return cfg.vocab_size + (cfg.rare_tokens if cfg.rare_rate > 0 else 0)
+
+
+def language_vocab(cfg: SyntheticConfig) -> int:
+    """The language's vocabulary: the HMM's tokens (rare ones included), then the sub-language's
+    own when it is mixed in."""
+    return hmm_vocab(cfg) + (cfg.sublanguage_tokens if cfg.sublanguage_fraction > 0 else 0)
 
 
 @dataclass(frozen=True)
 class Sublanguage:
     """A deterministic language on token ids of its own: a fixed cycle through ``cycle`` (a seeded
-    permutation of ids vocab_size .. vocab_size + k - 1), entered at a random point. Its first
+    permutation of the k ids after the HMM's), entered at a random point. Its first
     token names the row's language and its place in the cycle, so every later token is certain
     (Bayes loss 0): gradients from these rows vanish as the model learns them, while the rest of
     the loss stays at the HMM's level."""
@@ -209,7 +237,7 @@ class Sublanguage:
         if cfg.sublanguage_fraction <= 0:
             return None
         rng = np.random.default_rng([cfg.seed, LANGUAGE_STREAM, 1])
-        return cls(cfg.vocab_size + rng.permutation(cfg.sublanguage_tokens), cfg.sublanguage_fraction)
+        return cls(hmm_vocab(cfg) + rng.permutation(cfg.sublanguage_tokens), cfg.sublanguage_fraction)
 
     def mix_into(self, tokens: np.ndarray, generators: list[np.random.Generator]) -> None:
         """Replace, in place, the rows whose own generator draws below ``fraction`` (drawn after the
@@ -248,6 +276,8 @@ def _check_synthetic(cfg: SyntheticConfig) -> None:
             cfg.sublanguage_tokens >= 2,
             f"data.synthetic.sublanguage_tokens={cfg.sublanguage_tokens} must be >= 2",
         ),
+        (0 <= cfg.rare_rate < 1, f"data.synthetic.rare_rate={cfg.rare_rate} must be in [0, 1)"),
+        (cfg.rare_tokens >= 1, f"data.synthetic.rare_tokens={cfg.rare_tokens} must be >= 1"),
         (cfg.seed >= 0, f"data.synthetic.seed={cfg.seed} must be >= 0"),
         (cfg.vocab_size >= 2, f"data.synthetic.vocab_size={cfg.vocab_size} must be >= 2"),
         (cfg.n_states >= 2, f"data.synthetic.n_states={cfg.n_states} must be >= 2"),
@@ -277,7 +307,7 @@ class SyntheticSource(TokenSource):
         _check_synthetic(cfg.synthetic)
         self.hmm = _hmm_from_key(_synthetic_key(cfg.synthetic))
         self.sublanguage = Sublanguage.of(cfg.synthetic)
-        self.vocab_size = vocab_with_sublanguage(cfg.synthetic)
+        self.vocab_size = language_vocab(cfg.synthetic)
 
     def _rows(self, split: str, index: int, rows: np.ndarray, length: int, attempt: int = 0) -> np.ndarray:
         generators = [row_generator(self.cfg.seed, split, index, int(r), attempt) for r in rows]
@@ -297,7 +327,13 @@ class SyntheticSource(TokenSource):
 
     def _describe(self) -> dict:
         s = self.cfg.synthetic
-        info = {name: getattr(s, name) for name in _SYNTHETIC_FIELDS if name != "vocab_size"}
+        info = {
+            name: getattr(s, name)
+            for name in _SYNTHETIC_FIELDS
+            if name not in ("vocab_size", "rare_rate", "rare_tokens")
+        }
+        if s.rare_rate > 0:
+            info["rare_rate"], info["rare_tokens"] = s.rare_rate, s.rare_tokens
         info["language_seed"] = info.pop("seed")
         if self.sublanguage is not None:
             info["sublanguage_fraction"] = s.sublanguage_fraction

@@ -255,15 +255,18 @@ def _vocab_size(run: Run) -> Optional[int]:
 
 
 def _synthetic_vocab_size(run: Run) -> Optional[int]:
-    """The built-in language's vocabulary as the run's config names it (its mixed-in
-    sub-language's tokens included); None for other sources."""
+    """The built-in language's vocabulary as the run's config names it (its rare tokens and its
+    mixed-in sub-language's tokens included); None for other sources."""
     if run.config_value("data.source") not in (None, "synthetic"):
         return None
     vocab = _integer(run.config_value("data.synthetic.vocab_size"))
-    fraction = run.config_value("data.synthetic.sublanguage_fraction")
-    extra = _integer(run.config_value("data.synthetic.sublanguage_tokens"))
-    if vocab is not None and isinstance(fraction, (int, float)) and fraction > 0 and extra is not None:
-        return vocab + extra
+    if vocab is None:
+        return None
+    for share, count in (("rare_rate", "rare_tokens"), ("sublanguage_fraction", "sublanguage_tokens")):
+        on = run.config_value(f"data.synthetic.{share}")
+        extra = _integer(run.config_value(f"data.synthetic.{count}"))
+        if isinstance(on, (int, float)) and on > 0 and extra is not None:
+            vocab += extra
     return vocab
 
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 from proxy.config import CONF_DIR, Config
-from proxy.data.synthetic import vocab_with_sublanguage
+from proxy.data.synthetic import language_vocab
 from proxy.train.diagnostics import peak_flops_of
 
 STARTUP_S = 20.0
@@ -82,7 +82,7 @@ def estimate(
 ) -> Estimate:
     """The device time of one run (or one ensemble: K members at once) of ``cfg`` on ``gpu``."""
     m, t = cfg.model, cfg.train
-    synthetic = vocab_with_sublanguage(cfg.data.synthetic)
+    synthetic = language_vocab(cfg.data.synthetic)
     vocab = vocab_size or m.vocab_size or (synthetic if cfg.data.source == "synthetic" else 50304)
     k = members or max(1, len(cfg.sweep.lrs or [0]) * len(cfg.sweep.seeds or [0]) * len(cfg.sweep.weight_decays or [0]))
     compiled = (str(t.compile).lower() != "false") if compiled is None else compiled

@@ -3,6 +3,7 @@ and text loading, proxy-prepare, and one-line errors on bad files."""
 
 import itertools
 import json
+import math
 
 import numpy as np
 import pytest
@@ -138,6 +139,34 @@ def test_a_deterministic_sublanguage_mixes_in_on_tokens_of_its_own():
     assert m.unigram_entropy == pytest.approx(float(-(seen * np.log(seen)).sum()))
     with pytest.raises(DataError, match="sublanguage_fraction=1.0 must be in"):
         build_source(DataConfig(synthetic=SyntheticConfig(sublanguage_fraction=1.0)))
+
+
+def test_rare_tokens_inside_the_hmm_keep_its_figures_exact():
+    """data.synthetic.rare_rate: every state emits, at that rate, one of rare_tokens ids of their own
+    (after the HMM's, before a sub-language's). On the deterministic language the Bayes loss is the
+    rare draws' alone: p ln(k / p) - (1 - p) ln(1 - p) per token, computed by the HMM machinery."""
+    p, k = 0.01, 16
+    det = SyntheticConfig(emissions_per_state=1, transitions_per_state=1, rare_rate=p, rare_tokens=k)
+    src = build_source(DataConfig(synthetic=det))
+    assert src.vocab_size == 512 + k
+    x, _ = src.batch("train", 0, 64, 128)
+    rare = x >= 512
+    assert 0.005 < float(rare.float().mean()) < 0.02 and int(x.max()) < 512 + k
+    e = language_entropy(det)
+    assert e.entropy_rate == pytest.approx(p * math.log(k / p) - (1 - p) * math.log(1 - p), rel=0.05)
+    probs = src.token_probabilities()
+    assert probs.shape == (512 + k,) and probs.sum() == pytest.approx(1.0)
+    assert probs[512:] == pytest.approx(np.full(k, p / k))
+    # with a sub-language as well, its tokens come after the rare ones
+    both = build_source(DataConfig(synthetic=SyntheticConfig(rare_rate=p, rare_tokens=k, sublanguage_fraction=0.5)))
+    assert both.vocab_size == 512 + k + 64
+    xs, _ = both.batch("train", 0, 32, 32)
+    sub_rows = (xs >= 512 + k).all(1)
+    assert bool(sub_rows.any()) and bool((xs[~sub_rows] < 512 + k).all())
+    # off by default: the plain language is unchanged
+    assert build_source(DataConfig()).vocab_size == 512
+    with pytest.raises(DataError, match="rare_rate=1.0 must be in"):
+        build_source(DataConfig(synthetic=SyntheticConfig(rare_rate=1.0)))
 
 
 def test_bad_synthetic_settings_are_one_line_errors():
