@@ -58,6 +58,24 @@ def read_ladder(path: Path) -> list[dict]:
     return rows
 
 
+def ladder_curves(rows: list[dict], recipe: str) -> dict:
+    """size (non-embedding parameters) -> seed -> LR curve (proxy.analysis.SeedCurve) of ``recipe``,
+    from a runs.csv's rows (:func:`read_ladder`)."""
+    points = [
+        CurvePoint(
+            group=int(r["n_params_non_embedding"]),
+            seed=int(r["seed"]),
+            lr=float(r["lr"]),
+            loss=float(r["final_val_loss"]) if r["final_val_loss"] else None,
+            loss_at_init=float(r["loss_at_init"]),
+            diverged=r["status"] == "diverged",
+        )
+        for r in rows
+        if r["recipe"] == recipe
+    ]
+    return seed_curves(points)
+
+
 def line_at(xs: Sequence[float], ys: Sequence[float], x: float) -> float:
     """Least-squares line through (xs, ys), evaluated at x."""
     slope, intercept = np.polyfit(xs, ys, 1)
@@ -103,19 +121,7 @@ def predict(rows: list[dict], n_next: dict[str, int]) -> dict:
     # LR sensitivity per seed, linear in ln N
     for recipe in RECIPES:
         sizes, x_next = sizes_of[recipe], math.log(n_next[recipe])
-        points = [
-            CurvePoint(
-                group=int(r["n_params_non_embedding"]),
-                seed=int(r["seed"]),
-                lr=float(r["lr"]),
-                loss=float(r["final_val_loss"]) if r["final_val_loss"] else None,
-                loss_at_init=float(r["loss_at_init"]),
-                diverged=r["status"] == "diverged",
-            )
-            for r in rows
-            if r["recipe"] == recipe
-        ]
-        curves = seed_curves(points)
+        curves = ladder_curves(rows, recipe)
         seeds = sorted(set.intersection(*(set(curves[n]) for n in sizes)))
         per_seed = {
             s: line_at([math.log(n) for n in sizes], [curves[n][s].sensitivity for n in sizes], x_next) for s in seeds

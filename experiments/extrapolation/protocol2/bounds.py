@@ -30,7 +30,6 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 import predict as p1  # noqa: E402  (protocol 1's ladder reader, recipes and parameter count)
 
-from proxy.analysis import CurvePoint, seed_curves  # noqa: E402
 from proxy.records import write_json  # noqa: E402
 
 D256_RUNS = HERE.parent / "results" / "runs.csv"  # protocol 1's measurement of d=256, seeds 0-2
@@ -40,19 +39,7 @@ Z = 2.0
 
 def _sensitivities(rows: list[dict], recipe: str) -> dict[int, dict[int, float]]:
     """size (non-embedding params) -> seed -> LR sensitivity, from a runs.csv's rows."""
-    points = [
-        CurvePoint(
-            group=int(r["n_params_non_embedding"]),
-            seed=int(r["seed"]),
-            lr=float(r["lr"]),
-            loss=float(r["final_val_loss"]) if r["final_val_loss"] else None,
-            loss_at_init=float(r["loss_at_init"]),
-            diverged=r["status"] == "diverged",
-        )
-        for r in rows
-        if r["recipe"] == recipe
-    ]
-    return {n: {s: c.sensitivity for s, c in seeds.items()} for n, seeds in seed_curves(points).items()}
+    return {n: {s: c.sensitivity for s, c in seeds.items()} for n, seeds in p1.ladder_curves(rows, recipe).items()}
 
 
 def _log10_peaks(rows: list[dict], recipe: str) -> dict[float, dict[int, dict[int, float]]]:
