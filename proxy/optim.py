@@ -371,8 +371,8 @@ class HasGrad(Protocol):
 
 def scale_grads(params: Iterable[HasGrad], factor: float | Tensor) -> None:
     """Multiply every gradient by ``factor`` in place (used by the ZClip remedy). A tensor factor
-    (0-dim, on the gradients' device: no sync) is rounded to each gradient's dtype first, which
-    is what a Python number gets: the two give the same bits."""
+    (0-dim, on the gradients' device: no sync) is rounded to each gradient's dtype first: for the
+    fp32 / fp64 gradients proxy trains with, the bits a Python number gives (tests/test_optim.py)."""
     grads = [p.grad for p in params if p.grad is not None]
     if not isinstance(factor, Tensor):
         if grads:

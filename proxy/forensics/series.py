@@ -15,6 +15,11 @@ is tensor-major: one tensor through every checkpoint, then the next):
 - per tensor and checkpoint: its norm and RMS; between consecutive checkpoints the update
   ||dW||, ||dW|| / ||W|| and the cosine between consecutive updates (do updates line up before a
   spike?); for the embedding and the LM head, the rows that moved most;
+- where a checkpoint holds Adam's state (a proxy checkpoint or kit state), per tensor: the RMS of
+  the normalized step m_hat / (sqrt(v_hat) + eps) at each checkpoint (near 1 while gradients agree
+  from step to step, small while they are noise), and between checkpoints exactly one step apart,
+  RMS_t = sqrt(mean(g^2 / v_hat)) with g recovered from the two first moments (Wortsman et al.
+  2023b: far above 1 when the gradient outgrew Adam's second moment, the predictor of a loss spike);
 - per attention layer and checkpoint, a bound on the attention logit from the weights alone: with
   a pre-norm block the input of q and k is gamma * x_hat with ||x_hat|| = sqrt(d) (LayerNorm and
   RMSNorm alike), so for head h, |q.k| / sqrt(d_head) <= s(W_q^h diag gamma) s(W_k^h diag gamma)
@@ -150,6 +155,22 @@ def expected_shape(role: Role, s: Shape) -> Optional[tuple[int, ...]]:
     return shapes.get(role.kind)
 
 
+@dataclass(frozen=True)
+class AdamState:
+    """One tensor's Adam moments at a checkpoint, and the step count they were taken at."""
+
+    exp_avg: Tensor
+    exp_avg_sq: Tensor
+    step: int
+
+
+@dataclass(frozen=True)
+class AdamHyper:
+    beta1: float
+    beta2: float
+    eps: float
+
+
 @dataclass
 class Checkpoint:
     """One checkpoint: its label, step (from its name), shape and where each tensor lies."""
@@ -165,6 +186,9 @@ class Checkpoint:
     # series of N checkpoints of a P-parameter model holds 4 N P bytes (39 x 164k here; 20m runs
     # want tens of checkpoints at most)
     state: Optional[dict[str, Tensor]] = None
+    # Adam's moments per tensor name, where the checkpoint holds them (proxy's own), and the betas
+    adam: Optional[dict[str, AdamState]] = None
+    adam_hyper: Optional[AdamHyper] = None
     _handles: dict[Path, Any] = field(default_factory=dict, repr=False)
 
     def read(self, name: str) -> Tensor:
@@ -334,7 +358,51 @@ def open_proxy(path: Path) -> Checkpoint:
     d, heads, layers = int(m.get("d_model", 0)), int(m.get("n_heads", 0)), int(m.get("n_layers", 0))
     if min(d, heads, layers) <= 0:
         raise SeriesError(f"{run_dir / 'config.yaml'}: no model.d_model / n_heads / n_layers")
-    return _in_memory(path.stem, path, _step_of(path.stem), model, d, heads, layers)
+    ckpt = _in_memory(path.stem, path, _step_of(path.stem), model, d, heads, layers)
+    _attach_adam(ckpt, config, state.get("optimizer"))
+    return ckpt
+
+
+def _attach_adam(ckpt: Checkpoint, config: Any, optimizer: Any) -> None:
+    """Name ``optimizer`` (proxy.optim.AdamW's state dict, from the same untrusted file) by
+    parameter and keep it on ``ckpt``: the parameter order is the one build_optimizer gives the
+    run's model. A state that does not fit (another optimizer, shapes that differ from the
+    weights) is left out, not guessed at; the weights are measured all the same."""
+    if not isinstance(optimizer, dict) or not isinstance(optimizer.get("state"), dict):
+        return
+    groups = optimizer.get("param_groups")
+    if not isinstance(groups, list) or not groups or not all(isinstance(g, dict) for g in groups):
+        return
+    from proxy.config import Config, ConfigError, to_config
+    from proxy.model import build_model
+    from proxy.optim import build_optimizer
+
+    try:
+        cfg = config if isinstance(config, Config) else to_config(config)
+        net = build_model(cfg.model, ckpt.shape.vocab).to("meta")
+        order = [p for g in build_optimizer(net, cfg.optim).param_groups for p in g["params"]]
+    except (ConfigError, ValueError, TypeError, KeyError):
+        return
+    names = {id(p): n for n, p in net.named_parameters()}
+    indices = [i for g in groups for i in g.get("params", [])]
+    if len(indices) != len(order):
+        return
+    adam: dict[str, AdamState] = {}
+    for index, param in zip(indices, order):
+        entry = optimizer["state"].get(index)
+        name = names.get(id(param))
+        if not isinstance(entry, dict) or name is None or name not in ckpt.shapes:
+            continue
+        m, v, step = entry.get("exp_avg"), entry.get("exp_avg_sq"), entry.get("step")
+        if not (isinstance(m, Tensor) and isinstance(v, Tensor)) or tuple(m.shape) != ckpt.shapes[name]:
+            return
+        if tuple(v.shape) != ckpt.shapes[name] or not isinstance(step, (int, float, Tensor)):
+            return
+        adam[name] = AdamState(m.detach().float(), v.detach().float(), int(step))
+    betas = groups[0].get("betas")
+    eps = groups[0].get("eps")
+    if adam and isinstance(betas, (list, tuple)) and len(betas) == 2 and isinstance(eps, (int, float)):
+        ckpt.adam, ckpt.adam_hyper = adam, AdamHyper(float(betas[0]), float(betas[1]), float(eps))
 
 
 def open_kit(path: Path) -> list[Checkpoint]:
@@ -351,12 +419,14 @@ def open_kit(path: Path) -> list[Checkpoint]:
     found = []
     for name in (name for name in STATE_FILES if kit.has_state(name)):
         try:
-            model = kit.state(name)["model"]
+            state = kit.state(name)
         except KitError as exc:
             raise SeriesError(str(exc)) from None
         step = kit.state_step(name)
         where = path / STATE_FILES[name]
-        found.append(_in_memory(f"{name} (step {step})", where, step, model, m.d_model, m.n_heads, m.n_layers))
+        ckpt = _in_memory(f"{name} (step {step})", where, step, state["model"], m.d_model, m.n_heads, m.n_layers)
+        _attach_adam(ckpt, kit.config, state.get("optimizer"))
+        found.append(ckpt)
     return found
 
 
@@ -411,6 +481,8 @@ def tensor_series(name: str, checkpoints: Sequence[Checkpoint], rows: bool) -> d
     out: dict[str, Any] = {"name": name, "norm": [], "rms": [], "update": [], "relative_update": [], "cosine": []}
     if rows:
         out["top_rows"] = []
+    if all(c.adam is not None and name in c.adam for c in checkpoints):
+        out["adam_step_rms"], out["adam_rms_t"] = adam_series(name, checkpoints)
     prev: Optional[Tensor] = None
     prev_delta: Optional[Tensor] = None
     for ckpt in checkpoints:
@@ -432,6 +504,33 @@ def tensor_series(name: str, checkpoints: Sequence[Checkpoint], rows: bool) -> d
             prev_delta = delta
         prev = w
     return out
+
+
+def adam_series(name: str, checkpoints: Sequence[Checkpoint]) -> tuple[list[float], list[float]]:
+    """Per checkpoint, the RMS of Adam's normalized step m_hat / (sqrt(v_hat) + eps); per transition,
+    RMS_t = sqrt(mean(g^2 / v_hat)) where the two checkpoints are one step apart (g from the first
+    moments: m_b = beta1 m_a + (1 - beta1) g; v_hat the second checkpoint's, floored at eps^2, as
+    proxy.optim.AdamW measures it), nan elsewhere."""
+    steps, rms_t = [], []
+    prev: Optional[AdamState] = None
+    for ckpt in checkpoints:
+        assert ckpt.adam is not None and ckpt.adam_hyper is not None  # tensor_series checks it first
+        h, a = ckpt.adam_hyper, ckpt.adam[name]
+        if a.step <= 0:
+            steps.append(math.nan)
+        else:
+            m_hat = a.exp_avg / (1 - h.beta1**a.step)
+            v_hat = a.exp_avg_sq / (1 - h.beta2**a.step)
+            steps.append(float((m_hat / (v_hat.sqrt() + h.eps)).pow(2).mean().sqrt()))
+        if prev is not None:
+            if a.step == prev.step + 1 and a.step > 0:
+                g = (a.exp_avg - h.beta1 * prev.exp_avg) / (1 - h.beta1)
+                v_hat = (a.exp_avg_sq / (1 - h.beta2**a.step)).clamp(min=h.eps * h.eps)
+                rms_t.append(float((g * g / v_hat).mean().sqrt()))
+            else:
+                rms_t.append(math.nan)
+        prev = a
+    return steps, rms_t
 
 
 def _split_qkv(w: Tensor, s: Shape) -> tuple[Tensor, Tensor]:
@@ -585,7 +684,10 @@ def iter_transitions(result: SeriesResult) -> Iterator[tuple[int, str]]:
 
 
 __all__ = [
+    "AdamHyper",
+    "AdamState",
     "Checkpoint",
+    "adam_series",
     "Role",
     "SeriesError",
     "SeriesResult",

@@ -106,6 +106,7 @@ def write_series_report(result: SeriesResult, out: Path, marks: Sequence[str] = 
                 [name, ", ".join(f"{i}: {v:.3g}" for i, v in t["top_rows"][k])] for k, name in iter_transitions(result)
             ]
             blocks += [Paragraph(f"`{t['name']}`"), Table(["transition", "rows"], moved)]
+    blocks += adam_blocks(result)
     if result.bounds:
         blocks += [
             Heading("Attention-logit bound per layer (max over heads)"),
@@ -124,6 +125,41 @@ def write_series_report(result: SeriesResult, out: Path, marks: Sequence[str] = 
     write_json(out / "series.json", _as_json(result))
     atomic_write_text(out / "series.md", to_markdown("Checkpoint series", blocks))
     return out / "series.md"
+
+
+def adam_blocks(result: SeriesResult) -> list[Block]:
+    """Adam's state, where the checkpoints hold it: per tensor the normalized step's RMS (first,
+    last, largest) and the largest RMS_t between checkpoints one step apart, largest first."""
+    held = [t for t in result.tensors if "adam_step_rms" in t]
+    if not held:
+        return []
+    labels = [c["label"] for c in result.checkpoints]
+    names = [name for _, name in iter_transitions(result)]
+
+    def largest(values: list[float], where: list[str]) -> tuple[float, str]:
+        finite = [(v, w) for v, w in zip(values, where) if math.isfinite(v)]
+        return max(finite) if finite else (math.nan, "-")
+
+    rows = []
+    for t in held:
+        step, step_at = largest(t["adam_step_rms"], labels)
+        rms_t, rms_t_at = largest(t["adam_rms_t"], names)
+        rows.append((rms_t if math.isfinite(rms_t) else -1.0, step, t, step_at, rms_t, rms_t_at))
+    rows.sort(key=lambda r: (-r[0], -r[1]))
+    table = [
+        [t["name"], _g(t["adam_step_rms"][0]), _g(t["adam_step_rms"][-1]), f"{_g(step)} ({at})", f"{_g(r)} ({r_at})"]
+        for _, step, t, at, r, r_at in rows
+    ]
+    return [
+        Heading("Adam's state per tensor"),
+        Paragraph(
+            "RMS of the normalized step m_hat / (sqrt(v_hat) + eps): near 1 while gradients agree from step to "
+            "step, small while they are noise. RMS_t = sqrt(mean(g^2 / v_hat)), g recovered from the first "
+            "moments of two checkpoints one step apart (Wortsman et al. 2023b: far above 1 when the gradient "
+            "outgrew Adam's second moment); '-' where no two checkpoints are one step apart."
+        ),
+        Table(["tensor", "step RMS, first", "step RMS, last", "largest step RMS (at)", "largest RMS_t (at)"], table),
+    ]
 
 
 def _as_json(result: SeriesResult) -> dict[str, Any]:
@@ -185,4 +221,4 @@ def _finish(ax, ticks: Sequence[str], ylabel: str, most: int = 12) -> None:
     ax.legend(fontsize=7)
 
 
-__all__ = ["by_group", "bound_jumps", "summary_lines", "top_moving", "write_series_report"]
+__all__ = ["adam_blocks", "by_group", "bound_jumps", "summary_lines", "top_moving", "write_series_report"]

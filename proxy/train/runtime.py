@@ -91,8 +91,8 @@ def cuda_graph_skips() -> int:
 
 def backends(cfg: Config, device: torch.device) -> dict[str, Any]:
     """What a run on ``device`` actually uses where the config says ``auto`` (the run record
-    keeps it: summary.json ``backends``). Compiled: the mode, and with CUDA graphs how many graphs
-    fell back to plain launches (``cuda_graph_skips``)."""
+    keeps it: summary.json ``backends``), compiled with its mode. How many graphs fell back from CUDA
+    graphs is known only once they compiled: the summary's ``cuda_graph_skips`` at the end."""
     m = cfg.model
     dtype = cfg.train.dtype if cfg.train.dtype != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     out: dict[str, Any] = {
@@ -103,8 +103,6 @@ def backends(cfg: Config, device: torch.device) -> dict[str, Any]:
     }
     if out["compile"]:
         out["compile_mode"] = cfg.train.compile_mode
-    if uses_cuda_graphs(cfg, device):
-        out["cuda_graph_skips"] = cuda_graph_skips()
     return out
 
 

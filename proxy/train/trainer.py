@@ -78,6 +78,7 @@ from proxy.train.runtime import (
     autocast_for,
     backends,
     compiled,
+    cuda_graph_skips,
     divergence_reason,
     mark_token_classes,
     param_dtype,
@@ -216,6 +217,7 @@ class Trainer:
         self.members = [self._member(k, spec, member_cfg) for k, (spec, member_cfg) in enumerate(zip(specs, configs))]
         self.throughput = diagnostics.Throughput(self.flops, self.device)
         self.cuda_graphs = uses_cuda_graphs(cfg, self.device)
+        self._graph_skips_before = cuda_graph_skips()  # a process-wide count: a multirun's earlier jobs
         # the divergence rule judged on the device between logging steps (proxy/train/watch.py)
         self.watch: Optional[DivergenceWatch] = None
         if wants_watch(
@@ -726,6 +728,8 @@ class Trainer:
         **extra: Any,
     ) -> dict[str, Any]:
         member.active = False
+        if self.cuda_graphs:  # the graphs this run compiled that inductor left out of CUDA graphs
+            extra["cuda_graph_skips"] = cuda_graph_skips() - self._graph_skips_before
         if member.remedy is not None and status != INTERRUPTED:
             member.remedy.close()  # e.g. disk snapshots: of no use once the run has ended for good
         return member.ledger.finish(

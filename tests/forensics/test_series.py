@@ -137,6 +137,37 @@ def test_a_lab_runs_checkpoints_are_a_series_with_the_same_numbers(tmp_path):
     assert [b["layer"] for b in result.bounds] == [0, 1] and all(len(b["max"]) == 3 for b in result.bounds)
 
 
+def test_adams_state_in_a_lab_series_gives_the_rms_t_the_trainer_logged(tmp_path):
+    """Checkpoints one step apart: RMS_t recovered from the two first moments is the one the trainer
+    measured at that step (adam_rms/<name>, logged every step here); the normalized step's RMS is
+    there at every checkpoint; a series without one-step neighbours reports RMS_t as nan."""
+    from proxy.records import ADAM_RMS, load_run
+
+    train(tiny_cfg(train=dict(steps=8, log_every=1, ckpt_every=1, keep_checkpoints=3)), tmp_path / "run")
+    checkpoints = find_series([tmp_path / "run"])
+    assert [c.step for c in checkpoints] == [6, 7, 8] and all(c.adam for c in checkpoints)
+    result = measure(checkpoints)
+    run = load_run(tmp_path / "run")
+    for t in result.tensors:
+        if t["name"] not in checkpoints[0].adam:
+            continue  # a tied weight appears once in the optimizer
+        assert len(t["adam_step_rms"]) == 3 and all(0 < x < 10 for x in t["adam_step_rms"])
+        steps, logged = run.series(ADAM_RMS + t["name"])
+        by_step = dict(zip(steps, logged))
+        # checkpoint N holds the state after N steps: the transition N -> N + 1 is step index N
+        assert t["adam_rms_t"] == pytest.approx([by_step[6], by_step[7]], rel=1e-4), t["name"]
+    assert "Adam's state per tensor" in write_report(result, tmp_path / "out")
+    spaced = measure(find_series([tmp_path / "run"])[::2])  # steps 6 and 8: two steps apart
+    assert all(x != x for t in spaced.tensors if "adam_rms_t" in t for x in t["adam_rms_t"])
+
+
+def write_report(result, out: Path) -> str:
+    from proxy.forensics.series_report import write_series_report
+
+    out.mkdir(parents=True, exist_ok=True)
+    return write_series_report(result, out).read_text()
+
+
 def test_a_spike_kit_is_a_series_of_its_three_states(tmp_path, capsys):
     """A lab spike kit gets the released series' tables: before -> at -> after the spike."""
     from tests.forensics.test_capture_and_replay import BEFORE, SPIKE_STEP, run_with_capture, spike_cfg
