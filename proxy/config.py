@@ -351,7 +351,7 @@ class TrainConfig:
     compile: str = "auto"  # auto (on for CUDA) | true | false
     # torch.compile's mode where compiled: default | reduce-overhead (CUDA graphs: the launch
     # overhead of small models) | max-autotune | max-autotune-no-cudagraphs; the summary's
-    # backends record how often CUDA graphs were skipped (proxy/train/runtime.py)
+    # cuda_graph_skips counts the run's graphs that fell back to plain launches
     compile_mode: str = "default"
     log_every: int = 10
     eval_every: int = 100
