@@ -141,7 +141,10 @@ def predict(jobs: list[Job], rates: dict[str, Any], kind: str) -> tuple[float, s
         same = [
             r
             for r in device["rates"]
-            if r["model"] == job.model and r["members"] == job.members and bool(r.get("compiled")) == job.compiled
+            if r["model"] == job.model
+            and r["members"] == job.members
+            and bool(r.get("compiled")) == job.compiled
+            and r.get("mode", "default") in ("default", "eager")  # a CUDA-graph rate is not what a preset gets
         ]
         if same:
             best = min(same, key=lambda r: abs(math.log(r["tokens_per_step"] / job.tokens_per_step)))

@@ -40,6 +40,27 @@ def test_the_committed_queue_plans_and_predicts():
         assert all(job.members >= 1 and job.member_tokens > 0 for job in jobs)
 
 
+def test_a_cuda_graph_rate_is_not_taken_for_a_compiled_preset():
+    """The probe measures reduce-overhead too; a preset compiles in the default mode, so a
+    reduce-overhead rate merged into the table must not predict its time."""
+    study = load_queue(ROOT / "benchmarks" / "science" / "queue.yaml")[0]
+    jobs = plan(study, dry_run=False, gpu="H200")
+    job = jobs[0]
+    fast = {
+        "model": job.model,
+        "members": job.members,
+        "tokens_per_step": job.tokens_per_step,
+        "tokens_per_s": 1e12,
+        "compiled": job.compiled,
+    }
+    table = {"devices": {"H200": {"calibration": {"single": 0.5, "ensemble": 0.5}, "rates": []}}}
+    modelled, how = predict(jobs, table, "H200")
+    table["devices"]["H200"]["rates"] = [{**fast, "mode": "reduce-overhead"}]
+    assert predict(jobs, table, "H200") == (modelled, how)
+    table["devices"]["H200"]["rates"] = [fast]
+    assert predict(jobs, table, "H200")[1] == "measured rate"
+
+
 def test_a_dry_run_trains_judges_and_packs_what_comes_back(tmp_path):
     record = science(tmp_path, "--budget", "300", "--probe-s", "60")
     for part in record["studies"]:  # every queued part, each trained here
