@@ -415,8 +415,8 @@ class StackedEngine:
             if remedy is None or not active[k]:
                 events.append(None)
                 continue
-            judged = norms[k] if remedy.decides_on_device else grad_norms[k]  # a device remedy keeps its tensor
-            events.append(remedy.after_backward(step, losses[k], judged, self._member_views(k), data_position))
+            # the norm as the device holds it (proxy/train/step.py): a host remedy reads it with float()
+            events.append(remedy.after_backward(step, losses[k], norms[k], self._member_views(k), data_position))
         return Computed(lrs, losses, grad_norms, events, grad_stats, collect, out, [], loss_t, norms)
 
     def _member_views(self, k: int) -> list["_MemberGrad"]:
@@ -480,9 +480,8 @@ class StackedEngine:
         per_batch = []
         for x, y in batches:
             with self.autocast():
-                per_batch.append(
-                    self.model(x, y, ignore_index=ignore_index).ce_loss.float().clone()
-                )  # CUDA graphs reuse outputs
+                # a copy: a CUDA graph's next replay writes over its outputs
+                per_batch.append(self.model(x, y, ignore_index=ignore_index).ce_loss.float().clone())
         self.model.base.train()
         totals = [0.0] * self.n_members
         for values in torch.stack(per_batch).tolist():  # one sync; summed in the standalone order

@@ -112,10 +112,9 @@ class TrainStep:
             return StepResult(step, lr, math.nan, math.nan, out, None, collect_stats, grad_stats, loss_t, norm_t)
         grad_norm = float(norm_t)
         loss = distributed.mean(out.ce_loss.item(), self.device)
-        event = None
-        if remedy is not None:
-            judged = norm_t if remedy.decides_on_device else grad_norm  # a device remedy keeps its tensor
-            event = remedy.after_backward(step, loss, judged, params, data_position)
+        # the norm as the device holds it: a device remedy (ZClip) keeps computing there, a host one
+        # reads it with float(), the value grad_norm already has
+        event = remedy.after_backward(step, loss, norm_t, params, data_position) if remedy is not None else None
         return StepResult(step, lr, loss, grad_norm, out, event, collect_stats, grad_stats, loss_t, norm_t)
 
     def apply(self, result: StepResult, updates: Optional[diagnostics.UpdateTracker] = None) -> bool:
