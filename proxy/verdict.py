@@ -166,27 +166,43 @@ def unbracketed(curves: dict, name: Callable[[Any], str]) -> list[str]:
     ]
 
 
-def check_grid_brackets(verdict: "Verdict", curves: dict, name: Callable[[Any], str]) -> None:
-    """The criterion every LR-curve finding opens with: each (group, seed) curve of ``curves``
+def _record(verdict: "Verdict", claim: str, passed: bool, measured: str, would_test: Optional[str]) -> bool:
+    """A criterion (``would_test`` None) or a design check (the scale that would test it)."""
+    if would_test is None:
+        return verdict.check(claim, passed, measured)
+    return verdict.design(claim, passed, measured, would_test)
+
+
+def check_grid_brackets(
+    verdict: "Verdict", curves: dict, name: Callable[[Any], str], would_test: Optional[str] = None
+) -> bool:
+    """The check every LR-curve finding opens with: each (group, seed) curve of ``curves``
     (:func:`proxy.analysis.seed_curves`) has its best LR strictly inside the grid; ``name`` labels
-    a group in the list of curves that do not."""
+    a group in the list of curves that do not. A criterion, or with ``would_test`` a design check."""
     outside = unbracketed(curves, name)
     lrs = sorted({lr for seeds in curves.values() for c in seeds.values() for lr in c.curve})
-    verdict.check(
+    return _record(
+        verdict,
         f"the LR grid {lrs[0]:g}-{lrs[-1]:g} brackets every curve's optimum (best LR strictly inside)",
         not outside,
         "all inside" if not outside else "outside: " + "; ".join(outside[:6]),
+        would_test,
     )
 
 
-def check_seeds_in_every_curve(verdict: "Verdict", curves: dict, seeds: Sequence[int], curve: str) -> None:
+def check_seeds_in_every_curve(
+    verdict: "Verdict", curves: dict, seeds: Sequence[int], curve: str, would_test: Optional[str] = None
+) -> bool:
     """The check a rerun on fresh seeds adds: every group of ``curves`` (:func:`proxy.analysis.seed_curves`)
-    has each of ``seeds``; ``curve`` names what a group is, e.g. "(decay form, warmup) arm"."""
+    has each of ``seeds``; ``curve`` names what a group is, e.g. "(decay form, warmup) arm". A
+    criterion, or with ``would_test`` a design check."""
     found = sorted({s for per_seed in curves.values() for s in per_seed})
-    verdict.check(
+    return _record(
+        verdict,
         f"the sweep has seeds {', '.join(map(str, seeds))} in every {curve}",
         bool(curves) and all(set(seeds) <= set(per_seed) for per_seed in curves.values()),
         f"seeds found: {found}",
+        would_test,
     )
 
 

@@ -35,7 +35,7 @@ from typing import Optional
 from proxy.analysis import peak, seed_curves, spread
 from proxy.records import ATTN_MAX_LOGIT, Run
 from proxy.report import ReportResult
-from proxy.verdict import Verdict, curve_points, load_module, unbracketed
+from proxy.verdict import Verdict, check_grid_brackets, curve_points, load_module
 
 HERE = Path(__file__).resolve().parent
 P1 = load_module(HERE.parent)  # protocol 1: the recipes and the growth LRs
@@ -79,13 +79,7 @@ def judge(report: Optional[ReportResult], runs: list[Run], bounds: Optional[dict
     ):
         return v
     curves = seed_curves(curve_points(studied, P1._recipe))
-    outside = unbracketed(curves, str)
-    if not v.design(
-        "every (recipe, seed) LR curve has its optimum strictly inside the grid",
-        not outside,
-        "all inside" if not outside else "outside: " + "; ".join(outside[:6]),
-        WOULD_TEST,
-    ):
+    if not check_grid_brackets(v, curves, str, WOULD_TEST):
         return v
 
     peaks = fresh_log10_peaks(studied)

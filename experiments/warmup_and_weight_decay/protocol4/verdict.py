@@ -38,7 +38,7 @@ import numpy as np
 from proxy.analysis import SeedCurve, Spread, seed_curves, spread
 from proxy.records import Run
 from proxy.report import ReportResult
-from proxy.verdict import Verdict, curve_points, unbracketed
+from proxy.verdict import Verdict, check_grid_brackets, check_seeds_in_every_curve, curve_points
 
 SEEDS = (3, 4, 5, 6, 7)
 SOURCE = (
@@ -89,18 +89,10 @@ def judge(report: Optional[ReportResult], runs: list[Run]) -> Verdict:
         return v
     short, long = warmups[0], warmups[-1]
 
-    found = sorted({s for per_seed in curves.values() for s in per_seed})
-    complete = all(set(SEEDS) <= set(per_seed) for per_seed in curves.values())
-    claim = f"every (width, warmup) arm has seeds {', '.join(map(str, SEEDS))}"
-    if not v.design(claim, complete, f"seeds found: {found}", WOULD_TEST):
+    arm = "(width, warmup) arm"
+    if not check_seeds_in_every_curve(v, curves, SEEDS, arm, WOULD_TEST):
         return v
-    outside = unbracketed(curves, lambda arm: f"d{arm[0]}/warmup {arm[1]}")
-    bracketed = v.design(
-        "the LR grid brackets every curve's optimum (best LR strictly inside)",
-        not outside,
-        "all inside" if not outside else "outside: " + "; ".join(outside[:6]),
-        WOULD_TEST,
-    )
+    bracketed = check_grid_brackets(v, curves, lambda a: f"d{a[0]}/warmup {a[1]}", WOULD_TEST)
 
     for (w, k), per_seed in sorted(curves.items()):
         label = f"d{w}/warmup_{k}"
