@@ -488,6 +488,7 @@ class ZClip(Remedy):
         self.max_norm, self.eps = max_norm, eps
         self._stored: dict[str, Any] = {"warmup_norms": [], "mean": None, "var": None}  # until a device is known
         self._t: Optional[dict[str, Tensor]] = None  # the state as device tensors
+        self._warmed_up = False  # the host has read back that the statistics are ready
         self._rows: list[tuple[int, Tensor]] = []  # (step, [fired, norm, threshold, z, clipped_to]) not yet read
 
     @classmethod
@@ -524,15 +525,17 @@ class ZClip(Remedy):
         norm = grad_norm.detach().to(torch.float64)
         finite = torch.isfinite(norm)
         ready = t["ready"]
-        # warmup: the first max(1, warmup_steps) finite norms, then their plain mean and variance
-        n_warm = t["warm"].numel()
-        warming = finite & ~ready
-        slot = t["count"].clamp(max=n_warm - 1).view(1)
-        t["warm"].scatter_(0, slot, torch.where(warming, norm, t["warm"].gather(0, slot)).view(1))
-        t["count"] += warming.long()
-        now_ready = warming & (t["count"] >= n_warm)
-        warm_mean = t["warm"].sum() / n_warm
-        warm_var = ((t["warm"] - warm_mean) ** 2).sum() / n_warm
+        if self._warmed_up:  # known from a read-back (ready stays true): the warmup's work is over
+            now_ready, warm_mean, warm_var = ~ready, t["mean"], t["var"]
+        else:  # warmup: the first max(1, warmup_steps) finite norms, then their plain mean and variance
+            n_warm = t["warm"].numel()
+            warming = finite & ~ready
+            slot = t["count"].clamp(max=n_warm - 1).view(1)
+            t["warm"].scatter_(0, slot, torch.where(warming, norm, t["warm"].gather(0, slot)).view(1))
+            t["count"] += warming.long()
+            now_ready = warming & (t["count"] >= n_warm)
+            warm_mean = t["warm"].sum() / n_warm
+            warm_var = ((t["warm"] - warm_mean) ** 2).sum() / n_warm
         # the z-score test, on statistics that were ready before this step
         mean, var = t["mean"], t["var"]
         std = var.sqrt()
@@ -551,7 +554,7 @@ class ZClip(Remedy):
         factor = torch.where(finite & (bound < norm), bound / norm, torch.ones_like(norm))
         scale_grads(params, factor)  # x * 1 is x: an unclipped step is untouched
         threshold = mean + self.z_threshold * std
-        self._rows.append((step, torch.stack([fired.double(), norm, threshold, z, target])))
+        self._rows.append((step, torch.stack([fired.double(), norm, threshold, z, target, t["ready"].double()])))
 
     def settle(self) -> list[Event]:
         """The ``zclip`` events of the steps judged since the last settle, in step order (one read)."""
@@ -560,9 +563,10 @@ class ZClip(Remedy):
         steps = [s for s, _ in self._rows]
         values = torch.stack([row for _, row in self._rows]).tolist()  # one sync
         self._rows = []
+        self._warmed_up = self._warmed_up or bool(values[-1][5])
         return [
             make_event(step, ZCLIP, "grad_norm", norm, threshold, z=z, clipped_to=target)
-            for step, (fired, norm, threshold, z, target) in zip(steps, values)
+            for step, (fired, norm, threshold, z, target, _) in zip(steps, values)
             if fired
         ]
 
@@ -608,7 +612,7 @@ class ZClip(Remedy):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._stored = {"warmup_norms": list(state["warmup_norms"]), "mean": state["mean"], "var": state["var"]}
-        self._t, self._rows = None, []
+        self._t, self._rows, self._warmed_up = None, [], state["mean"] is not None
 
 
 # --------------------------------------------------------------------------------------------
