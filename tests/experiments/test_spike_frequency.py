@@ -24,6 +24,7 @@ from proxy.verdict import judge_runs, load_script
 REPO = Path(__file__).resolve().parents[2]
 FINDING = REPO / "experiments" / "spike_frequency"
 SIZES = {"tiny": (2, 64, 99_000), "1m": (6, 128, 1_180_000), "5m": (6, 256, 4_720_000)}  # layers, width, N
+LAYOUT = {**SIZES, "20m": (6, 512, 18_880_000)}
 CONDITIONS = ("plain", "ngrams", "qknorm")
 
 
@@ -95,10 +96,11 @@ def spiky_run(
     steps: int = 2000,
     lr: float = 0.03,
     final_loss: float = 3.5,
+    status: str = "completed",
 ) -> Path:
     """One ensemble member: grad norm ~ 1 +- 0.05 and loss ~ 3.5 +- 0.02 every step, with
     ``spikes`` isolated spikes (grad norm +10, loss +1) spread over the scored steps 1000-1999."""
-    layers, width, n = SIZES[model]
+    layers, width, n = LAYOUT[model]
     overrides = ["+experiment=spike_frequency/lab", f"+spike_condition={condition}", f"model={model}"]
     run_dir = root / f"{job}_{','.join(sorted(overrides))}" / f"lr={lr:g},seed={seed}"
     write_json(
@@ -119,7 +121,8 @@ def spiky_run(
     )
     rng = np.random.default_rng(hash((job, seed)) % 2**32)
     noise = rng.standard_normal((steps, 2))
-    at = {1000 + int((j + 0.5) * 1000 / spikes) for j in range(spikes)} if spikes else set()
+    first = 1000 if steps >= 2000 else 20  # the first scored step: OLMo 2's window, or a short protocol's
+    at = {first + int((j + 0.5) * (steps - first) / spikes) for j in range(spikes)} if spikes else set()
     for step in range(steps):
         spike = step in at
         record.log(
@@ -129,7 +132,7 @@ def spiky_run(
                 "train/loss": 3.5 + 0.02 * noise[step, 1] + (1.0 if spike else 0.0),
             },
         )
-    record.update(status="completed", final_val_loss=final_loss, final_train_loss=final_loss, steps_completed=steps)
+    record.update(status=status, final_val_loss=final_loss, final_train_loss=final_loss, steps_completed=steps)
     record.close()
     return run_dir
 
@@ -256,6 +259,110 @@ def test_protocol2_decides_its_design_before_the_claim(
     assert all(c.passed for c in verdict.checks)  # the spike counts rise with size in every case
     if collapsed:
         assert "above the bar" in verdict.design_checks[2].measured
+
+
+# --------------------------------------------------------------------------------------------
+# Protocol 3: 5m -> 20m on a GPU lease, the LR bracket inside the sweep
+# --------------------------------------------------------------------------------------------
+P3_LRS = (3e-4, 1e-3, 3e-3, 1e-2)
+
+
+def test_protocol3_lease_preset_brackets_lr_inside_every_job() -> None:
+    lease = composed(["+experiment=spike_frequency/lease"])
+    assert dict(lease.hydra.sweeper.params) == {"model": "5m,20m", "+spike_condition": "plain,ngrams"}
+    assert list(lease.sweep.lrs) == list(P3_LRS) and list(lease.sweep.seeds) == [3, 4, 5]
+    assert lease.train.steps == 2000 and lease.train.log_every == 1 and lease.schedule.name == "constant"
+    assert lease.train.batch_size * lease.train.seq_len == 4096
+    assert str(lease.hydra.sweep.dir).startswith("runs/spike_frequency/lease_")
+
+
+def lease_sweep(root: Path, loss_of, spikes_of, steps: int = 2000) -> list:
+    """Protocol 3's sweep, constructed: loss_of(size, lr) the final val loss (None: diverged),
+    spikes_of(condition, size, lr, seed) the planted grad-norm spikes."""
+    job = 0
+    for condition in ("plain", "ngrams"):
+        for model in ("5m", "20m"):
+            for lr in P3_LRS:
+                for seed in (3, 4, 5):
+                    loss = loss_of(model, lr)
+                    spiky_run(
+                        root,
+                        job,
+                        condition,
+                        model,
+                        seed,
+                        spikes_of(condition, model, lr, seed),
+                        steps,
+                        lr=lr,
+                        final_loss=math.nan if loss is None else loss + 0.01 * seed,
+                        status="completed" if loss is not None else "diverged",
+                    )
+            job += 1
+    return [load_run(p) for p in find_runs([root])]
+
+
+def bowl(best: dict[str, float]):
+    """Final val loss with its minimum at best[size]: 3.4 there, +0.2 per decade away."""
+    return lambda size, lr: 3.4 + 0.2 * abs(math.log10(lr / best[size]))
+
+
+def rising_at(best: dict[str, float]):
+    """Spikes that grow 5m -> 20m at each size's best LR, and fall with size at every other LR
+    (so a verdict that judged the wrong LRs would say no)."""
+
+    def spikes(condition: str, size: str, lr: float, seed: int) -> int:
+        if math.isclose(lr, best[size]):
+            return {"5m": 1, "20m": 5}[size] + seed % 2
+        return {"5m": 6, "20m": 1}[size]
+
+    return spikes
+
+
+def test_protocol3_judges_each_size_at_the_lr_its_plain_runs_train_best(tmp_path: Path) -> None:
+    best = {"5m": 3e-3, "20m": 1e-3}
+    module = load_script(FINDING / "protocol3" / "verdict.py")
+    verdict = module.judge(None, lease_sweep(tmp_path, bowl(best), rising_at(best)))
+    assert len(verdict.design_checks) == 4 and len(verdict.checks) == 2, verdict.to_markdown()
+    assert verdict.testable and verdict.reproduced, verdict.to_markdown()
+    assert verdict.numbers["chosen_lr"] == {"20m": "0.001", "5m": "0.003"}
+    rates = verdict.numbers["spikes_per_1000_steps/grad_norm/olmo2"]
+    assert rates["plain/20m/lr 0.001 (chosen)"].startswith("5.67")  # 6, 5, 6
+    shared = verdict.numbers["size_slope_per_ln_N_at_each_shared_lr (reported, not judged)"]
+    assert shared["plain/lr 0.0003"].startswith("-3.61")  # (1 - 6) / ln 4: the shared-LR view falls
+
+
+@pytest.mark.parametrize(
+    ("case", "failing"),
+    [("edge", 1), ("silent", 3), ("diverged_best", None), ("missing_seed", 0)],
+)
+def test_protocol3_decides_its_design_before_the_claim(tmp_path: Path, case: str, failing) -> None:
+    """An optimum on the grid's edge, a detector that never fires at the chosen LRs, or a sweep
+    with a seed missing: NOT TESTABLE AT THIS SCALE whatever the counts; a diverged cell is never
+    chosen (the next best LR is)."""
+    module = load_script(FINDING / "protocol3" / "verdict.py")
+    short = module.P1.Protocol(  # protocol 1's detectors with windows that fill in 100 steps
+        olmo2=SpikeOptions(sigma=7.0, window=20, min_history=20),
+        olmo_core=SpikeOptions(sigma=6.0, window=10, one_sided=True, min_history=10),
+        min_scored=50,
+    )
+    best = {"5m": 3e-3, "20m": 1e-2 if case == "edge" else 1e-3}
+    loss_of = bowl(best)
+    spikes = rising_at(best)
+    if case == "silent":
+        spikes = lambda c, s, lr, seed: 0 if math.isclose(lr, best[s]) else 4  # noqa: E731
+    if case == "diverged_best":
+        loss_of = lambda s, lr: None if (s == "5m" and math.isclose(lr, 3e-3)) else bowl(best)(s, lr)  # noqa: E731
+    runs = lease_sweep(tmp_path, loss_of, spikes, steps=100)
+    if case == "missing_seed":
+        runs = [r for r in runs if not (r.config_value("train.seed") == 5 and "model=20m" in r.overrides)]
+    verdict = module.judge(None, runs, protocol=short)
+    if failing is None:
+        assert verdict.numbers["chosen_lr"]["5m"] in ("0.001", "0.01")
+        assert "diverged or non-finite" in str(verdict.numbers["plain_mean_final_val_loss_by_lr"]["5m"])
+        return
+    assert not verdict.testable and verdict.label == "NOT TESTABLE AT THIS SCALE", verdict.to_markdown()
+    assert not verdict.design_checks[failing].passed
+    assert verdict.would_test
 
 
 # --------------------------------------------------------------------------------------------
