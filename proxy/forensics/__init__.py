@@ -10,6 +10,11 @@ curvature.py  sharpness and Adam's preconditioned sharpness by Lanczos (edge of 
 edge.py       the trajectory into a spike: both sharpnesses against 2/eta and 38/eta, the
               Adam update's bimodality and its cosine with descent, step by step
               (proxy-inspect --edge; experiments/adam_edge_of_stability)
+series.py     a checkpoint series (Hugging Face safetensors, proxy runs, kits) read tensor by
+              tensor: updates, moving rows, logit bounds, Adam's RMS_t (proxy-inspect --series)
+series_report.py   its report: series.md, figures, series.json
+probe_forward.py   a forward pass of probe tokens through each checkpoint, one layer's weights in
+              memory at a time: max attention logit per layer, log Z, loss (proxy-inspect --forward)
 """
 
 from proxy.forensics.replay import (

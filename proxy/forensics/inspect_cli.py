@@ -1,7 +1,9 @@
 """``proxy-inspect KIT [KIT ...]``: dissect spike kits (proxy/forensics/dissect.py) and write each
 one's report (proxy/forensics/dissect_report.py). ``proxy-inspect --series DIR [DIR ...]`` (or DIRs
 that hold Hugging Face checkpoints, found without the flag): measure a checkpoint series
-(proxy/forensics/series.py) and write its report (proxy/forensics/series_report.py)."""
+(proxy/forensics/series.py) and write its report (proxy/forensics/series_report.py); with ``--forward``,
+also a forward pass of probe tokens through every checkpoint, streamed layer by layer
+(proxy/forensics/probe_forward.py)."""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from proxy.config import ConfigError
 from proxy.data import DataError
 from proxy.forensics.dissect import OUT_DIR, inspect_kit, ngram_settings
 from proxy.forensics.dissect_report import summary_lines, write_report
+from proxy.forensics.probe_forward import PROBE_SHAPE
 from proxy.forensics.replay import (
     KitError,
     find_kits,
@@ -76,8 +79,31 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "checkpoints; needed for a proxy run's checkpoints/)",
     )
     parser.add_argument("--mark", nargs="*", default=(), metavar="CKPT", help="checkpoints to mark in the figures")
+    parser.add_argument(
+        "--forward",
+        action="store_true",
+        help="series: a forward pass of probe tokens through every checkpoint, one layer's weights in memory at a "
+        "time: max |attention logit| per layer, log Z and the probe's loss (implies --series)",
+    )
+    parser.add_argument(
+        "--probe",
+        metavar="FILE",
+        help="with --forward: the probe, token ids (.json: a list of ints or of lists) or UTF-8 text (any other "
+        "name; tokenized with the checkpoint's tokenizer.json); default: seeded random ids",
+    )
+    parser.add_argument(
+        "--probe-shape",
+        type=_probe_shape,
+        default=PROBE_SHAPE,
+        metavar="N,T",
+        help=f"with --forward: N sequences of T tokens (default {PROBE_SHAPE[0]},{PROBE_SHAPE[1]}; T is cut to the "
+        "model's context)",
+    )
+    parser.add_argument("--probe-seed", type=int, default=0, help="with --forward: the seed of the random ids")
     args = parser.parse_args(argv)
-    if args.series or all(_holds_hf(Path(p)) for p in args.paths):
+    if args.probe and not args.forward:
+        parser.error("--probe needs --forward")
+    if args.series or args.forward or all(_holds_hf(Path(p)) for p in args.paths):
         return _series(args)
     try:
         found = [(Path(p), k) for p in args.paths for k in _kits_at(Path(p))]
@@ -129,6 +155,14 @@ def _inspect_one(args: argparse.Namespace, named: Path, path: Path) -> None:
         print(f"  {terminal_text(line)}")
 
 
+def _probe_shape(text: str) -> tuple[int, int]:
+    """``N,T`` as two positive ints (argparse's type)."""
+    parts = text.split(",")
+    if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"{text!r} is not N,T (two positive integers)")
+    return int(parts[0]), int(parts[1])
+
+
 def _holds_hf(path: Path) -> bool:
     """A Hugging Face checkpoint folder, or a folder of them."""
     if is_hf_checkpoint(path):
@@ -140,6 +174,7 @@ def _series(args: argparse.Namespace) -> int:
     """Measure one checkpoint series; its report in --out (default: <first path>/inspect-series)."""
     from tqdm import tqdm
 
+    from proxy.forensics.probe_forward import probe_series, probe_tokens
     from proxy.forensics.series import SeriesError, find_series, measure, planned_bytes
     from proxy.forensics.series_report import summary_lines as series_lines
     from proxy.forensics.series_report import write_series_report
@@ -147,6 +182,11 @@ def _series(args: argparse.Namespace) -> int:
     paths = [Path(p) for p in args.paths]
     try:
         checkpoints = find_series(paths)
+        probe = None
+        if args.forward:  # the probe first: a layout the forward does not run is refused before any reading
+            n_seq, seq_len = args.probe_shape
+            source = Path(args.probe) if args.probe else None
+            probe = probe_tokens(checkpoints[0], source, n_seq, seq_len, args.probe_seed)
         out = output_dir(args.out, what="the series report") if args.out else output_dir(paths[0], SERIES_OUT)
         cache = output_dir(out, "series-cache", what="the series cache")
         total = planned_bytes(checkpoints)
@@ -159,19 +199,28 @@ def _series(args: argparse.Namespace) -> int:
         with tqdm(total=total, unit="B", unit_scale=True, disable=None, desc="series") as bar:
             result = measure(checkpoints, cache, progress=bar.update)
         seconds = time.perf_counter() - started
-        report = write_series_report(result, out, args.mark)
+        forward, forward_resumed = None, 0
+        if probe is not None:
+            layers = sum(c.shape.n_layers for c in checkpoints)
+            shape = "x".join(map(str, probe.tokens.shape))
+            print(f"probe forward: {probe.source}, {shape} tokens, layer by layer", file=sys.stderr)
+            with tqdm(total=layers, unit="layer", disable=None, desc="forward") as bar:
+                forward, forward_resumed = probe_series(checkpoints, probe, cache, progress=bar.update)
+        report = write_series_report(result, out, args.mark, forward=forward)
     except (SeriesError, OSError, UnsafePathError) as exc:
         print(f"error: {terminal_text(exc)}", file=sys.stderr)
         return 2
     rate = result.bytes_read / seconds / 1e6 if seconds > 0 and result.bytes_read else 0.0
     resumed = f", {result.resumed} items from the cache" if result.resumed else ""
+    if forward_resumed:
+        resumed += f", {forward_resumed} probe forwards from the cache"
     print(
         terminal_text(
             f"series: report -> {report} ({result.bytes_read / 1e9:.2f} GB read in {seconds:.1f} s, "
             f"{rate:.0f} MB/s{resumed})"
         )
     )
-    for line in series_lines(result):
+    for line in series_lines(result, forward=forward):
         print(f"  {terminal_text(line)}")
     return 0
 

@@ -189,6 +189,9 @@ class Checkpoint:
     # Adam's moments per tensor name, where the checkpoint holds them (proxy's own), and the betas
     adam: Optional[dict[str, AdamState]] = None
     adam_hyper: Optional[AdamHyper] = None
+    # the model's config as read: config.json's object (a Hugging Face folder), the run's config
+    # (a proxy checkpoint: config.yaml's tree; a kit: its Config); what the probe forward builds from
+    config: Any = None
     _handles: dict[Path, Any] = field(default_factory=dict, repr=False)
 
     def read(self, name: str) -> Tensor:
@@ -314,7 +317,7 @@ def open_hf(folder: Path) -> Checkpoint:
             if files.get(name) != folder / shard:
                 raise SeriesError(f"{folder / INDEX}: {name} is listed in {shard}, which does not hold it")
     _check_shapes(shapes, shape, files)
-    return Checkpoint(folder.name, folder, _step_of(folder.name), shape, files, shapes, nbytes)
+    return Checkpoint(folder.name, folder, _step_of(folder.name), shape, files, shapes, nbytes, config=config)
 
 
 def _dtype_bytes(dtype: str) -> int:
@@ -359,6 +362,7 @@ def open_proxy(path: Path) -> Checkpoint:
     if min(d, heads, layers) <= 0:
         raise SeriesError(f"{run_dir / 'config.yaml'}: no model.d_model / n_heads / n_layers")
     ckpt = _in_memory(path.stem, path, _step_of(path.stem), model, d, heads, layers)
+    ckpt.config = config
     _attach_adam(ckpt, config, state.get("optimizer"))
     return ckpt
 
@@ -425,6 +429,7 @@ def open_kit(path: Path) -> list[Checkpoint]:
         step = kit.state_step(name)
         where = path / STATE_FILES[name]
         ckpt = _in_memory(f"{name} (step {step})", where, step, state["model"], m.d_model, m.n_heads, m.n_layers)
+        ckpt.config = kit.config
         _attach_adam(ckpt, kit.config, state.get("optimizer"))
         found.append(ckpt)
     return found
