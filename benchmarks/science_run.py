@@ -225,8 +225,12 @@ def run_sweep(study: Study, jobs: list[Job], sweep_dir: Path, cap: float, dry_ru
     )
     status, first_row_at, rate, peak_mib = "completed", None, None, None
     try:
-        while proc.poll() is None:
-            time.sleep(POLL_S)
+        while True:
+            try:  # back as soon as the sweep ends (a lease's seconds), else every POLL_S to watch it
+                proc.wait(timeout=POLL_S)
+                break
+            except subprocess.TimeoutExpired:
+                pass
             elapsed = time.monotonic() - start
             used = gpu_memory_used_mib()
             peak_mib = max(peak_mib or 0.0, used) if used is not None else peak_mib
