@@ -125,3 +125,70 @@ def test_protocol3_without_the_low_noise_phase_is_not_testable():
     runs = [run_20m(arm, s, [3.0] * 600, [0.5] * 600) for arm in P3.ARMS for s in P3.SEEDS]
     verdict = P3.judge(None, runs)
     assert verdict.label == NOT_TESTABLE and verdict.checks == []
+
+
+P4 = load_module(Path(__file__).resolve().parents[2] / "experiments" / "loss_spikes" / "protocol4")
+
+
+def run_rows(rows: int, seed: int, spikes: int, n: int = 1200) -> Run:
+    """Protocol 4's run: ``rows`` a step, the probe on 16 rows, ``spikes`` large spikes 150 steps apart."""
+    probe, rms = settled(n), [0.3] * n
+    for i in range(spikes):
+        at = 300 + 150 * i
+        probe = with_spike(probe, at, 1.5)
+        rms[at - 3] = 8.0
+    run = fake_run("none", seed, probe, rms)
+    train = {**run.config["train"], "batch_size": rows, "probe_batches": 16 // rows, "steps": n}
+    return Run(run.path.with_name(f"{seed}-{rows}"), run.summary, {**run.config, "train": train}, run.metrics)
+
+
+@pytest.mark.parametrize(
+    "counts, label",
+    [
+        ({4: 0, 8: 1, 16: 3}, "REPRODUCED"),  # more large spikes with every doubling, every seed
+        ({4: 2, 8: 2, 16: 2}, "NOT REPRODUCED"),  # as many at every batch
+        ({4: 3, 8: 2, 16: 0}, NOT_TESTABLE),  # the recipe's own batch never spikes: the design check
+    ],
+)
+def test_protocol4_counts_large_spikes_against_the_batch(counts, label):
+    planted = {
+        (rows, s): counts[rows] + (s % 2 if rows == 16 and counts[16] else 0) for rows in P4.ROWS for s in P4.SEEDS
+    }
+    verdict = P4.judge(None, [run_rows(rows, s, n) for (rows, s), n in planted.items()])
+    assert verdict.label == label, verdict.to_markdown()
+    found = {
+        (rows, int(s)): len(events)
+        for rows in P4.ROWS
+        for s, events in verdict.numbers[f"large_excursions/{rows}_rows"].items()
+    }
+    assert found == planted  # every planted spike is a large excursion, nothing else is
+    n = sum(planted.values())  # each preceded by RMS_t = 8
+    assert verdict.numbers["rms_t_gt_1_before_large_excursions"].startswith(f"{n}/{n} ")
+    if label != NOT_TESTABLE:
+        assert "large excursions against log2(batch rows)" in verdict.checks[0].claim
+
+
+def test_protocol4_without_every_run_is_not_testable():
+    runs = [run_rows(rows, s, 1) for rows in P4.ROWS for s in P4.SEEDS if not (rows == 8 and s == 14)]
+    verdict = P4.judge(None, runs)
+    assert verdict.label == NOT_TESTABLE and "8 rows/seed 14" in verdict.design_checks[0].measured
+
+
+def test_protocol4_preset_varies_the_batch_and_keeps_the_probe_at_16_rows():
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from proxy.config import register_configs
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(Path(__file__).resolve().parents[2] / "conf"), version_base="1.3"):
+        base = compose("config", ["+experiment=loss_spikes/batch_lab"], return_hydra_config=True)
+        arms = {
+            r: compose("config", ["+experiment=loss_spikes/batch_lab", f"+loss_spike_batch=rows{r}"]) for r in P4.ROWS
+        }
+    assert dict(base.hydra.sweeper.params) == {"loss_spike_arm": "none", "+loss_spike_batch": "rows16,rows8,rows4"}
+    assert list(base.sweep.seeds) == list(P4.SEEDS) and base.optim.beta2 == 0.99 and base.train.steps == 2000
+    assert {r: (c.train.batch_size, c.train.batch_size * c.train.probe_batches) for r, c in arms.items()} == {
+        r: (r, 16) for r in P4.ROWS
+    }
