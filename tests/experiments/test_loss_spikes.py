@@ -184,10 +184,15 @@ def test_protocol4_preset_varies_the_batch_and_keeps_the_probe_at_16_rows():
     GlobalHydra.instance().clear()
     with initialize_config_dir(str(Path(__file__).resolve().parents[2] / "conf"), version_base="1.3"):
         base = compose("config", ["+experiment=loss_spikes/batch_lab"], return_hydra_config=True)
+        # in the order a multirun job gives them (the sweep's overrides first): protocol 4's first run
+        # composed its batch before the experiment, whose recipe then reset the probe to one batch
         arms = {
-            r: compose("config", ["+experiment=loss_spikes/batch_lab", f"+loss_spike_batch=rows{r}"]) for r in P4.ROWS
+            r: compose(
+                "config", ["loss_spike_arm=none", f"loss_spike_batch=rows{r}", "+experiment=loss_spikes/batch_lab"]
+            )
+            for r in P4.ROWS
         }
-    assert dict(base.hydra.sweeper.params) == {"loss_spike_arm": "none", "+loss_spike_batch": "rows16,rows8,rows4"}
+    assert dict(base.hydra.sweeper.params) == {"loss_spike_arm": "none", "loss_spike_batch": "rows16,rows8,rows4"}
     assert list(base.sweep.seeds) == list(P4.SEEDS) and base.optim.beta2 == 0.99 and base.train.steps == 2000
     assert {r: (c.train.batch_size, c.train.batch_size * c.train.probe_batches) for r, c in arms.items()} == {
         r: (r, 16) for r in P4.ROWS
