@@ -368,22 +368,7 @@ def judge(report: Optional[ReportResult], runs: list[Run], protocol: Protocol = 
 
     # 3-4. the size criteria
     span = math.log(smallest[sizes[-1]] / smallest[sizes[0]]) if len(sizes) >= 2 else 0.0
-    for condition, what in (("plain", "plain data, no QK-norm"), ("ngrams", "with planted repeated n-grams")):
-        by_size = cells.get(condition, {})
-        slope, used = size_slopes(by_size)
-        rates = {n: _rates(by_seed) for n, by_seed in by_size.items()}
-        v.check(
-            f"larger models spike more often ({what}): the per-seed slope of the grad-norm spike rate "
-            f"(OLMo 2) against ln N clears its spread (> 0)",
-            slope.clears(+1),
-            f"slope {slope.describe('.3g')} spikes/1000 steps per e-fold of N (seeds {used}); rates "
-            + ", ".join(f"{labels[n]}: {r.describe('.3g')}" for n, r in rates.items()),
-        )
-        all_zero = all(s.rate() in (None, 0.0) for by_seed in by_size.values() for s in by_seed.values())
-        v.numbers[f"answer/{condition}"] = answer(slope, design_ok)
-        v.numbers[f"what_would_settle_it/{condition}"] = what_would_settle_it(
-            slope, all_zero or not fired, span, max(seeds, default=0)
-        )
+    size_criteria(v, cells, labels, span, design_ok, fired, max(seeds, default=0))
 
     # 5. QK-norm at the largest size
     common = [n for n in sizes if n in cells.get("plain", {}) and n in cells.get("qknorm", {})]
@@ -416,6 +401,37 @@ def judge(report: Optional[ReportResult], runs: list[Run], protocol: Protocol = 
         + " OLMo 2's observation is at 7B-32B parameters; a 'no' here bounds the effect on this ladder only."
     )
     return v
+
+
+def size_criteria(
+    v: Verdict,
+    cells: dict[str, dict[tuple[int, int], dict[int, RunSpikes]]],
+    labels: dict[tuple[int, int], str],
+    span: float,
+    design_ok: bool,
+    fired: bool,
+    n_seeds: int,
+    where: str = "",
+) -> None:
+    """Criteria 3 and 4 (plain, ngrams): the per-seed size slope of the primary rate clears its
+    spread (> 0); with each condition's answer and what would settle it. ``cells``: condition ->
+    size -> seed -> run; ``where``: how the sizes were trained, in the claim ("at their own LR")."""
+    for condition, what in (("plain", "plain data, no QK-norm"), ("ngrams", "with planted repeated n-grams")):
+        by_size = cells.get(condition, {})
+        slope, used = size_slopes(by_size)
+        rates = {n: _rates(by_seed) for n, by_seed in by_size.items()}
+        v.check(
+            f"larger models spike more often{where} ({what}): the per-seed slope of the grad-norm spike rate "
+            f"(OLMo 2) against ln N clears its spread (> 0)",
+            slope.clears(+1),
+            f"slope {slope.describe('.3g')} spikes/1000 steps per e-fold of N (seeds {used}); rates "
+            + ", ".join(f"{labels[n]}: {r.describe('.3g')}" for n, r in rates.items()),
+        )
+        all_zero = all(s.rate() in (None, 0.0) for by_seed in by_size.values() for s in by_seed.values())
+        v.numbers[f"answer/{condition}"] = answer(slope, design_ok)
+        v.numbers[f"what_would_settle_it/{condition}"] = what_would_settle_it(
+            slope, all_zero or not fired, span, n_seeds
+        )
 
 
 def _context(

@@ -221,22 +221,7 @@ def judge(report: Optional[ReportResult], runs: list[Run], protocol=None) -> Ver
     design_ok = v.testable
     params = sorted({x.n_params for x in scored if x.condition == "plain"})
     span = math.log(params[-1] / params[0]) if len(params) >= 2 else 0.0
-    for condition, what in (("plain", "plain data, no QK-norm"), ("ngrams", "with planted repeated n-grams")):
-        by_size = own.get(condition, {})
-        slope, used = P1.size_slopes(by_size)
-        rates = {n: P1._rates(by_seed) for n, by_seed in by_size.items()}
-        v.check(
-            f"larger models spike more often at their own LR ({what}): the per-seed slope of the grad-norm "
-            f"spike rate (OLMo 2) against ln N clears its spread (> 0)",
-            slope.clears(+1),
-            f"slope {slope.describe('.3g')} spikes/1000 steps per e-fold of N (seeds {used}); rates "
-            + ", ".join(f"{labels[n]}: {r.describe('.3g')}" for n, r in rates.items()),
-        )
-        all_zero = all(x.rate() in (None, 0.0) for by_seed in by_size.values() for x in by_seed.values())
-        v.numbers[f"answer/{condition}"] = P1.answer(slope, design_ok)
-        v.numbers[f"what_would_settle_it/{condition}"] = P1.what_would_settle_it(
-            slope, all_zero or not fired, span, len(SEEDS)
-        )
+    P1.size_criteria(v, own, labels, span, design_ok, fired, len(SEEDS), where=" at their own LR")
     v.numbers["per_seed_size_slope/" + "/".join(P1.PRIMARY)] = {
         c: [round(x, 4) for x in P1.size_slopes(by_size)[0].values] for c, by_size in sorted(own.items())
     }
