@@ -16,7 +16,8 @@ ends or this command stops:
    committed rate table (benchmarks/science/rates.json, by device kind) predicts it finishes in the
    budget left; trained as its preset's Hydra multirun; after its first ~50 steps the finish is
    projected from the measured rate, and a study that would overrun is stopped, keeping what it
-   measured; then judged on the device by its finding's proxy-verdict.
+   measured; then judged on the device by its finding's proxy-verdict (``--no-figures``: the
+   figures are drawn at home from the packed runs).
 
 After every step ``science-summary.json`` and ``.md`` are rewritten in --out (device, versions,
 each study's prediction, measured rate, seconds, status, verdict), and each study is packed as
@@ -280,6 +281,7 @@ def judge(study: Study, sweep_dirs: list[Path], cap: float, dry_run: bool) -> di
         *map(str, sweep_dirs),
         "--out",
         str(sweep_dir / "report"),
+        "--no-figures",  # ~10 s of device time per verdict; drawn at home from the archive's runs
     ]
     try:
         out = subprocess.run(cmd, cwd=ROOT, env=_env(dry_run), capture_output=True, text=True, timeout=cap)

@@ -286,9 +286,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("finding", help="an experiments/<finding> folder (holds verdict.py)")
     parser.add_argument("paths", nargs="+", help="run directories (single runs or sweep dirs)")
     parser.add_argument("--out", default=None, help="report directory (default: <first path>/report)")
+    parser.add_argument(
+        "--no-figures",
+        action="store_true",
+        help="tables and verdict only (the figures take most of a verdict's seconds; a GPU lease's science run "
+        "leaves them to the CPU at home)",
+    )
     args = parser.parse_args(argv)
     try:
-        verdict = judge_runs(args.finding, args.paths, args.out)
+        verdict = judge_runs(args.finding, args.paths, args.out, **({"figures": False} if args.no_figures else {}))
     except (OSError, ValueError) as exc:  # a missing path, a full disk, an output folder that is a link
         print(f"error: {terminal_text(exc)}", file=sys.stderr)
         return 2

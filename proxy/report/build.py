@@ -297,9 +297,11 @@ def collect_report(
     marks: Optional[SpikeMarks] = None,
     lr_range: Optional[tuple[float, float]] = None,
     title: str = "proxy instability report",
+    figures: bool = True,
 ) -> ReportResult:
     """Read every run directory at or below ``paths``, tabulate, and draw the figures into
-    ``out_dir``/figures; the documents are written by :func:`write_report`."""
+    ``out_dir``/figures (``figures=False``: tables only, the figures' seconds saved where they are
+    drawn again later, e.g. a GPU lease's verdicts); the documents are written by :func:`write_report`."""
     if lr_range is not None and not 0 < lr_range[0] <= lr_range[1]:
         raise ReportError(f"lr_range={lr_range} must be two LRs with 0 < low <= high")
     roots = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
@@ -316,7 +318,11 @@ def collect_report(
     out = output_dir(out_dir if out_dir is not None else default_out_dir(roots[0]), what="the report")
 
     tables = tabulate([load_run(d) for d in run_dirs], spikes, lr_range)
-    figures, notes = draw_figures(tables, marks, output_dir(out, FIGURES_DIR, what="the report's figures"))
+    drawn, notes = (
+        draw_figures(tables, marks, output_dir(out, FIGURES_DIR, what="the report's figures"))
+        if figures
+        else ({}, ["figures left out (figures=False); proxy-report or proxy-verdict on these runs draws them"])
+    )
     for row in tables.runs:
         if row.final_loss is None and row.status == COMPLETED:
             notes.append(f"{row.label}: completed but no final loss recorded")
@@ -325,7 +331,7 @@ def collect_report(
         html=out / "report.html",
         markdown=out / "report.md",
         csv=out / "runs.csv",
-        figures=figures,
+        figures=drawn,
         runs=tables.runs,
         sensitivity=tables.sensitivity,
         shared_overrides=tables.shared_overrides,

@@ -157,6 +157,18 @@ def test_report_files_and_run_table(sweep: Path, tmp_path: Path) -> None:
     assert "| model.qk_norm=off,optim.lr=0.01 | 40 | skip_step | grad_norm | 50 | 10 | action=skipped |" in md
 
 
+def test_a_report_without_figures_has_the_same_tables(sweep: Path, tmp_path: Path) -> None:
+    """figures=False (proxy-verdict --no-figures, a lease's science run): the tables, runs.csv and
+    sensitivity as with figures, no PNG drawn, and the report says they were left out."""
+    full = build_report([sweep], tmp_path / "full")
+    bare = build_report([sweep], tmp_path / "bare", figures=False)
+    assert bare.figures == {} and not (tmp_path / "bare" / "figures").exists()
+    assert bare.csv.read_text() == full.csv.read_text() and bare.sensitivity == full.sensitivity
+    md = bare.markdown.read_text()
+    assert "figures left out" in md and "](figures/" not in md and "| completed |" in md
+    assert "data:image/png" not in bare.html.read_text()
+
+
 def test_report_lr_sensitivity_matches_hand_computation(sweep: Path, tmp_path: Path) -> None:
     result = build_report([sweep], tmp_path / "rep")
     off = result.sensitivity_of("model.qk_norm=off")
