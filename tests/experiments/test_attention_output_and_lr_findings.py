@@ -19,7 +19,8 @@ from hydra import compose, initialize_config_dir
 
 from proxy.config import register_configs
 from proxy.records import Run, RunRecord, Summary, write_json
-from proxy.verdict import NOT_TESTABLE, judge_runs, load_module
+from proxy.verdict import NOT_TESTABLE, load_module
+from tests.experiments import judge_tables
 
 REPO = Path(__file__).resolve().parents[2]
 EXPERIMENTS = REPO / "experiments"
@@ -109,7 +110,7 @@ def make_run(
 
 
 def _verdict(finding: str, root: Path, tmp_path: Path):
-    return judge_runs(EXPERIMENTS / finding, [root], tmp_path / f"report_{root.name}")
+    return judge_tables(EXPERIMENTS / finding, [root], tmp_path / f"report_{root.name}")
 
 
 def attention_sweep_p1(root: Path, reproduces: bool) -> Path:
@@ -464,7 +465,7 @@ def test_attention_study_end_to_end(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr[-2000:]
     assert len(list(sweep_dir.rglob("summary.json"))) == 4  # qk_norm off/layernorm x 2 LRs (ensembles)
     assert not list(sweep_dir.rglob("*.pt"))  # save_final=false: no checkpoints
-    verdict = judge_runs(EXPERIMENTS / "attention_logit_growth", [sweep_dir], tmp_path / "report")
+    verdict = judge_tables(EXPERIMENTS / "attention_logit_growth", [sweep_dir], tmp_path / "report")
     assert len(verdict.checks) == 5  # 4 steps cannot grow logits 100x: judged, not crashed
     assert "lr_sensitivity/off/d=16" in verdict.numbers
     assert (tmp_path / "report" / "verdict.md").read_text().startswith("# Attention logit growth")

@@ -13,7 +13,8 @@ from hydra.core.global_hydra import GlobalHydra
 
 from proxy.config import register_configs
 from proxy.records import RunRecord, write_json
-from proxy.verdict import judge_runs, load_script
+from proxy.verdict import load_script
+from tests.experiments import judge_tables
 
 REPO = Path(__file__).resolve().parents[2]
 EXPERIMENTS = REPO / "experiments"
@@ -103,7 +104,7 @@ def extrapolated_sweep(root: Path, pred: dict, right: bool) -> Path:
 @pytest.mark.parametrize("right", [True, False])
 def test_extrapolation_verdict(tmp_path: Path, right: bool) -> None:
     pred = json.loads((EXPERIMENTS / "extrapolation" / "predictions.json").read_text())
-    verdict = judge_runs(
+    verdict = judge_tables(
         EXPERIMENTS / "extrapolation", [extrapolated_sweep(tmp_path / "s", pred, right)], tmp_path / "r"
     )
     assert verdict.reproduced is right, verdict.to_markdown()
@@ -156,11 +157,11 @@ def fresh_sweep(root: Path, b: dict, off: float = 0.0, seeds=(3, 4, 5, 6, 7)) ->
 def test_extrapolation_protocol2_judges_against_the_noise_bounds(tmp_path: Path, off: float, reproduced: bool) -> None:
     b = json.loads((EXPERIMENTS / "extrapolation" / "protocol2" / "bounds.json").read_text())
     finding = EXPERIMENTS / "extrapolation" / "protocol2"
-    verdict = judge_runs(finding, [fresh_sweep(tmp_path / "s", b, off)], tmp_path / "r")
+    verdict = judge_tables(finding, [fresh_sweep(tmp_path / "s", b, off)], tmp_path / "r")
     assert verdict.testable and [c.passed for c in verdict.checks][::2] == [reproduced, reproduced]
     assert verdict.reproduced is reproduced, verdict.to_markdown()
     # protocol 1's seeds are not fresh: not testable, nothing judged
-    seen = judge_runs(finding, [fresh_sweep(tmp_path / "seen", b, 0.0, seeds=(0, 1, 2))], tmp_path / "r2")
+    seen = judge_tables(finding, [fresh_sweep(tmp_path / "seen", b, 0.0, seeds=(0, 1, 2))], tmp_path / "r2")
     assert not seen.testable and not seen.checks
 
 
@@ -203,7 +204,7 @@ def transfer_sweep(root: Path, transfers: bool, seeds=range(3), mup_drift: float
 
 @pytest.mark.parametrize("transfers", [True, False])
 def test_lr_transfer_verdict(tmp_path: Path, transfers: bool) -> None:
-    verdict = judge_runs(EXPERIMENTS / "lr_transfer", [transfer_sweep(tmp_path / "s", transfers)], tmp_path / "r")
+    verdict = judge_tables(EXPERIMENTS / "lr_transfer", [transfer_sweep(tmp_path / "s", transfers)], tmp_path / "r")
     assert verdict.reproduced is transfers, verdict.to_markdown()
     assert len(verdict.checks) == 4
     assert verdict.checks[0].passed  # every optimum (10^-1.5 ... 10^-2.4) lies inside 1e-3 ... 1
@@ -216,7 +217,7 @@ def test_lr_transfer_protocol3_adds_a_bound_from_the_seed_noise(
     """Protocol 3 keeps protocol 2's four criteria on seeds 3-7 and adds |shift| < 0.10 decades: a
     muP optimum that moves 0.18 decades passes the half-grid bound and fails the noise bound."""
     sweep = transfer_sweep(tmp_path / "s", True, seeds=range(3, 8), mup_drift=drift)
-    verdict = judge_runs(EXPERIMENTS / "lr_transfer" / "protocol3", [sweep], tmp_path / "r")
+    verdict = judge_tables(EXPERIMENTS / "lr_transfer" / "protocol3", [sweep], tmp_path / "r")
     claims = {c.claim.split(" (")[0]: c.passed for c in verdict.checks}
     assert len(verdict.checks) == 6 and verdict.checks[4].passed  # seeds 3-7 present
     assert verdict.checks[1].passed is p2_bound and verdict.checks[5].passed is noise_bound, claims

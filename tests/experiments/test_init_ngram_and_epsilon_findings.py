@@ -22,6 +22,7 @@ from hydra import compose, initialize_config_dir
 from proxy.config import register_configs
 from proxy.records import GRAD_NORM, RunRecord, write_json
 from proxy.verdict import NOT_TESTABLE, judge_runs
+from tests.experiments import judge_tables
 
 REPO = Path(__file__).resolve().parents[2]
 EXPERIMENTS = REPO / "experiments"
@@ -116,7 +117,7 @@ def ngram_sweep(root: Path, reproduces: bool, masks_clean: bool = False, seeds: 
 @pytest.mark.parametrize("reproduces", [True, False])
 def test_repeated_ngrams_p1_verdict(tmp_path: Path, reproduces: bool) -> None:
     root = ngram_sweep_p1(tmp_path / "sweep", reproduces)
-    verdict = judge_runs(EXPERIMENTS / "repeated_ngrams" / "protocol1", [root], tmp_path / "report")
+    verdict = judge_tables(EXPERIMENTS / "repeated_ngrams" / "protocol1", [root], tmp_path / "report")
     assert verdict.reproduced is reproduces
     assert len(verdict.checks) == 3
     dirty = verdict.numbers["spike_score_grad_norm/inject+nofilter"]
@@ -127,7 +128,7 @@ def test_repeated_ngrams_p1_verdict(tmp_path: Path, reproduces: bool) -> None:
 
 @pytest.mark.parametrize("reproduces", [True, False])
 def test_repeated_ngrams_verdict(tmp_path: Path, reproduces: bool) -> None:
-    verdict = judge_runs(
+    verdict = judge_tables(
         EXPERIMENTS / "repeated_ngrams", [ngram_sweep(tmp_path / "sweep", reproduces)], tmp_path / "report"
     )
     assert verdict.reproduced is reproduces, verdict.to_markdown()
@@ -137,11 +138,11 @@ def test_repeated_ngrams_verdict(tmp_path: Path, reproduces: bool) -> None:
 
 
 def test_repeated_ngrams_verdict_wants_three_seeds_and_a_filter_that_spares_clean_data(tmp_path: Path) -> None:
-    two = judge_runs(
+    two = judge_tables(
         EXPERIMENTS / "repeated_ngrams", [ngram_sweep(tmp_path / "two", True, seeds=2)], tmp_path / "report_two"
     )
     assert not two.reproduced  # each effect holds in both seeds, but two seeds cannot clear a spread
-    greedy = judge_runs(
+    greedy = judge_tables(
         EXPERIMENTS / "repeated_ngrams",
         [ngram_sweep(tmp_path / "greedy", True, masks_clean=True)],
         tmp_path / "report_greedy",
@@ -157,7 +158,7 @@ def test_repeated_ngrams_verdict_names_a_missing_group(tmp_path: Path) -> None:
         {"optim": {"lr": 1e-2}, "data": {"inject": {"enabled": False}}},
         {"optim/grad_norm": list(noisy(0))},
     )
-    verdict = judge_runs(EXPERIMENTS / "repeated_ngrams", [root], tmp_path / "report")
+    verdict = judge_tables(EXPERIMENTS / "repeated_ngrams", [root], tmp_path / "report")
     assert not verdict.reproduced
     assert "inject+nofilter" in verdict.checks[0].measured
 
@@ -205,7 +206,7 @@ def eps_sweep(root: Path, reproduces: bool, seeds: int = 3, widths=(64, 128, 256
 @pytest.mark.parametrize("reproduces", [True, False])
 def test_adam_epsilon_verdict(tmp_path: Path, reproduces: bool) -> None:
     root = eps_sweep(tmp_path / "sweep", reproduces)
-    verdict = judge_runs(EXPERIMENTS / "adam_epsilon", [root], tmp_path / "report")
+    verdict = judge_tables(EXPERIMENTS / "adam_epsilon", [root], tmp_path / "report")
     assert [c.passed for c in verdict.checks] == [reproduces] * 3
     assert verdict.reproduced is reproduces
     if reproduces:
@@ -217,8 +218,8 @@ def test_adam_epsilon_verdict(tmp_path: Path, reproduces: bool) -> None:
 
 
 def test_adam_epsilon_verdict_needs_seeds_and_widths(tmp_path: Path) -> None:
-    two_seeds = judge_runs(EXPERIMENTS / "adam_epsilon", [eps_sweep(tmp_path / "a", True, seeds=2)], tmp_path / "ra")
-    two_widths = judge_runs(
+    two_seeds = judge_tables(EXPERIMENTS / "adam_epsilon", [eps_sweep(tmp_path / "a", True, seeds=2)], tmp_path / "ra")
+    two_widths = judge_tables(
         EXPERIMENTS / "adam_epsilon", [eps_sweep(tmp_path / "b", True, widths=(64, 128))], tmp_path / "rb"
     )
     assert not any(c.passed for c in two_seeds.checks + two_widths.checks)
@@ -229,7 +230,7 @@ def test_adam_epsilon_protocol3_wants_five_fresh_seeds(tmp_path: Path, first_see
     """Protocol 3 judges protocol 2's three criteria unchanged on seeds 3-7; seeds 0-4 (two already
     seen) fail its seed check while protocol 2's criteria still pass."""
     root = eps_sweep(tmp_path / "sweep", True, seeds=5, first_seed=first_seed)
-    verdict = judge_runs(EXPERIMENTS / "adam_epsilon" / "protocol3", [root], tmp_path / "report")
+    verdict = judge_tables(EXPERIMENTS / "adam_epsilon" / "protocol3", [root], tmp_path / "report")
     assert [c.passed for c in verdict.checks] == [True, True, True, seeds_present]
     assert verdict.reproduced is seeds_present
     assert verdict.numbers["penalty growth d256 minus d64, seeds positive"] == "5 of 5"
@@ -247,7 +248,7 @@ def test_adam_epsilon_protocol4_judges_only_past_the_crossing(
     reached 1e-6 at the widest model with seeds 3-5; a ladder whose gradient RMS stays at 1e-3, or
     seeds already seen, is NOT TESTABLE and judges nothing."""
     root = eps_sweep(tmp_path / "sweep", reproduces, widths=(256, 512, 1024), first_seed=first_seed)
-    verdict = judge_runs(EXPERIMENTS / "adam_epsilon" / "protocol4", [root], tmp_path / "report")
+    verdict = judge_tables(EXPERIMENTS / "adam_epsilon" / "protocol4", [root], tmp_path / "report")
     assert verdict.label == label, verdict.to_markdown()
     assert len(verdict.checks) == (3 if label == "REPRODUCED" else 0)
 
@@ -278,7 +279,7 @@ def test_init_growth_protocol3_judges_the_spike_score_only_where_it_can_show(
     """Spikes only with the scaled init: REPRODUCED; no spikes at all, or runs too short for
     OLMo 2's 1000-point window: NOT TESTABLE, nothing judged."""
     root = init_training_sweep(tmp_path / "sweep", scaled_spikes, steps)
-    verdict = judge_runs(EXPERIMENTS / "init_growth" / "protocol3", [root], tmp_path / "report")
+    verdict = judge_tables(EXPERIMENTS / "init_growth" / "protocol3", [root], tmp_path / "report")
     assert verdict.label == label, verdict.to_markdown()
     assert len(verdict.checks) == (1 if label == "REPRODUCED" else 0)
 
@@ -286,7 +287,7 @@ def test_init_growth_protocol3_judges_the_spike_score_only_where_it_can_show(
 @pytest.mark.parametrize("reproduces", [True, False])
 def test_adam_epsilon_protocol1_verdict(tmp_path: Path, reproduces: bool) -> None:
     root = eps_sweep_p1(tmp_path / "sweep", reproduces)
-    verdict = judge_runs(EXPERIMENTS / "adam_epsilon" / "protocol1", [root], tmp_path / "report")
+    verdict = judge_tables(EXPERIMENTS / "adam_epsilon" / "protocol1", [root], tmp_path / "report")
     assert [c.passed for c in verdict.checks] == [reproduces, reproduces]
     ratio = verdict.numbers["update_ratio_eps1e-6_vs_1e-15/tiny/lr=0.3"]
     assert ratio == pytest.approx(1.0 / (1.0 + 1e-6 / (1e-6 / 0.3)) if reproduces else 1.0 / (1.0 + 1e-3), rel=1e-3)
