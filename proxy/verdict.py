@@ -294,7 +294,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     )
     args = parser.parse_args(argv)
     try:
-        verdict = judge_runs(args.finding, args.paths, args.out, **({"figures": False} if args.no_figures else {}))
+        verdict = judge_runs(args.finding, args.paths, args.out, figures=not args.no_figures)
     except (OSError, ValueError) as exc:  # a missing path, a full disk, an output folder that is a link
         print(f"error: {terminal_text(exc)}", file=sys.stderr)
         return 2

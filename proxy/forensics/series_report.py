@@ -43,30 +43,28 @@ def by_group(result: SeriesResult) -> dict[str, list[float]]:
     return out
 
 
-def bound_jumps(result: SeriesResult) -> list[tuple[int, int, float]]:
-    """(layer, transition, ratio) of the largest rise of each layer's logit bound, largest first."""
+def largest_rises(per_layer: Sequence[tuple[int, Sequence[float]]]) -> list[tuple[int, int, float]]:
+    """(layer, transition, ratio) of the largest rise of each layer's series (value at checkpoint
+    i+1 over value at i, where the latter is > 0 and the ratio finite), largest first."""
     jumps = []
-    for b in result.bounds:
-        ratios = [b["max"][i + 1] / b["max"][i] if b["max"][i] > 0 else math.nan for i in range(len(b["max"]) - 1)]
-        finite = [(r, i) for i, r in enumerate(ratios) if math.isfinite(r)]
-        if finite:
-            r, i = max(finite)
-            jumps.append((b["layer"], i, r))
-    return sorted(jumps, key=lambda j: -j[2])
-
-
-def forward_jumps(forward: Sequence[ProbeResult]) -> list[tuple[int, int, float]]:
-    """(layer, transition, ratio) of the largest rise of each layer's max |attention logit| on the
-    probe, largest first."""
-    jumps = []
-    for layer in range(len(forward[0].attn_max_abs_logit) if forward else 0):
-        values = [r.attn_max_abs_logit[layer] for r in forward]
+    for layer, values in per_layer:
         ratios = [(values[i + 1] / values[i], i) for i in range(len(values) - 1) if values[i] > 0]
         finite = [(r, i) for r, i in ratios if math.isfinite(r)]
         if finite:
             r, i = max(finite)
             jumps.append((layer, i, r))
     return sorted(jumps, key=lambda j: -j[2])
+
+
+def bound_jumps(result: SeriesResult) -> list[tuple[int, int, float]]:
+    """The largest rise of each layer's logit bound, largest first."""
+    return largest_rises([(b["layer"], b["max"]) for b in result.bounds])
+
+
+def forward_jumps(forward: Sequence[ProbeResult]) -> list[tuple[int, int, float]]:
+    """The largest rise of each layer's max |attention logit| on the probe, largest first."""
+    layers = range(len(forward[0].attn_max_abs_logit) if forward else 0)
+    return largest_rises([(k, [r.attn_max_abs_logit[k] for r in forward]) for k in layers])
 
 
 def summary_lines(
