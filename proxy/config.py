@@ -366,8 +366,8 @@ class TrainConfig:
     diverge_loss: float = 0.0  # >0: a train loss above this ends the run as diverged
     diverge_factor: float = 3.0  # a train loss above factor * loss-at-init also counts
     # the diverge_* rule is judged at every step on the device and read back on logging steps (no
-    # host sync in between; proxy/train/watch.py); true reads every step back (a remedy, a spike
-    # capture and data parallelism do so themselves)
+    # host sync in between; proxy/train/watch.py); true reads every step back (rollback, a spike
+    # capture and data parallelism do so themselves; skip-step and ZClip decide on the device)
     check_every_step: bool = False
     # a progress bar (tokens/s, latest val loss) on stderr: auto = where stderr is a terminal
     # (and not in a worker process of a parallel launcher) | true | false

@@ -48,6 +48,15 @@ class AdamW(torch.optim.Optimizer):
     ``lr``, ``betas``, ``eps``, ``weight_decay``, ``weight_decay_mode`` ('coupled' or
     'independent', a string so checkpoints load with ``weights_only=True``), ``peak_lr`` and
     ``lr_scale``. Parameters without a gradient are left alone, as in torch.
+
+    ``step(skip=flag)``, ``flag`` a 0-dim bool on the device (skip-step decided there): the step
+    is taken, or left out as if ``step()`` had not been called (parameters, moments and step
+    count as they were), without the host reading the flag. The skipped steps are counted on
+    the device and the bias corrections looked up by the device's count from tables of the very
+    floats ``step()`` computes, so a step that goes ahead is the bits ``step()`` gives (CPU,
+    fp32; tested), and a skipped one changes nothing but the sign of a zero weight. The count
+    is folded into ``state["step"]`` when the state is read (``state_dict``) or a plain
+    ``step()`` follows.
     """
 
     def __init__(
@@ -74,6 +83,8 @@ class AdamW(torch.optim.Optimizer):
         # ``measure_rms`` is set (the trainer's logging steps) or update clipping needs it
         self.measure_rms = False
         self.last_rms: dict[int, Tensor] = {}
+        self._skipped: Optional[Tensor] = None  # steps skipped on the device, not yet in state["step"]
+        self._bias_table = BiasTable()
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         # A group's peak LR defaults to its own starting LR, so AdamW(params, lr=x) alone works.
@@ -85,25 +96,50 @@ class AdamW(torch.optim.Optimizer):
 
     # the overloads torch.optim.Optimizer.step declares: a closure's loss is returned as given
     @overload
-    def step(self, closure: None = None) -> None: ...
+    def step(self, closure: None = None, *, skip: Optional[Tensor] = None) -> None: ...
 
     @overload
-    def step(self, closure: Callable[[], float]) -> float: ...
+    def step(self, closure: Callable[[], float], *, skip: Optional[Tensor] = None) -> float: ...
 
     @torch.no_grad()
-    def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
+    def step(self, closure: Optional[Callable[[], float]] = None, *, skip: Optional[Tensor] = None) -> Optional[float]:
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if skip is None:
+            self._fold_skipped()
         for group in self.param_groups:
-            self._update_group(group)
+            self._update_group(group, skip)
+        if skip is not None:
+            skipped = skip.to(torch.int64)
+            self._skipped = skipped if self._skipped is None else self._skipped + skipped
         return loss
 
-    def _update_group(self, group: dict[str, Any]) -> None:
+    def _fold_skipped(self) -> None:
+        """Subtract the steps skipped on the device from every ``state["step"]`` (reads the device)."""
+        if self._skipped is None:
+            return
+        skipped, self._skipped = int(self._skipped), None
+        if skipped:
+            for state in self.state.values():
+                state["step"] -= skipped
+
+    def state_dict(self) -> dict[str, Any]:
+        self._fold_skipped()
+        return super().state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._skipped = None
+        super().load_state_dict(state_dict)
+
+    def _update_group(self, group: dict[str, Any], skip: Optional[Tensor] = None) -> None:
         params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
         for p in group["params"]:
             if p.grad is None:
+                if skip is not None and self.state[p]:
+                    # the device's skip count is one for all: every stepping parameter must step
+                    raise RuntimeError("proxy.optim.AdamW.step(skip=...): a parameter with state has no gradient")
                 continue
             if p.grad.is_sparse:
                 raise RuntimeError("proxy.optim.AdamW does not support sparse gradients")
@@ -119,6 +155,9 @@ class AdamW(torch.optim.Optimizer):
             exp_avg_sqs.append(state["exp_avg_sq"])
             steps.append(state["step"])
         if not params:
+            return
+        if skip is not None:
+            self._masked_update(group, skip, params, grads, exp_avgs, exp_avg_sqs, steps)
             return
 
         lr, (beta1, beta2), eps = group["lr"], group["betas"], group["eps"]
@@ -150,6 +189,75 @@ class AdamW(torch.optim.Optimizer):
                 denom.mul_(r.clamp(min=1.0))
         torch._foreach_addcdiv_(params, exp_avgs, denoms, neg_step_sizes)
 
+    def _masked_update(
+        self,
+        group: dict[str, Any],
+        skip: Tensor,
+        params: list[Tensor],
+        grads: list[Tensor],
+        exp_avgs: list[Tensor],
+        exp_avg_sqs: list[Tensor],
+        steps: list[int],
+    ) -> None:
+        """:meth:`_update_group`'s arithmetic with every scalar a device tensor that ``skip``
+        turns into a no-op: a skipped step's gradient is zeroed (it may be non-finite), its
+        decay factor and beta2 are 1, its lerp weight and step size 0. Each scalar is the float
+        the plain path passes (a double rounded to the tensor's dtype), so a step that goes
+        ahead is the same arithmetic, op for op."""
+        lr, (beta1, beta2), eps = group["lr"], group["betas"], group["eps"]
+        device, dtype = params[0].device, params[0].dtype
+        if any(s != steps[0] for s in steps):
+            raise RuntimeError("proxy.optim.AdamW.step(skip=...): the parameters of a group differ in step count")
+        bias1, bias2, bias2_sqrt = self._bias_corrections(beta1, beta2, device, steps[0])
+
+        def scalar(value: Tensor | float) -> Tensor:  # a double, rounded to the parameters' dtype
+            t = value if isinstance(value, Tensor) else torch.full((), value, dtype=torch.float64, device=device)
+            return t.to(dtype)
+
+        one, zero = torch.ones((), dtype=dtype, device=device), torch.zeros((), dtype=dtype, device=device)
+        for g in grads:
+            g.masked_fill_(skip, 0.0)
+        wd = group["weight_decay"]
+        if wd != 0:
+            if group["weight_decay_mode"] == "coupled":
+                decay = lr * wd
+            else:
+                decay = lr / (group["peak_lr"] * group["lr_scale"]) * wd
+            torch._foreach_mul_(params, torch.where(skip, one, scalar(1 - decay)))
+        weight = torch.where(skip, zero, scalar(1 - beta1))
+        for m, g in zip(exp_avgs, grads):
+            m.lerp_(g, weight)
+        torch._foreach_mul_(exp_avg_sqs, torch.where(skip, one, scalar(beta2)))
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)  # + 0 where skipped
+
+        clip = bool(group.get("update_clip", False))
+        rms = (
+            self._rms(params, grads, exp_avg_sqs, [], beta2, eps, bias2=bias2, skip=skip)
+            if clip or self.measure_rms
+            else []
+        )
+
+        # lr / bc1 in float64 on the device is the host's division (IEEE), then rounded as the host's is
+        lr_t = torch.full((), lr, dtype=torch.float64, device=device)
+        neg_step = torch.where(skip, zero, scalar(-(lr_t / bias1)))
+        denoms = torch._foreach_sqrt(exp_avg_sqs)
+        torch._foreach_div_(denoms, scalar(bias2_sqrt))
+        torch._foreach_add_(denoms, eps)
+        if clip:
+            for denom, r in zip(denoms, rms):
+                denom.mul_(r.clamp(min=1.0))
+        # (step * m) / denom: the order of addcdiv's value * t1 / t2 in the plain path
+        torch._foreach_addcdiv_(params, torch._foreach_mul(exp_avgs, neg_step), denoms)
+
+    def _bias_corrections(self, beta1: float, beta2: float, device: torch.device, step: int) -> tuple[Tensor, ...]:
+        """``1 - beta1**c``, ``1 - beta2**c`` and its square root for this step's count ``c`` (the
+        host's count less the skips on the device, at least 1), float64 0-dim on the device. No sync."""
+        count = torch.full((1,), step, dtype=torch.int64, device=device)
+        if self._skipped is not None:
+            count = (count - self._skipped).clamp(min=1)
+        row = self._bias_table.rows(beta1, beta2, count, step)[0]
+        return row[0], row[1], row[2]
+
     def _rms(
         self,
         params: list[Tensor],
@@ -158,18 +266,49 @@ class AdamW(torch.optim.Optimizer):
         steps: list[int],
         beta2: float,
         eps: float,
+        bias2: Optional[Tensor] = None,
+        skip: Optional[Tensor] = None,
     ) -> list[Tensor]:
         """RMS_t = sqrt(mean(g^2 / v_hat)) per tensor, v_hat the bias-corrected second moment after
         this step's update, floored at eps^2 (Wortsman et al. 2023b, StableAdamW): far above 1
-        when the gradient outgrew what Adam's second moment has seen."""
-        v_hat = torch._foreach_div(exp_avg_sqs, [1 - beta2**s for s in steps])
+        when the gradient outgrew what Adam's second moment has seen. The masked step passes its
+        ``bias2`` (a device tensor) and ``skip``: a skipped step keeps the last measured RMS_t."""
+        if bias2 is None:
+            v_hat = torch._foreach_div(exp_avg_sqs, [1 - beta2**s for s in steps])
+        else:
+            v_hat = torch._foreach_div(exp_avg_sqs, bias2.to(exp_avg_sqs[0].dtype))
         torch._foreach_clamp_min_(v_hat, eps * eps)
         ratio = torch._foreach_mul(grads, grads)
         torch._foreach_div_(ratio, v_hat)
         rms = [r.float().mean().sqrt() for r in ratio]
         for p, r in zip(params, rms):
-            self.last_rms[id(p)] = r
+            last = self.last_rms.get(id(p))
+            self.last_rms[id(p)] = r if skip is None or last is None else torch.where(skip, last, r)
         return rms
+
+
+class BiasTable:
+    """Adam's bias corrections by step count, for counts only the device knows (a skip decided
+    there): rows ``[1 - beta1**c, 1 - beta2**c, (1 - beta2**c) ** 0.5]`` filled on the host with
+    the very doubles the plain step computes, looked up on the device. Grown by doubling (a copy
+    to the device now and then, from pinned memory on a GPU)."""
+
+    def __init__(self) -> None:
+        self._tables: dict[tuple[float, float, torch.device], Tensor] = {}
+
+    def rows(self, beta1: float, beta2: float, counts: Tensor, max_count: int) -> Tensor:
+        """``(len(counts), 3)`` float64 on ``counts``' device; ``max_count`` bounds the counts."""
+        key = (beta1, beta2, counts.device)
+        table = self._tables.get(key)
+        if table is None or max_count >= table.shape[0]:
+            size = max(1024, 2 * max_count)
+            host = torch.tensor(
+                [[1 - beta1**c, 1 - beta2**c, (1 - beta2**c) ** 0.5] for c in range(size)], dtype=torch.float64
+            )
+            cuda = counts.device.type == "cuda"
+            table = host.pin_memory().to(counts.device, non_blocking=True) if cuda else host.to(counts.device)
+            self._tables[key] = table
+        return table.index_select(0, counts)
 
 
 def _mode_name(mode: str | WeightDecayMode) -> str:

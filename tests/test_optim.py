@@ -373,3 +373,92 @@ def test_scale_grads_by_a_device_factor_gives_the_bits_of_a_python_number(dtype:
     scale_grads(by_number, factor)
     assert all(torch.equal(a.grad, b.grad) for a, b in zip(by_tensor, by_number))
     assert not torch.equal(by_tensor[0].grad, before)  # it did scale
+
+
+# --------------------------------------------------------------------------------------------
+# A skip decided on the device: step(skip=flag)
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "mode, update_clip, dtype",
+    [("coupled", False, torch.float32), ("independent", True, torch.float32), ("coupled", True, torch.float64)],
+)
+def test_a_device_skip_is_a_left_out_step_and_a_kept_step_is_the_plain_steps_bits(mode, update_clip, dtype):
+    """Two optimizers see the same gradients; one is told on the host which steps to leave out
+    (it does not call step()), the other gets the flag as a device tensor. Parameters, moments,
+    step counts and RMS_t agree bit for bit at every step, non-finite gradients on skipped steps
+    included, across muP groups and a schedule's LR changes, and after a state round trip."""
+    torch.manual_seed(0)
+    cfg = OptimConfig(
+        lr=3e-3,
+        weight_decay=0.1 if mode == "coupled" else 1e-3,
+        weight_decay_mode=mode,
+        update_clip=update_clip,
+        mup=True,
+    )
+    host_model = TinyLM(d=16).to(dtype)
+    device_model = copy.deepcopy(host_model)
+    host, device = build_optimizer(host_model, cfg), build_optimizer(device_model, cfg)
+    host.measure_rms = device.measure_rms = True
+    skips = {3, 4, 9, 10, 11, 17}
+    tokens = torch.randint(0, 11, (4, 9))
+    for step in range(24):
+        apply_lr(host, 0.5 + 0.5 * math.cos(step / 5))
+        apply_lr(device, 0.5 + 0.5 * math.cos(step / 5))
+        for model in (host_model, device_model):
+            model.zero_grad(set_to_none=True)
+            lm_loss(model, tokens.roll(step, 0)).backward()
+        if step in {4, 10}:  # the skipped step's gradient is not finite: the reason to skip it
+            for p in device_model.parameters():
+                p.grad.fill_(math.nan if step == 4 else math.inf)
+        if step not in skips:
+            host.step()
+        device.step(skip=torch.tensor(step in skips))
+        for a, b in zip(host_model.parameters(), device_model.parameters()):
+            assert torch.equal(a, b), step
+            assert torch.equal(host.last_rms[id(a)], device.last_rms[id(b)]), step
+        if step == 13:  # the skips fold into the checkpoint's step counts; a fresh optimizer goes on
+            state = device.state_dict()
+            device = build_optimizer(device_model, cfg)
+            device.load_state_dict(state)
+            device.measure_rms = True
+            device.last_rms = dict(
+                zip(map(id, device_model.parameters()), (host.last_rms[id(p)] for p in host_model.parameters()))
+            )
+    host_state, device_state = host.state_dict(), device.state_dict()
+    assert (
+        [s["step"] for s in host_state["state"].values()]
+        == [s["step"] for s in device_state["state"].values()]
+        == [24 - len(skips)] * len(host_state["state"])
+    )
+    for a, b in zip(host_state["state"].values(), device_state["state"].values()):
+        assert torch.equal(a["exp_avg"], b["exp_avg"]) and torch.equal(a["exp_avg_sq"], b["exp_avg_sq"])
+
+
+def test_a_device_skip_reads_nothing_back_and_grows_its_tables(monkeypatch):
+    p = nn.Parameter(torch.ones(4))
+    opt = AdamW([p], lr=1e-2)
+    from tests.train.test_watch import SYNCING
+
+    flags = [torch.tensor(step % 2 == 1) for step in range(1500)]  # past the first table's 1024 rows
+    reads: list[str] = []
+    for name in SYNCING:
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(
+            torch.Tensor, name, lambda self, *a, _n=name, _o=original, **k: reads.append(_n) or _o(self, *a, **k)
+        )
+    for flag in flags:
+        p.grad = torch.full((4,), 0.1)
+        opt.step(skip=flag)
+    assert reads == []
+    monkeypatch.undo()
+    assert opt.state_dict()["state"][0]["step"] == 750
+
+
+def test_a_device_skip_needs_every_stepping_parameter_to_have_a_gradient():
+    a, b = nn.Parameter(torch.ones(2)), nn.Parameter(torch.ones(2))
+    opt = AdamW([a, b], lr=1e-2)
+    a.grad, b.grad = torch.ones(2), torch.ones(2)
+    opt.step(skip=torch.tensor(False))
+    b.grad = None
+    with pytest.raises(RuntimeError, match="no gradient"):
+        opt.step(skip=torch.tensor(False))

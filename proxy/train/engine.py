@@ -53,6 +53,7 @@ class Computed:
     results: list[StepResult] = field(default_factory=list)  # the single engine's StepResult
     loss_t: Optional[Tensor] = None  # (K,) fp32 on the device: the losses before any read-back
     grad_norm_t: Optional[Tensor] = None  # (K,) fp32 on the device
+    skip_t: Optional[Tensor] = None  # (K,) bool on the device: a device remedy left the update out
 
     def skips(self, k: int) -> bool:
         event = self.events[k]
@@ -152,8 +153,19 @@ class SingleEngine:
         )
         assert r.loss_t is not None and r.grad_norm_t is not None
         losses, norms = ([r.loss], [r.grad_norm]) if read else ([], [])
+        skip_t = r.skip_t[None] if r.skip_t is not None else None
         return Computed(
-            [r.lr], losses, norms, [r.event], [r.grad_stats], r.collect, r.out, [r], r.loss_t[None], r.grad_norm_t[None]
+            [r.lr],
+            losses,
+            norms,
+            [r.event],
+            [r.grad_stats],
+            r.collect,
+            r.out,
+            [r],
+            r.loss_t[None],
+            r.grad_norm_t[None],
+            skip_t,
         )
 
     def apply(

@@ -399,11 +399,10 @@ class StackedEngine:
         if not read:  # nothing waits for the device (proxy/train/watch.py); a device remedy judges there
             if any(r is not None and not r.decides_on_device for r in remedies):
                 raise ValueError("StackedEngine.compute(read=False): a remedy judges read-back values")
-            for k, remedy in enumerate(remedies):
-                if remedy is not None and active[k]:
-                    remedy.defer(step, loss_t[k], norms[k], self._member_views(k))
+            skip_t = self._defer(step, remedies, active, loss_t, norms)
             nothing: list[dict[str, float]] = [{} for _ in range(self.n_members)]
-            return Computed(lrs, [], [], [None] * self.n_members, nothing, collect, out, [], loss_t, norms)
+            return Computed(lrs, [], [], [None] * self.n_members, nothing, collect, out, [], loss_t, norms, skip_t)
+        skip_t = self._defer(step, remedies, active, loss_t, norms)  # judged as between read-backs
         values = torch.stack([loss_t, norms, *rms]).tolist()  # one sync
         losses, grad_norms = values[0], values[1]
         grad_stats = [
@@ -414,10 +413,30 @@ class StackedEngine:
         for k, remedy in enumerate(remedies):
             if remedy is None or not active[k]:
                 events.append(None)
-                continue
-            # the norm as the device holds it (proxy/train/step.py): a host remedy reads it with float()
-            events.append(remedy.after_backward(step, losses[k], norms[k], self._member_views(k), data_position))
-        return Computed(lrs, losses, grad_norms, events, grad_stats, collect, out, [], loss_t, norms)
+            elif remedy.decides_on_device:
+                settled = remedy.settle()
+                if any(e.step != step for e in settled):
+                    raise RuntimeError(f"StackedEngine.compute: step {step} read while earlier steps were not settled")
+                events.append(settled[0] if settled else None)
+            else:
+                events.append(
+                    remedy.after_backward(step, losses[k], grad_norms[k], self._member_views(k), data_position)
+                )
+        return Computed(lrs, losses, grad_norms, events, grad_stats, collect, out, [], loss_t, norms, skip_t)
+
+    def _defer(
+        self, step: int, remedies: Sequence[Optional[Remedy]], active: Sequence[bool], loss_t: Tensor, norms: Tensor
+    ) -> Optional[Tensor]:
+        """Each active member's device remedy judges the step; the members' skip flags ``(K,)`` (None
+        when no remedy skips on the device). Nothing is read back."""
+        flags: list[Optional[Tensor]] = [None] * self.n_members
+        for k, remedy in enumerate(remedies):
+            if remedy is not None and remedy.decides_on_device and active[k]:
+                flags[k] = remedy.defer(step, loss_t[k], norms[k], self._member_views(k))
+        if all(f is None for f in flags):
+            return None
+        no = torch.zeros((), dtype=torch.bool, device=self.device)
+        return torch.stack([f if f is not None else no for f in flags])
 
     def _member_views(self, k: int) -> list["_MemberGrad"]:
         """Member k's gradients as a remedy sees a model's parameters."""
@@ -432,7 +451,8 @@ class StackedEngine:
         self.optimizer.measure_rms = measure
         before = {n: p.detach().clone() for n, p in self.model.params.items()} if measure and any(moving) else None
         if any(moving):
-            self.optimizer.step(self._multiplier, active, skipped=[a and not m for a, m in zip(active, moving)])
+            skipped = [a and not m for a, m in zip(active, moving)]
+            self.optimizer.step(self._multiplier, active, skipped=skipped, skip_t=computed.skip_t)
         self.model.zero_grad()
         if before is None:
             return [{} for _ in range(self.n_members)]

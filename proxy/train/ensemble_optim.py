@@ -25,7 +25,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from proxy.config import OptimConfig, WeightDecayMode
-from proxy.optim import build_optimizer
+from proxy.optim import BiasTable, build_optimizer
 from proxy.train.runtime import values_on
 
 
@@ -110,7 +110,11 @@ class StackedAdamW:
     ``params`` maps names to leaf tensors ``(K, ...)`` whose ``.grad`` the backward pass fills.
     All members share the betas, eps and the decay mode; see proxy.optim.AdamW for the two decay
     forms. A member whose step is skipped (a skip-step remedy) keeps its parameters, moments and
-    step count exactly, as a standalone run that skips ``optimizer.step()``.
+    step count exactly, as a standalone run that skips ``optimizer.step()``. The skips come as
+    host flags (``skipped``) or, decided on the device, as a ``(K,)`` bool (``skip_t``) that the
+    step obeys without reading it: then every scalar that differs by member is a device vector a
+    skip turns into a no-op (proxy.optim.AdamW.step(skip=...)), the skipped steps are counted on
+    the device and folded into the step counts when a member's state is read.
     """
 
     def __init__(
@@ -139,6 +143,8 @@ class StackedAdamW:
         self.measure_rms = False
         self.last_rms: dict[str, Tensor] = {}  # (K,) RMS_t of each parameter's last step, where measured
         self.step_counts = [0] * len(self.peak_lrs)  # per member: a skipped step does not count
+        self._skipped: Optional[Tensor] = None  # (K,) steps skipped on the device, not yet in step_counts
+        self._bias_table = BiasTable()
         # moments keep the parameter's memory layout (proxy/train/ensemble.py may store weights
         # transposed), so every elementwise op below runs on matching strides
         self.exp_avg = {n: torch.zeros_like(p, memory_format=torch.preserve_format) for n, p in params.items()}
@@ -159,12 +165,19 @@ class StackedAdamW:
         return [peak * scale * multiplier for peak in self.peak_lrs]
 
     @torch.no_grad()
-    def step(self, multiplier: float, active: Sequence[bool], skipped: Sequence[bool] = ()) -> None:
-        """One AdamW step for the active members that are not ``skipped``; frozen (inactive)
-        members stay exactly where they are, and so do skipped ones, moments and step count too."""
+    def step(
+        self, multiplier: float, active: Sequence[bool], skipped: Sequence[bool] = (), skip_t: Optional[Tensor] = None
+    ) -> None:
+        """One AdamW step for the active members that are not ``skipped`` (host flags) nor marked
+        in ``skip_t`` (device flags, not read); frozen (inactive) members stay exactly where they
+        are, and so do skipped ones, moments and step count too."""
         skipped = list(skipped) or [False] * self.n_members
         if len(active) != self.n_members or len(skipped) != self.n_members:
             raise ValueError(f"StackedAdamW.step: {len(active)} / {len(skipped)} flags for {self.n_members} members")
+        if skip_t is not None:
+            self._masked_step(multiplier, [a and not s for a, s in zip(active, skipped)], skip_t)
+            return
+        self._fold_skipped()
         moving = [a and not s for a, s in zip(active, skipped)]
         for k, on in enumerate(moving):
             if on:
@@ -224,6 +237,66 @@ class StackedAdamW:
                     m[k].copy_(m_k)
                     v[k].copy_(v_k)
 
+    def _masked_step(self, multiplier: float, active: Sequence[bool], skip_t: Tensor) -> None:
+        """:meth:`step` with the skips on the device: a skipped or frozen member's gradient is
+        zeroed, its decay factor and beta2 are 1, its lerp weight and step size 0; the bias
+        corrections come from each member's count on the device."""
+        params = next(iter(self.params.values()))
+        device, dtype = params.device, params.dtype
+        for k, on in enumerate(active):
+            if on:
+                self.step_counts[k] += 1
+        active_t = values_on(active, device)
+        moving = active_t & ~skip_t
+        counts = values_on(self.step_counts, device, torch.int64)
+        if self._skipped is not None:
+            counts = counts - self._skipped
+        bias = self._bias_table.rows(self.beta1, self.beta2, counts.clamp(min=1), max(self.step_counts))
+        bias1, bias2, bias2_sqrt = bias[:, 0], bias[:, 1].to(dtype), bias[:, 2].to(dtype)
+        zero, one = torch.zeros((), dtype=dtype, device=device), torch.ones((), dtype=dtype, device=device)
+        weight = torch.where(moving, torch.full((), 1 - self.beta1, dtype=torch.float64, device=device).to(dtype), zero)
+        beta2 = torch.where(moving, torch.full((), self.beta2, dtype=torch.float64, device=device).to(dtype), one)
+
+        by_rule: dict[ParamRule, list[str]] = {}
+        for name, p in self.params.items():
+            if p.grad is not None:
+                by_rule.setdefault(self.rules[name], []).append(name)
+        for rule, names in by_rule.items():
+            lrs = self.lrs(names[0], multiplier)
+            decay = self._decay_factors(rule, lrs, multiplier, active)
+            # lr / bc1 in float64 on the device is the host's division (IEEE), then rounded as the host's
+            neg_steps = torch.where(moving, (-(values_on(lrs, device, torch.float64) / bias1)).to(dtype), zero)
+            decay_t = torch.where(moving, values_on(decay, device, dtype), one) if decay is not None else None
+            for name in names:
+                p, g = self.params[name], self.params[name].grad
+                assert g is not None  # by_rule holds only the parameters that have a gradient
+                m, v = self.exp_avg[name], self.exp_avg_sq[name]
+                g.masked_fill_(as_member_column(~moving, g.ndim), 0.0)  # a selection: NaN * 0 is NaN
+                if decay_t is not None:
+                    p.mul_(as_member_column(decay_t, p.ndim))
+                m.lerp_(g, as_member_column(weight, m.ndim))
+                v.mul_(as_member_column(beta2, v.ndim)).addcmul_(g, g, value=1 - self.beta2)
+                denom = torch.sqrt(v, out=self._scratch_like(v, 0))
+                denom.div_(as_member_column(bias2_sqrt, denom.ndim))
+                denom.add_(self.eps)
+                if self.update_clip or self.measure_rms:
+                    rms = self._rms(g, v, bias2)
+                    last = self.last_rms.get(name)
+                    self.last_rms[name] = rms if last is None else torch.where(moving, rms, last)
+                    if self.update_clip:
+                        denom.mul_(as_member_column(rms.clamp(min=1.0).to(dtype), denom.ndim))
+                scaled = torch.mul(m, as_member_column(neg_steps, m.ndim), out=self._scratch_like(m, 1))
+                p.addcdiv_(scaled, denom)
+        skipped = (skip_t & active_t).to(torch.int64)
+        self._skipped = skipped if self._skipped is None else self._skipped + skipped
+
+    def _fold_skipped(self) -> None:
+        """Subtract the steps skipped on the device from the step counts (reads the device)."""
+        if self._skipped is None:
+            return
+        skipped, self._skipped = self._skipped.tolist(), None
+        self.step_counts = [c - s for c, s in zip(self.step_counts, skipped)]
+
     def _rms(self, g: Tensor, v: Tensor, bias2: Tensor) -> Tensor:
         """Each member's RMS_t = sqrt(mean(g^2 / v_hat)) of one stacked tensor (proxy.optim.AdamW._rms)."""
         v_hat = (v / as_member_column(bias2, v.ndim)).clamp_(min=self.eps * self.eps)
@@ -255,6 +328,7 @@ class StackedAdamW:
     # -- a member as a standalone optimizer state ------------------------------------------------
     def member_state(self, k: int, name: str) -> dict[str, object]:
         """Member k's state of ``name`` in proxy.optim.AdamW's format (for its checkpoint)."""
+        self._fold_skipped()
         return {
             "step": self.step_counts[k],
             "exp_avg": self.exp_avg[name][k].detach().clone(memory_format=torch.contiguous_format),
@@ -264,6 +338,7 @@ class StackedAdamW:
     @torch.no_grad()
     def load_member_state(self, k: int, name: str, state: dict[str, object]) -> None:
         """Member k's state of ``name`` from proxy.optim.AdamW's format (its checkpoint)."""
+        self._fold_skipped()
         self.exp_avg[name][k].copy_(state["exp_avg"])  # type: ignore[arg-type]
         self.exp_avg_sq[name][k].copy_(state["exp_avg_sq"])  # type: ignore[arg-type]
         self.step_counts[k] = int(state["step"])  # type: ignore[call-overload]

@@ -15,11 +15,12 @@ Three remedies, one per run (``remedy.kind``):
   from an EMA of the grad-norm mean and variance. Event kind ``zclip``: the update goes ahead
   with the clipped gradients.
 
-Skip-step and rollback take plain floats (or 0-dim tensors, read once with ``float``): one host
-sync per step, which the loop then pays to watch the loss. ZClip decides on the device
-(``decides_on_device``): between the loop's read-backs it judges each step with :meth:`Remedy.defer`
-and hands its events over with :meth:`Remedy.settle` (proxy/train/watch.py does the same for the
-divergence rule).
+Rollback takes plain floats (or 0-dim tensors, read once with ``float``): one host sync per
+step, which the loop then pays to watch the loss. Skip-step and ZClip decide on the device
+(``decides_on_device``): between the loop's read-backs each judges every step with
+:meth:`Remedy.defer` and hands its events over with :meth:`Remedy.settle` (proxy/train/watch.py
+does the same for the divergence rule). Skip-step's ``defer`` returns the step's skip as a device
+flag, which the optimizer obeys without reading it (proxy.optim.AdamW.step(skip=...)).
 
 Order in the loop (proxy/train/step.py and trainer.py)::
 
@@ -39,7 +40,7 @@ from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional, Sequence, Union
+from typing import Any, Iterable, Iterator, Optional, Sequence, Union, overload
 
 import numpy as np
 import torch
@@ -49,6 +50,7 @@ from proxy.config import RemedyConfig, RemedyKind, SnapshotStorage
 from proxy.optim import HasGrad, scale_grads
 from proxy.records import ROLLBACK, SKIP_STEP, STATE_NAME, ZCLIP, UnsafePathError, confined, load_state, save_state
 from proxy.spikes import Number, Spike, SpikeDetector
+from proxy.train.device_detector import DeviceSpikeDetector
 
 
 # --------------------------------------------------------------------------------------------
@@ -133,12 +135,16 @@ class Remedy(ABC):
         """The fixed clipping applied before :meth:`after_backward` sees the grad norm."""
         return grad_clip
 
-    # A remedy that decides on the device (ZClip) can judge a step without reading it back: the
-    # loop then calls defer() on the steps it does not read and settle() when it next reads.
+    # A remedy that decides on the device (skip-step, ZClip) judges a step without reading it
+    # back: the loop calls defer() on every step and settle() when it next reads.
     decides_on_device: bool = False
 
-    def defer(self, step: int, loss: Optional[Tensor], grad_norm: Tensor, params: Iterable[HasGrad]) -> None:
-        """Judge ``step`` from device tensors without waiting for the device."""
+    def defer(
+        self, step: int, loss: Optional[Tensor], grad_norm: Tensor, params: Iterable[HasGrad]
+    ) -> Optional[Tensor]:
+        """Judge ``step`` from device tensors (``loss``: the rank-mean cross-entropy, 0-dim) without
+        waiting for the device. Returns a 0-dim bool on the device if the step's update must be
+        left out (skip-step), else None: the update goes ahead."""
         raise NotImplementedError(f"{type(self).__name__} decides on the host: it reads every step")
 
     def settle(self) -> list[Event]:
@@ -182,11 +188,22 @@ class SkipStep(Remedy):
 
     The skipped step still counts: the schedule and the data move on, the weights and the
     optimizer state (moments, step count) stay as they were.
+
+    Decided on the device (issue 29): the one spike definition's rule (proxy/spikes.py) judged by
+    :class:`proxy.train.device_detector.DeviceSpikeDetector`, the skip handed to the optimizer as
+    a device flag, each step's verdict kept as a row that :meth:`settle` reads back with the
+    loop's next read-back. :meth:`check` judges host numbers and reads its event at once.
     """
 
+    decides_on_device = True
+
     def __init__(self, cfg: RemedyConfig):
-        self.detector = _detector(cfg)
-        self.skipped = 0
+        SpikeDetector.of(cfg.detector)  # a bad detector is refused when the run is built
+        self.detector_cfg = cfg.detector
+        self.skipped = 0  # skip events settled so far
+        self._stored: dict[str, Any] = {"loss": [], "grad_norm": []}  # the history, until a device is known
+        self._detector: Optional[DeviceSpikeDetector] = None
+        self._rows: list[tuple[int, Tensor]] = []  # (step, [spike, trigger, value, bar]) not yet read
 
     def after_backward(
         self, step: int, loss: Number, grad_norm: Number, params: Sequence[HasGrad], data_position: Optional[int] = None
@@ -194,20 +211,81 @@ class SkipStep(Remedy):
         return self.check(step, loss, grad_norm)
 
     def check(self, step: int, loss: Optional[Number], grad_norm: Optional[Number]) -> Optional[Event]:
-        """A ``skip_step`` event if this step must not be applied; else None (and remember it)."""
-        spike = self.detector.test(loss, grad_norm)
-        if spike is None:
-            self.detector.accept(loss, grad_norm)
-            return None
-        self.skipped += 1
-        return make_event(step, SKIP_STEP, spike.trigger, spike.value, spike.threshold, skipped=self.skipped)
+        """A ``skip_step`` event if this step must not be applied; else None (and remember it).
+        Reads the device back: steps judged with :meth:`defer` must be settled first."""
+        if self._rows:
+            raise RuntimeError("SkipStep.check: steps judged on the device are not settled yet")
+        if grad_norm is None:
+            raise ValueError("SkipStep.check: the grad norm is judged too")
+        device = grad_norm.device if isinstance(grad_norm, Tensor) else None
+        self.defer(step, _as_tensor(loss, device), _as_tensor(grad_norm, device), [])
+        events = self.settle()
+        return events[0] if events else None
+
+    def defer(self, step: int, loss: Optional[Tensor], grad_norm: Tensor, params: Iterable[HasGrad]) -> Tensor:
+        """Judge ``step`` on the device; returns its skip flag (0-dim bool). Nothing is read back."""
+        if loss is None:
+            raise ValueError("SkipStep.defer: the loss is judged too")
+        detector = self._state(grad_norm.device)
+        judged = detector.observe(loss.reshape(1), grad_norm.reshape(1))
+        row = torch.stack([judged.spike.double(), judged.trigger.double(), judged.value, judged.bar]).view(-1)
+        self._rows.append((step, row))
+        return judged.spike[0]
+
+    def settle(self) -> list[Event]:
+        """The ``skip_step`` events of the steps judged since the last settle, in step order (one read)."""
+        if not self._rows:
+            return []
+        steps = [s for s, _ in self._rows]
+        values = torch.stack([row for _, row in self._rows]).tolist()  # one sync
+        self._rows = []
+        events = []
+        for step, (spike, trigger, value, bar) in zip(steps, values):
+            if spike:
+                self.skipped += 1
+                series = SpikeDetector.SERIES[int(trigger)]
+                events.append(make_event(step, SKIP_STEP, series, value, bar, skipped=self.skipped))
+        return events
+
+    @property
+    def detector(self) -> SpikeDetector:
+        """The history so far in the one spike definition's detector (a copy; reads the device)."""
+        detector = SpikeDetector.of(self.detector_cfg)
+        detector.load_state_dict(self.state_dict()["detector"])
+        return detector
+
+    def _state(self, device: torch.device) -> DeviceSpikeDetector:
+        if self._detector is None or self._detector.device != device:
+            history = self.state_dict()["detector"]
+            self._detector = DeviceSpikeDetector(self.detector_cfg, 1, device)
+            self._detector.load_state_dict(0, history)
+        return self._detector
 
     def state_dict(self) -> dict[str, Any]:
-        return {"detector": self.detector.state_dict(), "skipped": self.skipped}
+        if self._rows:
+            raise RuntimeError("SkipStep.state_dict: steps judged on the device are not settled yet")
+        history = self._detector.state_dict(0) if self._detector is not None else self._stored
+        return {"detector": {k: list(v) for k, v in history.items()}, "skipped": self.skipped}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.detector.load_state_dict(state["detector"])
+        self._stored = {name: list(state["detector"].get(name, [])) for name in SpikeDetector.SERIES}
+        self._detector, self._rows = None, []
         self.skipped = int(state["skipped"])
+
+
+@overload
+def _as_tensor(value: None, device: Optional[torch.device]) -> None: ...
+
+
+@overload
+def _as_tensor(value: Number, device: Optional[torch.device]) -> Tensor: ...
+
+
+def _as_tensor(value: Optional[Number], device: Optional[torch.device]) -> Optional[Tensor]:
+    """A host number (or a 0-dim tensor) as a float64 0-dim tensor on ``device``."""
+    if value is None or isinstance(value, Tensor):
+        return value
+    return torch.tensor(float(value), dtype=torch.float64, device=device)
 
 
 # --------------------------------------------------------------------------------------------

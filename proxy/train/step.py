@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from proxy.config import Config
-from proxy.optim import apply_lr, clip_grad_norm, schedule_multiplier
+from proxy.optim import AdamW, apply_lr, clip_grad_norm, schedule_multiplier
 from proxy.train import diagnostics, distributed
 from proxy.train.remedies import Event, Remedy
 
@@ -43,6 +43,7 @@ class StepResult:
     grad_stats: dict[str, float] = field(default_factory=dict)  # grad_rms/<param>, if measured
     loss_t: Optional[Tensor] = None  # the loss and norm as device tensors (0-dim fp32)
     grad_norm_t: Optional[Tensor] = None
+    skip_t: Optional[Tensor] = None  # a device remedy's skip flag (0-dim bool), obeyed on the device
 
     @property
     def skips_update(self) -> bool:
@@ -91,7 +92,9 @@ class TrainStep:
         remedy nothing is judged and the gradients are clipped at ``optim.grad_clip``.
         ``read=False`` leaves the loss and norm on the device (``loss_t``, ``grad_norm_t``; the
         floats nan): nothing waits for the device (proxy/train/watch.py). Only a remedy that
-        decides on the device (ZClip) may judge such a step; its event comes with its settle.
+        decides on the device (skip-step, ZClip) may judge such a step; its event comes with its
+        settle, its skip as ``skip_t``. Such a remedy judges every step on the device, read or
+        not, so a run's arithmetic does not depend on when it is read back.
         """
         cfg = self.cfg
         with self.autocast():
@@ -104,27 +107,43 @@ class TrainStep:
         clip = remedy.clip_threshold(cfg.optim.grad_clip) if remedy is not None else cfg.optim.grad_clip
         norm_t = clip_grad_norm(params, clip)  # of the rank-averaged gradients
         loss_t = out.ce_loss.detach().float()
+        on_device = remedy is not None and remedy.decides_on_device
         if not read:
+            skip_t = None
             if remedy is not None:
-                if not remedy.decides_on_device:
+                if not on_device:
                     raise ValueError("TrainStep.compute(read=False): this remedy judges read-back values")
-                remedy.defer(step, loss_t, norm_t, params)
-            return StepResult(step, lr, math.nan, math.nan, out, None, collect_stats, grad_stats, loss_t, norm_t)
+                skip_t = remedy.defer(step, loss_t, norm_t, params)
+            nan = math.nan
+            return StepResult(step, lr, nan, nan, out, None, collect_stats, grad_stats, loss_t, norm_t, skip_t)
         grad_norm = float(norm_t)
         loss = distributed.mean(out.ce_loss.item(), self.device)
-        # the norm as the device holds it: a device remedy (ZClip) keeps computing there, a host one
-        # reads it with float(), the value grad_norm already has
-        event = remedy.after_backward(step, loss, norm_t, params, data_position) if remedy is not None else None
-        return StepResult(step, lr, loss, grad_norm, out, event, collect_stats, grad_stats, loss_t, norm_t)
+        event, skip_t = None, None
+        if remedy is not None and on_device:  # judged as between read-backs, on the ranks' mean loss
+            mean_loss = torch.full((), loss, dtype=torch.float64, device=norm_t.device)
+            skip_t = remedy.defer(step, mean_loss, norm_t, params)
+            events = remedy.settle()
+            if any(e.step != step for e in events):
+                raise RuntimeError(f"TrainStep.compute: step {step} read while earlier deferred steps were not settled")
+            event = events[0] if events else None
+        elif remedy is not None:
+            event = remedy.after_backward(step, loss, grad_norm, params, data_position)
+        return StepResult(step, lr, loss, grad_norm, out, event, collect_stats, grad_stats, loss_t, norm_t, skip_t)
 
     def apply(self, result: StepResult, updates: Optional[diagnostics.UpdateTracker] = None) -> bool:
-        """Take the optimizer step unless the remedy said skip; ``updates`` measures it.
-        Returns whether the update was applied."""
+        """Take the optimizer step unless the remedy said skip; ``updates`` measures it. A skip
+        decided on the device (``skip_t``, not read) goes to the optimizer as it is. Returns
+        whether the update was applied (True where only the device knows)."""
         applied = not result.skips_update
         if applied:
             if updates is not None:
                 updates.before()
-            self.optimizer.step()
+            if result.skip_t is not None:
+                if not isinstance(self.optimizer, AdamW):
+                    raise TypeError(f"a skip decided on the device needs proxy.optim.AdamW, not {type(self.optimizer)}")
+                self.optimizer.step(skip=result.skip_t)
+            else:
+                self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return applied
 

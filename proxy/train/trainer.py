@@ -95,7 +95,7 @@ log = logging.getLogger("proxy.train")
 
 
 def _reads_every_step(remedy: Optional[Remedy]) -> bool:
-    """Whether ``remedy`` needs every step's loss and norm on the host (skip-step, rollback)."""
+    """Whether ``remedy`` needs every step's loss and norm on the host (rollback)."""
     return remedy is not None and not remedy.decides_on_device
 
 
@@ -376,7 +376,7 @@ class Trainer:
         if not read:  # judged on the device, read back at the next settle
             assert self.watch is not None and c.loss_t is not None and c.grad_norm_t is not None
             bounds = self.watch.bounds(cfg, [m.loss_at_init for m in self.members])
-            self.watch.observe(step, c.loss_t, c.grad_norm_t, bounds)
+            self.watch.observe(step, c.loss_t, c.grad_norm_t, bounds, skipped=c.skip_t)
             moving = [m.active for m in self.members]
             for member in self._active():
                 member.tokens += self.tokens_per_step
@@ -453,32 +453,44 @@ class Trainer:
 
     def _defers(self) -> bool:
         """Whether this step's divergence rule may wait on the device: a watch, and nothing that
-        reads every step's values (a remedy or an observer set after the trainer was built)."""
+        reads every step's values (rollback, or an observer set after the trainer was built)."""
         return self.watch is not None and not any(_reads_every_step(m.remedy) or m.observers for m in self._active())
 
     def settle(self) -> None:
         """Read back what the device judged since the last settle (proxy/train/watch.py): a member
         that broke the divergence rule at step s ends diverged at s, as a per-step check ends it;
-        the others' train losses go to their ledgers, and a device remedy's events (ZClip) up to
-        s to the member's. Every step before ``self.step`` is done."""
+        so does one whose remedy skipped ``remedy.max_consecutive_skips`` steps in a row ending at
+        s. Before that, each step's remedy event (skip-step, ZClip) goes to the member's ledger in
+        step order, and the train losses to it. Every step before ``self.step`` is done."""
         if self.watch is None or not self.watch.pending:
             return
         settled: Settled = self.watch.settle()
         for member in self._active():
             k = member.index
             first = settled.first_bad[k]
-            for event in member.remedy.settle() if member.remedy is not None else []:
-                if first is None or event.step <= first:  # the per-step order: the event, then the divergence
-                    self._judge_event(member, event.step, event)
-            for loss in settled.losses[k]:
-                member.ledger.track_loss(loss)
-            if first is None:
+            events = {e.step: e for e in member.remedy.settle()} if member.remedy is not None else {}
+            ended: Optional[Diverged] = None
+            for step in settled.steps:  # the per-step order: the event, then the divergence check
+                if first is not None and step > first:
+                    break
+                try:
+                    self._judge_event(member, step, events.get(step))
+                except Diverged as d:
+                    ended = d
+                    break
+            if ended is None and first is not None:
+                reason = divergence_reason(
+                    settled.loss_at[k], settled.grad_norm_at[k], member.loss_at_init, member.cfg.train
+                )
+                ended = Diverged(first, reason or "diverged")
+            end = ended.step if ended is not None else None
+            for step, loss in zip(settled.steps, settled.losses[k]):
+                if end is None or step < end:
+                    member.ledger.track_loss(loss)
+            if ended is None:
                 continue
-            member.tokens -= (self.step - first) * self.tokens_per_step  # the steps past s never counted
-            reason = divergence_reason(
-                settled.loss_at[k], settled.grad_norm_at[k], member.loss_at_init, member.cfg.train
-            )
-            self._diverged(member, Diverged(first, reason or "diverged"))
+            member.tokens -= (self.step - ended.step) * self.tokens_per_step  # the steps from s on never counted
+            self._diverged(member, ended)
 
     def _judge_event(self, member: Member, step: int, event: Optional[Event]) -> None:
         """Record the remedy's event (a rollback after its step's row) and count skips in a row."""

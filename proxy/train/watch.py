@@ -13,15 +13,16 @@ ends ``diverged`` at s with the same reason, its tokens and final train loss cou
 nothing of the steps it took past s (their updates happened on the device and are dropped with
 the member: a diverged run keeps no checkpoint). The steps between s and the next settle are
 the price (at most ``train.log_every``). ``train.check_every_step=true`` reads every step back
-instead; skip-step and rollback, a spike capture or data parallelism need every step's values on
-the host and choose that path themselves (:func:`wants_watch`). ZClip decides on the device too
-(proxy/train/remedies.py): its events are read back with the same settle.
+instead; rollback, a spike capture or data parallelism need every step's values on the host and
+choose that path themselves (:func:`wants_watch`). Skip-step and ZClip decide on the device too
+(proxy/train/remedies.py): their events are read back with the same settle, and a step skip-step
+left out is not judged (a per-step check does not judge a skipped step either).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import torch
@@ -33,7 +34,7 @@ from proxy.train.runtime import divergence_bound
 
 def wants_watch(cfg: Config, device: torch.device, *, remedies: bool, observers: bool, distributed: bool) -> bool:
     """Whether the loop may judge divergence on the device (else it reads every step back).
-    ``remedies``: whether a member's remedy decides on the host (skip-step, rollback)."""
+    ``remedies``: whether a member's remedy decides on the host (rollback)."""
     if cfg.train.check_every_step or remedies or observers or distributed:
         return False
     return device.type in ("cpu", "cuda")  # float64 compares (MPS has none)
@@ -43,12 +44,14 @@ def wants_watch(cfg: Config, device: torch.device, *, remedies: bool, observers:
 class Settled:
     """What a settle read back: per member, the first step that broke the rule (None: none did)
     with its loss and gradient norm, and the train losses of the steps observed since the last
-    settle (in step order, the step that broke the rule and any after it left out)."""
+    settle (in step order, the step that broke the rule and any after it left out): the loss of
+    ``steps[i]`` is ``losses[k][i]``."""
 
     first_bad: list[Optional[int]]
     loss_at: list[float]
     grad_norm_at: list[float]
     losses: list[list[float]]
+    steps: list[int] = field(default_factory=list)
 
 
 class DivergenceWatch:
@@ -77,11 +80,16 @@ class DivergenceWatch:
             self._bounds_for = key
         return self._bounds
 
-    def observe(self, step: int, losses: Tensor, grad_norms: Tensor, bounds: Tensor) -> None:
-        """Judge one step: ``losses`` and ``grad_norms`` are (n,) device tensors. No sync."""
+    def observe(
+        self, step: int, losses: Tensor, grad_norms: Tensor, bounds: Tensor, skipped: Optional[Tensor] = None
+    ) -> None:
+        """Judge one step: ``losses`` and ``grad_norms`` are (n,) device tensors; ``skipped`` (bool
+        (n,)) the members whose update a remedy left out, which are not judged. No sync."""
         loss, norm = losses.detach().double(), grad_norms.detach().double()
         # a nan bound compares False: only the finiteness test applies (divergence_reason's order)
         bad = ~(torch.isfinite(loss) & torch.isfinite(norm)) | (loss > bounds)
+        if skipped is not None:
+            bad = bad & ~skipped
         new = bad & (self.first < 0)
         self.first = torch.where(new, step, self.first)
         self.loss_at = torch.where(new, loss, self.loss_at)
@@ -104,8 +112,9 @@ class DivergenceWatch:
             [row[k] for step, row in zip(self.steps, per_step) if first[k] is None or step < first[k]]  # type: ignore[operator]
             for k in range(self.n)
         ]
+        steps = self.steps
         self._reset()
-        return Settled(first, rows[1], rows[2], losses)
+        return Settled(first, rows[1], rows[2], losses, steps)
 
 
 __all__ = ["DivergenceWatch", "Settled", "wants_watch"]

@@ -71,7 +71,19 @@ def test_a_dry_run_trains_judges_and_packs_what_comes_back(tmp_path):
     assert studies["loss_spikes_20m_update_clip"]["verdict"]
     assert first["verdict_note"].startswith("to be judged with attention_logit_growth_85m_layernorm")
     assert second["verdict"]  # judged on the device, over both parts
-    assert [row["model"] for row in record["probe"]["rows"]] == ["tiny", "tiny"]
+    rows = record["probe"]["rows"]
+    assert [(row["members"], row.get("remedy")) for row in rows] == [
+        (1, None),
+        (8, None),
+        (1, "none"),
+        (1, "skip_step"),
+        (1, "zclip"),
+        (8, "skip_step"),
+    ]
+    assert all(row["model"] == "tiny" and row["tokens_per_s"] > 0 for row in rows)
+    assert all(row["host_waits"] is None for row in rows[2:])  # CUDA's sync debug mode: a GPU's count only
+    probed = [r for r in record["rates_measured"] if "study" not in r]
+    assert [r["members"] for r in probed] == [1, 8]  # the rate table learns from the plain rows only
     files = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert len(files) <= 8 and all(name.replace("-", "").replace("_", "").replace(".", "").isalnum() for name in files)
     # a split study comes back as one archive, its first part's, holding every part

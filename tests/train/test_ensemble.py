@@ -281,6 +281,55 @@ def test_stacked_adamw_is_the_standalone_adamw_per_member(mode, update_clip):
                 torch.testing.assert_close(stacked[n][k], p, **tolerance, msg=f"{n} member {k} step {step}")
 
 
+@pytest.mark.parametrize("mode, update_clip", [("coupled", False), ("independent", True)])
+def test_stacked_adamw_obeys_device_skips_as_it_obeys_host_skips(mode, update_clip):
+    """The same gradients and skips, told once as host flags and once as a device (K,) bool that is
+    never read: parameters, moments, RMS_t and step counts agree bit for bit at every step,
+    non-finite gradients of a skipped member and a frozen member included (RMS_t where a member
+    moved: the rows a log reports)."""
+    torch.manual_seed(0)
+    model_cfg = to_config({"model": dict(d_model=16, n_layers=1, n_heads=2)}).model
+    lrs, wds = [1e-3, 3e-2, 1e-2], [0.0, 0.1, 0.3]
+    model = build_model(model_cfg, 64)
+    base_optim = OptimConfig(
+        weight_decay=0.1, weight_decay_mode=mode, mup=True, mup_base_fan_in=8, update_clip=update_clip
+    )
+    names = [n for n, _ in model.named_parameters()]
+    stacks = []
+    for _ in range(2):
+        params = {n: torch.stack([p.detach()] * 3).requires_grad_() for n, p in model.named_parameters()}
+        optimizer = StackedAdamW(params, param_rules(model, base_optim), lrs, wds, base_optim)
+        optimizer.measure_rms = True
+        stacks.append((params, optimizer))
+    skips = {1: [False, True, False], 2: [True, True, False], 3: [False, True, True], 5: [False, False, True]}
+    for step in range(8):
+        active = [True, True, step < 6]  # member 2 freezes at step 6
+        skipped = [s and a for s, a in zip(skips.get(step, [False] * 3), active)]
+        grads = {n: torch.randn(3, *dict(model.named_parameters())[n].shape) for n in names}
+        for k, s in enumerate(skipped):
+            if s and step == 2:  # a skipped member's gradient is not finite
+                for g in grads.values():
+                    g[k] = math.nan
+        for (params, optimizer), on_device in zip(stacks, (False, True)):
+            for n, p in params.items():
+                p.grad = grads[n].clone()
+            if on_device:
+                optimizer.step(0.5 + 0.1 * step, active, skip_t=torch.tensor(skipped))
+            else:
+                optimizer.step(0.5 + 0.1 * step, active, skipped=skipped)
+        (host_params, host), (device_params, device) = stacks
+        for n in names:
+            assert torch.equal(host_params[n], device_params[n]), (n, step)
+            live = torch.tensor(active)  # a frozen member's moments are never used again
+            assert torch.equal(host.exp_avg[n][live], device.exp_avg[n][live]), (n, step)
+            assert torch.equal(host.exp_avg_sq[n][live], device.exp_avg_sq[n][live]), (n, step)
+            moved = torch.tensor([a and not s for a, s in zip(active, skipped)])  # the rows a log reports
+            assert torch.equal(host.last_rms[n][moved], device.last_rms[n][moved]), (n, step)
+    for k in range(3):
+        assert host.member_state(k, names[0])["step"] == device.member_state(k, names[0])["step"]
+    assert host.step_counts == device.step_counts == [7, 5, 4]
+
+
 def test_frozen_member_ignores_nan_gradients():
     params = {"w": torch.ones(2, 3, requires_grad=True)}
     rules = {"w": ParamRule(decay=True, lr_scale=1.0)}

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from proxy.records import load_run
 from proxy.train import train
@@ -171,22 +172,32 @@ def test_wandb_rows_carry_the_trainer_step_so_replayed_steps_are_kept(tmp_path, 
     assert sorted(set(steps)) == list(range(30))
 
 
-@pytest.mark.parametrize("limit", [3, 0])
-def test_a_remedy_that_skips_every_step_ends_the_run_after_the_configured_limit(tmp_path, monkeypatch, limit):
-    from proxy.train.remedies import SkipStep, make_event
+@pytest.mark.parametrize("limit, log_every", [(3, 1), (3, 4), (0, 4)])
+def test_a_remedy_that_skips_every_step_ends_the_run_after_the_configured_limit(
+    tmp_path, monkeypatch, limit, log_every
+):
+    """From step 5 on the detector calls every step a spike; with the steps judged on the device
+    between read-backs (log_every 4), the run ends where a per-step check ends it."""
+    from proxy.train.device_detector import DeviceSpikeDetector
 
-    def always_after_5(self, step, loss, grad_norm):
-        if step < 5:
-            return None
-        return make_event(step, "skip_step", "loss", float(loss), 0.0)
+    observe, calls = DeviceSpikeDetector.observe, []
 
-    monkeypatch.setattr(SkipStep, "check", always_after_5)
-    cfg = tiny_cfg(remedy=dict(kind="skip_step", max_consecutive_skips=limit), train=dict(steps=12, log_every=1))
+    def spikes_from_5(self, loss, grad_norm, live=None):
+        judged = observe(self, loss, grad_norm, live)
+        calls.append(len(calls))
+        return judged._replace(spike=torch.ones_like(judged.spike)) if len(calls) > 5 else judged
+
+    monkeypatch.setattr(DeviceSpikeDetector, "observe", spikes_from_5)
+    cfg = tiny_cfg(
+        remedy=dict(kind="skip_step", max_consecutive_skips=limit), train=dict(steps=12, log_every=log_every)
+    )
     summary = train(cfg, tmp_path / "run")
     events = load_run(tmp_path / "run").events
     if limit:
         assert summary["status"] == "diverged" and summary["diverged_at_step"] == 5 + limit - 1
+        assert summary["tokens"] == (5 + limit - 1) * 4 * 32
         assert "max_consecutive_skips" in events[-1]["reason"]
+        assert [e["step"] for e in events if e["event"] == "skip_step"] == [5, 6, 7]
     else:
         assert summary["status"] == "completed"
         assert [e["step"] for e in events if e["event"] == "skip_step"] == list(range(5, 12))

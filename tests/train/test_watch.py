@@ -152,3 +152,25 @@ def test_zclip_decides_on_the_device_and_records_what_a_per_step_check_records(t
     assert any(e["event"] == "zclip" and e["step"] % 5 for e in deferred["events"])  # fired between logs
     for label in ("lr=0.001", "lr=0.01"):
         assert record(tmp_path / "deferred_sweep" / label) == record(tmp_path / "per_step_sweep" / label), label
+
+
+def test_skip_step_decides_on_the_device_and_records_what_a_per_step_check_records(tmp_path, monkeypatch):
+    """Skip-step between logging steps: no sync, and the same rows, events and summary as reading
+    every step back; a hair-trigger detector skips steps between logs, for a run and per member."""
+    remedy = dict(kind="skip_step", detector=dict(sigma=0.5, window=5, min_history=3))
+    single = dict(remedy=remedy, train=dict(steps=24, log_every=5, eval_every=12))
+    sweep = dict(remedy=remedy, sweep=dict(lrs=[1e-3, 1e-2]), train=dict(steps=24, log_every=5, eval_every=12))
+    with syncs_on_quiet_steps(monkeypatch) as calls:
+        train(tiny_cfg(**single), tmp_path / "deferred")
+        train_ensemble(tiny_cfg(**sweep), tmp_path / "deferred_sweep")
+    assert calls == []
+    single["train"]["check_every_step"] = sweep["train"]["check_every_step"] = True
+    train(tiny_cfg(**single), tmp_path / "per_step")
+    train_ensemble(tiny_cfg(**sweep), tmp_path / "per_step_sweep")
+    deferred = record(tmp_path / "deferred")
+    assert deferred == record(tmp_path / "per_step")
+    assert any(e["event"] == "skip_step" and e["step"] % 5 for e in deferred["events"])  # skipped between logs
+    for label in ("lr=0.001", "lr=0.01"):
+        got = record(tmp_path / "deferred_sweep" / label)
+        assert got == record(tmp_path / "per_step_sweep" / label), label
+        assert any(e["event"] == "skip_step" and e["step"] % 5 for e in got["events"]), label
