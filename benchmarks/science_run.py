@@ -10,8 +10,11 @@ ends or this command stops:
 1. the performance probe (``--probe-s``, <= 90 s; ``--no-probe`` skips it): tokens/s of whole
    training steps of one run and of an 8-member sweep at 1m / 5m / 20m (tiny on a CPU), against
    the targets of issue 29 (a 1m-20m step <= 5 ms; 8 members <= 2x one member's step time), eager;
-   then one run compiled, default mode and CUDA graphs (``reduce-overhead``), size by size, with
-   its compile time and how many graphs fell back to plain launches, until the cap;
+   at the smallest size, how often the host waits for the device between logging steps (CUDA's
+   sync debug mode, target 0) with no remedy, skip-step and ZClip (which decide on the device),
+   one run and skip-step over 8 members; then one run compiled, default mode and CUDA graphs
+   (``reduce-overhead``), size by size, with its compile time and how many graphs fell back to
+   plain launches, until the cap;
 2. each study of benchmarks/science/queue.yaml, highest value first: admitted only where the
    committed rate table (benchmarks/science/rates.json, by device kind) predicts it finishes in the
    budget left; trained as its preset's Hydra multirun; after its first ~50 steps the finish is
@@ -352,12 +355,12 @@ def write_summary(out: Path, record: dict[str, Any]) -> None:
         lines += [
             "## Performance probe",
             "",
-            "| shape | step ms | tokens/s | target | met | build + first steps s | CUDA graph skips |",
-            "|---|---|---|---|---|---|---|",
+            "| shape | step ms | tokens/s | target | met | build + first steps s | CUDA graph skips | host waits |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         lines += [
             f"| {r['shape']} | {r['step_ms']:.2f} | {r['tokens_per_s']:,.0f} | {r['target']} | {r['met']} "
-            f"| {r.get('warmup_s', float('nan')):.1f} | {r.get('cuda_graph_skips', '')} |"
+            f"| {r.get('warmup_s', float('nan')):.1f} | {r.get('cuda_graph_skips', '')} | {r.get('host_waits', '')} |"
             for r in record["probe"].get("rows", [])
         ]
         lines += [""] + [f"- {note}" for note in record["probe"].get("notes", [])] + [""]
@@ -389,21 +392,55 @@ from proxy.train.runtime import cuda_graph_skips
 dry = sys.argv[1] == "1"
 sizes = ["tiny"] if dry else ["1m", "5m", "20m"]
 batch, seq, steps, warm = (4, 32, 5, 2) if dry else (16, 256, 30, 10)
-def rate(model, members, mode):
+def config(model, members, mode, remedy="none"):
     from omegaconf import OmegaConf
     c = as_dict(Config())
     c["model"].update(OmegaConf.to_container(OmegaConf.load(f"conf/model/{model}.yaml")))
     eager = mode == "eager"
     c["train"].update(batch_size=batch, seq_len=seq, progress=False, steps=10_000,
                       compile="false" if eager else "true", compile_mode="default" if eager else mode)
+    c["remedy"]["kind"] = remedy
     if dry:
         c["train"]["device"] = "cpu"
     if members > 1:
         c["sweep"]["lrs"] = [1e-3 * (1 + i) for i in range(members)]
+    return to_config(c)
+def syncs(model, members, remedy):
+    # the host waits on the device between logging steps? CUDA's sync debug mode warns at each wait
+    import warnings
+    with tempfile.TemporaryDirectory() as tmp:
+        t = Trainer(config(model, members, "eager", remedy), RunInfo(Path(tmp), "probe"))
+        t.train_step(0, logging_step=True)
+        for s in range(1, warm):
+            t.train_step(s, logging_step=False)
+        cuda = t.device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("warn")
+        start = time.perf_counter()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for s in range(warm, warm + steps):
+                t.train_step(s, logging_step=False)
+        if cuda:
+            torch.cuda.set_sync_debug_mode(0)
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - start
+        t.release()
+    waits = [w for w in caught if "synchroniz" in str(w.message)] if cuda else None
+    r = {"shape": f"{model} x{members}, {batch}x{seq}, eager, remedy {remedy}: host waits", "model": model,
+         "members": members, "mode": "eager", "remedy": remedy, "step_ms": 1e3 * elapsed / steps,
+         "tokens_per_s": members * steps * batch * seq / elapsed, "host_waits": None if waits is None else len(waits),
+         "first_wait": str(waits[0].message)[:200] if waits else None, "target": "0 between logging steps",
+         "met": None if waits is None else not waits}
+    print(json.dumps(r), flush=True)
+    return r
+def rate(model, members, mode):
+    c = config(model, members, mode)
     skips = cuda_graph_skips()
     with tempfile.TemporaryDirectory() as tmp:
         built = time.perf_counter()
-        t = Trainer(to_config(c), RunInfo(Path(tmp), "probe"))
+        t = Trainer(c, RunInfo(Path(tmp), "probe"))
         for s in range(warm):  # the first steps compile, where compiled
             t.train_step(s, logging_step=False)
         if t.device.type == "cuda":
@@ -429,6 +466,9 @@ one = {}
 for model in sizes:
     one[model] = row(model, 1, "eager", lambda ms: {"target": "<= 5 ms", "met": ms <= 5e-3})["step_ms"]
     row(model, 8, "eager", lambda ms: {"target": "<= 2x one member's step", "met": ms <= 2e-3 * one[model]})
+    if model == sizes[0]:  # no host wait between logging steps, with the remedies that decide on the device
+        for members, remedy in ((1, "none"), (1, "skip_step"), (1, "zclip"), (8, "skip_step")):
+            syncs(model, members, remedy)
 for model in [] if dry else sizes:  # a CPU's inductor compile alone would pass a dry run's cap
     for mode in ("default", "reduce-overhead"):
         row(model, 1, mode, lambda ms: {"target": "<= 5 ms", "met": ms <= 5e-3})
@@ -511,6 +551,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         record["rates_measured"] += [
             {k: r[k] for k in ("model", "members", "tokens_per_step", "tokens_per_s", "compiled", "mode")}
             for r in record["probe"]["rows"]
+            if "host_waits" not in r  # the rate table holds plain runs; the host-wait rows carry a remedy
         ]
         save()
     studies = [s for s in load_queue(args.queue) if args.only is None or s.name in args.only]
