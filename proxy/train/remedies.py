@@ -173,6 +173,29 @@ class Remedy(ABC):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
+class PendingRows:
+    """The verdicts of steps judged on the device (one float64 row each), kept there until the
+    loop's next read-back: :meth:`read` copies them all to the host at once."""
+
+    def __init__(self) -> None:
+        self._rows: list[tuple[int, Tensor]] = []
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def add(self, step: int, *values: Tensor) -> None:
+        self._rows.append((step, torch.stack([v.double().reshape(()) for v in values])))
+
+    def read(self) -> list[tuple[int, list[float]]]:
+        """``(step, row)`` of every step added since the last read, in order (one sync), and forget them."""
+        if not self._rows:
+            return []
+        steps = [s for s, _ in self._rows]
+        values = torch.stack([row for _, row in self._rows]).tolist()  # one sync
+        self._rows = []
+        return list(zip(steps, values))
+
+
 # --------------------------------------------------------------------------------------------
 # Spike detection (shared by skip-step and rollback)
 # --------------------------------------------------------------------------------------------
@@ -203,7 +226,7 @@ class SkipStep(Remedy):
         self.skipped = 0  # skip events settled so far
         self._stored: dict[str, Any] = {"loss": [], "grad_norm": []}  # the history, until a device is known
         self._detector: Optional[DeviceSpikeDetector] = None
-        self._rows: list[tuple[int, Tensor]] = []  # (step, [spike, trigger, value, bar]) not yet read
+        self._rows = PendingRows()  # (step, [spike, trigger, value, bar]) not yet read
 
     def after_backward(
         self, step: int, loss: Number, grad_norm: Number, params: Sequence[HasGrad], data_position: Optional[int] = None
@@ -228,19 +251,13 @@ class SkipStep(Remedy):
             raise ValueError("SkipStep.defer: the loss is judged too")
         detector = self._state(grad_norm.device)
         judged = detector.observe(loss.reshape(1), grad_norm.reshape(1))
-        row = torch.stack([judged.spike.double(), judged.trigger.double(), judged.value, judged.bar]).view(-1)
-        self._rows.append((step, row))
+        self._rows.add(step, judged.spike, judged.trigger, judged.value, judged.bar)
         return judged.spike[0]
 
     def settle(self) -> list[Event]:
         """The ``skip_step`` events of the steps judged since the last settle, in step order (one read)."""
-        if not self._rows:
-            return []
-        steps = [s for s, _ in self._rows]
-        values = torch.stack([row for _, row in self._rows]).tolist()  # one sync
-        self._rows = []
         events = []
-        for step, (spike, trigger, value, bar) in zip(steps, values):
+        for step, (spike, trigger, value, bar) in self._rows.read():
             if spike:
                 self.skipped += 1
                 series = SpikeDetector.SERIES[int(trigger)]
@@ -269,7 +286,7 @@ class SkipStep(Remedy):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._stored = {name: list(state["detector"].get(name, [])) for name in SpikeDetector.SERIES}
-        self._detector, self._rows = None, []
+        self._detector, self._rows = None, PendingRows()
         self.skipped = int(state["skipped"])
 
 
@@ -567,7 +584,7 @@ class ZClip(Remedy):
         self._stored: dict[str, Any] = {"warmup_norms": [], "mean": None, "var": None}  # until a device is known
         self._t: Optional[dict[str, Tensor]] = None  # the state as device tensors
         self._warmed_up = False  # the host has read back that the statistics are ready
-        self._rows: list[tuple[int, Tensor]] = []  # (step, [fired, norm, threshold, z, clipped_to]) not yet read
+        self._rows = PendingRows()  # (step, [fired, norm, threshold, z, clipped_to, ready]) not yet read
 
     @classmethod
     def from_config(cls, cfg: RemedyConfig, max_norm: float = 0.0) -> "ZClip":
@@ -632,19 +649,17 @@ class ZClip(Remedy):
         factor = torch.where(finite & (bound < norm), bound / norm, torch.ones_like(norm))
         scale_grads(params, factor)  # x * 1 is x: an unclipped step is untouched
         threshold = mean + self.z_threshold * std
-        self._rows.append((step, torch.stack([fired.double(), norm, threshold, z, target, t["ready"].double()])))
+        self._rows.add(step, fired, norm, threshold, z, target, t["ready"])
 
     def settle(self) -> list[Event]:
         """The ``zclip`` events of the steps judged since the last settle, in step order (one read)."""
-        if not self._rows:
+        rows = self._rows.read()
+        if not rows:
             return []
-        steps = [s for s, _ in self._rows]
-        values = torch.stack([row for _, row in self._rows]).tolist()  # one sync
-        self._rows = []
-        self._warmed_up = self._warmed_up or bool(values[-1][5])
+        self._warmed_up = self._warmed_up or bool(rows[-1][1][5])
         return [
             make_event(step, ZCLIP, "grad_norm", norm, threshold, z=z, clipped_to=target)
-            for step, (fired, norm, threshold, z, target, _) in zip(steps, values)
+            for step, (fired, norm, threshold, z, target, _) in rows
             if fired
         ]
 
@@ -690,7 +705,7 @@ class ZClip(Remedy):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._stored = {"warmup_norms": list(state["warmup_norms"]), "mean": state["mean"], "var": state["var"]}
-        self._t, self._rows, self._warmed_up = None, [], state["mean"] is not None
+        self._t, self._rows, self._warmed_up = None, PendingRows(), state["mean"] is not None
 
 
 # --------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+import pytest
 import torch
 
 from proxy.records import load_run
@@ -134,30 +135,17 @@ def test_a_remedy_set_after_the_trainer_was_built_reads_every_step(tmp_path):
     assert summary["status"] == "completed"
 
 
-def test_zclip_decides_on_the_device_and_records_what_a_per_step_check_records(tmp_path, monkeypatch):
-    """ZClip between logging steps: no sync, and the same rows, events and summary as reading every
-    step back; its z-score test fires between logs (a low threshold after a short warmup)."""
-    remedy = dict(kind="zclip", zclip_warmup=3, zclip_z=0.5, zclip_alpha=0.8)
-    single = dict(remedy=remedy, train=dict(steps=16, log_every=5, eval_every=8))
-    sweep = dict(remedy=remedy, sweep=dict(lrs=[1e-3, 1e-2]), train=dict(steps=16, log_every=5, eval_every=8))
-    with syncs_on_quiet_steps(monkeypatch) as calls:
-        train(tiny_cfg(**single), tmp_path / "deferred")
-        train_ensemble(tiny_cfg(**sweep), tmp_path / "deferred_sweep")
-    assert calls == []
-    single["train"]["check_every_step"] = sweep["train"]["check_every_step"] = True
-    train(tiny_cfg(**single), tmp_path / "per_step")
-    train_ensemble(tiny_cfg(**sweep), tmp_path / "per_step_sweep")
-    deferred = record(tmp_path / "deferred")
-    assert deferred == record(tmp_path / "per_step")
-    assert any(e["event"] == "zclip" and e["step"] % 5 for e in deferred["events"])  # fired between logs
-    for label in ("lr=0.001", "lr=0.01"):
-        assert record(tmp_path / "deferred_sweep" / label) == record(tmp_path / "per_step_sweep" / label), label
-
-
-def test_skip_step_decides_on_the_device_and_records_what_a_per_step_check_records(tmp_path, monkeypatch):
-    """Skip-step between logging steps: no sync, and the same rows, events and summary as reading
-    every step back; a hair-trigger detector skips steps between logs, for a run and per member."""
-    remedy = dict(kind="skip_step", detector=dict(sigma=0.5, window=5, min_history=3))
+@pytest.mark.parametrize(
+    "remedy, event",
+    [
+        (dict(kind="zclip", zclip_warmup=3, zclip_z=0.5, zclip_alpha=0.8), "zclip"),
+        (dict(kind="skip_step", detector=dict(sigma=0.5, window=5, min_history=3)), "skip_step"),
+    ],
+)
+def test_a_device_remedy_records_what_a_per_step_check_records(tmp_path, monkeypatch, remedy, event):
+    """ZClip and skip-step between logging steps: no sync, and the same rows, events and summary
+    as reading every step back; a low z threshold after a short warmup, or a hair-trigger
+    detector, acts between logs, for a run and per member."""
     single = dict(remedy=remedy, train=dict(steps=24, log_every=5, eval_every=12))
     sweep = dict(remedy=remedy, sweep=dict(lrs=[1e-3, 1e-2]), train=dict(steps=24, log_every=5, eval_every=12))
     with syncs_on_quiet_steps(monkeypatch) as calls:
@@ -169,8 +157,8 @@ def test_skip_step_decides_on_the_device_and_records_what_a_per_step_check_recor
     train_ensemble(tiny_cfg(**sweep), tmp_path / "per_step_sweep")
     deferred = record(tmp_path / "deferred")
     assert deferred == record(tmp_path / "per_step")
-    assert any(e["event"] == "skip_step" and e["step"] % 5 for e in deferred["events"])  # skipped between logs
+    assert any(e["event"] == event and e["step"] % 5 for e in deferred["events"])  # acted between logs
     for label in ("lr=0.001", "lr=0.01"):
         got = record(tmp_path / "deferred_sweep" / label)
         assert got == record(tmp_path / "per_step_sweep" / label), label
-        assert any(e["event"] == "skip_step" and e["step"] % 5 for e in got["events"]), label
+        assert any(e["event"] == event and e["step"] % 5 for e in got["events"]), label
