@@ -429,10 +429,12 @@ class StackedEngine:
     ) -> Optional[Tensor]:
         """Each active member's device remedy judges the step; the members' skip flags ``(K,)`` (None
         when no remedy skips on the device). Nothing is read back."""
-        flags: list[Optional[Tensor]] = [None] * self.n_members
-        for k, remedy in enumerate(remedies):
-            if remedy is not None and remedy.decides_on_device and active[k]:
-                flags[k] = remedy.defer(step, loss_t[k], norms[k], self._member_views(k))
+        device_remedies = [r if r is not None and r.decides_on_device else None for r in remedies]
+        kinds = {type(r) for r in device_remedies if r is not None}
+        if not kinds:
+            return None
+        kind = kinds.pop() if len(kinds) == 1 else Remedy  # one kind may judge its members together
+        flags = kind.defer_members(device_remedies, step, loss_t, norms, self._member_views, active)
         if all(f is None for f in flags):
             return None
         no = torch.zeros((), dtype=torch.bool, device=self.device)

@@ -40,17 +40,18 @@ from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional, Sequence, Union, overload
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union, overload
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from proxy.config import RemedyConfig, RemedyKind, SnapshotStorage
+from proxy.config import DetectorConfig, RemedyConfig, RemedyKind, SnapshotStorage
 from proxy.optim import HasGrad, scale_grads
 from proxy.records import ROLLBACK, SKIP_STEP, STATE_NAME, ZCLIP, UnsafePathError, confined, load_state, save_state
 from proxy.spikes import Number, Spike, SpikeDetector
 from proxy.train.device_detector import DeviceSpikeDetector
+from proxy.train.runtime import values_on
 
 
 # --------------------------------------------------------------------------------------------
@@ -151,6 +152,24 @@ class Remedy(ABC):
         """The events of the steps judged with :meth:`defer` since the last settle, in step order."""
         return []
 
+    @classmethod
+    def defer_members(
+        cls,
+        remedies: Sequence[Optional[Remedy]],
+        step: int,
+        losses: Tensor,
+        grad_norms: Tensor,
+        member_params: Callable[[int], Iterable[HasGrad]],
+        active: Sequence[bool],
+    ) -> list[Optional[Tensor]]:
+        """:meth:`defer` for each active member of a sweep (``losses``, ``grad_norms``: ``(K,)``;
+        ``member_params(k)``: member k's gradients); each member's skip flag or None. A remedy
+        may judge the members together (skip-step: one detector, a lane per member)."""
+        return [
+            r.defer(step, losses[k], grad_norms[k], member_params(k)) if r is not None and active[k] else None
+            for k, r in enumerate(remedies)
+        ]
+
     @abstractmethod
     def after_backward(
         self, step: int, loss: Number, grad_norm: Number, params: Sequence[HasGrad], data_position: Optional[int] = None
@@ -184,10 +203,12 @@ class PendingRows:
         return len(self._rows)
 
     def add(self, step: int, *values: Tensor) -> None:
-        self._rows.append((step, torch.stack([v.double().reshape(()) for v in values])))
+        """One row of 0-dim values; or, with ``(K,)`` values, one row per member (``(K, F)``)."""
+        self._rows.append((step, torch.stack([v.double() for v in values], dim=-1)))
 
-    def read(self) -> list[tuple[int, list[float]]]:
-        """``(step, row)`` of every step added since the last read, in order (one sync), and forget them."""
+    def read(self) -> list[tuple[int, Any]]:
+        """``(step, row)`` of every step added since the last read, in order (one sync), and forget
+        them; a row is a list of floats (a list of them per member with ``(K,)`` values)."""
         if not self._rows:
             return []
         steps = [s for s, _ in self._rows]
@@ -227,6 +248,7 @@ class SkipStep(Remedy):
         self._stored: dict[str, Any] = {"loss": [], "grad_norm": []}  # the history, until a device is known
         self._detector: Optional[DeviceSpikeDetector] = None
         self._rows = PendingRows()  # (step, [spike, trigger, value, bar]) not yet read
+        self._lane: Optional[tuple[_SkipLanes, int]] = None  # a sweep member: its lane of a shared detector
 
     def after_backward(
         self, step: int, loss: Number, grad_norm: Number, params: Sequence[HasGrad], data_position: Optional[int] = None
@@ -245,19 +267,40 @@ class SkipStep(Remedy):
         events = self.settle()
         return events[0] if events else None
 
+    @classmethod
+    def defer_members(
+        cls,
+        remedies: Sequence[Optional[Remedy]],
+        step: int,
+        losses: Tensor,
+        grad_norms: Tensor,
+        member_params: Callable[[int], Iterable[HasGrad]],
+        active: Sequence[bool],
+    ) -> list[Optional[Tensor]]:
+        """The members judged together: one detector with a lane per member (one set of small
+        kernels per step, not one per member), each member's verdicts read back with its settle."""
+        lanes = _SkipLanes.of(remedies, losses.device)
+        if lanes is None:
+            return super().defer_members(remedies, step, losses, grad_norms, member_params, active)
+        spikes = lanes.observe(step, losses, grad_norms, active)
+        return [spikes[k] if r is not None and active[k] else None for k, r in enumerate(remedies)]
+
     def defer(self, step: int, loss: Optional[Tensor], grad_norm: Tensor, params: Iterable[HasGrad]) -> Tensor:
         """Judge ``step`` on the device; returns its skip flag (0-dim bool). Nothing is read back."""
         if loss is None:
             raise ValueError("SkipStep.defer: the loss is judged too")
+        if self._lane is not None:
+            raise RuntimeError("SkipStep.defer: a sweep member's steps are judged with its sweep (defer_members)")
         detector = self._state(grad_norm.device)
         judged = detector.observe(loss.reshape(1), grad_norm.reshape(1))
-        self._rows.add(step, judged.spike, judged.trigger, judged.value, judged.bar)
+        self._rows.add(step, *(v[0] for v in judged))
         return judged.spike[0]
 
     def settle(self) -> list[Event]:
         """The ``skip_step`` events of the steps judged since the last settle, in step order (one read)."""
         events = []
-        for step, (spike, trigger, value, bar) in self._rows.read():
+        rows = self._rows.read() if self._lane is None else self._lane[0].read(self._lane[1])
+        for step, (spike, trigger, value, bar) in rows:
             if spike:
                 self.skipped += 1
                 series = SpikeDetector.SERIES[int(trigger)]
@@ -279,15 +322,74 @@ class SkipStep(Remedy):
         return self._detector
 
     def state_dict(self) -> dict[str, Any]:
-        if self._rows:
+        if self._rows or (self._lane is not None and self._lane[0].pending(self._lane[1])):
             raise RuntimeError("SkipStep.state_dict: steps judged on the device are not settled yet")
-        history = self._detector.state_dict(0) if self._detector is not None else self._stored
+        if self._lane is not None:
+            history = self._lane[0].detector.state_dict(self._lane[1])
+        else:
+            history = self._detector.state_dict(0) if self._detector is not None else self._stored
         return {"detector": {k: list(v) for k, v in history.items()}, "skipped": self.skipped}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._stored = {name: list(state["detector"].get(name, [])) for name in SpikeDetector.SERIES}
         self._detector, self._rows = None, PendingRows()
+        if self._lane is not None:
+            lanes, k = self._lane
+            lanes.detector.load_state_dict(k, self._stored)
+            lanes.forget(k)
         self.skipped = int(state["skipped"])
+
+
+class _SkipLanes:
+    """The skip-step remedies of a sweep's members judged as lanes of one DeviceSpikeDetector
+    (they share its rule; each keeps its own history in its lane). The verdicts of all members
+    are one ``(K, 5)`` row per step, read back at the first member's settle and handed to each
+    member at its own."""
+
+    def __init__(self, members: list[Optional[SkipStep]], cfg: DetectorConfig, device: torch.device):
+        self.detector = DeviceSpikeDetector(cfg, len(members), device)
+        for k, member in enumerate(members):
+            if member is not None:
+                self.detector.load_state_dict(k, member.state_dict()["detector"])
+                member._lane = (self, k)
+        self.rows = PendingRows()
+        self.settled: list[list[tuple[int, list[float]]]] = [[] for _ in members]
+
+    @classmethod
+    def of(cls, remedies: Sequence[Optional[Remedy]], device: torch.device) -> Optional[_SkipLanes]:
+        """The members' lanes (built at the first step), or None where they cannot share a detector
+        (another kind of remedy among them, or detectors configured differently)."""
+        skips = [r if isinstance(r, SkipStep) else None for r in remedies]
+        members = [r for r in skips if r is not None]
+        if not members or len(members) != sum(r is not None for r in remedies):
+            return None
+        built = {id(r._lane[0]) if r._lane is not None else None for r in members}
+        if built != {None}:  # built at an earlier step: every member must be in this one
+            lane = members[0]._lane
+            return lane[0] if len(built) == 1 and lane is not None else None
+        cfg = members[0].detector_cfg
+        return cls(skips, cfg, device) if all(r.detector_cfg == cfg for r in members) else None
+
+    def observe(self, step: int, losses: Tensor, grad_norms: Tensor, active: Sequence[bool]) -> Tensor:
+        live = values_on(active, losses.device)
+        judged = self.detector.observe(losses, grad_norms, live)
+        self.rows.add(step, judged.spike, judged.trigger, judged.value, judged.bar, live)
+        return judged.spike
+
+    def read(self, k: int) -> list[tuple[int, list[float]]]:
+        """Member ``k``'s verdicts since its last settle (reads the device for all members at once)."""
+        for step, members in self.rows.read():
+            for lane, (spike, trigger, value, bar, live) in enumerate(members):
+                if live:
+                    self.settled[lane].append((step, [spike, trigger, value, bar]))
+        rows, self.settled[k] = self.settled[k], []
+        return rows
+
+    def pending(self, k: int) -> bool:
+        return bool(self.rows) or bool(self.settled[k])
+
+    def forget(self, k: int) -> None:
+        self.settled[k] = []
 
 
 @overload

@@ -413,3 +413,39 @@ def test_build_remedy_and_config_checks():
         to_config({"remedy": {"zclip_alpha": 1.0}})
     with pytest.raises(ConfigError, match="remedy.kind"):
         to_config({"remedy": {"kind": "restart"}})
+
+
+def test_a_sweeps_skip_steps_judged_together_are_each_members_own_skip_step():
+    """Members judged as lanes of one detector (SkipStep.defer_members) decide, record and keep
+    their history as a skip-step of their own fed the same values; a member sitting steps out
+    (diverged) neither skips nor remembers."""
+    import random
+
+    cfg = RemedyConfig(detector=DetectorConfig(sigma=2.0, window=12, min_history=4))
+    rng = random.Random(0)
+    members = [SkipStep(cfg), None, SkipStep(cfg), SkipStep(cfg)]
+    alone = [SkipStep(cfg) if m is not None else None for m in members]
+    alone_events: list[list] = [[] for _ in members]
+    for step in range(60):
+        losses = [3.0 - step / 40 + rng.gauss(0, 0.02) * (10 if rng.random() < 0.1 else 1) for _ in members]
+        norms = [abs(rng.gauss(1.0, 0.1)) * (8 if rng.random() < 0.05 else 1) for _ in members]
+        active = [True, True, step < 40, True]
+        flags = SkipStep.defer_members(members, step, torch.tensor(losses), torch.tensor(norms), lambda k: [], active)
+        for k, solo in enumerate(alone):
+            if solo is None or not active[k]:
+                assert flags[k] is None
+                continue
+            event = solo.check(step, float(torch.tensor(losses[k])), float(torch.tensor(norms[k])))
+            alone_events[k] += [event] if event else []
+            assert bool(flags[k]) == (event is not None), (step, k)
+        if step % 7 == 6:  # the loop's read-backs, member by member
+            for k, member in enumerate(members):
+                if member is not None:
+                    assert member.settle() == alone_events[k]
+                    alone_events[k] = []
+    for k, member in enumerate(members):
+        if member is not None:
+            assert member.settle() == alone_events[k]
+            assert member.state_dict() == alone[k].state_dict()
+    assert members[0]._lane[0] is members[3]._lane[0]  # one detector for the sweep
+    assert sum(m.skipped for m in members if m is not None) > 3
