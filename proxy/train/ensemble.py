@@ -434,7 +434,7 @@ class StackedEngine:
         if not kinds:
             return None
         kind = kinds.pop() if len(kinds) == 1 else Remedy  # one kind may judge its members together
-        flags = kind.defer_members(device_remedies, step, loss_t, norms, self._member_views, active)
+        flags = kind.defer_members(device_remedies, step, loss_t, norms, self.model.grads(), self._member_views, active)
         if all(f is None for f in flags):
             return None
         no = torch.zeros((), dtype=torch.bool, device=self.device)

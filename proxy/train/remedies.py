@@ -46,11 +46,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from proxy.config import DetectorConfig, RemedyConfig, RemedyKind, SnapshotStorage
+from proxy.config import RemedyConfig, RemedyKind, SnapshotStorage
 from proxy.optim import HasGrad, scale_grads
 from proxy.records import ROLLBACK, SKIP_STEP, STATE_NAME, ZCLIP, UnsafePathError, confined, load_state, save_state
 from proxy.spikes import Number, Spike, SpikeDetector
 from proxy.train.device_detector import DeviceSpikeDetector
+from proxy.train.lanes import MemberLanes, PendingRows
 from proxy.train.runtime import values_on
 
 
@@ -139,6 +140,8 @@ class Remedy(ABC):
     # A remedy that decides on the device (skip-step, ZClip) judges a step without reading it
     # back: the loop calls defer() on every step and settle() when it next reads.
     decides_on_device: bool = False
+    # a sweep member judged with the others, as lane k of their shared state (proxy/train/lanes.py)
+    _lane: Optional[tuple[MemberLanes, int]] = None
 
     def defer(
         self, step: int, loss: Optional[Tensor], grad_norm: Tensor, params: Iterable[HasGrad]
@@ -159,12 +162,14 @@ class Remedy(ABC):
         step: int,
         losses: Tensor,
         grad_norms: Tensor,
+        grads: Sequence[Tensor],
         member_params: Callable[[int], Iterable[HasGrad]],
         active: Sequence[bool],
     ) -> list[Optional[Tensor]]:
         """:meth:`defer` for each active member of a sweep (``losses``, ``grad_norms``: ``(K,)``;
-        ``member_params(k)``: member k's gradients); each member's skip flag or None. A remedy
-        may judge the members together (skip-step: one detector, a lane per member)."""
+        ``grads``: the member-stacked gradients ``(K, ...)``; ``member_params(k)``: member k's);
+        each member's skip flag or None. A remedy may judge the members together as lanes of one
+        state (proxy/train/lanes.py: skip-step's detector, ZClip's statistics)."""
         return [
             r.defer(step, losses[k], grad_norms[k], member_params(k)) if r is not None and active[k] else None
             for k, r in enumerate(remedies)
@@ -190,31 +195,6 @@ class Remedy(ABC):
 
     @abstractmethod
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
-
-
-class PendingRows:
-    """The verdicts of steps judged on the device (one float64 row each), kept there until the
-    loop's next read-back: :meth:`read` copies them all to the host at once."""
-
-    def __init__(self) -> None:
-        self._rows: list[tuple[int, Tensor]] = []
-
-    def __len__(self) -> int:
-        return len(self._rows)
-
-    def add(self, step: int, *values: Tensor) -> None:
-        """One row of 0-dim values; or, with ``(K,)`` values, one row per member (``(K, F)``)."""
-        self._rows.append((step, torch.stack([v.double() for v in values], dim=-1)))
-
-    def read(self) -> list[tuple[int, Any]]:
-        """``(step, row)`` of every step added since the last read, in order (one sync), and forget
-        them; a row is a list of floats (a list of them per member with ``(K,)`` values)."""
-        if not self._rows:
-            return []
-        steps = [s for s, _ in self._rows]
-        values = torch.stack([row for _, row in self._rows]).tolist()  # one sync
-        self._rows = []
-        return list(zip(steps, values))
 
 
 # --------------------------------------------------------------------------------------------
@@ -248,7 +228,7 @@ class SkipStep(Remedy):
         self._stored: dict[str, Any] = {"loss": [], "grad_norm": []}  # the history, until a device is known
         self._detector: Optional[DeviceSpikeDetector] = None
         self._rows = PendingRows()  # (step, [spike, trigger, value, bar]) not yet read
-        self._lane: Optional[tuple[_SkipLanes, int]] = None  # a sweep member: its lane of a shared detector
+        self._lane: Optional[tuple[MemberLanes, int]] = None  # a sweep member: its lane of a shared detector
 
     def after_backward(
         self, step: int, loss: Number, grad_norm: Number, params: Sequence[HasGrad], data_position: Optional[int] = None
@@ -274,16 +254,28 @@ class SkipStep(Remedy):
         step: int,
         losses: Tensor,
         grad_norms: Tensor,
+        grads: Sequence[Tensor],
         member_params: Callable[[int], Iterable[HasGrad]],
         active: Sequence[bool],
     ) -> list[Optional[Tensor]]:
         """The members judged together: one detector with a lane per member (one set of small
         kernels per step, not one per member), each member's verdicts read back with its settle."""
-        lanes = _SkipLanes.of(remedies, losses.device)
+
+        def build(members: list[Optional[SkipStep]]) -> DeviceSpikeDetector:
+            first = next(m for m in members if m is not None)
+            detector = DeviceSpikeDetector(first.detector_cfg, len(members), losses.device)
+            for k, member in enumerate(members):
+                if member is not None:
+                    detector.load_state_dict(k, member.state_dict()["detector"])
+            return detector
+
+        lanes = _lanes_of(remedies, SkipStep, lambda r: r.detector_cfg, build)
         if lanes is None:
-            return super().defer_members(remedies, step, losses, grad_norms, member_params, active)
-        spikes = lanes.observe(step, losses, grad_norms, active)
-        return [spikes[k] if r is not None and active[k] else None for k, r in enumerate(remedies)]
+            return super().defer_members(remedies, step, losses, grad_norms, grads, member_params, active)
+        live = values_on(active, losses.device)
+        judged = lanes.state.observe(losses, grad_norms, live)
+        lanes.add(step, live, *judged)
+        return [judged.spike[k] if r is not None and active[k] else None for k, r in enumerate(remedies)]
 
     def defer(self, step: int, loss: Optional[Tensor], grad_norm: Tensor, params: Iterable[HasGrad]) -> Tensor:
         """Judge ``step`` on the device; returns its skip flag (0-dim bool). Nothing is read back."""
@@ -325,7 +317,7 @@ class SkipStep(Remedy):
         if self._rows or (self._lane is not None and self._lane[0].pending(self._lane[1])):
             raise RuntimeError("SkipStep.state_dict: steps judged on the device are not settled yet")
         if self._lane is not None:
-            history = self._lane[0].detector.state_dict(self._lane[1])
+            history = self._lane[0].state.state_dict(self._lane[1])
         else:
             history = self._detector.state_dict(0) if self._detector is not None else self._stored
         return {"detector": {k: list(v) for k, v in history.items()}, "skipped": self.skipped}
@@ -335,61 +327,31 @@ class SkipStep(Remedy):
         self._detector, self._rows = None, PendingRows()
         if self._lane is not None:
             lanes, k = self._lane
-            lanes.detector.load_state_dict(k, self._stored)
+            lanes.state.load_state_dict(k, self._stored)
             lanes.forget(k)
         self.skipped = int(state["skipped"])
 
 
-class _SkipLanes:
-    """The skip-step remedies of a sweep's members judged as lanes of one DeviceSpikeDetector
-    (they share its rule; each keeps its own history in its lane). The verdicts of all members
-    are one ``(K, 5)`` row per step, read back at the first member's settle and handed to each
-    member at its own."""
-
-    def __init__(self, members: list[Optional[SkipStep]], cfg: DetectorConfig, device: torch.device):
-        self.detector = DeviceSpikeDetector(cfg, len(members), device)
-        for k, member in enumerate(members):
-            if member is not None:
-                self.detector.load_state_dict(k, member.state_dict()["detector"])
-                member._lane = (self, k)
-        self.rows = PendingRows()
-        self.settled: list[list[tuple[int, list[float]]]] = [[] for _ in members]
-
-    @classmethod
-    def of(cls, remedies: Sequence[Optional[Remedy]], device: torch.device) -> Optional[_SkipLanes]:
-        """The members' lanes (built at the first step), or None where they cannot share a detector
-        (another kind of remedy among them, or detectors configured differently)."""
-        skips = [r if isinstance(r, SkipStep) else None for r in remedies]
-        members = [r for r in skips if r is not None]
-        if not members or len(members) != sum(r is not None for r in remedies):
-            return None
-        built = {id(r._lane[0]) if r._lane is not None else None for r in members}
-        if built != {None}:  # built at an earlier step: every member must be in this one
-            lane = members[0]._lane
-            return lane[0] if len(built) == 1 and lane is not None else None
-        cfg = members[0].detector_cfg
-        return cls(skips, cfg, device) if all(r.detector_cfg == cfg for r in members) else None
-
-    def observe(self, step: int, losses: Tensor, grad_norms: Tensor, active: Sequence[bool]) -> Tensor:
-        live = values_on(active, losses.device)
-        judged = self.detector.observe(losses, grad_norms, live)
-        self.rows.add(step, judged.spike, judged.trigger, judged.value, judged.bar, live)
-        return judged.spike
-
-    def read(self, k: int) -> list[tuple[int, list[float]]]:
-        """Member ``k``'s verdicts since its last settle (reads the device for all members at once)."""
-        for step, members in self.rows.read():
-            for lane, (spike, trigger, value, bar, live) in enumerate(members):
-                if live:
-                    self.settled[lane].append((step, [spike, trigger, value, bar]))
-        rows, self.settled[k] = self.settled[k], []
-        return rows
-
-    def pending(self, k: int) -> bool:
-        return bool(self.rows) or bool(self.settled[k])
-
-    def forget(self, k: int) -> None:
-        self.settled[k] = []
+def _lanes_of(
+    remedies: Sequence[Optional[Remedy]], kind: type, same: Callable[[Any], Any], build: Callable[[list[Any]], Any]
+) -> Optional[MemberLanes]:
+    """The lanes a sweep's remedies of ``kind`` share (built at their first step by ``build`` from
+    the members, None for a member without a remedy), or None where they cannot share one: another
+    kind among them, or settings (``same``) that differ."""
+    members = [r for r in remedies if r is not None]
+    if not members or not all(isinstance(r, kind) for r in members):
+        return None
+    built = {id(r._lane[0]) if r._lane is not None else None for r in members}
+    if built != {None}:  # built at an earlier step: every member must be in it
+        lane = members[0]._lane
+        return lane[0] if len(built) == 1 and lane is not None else None
+    if any(same(r) != same(members[0]) for r in members):
+        return None
+    lanes = MemberLanes(build(list(remedies)), len(remedies))
+    for k, r in enumerate(remedies):
+        if r is not None:
+            r._lane = (lanes, k)
+    return lanes
 
 
 @overload
@@ -684,9 +646,9 @@ class ZClip(Remedy):
         self.alpha, self.z_threshold, self.warmup_steps = alpha, z_threshold, warmup_steps
         self.max_norm, self.eps = max_norm, eps
         self._stored: dict[str, Any] = {"warmup_norms": [], "mean": None, "var": None}  # until a device is known
-        self._t: Optional[dict[str, Tensor]] = None  # the state as device tensors
-        self._warmed_up = False  # the host has read back that the statistics are ready
+        self._t: Optional[ZClipState] = None  # the state as device tensors (one lane)
         self._rows = PendingRows()  # (step, [fired, norm, threshold, z, clipped_to, ready]) not yet read
+        self._lane: Optional[tuple[MemberLanes, int]] = None  # a sweep member: its lane of shared statistics
 
     @classmethod
     def from_config(cls, cfg: RemedyConfig, max_norm: float = 0.0) -> "ZClip":
@@ -718,23 +680,68 @@ class ZClip(Remedy):
 
     def defer(self, step: int, loss: Optional[Tensor], grad_norm: Tensor, params: Iterable[HasGrad]) -> None:
         """Judge ``step`` and clip on the device; nothing is read back (see :meth:`settle`)."""
-        t = self._state(grad_norm.device)
-        norm = grad_norm.detach().to(torch.float64)
-        finite = torch.isfinite(norm)
-        ready = t["ready"]
-        if self._warmed_up:  # known from a read-back (ready stays true): the warmup's work is over
-            now_ready, warm_mean, warm_var = ~ready, t["mean"], t["var"]
+        if self._lane is not None:
+            raise RuntimeError("ZClip.defer: a sweep member's steps are judged with its sweep (defer_members)")
+        if self._t is None or self._t.device != grad_norm.device:
+            self._t = ZClipState(self.warmup_steps, 1, grad_norm.device)
+            self._t.load(0, self._stored)
+        factor, row = self._judge(self._t, grad_norm.reshape(1), None)
+        scale_grads(params, factor[0])  # x * 1 is x: an unclipped step is untouched
+        self._rows.add(step, *(v[0] for v in row))
+
+    @classmethod
+    def defer_members(
+        cls,
+        remedies: Sequence[Optional[Remedy]],
+        step: int,
+        losses: Tensor,
+        grad_norms: Tensor,
+        grads: Sequence[Tensor],
+        member_params: Callable[[int], Iterable[HasGrad]],
+        active: Sequence[bool],
+    ) -> list[Optional[Tensor]]:
+        """The members judged together: their statistics in lanes of one state, each member's
+        gradients clipped by its own factor in one multiplication per stacked tensor."""
+
+        def build(members: list[Optional[ZClip]]) -> ZClipState:
+            first = next(m for m in members if m is not None)
+            state = ZClipState(first.warmup_steps, len(members), grad_norms.device)
+            for k, member in enumerate(members):
+                if member is not None:
+                    state.load(k, member.state_dict())
+            return state
+
+        same = lambda r: (r.alpha, r.z_threshold, r.warmup_steps, r.max_norm, r.eps)  # noqa: E731
+        lanes = _lanes_of(remedies, ZClip, same, build)
+        if lanes is None:
+            return super().defer_members(remedies, step, losses, grad_norms, grads, member_params, active)
+        first = next(r for r in remedies if isinstance(r, ZClip))
+        live = values_on(active, grad_norms.device)
+        factor, row = first._judge(lanes.state, grad_norms, live)
+        for g in grads:  # member k's gradients times its factor (1 where nothing is clipped: exact)
+            g.mul_(factor.to(g.dtype).view(-1, *([1] * (g.ndim - 1))))
+        lanes.add(step, live, *row)
+        return [None] * len(remedies)
+
+    def _judge(self, t: ZClipState, norms: Tensor, live: Optional[Tensor]) -> tuple[Tensor, tuple[Tensor, ...]]:
+        """One step of each lane of ``t``: its clip factor and its verdict row (fired, norm, the
+        threshold, z, the clip target, ready). A lane not ``live`` is left as it was. No sync."""
+        norm = norms.detach().to(torch.float64)
+        finite = torch.isfinite(norm) if live is None else torch.isfinite(norm) & live
+        ready = t.ready
+        if t.warmed_up:  # known from a read-back (ready stays true): the warmup's work is over
+            now_ready, warm_mean, warm_var = ~ready, t.mean, t.var
         else:  # warmup: the first max(1, warmup_steps) finite norms, then their plain mean and variance
-            n_warm = t["warm"].numel()
+            n_warm = t.warm.shape[-1]
             warming = finite & ~ready
-            slot = t["count"].clamp(max=n_warm - 1).view(1)
-            t["warm"].scatter_(0, slot, torch.where(warming, norm, t["warm"].gather(0, slot)).view(1))
-            t["count"] += warming.long()
-            now_ready = warming & (t["count"] >= n_warm)
-            warm_mean = t["warm"].sum() / n_warm
-            warm_var = ((t["warm"] - warm_mean) ** 2).sum() / n_warm
+            slot = t.count.clamp(max=n_warm - 1)[:, None]
+            t.warm.scatter_(1, slot, torch.where(warming, norm, t.warm.gather(1, slot)[:, 0])[:, None])
+            t.count += warming.long()
+            now_ready = warming & (t.count >= n_warm)
+            warm_mean = t.warm.sum(-1) / n_warm
+            warm_var = ((t.warm - warm_mean[:, None]) ** 2).sum(-1) / n_warm
         # the z-score test, on statistics that were ready before this step
-        mean, var = t["mean"], t["var"]
+        mean, var = t.mean, t.var
         std = var.sqrt()
         z = (norm - mean) / (std + self.eps)
         fired = ready & finite & (z > self.z_threshold)
@@ -742,47 +749,30 @@ class ZClip(Remedy):
         # exponentially weighted mean and variance, updated together (Finch 2009), with g*
         diff = target - mean
         moving = ready & finite
-        t["mean"] = torch.where(moving, mean + (1 - self.alpha) * diff, torch.where(now_ready, warm_mean, mean))
-        t["var"] = torch.where(
+        t.mean = torch.where(moving, mean + (1 - self.alpha) * diff, torch.where(now_ready, warm_mean, mean))
+        t.var = torch.where(
             moving, self.alpha * (var + (1 - self.alpha) * diff * diff), torch.where(now_ready, warm_var, var)
         )
-        t["ready"] = ready | now_ready
+        t.ready = ready | now_ready
         bound = torch.clamp(target, max=self.max_norm) if self.max_norm > 0 else target
         factor = torch.where(finite & (bound < norm), bound / norm, torch.ones_like(norm))
-        scale_grads(params, factor)  # x * 1 is x: an unclipped step is untouched
         threshold = mean + self.z_threshold * std
-        self._rows.add(step, fired, norm, threshold, z, target, t["ready"])
+        return factor, (fired, norm, threshold, z, target, t.ready)
 
     def settle(self) -> list[Event]:
         """The ``zclip`` events of the steps judged since the last settle, in step order (one read)."""
-        rows = self._rows.read()
-        if not rows:
-            return []
-        self._warmed_up = self._warmed_up or bool(rows[-1][1][5])
+        if self._lane is not None:
+            lanes, k = self._lane
+            rows, t = lanes.read(k), lanes.state
+        else:
+            rows, t, k = self._rows.read(), self._t, 0
+        if rows and t is not None:
+            t.known_ready[k] = t.known_ready[k] or bool(rows[-1][1][5])
         return [
             make_event(step, ZCLIP, "grad_norm", norm, threshold, z=z, clipped_to=target)
             for step, (fired, norm, threshold, z, target, _) in rows
             if fired
         ]
-
-    def _state(self, device: torch.device) -> dict[str, Tensor]:
-        if self._t is None:
-            stored = self._stored
-            warm = torch.zeros(max(1, self.warmup_steps), dtype=torch.float64, device=device)
-            done = list(stored["warmup_norms"])[: warm.numel()]
-            warm[: len(done)] = torch.tensor(done, dtype=torch.float64)
-            self._t = {
-                "warm": warm,
-                "count": torch.tensor(len(done), device=device),
-                "ready": torch.tensor(stored["mean"] is not None, device=device),
-                "mean": torch.tensor(
-                    stored["mean"] if stored["mean"] is not None else 0.0, dtype=torch.float64, device=device
-                ),
-                "var": torch.tensor(
-                    stored["var"] if stored["var"] is not None else 0.0, dtype=torch.float64, device=device
-                ),
-            }
-        return self._t
 
     # the state as numbers (each reads the device): the warmup's norms so far, then the statistics
     @property
@@ -798,16 +788,58 @@ class ZClip(Remedy):
         return self.state_dict()["var"]
 
     def state_dict(self) -> dict[str, Any]:
+        if self._lane is not None:
+            return self._lane[0].state.dump(self._lane[1])
         if self._t is None:
             return {k: (list(v) if isinstance(v, list) else v) for k, v in self._stored.items()}
-        t = self._t
-        if bool(t["ready"]):
-            return {"warmup_norms": [], "mean": float(t["mean"]), "var": float(t["var"])}
-        return {"warmup_norms": t["warm"][: int(t["count"])].tolist(), "mean": None, "var": None}
+        return self._t.dump(0)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._stored = {"warmup_norms": list(state["warmup_norms"]), "mean": state["mean"], "var": state["var"]}
-        self._t, self._rows, self._warmed_up = None, PendingRows(), state["mean"] is not None
+        self._t, self._rows = None, PendingRows()
+        if self._lane is not None:
+            lanes, k = self._lane
+            lanes.state.load(k, self._stored)
+            lanes.forget(k)
+
+
+class ZClipState:
+    """ZClip's statistics for ``n`` lanes (one run, or a sweep's members) as device tensors: the
+    warmup's norms ``warm (n, max(1, warmup))`` and their ``count``, whether the statistics are
+    ``ready``, the EMA ``mean`` and ``var``; ``known_ready`` what the host last read back of
+    each lane: once every lane is known ready (``warmed_up``) the warmup's work is skipped."""
+
+    def __init__(self, warmup_steps: int, n: int, device: torch.device):
+        self.device = device
+        self.warm = torch.zeros(n, max(1, warmup_steps), dtype=torch.float64, device=device)
+        self.count = torch.zeros(n, dtype=torch.int64, device=device)
+        self.ready = torch.zeros(n, dtype=torch.bool, device=device)
+        self.mean = torch.zeros(n, dtype=torch.float64, device=device)
+        self.var = torch.zeros(n, dtype=torch.float64, device=device)
+        self.known_ready = [False] * n
+
+    @property
+    def warmed_up(self) -> bool:
+        return all(self.known_ready)
+
+    def load(self, k: int, stored: dict[str, Any]) -> None:
+        """Lane ``k`` from ZClip's state format."""
+        done = list(stored["warmup_norms"])[: self.warm.shape[1]]
+        self.warm[k].zero_()
+        if done:
+            self.warm[k, : len(done)] = torch.tensor(done, dtype=torch.float64)
+        self.count[k] = len(done)
+        ready = stored["mean"] is not None
+        self.ready[k] = ready
+        self.mean[k] = float(stored["mean"]) if ready else 0.0
+        self.var[k] = float(stored["var"]) if ready else 0.0
+        self.known_ready[k] = ready
+
+    def dump(self, k: int) -> dict[str, Any]:
+        """Lane ``k`` in ZClip's state format (reads the device)."""
+        if bool(self.ready[k]):
+            return {"warmup_norms": [], "mean": float(self.mean[k]), "var": float(self.var[k])}
+        return {"warmup_norms": self.warm[k, : int(self.count[k])].tolist(), "mean": None, "var": None}
 
 
 # --------------------------------------------------------------------------------------------
@@ -838,6 +870,7 @@ __all__ = [
     "Spike",
     "SpikeDetector",
     "ZClip",
+    "ZClipState",
     "build_remedy",
     "make_event",
 ]

@@ -430,7 +430,9 @@ def test_a_sweeps_skip_steps_judged_together_are_each_members_own_skip_step():
         losses = [3.0 - step / 40 + rng.gauss(0, 0.02) * (10 if rng.random() < 0.1 else 1) for _ in members]
         norms = [abs(rng.gauss(1.0, 0.1)) * (8 if rng.random() < 0.05 else 1) for _ in members]
         active = [True, True, step < 40, True]
-        flags = SkipStep.defer_members(members, step, torch.tensor(losses), torch.tensor(norms), lambda k: [], active)
+        flags = SkipStep.defer_members(
+            members, step, torch.tensor(losses), torch.tensor(norms), [], lambda k: [], active
+        )
         for k, solo in enumerate(alone):
             if solo is None or not active[k]:
                 assert flags[k] is None
