@@ -53,8 +53,10 @@ class AdamW(torch.optim.Optimizer):
     is taken, or left out as if ``step()`` had not been called (parameters, moments and step
     count as they were), without the host reading the flag. The skipped steps are counted on
     the device and the bias corrections looked up by the device's count from tables of the very
-    floats ``step()`` computes, so a step that goes ahead is the bits ``step()`` gives (CPU,
-    fp32; tested), and a skipped one changes nothing but the sign of a zero weight. The count
+    floats ``step()`` computes, so a step that goes ahead is the bits ``step()`` gives on a CPU
+    (fp32; tested), and a skipped one changes nothing but the sign of a zero weight. On a GPU the
+    plain step's fused kernels may round in another order (``s * (m / d)`` against ``(s * m) / d``):
+    the last bits, so a run keeps to one path (skip-step: the masked one, read or not). The count
     is folded into ``state["step"]`` when the state is read (``state_dict``) or a plain
     ``step()`` follows.
     """
@@ -123,7 +125,8 @@ class AdamW(torch.optim.Optimizer):
         skipped, self._skipped = int(self._skipped), None
         if skipped:
             for state in self.state.values():
-                state["step"] -= skipped
+                if "step" in state:
+                    state["step"] -= skipped
 
     def state_dict(self) -> dict[str, Any]:
         self._fold_skipped()
@@ -137,7 +140,7 @@ class AdamW(torch.optim.Optimizer):
         params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
         for p in group["params"]:
             if p.grad is None:
-                if skip is not None and self.state[p]:
+                if skip is not None and self.state.get(p):
                     # the device's skip count is one for all: every stepping parameter must step
                     raise RuntimeError("proxy.optim.AdamW.step(skip=...): a parameter with state has no gradient")
                 continue
@@ -145,6 +148,9 @@ class AdamW(torch.optim.Optimizer):
                 raise RuntimeError("proxy.optim.AdamW does not support sparse gradients")
             state = self.state[p]
             if not state:
+                # the skips counted so far are not this parameter's: fold them first (a read-back,
+                # when a parameter gets its first gradient after a skip decided on the device)
+                self._fold_skipped()
                 state["step"] = 0
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)

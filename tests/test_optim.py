@@ -462,3 +462,27 @@ def test_a_device_skip_needs_every_stepping_parameter_to_have_a_gradient():
     b.grad = None
     with pytest.raises(RuntimeError, match="no gradient"):
         opt.step(skip=torch.tensor(False))
+
+
+def test_a_device_skip_leaves_a_parameter_without_gradients_alone_and_counts_a_late_one_from_its_start():
+    """A parameter that never has a gradient gets no state; one whose first gradient comes after
+    skips counts its own steps only: as a host-decided skip counts them."""
+
+    def run(on_device: bool) -> tuple[list[int], list[torch.Tensor]]:
+        a, b, idle = (nn.Parameter(torch.ones(3)) for _ in range(3))
+        opt = AdamW([{"params": [a, idle]}, {"params": [b]}], lr=1e-2)
+        for step in range(6):
+            a.grad = torch.full((3,), 0.1 * (step + 1))
+            b.grad = torch.full((3,), 0.2 * step) if step >= 3 else None
+            skip = step == 1
+            if on_device:
+                opt.step(skip=torch.tensor(skip))
+            elif not skip:
+                opt.step()
+        state = opt.state_dict()["state"]
+        return [s["step"] for s in state.values()], [a.detach().clone(), b.detach().clone()]
+
+    host_steps, host_params = run(False)
+    device_steps, device_params = run(True)
+    assert host_steps == device_steps == [5, 3]  # a skipped once; b from its first gradient; idle: no state
+    assert all(torch.equal(h, d) for h, d in zip(host_params, device_params))

@@ -25,7 +25,7 @@ from proxy.model import build_model
 from proxy.optim import AdamW, build_optimizer
 from proxy.records import KITS_DIR, StateFileError, StoredFileError, load_state, read_json
 from proxy.train.capture import BATCHES_FILE, KIT_FORMAT, KIT_JSON, STATE_FILES, find_kits
-from proxy.train.remedies import Remedy, build_remedy
+from proxy.train.remedies import Remedy, SkipStep, build_remedy
 from proxy.train.runtime import autocast_for, param_dtype
 from proxy.train.step import StepResult, TrainStep
 
@@ -226,7 +226,9 @@ def trainer_step(
     """One step exactly as the trainer takes it: the trainer's own step function
     (proxy/train/step.py), with the restored model, optimizer and remedy.
 
-    ``use_remedy=False`` steps as if the run had no remedy. A ``rollback`` event cannot be
+    ``use_remedy=False`` steps as if the run had no remedy; where the run's remedy decided on the
+    device (skip-step), its update still goes through the same masked arithmetic, never skipping,
+    so a step the run kept is the run's bits on any device. A ``rollback`` event cannot be
     replayed in a short window, so it skips the update like a ``skip_step``. ``apply=False``
     stops before the optimizer step, leaving the clipped gradients in place for the caller.
     """
@@ -235,6 +237,8 @@ def trainer_step(
     result = step.compute(
         t.step, lr, x.to(t.device), y.to(t.device), t.remedy if use_remedy else None, collect_stats=collect_stats
     )
+    if not use_remedy and isinstance(t.remedy, SkipStep):
+        result.skip_t = torch.zeros((), dtype=torch.bool, device=t.device)
     if apply:
         step.apply(result)
         t.step += 1

@@ -24,6 +24,7 @@ from torch import Tensor
 
 from proxy.config import DetectorConfig, SpikeBaseline
 from proxy.spikes import SpikeDetector
+from proxy.train.runtime import to_device
 
 
 class Judged(NamedTuple):
@@ -124,7 +125,8 @@ class DeviceSpikeDetector:
             values = [float(v) for v in state.get(name, [])][-self.window :]
             self.history[lane, i].zero_()
             if values:
-                self.history[lane, i, self.window - len(values) :] = torch.tensor(values, dtype=torch.float64)
+                values_t = to_device(torch.tensor(values, dtype=torch.float64), self.device)  # no wait
+                self.history[lane, i, self.window - len(values) :] = values_t
             self.count[lane, i] = len(values)
 
 

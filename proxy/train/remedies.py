@@ -52,7 +52,7 @@ from proxy.records import ROLLBACK, SKIP_STEP, STATE_NAME, ZCLIP, UnsafePathErro
 from proxy.spikes import Number, Spike, SpikeDetector
 from proxy.train.device_detector import DeviceSpikeDetector
 from proxy.train.lanes import MemberLanes, PendingRows
-from proxy.train.runtime import values_on
+from proxy.train.runtime import to_device, values_on
 
 
 # --------------------------------------------------------------------------------------------
@@ -827,7 +827,7 @@ class ZClipState:
         done = list(stored["warmup_norms"])[: self.warm.shape[1]]
         self.warm[k].zero_()
         if done:
-            self.warm[k, : len(done)] = torch.tensor(done, dtype=torch.float64)
+            self.warm[k, : len(done)] = to_device(torch.tensor(done, dtype=torch.float64), self.device)  # no wait
         self.count[k] = len(done)
         ready = stored["mean"] is not None
         self.ready[k] = ready

@@ -36,7 +36,7 @@ from typing import Any, Iterator, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from proxy.config import Config, ConfigError, to_config
+from proxy.config import Config, ConfigError, RemedyKind, to_config
 from proxy.data import build_source
 from proxy.model import build_model
 from proxy.optim import build_optimizer
@@ -185,6 +185,11 @@ class Trainer:
             check_supported(cfg)
         self.dist = distributed.from_env()
         self.device = resolve_device(cfg.train.device, self.dist.local_rank)
+        if self.device.type == "mps" and RemedyKind(cfg.remedy.kind) in (RemedyKind.skip_step, RemedyKind.zclip):
+            raise ConfigError(
+                f"remedy.kind={RemedyKind(cfg.remedy.kind).value} decides on the device in float64, which MPS lacks: "
+                "train on train.device=cpu or cuda"
+            )
         if cfg.train.batch_size % self.dist.world_size:
             raise ConfigError(
                 f"train.batch_size={cfg.train.batch_size} (the global batch) is not divisible "

@@ -451,3 +451,31 @@ def test_a_sweeps_skip_steps_judged_together_are_each_members_own_skip_step():
             assert member.state_dict() == alone[k].state_dict()
     assert members[0]._lane[0] is members[3]._lane[0]  # one detector for the sweep
     assert sum(m.skipped for m in members if m is not None) > 3
+
+
+def test_a_sweeps_zclips_judged_together_are_each_members_own_zclip():
+    """Members' ZClip statistics as lanes of one state (ZClip.defer_members): the same events,
+    states and clipped gradients, bit for bit, as a ZClip of each member's own."""
+    from types import SimpleNamespace
+
+    rng = random.Random(0)
+    k_members, shapes = 3, [(5, 4), (7,)]
+    members = [ZClip(alpha=0.8, z_threshold=0.5, warmup_steps=3) for _ in range(k_members)]
+    alone = [ZClip(alpha=0.8, z_threshold=0.5, warmup_steps=3) for _ in range(k_members)]
+    fired = 0
+    for step in range(40):
+        norms = torch.tensor([abs(rng.gauss(1, 0.3)) * (5 if rng.random() < 0.1 else 1) for _ in range(k_members)])
+        stacked = [torch.randn(k_members, *shape) for shape in shapes]
+        own = [g.clone() for g in stacked]
+        ZClip.defer_members(members, step, norms, norms, stacked, lambda k: [], [True] * k_members)
+        for k, solo in enumerate(alone):
+            solo.defer(step, None, norms[k], [SimpleNamespace(grad=g[k]) for g in own])
+        assert all(torch.equal(a, b) for a, b in zip(stacked, own)), step
+        if step % 9 == 8:
+            for member, solo in zip(members, alone):
+                events = member.settle()
+                assert events == solo.settle()
+                fired += len(events)
+    for member, solo in zip(members, alone):
+        assert member.settle() == solo.settle() and member.state_dict() == solo.state_dict()
+    assert fired > 3 and members[0]._lane is not None and members[0]._lane[0] is members[2]._lane[0]

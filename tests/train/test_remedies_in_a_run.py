@@ -201,3 +201,15 @@ def test_a_remedy_that_skips_every_step_ends_the_run_after_the_configured_limit(
     else:
         assert summary["status"] == "completed"
         assert [e["step"] for e in events if e["event"] == "skip_step"] == list(range(5, 12))
+
+
+def test_a_remedy_deciding_on_the_device_is_refused_on_mps_in_one_line(tmp_path, monkeypatch):
+    """Skip-step and ZClip judge in float64 on the device; MPS has none: refused before any file."""
+    from proxy.config import ConfigError
+    from proxy.train import trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "resolve_device", lambda name, rank=0: torch.device("mps"))
+    for kind in ("skip_step", "zclip"):
+        with pytest.raises(ConfigError, match=f"remedy.kind={kind} decides on the device in float64"):
+            train(tiny_cfg(remedy=dict(kind=kind)), tmp_path / kind)
+        assert not (tmp_path / kind).exists()
