@@ -424,11 +424,21 @@ def test_each_member_captures_its_own_spike_kits(tmp_path):
     assert torch.equal(kit.batches["inputs"], reference.batches["inputs"])
 
 
-def test_a_sweep_resumes_as_if_it_had_not_stopped(tmp_path):
+@pytest.mark.parametrize(
+    "remedy",
+    [
+        dict(kind="zclip", zclip_z=2.0, zclip_warmup=5),
+        dict(kind="skip_step", detector=dict(sigma=0.5, window=5, min_history=3)),
+    ],
+    ids=["zclip", "skip_step"],
+)
+def test_a_sweep_resumes_as_if_it_had_not_stopped(tmp_path, remedy):
+    """Its remedies judged on the device between logs (log_every 3), the checkpoint on a step that
+    does not log: the resumed sweep's records are the uninterrupted one's, bit for bit."""
     cfg = tiny_cfg(
         sweep=dict(lrs=[3e-3, 1e-2]),
-        remedy=dict(kind="zclip", zclip_z=2.0, zclip_warmup=5),
-        train=dict(steps=20, ckpt_every=10, keep_checkpoints=5),
+        remedy=remedy,
+        train=dict(steps=20, ckpt_every=10, keep_checkpoints=5, log_every=3),
     )
     whole = tmp_path / "whole"
     train_ensemble(cfg, whole)
@@ -444,6 +454,9 @@ def test_a_sweep_resumes_as_if_it_had_not_stopped(tmp_path):
         ours, theirs = load_run(stopped / member), load_run(whole / member)
         assert without_perf(ours.metrics) == without_perf(theirs.metrics)  # bit for bit
         assert ours.events == theirs.events
+        assert ours.summary.final_train_loss == theirs.summary.final_train_loss
+    if remedy["kind"] == "skip_step":
+        assert any(e["event"] == "skip_step" and e["step"] > 10 for e in load_run(stopped / "lr=0.01").events)
 
 
 def test_a_sweep_resume_refuses_members_at_different_steps(tmp_path):
