@@ -154,6 +154,13 @@ class StackedAdamW:
         # costs more than the arithmetic on a CPU (fresh pages from the OS on every allocation)
         self._scratch_size = max((p.numel() for p in params.values()), default=0)
         self._scratch: Optional[Tensor] = None
+        # on a GPU, the update as multi-tensor kernels (launches, not arithmetic, are a small model's
+        # cost there); on a CPU, a loop over the stacked tensors (the per-tensor overhead of K x
+        # more, smaller tensors would be the cost). The same bits either way (tests).
+        first = next(iter(params.values()), None)
+        self.foreach = first is not None and first.device.type == "cuda"
+        self._denoms: dict[str, Tensor] = {}  # the foreach update's denominators, kept between steps
+        self._view_cache: dict[tuple[str, tuple[str, ...]], list[Tensor]] = {}
 
     @property
     def n_members(self) -> int:
@@ -204,6 +211,9 @@ class StackedAdamW:
             lrs = [lr if on else 0.0 for lr, on in zip(self.lrs(names[0], multiplier), moving)]
             decay = self._decay_factors(rule, lrs, multiplier, moving)
             neg_steps = [-(lr / b1) for lr, b1 in zip(lrs, bias1)]
+            if self.foreach:
+                self._foreach_rule(names, decay, neg_steps, bias2, bias2_sqrt, frozen, kept)
+                continue
             device, dtype = self.params[names[0]].device, self.params[names[0]].dtype
             neg_steps_t = values_on(neg_steps, device, dtype)
             decay_t = values_on(decay, device, dtype) if decay is not None else None
@@ -236,6 +246,72 @@ class StackedAdamW:
                 for k, m_k, v_k in saved:
                     m[k].copy_(m_k)
                     v[k].copy_(v_k)
+
+    def _foreach_rule(
+        self,
+        names: list[str],
+        decay: Optional[list[float]],
+        neg_steps: list[float],
+        bias2: list[float],
+        bias2_sqrt: list[float],
+        frozen: Optional[Tensor],
+        kept: list[int],
+    ) -> None:
+        """:meth:`step`'s arithmetic for the parameters ``names`` of one rule as a handful of
+        multi-tensor kernels: the stacked tensors where a scalar is the same for every member, and
+        each member's slice (``p[k]``, views made once) where it is the member's own, passed as a
+        scalar per tensor, which is proxy.optim.AdamW's own call on a member's tensors. On a GPU
+        this is ~10 launches for the rule rather than ~8 per parameter."""
+        ps = [self.params[n] for n in names]
+        gs = [p.grad for p in ps if p.grad is not None]  # by_rule holds only the parameters that have one
+        ms, vs = [self.exp_avg[n] for n in names], [self.exp_avg_sq[n] for n in names]
+        if not self._denoms:
+            self._denoms = {
+                n: torch.empty_like(v, memory_format=torch.preserve_format) for n, v in self.exp_avg_sq.items()
+            }
+        saved = [(n, k, self.exp_avg[n][k].clone(), self.exp_avg_sq[n][k].clone()) for n in names for k in kept]
+        if frozen is not None:  # a selection, not a product: NaN * 0 is NaN
+            for g in gs:
+                g.masked_fill_(as_member_column(frozen, g.ndim), 0.0)
+        per_member = lambda values: [v for _ in names for v in values]  # noqa: E731  (the order of _views)
+        if decay is not None:  # decay first: it uses theta before the update
+            torch._foreach_mul_(self._views("p", names), per_member(decay))
+        torch._foreach_lerp_(ms, gs, 1 - self.beta1)
+        torch._foreach_mul_(vs, self.beta2)
+        torch._foreach_addcmul_(vs, gs, gs, 1 - self.beta2)
+        denoms = [self._denoms[n] for n in names]
+        torch._foreach_copy_(denoms, vs)
+        torch._foreach_sqrt_(denoms)
+        if len(set(bias2_sqrt)) == 1:
+            torch._foreach_div_(denoms, bias2_sqrt[0])
+        else:
+            torch._foreach_div_(self._views("d", names), per_member(bias2_sqrt))
+        torch._foreach_add_(denoms, self.eps)
+        if self.update_clip or self.measure_rms:
+            device, dtype = ps[0].device, ps[0].dtype
+            for name, g, v, denom in zip(names, gs, vs, denoms):
+                rms = self._rms(g, v, values_on(bias2, device, dtype))
+                self.last_rms[name] = rms
+                if self.update_clip:  # the step's LR over max(1, RMS_t), per member and tensor
+                    denom.mul_(as_member_column(rms.clamp(min=1.0).to(dtype), denom.ndim))
+        # theta + step * m / denom per member: proxy.optim.AdamW's addcdiv with a scalar per tensor
+        torch._foreach_addcdiv_(
+            self._views("p", names), self._views("m", names), self._views("d", names), per_member(neg_steps)
+        )
+        for n, k, m_k, v_k in saved:
+            self.exp_avg[n][k].copy_(m_k)
+            self.exp_avg_sq[n][k].copy_(v_k)
+
+    def _views(self, kind: str, names: list[str]) -> list[Tensor]:
+        """Each member's slice of the parameters (``p``), first moments (``m``) or denominators
+        (``d``) of ``names``, parameter by parameter, member by member; made once and kept."""
+        key = (kind, tuple(names))
+        views = self._view_cache.get(key)
+        if views is None:
+            source = {"p": self.params, "m": self.exp_avg, "d": self._denoms}[kind]
+            views = [source[n][k] for n in names for k in range(self.n_members)]
+            self._view_cache[key] = views
+        return views
 
     def _masked_step(self, multiplier: float, active: Sequence[bool], skip_t: Tensor) -> None:
         """:meth:`step` with the skips on the device: a skipped or frozen member's gradient is

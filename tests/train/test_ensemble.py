@@ -244,8 +244,11 @@ def test_the_triton_kernels_map_over_members(tmp_path, kernels):
 # --------------------------------------------------------------------------------------------
 # The stacked optimizer against proxy.optim, bit for bit
 # --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("foreach", [False, True], ids=["stacked", "foreach"])
 @pytest.mark.parametrize("mode, update_clip", [("coupled", False), ("independent", False), ("coupled", True)])
-def test_stacked_adamw_is_the_standalone_adamw_per_member(mode, update_clip):
+def test_stacked_adamw_is_the_standalone_adamw_per_member(mode, update_clip, foreach):
+    """Both forms of the update (the loop over stacked tensors a CPU takes, the multi-tensor
+    kernels over member slices a GPU takes) are each member's standalone AdamW."""
     torch.manual_seed(0)
     cfg = dict(d_model=16, n_layers=1, n_heads=2)
     model_cfg = to_config({"model": cfg}).model
@@ -260,6 +263,7 @@ def test_stacked_adamw_is_the_standalone_adamw_per_member(mode, update_clip):
     names = [n for n, _ in models[0].named_parameters()]
     stacked = {n: torch.stack([dict(m.named_parameters())[n].detach() for m in models]).requires_grad_() for n in names}
     optimizer = StackedAdamW(stacked, param_rules(models[0], base_optim), lrs, wds, base_optim)
+    optimizer.foreach = foreach
     for step in range(4):
         multiplier = 0.5 + 0.1 * step
         grads = {n: torch.randn_like(p) * 10 ** (step - 2) for n, p in stacked.items()}
@@ -281,8 +285,9 @@ def test_stacked_adamw_is_the_standalone_adamw_per_member(mode, update_clip):
                 torch.testing.assert_close(stacked[n][k], p, **tolerance, msg=f"{n} member {k} step {step}")
 
 
+@pytest.mark.parametrize("foreach", [False, True], ids=["stacked", "foreach"])
 @pytest.mark.parametrize("mode, update_clip", [("coupled", False), ("independent", True)])
-def test_stacked_adamw_obeys_device_skips_as_it_obeys_host_skips(mode, update_clip):
+def test_stacked_adamw_obeys_device_skips_as_it_obeys_host_skips(mode, update_clip, foreach):
     """The same gradients and skips, told once as host flags and once as a device (K,) bool that is
     never read: parameters, moments, RMS_t and step counts agree bit for bit at every step,
     non-finite gradients of a skipped member and a frozen member included (RMS_t where a member
@@ -299,7 +304,7 @@ def test_stacked_adamw_obeys_device_skips_as_it_obeys_host_skips(mode, update_cl
     for _ in range(2):
         params = {n: torch.stack([p.detach()] * 3).requires_grad_() for n, p in model.named_parameters()}
         optimizer = StackedAdamW(params, param_rules(model, base_optim), lrs, wds, base_optim)
-        optimizer.measure_rms = True
+        optimizer.measure_rms, optimizer.foreach = True, foreach  # the host-skip side takes either form
         stacks.append((params, optimizer))
     skips = {1: [False, True, False], 2: [True, True, False], 3: [False, True, True], 5: [False, False, True]}
     for step in range(8):
@@ -330,10 +335,12 @@ def test_stacked_adamw_obeys_device_skips_as_it_obeys_host_skips(mode, update_cl
     assert host.step_counts == device.step_counts == [7, 5, 4]
 
 
-def test_frozen_member_ignores_nan_gradients():
+@pytest.mark.parametrize("foreach", [False, True], ids=["stacked", "foreach"])
+def test_frozen_member_ignores_nan_gradients(foreach):
     params = {"w": torch.ones(2, 3, requires_grad=True)}
     rules = {"w": ParamRule(decay=True, lr_scale=1.0)}
     optimizer = StackedAdamW(params, rules, [0.1, 0.1], [0.1, 0.1], OptimConfig(weight_decay=0.1))
+    optimizer.foreach = foreach
     params["w"].grad = torch.tensor([[1.0, 2.0, 3.0], [float("nan"), float("inf"), 1.0]])
     optimizer.step(1.0, [True, False])
     assert torch.equal(params["w"][1], torch.ones(3))
