@@ -79,7 +79,7 @@ from proxy.records import (
 from proxy.train import distributed
 from proxy.train.engine import Computed
 from proxy.train.ensemble_optim import StackedAdamW, clip_members_, is_dense, member_grad_norms, param_rules
-from proxy.train.remedies import Event, Remedy
+from proxy.train.remedies import Event, Remedy, SweepStep
 from proxy.train.runtime import param_dtype, values_on
 
 log = logging.getLogger("proxy.ensemble")
@@ -434,7 +434,8 @@ class StackedEngine:
         if not kinds:
             return None
         kind = kinds.pop() if len(kinds) == 1 else Remedy  # one kind may judge its members together
-        flags = kind.defer_members(device_remedies, step, loss_t, norms, self.model.grads(), self._member_views, active)
+        at = SweepStep(step, loss_t, norms, self.model.grads(), self._member_views, active)
+        flags = kind.defer_members(device_remedies, at)
         if all(f is None for f in flags):
             return None
         no = torch.zeros((), dtype=torch.bool, device=self.device)

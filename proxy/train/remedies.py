@@ -124,6 +124,20 @@ class Restored:
     extra_state: Any
 
 
+@dataclass(frozen=True)
+class SweepStep:
+    """One step of a sweep's K members as their remedies judge it: ``losses`` and ``grad_norms``
+    ``(K,)`` on the device, ``grads`` the member-stacked gradients ``(K, ...)``, ``member_params(k)``
+    member k's gradients as a model's parameters, ``active`` the members still training."""
+
+    step: int
+    losses: Tensor
+    grad_norms: Tensor
+    grads: Sequence[Tensor]
+    member_params: Callable[[int], Iterable[HasGrad]]
+    active: Sequence[bool]
+
+
 class Remedy(ABC):
     """What the trainer asks of a remedy, in the order of one step (see the module doc)."""
 
@@ -156,22 +170,14 @@ class Remedy(ABC):
         return []
 
     @classmethod
-    def defer_members(
-        cls,
-        remedies: Sequence[Optional[Remedy]],
-        step: int,
-        losses: Tensor,
-        grad_norms: Tensor,
-        grads: Sequence[Tensor],
-        member_params: Callable[[int], Iterable[HasGrad]],
-        active: Sequence[bool],
-    ) -> list[Optional[Tensor]]:
-        """:meth:`defer` for each active member of a sweep (``losses``, ``grad_norms``: ``(K,)``;
-        ``grads``: the member-stacked gradients ``(K, ...)``; ``member_params(k)``: member k's);
-        each member's skip flag or None. A remedy may judge the members together as lanes of one
-        state (proxy/train/lanes.py: skip-step's detector, ZClip's statistics)."""
+    def defer_members(cls, remedies: Sequence[Optional[Remedy]], at: SweepStep) -> list[Optional[Tensor]]:
+        """:meth:`defer` for each active member of a sweep at step ``at``: each member's skip flag or
+        None. A remedy may judge the members together as lanes of one state
+        (proxy/train/lanes.py: skip-step's detector, ZClip's statistics)."""
         return [
-            r.defer(step, losses[k], grad_norms[k], member_params(k)) if r is not None and active[k] else None
+            r.defer(at.step, at.losses[k], at.grad_norms[k], at.member_params(k))
+            if r is not None and at.active[k]
+            else None
             for k, r in enumerate(remedies)
         ]
 
@@ -248,22 +254,13 @@ class SkipStep(Remedy):
         return events[0] if events else None
 
     @classmethod
-    def defer_members(
-        cls,
-        remedies: Sequence[Optional[Remedy]],
-        step: int,
-        losses: Tensor,
-        grad_norms: Tensor,
-        grads: Sequence[Tensor],
-        member_params: Callable[[int], Iterable[HasGrad]],
-        active: Sequence[bool],
-    ) -> list[Optional[Tensor]]:
+    def defer_members(cls, remedies: Sequence[Optional[Remedy]], at: SweepStep) -> list[Optional[Tensor]]:
         """The members judged together: one detector with a lane per member (one set of small
         kernels per step, not one per member), each member's verdicts read back with its settle."""
 
         def build(members: list[Optional[SkipStep]]) -> DeviceSpikeDetector:
             first = next(m for m in members if m is not None)
-            detector = DeviceSpikeDetector(first.detector_cfg, len(members), losses.device)
+            detector = DeviceSpikeDetector(first.detector_cfg, len(members), at.losses.device)
             for k, member in enumerate(members):
                 if member is not None:
                     detector.load_state_dict(k, member.state_dict()["detector"])
@@ -271,11 +268,11 @@ class SkipStep(Remedy):
 
         lanes = _lanes_of(remedies, SkipStep, lambda r: r.detector_cfg, build)
         if lanes is None:
-            return super().defer_members(remedies, step, losses, grad_norms, grads, member_params, active)
-        live = values_on(active, losses.device)
-        judged = lanes.state.observe(losses, grad_norms, live)
-        lanes.add(step, live, *judged)
-        return [judged.spike[k] if r is not None and active[k] else None for k, r in enumerate(remedies)]
+            return super().defer_members(remedies, at)
+        live = values_on(at.active, at.losses.device)
+        judged = lanes.state.observe(at.losses, at.grad_norms, live)
+        lanes.add(at.step, live, *judged)
+        return [judged.spike[k] if r is not None and at.active[k] else None for k, r in enumerate(remedies)]
 
     def defer(self, step: int, loss: Optional[Tensor], grad_norm: Tensor, params: Iterable[HasGrad]) -> Tensor:
         """Judge ``step`` on the device; returns its skip flag (0-dim bool). Nothing is read back."""
@@ -690,22 +687,13 @@ class ZClip(Remedy):
         self._rows.add(step, *(v[0] for v in row))
 
     @classmethod
-    def defer_members(
-        cls,
-        remedies: Sequence[Optional[Remedy]],
-        step: int,
-        losses: Tensor,
-        grad_norms: Tensor,
-        grads: Sequence[Tensor],
-        member_params: Callable[[int], Iterable[HasGrad]],
-        active: Sequence[bool],
-    ) -> list[Optional[Tensor]]:
+    def defer_members(cls, remedies: Sequence[Optional[Remedy]], at: SweepStep) -> list[Optional[Tensor]]:
         """The members judged together: their statistics in lanes of one state, each member's
         gradients clipped by its own factor in one multiplication per stacked tensor."""
 
         def build(members: list[Optional[ZClip]]) -> ZClipState:
             first = next(m for m in members if m is not None)
-            state = ZClipState(first.warmup_steps, len(members), grad_norms.device)
+            state = ZClipState(first.warmup_steps, len(members), at.grad_norms.device)
             for k, member in enumerate(members):
                 if member is not None:
                     state.load(k, member.state_dict())
@@ -714,13 +702,13 @@ class ZClip(Remedy):
         same = lambda r: (r.alpha, r.z_threshold, r.warmup_steps, r.max_norm, r.eps)  # noqa: E731
         lanes = _lanes_of(remedies, ZClip, same, build)
         if lanes is None:
-            return super().defer_members(remedies, step, losses, grad_norms, grads, member_params, active)
+            return super().defer_members(remedies, at)
         first = next(r for r in remedies if isinstance(r, ZClip))
-        live = values_on(active, grad_norms.device)
-        factor, row = first._judge(lanes.state, grad_norms, live)
-        for g in grads:  # member k's gradients times its factor (1 where nothing is clipped: exact)
+        live = values_on(at.active, at.grad_norms.device)
+        factor, row = first._judge(lanes.state, at.grad_norms, live)
+        for g in at.grads:  # member k's gradients times its factor (1 where nothing is clipped: exact)
             g.mul_(factor.to(g.dtype).view(-1, *([1] * (g.ndim - 1))))
-        lanes.add(step, live, *row)
+        lanes.add(at.step, live, *row)
         return [None] * len(remedies)
 
     def _judge(self, t: ZClipState, norms: Tensor, live: Optional[Tensor]) -> tuple[Tensor, tuple[Tensor, ...]]:
@@ -869,6 +857,7 @@ __all__ = [
     "Snapshot",
     "Spike",
     "SpikeDetector",
+    "SweepStep",
     "ZClip",
     "ZClipState",
     "build_remedy",

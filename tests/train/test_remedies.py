@@ -12,7 +12,7 @@ from torch import nn
 
 from proxy.config import ConfigError, DetectorConfig, RemedyConfig, RemedyKind, SpikeBaseline, to_config
 from proxy.optim import AdamW, clip_grad_norm
-from proxy.train.remedies import Rollback, SkipStep, SpikeDetector, ZClip, build_remedy
+from proxy.train.remedies import Rollback, SkipStep, SpikeDetector, SweepStep, ZClip, build_remedy
 
 # A series with mean 1.05 and population std 0.05: the 6-sigma bar is exactly 1.35.
 STEADY = [1.0, 1.1] * 10
@@ -430,9 +430,8 @@ def test_a_sweeps_skip_steps_judged_together_are_each_members_own_skip_step():
         losses = [3.0 - step / 40 + rng.gauss(0, 0.02) * (10 if rng.random() < 0.1 else 1) for _ in members]
         norms = [abs(rng.gauss(1.0, 0.1)) * (8 if rng.random() < 0.05 else 1) for _ in members]
         active = [True, True, step < 40, True]
-        flags = SkipStep.defer_members(
-            members, step, torch.tensor(losses), torch.tensor(norms), [], lambda k: [], active
-        )
+        at = SweepStep(step, torch.tensor(losses), torch.tensor(norms), [], lambda k: [], active)
+        flags = SkipStep.defer_members(members, at)
         for k, solo in enumerate(alone):
             if solo is None or not active[k]:
                 assert flags[k] is None
@@ -467,7 +466,7 @@ def test_a_sweeps_zclips_judged_together_are_each_members_own_zclip():
         norms = torch.tensor([abs(rng.gauss(1, 0.3)) * (5 if rng.random() < 0.1 else 1) for _ in range(k_members)])
         stacked = [torch.randn(k_members, *shape) for shape in shapes]
         own = [g.clone() for g in stacked]
-        ZClip.defer_members(members, step, norms, norms, stacked, lambda k: [], [True] * k_members)
+        ZClip.defer_members(members, SweepStep(step, norms, norms, stacked, lambda k: [], [True] * k_members))
         for k, solo in enumerate(alone):
             solo.defer(step, None, norms[k], [SimpleNamespace(grad=g[k]) for g in own])
         assert all(torch.equal(a, b) for a, b in zip(stacked, own)), step
