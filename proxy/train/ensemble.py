@@ -41,7 +41,8 @@ launch; fused linear + cross-entropy, whose LM head differs per member, launches
 ``attention=sdpa`` works everywhere, but on CPU torch has no batching rule for its flash kernel
 and loops over the members (slower; prefer ``naive`` there).
 
-Cost: K x (parameters + gradients + two Adam moments) and K x the activations of one run.
+Cost: K x (parameters + gradients + two Adam moments) and K x the activations of one run; on a
+GPU one more moment's worth for the multi-tensor update's denominators (ensemble_optim.py).
 """
 
 from __future__ import annotations

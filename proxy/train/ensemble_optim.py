@@ -159,6 +159,9 @@ class StackedAdamW:
         # more, smaller tensors would be the cost). The same bits either way (tests).
         first = next(iter(params.values()), None)
         self.foreach = first is not None and first.device.type == "cuda"
+        # CUDA's multi-tensor kernels take dense tensors only (else a kernel per tensor): a member's
+        # slice is dense where the member dim is outermost in memory; a rule with any other takes the loop
+        self._slices_dense = {n: p.shape[0] == 0 or is_dense(p[0]) for n, p in params.items()}
         self._denoms: dict[str, Tensor] = {}  # the foreach update's denominators, kept between steps
         self._view_cache: dict[tuple[str, tuple[str, ...]], list[Tensor]] = {}
 
@@ -211,7 +214,7 @@ class StackedAdamW:
             lrs = [lr if on else 0.0 for lr, on in zip(self.lrs(names[0], multiplier), moving)]
             decay = self._decay_factors(rule, lrs, multiplier, moving)
             neg_steps = [-(lr / b1) for lr, b1 in zip(lrs, bias1)]
-            if self.foreach:
+            if self.foreach and all(self._slices_dense[n] for n in names):
                 self._foreach_rule(names, decay, neg_steps, bias2, bias2_sqrt, frozen, kept)
                 continue
             device, dtype = self.params[names[0]].device, self.params[names[0]].dtype
@@ -283,14 +286,17 @@ class StackedAdamW:
         torch._foreach_copy_(denoms, vs)
         torch._foreach_sqrt_(denoms)
         if len(set(bias2_sqrt)) == 1:
-            torch._foreach_div_(denoms, bias2_sqrt[0])
+            # a scalar per tensor, as proxy.optim.AdamW passes it: CUDA's one-scalar form multiplies
+            # by the reciprocal instead of dividing (another last bit)
+            torch._foreach_div_(denoms, [bias2_sqrt[0]] * len(denoms))
         else:
             torch._foreach_div_(self._views("d", names), per_member(bias2_sqrt))
         torch._foreach_add_(denoms, self.eps)
         if self.update_clip or self.measure_rms:
             device, dtype = ps[0].device, ps[0].dtype
+            bias2_t = values_on(bias2, device, dtype)
             for name, g, v, denom in zip(names, gs, vs, denoms):
-                rms = self._rms(g, v, values_on(bias2, device, dtype))
+                rms = self._rms(g, v, bias2_t)
                 self.last_rms[name] = rms
                 if self.update_clip:  # the step's LR over max(1, RMS_t), per member and tensor
                     denom.mul_(as_member_column(rms.clamp(min=1.0).to(dtype), denom.ndim))

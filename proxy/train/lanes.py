@@ -70,7 +70,8 @@ class MemberLanes(Generic[S]):
         return bool(self.rows) or bool(self.settled[k])
 
     def forget(self, k: int) -> None:
-        self.settled[k] = []
+        """Drop member ``k``'s verdicts, those still on the device included (a load of its state)."""
+        self.read(k)
 
 
 __all__ = ["MemberLanes", "PendingRows"]

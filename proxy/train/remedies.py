@@ -269,7 +269,7 @@ class SkipStep(Remedy):
         lanes = _lanes_of(remedies, SkipStep, lambda r: r.detector_cfg, build)
         if lanes is None:
             return super().defer_members(remedies, at)
-        live = values_on(at.active, at.losses.device)
+        live = values_on([a and r is not None for a, r in zip(at.active, remedies)], at.losses.device)
         judged = lanes.state.observe(at.losses, at.grad_norms, live)
         lanes.add(at.step, live, *judged)
         return [judged.spike[k] if r is not None and at.active[k] else None for k, r in enumerate(remedies)]
@@ -704,7 +704,7 @@ class ZClip(Remedy):
         if lanes is None:
             return super().defer_members(remedies, at)
         first = next(r for r in remedies if isinstance(r, ZClip))
-        live = values_on(at.active, at.grad_norms.device)
+        live = values_on([a and r is not None for a, r in zip(at.active, remedies)], at.grad_norms.device)
         factor, row = first._judge(lanes.state, at.grad_norms, live)
         for g in at.grads:  # member k's gradients times its factor (1 where nothing is clipped: exact)
             g.mul_(factor.to(g.dtype).view(-1, *([1] * (g.ndim - 1))))
@@ -718,7 +718,7 @@ class ZClip(Remedy):
         finite = torch.isfinite(norm) if live is None else torch.isfinite(norm) & live
         ready = t.ready
         if t.warmed_up:  # known from a read-back (ready stays true): the warmup's work is over
-            now_ready, warm_mean, warm_var = ~ready, t.mean, t.var
+            now_ready, warm_mean, warm_var = torch.zeros_like(ready), t.mean, t.var
         else:  # warmup: the first max(1, warmup_steps) finite norms, then their plain mean and variance
             n_warm = t.warm.shape[-1]
             warming = finite & ~ready

@@ -335,6 +335,16 @@ def test_stacked_adamw_obeys_device_skips_as_it_obeys_host_skips(mode, update_cl
     assert host.step_counts == device.step_counts == [7, 5, 4]
 
 
+def test_stacked_adamw_takes_the_multi_tensor_form_only_where_member_slices_are_dense():
+    rules = {"a": ParamRule(decay=True, lr_scale=1.0), "b": ParamRule(decay=True, lr_scale=1.0)}
+    params = {
+        "a": torch.zeros(2, 3, 4, requires_grad=True),  # members outermost: each slice dense
+        "b": torch.zeros(3, 2, 4).permute(1, 0, 2).requires_grad_(),  # members in the middle: gappy slices
+    }
+    optimizer = StackedAdamW(params, rules, [0.1, 0.1], [0.0, 0.0], OptimConfig())
+    assert optimizer._slices_dense == {"a": True, "b": False}
+
+
 @pytest.mark.parametrize("foreach", [False, True], ids=["stacked", "foreach"])
 def test_frozen_member_ignores_nan_gradients(foreach):
     params = {"w": torch.ones(2, 3, requires_grad=True)}

@@ -478,3 +478,17 @@ def test_a_sweeps_zclips_judged_together_are_each_members_own_zclip():
     for member, solo in zip(members, alone):
         assert member.settle() == solo.settle() and member.state_dict() == solo.state_dict()
     assert fired > 3 and members[0]._lane is not None and members[0]._lane[0] is members[2]._lane[0]
+
+
+def test_a_lane_reloaded_mid_sweep_gets_none_of_its_earlier_verdicts():
+    """A member's remedy state loaded after its sweep's lanes were built (a resume) drops the
+    verdicts still on the device for that member, and only for it."""
+    remedy = RemedyConfig(detector=DetectorConfig(sigma=0.5, window=5, min_history=3))
+    members = [SkipStep(remedy), SkipStep(remedy)]
+    fresh = SkipStep(remedy).state_dict()
+    for step in range(12):
+        losses = torch.tensor([1.0 + (step % 3) * 0.5, 1.0 + (step % 2) * 0.7])
+        SkipStep.defer_members(members, SweepStep(step, losses, torch.ones(2), [], lambda k: [], [True, True]))
+    members[0].load_state_dict(fresh)  # its lane back to an empty history, skipped count 0
+    assert members[0].settle() == [] and members[0].state_dict() == fresh
+    assert [e["step"] for e in members[1].settle()]  # the other member's verdicts are still there
