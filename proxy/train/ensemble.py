@@ -415,10 +415,7 @@ class StackedEngine:
             if remedy is None or not active[k]:
                 events.append(None)
             elif remedy.decides_on_device:
-                settled = remedy.settle()
-                if any(e.step != step for e in settled):
-                    raise RuntimeError(f"StackedEngine.compute: step {step} read while earlier steps were not settled")
-                events.append(settled[0] if settled else None)
+                events.append(remedy.settle_step(step))
             else:
                 events.append(
                     remedy.after_backward(step, losses[k], grad_norms[k], self._member_views(k), data_position)

@@ -51,7 +51,7 @@ from proxy.optim import HasGrad, scale_grads
 from proxy.records import ROLLBACK, SKIP_STEP, STATE_NAME, ZCLIP, UnsafePathError, confined, load_state, save_state
 from proxy.spikes import Number, Spike, SpikeDetector
 from proxy.train.device_detector import DeviceSpikeDetector
-from proxy.train.lanes import MemberLanes, PendingRows
+from proxy.train.lanes import MemberLanes
 from proxy.train.runtime import to_device, values_on
 
 
@@ -154,8 +154,27 @@ class Remedy(ABC):
     # A remedy that decides on the device (skip-step, ZClip) judges a step without reading it
     # back: the loop calls defer() on every step and settle() when it next reads.
     decides_on_device: bool = False
-    # a sweep member judged with the others, as lane k of their shared state (proxy/train/lanes.py)
+    # the device state of a remedy that decides there, as lane k of MemberLanes (proxy/train/lanes.py):
+    # a sweep's members share one; a run's remedy holds one lane of its own (_own_lane)
     _lane: Optional[tuple[MemberLanes, int]] = None
+    _own_lane: bool = False
+
+    def _solo_lane(self, device: torch.device, build: Callable[[], Any]) -> MemberLanes:
+        """This remedy's own one-lane state on ``device`` (``build()`` makes it from the stored
+        state); refused for a sweep member, whose steps its sweep judges (defer_members)."""
+        if self._lane is not None and not self._own_lane:
+            raise RuntimeError(f"{type(self).__name__}.defer: a sweep member's steps are judged with its sweep")
+        if self._lane is None or self._lane[0].state.device != device:
+            self._lane, self._own_lane = (MemberLanes(build(), 1), 0), True
+        return self._lane[0]
+
+    def _read_lane(self) -> list[tuple[int, list[float]]]:
+        """The verdicts of this remedy's steps since its last settle (one read of the device)."""
+        return self._lane[0].read(self._lane[1]) if self._lane is not None else []
+
+    def _check_settled(self, what: str) -> None:
+        if self._lane is not None and self._lane[0].pending(self._lane[1]):
+            raise RuntimeError(f"{type(self).__name__}.{what}: steps judged on the device are not settled yet")
 
     def defer(
         self, step: int, loss: Optional[Tensor], grad_norm: Tensor, params: Iterable[HasGrad]
@@ -168,6 +187,13 @@ class Remedy(ABC):
     def settle(self) -> list[Event]:
         """The events of the steps judged with :meth:`defer` since the last settle, in step order."""
         return []
+
+    def settle_step(self, step: int) -> Optional[Event]:
+        """The event of ``step``, the one step judged since the last settle (a step read at once)."""
+        events = self.settle()
+        if any(e.step != step for e in events):
+            raise RuntimeError(f"{type(self).__name__}: step {step} read while earlier deferred steps were not settled")
+        return events[0] if events else None
 
     @classmethod
     def defer_members(cls, remedies: Sequence[Optional[Remedy]], at: SweepStep) -> list[Optional[Tensor]]:
@@ -232,9 +258,6 @@ class SkipStep(Remedy):
         self.detector_cfg = cfg.detector
         self.skipped = 0  # skip events settled so far
         self._stored: dict[str, Any] = {"loss": [], "grad_norm": []}  # the history, until a device is known
-        self._detector: Optional[DeviceSpikeDetector] = None
-        self._rows = PendingRows()  # (step, [spike, trigger, value, bar]) not yet read
-        self._lane: Optional[tuple[MemberLanes, int]] = None  # a sweep member: its lane of a shared detector
 
     def after_backward(
         self, step: int, loss: Number, grad_norm: Number, params: Sequence[HasGrad], data_position: Optional[int] = None
@@ -244,14 +267,12 @@ class SkipStep(Remedy):
     def check(self, step: int, loss: Optional[Number], grad_norm: Optional[Number]) -> Optional[Event]:
         """A ``skip_step`` event if this step must not be applied; else None (and remember it).
         Reads the device back: steps judged with :meth:`defer` must be settled first."""
-        if self._rows:
-            raise RuntimeError("SkipStep.check: steps judged on the device are not settled yet")
+        self._check_settled("check")
         if grad_norm is None:
             raise ValueError("SkipStep.check: the grad norm is judged too")
         device = grad_norm.device if isinstance(grad_norm, Tensor) else None
         self.defer(step, _as_tensor(loss, device), _as_tensor(grad_norm, device), [])
-        events = self.settle()
-        return events[0] if events else None
+        return self.settle_step(step)
 
     @classmethod
     def defer_members(cls, remedies: Sequence[Optional[Remedy]], at: SweepStep) -> list[Optional[Tensor]]:
@@ -278,18 +299,21 @@ class SkipStep(Remedy):
         """Judge ``step`` on the device; returns its skip flag (0-dim bool). Nothing is read back."""
         if loss is None:
             raise ValueError("SkipStep.defer: the loss is judged too")
-        if self._lane is not None:
-            raise RuntimeError("SkipStep.defer: a sweep member's steps are judged with its sweep (defer_members)")
-        detector = self._state(grad_norm.device)
-        judged = detector.observe(loss.reshape(1), grad_norm.reshape(1))
-        self._rows.add(step, *(v[0] for v in judged))
+
+        def build() -> DeviceSpikeDetector:
+            detector = DeviceSpikeDetector(self.detector_cfg, 1, grad_norm.device)
+            detector.load_state_dict(0, self.state_dict()["detector"])
+            return detector
+
+        lanes = self._solo_lane(grad_norm.device, build)
+        judged = lanes.state.observe(loss.reshape(1), grad_norm.reshape(1))
+        lanes.add(step, torch.ones_like(judged.spike), *judged)
         return judged.spike[0]
 
     def settle(self) -> list[Event]:
         """The ``skip_step`` events of the steps judged since the last settle, in step order (one read)."""
         events = []
-        rows = self._rows.read() if self._lane is None else self._lane[0].read(self._lane[1])
-        for step, (spike, trigger, value, bar) in rows:
+        for step, (spike, trigger, value, bar) in self._read_lane():
             if spike:
                 self.skipped += 1
                 series = SpikeDetector.SERIES[int(trigger)]
@@ -303,25 +327,13 @@ class SkipStep(Remedy):
         detector.load_state_dict(self.state_dict()["detector"])
         return detector
 
-    def _state(self, device: torch.device) -> DeviceSpikeDetector:
-        if self._detector is None or self._detector.device != device:
-            history = self.state_dict()["detector"]
-            self._detector = DeviceSpikeDetector(self.detector_cfg, 1, device)
-            self._detector.load_state_dict(0, history)
-        return self._detector
-
     def state_dict(self) -> dict[str, Any]:
-        if self._rows or (self._lane is not None and self._lane[0].pending(self._lane[1])):
-            raise RuntimeError("SkipStep.state_dict: steps judged on the device are not settled yet")
-        if self._lane is not None:
-            history = self._lane[0].state.state_dict(self._lane[1])
-        else:
-            history = self._detector.state_dict(0) if self._detector is not None else self._stored
+        self._check_settled("state_dict")
+        history = self._lane[0].state.state_dict(self._lane[1]) if self._lane is not None else self._stored
         return {"detector": {k: list(v) for k, v in history.items()}, "skipped": self.skipped}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._stored = {name: list(state["detector"].get(name, [])) for name in SpikeDetector.SERIES}
-        self._detector, self._rows = None, PendingRows()
         if self._lane is not None:
             lanes, k = self._lane
             lanes.state.load_state_dict(k, self._stored)
@@ -338,7 +350,7 @@ def _lanes_of(
     members = [r for r in remedies if r is not None]
     if not members or not all(isinstance(r, kind) for r in members):
         return None
-    built = {id(r._lane[0]) if r._lane is not None else None for r in members}
+    built = {id(r._lane[0]) if r._lane is not None and not r._own_lane else None for r in members}
     if built != {None}:  # built at an earlier step: every member must be in it
         lane = members[0]._lane
         return lane[0] if len(built) == 1 and lane is not None else None
@@ -347,7 +359,7 @@ def _lanes_of(
     lanes = MemberLanes(build(list(remedies)), len(remedies))
     for k, r in enumerate(remedies):
         if r is not None:
-            r._lane = (lanes, k)
+            r._lane, r._own_lane = (lanes, k), False
     return lanes
 
 
@@ -643,9 +655,6 @@ class ZClip(Remedy):
         self.alpha, self.z_threshold, self.warmup_steps = alpha, z_threshold, warmup_steps
         self.max_norm, self.eps = max_norm, eps
         self._stored: dict[str, Any] = {"warmup_norms": [], "mean": None, "var": None}  # until a device is known
-        self._t: Optional[ZClipState] = None  # the state as device tensors (one lane)
-        self._rows = PendingRows()  # (step, [fired, norm, threshold, z, clipped_to, ready]) not yet read
-        self._lane: Optional[tuple[MemberLanes, int]] = None  # a sweep member: its lane of shared statistics
 
     @classmethod
     def from_config(cls, cfg: RemedyConfig, max_norm: float = 0.0) -> "ZClip":
@@ -669,22 +678,22 @@ class ZClip(Remedy):
         if not isinstance(grad_norm, Tensor):
             grads = [p.grad for p in params if p.grad is not None]
             grad_norm = torch.tensor(float(grad_norm), dtype=torch.float64, device=grads[0].device if grads else None)
-        if self._rows:
-            raise RuntimeError("ZClip.clip: steps judged on the device are not settled yet")
+        self._check_settled("clip")
         self.defer(step, None, grad_norm, params)
-        events = self.settle()
-        return events[0] if events else None
+        return self.settle_step(step)
 
     def defer(self, step: int, loss: Optional[Tensor], grad_norm: Tensor, params: Iterable[HasGrad]) -> None:
         """Judge ``step`` and clip on the device; nothing is read back (see :meth:`settle`)."""
-        if self._lane is not None:
-            raise RuntimeError("ZClip.defer: a sweep member's steps are judged with its sweep (defer_members)")
-        if self._t is None or self._t.device != grad_norm.device:
-            self._t = ZClipState(self.warmup_steps, 1, grad_norm.device)
-            self._t.load(0, self._stored)
-        factor, row = self._judge(self._t, grad_norm.reshape(1), None)
+
+        def build() -> ZClipState:
+            state = ZClipState(self.warmup_steps, 1, grad_norm.device)
+            state.load(0, self.state_dict())
+            return state
+
+        lanes = self._solo_lane(grad_norm.device, build)
+        factor, row = self._judge(lanes.state, grad_norm.reshape(1), None)
         scale_grads(params, factor[0])  # x * 1 is x: an unclipped step is untouched
-        self._rows.add(step, *(v[0] for v in row))
+        lanes.add(step, torch.ones_like(row[0]), *row)
 
     @classmethod
     def defer_members(cls, remedies: Sequence[Optional[Remedy]], at: SweepStep) -> list[Optional[Tensor]]:
@@ -749,13 +758,10 @@ class ZClip(Remedy):
 
     def settle(self) -> list[Event]:
         """The ``zclip`` events of the steps judged since the last settle, in step order (one read)."""
-        if self._lane is not None:
+        rows = self._read_lane()
+        if rows and self._lane is not None:
             lanes, k = self._lane
-            rows, t = lanes.read(k), lanes.state
-        else:
-            rows, t, k = self._rows.read(), self._t, 0
-        if rows and t is not None:
-            t.known_ready[k] = t.known_ready[k] or bool(rows[-1][1][5])
+            lanes.state.known_ready[k] = lanes.state.known_ready[k] or bool(rows[-1][1][5])
         return [
             make_event(step, ZCLIP, "grad_norm", norm, threshold, z=z, clipped_to=target)
             for step, (fired, norm, threshold, z, target, _) in rows
@@ -778,13 +784,10 @@ class ZClip(Remedy):
     def state_dict(self) -> dict[str, Any]:
         if self._lane is not None:
             return self._lane[0].state.dump(self._lane[1])
-        if self._t is None:
-            return {k: (list(v) if isinstance(v, list) else v) for k, v in self._stored.items()}
-        return self._t.dump(0)
+        return {k: (list(v) if isinstance(v, list) else v) for k, v in self._stored.items()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._stored = {"warmup_norms": list(state["warmup_norms"]), "mean": state["mean"], "var": state["var"]}
-        self._t, self._rows = None, PendingRows()
         if self._lane is not None:
             lanes, k = self._lane
             lanes.state.load(k, self._stored)

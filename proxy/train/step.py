@@ -122,10 +122,7 @@ class TrainStep:
         if remedy is not None and on_device:  # judged as between read-backs, on the ranks' mean loss
             mean_loss = torch.full((), loss, dtype=torch.float64, device=norm_t.device)
             skip_t = remedy.defer(step, mean_loss, norm_t, params)
-            events = remedy.settle()
-            if any(e.step != step for e in events):
-                raise RuntimeError(f"TrainStep.compute: step {step} read while earlier deferred steps were not settled")
-            event = events[0] if events else None
+            event = remedy.settle_step(step)
         elif remedy is not None:
             event = remedy.after_backward(step, loss, grad_norm, params, data_position)
         return StepResult(step, lr, loss, grad_norm, out, event, collect_stats, grad_stats, loss_t, norm_t, skip_t)
