@@ -206,11 +206,7 @@ class StackedAdamW:
             device = next(iter(self.params.values())).device
             frozen = values_on([not on for on in moving], device)
 
-        by_rule: dict[ParamRule, list[str]] = {}
-        for name, p in self.params.items():
-            if p.grad is not None:
-                by_rule.setdefault(self.rules[name], []).append(name)
-        for rule, names in by_rule.items():
+        for rule, names in self._by_rule().items():
             lrs = [lr if on else 0.0 for lr, on in zip(self.lrs(names[0], multiplier), moving)]
             decay = self._decay_factors(rule, lrs, multiplier, moving)
             neg_steps = [-(lr / b1) for lr, b1 in zip(lrs, bias1)]
@@ -223,7 +219,7 @@ class StackedAdamW:
             bias2_t = values_on(bias2_sqrt, device, dtype) if len(set(bias2_sqrt)) > 1 else None
             for name in names:
                 p, g = self.params[name], self.params[name].grad
-                assert g is not None  # by_rule holds only the parameters that have a gradient
+                assert g is not None  # _by_rule holds only the parameters that have a gradient
                 m, v = self.exp_avg[name], self.exp_avg_sq[name]
                 saved = [(k, m[k].clone(), v[k].clone()) for k in kept]  # a skip leaves the moments as they were
                 if frozen is not None:  # a selection, not a product: NaN * 0 is NaN
@@ -266,7 +262,7 @@ class StackedAdamW:
         scalar per tensor, which is proxy.optim.AdamW's own call on a member's tensors. On a GPU
         this is ~10 launches for the rule rather than ~8 per parameter."""
         ps = [self.params[n] for n in names]
-        gs = [p.grad for p in ps if p.grad is not None]  # by_rule holds only the parameters that have one
+        gs = [p.grad for p in ps if p.grad is not None]  # _by_rule holds only the parameters that have one
         ms, vs = [self.exp_avg[n] for n in names], [self.exp_avg_sq[n] for n in names]
         if not self._denoms:
             self._denoms = {
@@ -339,11 +335,7 @@ class StackedAdamW:
         weight = torch.where(moving, torch.full((), 1 - self.beta1, dtype=torch.float64, device=device).to(dtype), zero)
         beta2 = torch.where(moving, torch.full((), self.beta2, dtype=torch.float64, device=device).to(dtype), one)
 
-        by_rule: dict[ParamRule, list[str]] = {}
-        for name, p in self.params.items():
-            if p.grad is not None:
-                by_rule.setdefault(self.rules[name], []).append(name)
-        for rule, names in by_rule.items():
+        for rule, names in self._by_rule().items():
             lrs = self.lrs(names[0], multiplier)
             decay = self._decay_factors(rule, lrs, multiplier, active)
             # lr / bc1 in float64 on the device is the host's division (IEEE), then rounded as the host's
@@ -351,7 +343,7 @@ class StackedAdamW:
             decay_t = torch.where(moving, values_on(decay, device, dtype), one) if decay is not None else None
             for name in names:
                 p, g = self.params[name], self.params[name].grad
-                assert g is not None  # by_rule holds only the parameters that have a gradient
+                assert g is not None  # _by_rule holds only the parameters that have a gradient
                 m, v = self.exp_avg[name], self.exp_avg_sq[name]
                 g.masked_fill_(as_member_column(~moving, g.ndim), 0.0)  # a selection: NaN * 0 is NaN
                 if decay_t is not None:
@@ -371,6 +363,14 @@ class StackedAdamW:
                 p.addcdiv_(scaled, denom)
         skipped = (skip_t & active_t).to(torch.int64)
         self._skipped = skipped if self._skipped is None else self._skipped + skipped
+
+    def _by_rule(self) -> dict[ParamRule, list[str]]:
+        """The parameters that have a gradient, grouped by their rule (one LR scale and decay each)."""
+        by_rule: dict[ParamRule, list[str]] = {}
+        for name, p in self.params.items():
+            if p.grad is not None:
+                by_rule.setdefault(self.rules[name], []).append(name)
+        return by_rule
 
     def _fold_skipped(self) -> None:
         """Subtract the steps skipped on the device from the step counts (reads the device)."""
