@@ -405,18 +405,21 @@ def config(model, members, mode, remedy="none"):
     if members > 1:
         c["sweep"]["lrs"] = [1e-3 * (1 + i) for i in range(members)]
     return to_config(c)
-def syncs(model, members, remedy):
-    # the host waits on the device between logging steps? CUDA's sync debug mode warns at each wait
+def rate(model, members, mode, remedy="none", count_waits=False):
+    # count_waits: how often the host waits on the device between logging steps (CUDA's sync debug
+    # mode warns at each wait; None off a GPU)
     import warnings
+    c = config(model, members, mode, remedy)
+    skips = cuda_graph_skips()
     with tempfile.TemporaryDirectory() as tmp:
-        t = Trainer(config(model, members, "eager", remedy), RunInfo(Path(tmp), "probe"))
-        t.train_step(0, logging_step=True)
-        for s in range(1, warm):
+        built = time.perf_counter()
+        t = Trainer(c, RunInfo(Path(tmp), "probe"))
+        for s in range(warm):  # the first steps compile, where compiled
             t.train_step(s, logging_step=False)
         cuda = t.device.type == "cuda"
         if cuda:
             torch.cuda.synchronize()
-            torch.cuda.set_sync_debug_mode("warn")
+            torch.cuda.set_sync_debug_mode("warn" if count_waits else 0)
         start = time.perf_counter()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -427,34 +430,18 @@ def syncs(model, members, remedy):
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - start
         t.release()
-    waits = [w for w in caught if "synchroniz" in str(w.message)] if cuda else None
+    waits = [str(w.message) for w in caught if "synchroniz" in str(w.message)] if cuda and count_waits else None
+    return elapsed / steps, members * steps * batch * seq / elapsed, start - built, cuda_graph_skips() - skips, waits
+def syncs(model, members, remedy):
+    ms, tps, _, _, waits = rate(model, members, "eager", remedy, count_waits=True)
     r = {"shape": f"{model} x{members}, {batch}x{seq}, eager, remedy {remedy}: host waits", "model": model,
-         "members": members, "mode": "eager", "remedy": remedy, "step_ms": 1e3 * elapsed / steps,
-         "tokens_per_s": members * steps * batch * seq / elapsed, "host_waits": None if waits is None else len(waits),
-         "first_wait": str(waits[0].message)[:200] if waits else None, "target": "0 between logging steps",
-         "met": None if waits is None else not waits}
+         "members": members, "mode": "eager", "remedy": remedy, "step_ms": 1e3 * ms, "tokens_per_s": tps,
+         "host_waits": None if waits is None else len(waits), "first_wait": waits[0][:200] if waits else None,
+         "target": "0 between logging steps", "met": None if waits is None else not waits}
     print(json.dumps(r), flush=True)
     return r
-def rate(model, members, mode):
-    c = config(model, members, mode)
-    skips = cuda_graph_skips()
-    with tempfile.TemporaryDirectory() as tmp:
-        built = time.perf_counter()
-        t = Trainer(c, RunInfo(Path(tmp), "probe"))
-        for s in range(warm):  # the first steps compile, where compiled
-            t.train_step(s, logging_step=False)
-        if t.device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        for s in range(warm, warm + steps):
-            t.train_step(s, logging_step=False)
-        if t.device.type == "cuda":
-            torch.cuda.synchronize()
-        elapsed = time.perf_counter() - start
-        t.release()
-    return elapsed / steps, members * steps * batch * seq / elapsed, start - built, cuda_graph_skips() - skips
 def row(model, members, mode, targets):
-    ms, tps, warmup_s, skips = rate(model, members, mode)
+    ms, tps, warmup_s, skips, _ = rate(model, members, mode)
     r = {"shape": f"{model} x{members}, {batch}x{seq}, {mode}", "model": model, "members": members, "mode": mode,
          "compiled": mode != "eager", "tokens_per_step": batch * seq, "step_ms": 1e3 * ms, "tokens_per_s": tps,
          "warmup_s": warmup_s, "cuda_graph_skips": skips, **targets(ms)}
